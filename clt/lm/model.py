@@ -1,0 +1,354 @@
+"""The forward pass of every supported decoder-only transformer, with typed activation capture.
+
+`forward(params, cfg, tokens, capture=..., frozen=...)` returns logits and a `Capture`: the
+activations asked for, stacked over layers. Attention patterns and normalisation scales can be
+substituted (`frozen=`), which is how the local replacement model of "Circuit Tracing" (Ameisen et
+al., 2025) freezes them. The same layer body serves generation with a KV cache (`forward_cached`).
+
+A block is (Gemma's extra norms marked *):
+    h = norm_attn(x);  a = attn(h);  a = post_attn_norm(a)*;  x = x + a        (resid_mid = x)
+    h = norm_mlp(x);   m = mlp(h);   m = post_mlp_norm(m)*;   x = x + m
+Norm scales are the per-position factors 1/rms(x) (RMSNorm) or 1/std(x) (LayerNorm), so that
+norm(x) = (x - mean?) * scale * (w + offset) (+ b).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from functools import partial
+from typing import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, ArrayLike, Float, Int, Shaped
+
+from clt.lm.config import ModelConfig
+from clt.lm.params import LayerParams, LMParams
+
+# Activations stacked over layers, and the two that are not.
+LAYER_FIELDS = (
+    "resid_pre", "resid_mid", "mlp_in", "mlp_out", "attn_out", "attn_pattern",
+    "attn_norm_scale", "post_attn_norm_scale", "mlp_norm_scale", "post_mlp_norm_scale",
+    "q_norm_scale", "k_norm_scale",
+)
+FINAL_FIELDS = ("resid_final", "final_norm_scale")
+# What the replacement model may substitute: everything nonlinear that is not an MLP.
+FREEZABLE = (
+    "attn_pattern", "attn_norm_scale", "post_attn_norm_scale", "mlp_norm_scale",
+    "post_mlp_norm_scale", "q_norm_scale", "k_norm_scale", "final_norm_scale",
+)
+ALL = LAYER_FIELDS + FINAL_FIELDS
+
+
+class InputError(ValueError):
+    """Bad model input (too long, wrong shape); the message says what to change."""
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class Capture:
+    """Activations of one forward pass. Fields not asked for are None.
+
+    Per-layer fields have a leading `layer` axis; `resid_pre[l]` is the residual stream entering
+    block l, `resid_mid[l]` the residual before block l's MLP (the transcoder input point),
+    `mlp_in[l]` the MLP input after its norm, `mlp_out[l]` / `attn_out[l]` what the MLP / attention
+    add to the residual (after Gemma's post-norms). `resid_final` enters the final norm.
+    """
+
+    resid_pre: Array | None = None  # [layer batch pos d_model]
+    resid_mid: Array | None = None  # [layer batch pos d_model]
+    mlp_in: Array | None = None  # [layer batch pos d_model]
+    mlp_out: Array | None = None  # [layer batch pos d_model]
+    attn_out: Array | None = None  # [layer batch pos d_model]
+    attn_pattern: Array | None = None  # [layer batch head qpos kpos]
+    attn_norm_scale: Array | None = None  # [layer batch pos]
+    post_attn_norm_scale: Array | None = None  # [layer batch pos]
+    mlp_norm_scale: Array | None = None  # [layer batch pos]
+    post_mlp_norm_scale: Array | None = None  # [layer batch pos]
+    q_norm_scale: Array | None = None  # [layer batch pos head]
+    k_norm_scale: Array | None = None  # [layer batch pos kv_head]
+    resid_final: Array | None = None  # [batch pos d_model]
+    final_norm_scale: Array | None = None  # [batch pos]
+
+    def frozen_part(self) -> "Capture":
+        """Only the fields `forward(frozen=...)` substitutes (patterns and norm scales)."""
+        return Capture(**{f: getattr(self, f) for f in FREEZABLE})
+
+    def asked(self) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(self) if getattr(self, f.name) is not None)
+
+
+def normalize_capture(capture: Iterable[str] | str) -> tuple[str, ...]:
+    names = (capture,) if isinstance(capture, str) else tuple(capture)
+    unknown = sorted(set(names) - set(ALL))
+    if unknown:
+        raise InputError(f"unknown capture field(s) {unknown}; choose from {list(ALL)}")
+    return tuple(sorted(set(names)))
+
+
+# --- building blocks (pure functions) ------------------------------------------------------------
+def norm(x, w, b, cfg: ModelConfig, scale=None):
+    """Normalise over the last axis in float32; returns (output in x's dtype, scale).
+
+    If `scale` is given it replaces the computed 1/rms or 1/std (frozen normalisation). The mean
+    subtraction of LayerNorm is linear, so it is always recomputed from x.
+    """
+    x32 = x.astype(jnp.float32)
+    if cfg.norm == "layernorm":
+        x32 = x32 - x32.mean(-1, keepdims=True)
+    if scale is None:
+        scale = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1) + cfg.norm_eps)
+    y = x32 * scale[..., None] * (w.astype(jnp.float32) + cfg.norm_offset)
+    if b is not None:
+        y = y + b.astype(jnp.float32)
+    return y.astype(x.dtype), scale
+
+
+def activation(name: str, x):
+    if name == "silu":
+        return jax.nn.silu(x)
+    if name == "gelu_tanh":
+        return jax.nn.gelu(x, approximate=True)
+    if name == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    return jax.nn.relu(x)
+
+
+def mlp(lp: LayerParams, cfg: ModelConfig, h: Float[Array, "*b d_model"]) -> Float[Array, "*b d_model"]:
+    """The MLP of one layer (`lp` holds that layer's weights, no layer axis)."""
+    up = h @ lp.W_in
+    if lp.b_in is not None:
+        up = up + lp.b_in
+    if cfg.mlp == "gated":
+        hidden = activation(cfg.activation, h @ lp.W_gate) * up
+    else:
+        hidden = activation(cfg.activation, up)
+    out = hidden @ lp.W_out
+    return out if lp.b_out is None else out + lp.b_out
+
+
+def rope_inv_freq(cfg: ModelConfig, local: bool) -> np.ndarray:
+    """Inverse RoPE frequencies [head_dim/2], with Llama-3 or linear scaling on global layers."""
+    theta = cfg.rope_theta_local if (local and cfg.rope_theta_local) else cfg.rope_theta
+    dim = cfg.head_dim
+    inv = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    if local or cfg.rope_scaling == "none":
+        return inv.astype(np.float32)
+    f = cfg.rope_factor
+    if cfg.rope_scaling == "linear":
+        return (inv / f).astype(np.float32)
+    # Llama-3.1: long wavelengths scaled by 1/f, short kept, a smooth ramp between.
+    old = cfg.rope_original_max_position
+    low_wl, high_wl = old / cfg.rope_low_freq_factor, old / cfg.rope_high_freq_factor
+    wavelen = 2 * np.pi / inv
+    scaled = np.where(wavelen > low_wl, inv / f, inv)
+    smooth = (old / wavelen - cfg.rope_low_freq_factor) / (
+        cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+    smoothed = (1 - smooth) * scaled / f + smooth * scaled
+    medium = (wavelen >= high_wl) & (wavelen <= low_wl)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def _rope_tables(cfg: ModelConfig, positions, local: bool):
+    inv = jnp.asarray(rope_inv_freq(cfg, local))
+    ang = positions.astype(jnp.float32)[..., None] * inv  # [b, t, hd/2]
+    ang = jnp.concatenate([ang, ang], axis=-1)
+    return jnp.cos(ang), jnp.sin(ang)
+
+
+def _apply_rope(x, cos, sin):
+    """Rotate-half (NeoX / Hugging Face) convention; x [b, t, h, hd], cos/sin [b, t, hd]."""
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rot * sin
+
+
+def _masks(cfg: ModelConfig, q_idx, k_idx, key_mask):
+    """Boolean [b, 1, t, s] masks for full and sliding layers from sequence indices."""
+    causal = k_idx[None, :] <= q_idx[:, None]
+    full = causal[None, None] & key_mask[:, None, None, :]
+    if not cfg.sliding_window:
+        return full, full
+    inside = (q_idx[:, None] - k_idx[None, :]) < cfg.sliding_window
+    return full, full & inside[None, None]
+
+
+def attention(lp: LayerParams, cfg: ModelConfig, h, cos, sin, mask, frozen: dict, caps: dict,
+              asked: tuple[str, ...], kv_cache=None, offset=None):
+    """Attention of one layer. Returns (output [b, t, d_model], new kv cache or None)."""
+    B, T, _ = h.shape
+    q = jnp.einsum("btd,dhk->bthk", h, lp.W_Q)
+    k = jnp.einsum("btd,dhk->bthk", h, lp.W_K)
+    v = jnp.einsum("btd,dhk->bthk", h, lp.W_V)
+    if lp.b_Q is not None:
+        q, k, v = q + lp.b_Q, k + lp.b_K, v + lp.b_V
+    if cfg.qk_norm:
+        q, qs = norm(q, lp.q_norm_w, None, cfg, frozen.get("q_norm_scale"))
+        k, ks = norm(k, lp.k_norm_w, None, cfg, frozen.get("k_norm_scale"))
+        caps["q_norm_scale"], caps["k_norm_scale"] = qs, ks
+    if cfg.positional == "rope":
+        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+    new_cache = None
+    if kv_cache is not None:
+        kc, vc = kv_cache
+        kc = jax.lax.dynamic_update_slice(kc, k.astype(kc.dtype), (0, offset, 0, 0))
+        vc = jax.lax.dynamic_update_slice(vc, v.astype(vc.dtype), (0, offset, 0, 0))
+        k, v, new_cache = kc, vc, (kc, vc)
+    G = cfg.n_heads // cfg.n_kv_heads
+    if "attn_pattern" in frozen:
+        pattern = frozen["attn_pattern"].astype(h.dtype)
+    else:
+        qg = q.reshape(B, T, cfg.n_kv_heads, G, cfg.head_dim)
+        scores = jnp.einsum("btngk,bsnk->bngts", qg, k).astype(jnp.float32) * cfg.scale
+        scores = scores.reshape(B, cfg.n_heads, T, k.shape[1])
+        if cfg.attn_softcap:
+            scores = cfg.attn_softcap * jnp.tanh(scores / cfg.attn_softcap)
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        pattern = jax.nn.softmax(scores, axis=-1).astype(h.dtype)
+    if "attn_pattern" in asked:
+        caps["attn_pattern"] = pattern
+    pg = pattern.reshape(B, cfg.n_kv_heads, G, T, k.shape[1])
+    z = jnp.einsum("bngts,bsnk->btngk", pg, v).reshape(B, T, cfg.n_heads, cfg.head_dim)
+    out = jnp.einsum("bthk,hkd->btd", z, lp.W_O)
+    if lp.b_O is not None:
+        out = out + lp.b_O
+    return out, new_cache
+
+
+def block(lp: LayerParams, cfg: ModelConfig, x, cos, sin, mask, frozen: dict,
+          asked: tuple[str, ...], kv_cache=None, offset=None):
+    """One transformer block. Returns (new residual, captures dict, new kv cache)."""
+    caps: dict = {"resid_pre": x}
+    h, s = norm(x, lp.attn_norm_w, lp.attn_norm_b, cfg, frozen.get("attn_norm_scale"))
+    caps["attn_norm_scale"] = s
+    a, new_cache = attention(lp, cfg, h, cos, sin, mask, frozen, caps, asked, kv_cache, offset)
+    if cfg.post_attn_norm:
+        a, caps["post_attn_norm_scale"] = norm(a, lp.post_attn_norm_w, None, cfg,
+                                               frozen.get("post_attn_norm_scale"))
+    caps["attn_out"] = a
+    x = x + a
+    caps["resid_mid"] = x
+    h, caps["mlp_norm_scale"] = norm(x, lp.mlp_norm_w, lp.mlp_norm_b, cfg,
+                                     frozen.get("mlp_norm_scale"))
+    caps["mlp_in"] = h
+    m = mlp(lp, cfg, h)
+    if cfg.post_mlp_norm:
+        m, caps["post_mlp_norm_scale"] = norm(m, lp.post_mlp_norm_w, None, cfg,
+                                              frozen.get("post_mlp_norm_scale"))
+    caps["mlp_out"] = m
+    return x + m, {k: v for k, v in caps.items() if k in asked}, new_cache
+
+
+def embed(params: LMParams, cfg: ModelConfig, tokens, positions):
+    x = params.embed[tokens]
+    if cfg.embed_scale != 1.0:
+        # Hugging Face multiplies by the scale cast to the weights' dtype.
+        x = x * jnp.asarray(cfg.embed_scale, dtype=x.dtype)
+    if params.pos_embed is not None:
+        x = x + params.pos_embed[positions]
+    return x
+
+
+def unembed(params: LMParams, cfg: ModelConfig, resid, final_scale=None):
+    """Final norm and logits (float32), soft-capped if the config says so."""
+    h, scale = norm(resid, params.final_norm_w, params.final_norm_b, cfg, final_scale)
+    logits = (h @ params.W_U.astype(h.dtype)).astype(jnp.float32)
+    if cfg.final_softcap:
+        logits = cfg.final_softcap * jnp.tanh(logits / cfg.final_softcap)
+    return logits, scale
+
+
+def _run_layers(params, cfg, x, positions, mask_full, mask_slide, frozen, asked, cache, offset):
+    cos_g, sin_g = _rope_tables(cfg, positions, local=False)
+    cos_l, sin_l = _rope_tables(cfg, positions, local=True)
+    sliding = jnp.asarray(cfg.sliding_layers)
+    frozen_layers = {k: v for k, v in frozen.items() if k in LAYER_FIELDS}
+
+    def body(x, xs):
+        lp, is_sliding, fr, kv = xs
+        cos = jnp.where(is_sliding, cos_l, cos_g)
+        sin = jnp.where(is_sliding, sin_l, sin_g)
+        mask = jnp.where(is_sliding, mask_slide, mask_full)
+        x, caps, new_kv = block(lp, cfg, x, cos, sin, mask, fr, asked, kv, offset)
+        return x, (caps, new_kv)
+
+    x, (caps, new_cache) = jax.lax.scan(body, x, (params.layers, sliding, frozen_layers, cache))
+    return x, caps, new_cache
+
+
+@partial(jax.jit, static_argnames=("cfg", "capture"))
+def _forward(params, cfg, tokens, attention_mask, positions, capture, frozen):
+    B, T = tokens.shape
+    idx = jnp.arange(T)
+    mask_full, mask_slide = _masks(cfg, idx, idx, attention_mask.astype(bool))
+    x = embed(params, cfg, tokens, positions)
+    x, caps, _ = _run_layers(params, cfg, x, positions, mask_full, mask_slide, frozen, capture,
+                             None, None)
+    logits, fscale = unembed(params, cfg, x, frozen.get("final_norm_scale"))
+    caps = dict(caps)
+    if "resid_final" in capture:
+        caps["resid_final"] = x
+    if "final_norm_scale" in capture:
+        caps["final_norm_scale"] = fscale
+    return logits, Capture(**caps)
+
+
+def forward(
+    params: LMParams,
+    cfg: ModelConfig,
+    tokens: Int[ArrayLike, "batch pos"],
+    *,
+    attention_mask: Shaped[ArrayLike, "batch pos"] | None = None,
+    positions: Int[ArrayLike, "batch pos"] | None = None,
+    capture: Iterable[str] | str = (),
+    frozen: Capture | None = None,
+) -> tuple[Float[Array, "batch pos vocab"], Capture]:
+    """Logits and the activations named in `capture` (see `Capture`; `ALL` for everything).
+
+    attention_mask: 1 for real tokens, 0 for padding keys (default all ones).
+    positions: position ids (default 0..T-1).
+    frozen: a Capture whose attention patterns / norm scales replace the computed ones.
+    The compute dtype is the parameters' dtype (see `cast_params`); logits are float32.
+    """
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2:
+        raise InputError(f"tokens must be [batch, pos], got shape {tokens.shape}")
+    T = tokens.shape[1]
+    if T > cfg.max_position:
+        raise InputError(
+            f"sequence of {T} tokens exceeds the model's context of {cfg.max_position}; shorten it")
+    if attention_mask is None:
+        attention_mask = jnp.ones(tokens.shape, bool)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(T), tokens.shape)
+    frozen_dict = {}
+    if frozen is not None:
+        frozen_dict = {k: getattr(frozen, k) for k in FREEZABLE if getattr(frozen, k) is not None}
+    return _forward(params, cfg, tokens, attention_mask, positions, normalize_capture(capture),
+                    frozen_dict)
+
+
+# --- generation with a KV cache ------------------------------------------------------------------
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=jnp.float32):
+    shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+
+@partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def forward_cached(params: LMParams, cfg: ModelConfig, tokens, offset, cache, key_mask):
+    """Logits for `tokens` [b, t] placed at sequence index `offset`, attending to the cache.
+
+    key_mask [b, cache_len] marks valid (non-padding) cache slots. Returns (logits, new cache).
+    """
+    B, T = tokens.shape
+    S = cache[0].shape[2]
+    q_idx = offset + jnp.arange(T)
+    mask_full, mask_slide = _masks(cfg, q_idx, jnp.arange(S), key_mask)
+    positions = jnp.broadcast_to(q_idx, (B, T))
+    x = embed(params, cfg, tokens, positions)
+    x, _, new_cache = _run_layers(params, cfg, x, positions, mask_full, mask_slide, {}, (),
+                                  cache, offset)
+    logits, _ = unembed(params, cfg, x)
+    return logits, new_cache
