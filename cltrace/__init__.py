@@ -1,0 +1,1 @@
+"""The `cltrace` command: a thin dispatcher over the stages' own CLI modules."""

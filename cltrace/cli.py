@@ -1,0 +1,38 @@
+"""`cltrace <command>`: parse arguments into a stage's config dataclass and call the stage.
+
+Each stage package owns its commands (`clt.cli`, later `attribution.cli`, `viewer.cli`); this module
+only collects them and turns expected errors into one-line messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from clt import cli as clt_cli
+from clt.configs import ConfigError
+
+STAGES = (clt_cli,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cltrace",
+        description="Train cross-layer transcoders, trace attribution graphs, view them.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for stage in STAGES:
+        stage.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        # Our errors are ValueErrors with a message that names the fix; show just that line.
+        print(f"cltrace {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
