@@ -75,7 +75,8 @@ def config_from_hf(raw: dict, name: str = "model") -> ModelConfig:
                  head_dim=raw.get("head_dim") or d // heads, d_mlp=raw["intermediate_size"],
                  max_position=raw.get("max_position_embeddings", 2048),
                  norm_eps=raw.get("rms_norm_eps", 1e-6))
-        act = raw.get("hidden_activation") or raw.get("hidden_act") or "silu"
+        act = (raw.get("hidden_activation") or raw.get("hidden_act")
+               or f.get("activation", "silu"))
         if act not in _ACT:
             raise ConfigError(f"unsupported MLP activation '{act}'")
         f["activation"] = _ACT[act]

@@ -1,0 +1,82 @@
+"""The embedded real models against transformers loading the same GGUF file (float32)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clt.lm import forward, load_model
+from clt.lm.loading import embedded_path
+
+TOL = 1e-3  # max abs logit difference; both sides dequantize the same GGUF to float32
+PROMPTS = [
+    "The capital of France is",
+    "The opposite of small is",
+    "def fibonacci(n):\n    if n < 2:\n        return n",
+    "Roses are red, violets are blue, sugar is sweet, and so are",
+]
+
+
+def _reference(path):
+    import torch
+    import transformers as tf
+
+    torch.set_num_threads(2)
+    model = tf.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32, attn_implementation="eager")
+    return model.eval()
+
+
+def _compare(name: str, ours, ref, with_bos: bool):
+    import torch
+
+    tok = ours.tokenizer
+    worst = 0.0
+    for prompt in PROMPTS:
+        ids = tok.encode(prompt, add_bos=with_bos)
+        with torch.no_grad():
+            want = ref(torch.tensor([ids])).logits.float().numpy()
+        got, _ = forward(ours.params, ours.cfg, jnp.asarray([ids]))
+        worst = max(worst, float(np.abs(np.asarray(got) - want).max()))
+    assert worst <= TOL, f"{name}: max abs logit diff {worst:.2e} over {len(PROMPTS)} prompts"
+    return worst
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model("smollm2-135m")
+
+
+def test_smollm2_matches_transformers(smollm2):
+    ref = _reference(embedded_path("smollm2-135m"))
+    _compare("smollm2-135m", smollm2, ref, with_bos=False)
+    _compare("smollm2-135m", smollm2, ref, with_bos=True)
+
+
+def test_smollm2_paris(smollm2):
+    ids = smollm2.tokenizer.encode("The capital of France is")
+    logits, _ = forward(smollm2.params, smollm2.cfg, jnp.asarray([ids]))
+    probs = np.asarray(jax.nn.softmax(logits[0, -1]))
+    top = int(probs.argmax())
+    assert smollm2.tokenizer.decode([top]) == " Paris"
+    # Reference figure measured with transformers on the same GGUF: 0.773.
+    assert abs(probs[top] - 0.773) < 0.005
+
+
+def test_smollm2_tokenizer_matches_transformers(smollm2):
+    import transformers as tf
+
+    path = embedded_path("smollm2-135m")
+    ref = tf.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    for prompt in PROMPTS + ["  leading spaces, ünïcödé and 中文"]:
+        assert smollm2.tokenizer.encode(prompt, add_bos=False) == \
+            ref(prompt, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.slow
+def test_gemma3_matches_transformers():
+    ours = load_model("gemma3-270m")
+    ref = _reference(embedded_path("gemma3-270m"))
+    _compare("gemma3-270m", ours, ref, with_bos=True)
