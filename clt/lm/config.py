@@ -145,4 +145,15 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-__all__ = ["ModelConfig", "LayerType"]
+__all__ = ["ModelConfig", "LayerType", "known_config"]
+
+
+def known_config(name: str) -> ModelConfig:
+    """Config of an embedded model without reading its weights (shape checks, benchmarks)."""
+    from pathlib import Path
+
+    path = Path(__file__).with_name("known") / f"{name}.json"
+    if not path.exists():
+        known = sorted(p.stem for p in path.parent.glob("*.json"))
+        raise ConfigError(f"no stored config for '{name}'; known: {', '.join(known)}")
+    return ModelConfig.from_json(path.read_text())
