@@ -7,7 +7,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import jax  # noqa: E402
+import jax
 
 # Reference comparisons need true float32 matmuls (TPU/GPU default to lower precision).
 jax.config.update("jax_default_matmul_precision", "highest")

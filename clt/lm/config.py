@@ -138,14 +138,14 @@ class ModelConfig:
         return json.dumps(to_dict(self), indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelConfig":
+    def from_json(cls, text: str) -> ModelConfig:
         return from_dict(cls, json.loads(text))
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-__all__ = ["ModelConfig", "LayerType", "known_config"]
+__all__ = ["LayerType", "ModelConfig", "known_config"]
 
 
 def known_config(name: str) -> ModelConfig:

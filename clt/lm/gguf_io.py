@@ -8,8 +8,9 @@ rotate-half layout), and Gemma norm weights are stored as 1 + w (we subtract 1, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

@@ -7,8 +7,9 @@ our config fields. The forward pass never sees a family name.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

@@ -14,9 +14,9 @@ norm(x) = (x - mean?) * scale * (w + offset) (+ b).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from functools import partial
-from typing import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +24,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int, Shaped
 
 from clt.lm.config import ModelConfig
-from clt.lm.params import LayerParams, LMParams
+from clt.lm.params import LayerParams, Leaf, LMParams
 
 # Activations stacked over layers, and the two that are not.
 LAYER_FIELDS = (
@@ -56,22 +56,22 @@ class Capture:
     add to the residual (after Gemma's post-norms). `resid_final` enters the final norm.
     """
 
-    resid_pre: Array | None = None  # [layer batch pos d_model]
-    resid_mid: Array | None = None  # [layer batch pos d_model]
-    mlp_in: Array | None = None  # [layer batch pos d_model]
-    mlp_out: Array | None = None  # [layer batch pos d_model]
-    attn_out: Array | None = None  # [layer batch pos d_model]
-    attn_pattern: Array | None = None  # [layer batch head qpos kpos]
-    attn_norm_scale: Array | None = None  # [layer batch pos]
-    post_attn_norm_scale: Array | None = None  # [layer batch pos]
-    mlp_norm_scale: Array | None = None  # [layer batch pos]
-    post_mlp_norm_scale: Array | None = None  # [layer batch pos]
-    q_norm_scale: Array | None = None  # [layer batch pos head]
-    k_norm_scale: Array | None = None  # [layer batch pos kv_head]
-    resid_final: Array | None = None  # [batch pos d_model]
-    final_norm_scale: Array | None = None  # [batch pos]
+    resid_pre: Leaf | None = None  # [layer batch pos d_model]
+    resid_mid: Leaf | None = None  # [layer batch pos d_model]
+    mlp_in: Leaf | None = None  # [layer batch pos d_model]
+    mlp_out: Leaf | None = None  # [layer batch pos d_model]
+    attn_out: Leaf | None = None  # [layer batch pos d_model]
+    attn_pattern: Leaf | None = None  # [layer batch head qpos kpos]
+    attn_norm_scale: Leaf | None = None  # [layer batch pos]
+    post_attn_norm_scale: Leaf | None = None  # [layer batch pos]
+    mlp_norm_scale: Leaf | None = None  # [layer batch pos]
+    post_mlp_norm_scale: Leaf | None = None  # [layer batch pos]
+    q_norm_scale: Leaf | None = None  # [layer batch pos head]
+    k_norm_scale: Leaf | None = None  # [layer batch pos kv_head]
+    resid_final: Leaf | None = None  # [batch pos d_model]
+    final_norm_scale: Leaf | None = None  # [batch pos]
 
-    def frozen_part(self) -> "Capture":
+    def frozen_part(self) -> Capture:
         """Only the fields `forward(frozen=...)` substitutes (patterns and norm scales)."""
         return Capture(**{f: getattr(self, f) for f in FREEZABLE})
 

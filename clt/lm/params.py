@@ -15,8 +15,9 @@ Canonical names (per layer: prefix `layers.{i}.`):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,10 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from clt.lm.config import ModelConfig
+
+# Pytree leaves: jax Arrays, or placeholders such as ShapeDtypeStruct / PartitionSpec when the
+# same container carries shapes or shardings, so fields are not type-checked as Array.
+Leaf = Any
 
 
 class WeightsError(ValueError):
@@ -35,37 +40,37 @@ class WeightsError(ValueError):
 class LayerParams:
     """Weights of all blocks, each with a leading `layer` axis. Optional entries are None."""
 
-    attn_norm_w: Array  # [layer d_model]
-    W_Q: Array  # [layer d_model head head_dim]
-    W_K: Array  # [layer d_model kv_head head_dim]
-    W_V: Array  # [layer d_model kv_head head_dim]
-    W_O: Array  # [layer head head_dim d_model]
-    mlp_norm_w: Array  # [layer d_model]
-    W_in: Array  # [layer d_model d_mlp]
-    W_out: Array  # [layer d_mlp d_model]
-    attn_norm_b: Array | None = None  # [layer d_model]
-    b_Q: Array | None = None  # [layer head head_dim]
-    b_K: Array | None = None  # [layer kv_head head_dim]
-    b_V: Array | None = None  # [layer kv_head head_dim]
-    b_O: Array | None = None  # [layer d_model]
-    q_norm_w: Array | None = None  # [layer head_dim]
-    k_norm_w: Array | None = None  # [layer head_dim]
-    post_attn_norm_w: Array | None = None  # [layer d_model]
-    mlp_norm_b: Array | None = None  # [layer d_model]
-    W_gate: Array | None = None  # [layer d_model d_mlp]
-    b_in: Array | None = None  # [layer d_mlp]
-    b_out: Array | None = None  # [layer d_model]
-    post_mlp_norm_w: Array | None = None  # [layer d_model]
+    attn_norm_w: Leaf  # [layer d_model]
+    W_Q: Leaf  # [layer d_model head head_dim]
+    W_K: Leaf  # [layer d_model kv_head head_dim]
+    W_V: Leaf  # [layer d_model kv_head head_dim]
+    W_O: Leaf  # [layer head head_dim d_model]
+    mlp_norm_w: Leaf  # [layer d_model]
+    W_in: Leaf  # [layer d_model d_mlp]
+    W_out: Leaf  # [layer d_mlp d_model]
+    attn_norm_b: Leaf | None = None  # [layer d_model]
+    b_Q: Leaf | None = None  # [layer head head_dim]
+    b_K: Leaf | None = None  # [layer kv_head head_dim]
+    b_V: Leaf | None = None  # [layer kv_head head_dim]
+    b_O: Leaf | None = None  # [layer d_model]
+    q_norm_w: Leaf | None = None  # [layer head_dim]
+    k_norm_w: Leaf | None = None  # [layer head_dim]
+    post_attn_norm_w: Leaf | None = None  # [layer d_model]
+    mlp_norm_b: Leaf | None = None  # [layer d_model]
+    W_gate: Leaf | None = None  # [layer d_model d_mlp]
+    b_in: Leaf | None = None  # [layer d_mlp]
+    b_out: Leaf | None = None  # [layer d_model]
+    post_mlp_norm_w: Leaf | None = None  # [layer d_model]
 
 
 @jax.tree_util.register_dataclass
 @dataclass
 class LMParams:
-    embed: Array  # [vocab d_model]
+    embed: Leaf  # [vocab d_model]
     layers: LayerParams
-    final_norm_w: Array  # [d_model]
-    final_norm_b: Array | None = None  # [d_model]
-    pos_embed: Array | None = None  # [pos d_model]
+    final_norm_w: Leaf  # [d_model]
+    final_norm_b: Leaf | None = None  # [d_model]
+    pos_embed: Leaf | None = None  # [pos d_model]
     unembed: Float[Array, "d_model vocab"] | None = None  # None: tied to embed
 
     @property
@@ -77,24 +82,25 @@ def cast_params(params: LMParams, dtype) -> LMParams:
     return jax.tree.map(lambda a: a.astype(dtype), params)
 
 
-def assemble(cfg: ModelConfig, get: Callable[[str], np.ndarray | None], source: str) -> LMParams:
+def assemble(cfg: ModelConfig, get: Callable[[str], Any], source: str) -> LMParams:
     """Build LMParams from canonical tensors. `get(name)` returns the array or None if absent."""
     H, KV, K, D, M = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model, cfg.d_mlp
 
-    def need(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    def need(name: str, shape: tuple[int, ...]) -> np.ndarray | jax.Array:
         a = get(name)
         if a is None:
             raise WeightsError(f"{source}: tensor '{name}' is missing for this architecture")
         return _check(a, shape, name)
 
-    def maybe(name: str, shape: tuple[int, ...], wanted: bool) -> np.ndarray | None:
+    def maybe(name: str, shape: tuple[int, ...], wanted: bool) -> np.ndarray | jax.Array | None:
         if not wanted:
             return None
         return need(name, shape)
 
     def _check(a, shape, name):
-        a = np.asarray(a, dtype=np.float32)
-        if a.shape != shape:
+        if isinstance(a, np.ndarray):
+            a = a.astype(np.float32, copy=False)
+        if tuple(a.shape) != shape:
             raise WeightsError(f"{source}: tensor '{name}' has shape {a.shape}, config expects {shape}")
         return a
 
@@ -127,7 +133,7 @@ def assemble(cfg: ModelConfig, get: Callable[[str], np.ndarray | None], source: 
         }
         per_layer.append(lay)
     stacked = {
-        k: (None if per_layer[0][k] is None else jnp.asarray(np.stack([lay[k] for lay in per_layer])))
+        k: (None if per_layer[0][k] is None else jnp.stack([lay[k] for lay in per_layer]))
         for k in per_layer[0]
     }
     unembed = None
@@ -157,10 +163,15 @@ def _opt_jnp(a):
 
 def random_params(cfg: ModelConfig, key: jax.Array, scale: float = 0.02) -> LMParams:
     """Random weights with the config's shapes (benchmarks and shape tests; not a trained model)."""
-    leaves, treedef = jax.tree.flatten(assemble(cfg, _zeros_getter(cfg), "random"))
+    leaves, treedef = jax.tree.flatten(param_shapes(cfg))
     keys = jax.random.split(key, len(leaves))
     out = [scale * jax.random.normal(k, s.shape, jnp.float32) for k, s in zip(keys, leaves)]
     return jax.tree.unflatten(treedef, out)
+
+
+def param_shapes(cfg: ModelConfig) -> LMParams:
+    """LMParams of jax.ShapeDtypeStruct for `cfg`, computed without allocating any weights."""
+    return jax.eval_shape(lambda: assemble(cfg, _zeros_getter(cfg), "shapes"))
 
 
 def _zeros_getter(cfg: ModelConfig):
@@ -173,7 +184,7 @@ def _zeros_getter(cfg: ModelConfig):
 
     def get(name: str):
         short = name.rsplit(".", 1)[-1]
-        return np.zeros(shapes.get(short, (D,)), np.float32)
+        return jnp.zeros(shapes.get(short, (D,)), jnp.float32)
 
     return get
 
@@ -182,5 +193,13 @@ def param_count(params: LMParams) -> int:
     return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
 
 
-__all__ = ["LMParams", "LayerParams", "assemble", "cast_params", "random_params", "param_count",
-           "WeightsError"]
+__all__ = [
+    "LMParams",
+    "LayerParams",
+    "WeightsError",
+    "assemble",
+    "cast_params",
+    "param_count",
+    "param_shapes",
+    "random_params",
+]

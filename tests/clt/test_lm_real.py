@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,3 +82,34 @@ def test_gemma3_matches_transformers():
     ours = load_model("gemma3-270m")
     ref = _reference(embedded_path("gemma3-270m"))
     _compare("gemma3-270m", ours, ref, with_bos=True)
+
+
+def test_tokenizer_needs_no_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None\n"  # any torch import now fails
+        "from clt.lm.loading import embedded_path\n"
+        "from clt.lm.gguf_io import _reader\n"
+        "from clt.lm.tokenizer import tokenizer_from_gguf\n"
+        "tok = tokenizer_from_gguf(_reader(embedded_path('smollm2-135m')), 1, (2,))\n"
+        "print(tok.encode('The capital of France is'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[504, 3575, 282, 4649, 314]"
+
+
+def test_tokenizer_from_hf_directory(smollm2, tmp_path):
+    """A Hugging Face directory's tokenizer.json + tokenizer_config.json give the same tokenizer."""
+    from clt.lm.tokenizer import tokenizer_from_dir
+
+    tok = smollm2.tokenizer
+    tok.backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|im_start|>", "add_bos_token": True, "chat_template": tok.chat_template}))
+    loaded = tokenizer_from_dir(tmp_path, bos=None, eos=(2,))
+    assert loaded.bos_token_id == tok.token_to_id("<|im_start|>") and loaded.add_bos
+    for prompt in PROMPTS:
+        assert loaded.encode(prompt) == [loaded.bos_token_id] + tok.encode(prompt, add_bos=False)
+    msgs = [{"role": "user", "content": "Hi"}]
+    assert loaded.apply_chat_template(msgs) == tok.apply_chat_template(msgs)
