@@ -8,6 +8,7 @@ huggingface_hub; needs network access).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -27,7 +28,7 @@ class ModelNotFound(ConfigError):
     """The name is neither embedded, a local path, nor a reachable hub id."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoadedModel:
     cfg: ModelConfig
     params: LMParams
@@ -126,8 +127,21 @@ def _download(repo_id: str) -> Path:
 
 
 def load_model(name_or_path: str, dtype=jnp.float32, with_tokenizer: bool = True) -> LoadedModel:
-    """Config, parameters (in `dtype`) and tokenizer of a model, from wherever it lives."""
+    """Config, parameters (in `dtype`) and tokenizer of a model, from wherever it lives.
+
+    The last two models loaded stay in memory (keyed by file and modification time): reloading
+    one, as notebooks and test suites do, costs nothing. Parameters are immutable jax arrays.
+    """
     kind, path = resolve(name_or_path)
+    stamp = max((p.stat().st_mtime_ns for p in ([path] if path.is_file() else path.iterdir())),
+                default=0)
+    return _load_cached(name_or_path, kind, path, stamp, jnp.dtype(dtype).name, with_tokenizer)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_cached(name_or_path: str, kind: str, path: Path, stamp: int, dtype_name: str,
+                 with_tokenizer: bool) -> LoadedModel:
+    dtype = jnp.dtype(dtype_name)
     label = name_or_path if name_or_path in EMBEDDED else path.name
     if kind == "gguf":
         from clt.lm.gguf_io import read_gguf

@@ -39,6 +39,9 @@ FREEZABLE = (
     "post_mlp_norm_scale", "q_norm_scale", "k_norm_scale", "final_norm_scale",
 )
 ALL = LAYER_FIELDS + FINAL_FIELDS
+# What `forward(frozen=...)` accepts: the above, plus given MLP outputs (the MLP is then not run:
+# the replacement model substitutes transcoder reconstruction + error there).
+SUBSTITUTABLE = FREEZABLE + ("mlp_out",)
 
 
 class InputError(ValueError):
@@ -218,8 +221,12 @@ def attention(lp: LayerParams, cfg: ModelConfig, h, cos, sin, mask, frozen: dict
 
 
 def block(lp: LayerParams, cfg: ModelConfig, x, cos, sin, mask, frozen: dict,
-          asked: tuple[str, ...], kv_cache=None, offset=None):
-    """One transformer block. Returns (new residual, captures dict, new kv cache)."""
+          asked: tuple[str, ...], kv_cache=None, offset=None, mlp_fn=None):
+    """One transformer block. Returns (new residual, captures dict, new kv cache).
+
+    `mlp_fn(resid_mid, mlp_in)`, if given, replaces the MLP (and its post-norm): it returns what
+    is added to the residual stream. A `frozen["mlp_out"]` replaces both.
+    """
     caps: dict = {"resid_pre": x}
     h, s = norm(x, lp.attn_norm_w, lp.attn_norm_b, cfg, frozen.get("attn_norm_scale"))
     caps["attn_norm_scale"] = s
@@ -233,10 +240,15 @@ def block(lp: LayerParams, cfg: ModelConfig, x, cos, sin, mask, frozen: dict,
     h, caps["mlp_norm_scale"] = norm(x, lp.mlp_norm_w, lp.mlp_norm_b, cfg,
                                      frozen.get("mlp_norm_scale"))
     caps["mlp_in"] = h
-    m = mlp(lp, cfg, h)
-    if cfg.post_mlp_norm:
-        m, caps["post_mlp_norm_scale"] = norm(m, lp.post_mlp_norm_w, None, cfg,
-                                              frozen.get("post_mlp_norm_scale"))
+    if "mlp_out" in frozen:
+        m = frozen["mlp_out"].astype(x.dtype)
+    elif mlp_fn is not None:
+        m = mlp_fn(x, h).astype(x.dtype)
+    else:
+        m = mlp(lp, cfg, h)
+        if cfg.post_mlp_norm:
+            m, caps["post_mlp_norm_scale"] = norm(m, lp.post_mlp_norm_w, None, cfg,
+                                                  frozen.get("post_mlp_norm_scale"))
     caps["mlp_out"] = m
     return x + m, {k: v for k, v in caps.items() if k in asked}, new_cache
 
@@ -278,14 +290,46 @@ def _run_layers(params, cfg, x, positions, mask_full, mask_slide, frozen, asked,
     return x, caps, new_cache
 
 
-@partial(jax.jit, static_argnames=("cfg", "capture"))
-def _forward(params, cfg, tokens, attention_mask, positions, capture, frozen):
+def _run_layers_unrolled(params, cfg, x, positions, mask_full, mask_slide, frozen, asked,
+                         hook, hook_params):
+    """The layers in a Python loop (static layer index), for MLP hooks whose state or weights
+    differ per layer in shape, such as a cross-layer transcoder spliced in for the MLPs."""
+    cos_g, sin_g = _rope_tables(cfg, positions, local=False)
+    cos_l, sin_l = _rope_tables(cfg, positions, local=True)
+    state = hook.init(hook_params, x)
+    per_layer = []
+    for i, is_sliding in enumerate(cfg.sliding_layers):
+        lp = jax.tree.map(lambda a, i=i: a[i], params.layers)
+        fr = {k: v[i] for k, v in frozen.items() if k in LAYER_FIELDS}
+        cos, sin = (cos_l, sin_l) if is_sliding else (cos_g, sin_g)
+        mask = mask_slide if is_sliding else mask_full
+        box = {}
+
+        def mlp_fn(resid_mid, mlp_in, i=i, lp=lp, box=box):
+            out, box["state"] = hook.apply(hook_params, i, resid_mid, mlp_in, state,
+                                           partial(mlp, lp, cfg))
+            return out
+
+        x, caps, _ = block(lp, cfg, x, cos, sin, mask, fr, asked, mlp_fn=mlp_fn)
+        state = box.get("state", state)
+        per_layer.append(caps)
+    caps = {k: jnp.stack([c[k] for c in per_layer]) for k in per_layer[0]}
+    return x, caps, state
+
+
+@partial(jax.jit, static_argnames=("cfg", "capture", "hook"))
+def _forward(params, cfg, tokens, attention_mask, positions, capture, frozen, input_embeds=None,
+             hook=None, hook_params=None):
     B, T = tokens.shape
     idx = jnp.arange(T)
     mask_full, mask_slide = _masks(cfg, idx, idx, attention_mask.astype(bool))
-    x = embed(params, cfg, tokens, positions)
-    x, caps, _ = _run_layers(params, cfg, x, positions, mask_full, mask_slide, frozen, capture,
-                             None, None)
+    x = embed(params, cfg, tokens, positions) if input_embeds is None else input_embeds
+    if hook is None:
+        x, caps, _ = _run_layers(params, cfg, x, positions, mask_full, mask_slide, frozen,
+                                 capture, None, None)
+    else:
+        x, caps, _ = _run_layers_unrolled(params, cfg, x, positions, mask_full, mask_slide,
+                                          frozen, capture, hook, hook_params)
     logits, fscale = unembed(params, cfg, x, frozen.get("final_norm_scale"))
     caps = dict(caps)
     if "resid_final" in capture:
@@ -304,12 +348,19 @@ def forward(
     positions: Int[ArrayLike, "batch pos"] | None = None,
     capture: Iterable[str] | str = (),
     frozen: Capture | None = None,
+    input_embeds: Float[ArrayLike, "batch pos d_model"] | None = None,
+    mlp_hook: MLPHook | None = None,
+    hook_params=None,
 ) -> tuple[Float[Array, "batch pos vocab"], Capture]:
     """Logits and the activations named in `capture` (see `Capture`; `ALL` for everything).
 
     attention_mask: 1 for real tokens, 0 for padding keys (default all ones).
     positions: position ids (default 0..T-1).
-    frozen: a Capture whose attention patterns / norm scales replace the computed ones.
+    frozen: a Capture whose attention patterns / norm scales (and MLP outputs, `mlp_out`)
+      replace the computed ones; see SUBSTITUTABLE.
+    input_embeds: the residual stream entering block 0 (token embedding, scaled, plus learned
+      positions), replacing the embedding of `tokens` (whose shape still gives [batch, pos]).
+    mlp_hook, hook_params: replace every MLP by `mlp_hook.apply` (see `MLPHook`).
     The compute dtype is the parameters' dtype (see `cast_params`); logits are float32.
     """
     tokens = jnp.asarray(tokens)
@@ -325,9 +376,32 @@ def forward(
         positions = jnp.broadcast_to(jnp.arange(T), tokens.shape)
     frozen_dict = {}
     if frozen is not None:
-        frozen_dict = {k: getattr(frozen, k) for k in FREEZABLE if getattr(frozen, k) is not None}
+        frozen_dict = {k: getattr(frozen, k) for k in SUBSTITUTABLE
+                       if getattr(frozen, k) is not None}
+    if input_embeds is not None:
+        input_embeds = jnp.asarray(input_embeds)
+        if input_embeds.shape != tokens.shape + (cfg.d_model,):
+            raise InputError(f"input_embeds must be {tokens.shape + (cfg.d_model,)}, got "
+                             f"{input_embeds.shape}")
     return _forward(params, cfg, tokens, attention_mask, positions, normalize_capture(capture),
-                    frozen_dict)
+                    frozen_dict, input_embeds, mlp_hook, hook_params)
+
+
+class MLPHook:
+    """Replaces every MLP in `forward(mlp_hook=...)`; layers then run unrolled.
+
+    Subclasses are hashable, immutable descriptions (they are static jit arguments); their
+    weights travel separately as `hook_params`. `init(hook_params, x)` gives the initial state
+    (e.g. a CLT's pending writes to later layers) and `apply(hook_params, layer, resid_mid,
+    mlp_in, state, true_mlp)` returns (what is added to the residual, new state); `true_mlp(h)`
+    is the model's own MLP of that layer (before any post-norm), for hooks that keep some of it.
+    """
+
+    def init(self, hook_params, x):
+        return jnp.zeros(())
+
+    def apply(self, hook_params, layer: int, resid_mid, mlp_in, state, true_mlp):
+        raise NotImplementedError
 
 
 # --- generation with a KV cache ------------------------------------------------------------------

@@ -139,3 +139,35 @@ def test_config_json_roundtrip(model):
         ModelConfig.from_json('{"vocab_size": 3, "bogus": 1}')
     with pytest.raises(ConfigError, match="must be a multiple"):
         model.cfg.replace(n_kv_heads=3)
+
+
+def test_substituted_mlp_out_and_input_embeds_reproduce_logits(model):
+    """Given MLP outputs and the embedded input, the forward pass is the same function: the
+    replacement model of stage 2 relies on both substitutions."""
+    from clt.lm import Capture
+
+    tokens = _tokens(4)
+    logits, cap = forward(model.params, model.cfg, tokens, capture=ALL)
+    got, _ = forward(model.params, model.cfg, tokens, frozen=Capture(mlp_out=cap.mlp_out),
+                     input_embeds=cap.resid_pre[0])
+    np.testing.assert_allclose(got, logits, atol=1e-4)
+    # A different MLP output changes the logits (the substitution is not ignored).
+    other, _ = forward(model.params, model.cfg, tokens, frozen=Capture(mlp_out=cap.mlp_out * 0))
+    assert float(jnp.abs(other - logits).max()) > 1e-3
+
+
+def test_mlp_hook_unrolled_matches_scan(model):
+    """An MLP hook that returns the model's own MLP output reproduces the scanned forward."""
+    from clt.lm import MLPHook
+
+    tokens = _tokens(5)
+    logits, cap = forward(model.params, model.cfg, tokens, capture=("mlp_out", "resid_mid"))
+
+    class Own(MLPHook):
+        def apply(self, hook_params, layer, resid_mid, mlp_in, state, true_mlp):
+            return hook_params[layer], state + 1
+
+    got, cap2 = forward(model.params, model.cfg, tokens, capture=("resid_mid",), mlp_hook=Own(),
+                        hook_params=cap.mlp_out)
+    np.testing.assert_allclose(got, logits, atol=1e-4)
+    np.testing.assert_allclose(cap2.resid_mid, cap.resid_mid, atol=1e-4)

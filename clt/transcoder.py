@@ -1,0 +1,392 @@
+"""Cross-layer transcoders (CLT), per-layer transcoders (PLT) and their activation functions.
+
+A transcoder with `n_features` features per layer reads, at every layer s, the model's activation
+at its input point (the residual stream before layer s's MLP, or the MLP's normalised input) and
+writes the MLP outputs. In a CLT ("Circuit Tracing", Ameisen et al. 2025) features of layer s
+write, through one decoder per target layer, the MLP outputs of layers s..L-1; the decoders are
+ragged: `W_dec[s]` has shape `[n_features, n_targets(s), d_model]` with `n_targets(s) = L - s`. A
+PLT is the same code with `max_reach = 1` (each layer writes only its own MLP output); a windowed
+CLT reaches the next `max_reach` layers. An optional linear skip `W_skip` maps each layer's input
+straight to its output.
+
+Everything here is a pure function of (`TranscoderParams`, inputs). Parameters act on raw model
+activations; training works in a normalised space and folds the constants in (`fold_norms`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+from clt.configs import ConfigError, doc, from_dict, to_dict
+from clt.lm.params import Leaf
+
+Activation = Literal["jumprelu", "relu", "topk", "batchtopk"]
+InputPoint = Literal["resid_mid", "mlp_in"]
+
+
+@dataclass(frozen=True)
+class TranscoderConfig:
+    """Architecture of a transcoder; saved as `config.json` beside every checkpoint."""
+
+    d_model: int = doc("Width of the model's residual stream (input and output width).")
+    n_layers: int = doc("Number of model layers the transcoder covers (all of them).")
+    n_features: int = doc("Features per layer.")
+    max_reach: int | None = doc(
+        "How many layers a feature writes to, starting at its own: 1 is a per-layer transcoder "
+        "(PLT), None a full cross-layer transcoder (CLT), k a windowed CLT.", default=None)
+    activation: Activation = doc(
+        "jumprelu (learned per-feature threshold, straight-through gradients), relu, topk (k "
+        "largest per token and layer) or batchtopk (k per token on average over a batch; a "
+        "threshold estimated in training replaces it at inference).", default="jumprelu")
+    k: int = doc("Active features per token and layer for topk / batchtopk.", default=64)
+    skip: bool = doc("Add a linear skip connection W_skip from each layer's input to its output.",
+                     default=False)
+    input_point: InputPoint = doc(
+        "Where features read: 'resid_mid' (residual stream before the MLP's norm) or 'mlp_in' "
+        "(the MLP's normalised input).", default="resid_mid")
+    output_point: Literal["mlp_out"] = doc(
+        "What the decoders reconstruct: the MLP output as added to the residual stream.",
+        default="mlp_out")
+    model_name: str = doc("The model this transcoder was trained on (informational).",
+                          default="")
+    schema_version: int = doc("Version of this config's JSON layout.", default=1)
+
+    def __post_init__(self):
+        for name in ("d_model", "n_layers", "n_features", "k"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"TranscoderConfig.{name} must be positive, "
+                                  f"got {getattr(self, name)}")
+        if self.max_reach is not None and self.max_reach <= 0:
+            raise ConfigError(f"TranscoderConfig.max_reach must be positive or None, "
+                              f"got {self.max_reach}")
+        if self.activation in ("topk", "batchtopk") and self.k > self.n_features:
+            raise ConfigError(f"k={self.k} exceeds n_features={self.n_features}")
+
+    @property
+    def kind(self) -> str:
+        return "plt" if self.max_reach == 1 else "clt"
+
+    def n_targets(self, s: int) -> int:
+        """Number of layers written by the features of layer s."""
+        rest = self.n_layers - s
+        return rest if self.max_reach is None else min(rest, self.max_reach)
+
+    def sources(self, t: int) -> range:
+        """Source layers whose features write to layer t."""
+        lo = 0 if self.max_reach is None else max(0, t - self.max_reach + 1)
+        return range(lo, t + 1)
+
+    @property
+    def n_params(self) -> int:
+        F, D, L = self.n_features, self.d_model, self.n_layers
+        dec = sum(self.n_targets(s) for s in range(L)) * F * D
+        return L * (D * F + 2 * F + D) + dec + (L * D * D if self.skip else 0)
+
+    def to_json(self) -> str:
+        return json.dumps({"kind": "transcoder", "config": to_dict(self)}, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> TranscoderConfig:
+        payload = json.loads(text)
+        if payload.get("kind") != "transcoder":
+            raise ConfigError(f"not a transcoder config (kind={payload.get('kind')!r})")
+        return from_dict(cls, payload["config"])
+
+    def replace(self, **changes) -> TranscoderConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class TranscoderParams:
+    """Transcoder weights acting on raw model activations (the field's names: circuit-tracer).
+
+    `threshold` is the JumpReLU threshold (also used by batchtopk at inference); it is stored as a
+    logarithm in training (`log_threshold`) so that it stays positive.
+    """
+
+    W_enc: Leaf  # [layer d_model feature]
+    b_enc: Leaf  # [layer feature]
+    log_threshold: Leaf  # [layer feature], float32
+    W_dec: tuple  # W_dec[s]: [feature n_targets(s) d_model]
+    b_dec: Leaf  # [layer d_model] (bias of each target layer's reconstruction)
+    W_skip: Leaf | None = None  # [layer d_model d_model]
+
+    @property
+    def threshold(self) -> Float[Array, "layer feature"]:
+        return jnp.exp(self.log_threshold)
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class Norms:
+    """Per-layer normalisation constants estimated from data: x_norm = (x - mean) / scale."""
+
+    in_mean: Leaf  # [layer d_model]
+    in_scale: Leaf  # [layer]
+    out_mean: Leaf  # [layer d_model]
+    out_scale: Leaf  # [layer]
+
+    @staticmethod
+    def identity(n_layers: int, d_model: int) -> Norms:
+        z, o = jnp.zeros((n_layers, d_model)), jnp.ones((n_layers,))
+        return Norms(z, o, z, o)
+
+
+def init_params(cfg: TranscoderConfig, key: jax.Array, threshold: float = 0.03,
+                dtype=jnp.float32) -> TranscoderParams:
+    """Initialisation of "Circuit Tracing": W_enc ~ U(±1/sqrt(n_features)), W_dec ~
+    U(±1/sqrt(n_layers * d_model)), zero biases, JumpReLU threshold `threshold` (0.03 there)."""
+    F, D, L = cfg.n_features, cfg.d_model, cfg.n_layers
+    k_enc, *k_dec = jax.random.split(key, L + 1)
+    b_enc_bound, dec_bound = 1 / np.sqrt(F), 1 / np.sqrt(L * D)
+    W_enc = jax.random.uniform(k_enc, (L, D, F), dtype, -b_enc_bound, b_enc_bound)
+    W_dec = tuple(jax.random.uniform(k_dec[s], (F, cfg.n_targets(s), D), dtype, -dec_bound,
+                                     dec_bound) for s in range(L))
+    return TranscoderParams(
+        W_enc=W_enc, b_enc=jnp.zeros((L, F), dtype),
+        log_threshold=jnp.full((L, F), np.log(threshold), jnp.float32),
+        W_dec=W_dec, b_dec=jnp.zeros((L, D), dtype),
+        W_skip=jnp.zeros((L, D, D), dtype) if cfg.skip else None)
+
+
+def param_shapes(cfg: TranscoderConfig) -> TranscoderParams:
+    """TranscoderParams of ShapeDtypeStruct, without allocating (shape checks, sharding specs)."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+
+
+def check_params(cfg: TranscoderConfig, params: TranscoderParams, source: str = "transcoder"):
+    """Raise ConfigError naming the first tensor whose shape disagrees with the config."""
+    want = param_shapes(cfg)
+    for path, w, g in zip(jax.tree_util.tree_flatten_with_path(want)[0],
+                          jax.tree.leaves(want), jax.tree.leaves(params)):
+        if tuple(w.shape) != tuple(g.shape):
+            name = jax.tree_util.keystr(path[0])
+            raise ConfigError(f"{source}: tensor {name} has shape {tuple(g.shape)}, the config "
+                              f"expects {tuple(w.shape)}")
+    if len(jax.tree.leaves(want)) != len(jax.tree.leaves(params)):
+        raise ConfigError(f"{source}: W_skip presence disagrees with the config (skip={cfg.skip})")
+
+
+def check_model(cfg: TranscoderConfig, model_cfg) -> None:
+    """Refuse a transcoder built for a different model, with a message naming the mismatch."""
+    if cfg.d_model != model_cfg.d_model or cfg.n_layers != model_cfg.n_layers:
+        raise ConfigError(
+            f"transcoder/model mismatch: transcoder has d_model={cfg.d_model}, "
+            f"n_layers={cfg.n_layers} but model '{model_cfg.name}' has d_model="
+            f"{model_cfg.d_model}, n_layers={model_cfg.n_layers}; use a transcoder trained "
+            f"for this model")
+
+
+# --- activation functions ----------------------------------------------------------------------
+def _rect(u):
+    return ((u > -0.5) & (u < 0.5)).astype(u.dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def jumprelu(z, threshold, bandwidth: float = 1.0):
+    """z * H(z - threshold), with the straight-through estimator of Rajamanoharan et al. (2024):
+    the Heaviside step's derivative is replaced by a rectangle kernel of width `bandwidth`, so
+    both the pre-activation and the threshold get gradients near the threshold."""
+    return jnp.where(z > threshold, z, 0.0).astype(z.dtype)
+
+
+def _jumprelu_fwd(z, threshold, bandwidth):
+    return jumprelu(z, threshold, bandwidth), (z, threshold)
+
+
+def _jumprelu_bwd(bandwidth, res, g):
+    z, threshold = res
+    th = threshold.astype(jnp.float32)
+    kernel = _rect((z.astype(jnp.float32) - th) / bandwidth) / bandwidth
+    gz = g * ((z > threshold).astype(g.dtype) + (th * kernel).astype(g.dtype))
+    gth = -(g.astype(jnp.float32) * th * kernel)
+    gth = gth.reshape((-1,) + threshold.shape).sum(0) if gth.ndim > threshold.ndim else gth
+    return gz, gth.astype(threshold.dtype)
+
+
+jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
+
+
+def topk_mask(z: Float[Array, "*b feature"], k: int) -> Float[Array, "*b feature"]:
+    """1 where z is among the k largest entries of its last axis (and positive)."""
+    kth = jax.lax.top_k(z, k)[0][..., -1:]
+    return ((z >= kth) & (z > 0)).astype(z.dtype)
+
+
+def batchtopk_mask(z: Float[Array, "batch layer feature"], k: int):
+    """Per layer, keep the k * batch largest pre-activations over the whole batch."""
+    B, L, F = z.shape
+    flat = jnp.moveaxis(z, 1, 0).reshape(L, B * F)
+    kth = jax.lax.top_k(flat, k * B)[0][:, -1]  # [layer]
+    return ((z >= kth[None, :, None]) & (z > 0)).astype(z.dtype), kth
+
+
+def activate(cfg: TranscoderConfig, params: TranscoderParams, z, *, bandwidth: float = 1.0,
+             training: bool = False):
+    """Feature activations from pre-activations z [..., layer, feature].
+
+    batchtopk uses its batch rule only when `training` (z must then be [batch, layer, feature]);
+    at inference it thresholds at the learned `threshold`, like JumpReLU.
+    """
+    if cfg.activation == "relu":
+        return jax.nn.relu(z)
+    if cfg.activation == "topk":
+        return z * jax.lax.stop_gradient(topk_mask(z, cfg.k))
+    if cfg.activation == "batchtopk" and training:
+        mask, _ = batchtopk_mask(z, cfg.k)
+        return z * jax.lax.stop_gradient(mask)
+    th = params.threshold.astype(z.dtype)
+    if cfg.activation == "jumprelu" and training:
+        return jumprelu(z, th, bandwidth)
+    return jnp.where(z > th, z, 0.0)
+
+
+# --- encode / decode ---------------------------------------------------------------------------
+def encode_pre(params: TranscoderParams, x: Float[Array, "*b layer d_model"]
+               ) -> Float[Array, "*b layer feature"]:
+    """Pre-activations of every layer's features from that layer's input."""
+    return jnp.einsum("...ld,ldf->...lf", x, params.W_enc.astype(x.dtype)) + params.b_enc
+
+
+def encode(cfg: TranscoderConfig, params: TranscoderParams, x: Float[Array, "*b layer d_model"]
+           ) -> Float[Array, "*b layer feature"]:
+    """Feature activations (inference rule) from the inputs of every layer."""
+    return activate(cfg, params, encode_pre(params, x))
+
+
+def decode(cfg: TranscoderConfig, params: TranscoderParams,
+           acts: Float[Array, "*b layer feature"],
+           x: Float[Array, "*b layer d_model"] | None = None) -> Float[Array, "*b layer d_model"]:
+    """Reconstructed MLP outputs of every layer: sum over source layers s <= t of
+    acts[s] @ W_dec[s][:, t - s], plus b_dec[t], plus x[t] @ W_skip[t] when there is a skip."""
+    L = cfg.n_layers
+    lead = acts.shape[:-2]
+    out = jnp.broadcast_to(params.b_dec.astype(acts.dtype), lead + params.b_dec.shape)
+    for s in range(L):
+        n = cfg.n_targets(s)
+        w = params.W_dec[s].astype(acts.dtype).reshape(cfg.n_features, n * cfg.d_model)
+        contrib = (acts[..., s, :] @ w).reshape(lead + (n, cfg.d_model))
+        out = out.at[..., s:s + n, :].add(contrib)
+    if params.W_skip is not None:
+        if x is None:
+            raise ValueError("this transcoder has a skip connection: decode needs its input x")
+        out = out + jnp.einsum("...ld,lde->...le", x, params.W_skip.astype(x.dtype))
+    return out
+
+
+def forward(cfg: TranscoderConfig, params: TranscoderParams, x: Float[Array, "*b layer d_model"]):
+    """(reconstruction, activations) with the inference activation rule."""
+    acts = encode(cfg, params, x)
+    return decode(cfg, params, acts, x), acts
+
+
+def decoder_norms(cfg: TranscoderConfig, params: TranscoderParams,
+                  kind: Literal["concat", "sum"] = "concat") -> Float[Array, "layer feature"]:
+    """Per-feature decoder norm: 'concat' is the L2 norm of the decoders concatenated over target
+    layers (the paper's ||W_dec,i||); 'sum' adds the per-target-layer L2 norms."""
+    rows = []
+    for s in range(cfg.n_layers):
+        sq = jnp.sum(jnp.square(params.W_dec[s].astype(jnp.float32)), axis=-1)  # [F, n]
+        rows.append(jnp.sqrt(sq.sum(-1)) if kind == "concat" else jnp.sqrt(sq).sum(-1))
+    return jnp.stack(rows)
+
+
+def decoder_to_layer(cfg: TranscoderConfig, params: TranscoderParams, s: int, t: int):
+    """W_dec of source layer s's features into target layer t: [feature, d_model]."""
+    if not (s <= t < s + cfg.n_targets(s)):
+        raise ValueError(f"features of layer {s} do not write to layer {t}")
+    return params.W_dec[s][:, t - s]
+
+
+# --- normalisation folding ---------------------------------------------------------------------
+def fold_norms(cfg: TranscoderConfig, params: TranscoderParams, norms: Norms) -> TranscoderParams:
+    """Parameters trained on normalised activations -> parameters acting on raw activations.
+
+    Training sees x' = (x - in_mean) / in_scale and predicts y' = (y - out_mean) / out_scale. The
+    folded transcoder gives the same pre-activations (so thresholds are unchanged) and y itself.
+    """
+    f32 = jnp.float32
+    W_enc = params.W_enc / norms.in_scale[:, None, None]
+    b_enc = params.b_enc - jnp.einsum("ld,ldf->lf", norms.in_mean, W_enc)
+    W_dec = tuple(params.W_dec[s] * norms.out_scale[s:s + cfg.n_targets(s)][None, :, None]
+                  for s in range(cfg.n_layers))
+    b_dec = params.b_dec * norms.out_scale[:, None] + norms.out_mean
+    W_skip = None
+    if params.W_skip is not None:
+        # y = out_scale * ((x - in_mean) / in_scale @ S) + ...: a linear map plus a bias.
+        ratio = (norms.out_scale / norms.in_scale)[:, None, None]
+        W_skip = params.W_skip * ratio
+        b_dec = b_dec - jnp.einsum("ld,lde->le", norms.in_mean, W_skip)
+    return TranscoderParams(W_enc=W_enc.astype(params.W_enc.dtype), b_enc=b_enc.astype(f32),
+                            log_threshold=params.log_threshold, W_dec=W_dec, b_dec=b_dec,
+                            W_skip=W_skip)
+
+
+# --- save / load (our own layout) --------------------------------------------------------------
+def save(path: str | Path, cfg: TranscoderConfig, params: TranscoderParams,
+         dtype: str | None = None, extra: dict | None = None) -> Path:
+    """Write `config.json` + `transcoder.safetensors` (optionally cast to float16/bfloat16);
+    `extra` (metrics, recipe) goes to `info.json`."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {"W_enc": params.W_enc, "b_enc": params.b_enc,
+               "threshold": params.threshold, "b_dec": params.b_dec}
+    for s, w in enumerate(params.W_dec):
+        tensors[f"W_dec.{s}"] = w
+    if params.W_skip is not None:
+        tensors["W_skip"] = params.W_skip
+    from safetensors.flax import save_file
+
+    cast = {k: jnp.asarray(v, jnp.float32 if (dtype is None or k == "threshold") else dtype)
+            for k, v in tensors.items()}
+    save_file(cast, str(path / "transcoder.safetensors"))
+    (path / "config.json").write_text(cfg.to_json())
+    if extra is not None:
+        (path / "info.json").write_text(json.dumps(extra, indent=2))
+    return path
+
+
+def load(path: str | Path, dtype=jnp.float32) -> tuple[TranscoderConfig, TranscoderParams]:
+    """Read a transcoder written by `save`; clear errors for missing or inconsistent files."""
+    from safetensors import SafetensorError
+    from safetensors.flax import load_file
+
+    path = Path(path)
+    for name in ("config.json", "transcoder.safetensors"):
+        if not (path / name).exists():
+            raise ConfigError(f"{path} is not a cltrace transcoder: {name} is missing")
+    cfg = TranscoderConfig.from_json((path / "config.json").read_text())
+    try:
+        t = load_file(str(path / "transcoder.safetensors"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ConfigError(f"{path}/transcoder.safetensors is corrupt ({e}); re-export it") from None
+    try:
+        params = TranscoderParams(
+            W_enc=t["W_enc"].astype(dtype), b_enc=t["b_enc"].astype(jnp.float32),
+            log_threshold=jnp.log(t["threshold"].astype(jnp.float32)),
+            W_dec=tuple(t[f"W_dec.{s}"].astype(dtype) for s in range(cfg.n_layers)),
+            b_dec=t["b_dec"].astype(jnp.float32),
+            W_skip=t["W_skip"].astype(dtype) if "W_skip" in t else None)
+    except KeyError as e:
+        raise ConfigError(f"{path}/transcoder.safetensors lacks tensor {e}; re-export it") from None
+    check_params(cfg, params, str(path))
+    return cfg, params
+
+
+__all__ = [
+    "Norms", "TranscoderConfig", "TranscoderParams", "activate", "batchtopk_mask",
+    "check_model", "check_params", "decode", "decoder_norms", "decoder_to_layer", "encode",
+    "encode_pre", "fold_norms", "forward", "init_params", "jumprelu", "load", "param_shapes",
+    "save", "topk_mask",
+]
