@@ -1,0 +1,371 @@
+"""Training data for transcoders: text -> token contexts -> shuffled activation batches.
+
+Text comes from local files (`.txt`: documents separated by blank lines; `.jsonl`: one document
+per line under `text_field`), given as paths, directories or globs (comma-separated), or from a
+Hugging Face dataset streamed with `datasets` (`hf:NAME[:CONFIG][:SPLIT]`, for real users). Text is
+packed into fixed-length contexts that start with BOS (documents joined by EOS).
+
+Activations are generated online by the JAX model in *rounds*: round r takes `round_contexts`
+contexts, runs the model once over them (capturing each layer's transcoder input and MLP output),
+marks the BOS position and outlier-norm tokens invalid, shuffles the valid tokens with a key
+derived from (seed, r), and serves them as batches. A data position is (round, batch in round):
+a resumed run regenerates its round (deterministic) and skips the batches already used, so it
+continues exactly where it stopped. Rounds can be cached to disk (`cache_dir`) and replayed.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clt.configs import ConfigError
+from clt.lm.loading import LoadedModel
+from clt.lm.model import forward
+
+
+# --- text ----------------------------------------------------------------------------------------
+def _expand(source: str) -> list[Path]:
+    files: list[Path] = []
+    for part in (s.strip() for s in source.split(",") if s.strip()):
+        p = Path(part).expanduser()
+        if p.is_dir():
+            files += sorted(q for q in p.rglob("*") if q.suffix in (".txt", ".jsonl"))
+        elif p.is_file():
+            files.append(p)
+        else:
+            hits = sorted(Path(h) for h in glob.glob(str(p), recursive=True))
+            if not hits:
+                raise ConfigError(f"no text found at '{part}': give .txt/.jsonl files, a "
+                                  "directory, a glob, or hf:DATASET")
+            files += [h for h in hits if h.is_file()]
+    if not files:
+        raise ConfigError(f"no .txt or .jsonl files in '{source}'")
+    return files
+
+
+def iter_documents(source: str, text_field: str = "text") -> Iterator[str]:
+    """Documents from local files/globs or a streamed Hugging Face dataset (`hf:...`)."""
+    if source.startswith("hf:"):
+        yield from _hf_documents(source[3:], text_field)
+        return
+    for path in _expand(source):
+        if path.suffix == ".jsonl":
+            with path.open(encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        text = json.loads(line)[text_field]
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise ConfigError(f"{path}:{n}: not a JSON object with a "
+                                          f"'{text_field}' field; set text_field") from None
+                    if text:
+                        yield text
+        else:
+            doc: list[str] = []
+            with path.open(encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    if line.strip():
+                        doc.append(line)
+                    elif doc:
+                        yield "".join(doc).strip()
+                        doc = []
+            if doc:
+                yield "".join(doc).strip()
+
+
+def _hf_documents(spec: str, text_field: str) -> Iterator[str]:
+    name, config, split = (spec.split(":") + [None, None])[:3]
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError("hf: sources need the `datasets` package: pip install datasets") from None
+    try:
+        ds = datasets.load_dataset(name, config, split=split or "train", streaming=True)
+    except Exception as e:  # network, unknown dataset
+        raise ConfigError(f"cannot stream Hugging Face dataset '{name}': "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    for row in ds:
+        if text_field not in row:
+            raise ConfigError(f"dataset '{name}' has no '{text_field}' column; set text_field "
+                              f"(columns: {sorted(row)})")
+        if row[text_field]:
+            yield row[text_field]
+
+
+# --- token contexts ------------------------------------------------------------------------------
+def _token_stream(docs: Iterator[str], tokenizer, eos: int | None, chunk: int = 256
+                  ) -> Iterator[np.ndarray]:
+    batch: list[str] = []
+    for d in docs:
+        batch.append(d)
+        if len(batch) == chunk:
+            yield from _encode_batch(batch, tokenizer, eos)
+            batch = []
+    if batch:
+        yield from _encode_batch(batch, tokenizer, eos)
+
+
+def _encode_batch(batch, tokenizer, eos):
+    for enc in tokenizer.backend.encode_batch(batch, add_special_tokens=False):
+        ids = enc.ids + ([eos] if eos is not None else [])
+        yield np.asarray(ids, np.int32)
+
+
+def pack_contexts(stream: Iterator[np.ndarray], context_length: int, bos: int | None
+                  ) -> Iterator[np.ndarray]:
+    """Fixed-length contexts [context_length] from a token stream, each starting with BOS."""
+    body = context_length - (bos is not None)
+    buf = np.zeros(0, np.int32)
+    for ids in stream:
+        buf = np.concatenate([buf, ids])
+        while len(buf) >= body:
+            ctx, buf = buf[:body], buf[body:]
+            yield ctx if bos is None else np.concatenate([[bos], ctx]).astype(np.int32)
+
+
+class LocalContexts:
+    """All contexts of local files, tokenized once (cached as .npy) and read in a shuffled order
+    that is a pure function of (seed, epoch): any round can be produced again on resume."""
+
+    def __init__(self, source: str, tokenizer, context_length: int, seed: int = 0,
+                 text_field: str = "text", cache_dir: str | Path | None = None,
+                 holdout: float = 0.0, split: str = "train"):
+        self.context_length, self.seed = context_length, seed
+        bos = tokenizer.bos_token_id
+        eos = tokenizer.eos_token_ids[0] if tokenizer.eos_token_ids else None
+        files = _expand(source)
+        key = hashlib.sha256(json.dumps(
+            [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+            + [tokenizer.vocab_size, bos, eos, context_length, text_field]).encode()).hexdigest()
+        cache = Path(cache_dir or _default_cache()) / f"contexts-{key[:16]}.npy"
+        if cache.exists():
+            contexts = np.load(cache)
+        else:
+            ctx = list(pack_contexts(_token_stream(iter_documents(source, text_field), tokenizer,
+                                                   eos), context_length, bos))
+            if not ctx:
+                raise ConfigError(f"'{source}' holds fewer than {context_length} tokens; give "
+                                  "more text or a shorter context_length")
+            contexts = np.stack(ctx)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            np.save(cache, contexts)
+        n_hold = int(round(len(contexts) * holdout))
+        # Held-out contexts are the last ones in file order (never seen in training).
+        self.contexts = contexts[len(contexts) - n_hold:] if split == "heldout" \
+            else contexts[:len(contexts) - n_hold]
+        if len(self.contexts) == 0:
+            raise ConfigError(f"no {split} contexts in '{source}' (holdout={holdout})")
+
+    def __len__(self) -> int:
+        return len(self.contexts)
+
+    def take(self, start: int, count: int) -> np.ndarray:
+        """Contexts start..start+count of the endless shuffled sequence (epoch after epoch)."""
+        n = len(self.contexts)
+        idx = np.arange(start, start + count)
+        epochs = idx // n
+        out = np.empty((count, self.context_length), np.int32)
+        for e in np.unique(epochs):
+            order = np.random.default_rng([self.seed, int(e)]).permutation(n)
+            sel = epochs == e
+            out[sel] = self.contexts[order[idx[sel] % n]]
+        return out
+
+
+class StreamingContexts:
+    """Contexts from a streamed dataset, in stream order; resuming re-reads and skips."""
+
+    def __init__(self, source: str, tokenizer, context_length: int, text_field: str = "text"):
+        self.source, self.tokenizer, self.text_field = source, tokenizer, text_field
+        self.context_length = context_length
+        self._it, self._pos = None, 0
+
+    def _restart(self):
+        tok = self.tokenizer
+        eos = tok.eos_token_ids[0] if tok.eos_token_ids else None
+        self._it = pack_contexts(_token_stream(iter_documents(self.source, self.text_field), tok,
+                                               eos), self.context_length, tok.bos_token_id)
+        self._pos = 0
+
+    def take(self, start: int, count: int) -> np.ndarray:
+        if self._it is None or start < self._pos:
+            self._restart()
+        for _ in range(start - self._pos):
+            next(self._it)
+        out = []
+        for _ in range(count):
+            try:
+                out.append(next(self._it))
+            except StopIteration:
+                self._restart()  # another epoch over the stream
+                out.append(next(self._it))
+        self._pos = start + count
+        return np.stack(out)
+
+
+def open_contexts(source: str, tokenizer, context_length: int, seed: int = 0,
+                  text_field: str = "text", holdout: float = 0.0, split: str = "train",
+                  cache_dir: str | Path | None = None):
+    if tokenizer is None:
+        raise ConfigError("this model has no tokenizer; give a model directory with "
+                          "tokenizer.json or a GGUF file")
+    if source.startswith("hf:"):
+        return StreamingContexts(source, tokenizer, context_length, text_field)
+    return LocalContexts(source, tokenizer, context_length, seed, text_field, cache_dir, holdout,
+                         split)
+
+
+def _default_cache() -> Path:
+    return Path(os.environ.get("CLTRACE_CACHE", Path.home() / ".cache" / "cltrace")) / "data"
+
+
+# --- activations ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DataPosition:
+    """Where a run is in its data: round index and batches of that round already used."""
+
+    round: int = 0
+    batch: int = 0
+
+    def to_dict(self) -> dict:
+        return {"round": self.round, "batch": self.batch}
+
+
+@partial(jax.jit, static_argnames=("cfg", "input_point"))
+def _capture(params, cfg, tokens, input_point):
+    _, cap = forward(params, cfg, tokens, capture=(input_point, "mlp_out"))
+    x = getattr(cap, input_point)
+    # [layer, b, pos, d] -> [b * pos, layer, d]: one training example per token.
+    L, B, T, D = x.shape
+    return (jnp.moveaxis(x, 0, 2).reshape(B * T, L, D),
+            jnp.moveaxis(cap.mlp_out, 0, 2).reshape(B * T, L, D))
+
+
+@partial(jax.jit, static_argnames=("context_length", "drop_first"))
+def _valid_and_order(x, key, context_length: int, drop_first: bool, outlier_factor: float):
+    """Valid-token mask (not the first position, no layer's input norm above outlier_factor x its
+    median) and a random order that puts valid tokens first."""
+    n = x.shape[0]
+    valid = jnp.ones((n,), bool)
+    if drop_first:
+        valid &= (jnp.arange(n) % context_length) != 0
+    norms = jnp.linalg.norm(x.astype(jnp.float32), axis=-1)  # [tokens, layer]
+    med = jnp.median(jnp.where(valid[:, None], norms, jnp.nan), axis=0)
+    med = jnp.where(jnp.isnan(med), jnp.inf, med)
+    valid &= jnp.all(norms <= outlier_factor * med, axis=-1)
+    noise = jax.random.uniform(key, (n,))
+    order = jnp.argsort(jnp.where(valid, noise, 2.0))
+    return order, valid.sum()
+
+
+class ActivationStream:
+    """Shuffled batches of (transcoder input x, MLP output y), each [batch_tokens, layer, d_model].
+
+    Arrays stay on the device(s); pass `sharding` (e.g. NamedSharding(mesh, P('data'))) to lay
+    each batch out over a mesh.
+    """
+
+    def __init__(self, model: LoadedModel, contexts, *, input_point: str, batch_tokens: int,
+                 round_contexts: int, model_batch: int = 8, seed: int = 0,
+                 drop_bos: bool = True, outlier_factor: float = 10.0, dtype=jnp.float32,
+                 cache_dir: str | Path | None = None, sharding=None):
+        self.model, self.contexts = model, contexts
+        self.input_point, self.batch_tokens = input_point, batch_tokens
+        self.round_contexts, self.model_batch = round_contexts, model_batch
+        self.seed, self.drop_bos, self.outlier_factor = seed, drop_bos, outlier_factor
+        self.dtype, self.sharding = dtype, sharding
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        T = contexts.context_length
+        if T > model.cfg.max_position:
+            raise ConfigError(f"context_length {T} exceeds the model's context "
+                              f"{model.cfg.max_position}")
+        if round_contexts * (T - 1) < batch_tokens:
+            raise ConfigError(f"a round of {round_contexts} contexts x {T} tokens is smaller than "
+                              f"one batch of {batch_tokens}; raise round_contexts")
+        self.tokens_generated = 0
+
+    def _round_arrays(self, r: int):
+        T = self.contexts.context_length
+        if self.cache_dir is not None and (self.cache_dir / f"round_{r:06d}.npz").exists():
+            with np.load(self.cache_dir / f"round_{r:06d}.npz") as z:
+                return jnp.asarray(z["x"]), jnp.asarray(z["y"])
+        ctx = self.contexts.take(r * self.round_contexts, self.round_contexts)
+        xs, ys = [], []
+        for i in range(0, len(ctx), self.model_batch):
+            x, y = _capture(self.model.params, self.model.cfg,
+                            jnp.asarray(ctx[i:i + self.model_batch]), self.input_point)
+            xs.append(x.astype(self.dtype))
+            ys.append(y.astype(self.dtype))
+        x, y = jnp.concatenate(xs), jnp.concatenate(ys)
+        self.tokens_generated += ctx.size
+        if self.cache_dir is not None:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            np.savez(self.cache_dir / f"round_{r:06d}.npz", x=np.asarray(x), y=np.asarray(y),
+                     context_length=T)
+        return x, y
+
+    def round(self, r: int):
+        """(x, y, order, n_valid) of round r; order lists valid tokens first, shuffled."""
+        x, y = self._round_arrays(r)
+        key = jax.random.fold_in(jax.random.key(self.seed), r)
+        order, n_valid = _valid_and_order(x, key, self.contexts.context_length, self.drop_bos,
+                                          self.outlier_factor)
+        return x, y, order, int(n_valid)
+
+    def batches(self, start: DataPosition = DataPosition()
+                ) -> Iterator[tuple[DataPosition, jax.Array, jax.Array]]:
+        """Endless (position after this batch, x, y) from `start` on."""
+        r, b = start.round, start.batch
+        while True:
+            x, y, order, n_valid = self.round(r)
+            n_batches = n_valid // self.batch_tokens
+            if n_batches == 0:
+                raise ConfigError(f"round {r} has only {n_valid} valid tokens for batches of "
+                                  f"{self.batch_tokens}; raise round_contexts")
+            for i in range(b, n_batches):
+                idx = order[i * self.batch_tokens:(i + 1) * self.batch_tokens]
+                bx, by = x[idx], y[idx]
+                if self.sharding is not None:
+                    bx, by = jax.device_put(bx, self.sharding), jax.device_put(by, self.sharding)
+                nxt = DataPosition(r, i + 1) if i + 1 < n_batches else DataPosition(r + 1, 0)
+                yield nxt, bx, by
+            r, b = r + 1, 0
+
+
+def estimate_norms(stream: ActivationStream, rounds: int = 1):
+    """Per-layer mean and scale (RMS distance to the mean, per dimension) of inputs and outputs,
+    from the valid tokens of the first rounds, as `clt.transcoder.Norms`."""
+    from clt.transcoder import Norms
+
+    sums = None
+    for r in range(rounds):
+        x, y, order, n_valid = stream.round(r)
+        sel = order[:n_valid]
+        parts = []
+        for a in (x, y):
+            a = a[sel].astype(jnp.float32)
+            parts += [a.sum(0), jnp.square(a).sum(0), n_valid]
+        sums = parts if sums is None else [s + p for s, p in zip(sums, parts)]
+    out = []
+    for s, sq, n in (sums[:3], sums[3:]):
+        mean = s / n
+        var = jnp.maximum(sq / n - jnp.square(mean), 0.0).mean(-1)  # [layer]
+        out += [mean, jnp.sqrt(var) + 1e-6]
+    return Norms(in_mean=out[0], in_scale=out[1], out_mean=out[2], out_scale=out[3])
+
+
+__all__ = [
+    "ActivationStream", "DataPosition", "LocalContexts", "StreamingContexts", "estimate_norms",
+    "iter_documents", "open_contexts", "pack_contexts",
+]

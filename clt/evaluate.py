@@ -1,0 +1,272 @@
+"""Evaluation of a trained transcoder (`cltrace eval`): reconstruction, sparsity, spliced model.
+
+Reconstruction and sparsity are measured on the model's own activations (each layer's transcoder
+input and MLP output from one clean forward pass):
+- NMSE per layer, sum over tokens of ||y_hat - y||^2 / sum over tokens of ||y - y_bar||^2, y_bar
+  that layer's mean MLP output over the evaluated tokens (the fraction of variance unexplained);
+  the mean NMSE is the mean over layers.
+- L0: active features per token, per layer and summed over layers.
+- Dead features (never active on the evaluation tokens) and dense ones (active on more than a
+  given fraction of them), as fractions of all layers' features.
+
+The spliced replacement model replaces every MLP by the transcoder, reading the spliced model's
+own activations, so errors compound through the layers as in "Circuit Tracing" (Ameisen et al.,
+2025, section on the replacement model). It is compared with the original model on next-token
+predictions: KL(original || spliced), top-1 agreement, cross-entropy of both and their difference.
+
+Sums over tokens are accumulated exactly across batches (means and centred sums of squares are
+merged with Chan et al.'s pairwise formula in float64), so results do not depend on `batch_size`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from clt.lm.loading import LoadedModel
+from clt.lm.model import MLPHook
+from clt.lm.model import forward as lm_forward
+from clt.transcoder import TranscoderConfig, TranscoderParams, check_model, check_params, encode
+
+
+# --- the transcoder, one layer at a time ---------------------------------------------------------
+def _init_pending(cfg: TranscoderConfig, params: TranscoderParams,
+                  x: Float[Array, "batch pos d_model"]) -> tuple:
+    """Pending reconstructions of every target layer: b_dec[t], before any feature writes.
+
+    Float32 at least: a target layer sums the writes of up to n_layers source layers."""
+    dtype = jnp.promote_types(x.dtype, jnp.float32)
+    return tuple(jnp.broadcast_to(params.b_dec[t].astype(dtype), x.shape)
+                 for t in range(cfg.n_layers))
+
+
+def _layer_step(cfg: TranscoderConfig, params: TranscoderParams, layer: int,
+                x: Float[Array, "batch pos d_model"], pending: tuple):
+    """Encode layer `layer` from its input x, add its decoder writes to the pending outputs of
+    layers layer..layer+n_targets-1, and return (acts, reconstruction of `layer`, pending).
+
+    Reconstruction = b_dec + the writes of all source layers <= layer (+ the skip of x); it is the
+    same sum as `transcoder.decode`, computed as soon as layer's own input is known, which is what
+    the spliced model needs (its inputs at later layers depend on this output)."""
+    # A one-layer view of the parameters, so that `encode` applies the inference activation rule.
+    view = dataclasses.replace(params, W_enc=params.W_enc[layer:layer + 1],
+                               b_enc=params.b_enc[layer:layer + 1],
+                               log_threshold=params.log_threshold[layer:layer + 1])
+    acts = encode(cfg, view, x[..., None, :])[..., 0, :]  # [batch pos feature]
+    n = cfg.n_targets(layer)
+    w = params.W_dec[layer].astype(acts.dtype).reshape(cfg.n_features, n * cfg.d_model)
+    writes = (acts @ w).reshape(acts.shape[:-1] + (n, cfg.d_model))
+    pending = list(pending)
+    for j in range(n):
+        pending[layer + j] = pending[layer + j] + writes[..., j, :]
+    out = pending[layer]
+    if params.W_skip is not None:
+        out = out + x @ params.W_skip[layer].astype(x.dtype)
+    return acts, out, tuple(pending)
+
+
+@dataclass(frozen=True)
+class SplicedTranscoder(MLPHook):
+    """MLP hook for `clt.lm.model.forward`: every MLP is replaced by the transcoder.
+
+    hook_params is the TranscoderParams. At layer l the features of layer l are computed from the
+    spliced model's activation at the transcoder's input point; their writes to layers
+    l..l+n_targets(l)-1 wait in the state (one pending [batch, pos, d_model] output per layer)
+    and layer l returns its pending output (b_dec, earlier layers' writes and its own) plus skip.
+    """
+
+    cfg: TranscoderConfig
+
+    def init(self, hook_params: TranscoderParams, x: Float[Array, "batch pos d_model"]) -> tuple:
+        return _init_pending(self.cfg, hook_params, x)
+
+    def apply(self, hook_params: TranscoderParams, layer: int,
+              resid_mid: Float[Array, "batch pos d_model"],
+              mlp_in: Float[Array, "batch pos d_model"], state: tuple, true_mlp):
+        x = resid_mid if self.cfg.input_point == "resid_mid" else mlp_in
+        _, out, state = _layer_step(self.cfg, hook_params, layer, x, state)
+        return out, state
+
+
+# --- per-batch sums (jit) --------------------------------------------------------------------------
+@partial(jax.jit, static_argnames=("cfg", "tc_cfg", "drop_bos"))
+def _batch_sums(params, cfg, tc_params: TranscoderParams, tc_cfg: TranscoderConfig,
+                tokens: Int[Array, "batch pos"], rows: Float[Array, " batch"], drop_bos: bool):
+    """Sums over one batch's tokens (rows with weight 0 are padding) of every metric's terms."""
+    logits, cap = lm_forward(params, cfg, tokens, capture=(tc_cfg.input_point, "mlp_out"))
+    spliced, _ = lm_forward(params, cfg, tokens, mlp_hook=SplicedTranscoder(tc_cfg),
+                            hook_params=tc_params)
+    x, y = getattr(cap, tc_cfg.input_point), cap.mlp_out
+    B, T = tokens.shape
+    w = jnp.broadcast_to(rows[:, None], (B, T))
+    if drop_bos:  # attention-sink position: huge norms that would dominate the statistics
+        w = w.at[:, 0].set(0.0)
+    n = w.sum()
+    pending = _init_pending(tc_cfg, tc_params, x[0])
+    sq_err, mean, m2, active = [], [], [], []
+    for layer in range(tc_cfg.n_layers):
+        acts, recon, pending = _layer_step(tc_cfg, tc_params, layer, x[layer], pending)
+        yl = y[layer].astype(jnp.float32)
+        sq_err.append(jnp.sum(w * jnp.sum(jnp.square(recon - yl), -1)))
+        mu = jnp.sum(w[..., None] * yl, (0, 1)) / jnp.maximum(n, 1.0)
+        mean.append(mu)
+        m2.append(jnp.sum(w * jnp.sum(jnp.square(yl - mu), -1)))  # centred within the batch
+        active.append(jnp.sum((acts != 0) & (w[..., None] > 0), (0, 1), dtype=jnp.int32))
+    # Next-token predictions at positions 0..T-2 (all kept: drop_bos only concerns activations).
+    logp = jax.nn.log_softmax(logits[:, :-1], -1)
+    logq = jax.nn.log_softmax(spliced[:, :-1], -1)
+    pw = jnp.broadcast_to(rows[:, None], (B, T - 1))
+    target = tokens[:, 1:, None]
+    nll_p = -jnp.take_along_axis(logp, target, -1)[..., 0]
+    nll_q = -jnp.take_along_axis(logq, target, -1)[..., 0]
+    return {
+        "n": n, "sq_err": jnp.stack(sq_err), "mean": jnp.stack(mean), "m2": jnp.stack(m2),
+        "active": jnp.stack(active), "n_pred": pw.sum(),
+        "kl": jnp.sum(pw * jnp.sum(jnp.exp(logp) * (logp - logq), -1)),
+        "agree": jnp.sum(pw * (logp.argmax(-1) == logq.argmax(-1))),
+        "ce_orig": jnp.sum(pw * nll_p), "ce_spliced": jnp.sum(pw * nll_q),
+    }
+
+
+class _Totals:
+    """Float64 host accumulators; per-layer mean and centred sum of squares merged exactly."""
+
+    def __init__(self, n_layers: int, d_model: int, n_features: int):
+        self.n = 0.0
+        self.mean = np.zeros((n_layers, d_model))
+        self.m2 = np.zeros(n_layers)
+        self.sq_err = np.zeros(n_layers)
+        self.active = np.zeros((n_layers, n_features), np.int64)
+        self.scalars = dict.fromkeys(("n_pred", "kl", "agree", "ce_orig", "ce_spliced"), 0.0)
+
+    def add(self, s: dict) -> None:
+        nb = float(s["n"])
+        if nb > 0:  # Chan, Golub & LeVeque (1979): merge (n, mean, M2) of two sets
+            delta = np.asarray(s["mean"], np.float64) - self.mean
+            tot = self.n + nb
+            self.m2 += np.asarray(s["m2"], np.float64) + (delta ** 2).sum(-1) * self.n * nb / tot
+            self.mean += delta * nb / tot
+            self.n = tot
+        self.sq_err += np.asarray(s["sq_err"], np.float64)
+        self.active += np.asarray(s["active"], np.int64)
+        for k in self.scalars:
+            self.scalars[k] += float(s[k])
+
+
+# --- the result --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvalResult:
+    """Metrics of a transcoder on held-out text (see the module docstring for definitions)."""
+
+    nmse_per_layer: list[float]
+    nmse_mean: float
+    l0_per_layer: list[float]
+    l0_total: float
+    dead_fraction: float
+    dense_fraction: float
+    kl: float  # KL(original || spliced), nats per predicted token
+    top1_agreement: float
+    ce_original: float  # nats per predicted token
+    ce_spliced: float
+    delta_ce: float  # ce_spliced - ce_original
+    n_tokens: int  # tokens in the activation statistics (BOS dropped if asked)
+    n_predictions: int  # next-token predictions in KL / top-1 / CE
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def table(self):
+        """A rich Table of the metrics (per-layer lists on one line each)."""
+        from rich.table import Table
+
+        def row(values):
+            return " ".join(f"{v:.3g}" for v in values)
+
+        table = Table(title=f"Transcoder evaluation ({self.n_tokens} tokens, "
+                            f"{self.n_predictions} predictions)")
+        table.add_column("metric")
+        table.add_column("value", overflow="fold")
+        for name, value in (
+                ("NMSE (mean over layers)", f"{self.nmse_mean:.4f}"),
+                ("NMSE per layer", row(self.nmse_per_layer)),
+                ("L0 (total over layers)", f"{self.l0_total:.1f}"),
+                ("L0 per layer", row(self.l0_per_layer)),
+                ("dead features", f"{self.dead_fraction:.2%}"),
+                ("dense features", f"{self.dense_fraction:.2%}"),
+                ("KL(original || spliced)", f"{self.kl:.4f}"),
+                ("top-1 agreement", f"{self.top1_agreement:.2%}"),
+                ("CE original", f"{self.ce_original:.4f}"),
+                ("CE spliced", f"{self.ce_spliced:.4f}"),
+                ("ΔCE", f"{self.delta_ce:+.4f}")):
+            table.add_row(name, value)
+        return table
+
+
+def _result(t: _Totals, dense_threshold: float) -> EvalResult:
+    n, s = t.n, t.scalars
+    # A layer whose MLP output is constant has no variance to explain: NMSE is then undefined.
+    nmse = [float(e / v) if v > 0 else float("nan") for e, v in zip(t.sq_err, t.m2)]
+    l0 = [float(a.sum() / n) if n else float("nan") for a in t.active]
+    npred = s["n_pred"]
+    ce_o = s["ce_orig"] / npred
+    ce_s = s["ce_spliced"] / npred
+    return EvalResult(
+        nmse_per_layer=nmse, nmse_mean=float(np.mean(nmse)), l0_per_layer=l0,
+        l0_total=float(np.sum(l0)), dead_fraction=float(np.mean(t.active == 0)),
+        dense_fraction=float(np.mean(t.active > dense_threshold * n)),
+        kl=float(s["kl"] / npred), top1_agreement=float(s["agree"] / npred),
+        ce_original=float(ce_o), ce_spliced=float(ce_s), delta_ce=float(ce_s - ce_o),
+        n_tokens=int(n), n_predictions=int(npred))
+
+
+def evaluate(model: LoadedModel, tc_cfg: TranscoderConfig, tc_params: TranscoderParams,
+             contexts: np.ndarray, batch_size: int = 8, drop_bos: bool = True,
+             dense_threshold: float = 0.1, progress: bool = True) -> EvalResult:
+    """Evaluate a transcoder on `contexts` ([n, T] token ids of held-out text).
+
+    drop_bos: leave position 0 (BOS, an attention sink with outlier activations) out of NMSE,
+      L0, dead and dense statistics. The spliced model still runs on it, and KL / top-1 / CE
+      cover every next-token prediction (positions 0..T-2 predicting 1..T-1).
+    dense_threshold: a feature is dense when active on more than this fraction of tokens.
+    The last batch is padded (padding rows carry weight 0), so one compilation serves all.
+    """
+    check_model(tc_cfg, model.cfg)
+    check_params(tc_cfg, tc_params)
+    contexts = np.asarray(contexts)
+    if contexts.ndim != 2 or not np.issubdtype(contexts.dtype, np.integer):
+        raise ValueError(f"contexts must be an [n, T] integer array of token ids, got shape "
+                         f"{contexts.shape} and dtype {contexts.dtype}")
+    n_ctx, T = contexts.shape
+    if n_ctx == 0 or T < 2:
+        raise ValueError(f"contexts must hold at least one sequence of at least 2 tokens, got "
+                         f"shape {contexts.shape}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    batch_size = min(batch_size, n_ctx)
+    totals = _Totals(tc_cfg.n_layers, tc_cfg.d_model, tc_cfg.n_features)
+    starts = range(0, n_ctx, batch_size)
+    with Progress(TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), disable=not progress) as bar:
+        task = bar.add_task("eval", total=len(starts))
+        for start in starts:
+            chunk = contexts[start:start + batch_size]
+            rows = np.zeros(batch_size, np.float32)
+            rows[:len(chunk)] = 1.0
+            pad = np.repeat(chunk[:1], batch_size - len(chunk), axis=0)
+            tokens = jnp.asarray(np.concatenate([chunk, pad]), jnp.int32)
+            sums = _batch_sums(model.params, model.cfg, tc_params, tc_cfg, tokens,
+                               jnp.asarray(rows), drop_bos)
+            totals.add(jax.device_get(sums))
+            bar.advance(task)
+    return _result(totals, dense_threshold)
+
+
+__all__ = ["EvalResult", "SplicedTranscoder", "evaluate"]

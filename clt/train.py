@@ -1,0 +1,477 @@
+"""Training cross-layer transcoders: loss, optimizer, sharded train step, loop, checkpoints.
+
+The loss is the one of "Circuit Tracing" (Ameisen et al., 2025), in a space where every layer's
+inputs and outputs are normalised (`clt.transcoder.Norms`, estimated from data, folded into the
+weights on export):
+    L = sum_l mean_d (y_hat_l - y_l)^2                              reconstruction, per token
+      + lambda(step) * sum_{l,i} tanh(c * ||W_dec,l,i|| * a_l,i)     sparsity (lambda ramped)
+      + mu * sum_{l,i} relu(threshold_l,i - z_l,i) * ||W_dec,l,i||   pre-activation (dead features)
+averaged over tokens, with ||W_dec,l,i|| the norm of feature i's decoders over its target layers.
+Adam with warm-up, decay and gradient clipping. Parameters and optimizer state are sharded over
+the mesh axis 'feature', batches over 'data' (`clt.sharding`); checkpoints are orbax, resumable to
+the identical next step and restorable onto another mesh.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from clt import sharding as shd
+from clt.configs import ConfigError, doc, load_config, save_config, to_dict
+from clt.data import DataPosition
+from clt.transcoder import (
+    Activation, InputPoint, Norms, TranscoderConfig, TranscoderParams, activate, decode,
+    decoder_norms, encode_pre, fold_norms, init_params,
+)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything `cltrace train` needs; saved as config.json in the run directory."""
+
+    # --- what to train on ---
+    model: str = doc("Model to train on: embedded name, .gguf, Hugging Face dir or hub id.",
+                     default="smollm2-135m")
+    data: str = doc("Text: .txt/.jsonl files, directories or globs (comma-separated), or "
+                    "hf:DATASET[:CONFIG][:SPLIT] (streamed).", default="data/corpus")
+    text_field: str = doc("Field holding the text in .jsonl / dataset rows.", default="text")
+    holdout: float = doc("Fraction of local contexts held out of training (for `cltrace eval`).",
+                         default=0.01)
+    context_length: int = doc("Tokens per context, BOS included.", default=128)
+    # --- transcoder architecture ---
+    n_features: int = doc("Features per layer.", default=2048)
+    max_reach: int | None = doc("Layers each feature writes to: 1 = PLT, none = full CLT, k = "
+                                "windowed CLT.", default=None)
+    activation: Activation = doc("Feature nonlinearity.", default="jumprelu")
+    k: int = doc("Active features per token and layer for topk / batchtopk.", default=64)
+    skip: bool = doc("Train a linear skip connection W_skip as well.", default=False)
+    input_point: InputPoint = doc("Where features read: resid_mid or mlp_in.", default="resid_mid")
+    threshold_init: float = doc("Initial JumpReLU threshold ('Circuit Tracing': 0.03).",
+                                default=0.03)
+    jumprelu_bandwidth: float = doc(
+        "Width of the rectangle kernel of JumpReLU's straight-through gradient, in normalised "
+        "units (Gemma Scope: 0.001; wider trains the threshold on fewer tokens faster).",
+        default=0.01)
+    # --- loss ---
+    sparsity_coef: float = doc("Final lambda of the tanh sparsity penalty.", default=1e-3)
+    sparsity_c: float = doc("c inside tanh(c * ||W_dec|| * a) ('Circuit Tracing': 4).",
+                            default=4.0)
+    sparsity_ramp: float = doc("Fraction of the steps over which lambda ramps linearly from 0 "
+                               "('Circuit Tracing': the whole run).", default=1.0)
+    decoder_norm: Literal["concat", "sum"] = doc(
+        "||W_dec,i||: L2 norm of the concatenated decoders, or the sum of per-layer L2 norms.",
+        default="concat")
+    preact_coef: float = doc("Coefficient of the pre-activation loss on dead features "
+                             "('Circuit Tracing': 3e-6).", default=3e-6)
+    # --- optimisation ---
+    steps: int = doc("Optimizer steps.", default=1000)
+    batch_tokens: int = doc("Tokens per batch.", default=1024)
+    lr: float = doc("Peak learning rate of Adam.", default=2e-4)
+    warmup_steps: int = doc("Linear learning-rate warm-up steps.", default=100)
+    decay: Literal["cosine", "linear", "constant"] = doc(
+        "Learning-rate decay after warm-up.", default="cosine")
+    final_lr_fraction: float = doc("Learning rate at the end, as a fraction of lr.", default=0.1)
+    beta1: float = doc("Adam beta1.", default=0.9)
+    beta2: float = doc("Adam beta2.", default=0.999)
+    grad_clip: float = doc("Clip gradients to this global norm (0: off).", default=1.0)
+    seed: int = doc("Seed for initialisation and data order.", default=0)
+    # --- activations ---
+    round_contexts: int = doc("Contexts per round of activation generation (the shuffle "
+                              "buffer holds their tokens).", default=64)
+    model_batch: int = doc("Contexts per forward pass of the language model.", default=8)
+    outlier_factor: float = doc("Drop tokens whose input norm exceeds this multiple of the "
+                                "layer's median.", default=10.0)
+    norm_rounds: int = doc("Rounds used to estimate normalisation constants.", default=1)
+    activation_dtype: Literal["float32", "bfloat16"] = doc(
+        "dtype of stored activations (training math is float32).", default="float32")
+    cache_activations: str | None = doc("Directory to cache rounds of activations and replay "
+                                        "them.", default=None)
+    # --- mesh ---
+    mesh_data: int = doc("Devices along the mesh's 'data' axis (-1: all left).", default=-1)
+    mesh_feature: int = doc("Devices along the 'feature' axis (parameters sharded).", default=1)
+    # --- run directory ---
+    out: str = doc("Run directory: checkpoints, metrics.jsonl, exported transcoder.",
+                   default="out/train")
+    checkpoint_every: int = doc("Steps between checkpoints.", default=500)
+    keep_checkpoints: int = doc("Checkpoints kept.", default=3)
+    log_every: int = doc("Steps between metric lines.", default=10)
+    export_dtype: Literal["float32", "float16", "bfloat16"] = doc(
+        "dtype of the exported transcoder's weights.", default="float32")
+    schema_version: int = doc("Version of this config's JSON layout.", default=1)
+
+    def __post_init__(self):
+        for name in ("n_features", "steps", "batch_tokens", "context_length", "round_contexts",
+                     "model_batch", "checkpoint_every", "log_every", "norm_rounds", "k"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.holdout < 1:
+            raise ConfigError("holdout must be in [0, 1)")
+        if not 0 < self.sparsity_ramp <= 1:
+            raise ConfigError("sparsity_ramp must be in (0, 1]")
+        if self.lr <= 0 or self.sparsity_coef < 0 or self.preact_coef < 0:
+            raise ConfigError("lr must be positive; sparsity_coef and preact_coef non-negative")
+        if self.context_length < 2:
+            raise ConfigError("context_length must be at least 2")
+
+    def transcoder_config(self, model_cfg) -> TranscoderConfig:
+        return TranscoderConfig(
+            d_model=model_cfg.d_model, n_layers=model_cfg.n_layers, n_features=self.n_features,
+            max_reach=self.max_reach, activation=self.activation, k=self.k, skip=self.skip,
+            input_point=self.input_point, model_name=model_cfg.name)
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class TrainState:
+    params: TranscoderParams
+    opt_state: optax.OptState
+    norms: Norms
+    step: jax.Array  # int32 scalar
+
+
+# --- loss ----------------------------------------------------------------------------------------
+def sparsity_lambda(tc: TrainConfig, step):
+    ramp = max(1, int(tc.steps * tc.sparsity_ramp))
+    return tc.sparsity_coef * jnp.minimum(1.0, step.astype(jnp.float32) / ramp)
+
+
+def loss_fn(params: TranscoderParams, cfg: TranscoderConfig, tc: TrainConfig, x, y, lam):
+    """Loss and metrics of one batch x, y [batch, layer, d_model] (normalised space)."""
+    x, y = x.astype(jnp.float32), y.astype(jnp.float32)
+    z = encode_pre(params, x)
+    a = activate(cfg, params, z, bandwidth=tc.jumprelu_bandwidth, training=True)
+    y_hat = decode(cfg, params, a, x)
+    err = jnp.square(y_hat - y)  # [b, l, d]
+    mse = err.mean(-1).sum(-1).mean()
+    dn = decoder_norms(cfg, params, tc.decoder_norm)  # [l, f]
+    sparsity = jnp.tanh(tc.sparsity_c * dn * a).sum((-2, -1)).mean()
+    loss = mse + lam * sparsity
+    if cfg.activation == "jumprelu" and tc.preact_coef > 0:
+        preact = (jax.nn.relu(params.threshold - z) * dn).sum((-2, -1)).mean()
+        loss = loss + tc.preact_coef * preact
+    # NMSE per layer over this batch: sum ||y_hat - y||^2 / sum ||y - mean y||^2.
+    var = jnp.square(y - y.mean(0)).sum((0, 2))
+    nmse = err.sum((0, 2)) / jnp.maximum(var, 1e-12)
+    l0 = (a > 0).sum(-1).mean(0).astype(jnp.float32)  # [layer]
+    metrics = {"loss": loss, "mse": mse, "sparsity": sparsity, "nmse": nmse, "l0": l0,
+               "lambda": lam,
+               "finite_batch": jnp.isfinite(x).all() & jnp.isfinite(y).all()}
+    return loss, metrics
+
+
+# --- optimizer and step ----------------------------------------------------------------------------
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    decay_steps = max(1, tc.steps - tc.warmup_steps)
+    end = tc.lr * tc.final_lr_fraction
+    if tc.decay == "cosine":
+        after = optax.cosine_decay_schedule(tc.lr, decay_steps, alpha=tc.final_lr_fraction)
+    elif tc.decay == "linear":
+        after = optax.linear_schedule(tc.lr, end, decay_steps)
+    else:
+        after = optax.constant_schedule(tc.lr)
+    sched = optax.join_schedules(
+        [optax.linear_schedule(0.0, tc.lr, max(1, tc.warmup_steps)), after], [tc.warmup_steps])
+    parts = [optax.clip_by_global_norm(tc.grad_clip)] if tc.grad_clip > 0 else []
+    parts.append(optax.adam(sched, b1=tc.beta1, b2=tc.beta2))
+    return optax.chain(*parts)
+
+
+def _train_step(state: TrainState, x, y, cfg: TranscoderConfig, tc: TrainConfig):
+    """One Adam step on raw activations x, y [batch, layer, d_model] (normalised here)."""
+    tx = make_optimizer(tc)
+    lam = sparsity_lambda(tc, state.step)
+    nm = state.norms
+    x = (x.astype(jnp.float32) - nm.in_mean) / nm.in_scale[:, None]
+    y = (y.astype(jnp.float32) - nm.out_mean) / nm.out_scale[:, None]
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, cfg, tc, x, y, lam)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new = TrainState(params=params, opt_state=opt_state, norms=state.norms, step=state.step + 1)
+    # A non-finite loss leaves the state untouched, so the caller can stop on a good state.
+    ok = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+    new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+    metrics["finite"] = ok
+    return new, metrics
+
+
+def state_shardings(cfg: TranscoderConfig, tc: TrainConfig, mesh) -> TrainState:
+    """Where every leaf of the training state lives on `mesh` (optimizer state like params)."""
+    ps = shd.param_shardings(cfg, mesh)
+    rep = shd.replicated(mesh)
+    abstract = jax.eval_shape(lambda: init_state(cfg, tc, Norms.identity(cfg.n_layers,
+                                                                          cfg.d_model)))
+    opt = optax.tree_map_params(make_optimizer(tc), lambda _, s: s, abstract.opt_state, ps,
+                                transform_non_params=lambda _: rep)
+    return TrainState(params=ps, opt_state=opt, norms=jax.tree.map(lambda _: rep, abstract.norms),
+                      step=rep)
+
+
+def init_state(cfg: TranscoderConfig, tc: TrainConfig, norms: Norms) -> TrainState:
+    params = init_params(cfg, jax.random.key(tc.seed), threshold=tc.threshold_init)
+    return TrainState(params=params, opt_state=make_optimizer(tc).init(params), norms=norms,
+                      step=jnp.zeros((), jnp.int32))
+
+
+def compile_step(cfg: TranscoderConfig, tc: TrainConfig, mesh):
+    """The jitted train step with explicit in/out shardings for `mesh`."""
+    ss = state_shardings(cfg, tc, mesh)
+    bs = shd.batch_sharding(mesh)
+    return jax.jit(partial(_train_step, cfg=cfg, tc=tc), in_shardings=(ss, bs, bs),
+                   out_shardings=(ss, shd.replicated(mesh)), donate_argnums=())
+
+
+def place_state(state: TrainState, cfg, tc, mesh) -> TrainState:
+    return jax.device_put(state, state_shardings(cfg, tc, mesh))
+
+
+def export_params(cfg: TranscoderConfig, state: TrainState) -> TranscoderParams:
+    """Parameters acting on raw model activations (normalisation folded in)."""
+    return jax.device_get(fold_norms(cfg, state.params, state.norms))
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN/inf; the message names the step and the last good checkpoint."""
+
+
+
+
+# --- checkpoints -----------------------------------------------------------------------------------
+def _manager(out: Path, keep: int):
+    import orbax.checkpoint as ocp
+
+    return ocp.CheckpointManager(
+        (out / "checkpoints").absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+
+def save_checkpoint(mngr, state: TrainState, pos: DataPosition, extra: dict | None = None):
+    import orbax.checkpoint as ocp
+
+    step = int(jax.device_get(state.step))
+    if mngr.latest_step() == step:
+        return step
+    meta = {"data_position": pos.to_dict(), "step": step, **(extra or {})}
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                            meta=ocp.args.JsonSave(meta)), force=True)
+    return step
+
+
+def restore_checkpoint(mngr, cfg: TranscoderConfig, tc: TrainConfig, mesh, step: int | None = None
+                       ) -> tuple[TrainState, DataPosition, dict]:
+    """The state at `step` (default: latest) laid out for `mesh`, whatever mesh saved it."""
+    import orbax.checkpoint as ocp
+
+    step = mngr.latest_step() if step is None else step
+    abstract = jax.eval_shape(lambda: init_state(cfg, tc, Norms.identity(cfg.n_layers,
+                                                                          cfg.d_model)))
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, state_shardings(cfg, tc, mesh))
+    try:
+        got = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+    except Exception as e:  # truncated files, a different architecture
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"checkpoint {step} in {mngr.directory} cannot be restored ({msg}); "
+                          "delete it to fall back to an earlier one, or start a new run "
+                          "directory") from None
+    meta = dict(got.meta)
+    return got.state, DataPosition(**meta["data_position"]), meta
+
+
+# --- the loop --------------------------------------------------------------------------------------
+# Fields that may change between a run and its resumption (everything else must match).
+RESUMABLE_CHANGES = ("steps", "out", "checkpoint_every", "keep_checkpoints", "log_every",
+                     "mesh_data", "mesh_feature", "model_batch", "cache_activations",
+                     "export_dtype")
+
+
+def _check_resume(out: Path, tc: TrainConfig) -> None:
+    path = out / "config.json"
+    if not path.exists():
+        return
+    old = load_config(TrainConfig, path, "train")
+    diff = [f for f, v in to_dict(tc).items()
+            if f not in RESUMABLE_CHANGES and to_dict(old).get(f) != v]
+    if diff:
+        raise ConfigError(f"{out} holds a run with different {', '.join(diff)}; resume with the "
+                          "same settings, or choose another --out (or --no-resume to restart)")
+
+
+@dataclass
+class _Meter:
+    """Running throughput for the progress bar."""
+
+    t0: float
+    tokens: int = 0
+
+    def rate(self) -> float:
+        return self.tokens / max(time.perf_counter() - self.t0, 1e-9)
+
+
+def _to_global(a: jax.Array, sharding):
+    if jax.process_count() == 1:
+        return jax.device_put(a, sharding)
+    host = np.asarray(a)  # every process built the same global batch
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def _summary(m: dict, step: int, rate: float) -> dict:
+    m = jax.device_get(m)
+    return {"step": step, "loss": float(m["loss"]), "mse": float(m["mse"]),
+            "sparsity": float(m["sparsity"]), "lambda": float(m["lambda"]),
+            "nmse": float(np.mean(m["nmse"])), "l0": float(np.sum(m["l0"])),
+            "nmse_per_layer": [round(float(v), 5) for v in m["nmse"]],
+            "l0_per_layer": [round(float(v), 2) for v in m["l0"]], "tokens_per_s": rate}
+
+
+def train(tc: TrainConfig, *, resume: bool = True, progress: bool = True,
+          on_step: Callable[[int], None] | None = None, mesh=None, model=None) -> Path:
+    """Train a transcoder as `tc` says; returns the exported transcoder's directory.
+
+    Resumes from the run directory's latest checkpoint when there is one (and `resume`).
+    Ctrl-C saves a checkpoint before stopping; a NaN/inf stops with NonFiniteError after saving
+    the last good state. `on_step(step)` is called after every step (tests, custom hooks).
+    """
+    from clt.data import ActivationStream, estimate_norms, open_contexts
+    from clt.lm.loading import load_model
+    from clt.transcoder import check_model, save
+
+    model = model or load_model(tc.model)
+    cfg = tc.transcoder_config(model.cfg)
+    check_model(cfg, model.cfg)
+    mesh = mesh or shd.make_mesh(tc.mesh_data, tc.mesh_feature)
+    shd.check_divisible(cfg, mesh, tc.batch_tokens)
+    out = Path(tc.out)
+    if resume:
+        _check_resume(out, tc)
+    out.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        save_config(tc, out / "config.json", "train")
+        (out / "transcoder_config.json").write_text(cfg.to_json())
+    contexts = open_contexts(tc.data, model.tokenizer, tc.context_length, seed=tc.seed,
+                             text_field=tc.text_field, holdout=tc.holdout)
+    stream = ActivationStream(
+        model, contexts, input_point=tc.input_point, batch_tokens=tc.batch_tokens,
+        round_contexts=tc.round_contexts, model_batch=tc.model_batch, seed=tc.seed,
+        outlier_factor=tc.outlier_factor, dtype=jnp.dtype(tc.activation_dtype),
+        cache_dir=tc.cache_activations)
+    mngr = _manager(out, tc.keep_checkpoints)
+    if resume and mngr.latest_step() is not None:
+        state, pos, _ = restore_checkpoint(mngr, cfg, tc, mesh)
+    else:
+        state = place_state(init_state(cfg, tc, estimate_norms(stream, tc.norm_rounds)), cfg, tc,
+                            mesh)
+        pos = DataPosition()
+    step_fn = compile_step(cfg, tc, mesh)
+    bsh = shd.batch_sharding(mesh)
+    step = int(jax.device_get(state.step))
+    metrics_file = (out / "metrics.jsonl").open("a") if jax.process_index() == 0 else None
+    tb = _tensorboard(out) if jax.process_index() == 0 else None
+    meter, last = _Meter(time.perf_counter()), None
+    bar = _progress(progress, tc.steps, step)
+    try:
+        batches = stream.batches(pos)
+        while step < tc.steps:
+            nxt, x, y = next(batches)
+            new, m = step_fn(state, _to_global(x, bsh), _to_global(y, bsh))
+            if not bool(m["finite"]):
+                save_checkpoint(mngr, state, pos)
+                mngr.wait_until_finished()
+                where = "the batch holds NaN/inf" if not bool(m["finite_batch"]) else \
+                    "the loss or gradients overflowed (lower lr or sparsity_coef)"
+                raise NonFiniteError(f"non-finite loss at step {step + 1}: {where}; the last good "
+                                     f"state is saved as checkpoint {step} in {out}")
+            state, pos, step = new, nxt, step + 1
+            meter.tokens += tc.batch_tokens
+            last = m
+            if step % tc.log_every == 0 or step == tc.steps:
+                row = _summary(m, step, meter.rate())
+                meter = _Meter(time.perf_counter())  # tokens/s over the last interval
+                if metrics_file:
+                    metrics_file.write(json.dumps(row) + "\n")
+                    metrics_file.flush()
+                if tb is not None:
+                    for k in ("loss", "mse", "nmse", "l0", "lambda", "tokens_per_s"):
+                        tb.add_scalar(k, row[k], step)
+                bar.update(step, row)
+            if step % tc.checkpoint_every == 0:
+                save_checkpoint(mngr, state, pos)
+            if on_step is not None:
+                on_step(step)
+    except KeyboardInterrupt:
+        save_checkpoint(mngr, state, pos)
+        mngr.wait_until_finished()
+        bar.close()
+        print(f"interrupted: checkpoint {step} saved in {out}; run the same command to resume")
+        raise
+    finally:
+        if metrics_file:
+            metrics_file.close()
+    bar.close()
+    save_checkpoint(mngr, state, pos)
+    mngr.wait_until_finished()
+    final = _summary(last, step, meter.rate()) if last is not None else {}
+    path = out / "transcoder"
+    if jax.process_index() == 0:
+        save(path, cfg, export_params(cfg, state),
+             dtype=None if tc.export_dtype == "float32" else tc.export_dtype,
+             extra={"train_config": to_dict(tc), "final_metrics": final})
+    return path
+
+
+class _Bar:
+    def __init__(self, enabled: bool, total: int, start: int):
+        self.progress = None
+        if enabled:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeRemainingColumn)
+
+            self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+                                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+            self.task = self.progress.add_task("train", total=total, completed=start, info="")
+            self.progress.start()
+
+    def update(self, step: int, row: dict):
+        if self.progress is not None:
+            info = (f"loss {row['loss']:.4f}  nmse {row['nmse']:.3f}  L0 {row['l0']:.1f}  "
+                    f"{row['tokens_per_s']:.0f} tok/s")
+            self.progress.update(self.task, completed=step, info=info)
+
+    def close(self):
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def _progress(enabled: bool, total: int, start: int) -> _Bar:
+    return _Bar(enabled, total, start)
+
+
+def _tensorboard(out: Path):
+    """A TensorBoard writer when tensorboardX or torch's tensorboard is installed, else None."""
+    for mod in ("tensorboardX", "torch.utils.tensorboard"):
+        try:
+            module = __import__(mod, fromlist=["SummaryWriter"])
+            return module.SummaryWriter(str(out / "tensorboard"))
+        except Exception:  # not installed (torch's needs the tensorboard package)
+            continue
+    return None
+
+
+__all__ = [
+    "NonFiniteError", "TrainConfig", "TrainState", "compile_step", "export_params",
+    "init_state", "loss_fn", "make_optimizer", "place_state", "restore_checkpoint",
+    "save_checkpoint", "sparsity_lambda", "state_shardings", "train",
+]
