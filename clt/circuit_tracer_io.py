@@ -1,8 +1,9 @@
 """Export transcoders to, and import them from, the safetensors layout of `circuit-tracer`.
 
-`circuit-tracer` (Hanna, Piotrowski, Lindsey, Ameisen 2025; github.com/decoderesearch/circuit-tracer,
-formerly safety-research/circuit-tracer) computes attribution graphs with transcoders published on
-the Hugging Face Hub in two layouts. The facts below were read from its sources (paths in that repo):
+`circuit-tracer` (Hanna, Piotrowski, Lindsey, Ameisen 2025; github.com/decoderesearch/
+circuit-tracer, formerly safety-research/circuit-tracer) computes attribution graphs with
+transcoders published on the Hugging Face Hub in two layouts. The facts below were read from its
+sources (paths in that repo):
 
 Per-layer transcoders (PLT), `model_kind: transcoder_set`
 (circuit_tracer/transcoder/single_layer_transcoder.py: `SingleLayerTranscoder.to_safetensors`,
@@ -39,7 +40,9 @@ before the MLP's norm (our 'resid_mid'); `mlp.hook_in` is the MLP's input after 
 included (our 'mlp_in'); `ln2.hook_normalized` is that norm's output *before* its weight and
 bias, which we can read only by folding the norm into the encoder (`input_norm`); `hook_mlp_out`
 is the MLP output as added to the residual (our 'mlp_out'); `mlp.hook_out` (the MLP module's
-output) equals it only in models without a norm after the MLP (not Gemma).
+output) equals it only in models without a norm after the MLP (not Gemma). Its TransformerLens
+backend loads models with fold_ln=False and wraps each MLP so that `mlp.hook_in` / `mlp.hook_out`
+exist (replacement_model/replacement_model_transformerlens.py: `ReplacementMLP`).
 
 What we add: a `cltrace_config` mapping in config.yaml (our `TranscoderConfig`; circuit-tracer
 ignores unknown keys) so that a round trip restores the activation rule, k, model name and the
@@ -158,13 +161,16 @@ def load_circuit_tracer(path: str | Path, dtype: Any = jnp.float32, *,
     if cfg.kind == "clt" and cfg.max_reach is not None:
         W_dec = [_unpad(path, s, w, cfg.n_targets(s)) for s, w in enumerate(W_dec)]
     th = raw["threshold"]
+    if th is not None and bool(jnp.any(th < 0)):
+        layer = int(jnp.argmax(jnp.any(th < 0, axis=1)))
+        raise ConfigError(f"{path}: layer {layer} has negative JumpReLU thresholds, which cltrace "
+                          "cannot represent (it stores log thresholds); clip them to >= 0")
     params = TranscoderParams(
         W_enc=raw["W_enc"], b_enc=raw["b_enc"],
         # ReLU is JumpReLU at threshold 0 (log = -inf); the relu rule never reads it.
         log_threshold=jnp.log(th) if th is not None else jnp.full(raw["b_enc"].shape, -jnp.inf),
         W_dec=tuple(W_dec), b_dec=raw["b_dec"], W_skip=raw["W_skip"])
-    hook = meta.get("feature_input_hook", "hook_resid_mid")
-    if hook == NORMALIZED_HOOK:
+    if meta["feature_input_hook"] == NORMALIZED_HOOK:
         params = _fold_input_norm(path, params, input_norm)
     check_params(cfg, params, str(path))
     return cfg, TranscoderParams(
@@ -242,15 +248,16 @@ def _detect_layout(path: Path, meta: dict[str, Any]) -> tuple[str, int]:
                           "(W_enc_*/W_dec_*.safetensors); keep one layout per directory")
     kind = "plt" if found["layer"] else "clt" if found["W_enc"] or found["W_dec"] else declared
     if kind is None:
-        raise ConfigError(f"{path} holds no circuit-tracer transcoder files: expected "
-                          "layer_0.safetensors, ... (PLT) or W_enc_0/W_dec_0.safetensors, ... (CLT)")
+        raise ConfigError(f"{path} holds no circuit-tracer transcoder files: expected layer_0"
+                          ".safetensors, ... (PLT) or W_enc_0/W_dec_0.safetensors, ... (CLT)")
     if declared is not None and declared != kind:
         raise ConfigError(f"{path}/config.yaml says model_kind={meta['model_kind']} but the files "
                           f"are a {kind.upper()}; fix model_kind or the files")
     names = ["layer"] if kind == "plt" else ["W_enc", "W_dec"]
     indices = set().union(*(found[n] for n in names))
-    n_layers = int((meta.get("cltrace_config") or {}).get("n_layers") or max(indices) + 1)
-    if max(indices, default=0) >= n_layers:
+    declared_n = (meta.get("cltrace_config") or {}).get("n_layers")
+    n_layers = int(declared_n or max(indices, default=0) + 1)
+    if max(indices, default=-1) >= n_layers:
         raise ConfigError(f"{path}: {names[0]}_{max(indices)}.safetensors is beyond "
                           f"cltrace_config.n_layers={n_layers}; remove the stray file")
     for i in range(n_layers):
@@ -358,7 +365,7 @@ def _config(path: Path, meta: dict[str, Any], kind: str, raw: dict) -> Transcode
     point = "resid_mid" if hook == "hook_resid_mid" else "mlp_in"
     if meta.get("cltrace_config"):
         cfg = from_dict(TranscoderConfig, dict(meta["cltrace_config"])).replace(input_point=point)
-        got = dict(d_model=D, n_layers=L, n_features=F, skip=skip)
+        got = {"d_model": D, "n_layers": L, "n_features": F, "skip": skip}
         for k, v in got.items():
             if getattr(cfg, k) != v:
                 raise ConfigError(f"{path}/config.yaml: cltrace_config.{k}={getattr(cfg, k)} but "
@@ -376,16 +383,16 @@ def _config(path: Path, meta: dict[str, Any], kind: str, raw: dict) -> Transcode
     if act == "topk":
         if k is None:
             raise ConfigError(f"{path}/config.yaml: activation topk needs k; add `k: <int>`")
-        activation, kk = "topk", int(k)
+        activation, extra = "topk", {"k": int(k)}
     elif act not in (None, "relu", "jump_relu", "jumprelu"):
         raise ConfigError(f"{path}/config.yaml: activation {act!r} is not supported; "
                           "use relu, topk, or thresholds for JumpReLU")
     else:
-        activation, kk = ("jumprelu" if has_th and act != "relu" else "relu"), min(64, F)
+        activation, extra = ("jumprelu" if has_th and act != "relu" else "relu"), {}
     return TranscoderConfig(d_model=D, n_layers=L, n_features=F,
                             max_reach=1 if kind == "plt" else None, activation=activation,
-                            k=kk, skip=skip, input_point=point,
-                            model_name=str(meta.get("model_name") or ""))
+                            skip=skip, input_point=point,
+                            model_name=str(meta.get("model_name") or ""), **extra)
 
 
 def _unpad(path: Path, s: int, w, n: int):
@@ -424,7 +431,8 @@ def _fold_input_norm(path: Path, params: TranscoderParams, input_norm) -> Transc
 
 
 def _parse_hub_ref(ref: str) -> tuple[str, str | None, str | None] | None:
-    """(repo_id, subfolder, revision) of `org/name[/sub][@rev]` or `hf://org/name[/sub][?revision=]`."""
+    """(repo_id, subfolder, revision) of `org/name[/sub][@rev]` or `hf://org/name[/sub]?revision=`;
+    None when `ref` does not look like a hub reference."""
     if ref.startswith("hf://"):
         ref, _, query = ref[5:].partition("?")
         m = re.search(r"(?:^|&)revision=([^&]+)", query)

@@ -253,7 +253,7 @@ def _capture(params, cfg, tokens, input_point):
 
 
 @partial(jax.jit, static_argnames=("context_length", "drop_first"))
-def _valid_and_order(x, key, context_length: int, drop_first: bool, outlier_factor: float):
+def _valid_and_order(x, key, context_length: int, drop_first: bool, outlier_factor):
     """Valid-token mask (not the first position, no layer's input norm above outlier_factor x its
     median) and a random order that puts valid tokens first."""
     n = x.shape[0]

@@ -30,6 +30,7 @@ import optax
 from clt import sharding as shd
 from clt.configs import ConfigError, doc, load_config, save_config, to_dict
 from clt.data import DataPosition
+from clt.lm.params import Leaf
 from clt.transcoder import (
     Activation, InputPoint, Norms, TranscoderConfig, TranscoderParams, activate, decode,
     decoder_norms, encode_pre, fold_norms, init_params,
@@ -105,6 +106,8 @@ class TrainConfig:
                    default="out/train")
     checkpoint_every: int = doc("Steps between checkpoints.", default=500)
     keep_checkpoints: int = doc("Checkpoints kept.", default=3)
+    async_checkpoints: bool = doc("Write checkpoints in the background while training goes on.",
+                                  default=True)
     log_every: int = doc("Steps between metric lines.", default=10)
     export_dtype: Literal["float32", "float16", "bfloat16"] = doc(
         "dtype of the exported transcoder's weights.", default="float32")
@@ -137,7 +140,7 @@ class TrainState:
     params: TranscoderParams
     opt_state: optax.OptState
     norms: Norms
-    step: jax.Array  # int32 scalar
+    step: Leaf  # int32 scalar
 
 
 # --- loss ----------------------------------------------------------------------------------------
@@ -248,12 +251,13 @@ class NonFiniteError(RuntimeError):
 
 
 # --- checkpoints -----------------------------------------------------------------------------------
-def _manager(out: Path, keep: int):
+def _manager(out: Path, keep: int, asynchronous: bool = True):
     import orbax.checkpoint as ocp
 
     return ocp.CheckpointManager(
         (out / "checkpoints").absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             enable_async_checkpointing=asynchronous))
 
 
 def save_checkpoint(mngr, state: TrainState, pos: DataPosition, extra: dict | None = None):
@@ -294,10 +298,16 @@ def restore_checkpoint(mngr, cfg: TranscoderConfig, tc: TrainConfig, mesh, step:
 # Fields that may change between a run and its resumption (everything else must match).
 RESUMABLE_CHANGES = ("steps", "out", "checkpoint_every", "keep_checkpoints", "log_every",
                      "mesh_data", "mesh_feature", "model_batch", "cache_activations",
-                     "export_dtype")
+                     "export_dtype", "async_checkpoints")
 
 
-def _check_resume(out: Path, tc: TrainConfig) -> None:
+def _check_resume(out: Path, tc: TrainConfig, model_cfg) -> None:
+    """Refuse, before any compute, a run directory made for another model or other settings."""
+    from clt.transcoder import TranscoderConfig, check_model
+
+    saved = out / "transcoder_config.json"
+    if saved.exists():
+        check_model(TranscoderConfig.from_json(saved.read_text()), model_cfg)
     path = out / "config.json"
     if not path.exists():
         return
@@ -355,7 +365,7 @@ def train(tc: TrainConfig, *, resume: bool = True, progress: bool = True,
     shd.check_divisible(cfg, mesh, tc.batch_tokens)
     out = Path(tc.out)
     if resume:
-        _check_resume(out, tc)
+        _check_resume(out, tc, model.cfg)
     out.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         save_config(tc, out / "config.json", "train")
@@ -367,7 +377,7 @@ def train(tc: TrainConfig, *, resume: bool = True, progress: bool = True,
         round_contexts=tc.round_contexts, model_batch=tc.model_batch, seed=tc.seed,
         outlier_factor=tc.outlier_factor, dtype=jnp.dtype(tc.activation_dtype),
         cache_dir=tc.cache_activations)
-    mngr = _manager(out, tc.keep_checkpoints)
+    mngr = _manager(out, tc.keep_checkpoints, tc.async_checkpoints)
     if resume and mngr.latest_step() is not None:
         state, pos, _ = restore_checkpoint(mngr, cfg, tc, mesh)
     else:

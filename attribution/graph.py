@@ -1,0 +1,176 @@
+"""The attribution graph artifact: nodes in named ranges, the dense unpruned adjacency, save/load.
+
+An attribution graph ("Circuit Tracing", Ameisen et al., 2025, §2.3) has four kinds of nodes,
+stored in this order, each kind a named range (`Graph.ranges`):
+
+    features  active transcoder features (layer, pos, feature index, activation), sorted
+    errors    one error node per (layer, pos), pos >= 1 when position 0 is a prepended BOS
+    tokens    one embedding node per position (the BOS included)
+    logits    the output tokens attributed (most probable next tokens)
+
+`adjacency[target, source]` is the direct effect of the source on the target through the frozen
+linear model (see `attribution.trace`). Only features and logits have incoming edges; errors and
+tokens are pure sources; logits are pure targets. Positions count the BOS as 0.
+
+Saved as one `.npz` (arrays plus the trace config and metadata as JSON strings, so the file is
+self-contained) and a `config.json` beside it, as every artifact of the project; no pickles.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from clt.configs import ConfigError
+
+GRAPH_SCHEMA_VERSION = 1
+KINDS = ("feature", "error", "token", "logit")
+
+
+@dataclass(frozen=True)
+class NodeRanges:
+    """Where each kind of node lives in the node axis."""
+
+    feature: slice
+    error: slice
+    token: slice
+    logit: slice
+
+    @property
+    def n_nodes(self) -> int:
+        return self.logit.stop
+
+    def kind_of(self, node: int) -> str:
+        for kind in KINDS:
+            r = getattr(self, kind)
+            if r.start <= node < r.stop:
+                return kind
+        raise IndexError(f"node {node} outside the graph (0..{self.n_nodes - 1})")
+
+
+@dataclass
+class Graph:
+    """An unpruned attribution graph for one prompt (see the module docstring)."""
+
+    tokens: np.ndarray  # [pos] int32 input ids, BOS included
+    token_strings: list[str]  # [pos]
+    feature_layer: np.ndarray  # [feature] int32
+    feature_pos: np.ndarray  # [feature] int32
+    feature_index: np.ndarray  # [feature] int32
+    activation: np.ndarray  # [feature] float32
+    error_layer: np.ndarray  # [error] int32
+    error_pos: np.ndarray  # [error] int32
+    logit_tokens: np.ndarray  # [logit] int32
+    logit_strings: list[str]
+    logit_probs: np.ndarray  # [logit] float32
+    adjacency: np.ndarray  # [node node] float32, rows = targets, columns = sources
+    n_layers: int
+    bos: bool  # position 0 is a prepended BOS (its features and errors are not nodes)
+    prompt: str = ""
+    config: dict = field(default_factory=dict)  # the TraceConfig, as a dict
+    info: dict = field(default_factory=dict)  # model / transcoder names, scores, timings
+    n_active_total: int = -1  # active features before any max_feature_nodes cap
+    schema_version: int = GRAPH_SCHEMA_VERSION
+
+    def __post_init__(self):
+        n = self.ranges.n_nodes
+        if self.adjacency.shape != (n, n):
+            raise ValueError(f"adjacency has shape {self.adjacency.shape}, the nodes need {(n, n)}")
+
+    @property
+    def n_pos(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def ranges(self) -> NodeRanges:
+        f, e, t, lg = (len(self.feature_layer), len(self.error_layer), len(self.tokens),
+                       len(self.logit_tokens))
+        return NodeRanges(slice(0, f), slice(f, f + e), slice(f + e, f + e + t),
+                          slice(f + e + t, f + e + t + lg))
+
+    @property
+    def n_nodes(self) -> int:
+        return self.ranges.n_nodes
+
+    @property
+    def n_edges(self) -> int:
+        return int(np.count_nonzero(self.adjacency))
+
+    def logit_weights(self) -> np.ndarray:
+        """[node] zeros except the logit probabilities on the logit nodes (influence weights)."""
+        w = np.zeros(self.n_nodes, np.float64)
+        w[self.ranges.logit] = self.logit_probs
+        return w
+
+    def label(self, node: int) -> str:
+        """A short human-readable name of a node."""
+        r = self.ranges
+        kind = r.kind_of(node)
+        i = node - getattr(r, kind).start
+        if kind == "feature":
+            return (f"L{self.feature_layer[i]} F{self.feature_index[i]} @{self.feature_pos[i]} "
+                    f"({self.token_strings[self.feature_pos[i]]!r})")
+        if kind == "error":
+            return f"error L{self.error_layer[i]} @{self.error_pos[i]}"
+        if kind == "token":
+            return f"token {self.token_strings[i]!r} @{i}"
+        return f"logit {self.logit_strings[i]!r} p={self.logit_probs[i]:.3f}"
+
+    # --- save / load -------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write `path` (.npz, self-contained) and `config.json` beside it; returns the .npz path."""
+        path = Path(path)
+        if path.suffix != ".npz":
+            path = path.with_suffix(".npz")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "schema_version": self.schema_version, "kind": "attribution_graph",
+            "n_layers": self.n_layers, "bos": self.bos, "prompt": self.prompt,
+            "token_strings": self.token_strings, "logit_strings": self.logit_strings,
+            "config": self.config, "info": self.info, "n_active_total": self.n_active_total,
+        }
+        arrays = {name: getattr(self, name) for name in _ARRAYS}
+        np.savez(path, meta=np.array(json.dumps(meta)), **arrays)
+        (path.parent / "config.json").write_text(json.dumps(
+            {"kind": "trace", "schema_version": self.schema_version, "config": self.config},
+            indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Graph:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "graph.npz"
+        if not path.exists():
+            raise ConfigError(f"no graph at {path}")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                arrays = {name: z[name] for name in _ARRAYS}
+        except (KeyError, ValueError, OSError) as e:
+            raise ConfigError(f"{path} is not a cltrace graph ({e})") from None
+        version = meta.get("schema_version")
+        if meta.get("kind") != "attribution_graph" or version != GRAPH_SCHEMA_VERSION:
+            raise ConfigError(f"{path}: graph schema {version!r} is not supported "
+                              f"(this version reads {GRAPH_SCHEMA_VERSION}); re-run the trace")
+        return cls(**arrays, n_layers=meta["n_layers"], bos=meta["bos"], prompt=meta["prompt"],
+                   token_strings=meta["token_strings"], logit_strings=meta["logit_strings"],
+                   config=meta["config"], info=meta["info"],
+                   n_active_total=meta["n_active_total"])
+
+
+_ARRAYS = ("tokens", "feature_layer", "feature_pos", "feature_index", "activation", "error_layer",
+           "error_pos", "logit_tokens", "logit_probs", "adjacency")
+
+
+def error_nodes(n_layers: int, n_pos: int, bos: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(layer, pos) of the error nodes in graph order: layer-major, the BOS position left out."""
+    first = 1 if bos else 0
+    layer, pos = np.meshgrid(np.arange(n_layers), np.arange(first, n_pos), indexing="ij")
+    return layer.ravel().astype(np.int32), pos.ravel().astype(np.int32)
+
+
+__all__ = ["GRAPH_SCHEMA_VERSION", "Graph", "KINDS", "NodeRanges", "error_nodes"]

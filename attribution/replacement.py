@@ -1,0 +1,230 @@
+"""The local replacement model of one prompt, and the frozen linear model its graph is read from.
+
+"Circuit Tracing" (Ameisen et al., 2025, §2.2 "local replacement model"): run the real model on the
+prompt (a BOS token prepended, as circuit-tracer does), record every attention pattern and every
+normalisation scale, and freeze them. Replace each MLP output by the transcoder's reconstruction
+plus an error term, error = (true MLP output - reconstruction), held constant. With the real
+inputs the replacement then reproduces the original logits exactly (`replacement_logits`).
+
+Once features are also treated as constants (each feature a *source* that writes activation x
+decoder rows), everything left is affine in the nodes' contributions: token embeddings, feature
+writes, error vectors. That frozen linear model is what attribution differentiates
+(`linear_block`, `final_hidden`); its MLP slot at layer t receives
+
+    mlp_sub[t] + x_t @ W_skip[t]        (the W_skip term only for transcoders with a skip)
+
+where mlp_sub[t] = sum of the features' decoder writes + b_dec[t] + error[t] (= the true MLP output
+minus the skip at the real input) and x_t is the transcoder input at layer t (resid_mid, or the
+normalised MLP input which, under the frozen norm scale, is an affine function of resid_mid).
+
+How a skip connection is attributed: it is not a node. Being linear in its input, it is part of the
+frozen linear model, like attention's OV circuit: a source's effect that reaches x_t also reaches
+the MLP slot of layer t through W_skip, and the edge from that source to any later target includes
+this path. This matches circuit-tracer, which passes gradients through the skip and detaches the
+rest of the MLP output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from clt import transcoder as tcm
+from clt.lm.config import ModelConfig
+from clt.lm.model import FREEZABLE, Capture, MLPHook, block, embed, forward, norm
+from clt.lm.params import LMParams
+from clt.transcoder import TranscoderConfig, TranscoderParams
+
+# The per-layer frozen fields (everything in FREEZABLE but the final norm scale).
+_LAYER_FROZEN = tuple(f for f in FREEZABLE if f != "final_norm_scale")
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class LocalReplacement:
+    """Everything the frozen model of one prompt needs, for one sequence (no batch axis except in
+    `frozen`, whose fields keep the model's [layer, batch=1, ...] layout).
+
+    Positions count the prepended BOS token as position 0.
+    """
+
+    tokens: Int[Array, " pos"]
+    embeds: Float[Array, "pos d_model"]  # what enters block 0 (scaled embedding + positions)
+    frozen: Capture  # attention patterns and every norm scale, batch 1
+    inputs: Float[Array, "layer pos d_model"]  # transcoder inputs (its input point)
+    mlp_out: Float[Array, "layer pos d_model"]  # true MLP outputs (after any post-MLP norm)
+    mlp_sub: Float[Array, "layer pos d_model"]  # MLP slot minus the skip term (see module doc)
+    error: Float[Array, "layer pos d_model"]  # true MLP output - reconstruction
+    last_logits: Float[Array, " vocab"]  # the model's logits at the last position (float32)
+
+
+@dataclass(frozen=True)
+class ActiveFeatures:
+    """Active features, sorted by (layer, pos, index); host numpy arrays."""
+
+    layer: np.ndarray  # [n] int32
+    pos: np.ndarray  # [n] int32
+    index: np.ndarray  # [n] int32
+    value: np.ndarray  # [n] activations (the compute dtype, float32 normally)
+
+    def __len__(self) -> int:
+        return len(self.layer)
+
+    def take(self, rows: np.ndarray) -> ActiveFeatures:
+        return ActiveFeatures(self.layer[rows], self.pos[rows], self.index[rows], self.value[rows])
+
+
+def _read_point(tc_cfg: TranscoderConfig, resid_mid, mlp_in):
+    return resid_mid if tc_cfg.input_point == "resid_mid" else mlp_in
+
+
+def build(params: LMParams, cfg: ModelConfig, tc_cfg: TranscoderConfig, tc_params: TranscoderParams,
+          tokens: Int[np.ndarray, " pos"]) -> tuple[LocalReplacement, Float[Array, "pos layer feature"]]:
+    """Run the real model on `tokens` (BOS already prepended) and freeze it.
+
+    Returns the replacement and the feature activations of every position and layer [pos, layer,
+    feature] (the BOS position included: its features are part of the exact reconstruction even
+    though they are left out of the graph).
+    """
+    tcm.check_model(tc_cfg, cfg)
+    tok = jnp.asarray(tokens, jnp.int32)[None]
+    wanted = FREEZABLE + ("resid_mid", "mlp_in", "mlp_out")
+    logits, cap = forward(params, cfg, tok, capture=wanted)
+    # Frozen: attention patterns and normalisation scales are nonlinear functions of the residual
+    # stream; holding them at their values on this prompt is what makes the rest linear.
+    frozen = jax.lax.stop_gradient(cap.frozen_part())
+    reads = _read_point(tc_cfg, cap.resid_mid, cap.mlp_in)[:, 0]  # [layer pos d_model]
+    x = jnp.swapaxes(reads, 0, 1)  # [pos layer d_model], the transcoder's layout
+    acts = tcm.encode(tc_cfg, tc_params, x)
+    recon = jnp.swapaxes(tcm.decode(tc_cfg, tc_params, acts, x), 0, 1)
+    mlp_out = cap.mlp_out[:, 0]
+    # Frozen: the error is a constant node, (true - reconstruction) at the real input.
+    error = jax.lax.stop_gradient(mlp_out - recon)
+    skip = 0.0 if tc_params.W_skip is None else jnp.einsum("lpd,lde->lpe", reads, tc_params.W_skip)
+    positions = jnp.arange(tok.shape[1])[None]
+    rm = LocalReplacement(
+        tokens=tok[0], embeds=embed(params, cfg, tok, positions)[0], frozen=frozen, inputs=reads,
+        mlp_out=mlp_out, mlp_sub=jax.lax.stop_gradient(mlp_out - skip), error=error,
+        last_logits=logits[0, -1])
+    return rm, acts
+
+
+def active_features(acts: Float[Array, "pos layer feature"], skip_bos: bool) -> ActiveFeatures:
+    """The nonzero activations as a sorted list (the BOS position left out when `skip_bos`)."""
+    a = np.asarray(jax.device_get(acts))
+    if skip_bos:
+        a = a.copy()
+        a[0] = 0.0
+    pos, layer, index = np.nonzero(a)
+    order = np.lexsort((index, pos, layer))
+    pos, layer, index = pos[order], layer[order], index[order]
+    return ActiveFeatures(layer.astype(np.int32), pos.astype(np.int32), index.astype(np.int32),
+                          a[pos, layer, index])
+
+
+# --- the frozen linear model ---------------------------------------------------------------------
+def _layer_frozen(rm: LocalReplacement, layer) -> dict:
+    return {k: getattr(rm.frozen, k)[layer] for k in _LAYER_FROZEN
+            if getattr(rm.frozen, k) is not None}
+
+
+def linear_block(rm: LocalReplacement, params: LMParams, cfg: ModelConfig,
+                 tc_cfg: TranscoderConfig, tc_params: TranscoderParams, layer,
+                 x: Float[Array, "1 pos d_model"], m_sub: Float[Array, "1 pos d_model"]):
+    """Block `layer` (may be traced) of the frozen linear model: (resid_pre, MLP substitution) ->
+    (resid_post, transcoder input at this layer). Affine in (x, m_sub)."""
+    lp = jax.tree.map(lambda a: a[layer], params.layers)
+    fr = _layer_frozen(rm, layer)
+    skip = None if tc_params.W_skip is None else tc_params.W_skip[layer].astype(x.dtype)
+
+    def mlp_fn(resid_mid, mlp_in):
+        # The MLP is gone: its slot takes the substitution, plus the skip connection, which stays
+        # live because it is linear in the transcoder input (see the module docstring).
+        if skip is None:
+            return m_sub
+        return m_sub + _read_point(tc_cfg, resid_mid, mlp_in) @ skip
+
+    # Patterns are frozen, so RoPE tables and masks are never read: queries and keys are dead code.
+    dummy = jnp.zeros(x.shape[:2] + (cfg.head_dim,), jnp.float32)
+    x_next, caps, _ = block(lp, cfg, x, dummy, dummy, None, fr, ("resid_mid", "mlp_in"),
+                            mlp_fn=mlp_fn)
+    return x_next, _read_point(tc_cfg, caps["resid_mid"], caps["mlp_in"])
+
+
+def final_hidden(rm: LocalReplacement, params: LMParams, cfg: ModelConfig,
+                 x: Float[Array, "1 pos d_model"]) -> Float[Array, "1 pos d_model"]:
+    """The final norm with its frozen scale: the vector logit directions are read from."""
+    h, _ = norm(x, params.final_norm_w, params.final_norm_b, cfg, rm.frozen.final_norm_scale)
+    return h
+
+
+def linear_forward(rm: LocalReplacement, params: LMParams, cfg: ModelConfig,
+                   tc_cfg: TranscoderConfig, tc_params: TranscoderParams,
+                   embeds: Float[Array, "pos d_model"], mlp_sub: Float[Array, "layer pos d_model"]):
+    """The whole frozen linear model: (transcoder inputs [layer, pos, d_model], final hidden
+    [pos, d_model]). With (rm.embeds, rm.mlp_sub) it reproduces the real model's values."""
+    x = embeds[None]
+    reads = []
+    for layer in range(cfg.n_layers):
+        x, r = linear_block(rm, params, cfg, tc_cfg, tc_params, layer, x, mlp_sub[layer][None])
+        reads.append(r[0])
+    return jnp.stack(reads), final_hidden(rm, params, cfg, x)[0]
+
+
+# --- the local replacement model itself --------------------------------------------------------
+@dataclass(frozen=True)
+class ReplacementHook(MLPHook):
+    """Every MLP replaced by the transcoder (features computed live) plus the frozen error.
+
+    State: the pending decoder writes of earlier layers' features into each layer [layer, *x].
+    """
+
+    tc_cfg: TranscoderConfig
+
+    def init(self, hook_params, x):
+        return jnp.zeros((self.tc_cfg.n_layers,) + x.shape, x.dtype)
+
+    def apply(self, hook_params, layer, resid_mid, mlp_in, state, true_mlp):
+        tc_params, error = hook_params
+        cfg = self.tc_cfg
+        x = _read_point(cfg, resid_mid, mlp_in)
+        pre = x @ tc_params.W_enc[layer].astype(x.dtype) + tc_params.b_enc[layer]
+        one = dataclasses.replace(tc_params, log_threshold=tc_params.log_threshold[layer:layer + 1])
+        acts = tcm.activate(cfg, one, pre[..., None, :])[..., 0, :]
+        for j in range(cfg.n_targets(layer)):
+            state = state.at[layer + j].add(acts @ tc_params.W_dec[layer][:, j].astype(x.dtype))
+        out = state[layer] + tc_params.b_dec[layer]
+        if tc_params.W_skip is not None:
+            out = out + x @ tc_params.W_skip[layer].astype(x.dtype)
+        return out + error[layer].astype(x.dtype), state
+
+
+def replacement_logits(rm: LocalReplacement, params: LMParams, cfg: ModelConfig,
+                       tc_cfg: TranscoderConfig, tc_params: TranscoderParams,
+                       ) -> Float[Array, "pos vocab"]:
+    """Logits of the local replacement model (frozen patterns, norms and errors; live features).
+    On the prompt it was built from, these equal the real model's logits."""
+    hook = ReplacementHook(tc_cfg)
+    logits, _ = forward(params, cfg, rm.tokens[None], frozen=rm.frozen,
+                        mlp_hook=hook, hook_params=(tc_params, rm.error[:, None]))
+    return logits[0]
+
+
+def prepend_bos(cfg: ModelConfig, ids: list[int]) -> tuple[list[int], bool]:
+    """The token ids with the model's BOS in front (once); whether position 0 is a BOS."""
+    if cfg.bos_token_id is None:
+        return list(ids), False
+    if ids and ids[0] == cfg.bos_token_id:
+        return list(ids), True
+    return [cfg.bos_token_id] + list(ids), True
+
+
+__all__ = [
+    "ActiveFeatures", "LocalReplacement", "ReplacementHook", "active_features", "build",
+    "final_hidden", "linear_block", "linear_forward", "prepend_bos", "replacement_logits",
+]

@@ -1,0 +1,410 @@
+"""Attribution graphs by batched VJPs through the frozen linear model ("Circuit Tracing", Ameisen
+et al., 2025, §2.3; circuit-tracer's `attribute`).
+
+Edge A[target, source] = the direct effect of the source on the target through the frozen linear
+model of `attribution.replacement`:
+  * feature target (layer l, pos p, feature f): its pre-activation minus bias, W_enc[l][:, f] .
+    x_l[p] where x_l is the transcoder input at layer l;
+  * logit target (token v): (W_U[:, v] - mean over the vocabulary of W_U) . h_final[last], h_final
+    the final norm's output under its frozen scale (before any soft-capping);
+  * feature source (s, p', f'): activation x its decoder rows into every layer it writes (all
+    later layers for a CLT); error source (t, p'): its error vector; token source p': the
+    embedding vector entering block 0 (scaled token embedding plus learned positions, if any).
+Since the frozen model is affine, A[t, s] is the target's gradient with respect to each source's
+coefficient. A batch of targets is one backward sweep over the layers, from the highest target
+layer down (targets sort by layer, so a batch rarely pays for layers above it): at layer l,
+`jax.vjp` of that frozen block, `vmap`ped over the batch's cotangents, where each target's
+encoder row (or logit direction) is injected at its layer and position. The gradients at every
+MLP slot are then contracted with the active features' decoder rows, the error vectors, and the
+embeddings, giving whole rows of A. Rows go to host numpy as they are made.
+
+Under `max_feature_nodes`, rows are made for the logits first, then for features in order of
+their influence on the logits estimated from the rows made so far, re-ranked every
+`update_interval` batches (circuit-tracer's greedy scheme). The graph keeps only the rows and
+columns of the features visited.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attribution import replacement as rep
+from attribution.graph import Graph, error_nodes
+from attribution.prune import partial_influence
+from clt.configs import ConfigError, doc, to_dict
+from clt.lm.config import ModelConfig
+from clt.lm.params import LMParams
+from clt.transcoder import TranscoderConfig, TranscoderParams, check_model
+
+
+@dataclass(frozen=True)
+class TraceConfig:
+    """How to trace one prompt; saved as `config.json` beside every graph."""
+
+    prompt: str = doc("The text whose next token is explained.")
+    model: str = doc("Model name or path (see `cltrace models`).", default="smollm2-135m")
+    transcoder: str = doc(
+        "Transcoder: a cltrace directory, a circuit-tracer layout directory, or a Hugging Face "
+        "repo in that layout.", default="")
+    max_n_logits: int = doc("At most this many logit nodes.", default=10)
+    desired_logit_prob: float = doc(
+        "Logit nodes: the most probable next tokens until their probabilities add up to this.",
+        default=0.95)
+    max_feature_nodes: int | None = doc(
+        "Keep at most this many feature nodes, chosen greedily by influence on the logits; None "
+        "keeps every active feature.", default=None)
+    batch_size: int = doc(
+        "Targets per backward sweep (reduced automatically so the per-batch gradients stay under "
+        "`batch_memory_gb`).", default=64)
+    batch_memory_gb: float = doc("Budget for one batch's gradients at every layer.", default=1.0)
+    dtype: Literal["float32", "bfloat16", "float64"] = doc(
+        "Compute dtype of the backward sweeps; rows are stored as float32 (float64 under "
+        "float64, which needs jax_enable_x64: for reference checks).", default="float32")
+    offload: bool = doc(
+        "Keep the dense adjacency in host memory (numpy), filling it batch by batch; otherwise it "
+        "is assembled on the accelerator and copied at the end.", default=True)
+    max_adjacency_gb: float = doc(
+        "Refuse graphs whose dense adjacency would exceed this size (set max_feature_nodes).",
+        default=16.0)
+    update_interval: int = doc(
+        "Under max_feature_nodes: batches between re-rankings of the remaining features.",
+        default=4)
+    node_threshold: float = doc("Pruning: keep nodes up to this share of influence.", default=0.8)
+    edge_threshold: float = doc("Pruning: keep edges up to this share of influence.", default=0.98)
+    schema_version: int = doc("Version of this config's JSON layout.", default=1)
+
+    def __post_init__(self):
+        for name in ("max_n_logits", "batch_size", "update_interval"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"TraceConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.max_feature_nodes is not None and self.max_feature_nodes < 0:
+            raise ConfigError("TraceConfig.max_feature_nodes must be >= 0 or None")
+        for name in ("desired_logit_prob", "node_threshold", "edge_threshold"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ConfigError(f"TraceConfig.{name} must be in (0, 1], got "
+                                  f"{getattr(self, name)}")
+        if self.batch_memory_gb <= 0 or self.max_adjacency_gb <= 0:
+            raise ConfigError("TraceConfig memory budgets must be positive")
+
+
+# --- logit targets -------------------------------------------------------------------------------
+def select_logits(last_logits, W_U, max_n_logits: int, desired_prob: float):
+    """(token ids, probabilities, directions [n, d_model]) of the logit nodes: the most probable
+    tokens until their cumulative probability reaches `desired_prob`, at most `max_n_logits`.
+    A direction is the unembedding column minus the vocabulary mean (before soft-capping)."""
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(last_logits, jnp.float32)), np.float64)
+    order = np.argsort(-probs, kind="stable")[:max_n_logits]
+    cum = np.cumsum(probs[order])
+    n = min(int(np.searchsorted(cum, desired_prob)) + 1, len(order))
+    toks = order[:n].astype(np.int32)
+    W = jnp.asarray(W_U)
+    W = W.astype(jnp.promote_types(W.dtype, jnp.float32))
+    dirs = W[:, toks].T - W.mean(axis=1)[None]
+    return toks, probs[toks].astype(np.float32), dirs
+
+
+# --- one batch of rows ---------------------------------------------------------------------------
+def _feature_layout(active: rep.ActiveFeatures, n_layers: int, n_pos: int):
+    """Per source layer with active features: (layer, feature ids [pos, K], activations [pos, K],
+    flat indices of the real slots in graph order). Padding slots have activation 0."""
+    out = []
+    for s in range(n_layers):
+        sel = np.nonzero(active.layer == s)[0]
+        if len(sel) == 0:
+            continue
+        pos = active.pos[sel]
+        counts = np.bincount(pos, minlength=n_pos)
+        K = int(counts.max())
+        slot = np.arange(len(sel)) - np.concatenate([[0], np.cumsum(counts)[:-1]])[pos]
+        idx = np.zeros((n_pos, K), np.int32)
+        act = np.zeros((n_pos, K), active.value.dtype)
+        idx[pos, slot] = active.index[sel]
+        act[pos, slot] = active.value[sel]
+        out.append((s, idx, act, (pos * K + slot).astype(np.int32)))
+    return out
+
+
+@partial(jax.jit, static_argnames=("cfg", "tc_cfg", "src_layers", "first_pos"))
+def _rows(params, tc_params, rm, layout, tgt_layer, tgt_pos, tgt_vec, *, cfg: ModelConfig,
+          tc_cfg: TranscoderConfig, src_layers: tuple[int, ...], first_pos: int):
+    """Rows of A for a batch of targets: [batch, features + errors + tokens] float32.
+
+    tgt_layer: the target's layer (n_layers for a logit), tgt_pos its position, tgt_vec its
+    encoder row or logit direction."""
+    B = tgt_layer.shape[0]
+    L, T, D = cfg.n_layers, rm.tokens.shape[0], cfg.d_model
+    dt = rm.embeds.dtype
+    rows = jnp.arange(B)
+
+    def inject(at_layer):  # each target's vector at its position, if its layer is `at_layer`
+        v = tgt_vec.astype(dt) * (tgt_layer == at_layer)[:, None].astype(dt)
+        return jnp.zeros((B, T, D), dt).at[rows, tgt_pos].set(v)[:, None]
+
+    zero = jnp.zeros((1, T, D), dt)
+    _, top_vjp = jax.vjp(lambda x: rep.final_hidden(rm, params, cfg, x), zero)
+    g = jax.vmap(top_vjp)(inject(L))[0]  # [B, 1, T, D] at the final residual
+    lmax = jnp.max(tgt_layer)
+    # Block l holds the read point of layer-l targets, so the sweep runs from block lmax (the
+    # last block when a logit is in the batch) down to block 0.
+    n_blocks = jnp.minimum(lmax + 1, L)
+
+    def step(i, carry):
+        g, G = carry
+        layer = n_blocks - 1 - i
+        _, blk_vjp = jax.vjp(
+            lambda x, m: rep.linear_block(rm, params, cfg, tc_cfg, tc_params, layer, x, m),
+            zero, zero)
+        gx, gm = jax.vmap(blk_vjp)((g, inject(layer)))
+        return gx, jax.lax.dynamic_update_index_in_dim(G, gm[:, 0], layer, axis=1)
+
+    # Blocks above every target in the batch get no gradient: the sweep starts below them.
+    g, G = jax.lax.fori_loop(0, n_blocks, step, (g, jnp.zeros((B, L, T, D), dt)))
+    f32 = jnp.promote_types(dt, jnp.float32)  # accumulate in at least float32
+
+    cols = []
+    for s, (idx, act, flat) in zip(src_layers, layout):
+        n = tc_cfg.n_targets(s)
+
+        def contract(s=s, idx=idx, act=act, flat=flat, n=n):
+            dec = tc_params.W_dec[s].astype(dt)[idx]  # [T, K, n, D]: the active decoder rows
+            e = jnp.einsum("bjtd,tkjd->btk", G[:, s:s + n], dec, preferred_element_type=f32)
+            return (e * act[None]).reshape(B, -1)[:, flat]
+
+        # Features at or above the batch's highest target layer cannot reach it.
+        cols.append(jax.lax.cond(s < lmax, contract,
+                                 lambda flat=flat: jnp.zeros((B, flat.shape[0]), f32)))
+    err = jnp.einsum("bltd,ltd->blt", G, rm.error.astype(dt), preferred_element_type=f32)
+    cols.append(err[:, :, first_pos:].reshape(B, -1))
+    cols.append(jnp.einsum("btd,td->bt", g[:, 0], rm.embeds, preferred_element_type=f32))
+    return jnp.concatenate(cols, axis=1)
+
+
+# --- the whole graph -----------------------------------------------------------------------------
+class _RowMaker:
+    """Pads target batches to a fixed size (one compilation) and returns host rows."""
+
+    def __init__(self, params, cfg, tc_cfg, tc_params, rm, active, bos, batch, dtype):
+        cast = (lambda t: jax.tree.map(
+            lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, t))
+        self.params, self.tc_params, self.rm = cast(params), cast(tc_params), cast(rm)
+        self.cfg, self.tc_cfg, self.batch = cfg, tc_cfg, batch
+        T = int(rm.tokens.shape[0])
+        layout = _feature_layout(active, cfg.n_layers, T)
+        self.src_layers = tuple(s for s, *_ in layout)
+        self.layout = tuple(tuple(jnp.asarray(a) for a in rest) for _, *rest in layout)
+        self.first_pos = 1 if bos else 0
+        self.W_enc = tc_params.W_enc
+        self.out_dtype = np.float64 if dtype == jnp.float64 else np.float32
+
+    def __call__(self, layer: np.ndarray, pos: np.ndarray, vec, host: bool = True):
+        n = len(layer)
+        pad = self.batch - n
+        layer = np.concatenate([layer, np.zeros(pad, np.int32)]).astype(np.int32)
+        pos = np.concatenate([pos, np.zeros(pad, np.int32)]).astype(np.int32)
+        vec = jnp.asarray(vec)
+        vec = jnp.concatenate([vec, jnp.zeros((pad, self.cfg.d_model), vec.dtype)])
+        out = _rows(self.params, self.tc_params, self.rm, self.layout, jnp.asarray(layer),
+                    jnp.asarray(pos), vec, cfg=self.cfg, tc_cfg=self.tc_cfg,
+                    src_layers=self.src_layers, first_pos=self.first_pos)
+        return np.asarray(jax.device_get(out))[:n] if host else out[:n]
+
+    def features(self, active: rep.ActiveFeatures, which: np.ndarray, host: bool = True):
+        layer, index = active.layer[which], active.index[which]
+        vec = self.W_enc[jnp.asarray(layer), :, jnp.asarray(index)]  # encoder rows [n, d_model]
+        return self(layer, active.pos[which], vec, host)
+
+
+def _progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
+        TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                    MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                    disable=not enabled, transient=True)
+
+
+def trace_tokens(params: LMParams, cfg: ModelConfig, tc_cfg: TranscoderConfig,
+                 tc_params: TranscoderParams, token_ids, config: TraceConfig, *,
+                 token_strings: list[str] | None = None, logit_strings=None,
+                 progress: bool = False) -> Graph:
+    """The unpruned attribution graph of a tokenised prompt (the BOS is prepended here).
+
+    `logit_strings(ids) -> list[str]` names the logit tokens (default: the ids as text)."""
+    t0 = time.perf_counter()
+    check_model(tc_cfg, cfg)
+    ids, bos = rep.prepend_bos(cfg, [int(i) for i in token_ids])
+    if len(ids) - int(bos) == 0:
+        raise ConfigError("the prompt is empty: give at least one token to trace")
+    if len(ids) > cfg.max_position:
+        raise ConfigError(f"the prompt has {len(ids)} tokens (BOS included) but model "
+                          f"'{cfg.name}' has a context of {cfg.max_position}; shorten it")
+    if token_strings is None:
+        token_strings = [str(i) for i in ids]
+    elif bos and len(token_strings) == len(ids) - 1:
+        token_strings = ["<bos>"] + list(token_strings)
+    T, L = len(ids), cfg.n_layers
+
+    rm, acts = rep.build(params, cfg, tc_cfg, tc_params, np.asarray(ids))
+    active = rep.active_features(acts, skip_bos=bos)
+    del acts
+    logit_toks, logit_probs, logit_dirs = select_logits(
+        rm.last_logits, params.W_U, config.max_n_logits, config.desired_logit_prob)
+    err_layer, err_pos = error_nodes(L, T, bos)
+    n_all, n_err, n_logit = len(active), len(err_layer), len(logit_toks)
+    n_src = n_all + n_err + T
+    cap = n_all if config.max_feature_nodes is None else min(config.max_feature_nodes, n_all)
+    _check_memory(config, n_all, cap, n_src, n_logit)
+
+    dtype = jnp.dtype(config.dtype)
+    if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+        raise ConfigError("dtype float64 needs jax.config.update('jax_enable_x64', True)")
+    per_target = L * T * cfg.d_model * dtype.itemsize
+    batch = max(1, min(config.batch_size, int(config.batch_memory_gb * 2**30 // per_target)))
+    make = _RowMaker(params, cfg, tc_cfg, tc_params, rm, active, bos, batch, dtype)
+    t_setup = time.perf_counter() - t0
+
+    with _progress(progress) as bar:
+        task = bar.add_task("attribution rows", total=n_logit + cap)
+        logit_rows = np.concatenate([
+            make(np.full(len(c), L, np.int32), np.full(len(c), T - 1, np.int32), logit_dirs[c])
+            for c in _chunks(np.arange(n_logit), batch)])
+        bar.advance(task, n_logit)
+        if cap == n_all:
+            selected = np.arange(n_all)
+            feat_rows = _all_rows(make, active, batch, n_src, n_src + n_logit, bar, task,
+                                  config.offload)
+        else:
+            selected, feat_rows = _greedy_rows(make, active, cap, batch, logit_rows,
+                                               logit_probs, n_src, config.update_interval, bar,
+                                               task)
+    t_rows = time.perf_counter() - t0 - t_setup
+
+    keep_cols = np.concatenate([selected, np.arange(n_all, n_src)])
+    n_feat = len(selected)
+    N = n_feat + n_err + T + n_logit
+    if cap == n_all:
+        adjacency = feat_rows  # already [N, N], feature rows filled in place
+    else:
+        adjacency = np.zeros((N, N), make.out_dtype)
+        adjacency[:n_feat, :n_feat + n_err + T] = feat_rows[:, keep_cols]
+    adjacency[N - n_logit:, :n_feat + n_err + T] = logit_rows[:, keep_cols]
+    names = logit_strings(logit_toks) if logit_strings else [str(t) for t in logit_toks]
+    sel = active.take(selected)
+    return Graph(
+        tokens=np.asarray(ids, np.int32), token_strings=list(token_strings),
+        feature_layer=sel.layer, feature_pos=sel.pos, feature_index=sel.index,
+        activation=sel.value, error_layer=err_layer, error_pos=err_pos,
+        logit_tokens=logit_toks, logit_strings=list(names), logit_probs=logit_probs,
+        adjacency=adjacency, n_layers=L, bos=bos, config=to_dict(config),
+        info={"model": cfg.name, "transcoder": to_dict(tc_cfg), "batch_size": batch,
+              "seconds_setup": round(t_setup, 3), "seconds_rows": round(t_rows, 3)},
+        n_active_total=n_all, prompt=config.prompt)
+
+
+def _chunks(idx: np.ndarray, size: int):
+    return [idx[i:i + size] for i in range(0, len(idx), size)]
+
+
+def _check_memory(config: TraceConfig, n_all: int, cap: int, n_src: int, n_logit: int):
+    rows = (cap + n_logit) * (n_src if cap < n_all else n_src + n_logit)
+    gb = rows * 4 / 2**30
+    if gb > config.max_adjacency_gb:
+        raise ConfigError(
+            f"the dense adjacency would take {gb:.1f} GB ({n_all} active features, "
+            f"{cap} kept); set --max-feature-nodes lower, shorten the prompt, or raise "
+            f"--max-adjacency-gb (now {config.max_adjacency_gb})")
+
+
+def _all_rows(make, active, batch, n_src, N, bar, task, offload):
+    """Every feature's row, in the final square adjacency [N, N] (host numpy). With `offload`,
+    each batch's rows move to the host as they are made; without, they stay on the device until
+    all are made (faster on an accelerator with room for them)."""
+    adjacency = np.zeros((N, N), make.out_dtype)
+    kept = []
+    for c in _chunks(np.arange(len(active)), batch):
+        r = make.features(active, c, host=offload)
+        if offload:
+            adjacency[c[0]:c[-1] + 1, :n_src] = r
+        else:
+            kept.append(r)
+        bar.advance(task, len(c))
+    if kept:
+        adjacency[:len(active), :n_src] = np.asarray(jax.device_get(jnp.concatenate(kept)))
+    return adjacency
+
+
+def _greedy_rows(make, active, cap, batch, logit_rows, logit_probs, n_src, update_interval,
+                 bar, task):
+    """circuit-tracer's greedy visit: rank unvisited features by their influence estimated from
+    the rows made so far, make the rows of the next `update_interval` batches, repeat."""
+    n_all, n_logit = len(active), len(logit_rows)
+    n_nodes = n_src + n_logit
+    logit_nodes = np.arange(n_src, n_nodes)
+    buf = np.zeros((n_logit + cap, n_src), make.out_dtype)
+    buf[:n_logit] = logit_rows
+    row_nodes = np.zeros(n_logit + cap, np.int64)
+    row_nodes[:n_logit] = logit_nodes
+    visited = np.zeros(n_all, bool)
+    st = n_logit
+    while st - n_logit < cap:
+        infl = partial_influence(buf[:st], row_nodes[:st], logit_probs, logit_nodes, n_nodes)
+        rank = np.argsort(-infl[:n_all], kind="stable")
+        pending = rank[~visited[rank]][:min(update_interval * batch, cap - (st - n_logit))]
+        # Sorting the queue by layer keeps each batch's sweep short (see _rows).
+        pending = pending[np.argsort(active.layer[pending], kind="stable")]
+        for c in _chunks(pending, batch):
+            buf[st:st + len(c)] = make.features(active, c)
+            row_nodes[st:st + len(c)] = c
+            visited[c] = True
+            st += len(c)
+            bar.advance(task, len(c))
+    order = np.argsort(row_nodes[n_logit:st], kind="stable")
+    selected = row_nodes[n_logit:st][order]
+    return selected, buf[n_logit:st][order]
+
+
+def trace(config: TraceConfig, progress: bool = False) -> Graph:
+    """Load the model and transcoder named in `config` and trace its prompt."""
+    from clt.lm.loading import load_model
+
+    if not config.prompt.strip():
+        raise ConfigError("the prompt is empty: give some text to trace")
+    if not config.transcoder:
+        raise ConfigError("no transcoder given: pass --transcoder PATH")
+    model = load_model(config.model)
+    tc_cfg, tc_params = load_any_transcoder(config.transcoder)
+    check_model(tc_cfg, model.cfg)
+    if model.tokenizer is None:
+        raise ConfigError(f"model '{config.model}' has no tokenizer: cannot encode the prompt")
+    tok = model.tokenizer
+    ids = tok.encode(config.prompt, add_bos=False)
+    return trace_tokens(model.params, model.cfg, tc_cfg, tc_params, ids, config,
+                        token_strings=tok.token_strings(ids),
+                        logit_strings=lambda t: tok.token_strings([int(i) for i in t]),
+                        progress=progress)
+
+
+def load_any_transcoder(ref: str):
+    """`clt.circuit_tracer_io.load_transcoder` when available (our layout, circuit-tracer layout,
+    hub repos), else our own layout only."""
+    try:
+        from clt.circuit_tracer_io import load_transcoder
+    except ImportError:
+        from pathlib import Path
+
+        from clt.transcoder import load
+
+        if not Path(ref).is_dir():
+            raise ConfigError(f"no transcoder directory at '{ref}'") from None
+        return load(ref)
+    return load_transcoder(ref)
+
+
+__all__ = ["TraceConfig", "load_any_transcoder", "select_logits", "trace", "trace_tokens"]
