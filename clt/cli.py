@@ -1,4 +1,4 @@
-"""Commands of stage 1: `cltrace models`, `cltrace generate`."""
+"""Commands of stage 1: `cltrace models`, `generate`, `train`, `eval`."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ def register(sub) -> None:
     add_arguments(p, GenerateConfig, skip=("prompt",))
     p.add_argument("--out", default=None, help="Also write the result as JSON to this file.")
     p.set_defaults(run=_generate)
+    register_training(sub)
 
 
 def _models(args) -> int:
@@ -63,3 +64,123 @@ def _generate(args) -> int:
         print(f"wrote {args.out}")
     return 0
 
+
+
+# --- cltrace train / cltrace eval ------------------------------------------------------------------
+def register_training(sub) -> None:
+    from clt.train import TrainConfig
+
+    p = sub.add_parser(
+        "train", help="Train a cross-layer (or per-layer) transcoder on a model's activations.",
+        description="Train a transcoder. Settings come from --config (TOML or YAML with the "
+        "fields below), then from flags, which override the file. Every field is documented "
+        "below. Re-running the same command resumes from the run directory's last checkpoint.")
+    p.add_argument("--config", default=None, help="TOML or YAML file of TrainConfig fields.")
+    add_arguments(p, TrainConfig)
+    p.add_argument("--no-resume", dest="no_resume", action="store_true",
+                   help="Ignore existing checkpoints in --out and start over.")
+    p.add_argument("--distributed", action="store_true",
+                   help="Call jax.distributed.initialize() first (multi-host: run the same "
+                   "command on every host; coordinator from the cluster environment or the "
+                   "flags below).")
+    p.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-host).")
+    p.add_argument("--num-processes", type=int, default=None, help="Processes in the job.")
+    p.add_argument("--process-id", type=int, default=None, help="This process's index.")
+    p.add_argument("--no-progress", dest="no_progress", action="store_true",
+                   help="No progress bar (logs still go to metrics.jsonl).")
+    p.set_defaults(run=_train)
+
+    p = sub.add_parser("eval", help="Evaluate a transcoder: NMSE, L0, dead/dense features, "
+                       "spliced-model KL, top-1 agreement and delta CE on held-out text.")
+    p.add_argument("--transcoder", required=True,
+                   help="Transcoder directory (ours or circuit-tracer layout) or hub repo.")
+    p.add_argument("--model", default=None,
+                   help="Model (default: the one named in the transcoder's config).")
+    p.add_argument("--data", default="data/corpus", help="Text files/globs or hf:DATASET.")
+    p.add_argument("--split", choices=["heldout", "train", "all"], default="heldout",
+                   help="Which contexts of local text: the held-out fraction (as in training), "
+                   "the rest, or all.")
+    p.add_argument("--holdout", type=float, default=0.01,
+                   help="Held-out fraction, as given to `cltrace train`.")
+    p.add_argument("--contexts", type=int, default=64, help="Contexts to evaluate.")
+    p.add_argument("--context-length", type=int, default=128, help="Tokens per context.")
+    p.add_argument("--batch-size", type=int, default=8, help="Contexts per batch.")
+    p.add_argument("--out", default=None, help="Write the metrics as JSON here.")
+    p.set_defaults(run=_eval)
+
+
+def read_config_file(path: str) -> dict:
+    """Fields from a TOML (.toml) or YAML (.yaml/.yml) file, with a clear error if unreadable."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"config file {p} does not exist")
+    try:
+        if p.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(p.read_text())
+        else:
+            import yaml
+
+            data = yaml.safe_load(p.read_text()) or {}
+    except Exception as e:  # tomllib / yaml syntax errors
+        raise ValueError(f"cannot parse {p}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{p} must hold a table/mapping of TrainConfig fields")
+    return data.get("train", data)
+
+
+def _train(args) -> int:
+    import jax
+
+    from clt.configs import from_dict
+    from clt.train import TrainConfig, train
+
+    if args.distributed:
+        kw = {k: v for k, v in (("coordinator_address", args.coordinator),
+                                ("num_processes", args.num_processes),
+                                ("process_id", args.process_id)) if v is not None}
+        jax.distributed.initialize(**kw)
+    data = read_config_file(args.config) if args.config else {}
+    names = set(TrainConfig.__dataclass_fields__)
+    data.update({k: v for k, v in vars(args).items() if k in names})
+    tc = from_dict(TrainConfig, data)
+    path = train(tc, resume=not args.no_resume, progress=not args.no_progress)
+    if jax.process_index() == 0:
+        print(f"transcoder written to {path}  (metrics: {Path(tc.out) / 'metrics.jsonl'})")
+    return 0
+
+
+def _eval(args) -> int:
+    import numpy as np
+    from rich.console import Console
+
+    from clt.circuit_tracer_io import load_transcoder
+    from clt.data import open_contexts
+    from clt.evaluate import evaluate
+    from clt.lm.loading import load_model
+
+    tc_cfg, tc_params = load_transcoder(args.transcoder)
+    model_name = args.model or tc_cfg.model_name
+    if not model_name:
+        raise ValueError("the transcoder does not name its model; pass --model")
+    console = Console()
+    with console.status(f"loading {model_name}"):
+        model = load_model(model_name)
+    split = "train" if args.split == "all" else args.split
+    holdout = 0.0 if args.split == "all" else args.holdout
+    if args.split == "heldout" and holdout <= 0:
+        raise ValueError("--split heldout needs --holdout > 0")
+    source = open_contexts(args.data, model.tokenizer, args.context_length, holdout=holdout,
+                           split=split)
+    n = min(args.contexts, len(source)) if hasattr(source, "__len__") else args.contexts
+    contexts = source.contexts[:n] if hasattr(source, "contexts") else source.take(0, n)
+    result = evaluate(model, tc_cfg, tc_params, np.asarray(contexts), batch_size=args.batch_size)
+    console.print(result.table())
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"transcoder": args.transcoder, "model": model_name,
+                                              "data": args.data, "split": args.split,
+                                              **result.to_dict()}, indent=2))
+        print(f"wrote {args.out}")
+    return 0

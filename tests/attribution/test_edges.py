@@ -27,7 +27,7 @@ CASES = [(f, 1, False, "resid_mid") for f in ("llama", "gemma2", "gemma3", "gpt2
 
 
 def _trace(params, cfg, tc_cfg, tc_params, ids, **kw):
-    config = TraceConfig(prompt="test", dtype="float64", batch_size=16, **kw)
+    config = TraceConfig(prompt="test", dtype="float64", **{"batch_size": 16, **kw})
     return trace_tokens(params, cfg, tc_cfg, tc_params, ids, config)
 
 
@@ -48,7 +48,7 @@ def _check_all_edges(graph, ref):
     A_ref = ref.interventions(graph, targets, sources)
     A = graph.adjacency[np.ix_(targets, sources)]
     scale = np.abs(A_ref).max()
-    np.testing.assert_allclose(A, A_ref, rtol=1e-6, atol=1e-9 * scale)
+    np.testing.assert_allclose(A, A_ref, rtol=1e-9, atol=1e-12 * scale)
     # Errors and tokens have no incoming edges; logits no outgoing ones.
     assert not graph.adjacency[r.error.start:r.token.stop].any()
     assert not graph.adjacency[:, r.logit].any()
@@ -91,11 +91,11 @@ def test_completeness_identity(tiny_dirs, x64, family, reach, skip, point):
     f = r.feature.stop
     pre = np.asarray(ref.pre)[graph.feature_pos, graph.feature_layer, graph.feature_index]
     b_enc = np.asarray(tc_params.b_enc)[graph.feature_layer, graph.feature_index]
-    np.testing.assert_allclose(incoming[:f] + bias[:f] + b_enc, pre, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(incoming[:f] + bias[:f] + b_enc, pre, rtol=1e-9, atol=1e-12)
     W_U = np.asarray(params.W_U)
     logits = np.asarray(ref.h_final[-1]) @ W_U  # before any soft-capping
     want = logits[graph.logit_tokens] - logits.mean()
-    np.testing.assert_allclose(incoming[f:] + bias[f:], want, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(incoming[f:] + bias[f:], want, rtol=1e-9, atol=1e-12)
 
 
 def test_float32_graph_matches_float64(tiny_dirs, x64):
@@ -153,4 +153,4 @@ def test_sampled_edges_on_a_30_layer_smollm2_shaped_model(x64):
     A_ref = ref.interventions(graph, targets, sources)
     A = graph.adjacency[np.ix_(targets, sources)]
     assert np.abs(A_ref).max() > 0
-    np.testing.assert_allclose(A, A_ref, rtol=1e-6, atol=1e-9 * np.abs(A_ref).max())
+    np.testing.assert_allclose(A, A_ref, rtol=1e-9, atol=1e-12 * np.abs(A_ref).max())
