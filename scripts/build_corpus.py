@@ -211,8 +211,8 @@ def clean_rst(text: str) -> str:
         if re.match(r"^\s*([=\-~^*#\"'`+_.:])\1{2,}\s*$", line) or re.match(r"^\s*\+[-=+]+\+?\s*$",
                                                                              line):
             continue
-        if re.match(r"^\s*\|.*\|\s*$", line):  # grid-table row: keep the cell text
-            line = re.sub(r"\s*\|\s*", "  ", line).strip()
+        if re.match(r"^\s*\|.*\|\s*$", line):  # grid-table rows: cells come out garbled
+            continue
         out.append(line)
     s = "\n".join(out)
     s = _RST_ROLE.sub(_rst_role, s)
@@ -234,12 +234,8 @@ _ROFF_CHARS = {"em": "—", "en": "–", "aq": "'", "dq": '"', "lq": "“", "rq"
                "ti": "~", "ha": "^", "rs": "\\", "pl": "+", "mu": "×", "de": "°", "ga": "`",
                "aa": "´", "<=": "≤", ">=": "≥", "->": "→", "<-": "←", "sq": "□", "Fo": "«",
                "Fc": "»", "fo": "‹", "fc": "›", "r!": "¡", "r?": "¿", "ua": "↑", "da": "↓"}
-_ROFF_DROP = {"TH", "PD", "ad", "na", "hy", "nh", "ne", "in", "ti", "ft", "ps", "vs", "ll", "ta",
-              "so", "ds", "nr", "tr", "ie", "el", "if", "IX", "cs", "ss", "ce", "UC", "DT", "hw",
-              "mso", "lf", "rm", "am", "ev", "pc", "ns", "rs", "fam", "ec", "eo", "cc", "c2",
-              "ig", "wh", "it", "fl", "rr", "bp", "ch", "als", "ev", "OP", "HP", "ul", "cu"}
-_ROFF_BREAK = {"PP", "LP", "P", "TP", "IP", "HP", "sp", "br", "RS", "RE", "nf", "fi", "EX", "EE",
-               "TQ", "SY", "YS", "UE", "ME", "bp", "in"}
+_ROFF_BREAK = {"PP", "LP", "P", "HP", "sp", "RS", "RE", "SY", "YS", "bp", "Pp", "Bl", "El", "Bd",
+               "Ed", "It"}
 
 
 def _roff_inline(s: str) -> str:
@@ -254,20 +250,25 @@ def _roff_inline(s: str) -> str:
     return s.replace("\\\\", "\\")
 
 
+def _roff_words(args: str) -> list[str]:
+    return [w.strip('"') for w in re.findall(r'"[^"]*"|\S+', args)]
+
+
 def clean_roff(text: str) -> str:
-    """A man page (man/mdoc macros, groff escapes) to text; `.so` links give ''."""
+    """A man page (man/mdoc macros, groff escapes) to text, filled paragraphs joined into lines
+    and no-fill blocks (.nf/.EX) kept line by line; `.so` links give ''."""
     lines = [ln for ln in text.split("\n") if ln.strip() and not ln.startswith((".\\\"", "'\\\""))]
     if len(lines) == 1 and lines[0].startswith(".so"):
         return ""
-    out: list[str] = []
-    in_def = in_table = False
+    items: list[tuple[str, str]] = []  # ("fill" | "line" | "brk", text)
+    in_def = in_table = nofill = tag = False
     for raw in text.split("\n"):
         if in_def:
             in_def = raw.strip() != ".."
             continue
         if raw.startswith((".\\\"", "'\\\"", '\\"')) or raw.strip() in (".", "'"):
             continue
-        if raw.startswith((".TS",)):
+        if raw.startswith(".TS"):
             in_table, fmt = True, True
             continue
         if in_table:
@@ -276,31 +277,48 @@ def clean_roff(text: str) -> str:
             elif fmt:  # options and format lines end with a period
                 fmt = not raw.rstrip().endswith(".")
             elif not raw.startswith("."):
-                out.append(_roff_inline(re.sub(r"T\{|T\}", "", raw).replace("\t", "  ")))
+                items.append(("line", _roff_inline(re.sub(r"T\{|T\}", "", raw).replace("\t", "  "))))
             continue
         m = re.match(r"^[.'](\S+)\s*(.*)$", raw)
-        if not m:
-            out.append(_roff_inline(raw))
-            continue
-        mac, args = m.group(1), m.group(2)
-        if mac in ("de", "de1", "am"):
-            in_def = True
-        elif mac in ("SH", "SS", "Sh", "Ss"):
-            out += ["", _roff_inline(args.strip('"')), ""]
-        elif mac in ("B", "I", "SM", "SB", "Nm", "Ar", "Fl", "Pa", "Em", "Cm", "Sy", "Li", "Dv"):
-            out.append(_roff_inline(args.replace('"', "")))
-        elif re.fullmatch(r"[BIR][BIR]", mac):
-            parts = re.findall(r'"[^"]*"|\S+', args)
-            out.append(_roff_inline("".join(p.strip('"') for p in parts)))
-        elif mac in ("IP", "TP", "UR", "MT"):
+        if m is None:
+            text_ = _roff_inline(raw)
+        elif m.group(1) in ("B", "I", "SM", "SB", "Nm", "Ar", "Fl", "Pa", "Em", "Cm", "Sy", "Li",
+                            "Dv", "Va", "Fn", "Xr"):
+            text_ = _roff_inline(" ".join(_roff_words(m.group(2))))
+        elif re.fullmatch(r"[BIR][BIR]", m.group(1)):
+            text_ = _roff_inline("".join(_roff_words(m.group(2))))
+        else:
+            mac, args = m.groups()
+            if mac in ("de", "de1", "am"):
+                in_def = True
+            elif mac in ("SH", "SS", "Sh", "Ss"):
+                items += [("brk", ""), ("line", _roff_inline(" ".join(_roff_words(args)))),
+                          ("brk", "")]
+            elif mac in ("TP", "TQ", "IP"):
+                items.append(("brk", ""))
+                tag = mac != "IP"
+                if mac == "IP" and args:
+                    items.append(("line", _roff_inline(_roff_words(args)[0])))
+            elif mac in ("nf", "EX"):
+                nofill = True
+            elif mac in ("fi", "EE"):
+                nofill = False
+            elif mac == "br":
+                items.append(("line", ""))
+            elif mac in _ROFF_BREAK:
+                items.append(("brk", ""))
+            continue  # other requests and macros (fonts, spacing, conditionals) carry no text
+        items.append(("line" if nofill or tag else "fill", text_))
+        tag = False
+    out: list[str] = []
+    for kind, t in items:
+        if kind == "brk":
             out.append("")
-            if mac == "IP" and args:
-                out.append(_roff_inline(re.findall(r'"[^"]*"|\S+', args)[0].strip('"')))
-        elif mac in _ROFF_BREAK:
-            out.append("")
-        elif mac in _ROFF_DROP or len(mac) <= 3:
-            continue
-    return "\n".join(out)
+        elif kind == "fill" and out and out[-1] and not out[-1].endswith("\x00"):
+            out[-1] += " " + t
+        else:
+            out.append(t + ("\x00" if kind == "line" else ""))
+    return "\n".join(o.rstrip("\x00") for o in out)
 
 
 _HTML_BLOCK = {"p", "div", "br", "li", "ul", "ol", "dl", "dt", "dd", "tr", "table", "h1", "h2",
