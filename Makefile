@@ -34,6 +34,7 @@ test-all: setup
 
 bench: setup
 	$(BIN)/python scripts/bench_lm.py
+	$(BIN)/python scripts/bench_train.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
