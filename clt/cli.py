@@ -1,4 +1,4 @@
-"""Commands of stage 1: `cltrace models`, `generate`, `train`, `eval`."""
+"""Commands of stage 1: `cltrace models`, `generate`, `train`, `eval`, `export`."""
 
 from __future__ import annotations
 
@@ -108,6 +108,18 @@ def register_training(sub) -> None:
     p.add_argument("--out", default=None, help="Write the metrics as JSON here.")
     p.set_defaults(run=_eval)
 
+    p = sub.add_parser("export", help="Write a transcoder in the circuit-tracer layout.",
+                       description="Convert a transcoder (ours, or any layout load_transcoder "
+                       "reads) to circuit-tracer's safetensors layout: layer_i.safetensors for "
+                       "a PLT, W_enc_i/W_dec_i.safetensors for a CLT, plus config.yaml.")
+    p.add_argument("--transcoder", required=True, help="Transcoder directory or hub repo.")
+    p.add_argument("-o", "--out", required=True, help="Output directory.")
+    p.add_argument("--model-name", default=None,
+                   help="Model id written to config.yaml (default: the transcoder's).")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p.add_argument("--overwrite", action="store_true", help="Replace existing files in --out.")
+    p.set_defaults(run=_export)
+
 
 def read_config_file(path: str) -> dict:
     """Fields from a TOML (.toml) or YAML (.yaml/.yml) file, with a clear error if unreadable."""
@@ -183,4 +195,16 @@ def _eval(args) -> int:
                                               "data": args.data, "split": args.split,
                                               **result.to_dict()}, indent=2))
         print(f"wrote {args.out}")
+    return 0
+
+
+def _export(args) -> int:
+    from clt.circuit_tracer_io import export_circuit_tracer, load_transcoder
+
+    cfg, params = load_transcoder(args.transcoder)
+    path = export_circuit_tracer(args.out, cfg, params, model_name=args.model_name,
+                                 dtype=None if args.dtype == "float32" else args.dtype,
+                                 overwrite=args.overwrite)
+    print(f"wrote {cfg.kind.upper()} ({cfg.n_layers} layers x {cfg.n_features} features) in the "
+          f"circuit-tracer layout to {path}")
     return 0

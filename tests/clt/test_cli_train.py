@@ -51,6 +51,11 @@ mesh_data = 1
     assert len(metrics["nmse_per_layer"]) == 3 and 0 <= metrics["top1_agreement"] <= 1
     assert metrics["n_tokens"] == 6 * 15
     assert "NMSE" in capsys.readouterr().out
+    # The same transcoder in the circuit-tracer layout (a PLT: one file per layer).
+    assert main(["export", "--transcoder", str(out / "transcoder"), "-o",
+                 str(tmp_path / "ct")]) == 0
+    assert sorted(p.name for p in (tmp_path / "ct").iterdir()) == [
+        "config.yaml", "layer_0.safetensors", "layer_1.safetensors", "layer_2.safetensors"]
 
 
 def test_train_help_documents_every_field(capsys):
