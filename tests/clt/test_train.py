@@ -269,3 +269,19 @@ def test_resume_continues_metrics_and_config_validation(corpus, model, tmp_path)
     assert [r["step"] for r in _metrics(tmp_path / "run")] == [2, 4, 6, 8]
 
 
+
+
+def test_ctrl_c_saves_a_checkpoint_to_resume_from(corpus, model, tmp_path):
+    """Ctrl-C (KeyboardInterrupt, here raised after step 5) saves the current step."""
+    def interrupt(step):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    tc = _tc(corpus, tmp_path / "run", steps=8, checkpoint_every=100)
+    with pytest.raises(KeyboardInterrupt):
+        train(tc, model=model, progress=False, on_step=interrupt)
+    from clt.train import _manager
+
+    assert _manager(tmp_path / "run", 3).latest_step() == 5
+    train(tc, model=model, progress=False)
+    assert [r["step"] for r in _metrics(tmp_path / "run")][-1] == 8
