@@ -75,8 +75,12 @@ def svg(series, title: str, width: int = 640, height: int = 440) -> str:
             out.append(f'<polyline points="{path}" fill="none" stroke="{c}" opacity="0.5"/>')
         x, y = pts[-1]
         out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="5" fill="{c}"/>')
-        out.append(f'<text x="{px(x) + 8:.1f}" y="{py(y) - 6:.1f}" fill="{c}">'
-                   f'{label} ({kind.upper()})</text>')
+        # Legend in the bottom-left corner, where good transcoders would be (labels beside the
+        # points would overlap).
+        ly = height - B - 12 - 18 * (len(series) - 1 - k)
+        out.append(f'<circle cx="{L + 16}" cy="{ly - 4}" r="5" fill="{c}"/>')
+        out.append(f'<text x="{L + 26}" y="{ly}" fill="{c}">{label} '
+                   f'({kind.upper()}): L0 {x:.1f}, NMSE {y:.3f}</text>')
     out.append("</svg>")
     return "\n".join(out)
 
