@@ -290,6 +290,14 @@ def _run_layers(params, cfg, x, positions, mask_full, mask_slide, frozen, asked,
     return x, caps, new_cache
 
 
+def _mlp_added(lp: LayerParams, cfg: ModelConfig, h):
+    """The model's own MLP output as added to the residual (after Gemma's post-norm)."""
+    m = mlp(lp, cfg, h)
+    if cfg.post_mlp_norm:
+        m, _ = norm(m, lp.post_mlp_norm_w, None, cfg)
+    return m
+
+
 def _run_layers_unrolled(params, cfg, x, positions, mask_full, mask_slide, frozen, asked,
                          hook, hook_params):
     """The layers in a Python loop (static layer index), for MLP hooks whose state or weights
@@ -307,7 +315,7 @@ def _run_layers_unrolled(params, cfg, x, positions, mask_full, mask_slide, froze
 
         def mlp_fn(resid_mid, mlp_in, i=i, lp=lp, box=box):
             out, box["state"] = hook.apply(hook_params, i, resid_mid, mlp_in, state,
-                                           partial(mlp, lp, cfg))
+                                           partial(_mlp_added, lp, cfg))
             return out
 
         x, caps, _ = block(lp, cfg, x, cos, sin, mask, fr, asked, mlp_fn=mlp_fn)
@@ -394,7 +402,8 @@ class MLPHook:
     weights travel separately as `hook_params`. `init(hook_params, x)` gives the initial state
     (e.g. a CLT's pending writes to later layers) and `apply(hook_params, layer, resid_mid,
     mlp_in, state, true_mlp)` returns (what is added to the residual, new state); `true_mlp(h)`
-    is the model's own MLP of that layer (before any post-norm), for hooks that keep some of it.
+    is the model's own MLP of that layer as added to the residual (after any post-norm), for
+    hooks that keep some of it.
     """
 
     def init(self, hook_params, x):

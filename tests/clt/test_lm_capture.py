@@ -171,3 +171,19 @@ def test_mlp_hook_unrolled_matches_scan(model):
                         hook_params=cap.mlp_out)
     np.testing.assert_allclose(got, logits, atol=1e-4)
     np.testing.assert_allclose(cap2.resid_mid, cap.resid_mid, atol=1e-4)
+
+
+def test_mlp_hook_true_mlp_is_the_added_mlp_output(model):
+    """`true_mlp` given to hooks is the MLP output as added to the residual (Gemma post-norm
+    included): a hook returning it reproduces the model."""
+    from clt.lm import MLPHook
+
+    tokens = _tokens(6)
+    logits, _ = forward(model.params, model.cfg, tokens)
+
+    class Own(MLPHook):
+        def apply(self, hook_params, layer, resid_mid, mlp_in, state, true_mlp):
+            return true_mlp(mlp_in), state
+
+    got, _ = forward(model.params, model.cfg, tokens, mlp_hook=Own())
+    np.testing.assert_allclose(got, logits, atol=1e-4)
