@@ -9,10 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from attribution import cli as attribution_cli
+from attribution import intervene_cli
 from clt import cli as clt_cli
 from clt.configs import ConfigError
+from viewer import cli as viewer_cli
 
-STAGES = (clt_cli,)
+STAGES = (clt_cli, attribution_cli, intervene_cli, viewer_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:
