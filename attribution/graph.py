@@ -119,9 +119,10 @@ class Graph:
             return f"token {self.token_strings[i]!r} @{i}"
         return f"logit {self.logit_strings[i]!r} p={self.logit_probs[i]:.3f}"
 
-    # --- save / load -------------------------------------------------------------------------------
+    # --- save / load -----------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write `path` (.npz, self-contained) and `config.json` beside it; returns the .npz path."""
+        """Write `path` (.npz, self-contained) and `config.json` beside it; returns the .npz
+        path."""
         path = Path(path)
         if path.suffix != ".npz":
             path = path.with_suffix(".npz")

@@ -58,6 +58,7 @@ class LocalReplacement:
     frozen: Capture  # attention patterns and every norm scale, batch 1
     inputs: Float[Array, "layer pos d_model"]  # transcoder inputs (its input point)
     mlp_out: Float[Array, "layer pos d_model"]  # true MLP outputs (after any post-MLP norm)
+    recon: Float[Array, "layer pos d_model"]  # the transcoder's reconstruction on the prompt
     mlp_sub: Float[Array, "layer pos d_model"]  # MLP slot minus the skip term (see module doc)
     error: Float[Array, "layer pos d_model"]  # true MLP output - reconstruction
     last_logits: Float[Array, " vocab"]  # the model's logits at the last position (float32)
@@ -84,7 +85,8 @@ def _read_point(tc_cfg: TranscoderConfig, resid_mid, mlp_in):
 
 
 def build(params: LMParams, cfg: ModelConfig, tc_cfg: TranscoderConfig, tc_params: TranscoderParams,
-          tokens: Int[np.ndarray, " pos"]) -> tuple[LocalReplacement, Float[Array, "pos layer feature"]]:
+          tokens: Int[np.ndarray, " pos"]
+          ) -> tuple[LocalReplacement, Float[Array, "pos layer feature"]]:
     """Run the real model on `tokens` (BOS already prepended) and freeze it.
 
     Returns the replacement and the feature activations of every position and layer [pos, layer,
@@ -109,7 +111,8 @@ def build(params: LMParams, cfg: ModelConfig, tc_cfg: TranscoderConfig, tc_param
     positions = jnp.arange(tok.shape[1])[None]
     rm = LocalReplacement(
         tokens=tok[0], embeds=embed(params, cfg, tok, positions)[0], frozen=frozen, inputs=reads,
-        mlp_out=mlp_out, mlp_sub=jax.lax.stop_gradient(mlp_out - skip), error=error,
+        mlp_out=mlp_out, recon=jax.lax.stop_gradient(recon),
+        mlp_sub=jax.lax.stop_gradient(mlp_out - skip), error=error,
         last_logits=logits[0, -1])
     return rm, acts
 
@@ -190,7 +193,7 @@ class ReplacementHook(MLPHook):
         return jnp.zeros((self.tc_cfg.n_layers,) + x.shape, x.dtype)
 
     def apply(self, hook_params, layer, resid_mid, mlp_in, state, true_mlp):
-        tc_params, error = hook_params
+        tc_params, mlp_out, recon_at_prompt = hook_params
         cfg = self.tc_cfg
         x = _read_point(cfg, resid_mid, mlp_in)
         pre = x @ tc_params.W_enc[layer].astype(x.dtype) + tc_params.b_enc[layer]
@@ -198,10 +201,14 @@ class ReplacementHook(MLPHook):
         acts = tcm.activate(cfg, one, pre[..., None, :])[..., 0, :]
         for j in range(cfg.n_targets(layer)):
             state = state.at[layer + j].add(acts @ tc_params.W_dec[layer][:, j].astype(x.dtype))
-        out = state[layer] + tc_params.b_dec[layer]
+        recon = state[layer] + tc_params.b_dec[layer]
         if tc_params.W_skip is not None:
-            out = out + x @ tc_params.W_skip[layer].astype(x.dtype)
-        return out + error[layer].astype(x.dtype), state
+            recon = recon + x @ tc_params.W_skip[layer].astype(x.dtype)
+        # recon + error, with error = true - recon_at_prompt frozen, written as true + (recon -
+        # recon_at_prompt): the same function, but exact in floating point on the prompt itself
+        # (recon + (true - recon) rounds at the scale of the MLP output, and SmolLM2's BOS
+        # position has MLP outputs in the hundreds).
+        return mlp_out[layer] + (recon - recon_at_prompt[layer]).astype(x.dtype), state
 
 
 def replacement_logits(rm: LocalReplacement, params: LMParams, cfg: ModelConfig,
@@ -211,7 +218,8 @@ def replacement_logits(rm: LocalReplacement, params: LMParams, cfg: ModelConfig,
     On the prompt it was built from, these equal the real model's logits."""
     hook = ReplacementHook(tc_cfg)
     logits, _ = forward(params, cfg, rm.tokens[None], frozen=rm.frozen,
-                        mlp_hook=hook, hook_params=(tc_params, rm.error[:, None]))
+                        mlp_hook=hook, hook_params=(tc_params, rm.mlp_out[:, None],
+                                                    rm.recon[:, None]))
     return logits[0]
 
 

@@ -170,16 +170,16 @@ def _rows(params, tc_params, rm, layout, tgt_layer, tgt_pos, tgt_vec, *, cfg: Mo
 
     cols = []
     for s, (idx, act, flat) in zip(src_layers, layout):
-        n = tc_cfg.n_targets(s)
+        e = jnp.zeros((B,) + idx.shape, f32)
+        for t in range(s, s + tc_cfg.n_targets(s)):
+            def contract(t=t, s=s, idx=idx):
+                dec = tc_params.W_dec[s][:, t - s].astype(dt)[idx]  # [T, K, D] active rows
+                return jnp.einsum("btd,tkd->btk", G[:, t], dec, preferred_element_type=f32)
 
-        def contract(s=s, idx=idx, act=act, flat=flat, n=n):
-            dec = tc_params.W_dec[s].astype(dt)[idx]  # [T, K, n, D]: the active decoder rows
-            e = jnp.einsum("bjtd,tkjd->btk", G[:, s:s + n], dec, preferred_element_type=f32)
-            return (e * act[None]).reshape(B, -1)[:, flat]
-
-        # Features at or above the batch's highest target layer cannot reach it.
-        cols.append(jax.lax.cond(s < lmax, contract,
-                                 lambda flat=flat: jnp.zeros((B, flat.shape[0]), f32)))
+            # A target at layer l reads MLP slots t < l only: skip slots at or above every
+            # target of the batch (a third of a CLT's decoder work, on average).
+            e = e + jax.lax.cond(t < lmax, contract, lambda: jnp.zeros_like(e))
+        cols.append((e * act[None]).reshape(B, -1)[:, flat])
     err = jnp.einsum("bltd,ltd->blt", G, rm.error.astype(dt), preferred_element_type=f32)
     cols.append(err[:, :, first_pos:].reshape(B, -1))
     cols.append(jnp.einsum("btd,td->bt", g[:, 0], rm.embeds, preferred_element_type=f32))

@@ -49,10 +49,8 @@ def x64(monkeypatch):
     jax.config.update("jax_enable_x64", True)
     for mod in (clt.lm.model, attribution.replacement, tests.attribution.helpers):
         monkeypatch.setattr(mod, "norm", _norm64)
-    jax.clear_caches()  # compiled functions traced with the float32 norm
     try:
         yield
     finally:
         jax.config.update("jax_enable_x64", before)
         monkeypatch.undo()
-        jax.clear_caches()

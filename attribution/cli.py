@@ -1,0 +1,68 @@
+"""Commands of stage 2: `cltrace trace "PROMPT" --model NAME --transcoder PATH --out DIR`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from clt.configs import add_arguments, field_help, from_arguments
+
+
+def register(sub) -> None:
+    from dataclasses import fields
+
+    from attribution.trace import TraceConfig
+
+    help_prompt = field_help(next(f for f in fields(TraceConfig) if f.name == "prompt"))
+    p = sub.add_parser("trace", help="Attribution graph of a prompt's next token.",
+                       description="Trace PROMPT through the local replacement model of MODEL "
+                       "with TRANSCODER; write the graph (.npz + config.json) and its "
+                       "Neuronpedia JSON.")
+    p.add_argument("prompt", help=help_prompt)
+    add_arguments(p, TraceConfig, skip=("prompt",))
+    p.add_argument("--out", "-o", default="out/trace",
+                   help="Output directory (graph.npz, config.json, graph.json), or a .npz path "
+                   "(the JSON goes beside it). Default: out/trace")
+    p.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    p.set_defaults(run=_trace)
+
+
+def _paths(out: str) -> tuple[Path, Path]:
+    o = Path(out)
+    if o.suffix == ".npz":
+        return o, o.with_suffix(".json")
+    return o / "graph.npz", o / "graph.json"
+
+
+def _trace(args) -> int:
+    from rich.console import Console
+
+    from attribution.export import write_neuronpedia
+    from attribution.prune import graph_scores, prune
+    from attribution.trace import TraceConfig, trace
+
+    config = from_arguments(TraceConfig, args, prompt=args.prompt)
+    console = Console(stderr=True)
+    graph_path, json_path = _paths(args.out)
+    graph = trace(config, progress=not args.no_progress)
+    r = graph.ranges
+    pruned = prune(graph, config.node_threshold, config.edge_threshold)
+    rep, comp = graph_scores(graph)
+    rep_p, comp_p = graph_scores(graph, pruned.adjacency(graph))
+    graph.info.update({"replacement_score": rep, "completeness_score": comp,
+                       "pruned_replacement_score": rep_p, "pruned_completeness_score": comp_p})
+    graph.save(graph_path)
+    write_neuronpedia(graph, json_path, pruned=pruned, node_threshold=config.node_threshold)
+    n_feat = r.feature.stop
+    print(f"nodes: {graph.n_nodes} ({n_feat} features of {graph.n_active_total} active, "
+          f"{r.error.stop - r.error.start} errors, {graph.n_pos} tokens, "
+          f"{len(graph.logit_tokens)} logits); edges: {graph.n_edges}")
+    print(f"pruned: {int(pruned.node_mask.sum())} nodes, {int(pruned.edge_mask.sum())} edges "
+          f"(node threshold {config.node_threshold}, edge threshold {config.edge_threshold})")
+    print(f"replacement score {rep:.4f}, completeness score {comp:.4f} (unpruned); "
+          f"{rep_p:.4f}, {comp_p:.4f} (pruned)")
+    print("top logits: " + ", ".join(f"{s!r} {p:.3f}" for s, p in
+                                     zip(graph.logit_strings, graph.logit_probs)))
+    console.print(f"[dim]rows in {graph.info.get('seconds_rows', 0):.1f}s[/dim]")
+    print(f"graph: {graph_path} (+ {graph_path.parent / 'config.json'})")
+    print(f"neuronpedia json: {json_path}")
+    return 0

@@ -1,0 +1,134 @@
+"""Pruning and scores on a hand-built 12-node graph, influence computed by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from attribution.graph import Graph
+from attribution.prune import (
+    find_threshold, graph_scores, influence, normalize_rows, partial_influence, prune,
+)
+
+
+def hand_graph() -> Graph:
+    """Nodes: features f0..f5 (0-5), errors e0, e1 (6-7), tokens t0, t1 (8-9), logits l0, l1
+    (10-11), p(l0) = 0.75, p(l1) = 0.25. Rows are targets. Every row's |weights| sum to 1 or 2,
+    so that the normalised matrix is easy to write down.
+
+        l0 <- f4 (0.5), f5 (0.25), e1 (0.25)             l1 <- f4 (-1)
+        f4 <- f2 (1), f3 (-1)        (normalised 0.5 each)
+        f5 <- f3 (0.5), t1 (0.5)
+        f2 <- f0 (0.5), e0 (0.5)     f3 <- f1 (1)          f0 <- t0 (1)
+        f1 <- t1 (0.25), e0 (0.75)
+    """
+    A = np.zeros((12, 12), np.float32)
+    A[10, [4, 5, 7]] = [0.5, 0.25, 0.25]
+    A[11, 4] = -1.0
+    A[4, [2, 3]] = [1.0, -1.0]
+    A[5, [3, 9]] = [0.5, 0.5]
+    A[2, [0, 6]] = [0.5, 0.5]
+    A[3, 1] = 1.0
+    A[0, 8] = 1.0
+    A[1, [9, 6]] = [0.25, 0.75]
+    return Graph(
+        tokens=np.array([1, 7], np.int32), token_strings=["<bos>", "a"],
+        feature_layer=np.array([0, 0, 1, 1, 2, 2], np.int32),
+        feature_pos=np.array([0, 1, 1, 1, 1, 1], np.int32),
+        feature_index=np.arange(6, dtype=np.int32), activation=np.ones(6, np.float32),
+        error_layer=np.array([0, 2], np.int32), error_pos=np.array([1, 1], np.int32),
+        logit_tokens=np.array([3, 4], np.int32), logit_strings=["x", "y"],
+        logit_probs=np.array([0.75, 0.25], np.float32), adjacency=A, n_layers=3, bos=True)
+
+
+# Influence by hand: w = (l0: 0.75, l1: 0.25). Paths (products of normalised weights):
+#   f4: 0.75*0.5 + 0.25*1            = 0.625
+#   f5: 0.75*0.25                    = 0.1875
+#   e1: 0.75*0.25                    = 0.1875
+#   f2: 0.625*0.5                    = 0.3125
+#   f3: 0.625*0.5 + 0.1875*0.5       = 0.40625
+#   t1: 0.1875*0.5 + f1 * 0.25       (f1 = f3*1 = 0.40625) = 0.09375 + 0.1015625 = 0.1953125
+#   f0: f2*0.5 = 0.15625;  e0: f2*0.5 + f1*0.75 = 0.15625 + 0.3046875 = 0.4609375
+#   t0: f0*1 = 0.15625;    logits: 0
+HAND = np.array([0.15625, 0.40625, 0.3125, 0.40625, 0.625, 0.1875,
+                 0.4609375, 0.1875, 0.15625, 0.1953125, 0.0, 0.0])
+
+
+def test_influence_by_hand():
+    g = hand_graph()
+    infl = influence(normalize_rows(g.adjacency).astype(np.float64), g.logit_weights())
+    np.testing.assert_allclose(infl, HAND, rtol=1e-6)
+    # The same from rows only (greedy selection), logit rows given first.
+    rows = g.adjacency[[10, 11, 0, 1, 2, 3, 4, 5]]
+    part = partial_influence(rows, np.array([10, 11, 0, 1, 2, 3, 4, 5]), g.logit_probs,
+                             np.array([10, 11]), 12)
+    np.testing.assert_allclose(part, HAND, rtol=1e-6)
+
+
+def test_find_threshold():
+    s = np.array([4.0, 3.0, 2.0, 1.0])  # cumulative shares 0.4, 0.7, 0.9, 1.0
+    assert find_threshold(s, 0.5) == 3.0
+    assert find_threshold(s, 0.7) == 3.0
+    assert find_threshold(s, 0.71) == 2.0
+    assert find_threshold(s, 1.0) == 1.0
+
+
+def test_prune_by_hand():
+    g = hand_graph()
+    A = g.adjacency
+    # Sorted influences: f4 .625, e0 .461, f1 .406, f3 .406, f2 .3125, t1 .195, f5 .1875,
+    # e1 .1875, f0 .156, t0 .156 (total 3.1015625). Cumulative share after 7 values is 0.788,
+    # after 8 it is 0.849: the 80% cut is at 0.1875, so f0 (and t0, a token: kept) fall below.
+    res = prune(g, node_threshold=0.8, edge_threshold=0.98)
+    np.testing.assert_allclose(res.influence, HAND, rtol=1e-6)
+    no_f0 = np.ones(12, bool)
+    no_f0[0] = False
+    np.testing.assert_array_equal(res.node_mask, no_f0)
+    # Without f0, f2's row is e0 alone (normalised 1) and the influences become: f4 .625,
+    # f5 .1875, e1 .1875, f2 .3125, f3 .40625, f1 .40625, e0 .6171875, t1 .1953125, t0 0.
+    # Edge scores = normalised weight x (target influence + logit weight):
+    #   l0<-f4 .375, l0<-f5 .1875, l0<-e1 .1875, l1<-f4 .25, f4<-f2 .3125, f4<-f3 .3125,
+    #   f5<-f3 .09375, f5<-t1 .09375, f2<-e0 .3125, f3<-f1 .40625, f1<-t1 .1015625,
+    #   f1<-e0 .3046875; total 2.9375. Sorted: .40625 .375 .3125 .3125 .3125 .3046875 .25 .1875
+    #   .1875 .1015625 .09375 .09375, cumulative shares .138 .266 .372 .479 .585 .689 .774 .838
+    #   .9016 .936 .968 1.0. At 98% the cut is the smallest score, 0.09375: every edge among
+    #   the kept nodes stays.
+    np.testing.assert_array_equal(res.edge_mask, (A != 0) & no_f0[:, None] & no_f0[None, :])
+    # At 90% the cut is 0.1875 (the 9th score, share .9016): f5's two inputs and t1->f1 go; f5
+    # has no incoming edge left and is dropped, and with it its edge into l0.
+    res = prune(g, node_threshold=0.8, edge_threshold=0.9)
+    keep = no_f0.copy()
+    keep[5] = False
+    np.testing.assert_array_equal(res.node_mask, keep)
+    want = (A != 0) & keep[:, None] & keep[None, :]
+    want[1, 9] = False
+    np.testing.assert_array_equal(res.edge_mask, want)
+    # Cumulative scores: the top node (f4) has share 0.625 / total; the last, 1.
+    assert res.cumulative_scores[4] == pytest.approx(0.625 / HAND.sum(), rel=1e-6)
+    assert res.cumulative_scores.max() == pytest.approx(1.0)
+    # Tokens and logits always stay, even at a tiny node threshold.
+    tiny = prune(g, node_threshold=0.1, edge_threshold=0.98)
+    assert tiny.node_mask[8:].all()
+
+
+def test_scores_by_hand():
+    g = hand_graph()
+    rep, comp = graph_scores(g)
+    # Replacement: token influence / (token + error influence).
+    tok, err = HAND[8] + HAND[9], HAND[6] + HAND[7]
+    assert rep == pytest.approx(tok / (tok + err), rel=1e-6)
+    # Completeness: rows' non-error share (f1: 0.25, f2: 0.5, l0: 0.75, the rest 1), weighted
+    # by influence + logit weight.
+    non_error = np.ones(12)
+    non_error[[1, 2, 10]] = [0.25, 0.5, 0.75]
+    w = HAND + np.array([0] * 10 + [0.75, 0.25])
+    assert comp == pytest.approx((non_error * w).sum() / w.sum(), rel=1e-6)
+    # A graph with no error nodes in use is complete.
+    no_err = hand_graph()
+    no_err.adjacency[:, 6:8] = 0
+    assert graph_scores(no_err) == (pytest.approx(1.0), pytest.approx(1.0))
+
+
+def test_thresholds_validated():
+    with pytest.raises(ValueError, match="node_threshold"):
+        prune(hand_graph(), node_threshold=1.5)

@@ -1,0 +1,144 @@
+"""The `cltrace trace` command, bad inputs (one-line errors), graphs without active features,
+save/load and the Neuronpedia export."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attribution.export import node_ids, to_neuronpedia
+from attribution.graph import Graph
+from attribution.prune import graph_scores, prune
+from attribution.trace import TraceConfig, trace_tokens
+from clt.configs import ConfigError
+from clt.lm import load_model
+from clt.transcoder import save
+from cltrace.cli import main
+from tests.attribution.helpers import random_transcoder
+
+
+@pytest.fixture(scope="module")
+def smol_transcoder(tmp_path_factory):
+    """A random 8-feature PLT for SmolLM2, thresholds low enough for a few active features."""
+    m = load_model("smollm2-135m")
+    cfg, p = random_transcoder(m.cfg, 8, max_reach=1)
+    p = dataclasses.replace(p, log_threshold=jnp.full_like(p.log_threshold, np.log(0.5)))
+    d = tmp_path_factory.mktemp("smol_plt")
+    save(d, cfg, p)
+    return d
+
+
+def _error_line(capsys):
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("cltrace")]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_cli_trace_writes_graph_and_json(smol_transcoder, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["trace", "The capital of France is", "--model", "smollm2-135m", "--transcoder",
+               str(smol_transcoder), "--out", str(out), "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "replacement score" in text and "completeness score" in text and "' Paris'" in text
+    g = Graph.load(out / "graph.npz")
+    assert (out / "config.json").exists() and g.config["prompt"] == "The capital of France is"
+    assert g.token_strings[0] == "<bos>" and g.bos and g.logit_strings[0] == " Paris"
+    assert g.ranges.feature.stop > 0 and g.info["replacement_score"] >= 0
+    data = json.loads((out / "graph.json").read_text())
+    assert set(data) == {"metadata", "qParams", "nodes", "links"}
+    ids = [n["node_id"] for n in data["nodes"]]
+    assert len(ids) == len(set(ids))
+    assert {n["feature_type"] for n in data["nodes"]} >= {"embedding", "logit"}
+    known = set(ids)
+    assert all(lk["source"] in known and lk["target"] in known for lk in data["links"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["", "--transcoder", "X"], "the prompt is empty"),
+    (["a " * 9000, "--transcoder", "T"], "context of 8192"),
+    (["hello", "--transcoder", "/nonexistent/tc"], "no transcoder"),
+])
+def test_cli_bad_inputs(smol_transcoder, capsys, args, message):
+    if args[-1] == "T":
+        args = args[:-1] + [str(smol_transcoder)]
+    rc = main(["trace", *args, "--model", "smollm2-135m", "--no-progress"])
+    assert rc == 2
+    assert message in _error_line(capsys)
+
+
+def test_mismatched_and_incomplete_transcoders(tiny_dirs, tmp_path, capsys):
+    m = load_model(tiny_dirs("llama"))
+    cfg, p = random_transcoder(m.cfg, 8)
+    save(tmp_path / "tc", cfg, p)
+    rc = main(["trace", "hello", "--model", "smollm2-135m", "--transcoder",
+               str(tmp_path / "tc"), "--no-progress"])
+    assert rc == 2 and "transcoder/model mismatch" in _error_line(capsys)
+    (tmp_path / "tc" / "transcoder.safetensors").unlink()
+    rc = main(["trace", "hello", "--model", "smollm2-135m", "--transcoder",
+               str(tmp_path / "tc"), "--no-progress"])
+    assert rc == 2 and "missing" in _error_line(capsys)
+    # Layer count mismatch, through the library call.
+    short, _ = random_transcoder(m.cfg.replace(n_layers=2), 8)
+    with pytest.raises(ConfigError, match="n_layers=2"):
+        trace_tokens(m.params, m.cfg, short, random_transcoder(m.cfg.replace(n_layers=2), 8)[1],
+                     [5, 6], TraceConfig(prompt="x"))
+    with pytest.raises(ConfigError, match="context of 64"):
+        trace_tokens(m.params, m.cfg, cfg, p, list(range(3, 70)), TraceConfig(prompt="x"))
+    with pytest.raises(ConfigError, match="empty"):
+        trace_tokens(m.params, m.cfg, cfg, p, [], TraceConfig(prompt="x"))
+
+
+def test_no_active_feature_still_gives_a_valid_graph(tiny_dirs, tmp_path):
+    m = load_model(tiny_dirs("gpt2"))
+    cfg, p = random_transcoder(m.cfg, 8)
+    p = dataclasses.replace(p, log_threshold=jnp.full_like(p.log_threshold, np.log(1e6)))
+    g = trace_tokens(m.params, m.cfg, cfg, p, [5, 6, 7], TraceConfig(prompt="x"))
+    r = g.ranges
+    assert r.feature.stop == 0 and r.error.stop == 3 * 3 and len(g.tokens) == 4
+    assert len(g.logit_tokens) >= 1 and g.adjacency[r.logit, r.error].any()
+    rep, comp = graph_scores(g)
+    assert 0 <= rep <= 1 and 0 <= comp <= 1
+    res = prune(g)
+    assert res.node_mask[r.token.start:].all()
+    data = to_neuronpedia(g, res)
+    assert len({n["node_id"] for n in data["nodes"]}) == len(data["nodes"])
+    g2 = Graph.load(g.save(tmp_path / "g.npz"))
+    np.testing.assert_array_equal(g2.adjacency, g.adjacency)
+    assert g2.token_strings == g.token_strings and g2.config == g.config
+
+
+def test_node_ids_never_collide():
+    """A feature whose index equals an error's position, at the same layer, and a logit whose
+    token id equals a feature index: all ids distinct."""
+    from tests.attribution.test_prune import hand_graph
+
+    g = hand_graph()
+    g.feature_index[:] = 1  # == every error's position
+    g.feature_layer[:] = np.arange(6) % 3
+    g.feature_pos[:] = np.arange(6) // 3
+    ids = node_ids(g)
+    assert len(ids) == len(set(ids)) == g.n_nodes
+
+
+def test_graph_save_load_roundtrip_and_version(tmp_path):
+    from tests.attribution.test_prune import hand_graph
+
+    g = hand_graph()
+    path = g.save(tmp_path / "out" / "graph.npz")
+    assert (tmp_path / "out" / "config.json").exists()
+    g2 = Graph.load(tmp_path / "out")
+    for f in ("adjacency", "feature_layer", "logit_probs", "error_pos", "tokens"):
+        np.testing.assert_array_equal(getattr(g2, f), getattr(g, f))
+    assert g2.ranges == g.ranges and g2.label(0).startswith("L0 F0 @0")
+    z = dict(np.load(path))
+    meta = json.loads(str(z["meta"]))
+    meta["schema_version"] = 99
+    z["meta"] = np.array(json.dumps(meta))
+    np.savez(tmp_path / "old.npz", **z)
+    with pytest.raises(ConfigError, match="schema 99"):
+        Graph.load(tmp_path / "old.npz")
