@@ -92,19 +92,20 @@ def normalize_capture(capture: Iterable[str] | str) -> tuple[str, ...]:
 
 # --- building blocks (pure functions) ------------------------------------------------------------
 def norm(x, w, b, cfg: ModelConfig, scale=None):
-    """Normalise over the last axis in float32; returns (output in x's dtype, scale).
+    """Normalise over the last axis in float32 (or float64); returns (output in x's dtype, scale).
 
     If `scale` is given it replaces the computed 1/rms or 1/std (frozen normalisation). The mean
     subtraction of LayerNorm is linear, so it is always recomputed from x.
     """
-    x32 = x.astype(jnp.float32)
+    # At least float32 (bf16 inputs), float64 under x64 so reference checks stay exact.
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     if cfg.norm == "layernorm":
         x32 = x32 - x32.mean(-1, keepdims=True)
     if scale is None:
         scale = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1) + cfg.norm_eps)
-    y = x32 * scale[..., None] * (w.astype(jnp.float32) + cfg.norm_offset)
+    y = x32 * scale[..., None] * (w.astype(x32.dtype) + cfg.norm_offset)
     if b is not None:
-        y = y + b.astype(jnp.float32)
+        y = y + b.astype(x32.dtype)
     return y.astype(x.dtype), scale
 
 
