@@ -1,4 +1,5 @@
-"""Commands of stage 2: `cltrace trace "PROMPT" --model NAME --transcoder PATH --out DIR`."""
+"""Commands of stage 2: `cltrace trace "PROMPT" --model NAME --transcoder PATH --out DIR`
+(graph, Neuronpedia JSON and the offline HTML page)."""
 
 from __future__ import annotations
 
@@ -52,6 +53,9 @@ def _trace(args) -> int:
                        "pruned_replacement_score": rep_p, "pruned_completeness_score": comp_p})
     graph.save(graph_path)
     write_neuronpedia(graph, json_path, pruned=pruned, node_threshold=config.node_threshold)
+    from viewer import write_html  # stage 3 draws what stage 2 computed (viewer -> attribution)
+
+    page = write_html(graph, graph_path.with_suffix(".html"))
     n_feat = r.feature.stop
     print(f"nodes: {graph.n_nodes} ({n_feat} features of {graph.n_active_total} active, "
           f"{r.error.stop - r.error.start} errors, {graph.n_pos} tokens, "
@@ -65,4 +69,5 @@ def _trace(args) -> int:
     console.print(f"[dim]rows in {graph.info.get('seconds_rows', 0):.1f}s[/dim]")
     print(f"graph: {graph_path} (+ {graph_path.parent / 'config.json'})")
     print(f"neuronpedia json: {json_path}")
+    print(f"page: {page.summary()}")
     return 0

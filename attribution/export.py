@@ -86,7 +86,7 @@ def to_neuronpedia(graph: Graph, pruned: PruneResult | None = None, slug: str = 
              or nd["feature_type"] in ("embedding", "logit")]
     meta = {"slug": slug, "scan": scan, "transcoder_list": [],
             "prompt_tokens": list(graph.token_strings), "prompt": graph.prompt,
-            "node_threshold": node_threshold, "schema_version": 1,
+            "node_threshold": node_threshold, "schema_version": 1, "bos": bool(graph.bos),
             "info": {k: v for k, v in graph.info.items() if not isinstance(v, dict)}}
     return {"metadata": meta,
             "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "",

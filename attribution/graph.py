@@ -19,6 +19,7 @@ self-contained) and a `config.json` beside it, as every artifact of the project;
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,8 +152,9 @@ class Graph:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
                 arrays = {name: z[name] for name in _ARRAYS}
-        except (KeyError, ValueError, OSError) as e:
-            raise ConfigError(f"{path} is not a cltrace graph ({e})") from None
+        except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            raise ConfigError(f"{path} is not a readable cltrace graph ({type(e).__name__}: "
+                              f"{e}); re-run the trace") from None
         version = meta.get("schema_version")
         if meta.get("kind") != "attribution_graph" or version != GRAPH_SCHEMA_VERSION:
             raise ConfigError(f"{path}: graph schema {version!r} is not supported "

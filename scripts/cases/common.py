@@ -34,7 +34,8 @@ def parser(doc: str, model: str = "smollm2-135m") -> argparse.ArgumentParser:
     ap.add_argument("--transcoder", default=DEFAULT_TC)
     ap.add_argument("--out", default=None, help="Report directory (default out/cases/NAME).")
     ap.add_argument("--top", type=int, default=8, help="Key features to test.")
-    ap.add_argument("--max-feature-nodes", type=int, default=None)
+    ap.add_argument("--max-feature-nodes", type=int, default=3000,
+                    help="Cap on feature nodes (the dense adjacency grows with its square).")
     return ap
 
 

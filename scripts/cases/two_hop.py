@@ -18,10 +18,14 @@ def main() -> None:
     graph, scores, page = s.trace(PROMPT, "graph")
     s.say(f"## {PROMPT!r}\n")
     s.graph_summary(graph, scores, page)
-    answer = " Austin" if " Austin" in graph.logit_strings else graph.logit_strings[0]
-    if answer != " Austin":
-        s.say(f"\nThe model does not rank ' Austin' among its top tokens (top: {answer!r}): it "
-              "cannot do this two-hop fact; the analysis below is of its actual answer.")
+    if " Austin" in graph.logit_strings:
+        answer = " Austin"
+    else:
+        # Without the second hop, the first one (Dallas -> Texas) may still show as an output.
+        answer = " Texas" if " Texas" in graph.logit_strings else graph.logit_strings[0]
+        s.say(f"\nThe model does not rank ' Austin' among its top tokens: it cannot do this "
+              f"two-hop fact. The analysis below follows {answer!r} instead"
+              + (" (the first hop)." if answer == " Texas" else "."))
     ids = s.prompt_ids(PROMPT)
     strings = s.tok.token_strings(ids)
     dallas = max(i for i, t in enumerate(strings) if "Dallas" in t)
@@ -32,7 +36,8 @@ def main() -> None:
     s.say(f"\nLogit lens at {strings[dallas]!r} (pos {dallas}): ' Texas' in the top 20 at "
           f"layers {[h[0] for h in hits]}" + (f" (best p={max(h[1] for h in hits):.3f})"
                                                if hits else " (never)"))
-    rows = [r for r in s.key_features(graph, answer, k=200) if r[2] == dallas][:s.args.top]
+    rows = [r for r in s.key_features(graph, answer, k=graph.ranges.feature.stop)
+            if r[2] == dallas][:s.args.top]
     s.say(f"\nFeatures at {strings[dallas]!r} with the most influence on {answer!r}:\n")
     s.feature_table(graph, rows)
     if rows:

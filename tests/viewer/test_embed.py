@@ -1,0 +1,114 @@
+"""What a page holds: nodes by influence (the pruning rule of attribution.prune), edges under
+per-node and total caps by the edge score of attribution.prune, a report of everything left out,
+and a page under ~15 MB for a 1,024-token prompt."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from attribution.prune import find_threshold, node_influence, normalize_rows, prune
+from tests.viewer.helpers import random_cards, random_graph
+from viewer.embed import ViewConfig, cumulative_influence, select
+from viewer.html import render_html
+from viewer.layout import ERROR, FEATURE
+
+
+@pytest.fixture(scope="module")
+def graph():
+    return random_graph(n_layers=5, n_pos=10, n_features=300, n_logits=4, edges_per_target=12,
+                        seed=2, connected=True)
+
+
+def test_cumulative_matches_prune(graph):
+    cum, before = cumulative_influence(node_influence(graph))
+    # prune accumulates in float32, we in float64
+    np.testing.assert_allclose(cum, prune(graph).cumulative_scores, rtol=1e-5)
+    infl = node_influence(graph)
+    np.testing.assert_allclose(cum - before, infl / infl.sum(), atol=1e-6)  # cancellation
+
+
+@pytest.mark.parametrize("t", [0.3, 0.6, 0.8, 0.95])
+def test_slider_rule_is_prunes_node_rule(graph, t):
+    """The page shows a feature or error when the more influential ones have not reached the
+    threshold: the node set of attribution.prune's first step (before its edge pruning)."""
+    sel = select(graph, ViewConfig(max_influence=1.0))
+    infl = sel.influence
+    n_src = graph.ranges.token.start
+    page = set(np.nonzero(sel.before[:n_src] < t)[0])
+    prune_rule = set(np.nonzero(infl[:n_src] >= find_threshold(infl, t))[0])
+    assert page == prune_rule
+
+
+def test_node_cap_keeps_the_most_influential(graph):
+    sel = select(graph, ViewConfig(max_nodes=25, max_influence=1.0))
+    held = sel.nodes[sel.kind <= ERROR]
+    n_src = graph.ranges.token.start
+    top = np.argsort(-sel.influence[:n_src], kind="stable")[:25]
+    assert set(held) == set(top)
+    rep = sel.report
+    assert rep["nodes_held"] == 25 + graph.n_pos + len(graph.logit_tokens)
+    assert rep["nodes_held"] + rep["nodes_left_out"] == graph.n_nodes
+    assert rep["left_out_over_node_cap"] == n_src - 25 - rep["left_out_below_influence"]
+    # Tokens and logits always held.
+    assert set(range(graph.ranges.token.start, graph.n_nodes)) <= set(sel.nodes)
+
+
+def test_edge_caps_by_influence_score(graph):
+    k, cap = 3, 400
+    sel = select(graph, ViewConfig(max_influence=1.0, max_edges_per_node=k, max_edges=10**9))
+    n = sel.nodes
+    # The edge score, computed independently: normalised |A| times target influence + logit p.
+    score = normalize_rows(graph.adjacency) * (sel.influence + graph.logit_weights())[:, None]
+    sub = score[np.ix_(n, n)]
+    kept = np.zeros_like(sub, bool)
+    kept[sel.edge_target, sel.edge_source] = True
+    nz = graph.adjacency[np.ix_(n, n)] != 0
+    for i in range(len(n)):  # each node's k strongest inputs and outputs are held, and no other
+        row = np.argsort(-np.where(nz[i], sub[i], -1))[:min(k, nz[i].sum())]
+        col = np.argsort(-np.where(nz[:, i], sub[:, i], -1))[:min(k, nz[:, i].sum())]
+        assert kept[i, row].all() and kept[col, i].all()
+    for t, s in zip(sel.edge_target, sel.edge_source):
+        in_rank = int((np.where(nz[t], sub[t], -1) > sub[t, s]).sum())
+        out_rank = int((np.where(nz[:, s], sub[:, s], -1) > sub[t, s]).sum())
+        assert in_rank < k or out_rank < k
+    # Weights are the graph's, strongest |weight| first.
+    np.testing.assert_array_equal(sel.edge_weight, graph.adjacency[n[sel.edge_target],
+                                                                   n[sel.edge_source]])
+    assert np.all(np.diff(np.abs(sel.edge_weight)) <= 0)
+    # The total cap keeps the highest scores among those.
+    capped = select(graph, ViewConfig(max_influence=1.0, max_edges_per_node=k, max_edges=cap))
+    assert len(capped.edge_weight) == cap
+    s_all = sub[sel.edge_target, sel.edge_source]
+    s_cap = sub[capped.edge_target, capped.edge_source]
+    assert s_cap.min() >= np.sort(s_all)[::-1][cap - 1] - 1e-12
+    rep = capped.report
+    assert rep["edges_held"] == cap and rep["edges_in_graph"] == graph.n_edges
+    assert (rep["edges_held"] + rep["left_out_edge_total_cap"] + rep["left_out_edge_per_node_cap"]
+            + rep["left_out_edges_of_left_out_nodes"]) == rep["edges_left_out"] + rep["edges_held"]
+    assert rep["edges_held"] + rep["edges_left_out"] == graph.n_edges
+
+
+def test_errors_off_and_config_validation(graph):
+    sel = select(graph, ViewConfig(errors=False))
+    assert not (sel.kind == ERROR).any() and (sel.kind == FEATURE).any()
+    assert sel.report["left_out_errors_off"] == len(graph.error_layer)
+    from clt.configs import ConfigError
+
+    for bad in ({"max_influence": 0.0}, {"node_threshold": 1.5}, {"max_edges": -1}):
+        with pytest.raises(ConfigError):
+            ViewConfig(**bad)
+
+
+def test_page_for_a_1024_token_prompt_stays_under_15_mb():
+    """1,024 positions, 2 layers (2,046 error nodes), 2,000 features, ~120k edges, with a card
+    for every feature: the caps bound the page whatever the prompt length."""
+    g = random_graph(n_layers=2, n_pos=1024, n_features=2000, n_logits=10, edges_per_target=60,
+                     seed=4, connected=True)
+    cards = random_cards(2, 10_000)
+    page, rep = render_html(g, ViewConfig(max_nodes=3000), cards=cards)
+    size = len(page.encode("utf-8"))
+    assert size < 15 * 2**20, size / 2**20
+    assert rep["nodes_held"] == 3000 + 1024 + 10 and rep["left_out_over_node_cap"] > 0
+    assert rep["edges_held"] <= 100_000 and rep["edges_left_out"] > 0
+    assert rep["cards"] == rep["features_held"] > 0

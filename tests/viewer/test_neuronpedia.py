@@ -1,0 +1,140 @@
+"""Neuronpedia / circuit-tracer JSON: the export loads back into our Graph and matches the schema
+(ids, fields, logit labels `Output "tok" (p=…)`); pinned subgraphs with supernodes; bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from attribution.export import node_ids, to_neuronpedia
+from attribution.prune import prune
+from clt.configs import ConfigError
+from tests.viewer.helpers import random_graph
+from viewer.embed import cumulative_influence
+from viewer.neuronpedia import (
+    NODE_FIELDS,
+    QPARAMS_FIELDS,
+    from_neuronpedia,
+    node_record,
+    pinned_subgraph,
+)
+
+# circuit-tracer's frontend/graph_models.py: field -> accepted types.
+SCHEMA = {"node_id": str, "feature": int, "layer": str, "ctx_idx": int, "feature_type": str,
+          "token_prob": float, "is_target_logit": bool, "run_idx": int, "reverse_ctx_idx": int,
+          "jsNodeId": str, "clerp": str, "influence": (float, type(None)),
+          "activation": (float, type(None))}
+META = {"slug": str, "scan": str, "transcoder_list": list, "prompt_tokens": list, "prompt": str,
+        "node_threshold": (float, type(None)), "schema_version": int}
+ID = {"cross layer transcoder": r"^\d+_\d+_\d+$", "mlp reconstruction error": r"^\d+_-1_\d+$",
+      "embedding": r"^E_\d+_\d+$", "logit": r"^\d+_\d+_\d+$"}
+
+
+def check_schema(data: dict) -> None:
+    for k, tp in META.items():
+        assert isinstance(data["metadata"][k], tp), k
+    assert set(data["qParams"]) == set(QPARAMS_FIELDS)
+    ids = [n["node_id"] for n in data["nodes"]]
+    assert len(set(ids)) == len(ids)
+    for n in data["nodes"]:
+        assert set(n) == set(NODE_FIELDS)
+        for k, tp in SCHEMA.items():
+            assert isinstance(n[k], tp) and not (tp is int and isinstance(n[k], bool)), (k, n)
+        assert re.match(ID[n["feature_type"]], n["node_id"]), n["node_id"]
+        if n["feature_type"] == "logit":
+            assert re.fullmatch(r'Output ".*" \(p=\d\.\d{3}\)', n["clerp"], re.DOTALL), n["clerp"]
+    for lk in data["links"]:
+        assert set(lk) == {"source", "target", "weight"} and lk["source"] in ids
+        assert lk["target"] in ids and isinstance(lk["weight"], float)
+
+
+@pytest.fixture(scope="module")
+def graph():
+    g = random_graph(n_layers=4, n_pos=7, n_features=80, n_logits=4, seed=7, connected=True)
+    g.logit_strings[1] = 'say "hi"'  # quotes inside a logit label survive the round trip
+    return g
+
+
+def test_export_round_trips_into_our_graph(graph):
+    pruned = prune(graph, 0.9, 0.99)
+    text = json.dumps(to_neuronpedia(graph, pruned))
+    data = json.loads(text)
+    check_schema(data)
+    back = from_neuronpedia(text)
+    ids, back_ids = node_ids(graph), node_ids(back)
+    assert set(back_ids) == {n["node_id"] for n in data["nodes"]}
+    index = {nid: i for i, nid in enumerate(ids)}
+    where = np.array([index[b] for b in back_ids])  # each node of `back` in `graph`
+    r, rb = graph.ranges, back.ranges
+    f = where[rb.feature] - r.feature.start
+    np.testing.assert_array_equal(back.feature_layer, graph.feature_layer[f])
+    np.testing.assert_array_equal(back.feature_pos, graph.feature_pos[f])
+    np.testing.assert_array_equal(back.feature_index, graph.feature_index[f])
+    np.testing.assert_allclose(back.activation, graph.activation[f])
+    np.testing.assert_array_equal(back.tokens, graph.tokens)
+    assert back.token_strings == graph.token_strings and back.prompt == graph.prompt
+    assert back.logit_strings == graph.logit_strings and back.n_layers == graph.n_layers
+    np.testing.assert_allclose(back.logit_probs, graph.logit_probs)
+    assert back.bos == graph.bos
+    # Links become the adjacency, exactly the kept edges.
+    want = np.where(pruned.edge_mask, graph.adjacency, 0)[np.ix_(where, where)]
+    np.testing.assert_array_equal(back.adjacency, want)
+    # And our export of the reloaded graph lists the same nodes and links.
+    again = to_neuronpedia(back, prune(back, 1.0, 1.0))
+    assert {n["node_id"] for n in again["nodes"]} <= {n["node_id"] for n in data["nodes"]}
+
+
+def test_node_record_is_the_exporters(graph):
+    """viewer.neuronpedia.node_record (and viewer.js, tested in the browser) write the same
+    records as attribution.export.to_neuronpedia."""
+    pruned = prune(graph, 1.0, 1.0)
+    data = to_neuronpedia(graph, pruned)
+    index = {nid: i for i, nid in enumerate(node_ids(graph))}
+    for n in data["nodes"]:
+        assert node_record(graph, index[n["node_id"]], pruned.cumulative_scores) == n
+
+
+def test_pinned_subgraph_with_supernodes(graph):
+    ids = node_ids(graph)
+    r = graph.ranges
+    pins = [ids[r.feature.start], ids[r.feature.start + 40], ids[r.feature.stop - 1],
+            ids[r.logit.start], ids[r.token.start + 3]]
+    cum, _ = cumulative_influence(np.asarray(prune(graph).influence, np.float64))
+    out = pinned_subgraph(graph, pins, [["late", pins[1], pins[2]]], clicked_id=pins[0],
+                          cumulative=cum, labels={(int(graph.feature_layer[0]),
+                                                   int(graph.feature_index[0])): "first"})
+    check_schema(out)
+    assert [n["node_id"] for n in out["nodes"]] == pins
+    assert out["nodes"][0]["clerp"] == "first"
+    assert out["qParams"] == {"pinnedIds": pins, "supernodes": [["late", pins[1], pins[2]]],
+                              "linkType": "both", "clickedId": pins[0], "sg_pos": ""}
+    sel = [ids.index(p) for p in pins]
+    sub = graph.adjacency[np.ix_(sel, sel)]
+    assert len(out["links"]) == np.count_nonzero(sub)
+    back = from_neuronpedia(out)
+    assert set(node_ids(back)) >= set(pins)
+    with pytest.raises(ConfigError, match="not in the graph"):
+        pinned_subgraph(graph, ["99_1_1"])
+    with pytest.raises(ConfigError, match="must be"):
+        pinned_subgraph(graph, pins, [["lonely"]])
+
+
+def test_bad_json_fails_in_one_line(graph, tmp_path):
+    text = json.dumps(to_neuronpedia(graph))
+    cases = {
+        "truncated.json": (text[: len(text) // 2], "not valid JSON"),
+        "v2.json": (text.replace('"schema_version": 1', '"schema_version": 2'),
+                    "schema_version 2 is not supported"),
+        "other.json": (json.dumps({"nodes": []}), "no 'metadata'"),
+    }
+    for name, (content, msg) in cases.items():
+        p = tmp_path / name
+        p.write_text(content)
+        with pytest.raises(ConfigError, match=re.escape(msg)) as e:
+            from_neuronpedia(p)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="no graph JSON"):
+        from_neuronpedia(tmp_path / "missing.json")

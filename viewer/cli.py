@@ -1,0 +1,66 @@
+"""Commands of stage 3: `cltrace view GRAPH -o PAGE.html` and `cltrace features ...`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from clt.configs import add_arguments, from_arguments
+
+
+def register(sub) -> None:
+    from viewer.embed import ViewConfig
+    from viewer.features import FeaturesConfig
+
+    p = sub.add_parser(
+        "view", help="Write a graph's self-contained offline HTML page.",
+        description="Write GRAPH as one HTML file that opens offline (vis-network inlined). "
+        "Feature cards come from --cards, else from feature_cards.npz in the graph's transcoder "
+        "directory when there is one.")
+    p.add_argument("graph", help="A graph .npz from `cltrace trace` (or its directory), or a "
+                   "Neuronpedia / circuit-tracer graph .json.")
+    p.add_argument("-o", "--out", default=None,
+                   help="Output .html (default: the graph's path with .html).")
+    p.add_argument("--cards", default=None, help="Feature cards file from `cltrace features`.")
+    p.add_argument("--no-cards", action="store_true", help="Embed no feature cards.")
+    p.add_argument("--labels", default=None,
+                   help='Feature labels, a JSON object {"layer_feature": "label"}.')
+    add_arguments(p, ViewConfig)
+    p.set_defaults(run=_view)
+
+    p = sub.add_parser(
+        "features", help="Feature cards: top activating examples, density, top output tokens.",
+        description="Scan a corpus once through MODEL and TRANSCODER and store, per feature, its "
+        "top activating contexts, random samples across its range, its activation density and "
+        "its top output tokens, in one compact file next to the transcoder.")
+    add_arguments(p, FeaturesConfig)
+    p.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    p.set_defaults(run=_features)
+
+
+def _view(args) -> int:
+    from viewer.embed import ViewConfig
+    from viewer.html import load_graph, read_labels, write_html
+    from viewer.neuronpedia import from_neuronpedia
+
+    src = Path(args.graph)
+    graph = from_neuronpedia(src) if src.suffix == ".json" else load_graph(src)
+    out = Path(args.out) if args.out else (src / "graph.html" if src.is_dir()
+                                           else src.with_suffix(".html"))
+    cards = False if args.no_cards else args.cards
+    labels = read_labels(args.labels) if args.labels else None
+    report = write_html(graph, out, cards=cards, config=from_arguments(ViewConfig, args),
+                        labels=labels)
+    print(f"page: {report.summary()}")
+    return 0
+
+
+def _features(args) -> int:
+    from viewer.features import FeaturesConfig, build
+
+    config = from_arguments(FeaturesConfig, args)
+    cards, path = build(config, progress=not args.no_progress)
+    m = cards.meta
+    print(f"feature cards: {path} ({path.stat().st_size / 2**20:.1f} MB): {m['n_layers']} layers "
+          f"x {m['n_features']} features from {m['n_tokens']} tokens in {m['n_contexts']} "
+          f"contexts ({m['seconds']:.1f}s)")
+    return 0

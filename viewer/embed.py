@@ -1,0 +1,264 @@
+"""What goes into the page: the nodes and edges a viewer can hold, chosen under size caps.
+
+An unpruned graph of a long prompt has tens of thousands of nodes and a dense adjacency of
+hundreds of millions of edges: Neuronpedia's 1.7 GB JSON for a 73-token prompt is what happens
+when all of it is shipped. The page instead holds
+
+* nodes: tokens and logits always; feature and error nodes in order of their influence on the
+  logits (`attribution.prune.node_influence`) until their cumulative share reaches
+  `ViewConfig.max_influence`, at most `max_nodes` of them. The page's pruning slider then moves
+  *within* these, with the same rule as `attribution.prune` (a node shows when the nodes more
+  influential than it have not yet reached the threshold);
+* edges: each held node's strongest `max_edges_per_node` incoming and outgoing edges, at most
+  `max_edges` in all, ranked by the edge score of `attribution.prune` (the edge's share of its
+  target's input times the target's influence), so the edges kept are those that matter for the
+  output, not just the largest raw weights.
+
+Everything left out is counted in the report, and the page shows the counts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from attribution.export import node_ids
+from attribution.graph import Graph
+from attribution.prune import find_threshold, node_influence
+from clt.configs import ConfigError, doc, to_dict
+from viewer.layout import ERROR, FEATURE, LOGIT, TOKEN, layout
+
+PAGE_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ViewConfig:
+    """What the HTML page holds and shows first; saved in the page's metadata."""
+
+    max_influence: float = doc(
+        "Hold feature and error nodes up to this cumulative share of influence on the logits "
+        "(the range of the page's pruning slider).", default=0.99)
+    max_nodes: int = doc("At most this many feature and error nodes in the page (the most "
+                         "influential).", default=5000)
+    max_edges_per_node: int = doc(
+        "Hold each node's strongest this-many incoming and this-many outgoing edges.", default=48)
+    max_edges: int = doc("At most this many edges in the page (the strongest by influence).",
+                         default=100_000)
+    node_threshold: float | None = doc(
+        "Initial position of the pruning slider (cumulative influence); None: the trace's "
+        "node_threshold.", default=None)
+    errors: bool = doc("Hold error nodes (the transcoder's reconstruction errors).", default=True)
+    strongest_edges: int = doc(
+        "Draw this many strongest edges from the start (0: only the edges of hovered, clicked "
+        "and pinned nodes; the page has a toggle and slider).", default=0)
+    title: str = doc("Page title; default: the prompt.", default="")
+    schema_version: int = doc("Version of this config's JSON layout.", default=1)
+
+    def __post_init__(self):
+        if not 0.0 < self.max_influence <= 1.0:
+            raise ConfigError(f"ViewConfig.max_influence must be in (0, 1], got "
+                              f"{self.max_influence}")
+        if self.node_threshold is not None and not 0.0 <= self.node_threshold <= 1.0:
+            raise ConfigError(f"ViewConfig.node_threshold must be in [0, 1], got "
+                              f"{self.node_threshold}")
+        for name in ("max_nodes", "max_edges_per_node", "max_edges", "strongest_edges"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"ViewConfig.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The graph nodes and edges held by a page, in page order (indices into the graph)."""
+
+    nodes: np.ndarray  # [n] graph node indices
+    kind: np.ndarray  # [n] FEATURE .. LOGIT
+    cumulative: np.ndarray  # [graph nodes] cumulative influence share at each node's rank
+    before: np.ndarray  # [graph nodes] the same, excluding the node itself
+    influence: np.ndarray  # [graph nodes]
+    edge_target: np.ndarray  # [e] page indices, edges sorted by |weight|, strongest first
+    edge_source: np.ndarray  # [e]
+    edge_weight: np.ndarray  # [e] raw adjacency weights
+    report: dict
+
+
+def cumulative_influence(influence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(share of the total influence of the nodes at least as influential, the same excluding
+    the node): the first is `PruneResult.cumulative_scores`, the second decides visibility."""
+    order = np.argsort(-influence, kind="stable")
+    share = influence[order] / max(float(influence.sum()), 1e-30)
+    cum = np.zeros_like(influence)
+    cum[order] = np.cumsum(share)
+    return cum, cum - influence / max(float(influence.sum()), 1e-30)
+
+
+def _kinds(graph: Graph) -> np.ndarray:
+    r = graph.ranges
+    kind = np.empty(graph.n_nodes, np.int8)
+    for code, s in ((FEATURE, r.feature), (ERROR, r.error), (TOKEN, r.token), (LOGIT, r.logit)):
+        kind[s] = code
+    return kind
+
+
+def select(graph: Graph, config: ViewConfig) -> Selection:
+    """Choose the nodes and edges of the page (see the module docstring)."""
+    kind = _kinds(graph)
+    infl = node_influence(graph).astype(np.float64)
+    cum, before = cumulative_influence(infl)
+    sources = (kind == FEATURE) | ((kind == ERROR) & config.errors)
+    cut = find_threshold(infl[sources], config.max_influence) if sources.any() else 0.0
+    candidates = np.nonzero(sources & (infl >= cut) & (infl > 0))[0]
+    capped = candidates[np.argsort(-infl[candidates], kind="stable")[:config.max_nodes]]
+    nodes = np.sort(np.concatenate([capped, np.nonzero(kind >= TOKEN)[0]]))
+
+    tgt, src, w, edge_report = _edges(graph, nodes, infl, config)
+    n_feat = int((kind == FEATURE).sum())
+    n_err = int((kind == ERROR).sum())
+    held = kind[nodes]
+    report = {
+        "nodes_in_graph": int(graph.n_nodes), "nodes_held": len(nodes),
+        "features_held": int((held == FEATURE).sum()), "features_in_graph": n_feat,
+        "errors_held": int((held == ERROR).sum()), "errors_in_graph": n_err,
+        "nodes_left_out": int(graph.n_nodes - len(nodes)),
+        "left_out_below_influence": int((sources & ~((infl >= cut) & (infl > 0))).sum()),
+        "left_out_over_node_cap": int(len(candidates) - len(capped)),
+        "left_out_errors_off": 0 if config.errors else n_err,
+        **edge_report,
+    }
+    return Selection(nodes, held, cum, before, infl, tgt, src, w, report)
+
+
+def _row_sums(adjacency: np.ndarray, rows: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """Sum of |weights| of the given rows over all sources (chunked: rows may be long)."""
+    return np.concatenate([np.abs(adjacency[rows[i:i + chunk]]).sum(axis=1, dtype=np.float64)
+                           for i in range(0, len(rows), chunk)]) if len(rows) else np.zeros(0)
+
+
+def _top_mask(score: np.ndarray, k: int, axis: int) -> np.ndarray:
+    """True at the k largest entries of each row (axis=1) or column (axis=0)."""
+    n = score.shape[axis]
+    mask = np.zeros(score.shape, bool)
+    if k <= 0 or n == 0:
+        return mask
+    if k >= n:
+        return np.ones(score.shape, bool)
+    idx = np.argpartition(-score, k - 1, axis=axis)
+    idx = idx[:, :k] if axis == 1 else idx[:k]
+    np.put_along_axis(mask, idx, True, axis=axis)
+    return mask
+
+
+def _edges(graph: Graph, nodes: np.ndarray, infl: np.ndarray, config: ViewConfig):
+    """Edges among the held nodes under the caps, as page indices, strongest |weight| first."""
+    A = graph.adjacency
+    sub = A[np.ix_(nodes, nodes)].astype(np.float32)  # [target, source]
+    # The edge score of attribution.prune: share of the target's whole input (all sources, held
+    # or not) times the target's influence plus its logit weight. In place: these are the
+    # largest arrays the viewer makes.
+    score = np.abs(sub)
+    score /= np.maximum(_row_sums(A, nodes), 1e-10)[:, None].astype(np.float32)
+    score *= (infl + graph.logit_weights())[nodes].astype(np.float32)[:, None]
+    nonzero = sub != 0
+    keep = (_top_mask(score, config.max_edges_per_node, axis=1)
+            | _top_mask(score, config.max_edges_per_node, axis=0)) & nonzero
+    n_capped_node = int(nonzero.sum() - keep.sum())
+    tgt, src = np.nonzero(keep)
+    s = score[tgt, src]
+    if len(s) > config.max_edges:
+        top = np.argpartition(-s, config.max_edges - 1)[:config.max_edges]
+        tgt, src = tgt[top], src[top]
+    w = sub[tgt, src]
+    order = np.argsort(-np.abs(w), kind="stable")
+    total = int(np.count_nonzero(A))
+    report = {"edges_in_graph": total, "edges_held": len(order),
+              "edges_left_out": total - len(order),
+              "left_out_edge_per_node_cap": n_capped_node,
+              "left_out_edge_total_cap": int(keep.sum()) - len(order),
+              "left_out_edges_of_left_out_nodes": total - int(nonzero.sum())}
+    return tgt[order].astype(np.int32), src[order].astype(np.int32), w[order], report
+
+
+# --- the page's data -----------------------------------------------------------------------------
+def _nums(values, fmt: str) -> str:
+    """A JSON array of numbers written with `fmt` (short: the page is mostly these arrays)."""
+    return "[" + ",".join(format(float(v), fmt) for v in values) + "]"
+
+
+def _plain(value):
+    """JSON for what graph.info may hold besides JSON types (numpy scalars, paths)."""
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+def _ints(values) -> str:
+    return "[" + ",".join(str(int(v)) for v in values) + "]"
+
+
+def page_data(graph: Graph, sel: Selection, config: ViewConfig,
+              labels: dict[tuple[int, int], str] | None = None) -> tuple[str, dict]:
+    """The page's graph data as JSON text (columnar arrays; numbers written short) and its
+    metadata dict. `labels` maps (layer, feature index) to a feature's label."""
+    r = graph.ranges
+    n = sel.nodes
+    kind = sel.kind
+    layer = np.full(len(n), -1, np.int64)
+    pos = np.zeros(len(n), np.int64)
+    ref = np.full(len(n), -1, np.int64)  # feature index, or token id for tokens and logits
+    act = np.zeros(len(n))
+    for code, rng, lay, p, f, a in (
+            (FEATURE, r.feature, graph.feature_layer, graph.feature_pos, graph.feature_index,
+             graph.activation),
+            (ERROR, r.error, graph.error_layer, graph.error_pos, None, None)):
+        m = kind == code
+        i = n[m] - rng.start
+        layer[m], pos[m] = lay[i], p[i]
+        if f is not None:
+            ref[m], act[m] = f[i], a[i]
+    m = kind == TOKEN
+    pos[m] = n[m] - r.token.start
+    ref[m] = graph.tokens[pos[m]]
+    m = kind == LOGIT
+    layer[m] = graph.n_layers
+    pos[m] = graph.n_pos - 1
+    ref[m] = graph.logit_tokens[n[m] - r.logit.start]
+    x, y, axis = layout(kind, layer, pos, sel.influence[n], graph.n_pos, graph.n_layers)
+    ids = node_ids(graph)
+    labels = labels or {}
+    text = [labels.get((int(layer[i]), int(ref[i])), "") if kind[i] == FEATURE else ""
+            for i in range(len(n))]
+    probs = {int(t): float(p) for t, p in zip(graph.logit_tokens, graph.logit_probs)}
+    logit_p = [probs.get(int(ref[i]), 0.0) if kind[i] == LOGIT else 0 for i in range(len(n))]
+    total = max(float(sel.influence.sum()), 1e-30)
+
+    threshold = config.node_threshold
+    if threshold is None:
+        threshold = float(graph.config.get("node_threshold", 0.8))
+    info = {k: v for k, v in graph.info.items() if not isinstance(v, dict)}
+    meta = {
+        "schema_version": PAGE_SCHEMA_VERSION, "title": config.title or graph.prompt,
+        "prompt": graph.prompt, "n_layers": graph.n_layers, "n_pos": graph.n_pos,
+        "bos": graph.bos, "logit_strings": list(graph.logit_strings),
+        "node_threshold": threshold, "config": to_dict(config), "info": info,
+        "report": sel.report, "transcoder": graph.config.get("transcoder", ""),
+        "model": graph.info.get("model", graph.config.get("model", "")),
+        # The Neuronpedia metadata of `attribution.export.to_neuronpedia`, for the page's export.
+        "neuronpedia": {"slug": "graph", "scan": "cltrace", "transcoder_list": [],
+                        "prompt_tokens": list(graph.token_strings), "prompt": graph.prompt,
+                        "node_threshold": threshold, "schema_version": 1, "info": info},
+    }
+    parts = {
+        "meta": json.dumps(meta, default=_plain), "tokens": json.dumps(list(graph.token_strings)),
+        "axis": json.dumps(axis.to_json()),
+        "id": json.dumps([ids[i] for i in n]), "kind": _ints(kind), "layer": _ints(layer),
+        "pos": _ints(pos), "ref": _ints(ref), "act": _nums(act, ".4g"),
+        "cum": _nums(sel.cumulative[n], ".6g"), "before": _nums(sel.before[n], ".7g"),
+        "infl": _nums(sel.influence[n] / total, ".4g"), "p": _nums(logit_p, ".9g"),
+        "x": _nums(x, ".1f"), "y": _nums(y, ".1f"), "label": json.dumps(text),
+        "es": _ints(sel.edge_source), "et": _ints(sel.edge_target),
+        "ew": _nums(sel.edge_weight, ".4g"),
+    }
+    return "{" + ",".join(f'"{k}":{v}' for k, v in parts.items()) + "}", meta
+
+
+__all__ = ["PAGE_SCHEMA_VERSION", "Selection", "ViewConfig", "cumulative_influence", "page_data",
+           "select"]

@@ -1,0 +1,428 @@
+"""Feature cards: what each transcoder feature responds to and what it promotes.
+
+`scan` reads a corpus once through the model and the transcoder (both JAX) and keeps, for every
+feature of every layer:
+
+* its top-k activating tokens, each with a window of context and the feature's activation on
+  every token of the window (for highlighting), as Neuronpedia's "top activations";
+* a uniform random sample of its activating tokens (reservoir sampling by random priorities, so
+  one pass suffices), sorted by activation: examples across its range, not only the extremes;
+* its activation density (the fraction of tokens on which it fires).
+
+`top_output_tokens` gives each feature's direct effect on the output vocabulary ("logit lens" of
+the decoder, as on Neuronpedia's feature pages): the feature's total write to the residual stream
+(its decoders summed over the layers it writes) through the final norm's weight (the norm's
+per-token scale does not change a ranking) and the unembedding, top positive and negative.
+
+Cards are stored in one compressed `.npz` (`feature_cards.npz`, next to the transcoder): arrays
+plus a JSON header with a schema version; no pickles. Windows of activations are stored as uint8
+fractions of the feature's maximum; contexts are stored once and referenced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+import zipfile
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clt.configs import ConfigError, doc, to_dict
+from clt.lm.model import forward
+from clt.transcoder import TranscoderConfig, TranscoderParams, activate
+
+CARDS_SCHEMA_VERSION = 1
+CARDS_FILE = "feature_cards.npz"
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    """How to build feature cards; saved in the cards file's header."""
+
+    transcoder: str = doc("Transcoder: a cltrace directory, a circuit-tracer layout directory, "
+                          "or a Hugging Face repo in that layout.")
+    model: str = doc("Model name or path (default: the model named in the transcoder's config).",
+                     default="")
+    data: str = doc("Text to scan: .txt/.jsonl files, a directory, globs, or hf:DATASET.",
+                    default="data/corpus")
+    out: str = doc(f"Output file (default: {CARDS_FILE} in the transcoder's directory).",
+                   default="")
+    n_contexts: int = doc("Contexts to scan (fewer if the text holds fewer).", default=1024)
+    context_length: int = doc("Tokens per context, the BOS included.", default=64)
+    batch_size: int = doc("Contexts per forward pass.", default=8)
+    top_k: int = doc("Top activating examples kept per feature.", default=8)
+    n_samples: int = doc("Random activating examples kept per feature (sorted by activation: "
+                         "samples across the activation range).", default=4)
+    window: int = doc("Tokens of context shown per example.", default=16)
+    n_output_tokens: int = doc("Top positive and negative output tokens per feature.", default=8)
+    text_field: str = doc("Field holding the text in .jsonl files and datasets.", default="text")
+    seed: int = doc("Seed of the context order and of the random samples.", default=0)
+    schema_version: int = doc("Version of this config's JSON layout.", default=1)
+
+    def __post_init__(self):
+        for name in ("n_contexts", "context_length", "batch_size", "top_k", "n_samples",
+                     "window", "n_output_tokens"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"FeaturesConfig.{name} must be positive, got "
+                                  f"{getattr(self, name)}")
+        if self.window > self.context_length:
+            raise ConfigError(f"FeaturesConfig.window ({self.window}) cannot exceed "
+                              f"context_length ({self.context_length})")
+
+
+# --- the scan ------------------------------------------------------------------------------------
+_KEYS = ("top_act", "top_ctx", "top_pos", "top_win", "smp_prio", "smp_act", "smp_ctx", "smp_pos",
+         "smp_win", "count")
+
+
+def _init_state(L: int, F: int, k: int, q: int, W: int) -> dict:
+    def z(*s, dt=jnp.int32):
+        return jnp.zeros((L, F) + s, dt)
+
+    return {"top_act": jnp.full((L, F, k), -1.0), "top_ctx": z(k), "top_pos": z(k),
+            "top_win": z(k, W, dt=jnp.float16), "smp_prio": jnp.full((L, F, q), -2.0),
+            "smp_act": z(q, dt=jnp.float32), "smp_ctx": z(q), "smp_pos": z(q),
+            "smp_win": z(q, W, dt=jnp.float16), "count": jnp.zeros((L, F), jnp.int32)}
+
+
+def _merge(old: dict, new: dict, by: str, k: int) -> dict:
+    """Keep the k entries with the largest `by` among the old and the new ones."""
+    cat = {name: jnp.concatenate([old[name], new[name]], axis=1) for name in old}
+    _, sel = jax.lax.top_k(cat[by], k)
+    return {name: jnp.take_along_axis(v, sel.reshape(sel.shape + (1,) * (v.ndim - 2)), axis=1)
+            for name, v in cat.items()}
+
+
+def _candidates(a, key_values, n: int, ctx_base, W: int, before: int):
+    """The n tokens with the largest key per feature, with their windows of activations.
+
+    a: [batch, pos, feature] activations of one layer; key_values: [feature, batch * pos]."""
+    _, T, F = a.shape
+    vals, idx = jax.lax.top_k(key_values, n)  # [F, n]
+    b, t = idx // T, idx % T
+    start = jnp.clip(t - before, 0, T - W)
+    f = jnp.arange(F)[:, None, None]
+    win = a[b[..., None], start[..., None] + jnp.arange(W), f]  # [F, n, W]
+    act = a[b, t, jnp.arange(F)[:, None]]
+    return vals, {"act": act, "ctx": (ctx_base + b).astype(jnp.int32), "pos": t.astype(jnp.int32),
+                  "win": win.astype(jnp.float16)}
+
+
+@partial(jax.jit, static_argnames=("cfg", "tc_cfg", "W", "before", "k", "q", "drop_first"),
+         donate_argnames=("state",))
+def _scan_step(params, tc_params, tokens, valid, state, key, ctx_base, *, cfg, tc_cfg, W: int,
+               before: int, k: int, q: int, drop_first: bool):
+    """Fold one batch of contexts [batch, pos] into the running statistics of every layer."""
+    _, cap = forward(params, cfg, tokens, capture=(tc_cfg.input_point,))
+    x = getattr(cap, tc_cfg.input_point)  # [layer, batch, pos, d_model]
+    B, T = tokens.shape
+    mask = valid[:, None].astype(x.dtype) * jnp.ones((1, T), x.dtype)
+    if drop_first:  # the BOS position is an attention sink, not text: its activations mislead
+        mask = mask.at[:, 0].set(0)
+
+    def one_layer(_, xs):  # a scan over layers: compiled once, whatever the depth
+        x_l, W_enc, b_enc, log_th, old, layer = xs
+        z = x_l @ W_enc.astype(x.dtype) + b_enc
+        one = dataclasses.replace(tc_params, log_threshold=log_th[None])
+        a = activate(tc_cfg, one, z[..., None, :])[..., 0, :].astype(jnp.float32)
+        a = a * mask[..., None]
+        flat = a.reshape(B * T, -1).T  # [feature, tokens]
+        vals, top = _candidates(a, flat, k, ctx_base, W, before)
+        merged = _merge({"act": old["top_act"], "ctx": old["top_ctx"], "pos": old["top_pos"],
+                         "win": old["top_win"]}, {**top, "act": vals}, "act", k)
+        prio = jnp.where(flat > 0, jax.random.uniform(jax.random.fold_in(key, layer), flat.shape),
+                         -1.0)
+        pv, smp = _candidates(a, prio, q, ctx_base, W, before)
+        sampled = _merge({"prio": old["smp_prio"], "act": old["smp_act"], "ctx": old["smp_ctx"],
+                          "pos": old["smp_pos"], "win": old["smp_win"]}, {**smp, "prio": pv},
+                         "prio", q)
+        new = {"top_" + n: v for n, v in merged.items()}
+        new.update({"smp_" + n: v for n, v in sampled.items()})
+        new["count"] = old["count"] + (flat > 0).sum(axis=1, dtype=jnp.int32)
+        return None, {name: new[name] for name in old}
+
+    xs = (x, tc_params.W_enc, tc_params.b_enc, tc_params.log_threshold, state,
+          jnp.arange(tc_cfg.n_layers))
+    return jax.lax.scan(one_layer, None, xs)[1]
+
+
+@partial(jax.jit, static_argnames=("n", "layernorm"))
+def _top_tokens(dirs, norm_w, W_U, *, n: int, layernorm: bool):
+    if layernorm:  # LayerNorm's mean subtraction is linear: part of the direction's path
+        dirs = dirs - dirs.mean(axis=-1, keepdims=True)
+    logits = (dirs * norm_w) @ W_U
+    pv, pt = jax.lax.top_k(logits, n)
+    nv, nt = jax.lax.top_k(-logits, n)
+    return pt, pv, nt, -nv
+
+
+def top_output_tokens(params, cfg, tc_cfg: TranscoderConfig, tc_params: TranscoderParams,
+                      n: int = 8, chunk: int = 1024) -> dict[str, np.ndarray]:
+    """Each feature's top positive and negative output tokens, [layer, feature, n] ids and
+    values, from its decoders through the final norm weight and the unembedding (in JAX)."""
+    norm_w = params.final_norm_w.astype(jnp.float32) + cfg.norm_offset
+    W_U = params.W_U.astype(jnp.float32)
+    n = min(n, W_U.shape[1])
+    out = {name: [] for name in ("out_pos_tok", "out_pos_val", "out_neg_tok", "out_neg_val")}
+    for s in range(tc_cfg.n_layers):
+        dirs = tc_params.W_dec[s].astype(jnp.float32).sum(axis=1)  # [feature, d_model]
+        parts = [_top_tokens(dirs[i:i + chunk], norm_w, W_U, n=n,
+                             layernorm=cfg.norm == "layernorm")
+                 for i in range(0, dirs.shape[0], chunk)]
+        for name, j in zip(out, range(4)):
+            out[name].append(np.concatenate([np.asarray(p[j]) for p in parts]))
+    return {name: np.stack(v).astype(np.int32 if "tok" in name else np.float32)
+            for name, v in out.items()}
+
+
+def _progress(enabled: bool):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                    MofNCompleteColumn(), TimeElapsedColumn(), disable=not enabled,
+                    transient=True)
+
+
+def scan(model, tc_cfg: TranscoderConfig, tc_params: TranscoderParams, contexts: np.ndarray,
+         config: FeaturesConfig, progress: bool = False) -> FeatureCards:
+    """Feature cards of every feature from token contexts [n, context_length] (one pass)."""
+    from clt.transcoder import check_model
+
+    check_model(tc_cfg, model.cfg)
+    L, F = tc_cfg.n_layers, tc_cfg.n_features
+    N, T = contexts.shape
+    W, k, q, B = config.window, config.top_k, config.n_samples, config.batch_size
+    before = (W * 3) // 4  # more context before the activating token than after: text is causal
+    bos = model.cfg.bos_token_id
+    drop_first = bos is not None and bool(np.all(contexts[:, 0] == bos))
+    state = _init_state(L, F, k, q, W)
+    key = jax.random.key(config.seed)
+    t0 = time.perf_counter()
+    with _progress(progress) as bar:
+        task = bar.add_task("scanning contexts", total=N)
+        for i in range(0, N, B):
+            batch = contexts[i:i + B]
+            valid = np.arange(B) < len(batch)
+            if len(batch) < B:  # pad the last batch (no recompilation); padding is masked out
+                batch = np.concatenate([batch, np.repeat(batch[-1:], B - len(batch), axis=0)])
+            state = _scan_step(model.params, tc_params, jnp.asarray(batch), jnp.asarray(valid),
+                               state, jax.random.fold_in(key, i), jnp.int32(i), cfg=model.cfg,
+                               tc_cfg=tc_cfg, W=W, before=before, k=k, q=q,
+                               drop_first=drop_first)
+            bar.advance(task, int(valid.sum()))
+    state = {name: np.asarray(v) for name, v in state.items()}
+    seconds = time.perf_counter() - t0
+    outputs = top_output_tokens(model.params, model.cfg, tc_cfg, tc_params,
+                                config.n_output_tokens)
+    n_tokens = N * (T - int(drop_first))
+    return _assemble(state, outputs, contexts, model, tc_cfg, config, n_tokens, before, seconds)
+
+
+def _assemble(state, outputs, contexts, model, tc_cfg, config, n_tokens, before, seconds):
+    """Compact arrays: windows as uint8 of the feature's max, only referenced contexts kept."""
+    top_max = np.maximum(state["top_act"][..., :1], 1e-12)  # [L, F, 1]
+    arrays = {"density": (state["count"] / max(n_tokens, 1)).astype(np.float32),
+              "top_act": np.where(state["top_act"] > 0, state["top_act"], 0).astype(np.float32),
+              "smp_act": np.where(state["smp_prio"] >= 0, state["smp_act"], 0).astype(np.float32)}
+    for p in ("top", "smp"):
+        win = np.clip(state[f"{p}_win"].astype(np.float32) / top_max[..., None], 0, 1)
+        arrays[f"{p}_win"] = np.round(win * 255).astype(np.uint8)
+        arrays[f"{p}_pos"] = state[f"{p}_pos"].astype(np.int16 if contexts.shape[1] < 2**15
+                                                      else np.int32)
+    # Samples sorted by activation, so that they read as quantiles of the feature's range.
+    order = np.argsort(-arrays["smp_act"], axis=-1, kind="stable")
+    for name in ("smp_act", "smp_win", "smp_pos"):
+        v = arrays[name]
+        arrays[name] = np.take_along_axis(v, order.reshape(order.shape + (1,) * (v.ndim - 3)),
+                                          axis=2)
+    smp_ctx = np.take_along_axis(state["smp_ctx"], order, axis=2)
+    used = np.unique(np.concatenate([state["top_ctx"][arrays["top_act"] > 0],
+                                     smp_ctx[arrays["smp_act"] > 0]]))
+    remap = np.zeros(len(contexts), np.int32)
+    remap[used] = np.arange(len(used))
+    arrays["top_ctx"] = remap[state["top_ctx"]]
+    arrays["smp_ctx"] = remap[smp_ctx]
+    arrays["contexts"] = contexts[used].astype(np.int32)
+    arrays.update(outputs)
+    ids = np.unique(np.concatenate([arrays["contexts"].ravel(), outputs["out_pos_tok"].ravel(),
+                                    outputs["out_neg_tok"].ravel()]))
+    tok = model.tokenizer
+    strings = tok.token_strings(ids) if tok is not None else [str(i) for i in ids]
+    arrays["vocab_ids"] = ids.astype(np.int32)
+    meta = {"kind": "feature_cards", "schema_version": CARDS_SCHEMA_VERSION,
+            "n_layers": tc_cfg.n_layers, "n_features": tc_cfg.n_features,
+            "d_model": tc_cfg.d_model, "model": model.cfg.name, "config": to_dict(config),
+            "transcoder_config": to_dict(tc_cfg), "n_tokens": int(n_tokens),
+            "n_contexts": len(contexts), "window_before": before,
+            "seconds": round(seconds, 2), "vocab_strings": strings}
+    return FeatureCards(meta, arrays)
+
+
+# --- the cards file ------------------------------------------------------------------------------
+@dataclass
+class FeatureCards:
+    """Every feature's card data (see the module docstring); `card()` gives one for a page."""
+
+    meta: dict
+    arrays: dict
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.meta["n_layers"])
+
+    @property
+    def n_features(self) -> int:
+        return int(self.meta["n_features"])
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path, meta=np.array(json.dumps(self.meta)), **self.arrays)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> FeatureCards:
+        """Read a cards file; one-line errors for a missing, truncated or foreign file."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / CARDS_FILE
+        if not path.exists():
+            raise ConfigError(f"no feature cards at {path}: run `cltrace features`")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                arrays = {name: z[name] for name in z.files if name != "meta"}
+        except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            raise ConfigError(f"{path} is not a readable feature-cards file (truncated or "
+                              f"corrupt? {type(e).__name__}: {str(e)[:80]}); re-run "
+                              "`cltrace features`") from None
+        if meta.get("kind") != "feature_cards" or meta.get("schema_version") != \
+                CARDS_SCHEMA_VERSION:
+            raise ConfigError(f"{path}: feature-cards schema {meta.get('schema_version')!r} "
+                              f"is not supported (this version reads {CARDS_SCHEMA_VERSION}); "
+                              "re-run `cltrace features`")
+        return cls(meta, arrays)
+
+    def check(self, n_layers: int, n_features: int | None, source: str = "graph") -> None:
+        """Refuse cards of another transcoder shape (feature indices would mean other features)."""
+        if n_layers != self.n_layers or (n_features is not None and n_features
+                                         != self.n_features):
+            raise ConfigError(f"feature cards are for {self.n_layers} layers x "
+                              f"{self.n_features} features but the {source} has {n_layers} "
+                              f"layers x {n_features} features; build cards for its transcoder")
+
+    def _examples(self, p: str, layer: int, feature: int, T: int) -> list:
+        a = self.arrays
+        W = a[f"{p}_win"].shape[-1]
+        before = int(self.meta["window_before"])
+        out = []
+        for j, act in enumerate(a[f"{p}_act"][layer, feature]):
+            if act <= 0:
+                continue
+            pos = int(a[f"{p}_pos"][layer, feature, j])
+            start = min(max(pos - before, 0), T - W)
+            toks = a["contexts"][a[f"{p}_ctx"][layer, feature, j], start:start + W]
+            out.append([round(float(act), 4), [int(t) for t in toks],
+                        [int(v) for v in a[f"{p}_win"][layer, feature, j]], pos - start])
+        return out
+
+    def card(self, layer: int, feature: int, label: str = "") -> dict:
+        """One feature's card for the page: label, density, max activation, output tokens
+        [[id, value], ...], top and sampled examples [[act, token ids, uint8 acts, index of
+        the activating token], ...]. Token ids resolve through `vocab()`."""
+        a = self.arrays
+        T = a["contexts"].shape[1] if len(a["contexts"]) else 0
+        card = {"d": round(float(a["density"][layer, feature]), 6),
+                "max": round(float(a["top_act"][layer, feature, 0]), 4),
+                "pos": [[int(t), round(float(v), 3)] for t, v in
+                        zip(a["out_pos_tok"][layer, feature], a["out_pos_val"][layer, feature])],
+                "neg": [[int(t), round(float(v), 3)] for t, v in
+                        zip(a["out_neg_tok"][layer, feature], a["out_neg_val"][layer, feature])],
+                "top": self._examples("top", layer, feature, T),
+                "smp": self._examples("smp", layer, feature, T)}
+        card["label"] = label or self.auto_label(card)
+        return card
+
+    @functools.cached_property
+    def _vocab(self) -> dict[int, str]:
+        return dict(zip((int(i) for i in self.arrays["vocab_ids"]), self.meta["vocab_strings"]))
+
+    def vocab(self) -> dict[int, str]:
+        """Token id -> string of every token the cards mention."""
+        return self._vocab
+
+    def auto_label(self, card: dict) -> str:
+        """A provisional label from the data: the tokens it fires on most, and what it promotes
+        (a researcher's label, given to the viewer, replaces it)."""
+        vocab = self._vocab
+        seen: list[str] = []
+        for _, toks, _, at in card["top"]:
+            s = vocab.get(toks[at], "?").strip() or repr(vocab.get(toks[at], "?"))
+            if s not in seen:
+                seen.append(s)
+        if not seen:
+            return "(never active in the scanned text)"
+        out = vocab.get(card["pos"][0][0], "?").strip() if card["pos"] else ""
+        return "on " + " / ".join(f"“{s}”" for s in seen[:3]) + (f" → “{out}”" if out else "")
+
+
+def cards_for(cards: FeatureCards, layers, features,
+              labels: dict[tuple[int, int], str] | None = None) -> dict:
+    """The cards of the given features and the strings of the tokens they mention, for a page:
+    {"cards": {"layer_feature": card}, "vocab": {id: string}}."""
+    labels = labels or {}
+    out, ids = {}, set()
+    for layer, f in sorted({(int(a), int(b)) for a, b in zip(layers, features)}):
+        c = cards.card(layer, f, labels.get((layer, f), ""))
+        out[f"{layer}_{f}"] = c
+        ids.update(t for t, _ in c["pos"] + c["neg"])
+        for ex in c["top"] + c["smp"]:
+            ids.update(ex[1])
+    vocab = cards.vocab()
+    return {"cards": out, "vocab": {str(i): vocab.get(i, f"<{i}>") for i in sorted(ids)}}
+
+
+def default_path(transcoder: str) -> Path | None:
+    """Where the cards of a transcoder live by default (None: not a local directory)."""
+    p = Path(transcoder).expanduser()
+    return p / CARDS_FILE if transcoder and p.is_dir() else None
+
+
+def build(config: FeaturesConfig, progress: bool = False) -> tuple[FeatureCards, Path]:
+    """`cltrace features`: load the model and transcoder, scan, save; returns (cards, path)."""
+    from attribution.trace import load_any_transcoder
+    from clt.data import LocalContexts, open_contexts
+    from clt.lm.loading import load_model
+
+    out = Path(config.out) if config.out else default_path(config.transcoder)
+    if out is None:
+        raise ConfigError(f"transcoder '{config.transcoder}' is not a local directory: give "
+                          "--out PATH for the cards file")
+    tc_cfg, tc_params = load_any_transcoder(config.transcoder)
+    name = config.model or tc_cfg.model_name
+    if not name:
+        raise ConfigError("the transcoder's config names no model: pass --model NAME")
+    model = load_model(name)
+    ctx = open_contexts(config.data, model.tokenizer, config.context_length, seed=config.seed,
+                        text_field=config.text_field)
+    n = min(config.n_contexts, len(ctx)) if isinstance(ctx, LocalContexts) else config.n_contexts
+    cards = scan(model, tc_cfg, tc_params, ctx.take(0, n), config, progress=progress)
+    cards.meta["transcoder"] = config.transcoder
+    return cards, cards.save(out)
+
+
+__all__ = ["CARDS_FILE", "CARDS_SCHEMA_VERSION", "FeatureCards", "FeaturesConfig", "build",
+           "cards_for", "default_path", "scan", "top_output_tokens"]
