@@ -153,8 +153,8 @@ class Graph:
                 meta = json.loads(str(z["meta"]))
                 arrays = {name: z[name] for name in _ARRAYS}
         except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-            raise ConfigError(f"{path} is not a readable cltrace graph ({type(e).__name__}: "
-                              f"{e}); re-run the trace") from None
+            raise ConfigError(f"{path} is not a cltrace graph, or is truncated "
+                              f"({type(e).__name__}: {e}); re-run the trace") from None
         version = meta.get("schema_version")
         if meta.get("kind") != "attribution_graph" or version != GRAPH_SCHEMA_VERSION:
             raise ConfigError(f"{path}: graph schema {version!r} is not supported "

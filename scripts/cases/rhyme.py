@@ -34,11 +34,16 @@ def main() -> None:
     s.say(f"Suppressed (key features zeroed from their positions on): "
           f"{s.generate(PROMPT, sup)!r}")
     donor, _, _ = s.trace(DONOR, "donor")
-    drows = s.key_features(donor, INJECT if INJECT in donor.logit_strings else None, k=4)
+    # Features at the donor's last position (where " green" is predicted), not the generic
+    # first-token features that dominate influence everywhere.
+    last_d = donor.n_pos - 1
+    drows = [r for r in s.key_features(donor, INJECT if INJECT in donor.logit_strings else None,
+                                       k=donor.ranges.feature.stop) if r[2] == last_d][:4]
     last = s.prompt_ids(PROMPT).__len__() - 1
-    inj = [iv.FeatureEdit(lay, i, last, "set", 3 * act) for _, lay, _, i, act, _ in drows]
+    inj = [iv.FeatureEdit(lay, i, last, "set", 3 * act, onwards=True)
+           for _, lay, _, i, act, _ in drows]
     s.say(f"\nInjection: the {len(inj)} features that drive {INJECT!r} in {DONOR!r}, set to 3x "
-          f"their activation there at the last position: " + ", ".join(
+          f"their activation there, from the last position on: " + ", ".join(
               f"L{e.layer}:F{e.feature}" for e in inj))
     p0, p1 = s.next_probs(PROMPT), s.next_probs(PROMPT, inj)
     tid = s.token_id(INJECT)
