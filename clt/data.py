@@ -272,19 +272,18 @@ def _valid_and_order(x, key, context_length: int, drop_first: bool, outlier_fact
 class ActivationStream:
     """Shuffled batches of (transcoder input x, MLP output y), each [batch_tokens, layer, d_model].
 
-    Arrays stay on the device(s); pass `sharding` (e.g. NamedSharding(mesh, P('data'))) to lay
-    each batch out over a mesh.
+    Arrays stay on the default device; the trainer lays each batch out over its mesh.
     """
 
     def __init__(self, model: LoadedModel, contexts, *, input_point: str, batch_tokens: int,
                  round_contexts: int, model_batch: int = 8, seed: int = 0,
                  drop_bos: bool = True, outlier_factor: float = 10.0, dtype=jnp.float32,
-                 cache_dir: str | Path | None = None, sharding=None):
+                 cache_dir: str | Path | None = None):
         self.model, self.contexts = model, contexts
         self.input_point, self.batch_tokens = input_point, batch_tokens
         self.round_contexts, self.model_batch = round_contexts, model_batch
         self.seed, self.drop_bos, self.outlier_factor = seed, drop_bos, outlier_factor
-        self.dtype, self.sharding = dtype, sharding
+        self.dtype = dtype
         self.cache_dir = Path(cache_dir) if cache_dir else None
         T = contexts.context_length
         if T > model.cfg.max_position:
@@ -336,8 +335,6 @@ class ActivationStream:
             for i in range(b, n_batches):
                 idx = order[i * self.batch_tokens:(i + 1) * self.batch_tokens]
                 bx, by = x[idx], y[idx]
-                if self.sharding is not None:
-                    bx, by = jax.device_put(bx, self.sharding), jax.device_put(by, self.sharding)
                 nxt = DataPosition(r, i + 1) if i + 1 < n_batches else DataPosition(r + 1, 0)
                 yield nxt, bx, by
             r, b = r + 1, 0

@@ -390,7 +390,7 @@ def train(tc: TrainConfig, *, resume: bool = True, progress: bool = True,
     metrics_file = (out / "metrics.jsonl").open("a") if jax.process_index() == 0 else None
     tb = _tensorboard(out) if jax.process_index() == 0 else None
     meter, last = _Meter(time.perf_counter()), None
-    bar = _progress(progress, tc.steps, step)
+    bar = _Bar(progress, tc.steps, step)
     try:
         batches = stream.batches(pos)
         while step < tc.steps:
@@ -463,10 +463,6 @@ class _Bar:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
-
-
-def _progress(enabled: bool, total: int, start: int) -> _Bar:
-    return _Bar(enabled, total, start)
 
 
 def _tensorboard(out: Path):
