@@ -120,34 +120,30 @@ class EditedReplacementHook(MLPHook):
     n_prompt: int
 
     def init(self, hook_params, x):
-        # Pending decoder writes into each layer, for the edited and the unedited features.
-        z = jnp.zeros((self.tc_cfg.n_layers,) + x.shape, x.dtype)
-        return z, z
+        # Pending reconstructions of each layer, with the edited and with the unedited features.
+        pending = tcm.init_pending(self.tc_cfg, hook_params[0], x)
+        return pending, pending
 
     def apply(self, hook_params, layer, resid_mid, mlp_in, state, true_mlp):
         tc_params, mlp_out, recon_prompt, positions = hook_params
         cfg = self.tc_cfg
         edited, plain = state
         x = resid_mid if cfg.input_point == "resid_mid" else mlp_in
-        pre = x @ tc_params.W_enc[layer].astype(x.dtype) + tc_params.b_enc[layer]
-        one = dataclasses.replace(tc_params, log_threshold=tc_params.log_threshold[layer:layer + 1])
-        acts = tcm.activate(cfg, one, pre[..., None, :])[..., 0, :]
-        acts_e = _edit_layer_acts(acts, layer, self.edits, positions)
-        for j in range(cfg.n_targets(layer)):
-            w = tc_params.W_dec[layer][:, j].astype(x.dtype)
-            edited = edited.at[layer + j].add(acts_e @ w)
-            plain = plain.at[layer + j].add(acts @ w)
-        recon = edited[layer] + tc_params.b_dec[layer]
-        if tc_params.W_skip is not None:
-            recon = recon + x @ tc_params.W_skip[layer].astype(x.dtype)
+
+        def edit(acts):
+            return _edit_layer_acts(acts, layer, self.edits, positions)
+
+        _, recon, edited = tcm.layer_step(cfg, tc_params, layer, x, edited, edit)
         P = self.n_prompt
         # Prompt positions: true MLP output at the prompt + (reconstruction now - at the prompt),
         # i.e. reconstruction + frozen error, written so it is exact when nothing changed.
         at_prompt = mlp_out[layer] + (recon[:, :P] - recon_prompt[layer])
         if x.shape[1] == P:
             return at_prompt.astype(x.dtype), (edited, plain)
-        # Generated positions: the model's own MLP plus what the edits change.
-        beyond = true_mlp(mlp_in[:, P:]) + (edited[layer] - plain[layer])[:, P:]
+        # Generated positions: the model's own MLP plus what the edits change (the skip and
+        # b_dec cancel in the difference).
+        _, unedited, plain = tcm.layer_step(cfg, tc_params, layer, x, plain)
+        beyond = true_mlp(mlp_in[:, P:]) + (recon - unedited)[:, P:]
         return jnp.concatenate([at_prompt, beyond], axis=1).astype(x.dtype), (edited, plain)
 
 

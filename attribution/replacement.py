@@ -26,7 +26,6 @@ rest of the MLP output.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import jax
@@ -184,31 +183,23 @@ def linear_forward(rm: LocalReplacement, params: LMParams, cfg: ModelConfig,
 class ReplacementHook(MLPHook):
     """Every MLP replaced by the transcoder (features computed live) plus the frozen error.
 
-    State: the pending decoder writes of earlier layers' features into each layer [layer, *x].
+    State: the pending reconstructions of every layer (`clt.transcoder.layer_step`).
     """
 
     tc_cfg: TranscoderConfig
 
     def init(self, hook_params, x):
-        return jnp.zeros((self.tc_cfg.n_layers,) + x.shape, x.dtype)
+        return tcm.init_pending(self.tc_cfg, hook_params[0], x)
 
     def apply(self, hook_params, layer, resid_mid, mlp_in, state, true_mlp):
         tc_params, mlp_out, recon_at_prompt = hook_params
-        cfg = self.tc_cfg
-        x = _read_point(cfg, resid_mid, mlp_in)
-        pre = x @ tc_params.W_enc[layer].astype(x.dtype) + tc_params.b_enc[layer]
-        one = dataclasses.replace(tc_params, log_threshold=tc_params.log_threshold[layer:layer + 1])
-        acts = tcm.activate(cfg, one, pre[..., None, :])[..., 0, :]
-        for j in range(cfg.n_targets(layer)):
-            state = state.at[layer + j].add(acts @ tc_params.W_dec[layer][:, j].astype(x.dtype))
-        recon = state[layer] + tc_params.b_dec[layer]
-        if tc_params.W_skip is not None:
-            recon = recon + x @ tc_params.W_skip[layer].astype(x.dtype)
+        x = _read_point(self.tc_cfg, resid_mid, mlp_in)
+        _, recon, state = tcm.layer_step(self.tc_cfg, tc_params, layer, x, state)
         # recon + error, with error = true - recon_at_prompt frozen, written as true + (recon -
         # recon_at_prompt): the same function, but exact in floating point on the prompt itself
         # (recon + (true - recon) rounds at the scale of the MLP output, and SmolLM2's BOS
         # position has MLP outputs in the hundreds).
-        return mlp_out[layer] + (recon - recon_at_prompt[layer]).astype(x.dtype), state
+        return (mlp_out[layer] + (recon - recon_at_prompt[layer])).astype(x.dtype), state
 
 
 def replacement_logits(rm: LocalReplacement, params: LMParams, cfg: ModelConfig,

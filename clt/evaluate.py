@@ -32,43 +32,9 @@ from jaxtyping import Array, Float, Int
 from clt.lm.loading import LoadedModel
 from clt.lm.model import MLPHook
 from clt.lm.model import forward as lm_forward
-from clt.transcoder import TranscoderConfig, TranscoderParams, check_model, check_params, encode
-
-
-# --- the transcoder, one layer at a time ---------------------------------------------------------
-def _init_pending(cfg: TranscoderConfig, params: TranscoderParams,
-                  x: Float[Array, "batch pos d_model"]) -> tuple:
-    """Pending reconstructions of every target layer: b_dec[t], before any feature writes.
-
-    Float32 at least: a target layer sums the writes of up to n_layers source layers."""
-    dtype = jnp.promote_types(x.dtype, jnp.float32)
-    return tuple(jnp.broadcast_to(params.b_dec[t].astype(dtype), x.shape)
-                 for t in range(cfg.n_layers))
-
-
-def _layer_step(cfg: TranscoderConfig, params: TranscoderParams, layer: int,
-                x: Float[Array, "batch pos d_model"], pending: tuple):
-    """Encode layer `layer` from its input x, add its decoder writes to the pending outputs of
-    layers layer..layer+n_targets-1, and return (acts, reconstruction of `layer`, pending).
-
-    Reconstruction = b_dec + the writes of all source layers <= layer (+ the skip of x); it is the
-    same sum as `transcoder.decode`, computed as soon as layer's own input is known, which is what
-    the spliced model needs (its inputs at later layers depend on this output)."""
-    # A one-layer view of the parameters, so that `encode` applies the inference activation rule.
-    view = dataclasses.replace(params, W_enc=params.W_enc[layer:layer + 1],
-                               b_enc=params.b_enc[layer:layer + 1],
-                               log_threshold=params.log_threshold[layer:layer + 1])
-    acts = encode(cfg, view, x[..., None, :])[..., 0, :]  # [batch pos feature]
-    n = cfg.n_targets(layer)
-    w = params.W_dec[layer].astype(acts.dtype).reshape(cfg.n_features, n * cfg.d_model)
-    writes = (acts @ w).reshape(acts.shape[:-1] + (n, cfg.d_model))
-    pending = list(pending)
-    for j in range(n):
-        pending[layer + j] = pending[layer + j] + writes[..., j, :]
-    out = pending[layer]
-    if params.W_skip is not None:
-        out = out + x @ params.W_skip[layer].astype(x.dtype)
-    return acts, out, tuple(pending)
+from clt.transcoder import (
+    TranscoderConfig, TranscoderParams, check_model, check_params, init_pending, layer_step,
+)
 
 
 @dataclass(frozen=True)
@@ -84,13 +50,13 @@ class SplicedTranscoder(MLPHook):
     cfg: TranscoderConfig
 
     def init(self, hook_params: TranscoderParams, x: Float[Array, "batch pos d_model"]) -> tuple:
-        return _init_pending(self.cfg, hook_params, x)
+        return init_pending(self.cfg, hook_params, x)
 
     def apply(self, hook_params: TranscoderParams, layer: int,
               resid_mid: Float[Array, "batch pos d_model"],
               mlp_in: Float[Array, "batch pos d_model"], state: tuple, true_mlp):
         x = resid_mid if self.cfg.input_point == "resid_mid" else mlp_in
-        _, out, state = _layer_step(self.cfg, hook_params, layer, x, state)
+        _, out, state = layer_step(self.cfg, hook_params, layer, x, state)
         return out, state
 
 
@@ -107,10 +73,10 @@ def _batch_sums(params, cfg, tc_params: TranscoderParams, tc_cfg: TranscoderConf
     # drop_bos: the attention-sink position has outlier norms that would dominate the statistics.
     w = rows[:, None] * jnp.where(drop_bos & (jnp.arange(T) == 0), 0.0, 1.0)
     n = w.sum()
-    pending = _init_pending(tc_cfg, tc_params, x[0])
+    pending = init_pending(tc_cfg, tc_params, x[0])
     sq_err, mean, m2, active = [], [], [], []
     for layer in range(tc_cfg.n_layers):
-        acts, recon, pending = _layer_step(tc_cfg, tc_params, layer, x[layer], pending)
+        acts, recon, pending = layer_step(tc_cfg, tc_params, layer, x[layer], pending)
         yl = y[layer].astype(jnp.float32)
         sq_err.append(jnp.sum(w * jnp.sum(jnp.square(recon - yl), -1)))
         mu = jnp.sum(w[..., None] * yl, (0, 1)) / jnp.maximum(n, 1.0)

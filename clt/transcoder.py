@@ -291,6 +291,41 @@ def forward(cfg: TranscoderConfig, params: TranscoderParams, x: Float[Array, "*b
     return decode(cfg, params, acts, x), acts
 
 
+def init_pending(cfg: TranscoderConfig, params: TranscoderParams,
+                 x: Float[Array, "*b d_model"]) -> tuple:
+    """Pending reconstructions of every target layer, b_dec[t] before any feature writes, for
+    `layer_step` (at least float32: a target layer sums the writes of many source layers)."""
+    dtype = jnp.promote_types(x.dtype, jnp.float32)
+    return tuple(jnp.broadcast_to(params.b_dec[t].astype(dtype), x.shape)
+                 for t in range(cfg.n_layers))
+
+
+def layer_step(cfg: TranscoderConfig, params: TranscoderParams, layer: int,
+               x: Float[Array, "*b d_model"], pending: tuple, edit=None):
+    """One source layer of a transcoder run layer by layer, as a spliced model needs it (its
+    inputs at later layers depend on this layer's output): encode layer `layer` from its input x,
+    optionally change the activations (`edit(acts) -> acts`), add their decoder writes to the
+    pending outputs of layers layer..layer+n_targets-1, and return (acts, reconstruction of
+    `layer`, pending). The reconstruction is the same sum as `decode` (+ the skip of x)."""
+    # A one-layer view of the parameters, so that `encode` applies the inference rule.
+    view = dataclasses.replace(params, W_enc=params.W_enc[layer:layer + 1],
+                               b_enc=params.b_enc[layer:layer + 1],
+                               log_threshold=params.log_threshold[layer:layer + 1])
+    acts = encode(cfg, view, x[..., None, :])[..., 0, :]  # [*b feature]
+    if edit is not None:
+        acts = edit(acts)
+    n = cfg.n_targets(layer)
+    w = params.W_dec[layer].astype(acts.dtype).reshape(cfg.n_features, n * cfg.d_model)
+    writes = (acts @ w).reshape(acts.shape[:-1] + (n, cfg.d_model))
+    pending = list(pending)
+    for j in range(n):
+        pending[layer + j] = pending[layer + j] + writes[..., j, :]
+    out = pending[layer]
+    if params.W_skip is not None:
+        out = out + x @ params.W_skip[layer].astype(x.dtype)
+    return acts, out, tuple(pending)
+
+
 def decoder_norms(cfg: TranscoderConfig, params: TranscoderParams,
                   kind: Literal["concat", "sum"] = "concat") -> Float[Array, "layer feature"]:
     """Per-feature decoder norm: 'concat' is the L2 norm of the decoders concatenated over target
@@ -387,6 +422,7 @@ def load(path: str | Path, dtype=jnp.float32) -> tuple[TranscoderConfig, Transco
 __all__ = [
     "Norms", "TranscoderConfig", "TranscoderParams", "activate", "batchtopk_mask",
     "check_model", "check_params", "decode", "decoder_norms", "decoder_to_layer", "encode",
-    "encode_pre", "fold_norms", "forward", "init_params", "jumprelu", "load", "param_shapes",
+    "encode_pre", "fold_norms", "forward", "init_params", "init_pending", "jumprelu",
+    "layer_step", "load", "param_shapes",
     "save", "topk_mask",
 ]
