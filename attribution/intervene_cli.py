@@ -89,6 +89,7 @@ def _edits(args):
 
 
 def _steer(args) -> int:
+    import jax
     import jax.numpy as jnp
     from rich.console import Console
     from rich.table import Table
@@ -154,8 +155,7 @@ def _steer(args) -> int:
     P = len(ids)
     before = original(jnp.asarray(ids))[P - 1]
     after = intervened(jnp.asarray(ids))[P - 1]
-    pb = np.asarray(jnp.exp(before - jnp.max(before)) / jnp.exp(before - jnp.max(before)).sum())
-    pa = np.asarray(jnp.exp(after - jnp.max(after)) / jnp.exp(after - jnp.max(after)).sum())
+    pb, pa = (np.asarray(jax.nn.softmax(x.astype(jnp.float32))) for x in (before, after))
     union = list(dict.fromkeys(list(np.argsort(-pb)[:args.k]) + list(np.argsort(-pa)[:args.k])))
     table = Table(title="next token: probability before -> after")
     for col in ("token", "before", "after", "change"):

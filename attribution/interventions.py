@@ -66,11 +66,15 @@ class FeatureEdit:
             raise ConfigError(f"position {self.pos} out of range: the prompt has positions "
                               f"0..{n_pos - 1} (BOS = 0)")
 
-    def mask(self, n_pos: int) -> np.ndarray:
-        p = np.arange(n_pos)
+    def apply(self, col, positions):
+        """The edited activations of this feature, col [..., pos], at `positions` [pos]."""
         if self.pos is None:
-            return np.ones(n_pos, bool)
-        return p >= self.pos if self.onwards else p == self.pos
+            sel = jnp.ones(positions.shape, bool)
+        else:
+            sel = positions >= self.pos if self.onwards else positions == self.pos
+        new = {"set": jnp.full_like(col, self.value), "scale": col * self.value,
+               "add": col + self.value}[self.op]
+        return jnp.where(sel, new, col)
 
 
 _EDIT = re.compile(r"^\s*(\d+):(\d+)(?:@(all|\d+\+?|\d+:))?\s*([=*+])\s*([-+0-9.eE]+)\s*$")
@@ -93,18 +97,8 @@ def parse_edit(spec: str) -> FeatureEdit:
 def _edit_layer_acts(acts, layer: int, edits: tuple[FeatureEdit, ...], positions):
     """Apply the edits of `layer` to acts [..., pos, feature]; positions [pos] (absolute)."""
     for e in edits:
-        if e.layer != layer:
-            continue
-        if e.pos is None:
-            sel = jnp.ones(positions.shape, bool)
-        elif e.onwards:
-            sel = positions >= e.pos
-        else:
-            sel = positions == e.pos
-        col = acts[..., e.feature]
-        new = {"set": jnp.full_like(col, e.value), "scale": col * e.value,
-               "add": col + e.value}[e.op]
-        acts = acts.at[..., e.feature].set(jnp.where(sel, new, col))
+        if e.layer == layer:
+            acts = acts.at[..., e.feature].set(e.apply(acts[..., e.feature], positions))
     return acts
 
 
@@ -174,10 +168,7 @@ def frozen_effects(params: LMParams, cfg: ModelConfig, tc_cfg: TranscoderConfig,
     for e in edits:
         e.check(tc_cfg, n_pos)
         col = acts[:, e.layer, e.feature]
-        new = {"set": jnp.full_like(col, e.value), "scale": col * e.value,
-               "add": col + e.value}[e.op]
-        sel = jnp.asarray(e.mask(n_pos))
-        delta = delta.at[:, e.layer, e.feature].add(jnp.where(sel, new - col, 0.0))
+        delta = delta.at[:, e.layer, e.feature].add(e.apply(col, jnp.arange(n_pos)) - col)
     # The edited activations write through the decoders into the MLP slots they reach.
     writes = jnp.swapaxes(tcm.decode(tc_cfg, dataclasses.replace(
         tc_params, b_dec=jnp.zeros_like(tc_params.b_dec), W_skip=None), delta), 0, 1)
@@ -277,12 +268,6 @@ def greedy_continue(logits_fn, prompt: list[int], max_new_tokens: int, eos: tupl
     return buf[len(prompt):n].tolist()
 
 
-def top_k(logits, k: int, tokenizer) -> list[tuple[str, float]]:
-    p = np.asarray(jax.nn.softmax(logits.astype(jnp.float32)))
-    idx = np.argsort(-p)[:k]
-    return [(tokenizer.decode([int(i)]), float(p[i])) for i in idx]
-
-
 # --- logit lens ------------------------------------------------------------------------------------
 def logit_lens(params: LMParams, cfg: ModelConfig, tokens, k: int = 5):
     """Top-k tokens and probabilities decoded from the residual stream entering each block and
@@ -301,5 +286,5 @@ def logit_lens(params: LMParams, cfg: ModelConfig, tokens, k: int = 5):
 __all__ = [
     "EditedReplacementHook", "FeatureEdit", "SteerHook", "diff_of_means", "feature_direction",
     "free_logits", "frozen_effects", "frozen_logits", "greedy_continue", "logit_lens",
-    "mean_residual", "parse_edit", "steered_logits", "top_k",
+    "mean_residual", "parse_edit", "steered_logits",
 ]
