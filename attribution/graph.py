@@ -1,5 +1,10 @@
 """The attribution graph artifact: nodes in named ranges, the dense unpruned adjacency, save/load.
 
+A *streamed* graph (a prompt whose full adjacency is too large to hold) stores the dense adjacency
+of its most influential features only, with every error, token and logit node, plus the full
+graph's influence and |A| row sums of the nodes stored and the full graph's scores; `prune`,
+`graph_scores` and the viewer use those, so their results are the full graph's.
+
 An attribution graph ("Circuit Tracing", Ameisen et al., 2025, §2.3) has four kinds of nodes,
 stored in this order, each kind a named range (`Graph.ranges`):
 
@@ -74,12 +79,38 @@ class Graph:
     config: dict = field(default_factory=dict)  # the TraceConfig, as a dict
     info: dict = field(default_factory=dict)  # model / transcoder names, scores, timings
     n_active_total: int = -1  # active features before any max_feature_nodes cap
+    # A streamed graph (TraceConfig.adjacency="stream") stores only the most influential features
+    # of the full graph; for the nodes it stores, these hold what the full graph says (None in a
+    # dense graph, where the adjacency says it all). info["full_graph"] has the full graph's
+    # counts, scores and the influence of the features left out.
+    influence: np.ndarray | None = None  # [node] influence on the logits in the full graph
+    input_abs: np.ndarray | None = None  # [node] sum of |incoming edges| in the full graph
+    input_error_abs: np.ndarray | None = None  # [node] the same, over error sources only
     schema_version: int = GRAPH_SCHEMA_VERSION
 
     def __post_init__(self):
         n = self.ranges.n_nodes
         if self.adjacency.shape != (n, n):
             raise ValueError(f"adjacency has shape {self.adjacency.shape}, the nodes need {(n, n)}")
+        for name in _FULL:
+            a = getattr(self, name)
+            if a is not None and a.shape != (n,):
+                raise ValueError(f"{name} has shape {a.shape}, the nodes need {(n,)}")
+        if self.streamed and "full_graph" not in self.info:
+            raise ValueError("a streamed graph needs info['full_graph'] (its full graph's scores)")
+
+    @property
+    def streamed(self) -> bool:
+        """Whether this graph stores only part of its full graph (see `influence`)."""
+        return self.influence is not None
+
+    def influence_total(self) -> float:
+        """Total influence on the logits of every node of the full graph (those left out of a
+        streamed graph included); 0 for a dense graph, whose influence is computed from the
+        adjacency."""
+        if not self.streamed:
+            return 0.0
+        return float(self.influence.sum()) + float(self.info["full_graph"]["influence_left_out"])
 
     @property
     def n_pos(self) -> int:
@@ -135,6 +166,7 @@ class Graph:
             "config": self.config, "info": self.info, "n_active_total": self.n_active_total,
         }
         arrays = {name: getattr(self, name) for name in _ARRAYS}
+        arrays.update({n: getattr(self, n) for n in _FULL if getattr(self, n) is not None})
         np.savez(path, meta=np.array(json.dumps(meta)), **arrays)
         (path.parent / "config.json").write_text(json.dumps(
             {"kind": "trace", "schema_version": self.schema_version, "config": self.config},
@@ -152,6 +184,7 @@ class Graph:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
                 arrays = {name: z[name] for name in _ARRAYS}
+                arrays.update({n: z[n] for n in _FULL if n in z.files})
         except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
             raise ConfigError(f"{path} is not a cltrace graph, or is truncated "
                               f"({type(e).__name__}: {e}); re-run the trace") from None
@@ -167,6 +200,7 @@ class Graph:
 
 _ARRAYS = ("tokens", "feature_layer", "feature_pos", "feature_index", "activation", "error_layer",
            "error_pos", "logit_tokens", "logit_probs", "adjacency")
+_FULL = ("influence", "input_abs", "input_error_abs")  # streamed graphs only
 
 
 def error_nodes(n_layers: int, n_pos: int, bos: bool) -> tuple[np.ndarray, np.ndarray]:

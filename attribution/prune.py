@@ -12,6 +12,10 @@ circuit-tracer's `graph.py`, with the same semantics:
   (plus the target's logit weight), and keeps the top edges up to `edge_threshold` of the total
   score. Then feature and error nodes left with no outgoing kept edge, and features left with no
   incoming one, are dropped, repeatedly until nothing changes.
+* Streamed graphs (`Graph.streamed`) store the most influential features only: their node
+  influence and scores are the full graph's, stored at trace time, and node pruning counts the
+  shares of the full graph's total influence, so results match the full graph's while the cut
+  stays among the stored features (a warning says when it does not).
 * Replacement score: the share of the tokens' plus errors' influence that belongs to tokens.
   Completeness score: the influence-weighted (plus logit-weighted) average over nodes of the
   share of each node's normalised input that does not come from error nodes.
@@ -19,6 +23,7 @@ circuit-tracer's `graph.py`, with the same semantics:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,14 +52,19 @@ def influence(normalized: np.ndarray, weights: np.ndarray, max_iter: int = 1000)
 
 
 def node_influence(graph: Graph, adjacency: np.ndarray | None = None) -> np.ndarray:
+    """Every node's influence on the logits: the full graph's, stored, for a streamed graph
+    (whose adjacency is only part of it), else computed from `adjacency` (default: the graph's)."""
+    if adjacency is None and graph.streamed:
+        return graph.influence.astype(np.float64)
     a = graph.adjacency if adjacency is None else adjacency
     return influence(normalize_rows(a), graph.logit_weights())
 
 
-def find_threshold(scores: np.ndarray, fraction: float) -> float:
-    """The smallest score among the top scores whose cumulative share reaches `fraction`."""
+def find_threshold(scores: np.ndarray, fraction: float, total: float | None = None) -> float:
+    """The smallest score among the top scores whose cumulative share reaches `fraction` (shares
+    of `total` when given: scores of items not listed, all below these, count in it)."""
     s = np.sort(np.asarray(scores, np.float64).ravel())[::-1]
-    total = s.sum()
+    total = s.sum() if total is None else max(float(total), s.sum())
     if s.size == 0 or total <= 0:
         return 0.0
     cum = np.cumsum(s) / total
@@ -82,7 +92,16 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
     r = graph.ranges
     weights = graph.logit_weights()
     infl = node_influence(graph)
-    node_mask = infl >= find_threshold(infl, node_threshold)
+    total = graph.influence_total() if graph.streamed else float(infl.sum())
+    cut = find_threshold(infl, node_threshold, total)
+    if graph.streamed and graph.info["full_graph"]["features_left_out"] and r.feature.stop and \
+            cut <= infl[r.feature].min():
+        # The cut reaches the least influential feature stored: features left out of the
+        # streamed graph would have been kept too.
+        warnings.warn(f"node_threshold {node_threshold} reaches past the {r.feature.stop} "
+                      "features this streamed graph stores: the pruned graph misses some; trace "
+                      "with a larger --stream-features", stacklevel=2)
+    node_mask = infl >= cut
     node_mask[r.token.start:] = True  # tokens and logits, always
 
     pruned = graph.adjacency.copy()
@@ -105,7 +124,7 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
             break
 
     order = np.argsort(-infl, kind="stable")
-    cum = np.cumsum(infl[order]) / max(infl.sum(), 1e-30)
+    cum = np.cumsum(infl[order]) / max(total, 1e-30)
     cumulative = np.zeros_like(infl)
     cumulative[order] = cum
     return PruneResult(node_mask, edge_mask, cumulative, infl)
@@ -113,7 +132,11 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
 
 def graph_scores(graph: Graph, adjacency: np.ndarray | None = None) -> tuple[float, float]:
     """(replacement score, completeness score) of the graph, or of `adjacency` over its nodes
-    (a pruned adjacency, for the scores of the pruned graph)."""
+    (a pruned adjacency, for the scores of the pruned graph). A streamed graph's own scores are
+    its full graph's, computed while tracing."""
+    if adjacency is None and graph.streamed:
+        full = graph.info["full_graph"]
+        return float(full["replacement_score"]), float(full["completeness_score"])
     r = graph.ranges
     a = graph.adjacency if adjacency is None else adjacency
     weights = graph.logit_weights()

@@ -129,6 +129,27 @@ def active_features(acts: Float[Array, "pos layer feature"], skip_bos: bool) -> 
                           a[pos, layer, index])
 
 
+def prefix(rm: LocalReplacement, n: int) -> LocalReplacement:
+    """The replacement restricted to the first `n` positions (static). The model is causal, so
+    every value at a position < n, and every gradient of such a value, is the same as in `rm`."""
+    fr = rm.frozen
+
+    def cut(name: str, a):
+        if a is None:
+            return None
+        if name == "attn_pattern":  # [layer batch head qpos kpos]
+            return a[..., :n, :n]
+        if name == "final_norm_scale":  # [batch pos]
+            return a[:, :n]
+        return a[:, :, :n]  # [layer batch pos ...]
+
+    frozen = Capture(**{f: cut(f, getattr(fr, f)) for f in FREEZABLE})
+    return LocalReplacement(
+        tokens=rm.tokens[:n], embeds=rm.embeds[:n], frozen=frozen, inputs=rm.inputs[:, :n],
+        mlp_out=rm.mlp_out[:, :n], recon=rm.recon[:, :n], mlp_sub=rm.mlp_sub[:, :n],
+        error=rm.error[:, :n], last_logits=rm.last_logits)
+
+
 # --- the frozen linear model ---------------------------------------------------------------------
 def _layer_frozen(rm: LocalReplacement, layer) -> dict:
     return {k: getattr(rm.frozen, k)[layer] for k in _LAYER_FROZEN
@@ -225,5 +246,6 @@ def prepend_bos(cfg: ModelConfig, ids: list[int]) -> tuple[list[int], bool]:
 
 __all__ = [
     "ActiveFeatures", "LocalReplacement", "ReplacementHook", "active_features", "build",
-    "final_hidden", "linear_block", "linear_forward", "prepend_bos", "replacement_logits",
+    "final_hidden", "linear_block", "linear_forward", "prefix", "prepend_bos",
+    "replacement_logits",
 ]

@@ -68,6 +68,23 @@ class TraceConfig:
     dtype: Literal["float32", "bfloat16", "float64"] = doc(
         "Compute dtype of the backward sweeps; rows are stored as float32 (float64 under "
         "float64, which needs jax_enable_x64: for reference checks).", default="float32")
+    adjacency: Literal["auto", "dense", "stream"] = doc(
+        "dense: keep every row, the whole adjacency (it grows with the square of the active "
+        "features). stream: fold each batch of rows, as it is made, into every node's influence "
+        "and the graph scores (exact, computed top layer first so each target's influence is "
+        "final when its row is made), then keep a dense graph of the `stream_features` most "
+        "influential features (their rows made again): memory grows with the nodes, not their "
+        "square. auto: dense when it fits under max_adjacency_gb, else stream. Ignored under "
+        "max_feature_nodes.", default="auto")
+    stream_features: int = doc(
+        "Under stream: the features kept in the stored graph, the most influential; the "
+        "graph also holds every error, token and logit node and the full graph's influences, "
+        "|A| row sums and scores.", default=8192)
+    position_bucket: int = doc(
+        "A batch of targets at positions < P needs the first P positions only (the model is "
+        "causal): each batch runs on the shortest such prefix, P rounded up to a multiple of "
+        "this (one compilation per distinct P). 0: automatic (prompt length / 8, at least 16); "
+        "the prompt length or more: always the whole prompt.", default=0)
     offload: bool = doc(
         "Keep the dense adjacency in host memory (numpy), filling it batch by batch; otherwise it "
         "is assembled on the accelerator and copied at the end.", default=True)
@@ -82,7 +99,7 @@ class TraceConfig:
     schema_version: int = doc("Version of this config's JSON layout.", default=1)
 
     def __post_init__(self):
-        for name in ("max_n_logits", "batch_size", "update_interval"):
+        for name in ("max_n_logits", "batch_size", "update_interval", "stream_features"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"TraceConfig.{name} must be positive, got {getattr(self, name)}")
         if self.max_feature_nodes is not None and self.max_feature_nodes < 0:
@@ -91,6 +108,8 @@ class TraceConfig:
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ConfigError(f"TraceConfig.{name} must be in (0, 1], got "
                                   f"{getattr(self, name)}")
+        if self.position_bucket < 0:
+            raise ConfigError("TraceConfig.position_bucket must be >= 0 (0: automatic)")
         if self.batch_memory_gb <= 0 or self.max_adjacency_gb <= 0:
             raise ConfigError("TraceConfig memory budgets must be positive")
 
@@ -132,15 +151,22 @@ def _feature_layout(active: rep.ActiveFeatures, n_layers: int, n_pos: int):
     return out
 
 
-@partial(jax.jit, static_argnames=("cfg", "tc_cfg", "src_layers", "first_pos"))
+@partial(jax.jit, static_argnames=("cfg", "tc_cfg", "src_layers", "src_sizes", "src_counts",
+                                   "first_pos", "n_pos"))
 def _rows(params, tc_params, rm, layout, tgt_layer, tgt_pos, tgt_vec, *, cfg: ModelConfig,
-          tc_cfg: TranscoderConfig, src_layers: tuple[int, ...], first_pos: int):
+          tc_cfg: TranscoderConfig, src_layers: tuple[int, ...], src_sizes: tuple[int, ...],
+          src_counts: tuple[int, ...], first_pos: int, n_pos: int):
     """Rows of A for a batch of targets: [batch, features + errors + tokens] float32.
 
-    tgt_layer: the target's layer (n_layers for a logit), tgt_pos its position, tgt_vec its
-    encoder row or logit direction."""
+    tgt_layer: the target's layer (n_layers for a logit), tgt_pos its position (< n_pos),
+    tgt_vec its encoder row or logit direction. The model is causal, so the sweep runs on the
+    first `n_pos` positions only; sources at later positions get zeros. src_sizes / src_counts:
+    per source layer, its active features, and those at positions < n_pos (the first ones, as
+    features sort by position within a layer)."""
     B = tgt_layer.shape[0]
-    L, T, D = cfg.n_layers, rm.tokens.shape[0], cfg.d_model
+    T_all = rm.tokens.shape[0]
+    rm = rep.prefix(rm, n_pos) if n_pos < T_all else rm
+    L, T, D = cfg.n_layers, n_pos, cfg.d_model
     dt = rm.embeds.dtype
     rows = jnp.arange(B)
 
@@ -169,8 +195,12 @@ def _rows(params, tc_params, rm, layout, tgt_layer, tgt_pos, tgt_vec, *, cfg: Mo
     g, G = jax.lax.fori_loop(0, n_blocks, step, (g, jnp.zeros((B, L, T, D), dt)))
     f32 = jnp.promote_types(dt, jnp.float32)  # accumulate in at least float32
 
+    def pad(x, n):  # zeros for the sources beyond the prefix
+        return jnp.pad(x, ((0, 0), (0, n - x.shape[1])))
+
     cols = []
-    for s, (idx, act, flat) in zip(src_layers, layout):
+    for s, (idx, act, flat), size, count in zip(src_layers, layout, src_sizes, src_counts):
+        idx, act = idx[:T], act[:T]
         e = jnp.zeros((B,) + idx.shape, f32)
         for t in range(s, s + tc_cfg.n_targets(s)):
             def contract(t=t, s=s, idx=idx):
@@ -180,46 +210,80 @@ def _rows(params, tc_params, rm, layout, tgt_layer, tgt_pos, tgt_vec, *, cfg: Mo
             # A target at layer l reads MLP slots t < l only: skip slots at or above every
             # target of the batch (a third of a CLT's decoder work, on average).
             e = e + jax.lax.cond(t < lmax, contract, lambda: jnp.zeros_like(e))
-        cols.append((e * act[None]).reshape(B, -1)[:, flat])
+        cols.append(pad((e * act[None]).reshape(B, -1)[:, flat[:count]], size))
     err = jnp.einsum("bltd,ltd->blt", G, rm.error.astype(dt), preferred_element_type=f32)
+    err = jnp.pad(err, ((0, 0), (0, 0), (0, T_all - T)))
     cols.append(err[:, :, first_pos:].reshape(B, -1))
-    cols.append(jnp.einsum("btd,td->bt", g[:, 0], rm.embeds, preferred_element_type=f32))
+    cols.append(pad(jnp.einsum("btd,td->bt", g[:, 0], rm.embeds, preferred_element_type=f32),
+                    T_all))
     return jnp.concatenate(cols, axis=1)
+
+
+@partial(jax.jit, static_argnames=("errors",))
+def _absorb(influence, rows, node, extra, *, errors: tuple[int, int]):
+    """Fold a batch of rows into the influence of their sources, as `attribution.prune` would on
+    the whole matrix: each row normalised by its sum of |A|, weighted by its target's influence
+    (node >= 0: read from `influence`, already final) plus `extra` (a logit's probability).
+    Returns (influence, |A| row sums, |A| sums over the error columns, nonzero count)."""
+    a = jnp.abs(rows)
+    sums = a.sum(axis=1)
+    err = a[:, errors[0]:errors[1]].sum(axis=1)
+    w = jnp.where(node >= 0, influence[jnp.maximum(node, 0)], 0.0) + extra
+    influence = influence + (w / jnp.maximum(sums, 1e-10)).astype(a.dtype) @ a
+    return influence, sums, err, jnp.count_nonzero(rows)
 
 
 # --- the whole graph -----------------------------------------------------------------------------
 class _RowMaker:
-    """Pads target batches to a fixed size (one compilation) and returns host rows."""
+    """Pads target batches to a fixed size, runs each on the shortest position prefix that holds
+    its targets (rounded up to a bucket: one compilation per bucket), returns rows."""
 
-    def __init__(self, params, cfg, tc_cfg, tc_params, rm, active, bos, batch, dtype):
+    def __init__(self, params, cfg, tc_cfg, tc_params, rm, active, bos, batch, dtype,
+                 bucket: int = 0):
         cast = (lambda t: jax.tree.map(
             lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, t))
         self.params, self.tc_params, self.rm = cast(params), cast(tc_params), cast(rm)
         self.cfg, self.tc_cfg, self.batch = cfg, tc_cfg, batch
-        T = int(rm.tokens.shape[0])
+        T = self.n_pos = int(rm.tokens.shape[0])
+        self.bucket = bucket if bucket > 0 else max(16, -(-T // 8))
         layout = _feature_layout(active, cfg.n_layers, T)
         self.src_layers = tuple(s for s, *_ in layout)
         self.layout = tuple(tuple(jnp.asarray(a) for a in rest) for _, *rest in layout)
+        self.src_pos = [np.sort(active.pos[active.layer == s]) for s in self.src_layers]
         self.first_pos = 1 if bos else 0
         self.W_enc = tc_params.W_enc
         self.out_dtype = np.float64 if dtype == jnp.float64 else np.float32
 
-    def __call__(self, layer: np.ndarray, pos: np.ndarray, vec, host: bool = True):
+    def prefix_length(self, pos: np.ndarray) -> int:
+        """Positions the batch's sweep runs on: its last target's, rounded up to the bucket."""
+        need = int(pos.max()) + 1
+        return min(self.n_pos, -(-need // self.bucket) * self.bucket)
+
+    def __call__(self, layer: np.ndarray, pos: np.ndarray, vec, host: bool = True,
+                 padded: bool = False):
+        """Rows of these targets ([n, sources]; [batch, sources] with the padding rows, which are
+        zero, under `padded`); on the host as numpy, or left on the device."""
         n = len(layer)
         pad = self.batch - n
+        P = self.prefix_length(pos)
         layer = np.concatenate([layer, np.zeros(pad, np.int32)]).astype(np.int32)
         pos = np.concatenate([pos, np.zeros(pad, np.int32)]).astype(np.int32)
         vec = jnp.asarray(vec)
         vec = jnp.concatenate([vec, jnp.zeros((pad, self.cfg.d_model), vec.dtype)])
         out = _rows(self.params, self.tc_params, self.rm, self.layout, jnp.asarray(layer),
                     jnp.asarray(pos), vec, cfg=self.cfg, tc_cfg=self.tc_cfg,
-                    src_layers=self.src_layers, first_pos=self.first_pos)
-        return np.asarray(jax.device_get(out))[:n] if host else out[:n]
+                    src_layers=self.src_layers,
+                    src_sizes=tuple(len(p) for p in self.src_pos),
+                    src_counts=tuple(int(np.searchsorted(p, P)) for p in self.src_pos),
+                    first_pos=self.first_pos, n_pos=P)
+        out = out if padded else out[:n]
+        return np.asarray(jax.device_get(out)) if host else out
 
-    def features(self, active: rep.ActiveFeatures, which: np.ndarray, host: bool = True):
+    def features(self, active: rep.ActiveFeatures, which: np.ndarray, host: bool = True,
+                 padded: bool = False):
         layer, index = active.layer[which], active.index[which]
         vec = self.W_enc[jnp.asarray(layer), :, jnp.asarray(index)]  # encoder rows [n, d_model]
-        return self(layer, active.pos[which], vec, host)
+        return self(layer, active.pos[which], vec, host, padded)
 
 
 def _progress(enabled: bool):
@@ -261,18 +325,39 @@ def trace_tokens(params: LMParams, cfg: ModelConfig, tc_cfg: TranscoderConfig,
     n_all, n_err, n_logit = len(active), len(err_layer), len(logit_toks)
     n_src = n_all + n_err + T
     cap = n_all if config.max_feature_nodes is None else min(config.max_feature_nodes, n_all)
-    _check_memory(config, n_all, cap, n_src, n_logit)
+    stream = _use_stream(config, n_all, cap, n_src, n_err, T, n_logit)
 
     dtype = jnp.dtype(config.dtype)
     if dtype == jnp.float64 and not jax.config.jax_enable_x64:
         raise ConfigError("dtype float64 needs jax.config.update('jax_enable_x64', True)")
     per_target = L * T * cfg.d_model * dtype.itemsize
     batch = max(1, min(config.batch_size, int(config.batch_memory_gb * 2**30 // per_target)))
-    make = _RowMaker(params, cfg, tc_cfg, tc_params, rm, active, bos, batch, dtype)
+    make = _RowMaker(params, cfg, tc_cfg, tc_params, rm, active, bos, batch, dtype,
+                     config.position_bucket)
     t_setup = time.perf_counter() - t0
+    names = logit_strings(logit_toks) if logit_strings else [str(t) for t in logit_toks]
+    info = {"model": cfg.name, "transcoder": to_dict(tc_cfg), "batch_size": batch,
+            "position_bucket": make.bucket, "adjacency": "stream" if stream else "dense",
+            "seconds_setup": round(t_setup, 3)}
+
+    def graph(selected, adjacency, **extra):
+        sel = active.take(selected)
+        return Graph(
+            tokens=np.asarray(ids, np.int32), token_strings=list(token_strings),
+            feature_layer=sel.layer, feature_pos=sel.pos, feature_index=sel.index,
+            activation=sel.value, error_layer=err_layer, error_pos=err_pos,
+            logit_tokens=logit_toks, logit_strings=list(names), logit_probs=logit_probs,
+            adjacency=adjacency, n_layers=L, bos=bos, config=to_dict(config), info=info,
+            n_active_total=n_all, prompt=config.prompt, **extra)
 
     with _progress(progress) as bar:
         task = bar.add_task("attribution rows", total=n_logit + cap)
+        if stream:
+            selected, adjacency, extra = _stream(make, active, batch, logit_dirs, logit_probs,
+                                                 n_err, T, config.stream_features, bar, task)
+            info["seconds_rows"] = round(time.perf_counter() - t0 - t_setup, 3)
+            info["full_graph"] = extra.pop("full_graph")
+            return graph(selected, adjacency, **extra)
         logit_rows = np.concatenate([
             make(np.full(len(c), L, np.int32), np.full(len(c), T - 1, np.int32), logit_dirs[c])
             for c in _chunks(np.arange(n_logit), batch)])
@@ -285,7 +370,7 @@ def trace_tokens(params: LMParams, cfg: ModelConfig, tc_cfg: TranscoderConfig,
             selected, feat_rows = _greedy_rows(make, active, cap, batch, logit_rows,
                                                logit_probs, n_src, config.update_interval, bar,
                                                task)
-    t_rows = time.perf_counter() - t0 - t_setup
+    info["seconds_rows"] = round(time.perf_counter() - t0 - t_setup, 3)
 
     keep_cols = np.concatenate([selected, np.arange(n_all, n_src)])
     n_feat = len(selected)
@@ -296,31 +381,116 @@ def trace_tokens(params: LMParams, cfg: ModelConfig, tc_cfg: TranscoderConfig,
         adjacency = np.zeros((N, N), make.out_dtype)
         adjacency[:n_feat, :n_feat + n_err + T] = feat_rows[:, keep_cols]
     adjacency[N - n_logit:, :n_feat + n_err + T] = logit_rows[:, keep_cols]
-    names = logit_strings(logit_toks) if logit_strings else [str(t) for t in logit_toks]
-    sel = active.take(selected)
-    return Graph(
-        tokens=np.asarray(ids, np.int32), token_strings=list(token_strings),
-        feature_layer=sel.layer, feature_pos=sel.pos, feature_index=sel.index,
-        activation=sel.value, error_layer=err_layer, error_pos=err_pos,
-        logit_tokens=logit_toks, logit_strings=list(names), logit_probs=logit_probs,
-        adjacency=adjacency, n_layers=L, bos=bos, config=to_dict(config),
-        info={"model": cfg.name, "transcoder": to_dict(tc_cfg), "batch_size": batch,
-              "seconds_setup": round(t_setup, 3), "seconds_rows": round(t_rows, 3)},
-        n_active_total=n_all, prompt=config.prompt)
+    return graph(selected, adjacency)
+
+
+def _stream(make, active, batch, logit_dirs, logit_probs, n_err, T, n_keep, bar, task):
+    """Every row of the full graph, folded into exact influences and scores as it is made (see
+    TraceConfig.adjacency); then the dense graph of the `n_keep` most influential features.
+
+    Targets go top layer first (logits, then layer L-1 down to 0), one layer per batch: a node's
+    incoming edges all come from lower layers, so when a target's row is made every path from
+    it to the logits has been counted and its influence is final."""
+    L = make.cfg.n_layers
+    n_all = len(active)
+    n_src = n_all + n_err + T
+    n_logit = len(logit_dirs)
+    errors = (n_all, n_all + n_err)
+    influence = jnp.zeros(n_src, make.out_dtype)
+    sums = np.zeros(n_all + n_logit, np.float64)  # features, then logits
+    err_sums = np.zeros(n_all + n_logit, np.float64)
+    edges = 0
+    logit_rows = []
+
+    def fold(rows, nodes, extra, where):
+        nonlocal influence, edges
+        B = rows.shape[0]
+        node = np.full(B, -1, np.int32)
+        node[:len(nodes)] = nodes
+        ex = np.zeros(B, make.out_dtype)
+        ex[:len(extra)] = extra
+        influence, s, e, nz = _absorb(influence, rows, jnp.asarray(node), jnp.asarray(ex),
+                                      errors=errors)
+        s, e = np.asarray(s, np.float64), np.asarray(e, np.float64)
+        sums[where], err_sums[where] = s[:len(where)], e[:len(where)]
+        edges += int(nz)
+
+    for c in _chunks(np.arange(n_logit), batch):
+        rows = make(np.full(len(c), L, np.int32), np.full(len(c), T - 1, np.int32),
+                    logit_dirs[c], host=False, padded=True)
+        fold(rows, [], logit_probs[c], n_all + c)
+        logit_rows.append(np.asarray(jax.device_get(rows))[:len(c)])
+        bar.advance(task, len(c))
+    for layer in range(L - 1, -1, -1):
+        for c in _chunks(np.nonzero(active.layer == layer)[0], batch):
+            fold(make.features(active, c, host=False, padded=True), c, [], c)
+            bar.advance(task, len(c))
+    infl = np.asarray(jax.device_get(influence), np.float64)
+
+    # Exact scores of the full graph (attribution.prune.graph_scores on the whole matrix).
+    weights = np.concatenate([np.zeros(n_src), logit_probs.astype(np.float64)])
+    full_infl = np.concatenate([infl, np.zeros(n_logit)])
+    non_error = np.ones(n_src + n_logit)
+    with_rows = np.concatenate([np.arange(n_all), n_src + np.arange(n_logit)])
+    non_error[with_rows] = 1.0 - err_sums / np.maximum(sums, 1e-10)
+    out = full_infl + weights
+    token, error = infl[n_all + n_err:].sum(), infl[errors[0]:errors[1]].sum()
+
+    # The stored graph: the most influential features, their rows made again.
+    n_keep = min(n_keep, n_all)
+    selected = np.sort(np.argsort(-infl[:n_all], kind="stable")[:n_keep])
+    bar.update(task, total=n_logit + n_all + n_keep)
+    keep_cols = np.concatenate([selected, np.arange(n_all, n_src)])
+    N = n_keep + n_err + T + n_logit
+    adjacency = np.zeros((N, N), make.out_dtype)
+    for i in range(0, n_keep, batch):
+        c = selected[i:i + batch]
+        adjacency[i:i + len(c), :N - n_logit] = make.features(active, c)[:, keep_cols]
+        bar.advance(task, len(c))
+    adjacency[N - n_logit:, :N - n_logit] = np.concatenate(logit_rows)[:, keep_cols]
+    left_out = np.setdiff1d(np.arange(n_all), selected)
+    node_sums = np.concatenate([sums[selected], np.zeros(n_err + T), sums[n_all:]])
+    node_err = np.concatenate([err_sums[selected], np.zeros(n_err + T), err_sums[n_all:]])
+    full_graph = {
+        "features": n_all, "nodes": n_src + n_logit, "edges": edges,
+        "features_left_out": len(left_out),
+        "influence_left_out": float(infl[left_out].sum()),
+        "replacement_score": float(token / (token + error)) if token + error > 0 else 0.0,
+        "completeness_score": float((non_error * out).sum() / max(out.sum(), 1e-30)),
+    }
+    extra = {"influence": np.concatenate([infl[keep_cols], np.zeros(n_logit)]),
+             "input_abs": node_sums, "input_error_abs": node_err, "full_graph": full_graph}
+    return selected, adjacency, extra
 
 
 def _chunks(idx: np.ndarray, size: int):
     return [idx[i:i + size] for i in range(0, len(idx), size)]
 
 
-def _check_memory(config: TraceConfig, n_all: int, cap: int, n_src: int, n_logit: int):
-    rows = (cap + n_logit) * (n_src if cap < n_all else n_src + n_logit)
-    gb = rows * 4 / 2**30
-    if gb > config.max_adjacency_gb:
+def _use_stream(config: TraceConfig, n_all: int, cap: int, n_src: int, n_err: int, T: int,
+                n_logit: int) -> bool:
+    """Whether to stream (see TraceConfig.adjacency); refuses graphs whose stored adjacency
+    would exceed max_adjacency_gb, naming the setting to change."""
+    capped = cap < n_all
+    n_dense = cap + n_err + T + n_logit
+    # Capped: the greedy visit holds its rows over every source until the end.
+    dense_gb = (n_dense**2 if not capped else (cap + n_logit) * n_src) * 4 / 2**30
+    stream = not capped and (config.adjacency == "stream" or (
+        config.adjacency == "auto" and dense_gb > config.max_adjacency_gb))
+    if stream:
+        n = min(config.stream_features, n_all) + n_err + T + n_logit
+        gb = n**2 * 4 / 2**30
+        if gb > config.max_adjacency_gb:
+            raise ConfigError(
+                f"the stored graph ({min(config.stream_features, n_all)} features, {n_err} "
+                f"errors, {T} tokens) would take {gb:.1f} GB; lower --stream-features, shorten "
+                f"the prompt, or raise --max-adjacency-gb (now {config.max_adjacency_gb})")
+    elif dense_gb > config.max_adjacency_gb:
         raise ConfigError(
-            f"the dense adjacency would take {gb:.1f} GB ({n_all} active features, "
-            f"{cap} kept); set --max-feature-nodes lower, shorten the prompt, or raise "
-            f"--max-adjacency-gb (now {config.max_adjacency_gb})")
+            f"the dense adjacency would take {dense_gb:.1f} GB ({n_all} active features, "
+            f"{cap} kept); use --adjacency stream (or auto), set --max-feature-nodes lower, "
+            f"shorten the prompt, or raise --max-adjacency-gb (now {config.max_adjacency_gb})")
+    return stream
 
 
 def _all_rows(make, active, batch, n_src, N, bar, task, offload):
@@ -359,7 +529,8 @@ def _greedy_rows(make, active, cap, batch, logit_rows, logit_probs, n_src, updat
         rank = np.argsort(-infl[:n_all], kind="stable")
         pending = rank[~visited[rank]][:min(update_interval * batch, cap - (st - n_logit))]
         # Sorting the queue by layer keeps each batch's sweep short (see _rows).
-        pending = pending[np.argsort(active.layer[pending], kind="stable")]
+        # (and by position within a layer, its prefix: see _RowMaker).
+        pending = pending[np.lexsort((active.pos[pending], active.layer[pending]))]
         for c in _chunks(pending, batch):
             buf[st:st + len(c)] = make.features(active, c)
             row_nodes[st:st + len(c)] = c

@@ -83,14 +83,17 @@ class Selection:
     report: dict
 
 
-def cumulative_influence(influence: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def cumulative_influence(influence: np.ndarray, total: float | None = None
+                         ) -> tuple[np.ndarray, np.ndarray]:
     """(share of the total influence of the nodes at least as influential, the same excluding
-    the node): the first is `PruneResult.cumulative_scores`, the second decides visibility."""
+    the node): the first is `PruneResult.cumulative_scores`, the second decides visibility.
+    `total`: the full graph's, for a streamed graph (default: the sum of `influence`)."""
+    total = max(float(influence.sum() if total is None else total), 1e-30)
     order = np.argsort(-influence, kind="stable")
-    share = influence[order] / max(float(influence.sum()), 1e-30)
+    share = influence[order] / total
     cum = np.zeros_like(influence)
     cum[order] = np.cumsum(share)
-    return cum, cum - influence / max(float(influence.sum()), 1e-30)
+    return cum, cum - influence / total
 
 
 def _kinds(graph: Graph) -> np.ndarray:
@@ -105,9 +108,14 @@ def select(graph: Graph, config: ViewConfig) -> Selection:
     """Choose the nodes and edges of the page (see the module docstring)."""
     kind = _kinds(graph)
     infl = node_influence(graph).astype(np.float64)
-    cum, before = cumulative_influence(infl)
+    total = graph.influence_total() if graph.streamed else None
+    cum, before = cumulative_influence(infl, total)
     sources = (kind == FEATURE) | ((kind == ERROR) & config.errors)
-    cut = find_threshold(infl[sources], config.max_influence) if sources.any() else 0.0
+    # Shares of all sources' influence (a streamed graph's left-out features count in it).
+    src_total = None if total is None else float(infl[sources].sum()) + \
+        graph.info["full_graph"]["influence_left_out"]
+    cut = find_threshold(infl[sources], config.max_influence, src_total) if sources.any() \
+        else 0.0
     candidates = np.nonzero(sources & (infl >= cut) & (infl > 0))[0]
     capped = candidates[np.argsort(-infl[candidates], kind="stable")[:config.max_nodes]]
     nodes = np.sort(np.concatenate([capped, np.nonzero(kind >= TOKEN)[0]]))
@@ -129,8 +137,12 @@ def select(graph: Graph, config: ViewConfig) -> Selection:
     return Selection(nodes, held, cum, before, infl, tgt, src, w, report)
 
 
-def _row_sums(adjacency: np.ndarray, rows: np.ndarray, chunk: int = 1024) -> np.ndarray:
-    """Sum of |weights| of the given rows over all sources (chunked: rows may be long)."""
+def _row_sums(graph: Graph, rows: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """Sum of |weights| of the given rows over all sources (the full graph's, for a streamed
+    graph; chunked: rows may be long)."""
+    if graph.input_abs is not None:
+        return graph.input_abs[rows].astype(np.float64)
+    adjacency = graph.adjacency
     return np.concatenate([np.abs(adjacency[rows[i:i + chunk]]).sum(axis=1, dtype=np.float64)
                            for i in range(0, len(rows), chunk)]) if len(rows) else np.zeros(0)
 
@@ -157,7 +169,7 @@ def _edges(graph: Graph, nodes: np.ndarray, infl: np.ndarray, config: ViewConfig
     # or not) times the target's influence plus its logit weight. In place: these are the
     # largest arrays the viewer makes.
     score = np.abs(sub)
-    score /= np.maximum(_row_sums(A, nodes), 1e-10)[:, None].astype(np.float32)
+    score /= np.maximum(_row_sums(graph, nodes), 1e-10)[:, None].astype(np.float32)
     score *= (infl + graph.logit_weights())[nodes].astype(np.float32)[:, None]
     nonzero = sub != 0
     keep = (_top_mask(score, config.max_edges_per_node, axis=1)

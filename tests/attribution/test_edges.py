@@ -32,7 +32,9 @@ CASES = [c if c in _FAST else pytest.param(*c, marks=pytest.mark.slow) for c in 
 
 
 def _trace(params, cfg, tc_cfg, tc_params, ids, **kw):
-    config = TraceConfig(prompt="test", dtype="float64", **{"batch_size": 16, **kw})
+    # Prefixes of 2 positions: every batch runs on the shortest prefix holding its targets.
+    config = TraceConfig(prompt="test", dtype="float64",
+                         **{"batch_size": 16, "position_bucket": 2, **kw})
     return trace_tokens(params, cfg, tc_cfg, tc_params, ids, config)
 
 

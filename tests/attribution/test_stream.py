@@ -1,0 +1,177 @@
+"""Streamed graphs (TraceConfig.adjacency="stream") against the dense graph of the same prompt,
+and position prefixes against whole-prompt sweeps.
+
+The dense graph is the reference: influence, scores and pruning computed from its whole matrix by
+`attribution.prune`. A streamed graph must give the same numbers from what it stores: the
+influences and |A| sums folded in while the rows were made, and the adjacency of its most
+influential features.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attribution.graph import Graph
+from attribution.prune import graph_scores, node_influence, normalize_rows, prune
+from attribution.trace import TraceConfig, trace_tokens
+from clt.configs import ConfigError
+from clt.lm import load_model
+from tests.attribution.helpers import calibrate, random_transcoder
+
+IDS = [5, 9, 22, 7, 3, 100, 41, 12, 60, 8]
+
+
+def _setup(tiny_dirs, family="llama", reach=None, skip=True):
+    m = load_model(tiny_dirs(family), dtype=jnp.float64)
+    tc_cfg, tc_params = random_transcoder(m.cfg, 16, max_reach=reach, skip=skip,
+                                          dtype=jnp.float64)
+    ids = [m.cfg.bos_token_id] + IDS
+    tc_params = calibrate(m.params, m.cfg, tc_cfg, tc_params, ids, 3.0)
+    return m.params, m.cfg, tc_cfg, tc_params
+
+
+def _trace(setup, **kw):
+    params, cfg, tc_cfg, tc_params = setup
+    config = TraceConfig(prompt="t", dtype="float64", **{"batch_size": 8, "position_bucket": 3,
+                                                          **kw})
+    return trace_tokens(params, cfg, tc_cfg, tc_params, IDS, config)
+
+
+def _stored(dense: Graph, streamed: Graph) -> np.ndarray:
+    """The dense graph's node indices of the streamed graph's nodes."""
+    key = {k: i for i, k in enumerate(zip(dense.feature_layer, dense.feature_pos,
+                                          dense.feature_index))}
+    sel = [key[k] for k in zip(streamed.feature_layer, streamed.feature_pos,
+                               streamed.feature_index)]
+    r = dense.ranges
+    return np.concatenate([np.asarray(sel, np.int64), np.arange(r.error.start, r.logit.stop)])
+
+
+@pytest.fixture(scope="module")
+def graphs(tiny_dirs):
+    import jax
+
+    before = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        setup = _setup(tiny_dirs)
+        dense = _trace(setup, adjacency="dense")
+        whole = _trace(setup, adjacency="stream", stream_features=10**6)
+        part = _trace(setup, adjacency="stream", stream_features=40)
+        yield dense, whole, part
+    finally:
+        jax.config.update("jax_enable_x64", before)
+
+
+def test_stream_with_every_feature_is_the_dense_graph(graphs):
+    dense, whole, _ = graphs
+    assert dense.info["adjacency"] == "dense" and whole.info["adjacency"] == "stream"
+    assert not dense.streamed and whole.streamed
+    n_feat = dense.ranges.feature.stop
+    assert 50 < n_feat and whole.ranges.feature.stop == n_feat
+    np.testing.assert_allclose(whole.adjacency, dense.adjacency, rtol=1e-12, atol=1e-14)
+    infl = node_influence(dense)
+    assert infl[dense.ranges.feature].min() >= 0 and infl.max() > 0
+    np.testing.assert_allclose(whole.influence, infl, rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(whole.input_abs, np.abs(dense.adjacency).sum(1), rtol=1e-12)
+    np.testing.assert_allclose(graph_scores(whole), graph_scores(dense), rtol=1e-9)
+    full = whole.info["full_graph"]
+    assert full["edges"] == dense.n_edges and full["features_left_out"] == 0
+    a, b = prune(dense), prune(whole)
+    assert a.node_mask.sum() < dense.n_nodes  # pruning removes something
+    np.testing.assert_array_equal(a.node_mask, b.node_mask)
+    np.testing.assert_array_equal(a.edge_mask, b.edge_mask)
+
+
+def test_streamed_subgraph_keeps_the_full_graphs_numbers(graphs):
+    dense, _, part = graphs
+    n_feat = part.ranges.feature.stop
+    assert n_feat == 40 and part.info["full_graph"]["features_left_out"] == \
+        dense.ranges.feature.stop - 40
+    keep = _stored(dense, part)
+    infl = node_influence(dense)
+    # The 40 most influential features of the full graph, rows and columns as in it.
+    feat_infl = infl[dense.ranges.feature]
+    assert feat_infl[keep[:n_feat]].min() >= np.sort(feat_infl)[::-1][39] - 1e-15
+    np.testing.assert_allclose(part.adjacency, dense.adjacency[np.ix_(keep, keep)], rtol=1e-12,
+                               atol=1e-14)
+    np.testing.assert_allclose(part.influence, infl[keep], rtol=1e-9, atol=1e-15)
+    left_out = np.setdiff1d(np.arange(dense.ranges.feature.stop), keep[:n_feat])
+    np.testing.assert_allclose(part.info["full_graph"]["influence_left_out"],
+                               infl[left_out].sum(), rtol=1e-9)
+    np.testing.assert_allclose(part.influence_total(), infl.sum(), rtol=1e-9)
+    np.testing.assert_allclose(part.input_abs, np.abs(dense.adjacency[keep]).sum(1), rtol=1e-12)
+    err = dense.ranges.error
+    np.testing.assert_allclose(part.input_error_abs,
+                               np.abs(dense.adjacency[keep][:, err]).sum(1), rtol=1e-12)
+    # The scores are the full graph's, not those of the stored part.
+    np.testing.assert_allclose(graph_scores(part), graph_scores(dense), rtol=1e-9)
+    assert abs(graph_scores(part)[1] - graph_scores(part, part.adjacency)[1]) > 1e-6
+
+
+def test_streamed_pruning_matches_while_the_cut_is_among_stored_features(graphs):
+    dense, _, part = graphs
+    keep = _stored(dense, part)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a, b = prune(dense, 0.95, 0.9), prune(part, 0.95, 0.9)
+    assert 0 < b.node_mask[part.ranges.feature].sum() < 40
+    np.testing.assert_array_equal(b.node_mask, a.node_mask[keep])
+    assert not a.node_mask[np.setdiff1d(np.arange(dense.n_nodes), keep)].any()
+    np.testing.assert_array_equal(b.edge_mask, a.edge_mask[np.ix_(keep, keep)])
+    # Cumulative shares are exact down to the least influential stored feature (below it, the
+    # features left out would rank in between).
+    above = part.influence > part.influence[part.ranges.feature].min()
+    assert above.sum() > 40
+    np.testing.assert_allclose(b.cumulative_scores[above], a.cumulative_scores[keep][above],
+                               rtol=1e-9)
+    np.testing.assert_allclose(graph_scores(part, b.adjacency(part)),
+                               graph_scores(dense, a.adjacency(dense)), rtol=1e-9)
+    with pytest.warns(UserWarning, match="stream-features"):
+        prune(part, 0.999, 0.98)
+
+
+def test_streamed_graph_saves_loads_and_renders(graphs, tmp_path):
+    from viewer.embed import ViewConfig, select
+
+    _, _, part = graphs
+    path = part.save(tmp_path / "g.npz")
+    back = Graph.load(path)
+    assert back.streamed and back.info["full_graph"] == part.info["full_graph"]
+    for name in ("influence", "input_abs", "input_error_abs", "adjacency"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(part, name))
+    sel = select(back, ViewConfig())
+    assert sel.report["features_held"] > 0
+    # Edge scores are shares of the full graph's row sums, not of the stored columns'.
+    score_rows = normalize_rows(back.adjacency)
+    assert not np.allclose(score_rows.sum(1)[back.ranges.feature],
+                           (np.abs(back.adjacency) / np.maximum(back.input_abs, 1e-10)[:, None]
+                            ).sum(1)[back.ranges.feature])
+
+
+def test_auto_streams_when_dense_is_too_large(tiny_dirs, x64):
+    setup = _setup(tiny_dirs, "gemma2", reach=2, skip=False)
+    dense = _trace(setup)  # fits the default budget: dense
+    assert not dense.streamed
+    n = dense.n_nodes
+    n_stored = n - dense.ranges.feature.stop + 30
+    gb = (n**2 + n_stored**2) / 2 * 4 / 2**30  # between the stored and the dense sizes
+    g = _trace(setup, max_adjacency_gb=gb, stream_features=30)
+    assert g.streamed and g.info["adjacency"] == "stream" and g.ranges.feature.stop == 30
+    with pytest.raises(ConfigError, match="--adjacency stream"):
+        _trace(setup, max_adjacency_gb=gb, adjacency="dense")
+    with pytest.raises(ConfigError, match="--stream-features"):
+        _trace(setup, max_adjacency_gb=gb / 4, adjacency="stream", stream_features=30)
+
+
+def test_position_prefixes_give_the_whole_prompts_rows(tiny_dirs, x64):
+    setup = _setup(tiny_dirs, "gpt2", reach=1, skip=True)
+    whole = _trace(setup, adjacency="dense", position_bucket=0)  # one prefix: the prompt
+    assert whole.info["position_bucket"] >= len(IDS) + 1
+    for bucket in (1, 4):
+        g = _trace(setup, adjacency="dense", position_bucket=bucket)
+        np.testing.assert_allclose(g.adjacency, whole.adjacency, rtol=1e-12, atol=1e-15)
