@@ -57,6 +57,11 @@ def _trace(args) -> int:
 
     page = write_html(graph, graph_path.with_suffix(".html"))
     n_feat = r.feature.stop
+    if graph.streamed:
+        full = graph.info["full_graph"]
+        print(f"full graph: {full['nodes']} nodes ({full['features']} features), "
+              f"{full['edges']} edges; stored: its {n_feat} most influential features "
+              f"(--stream-features)")
     print(f"nodes: {graph.n_nodes} ({n_feat} features of {graph.n_active_total} active, "
           f"{r.error.stop - r.error.start} errors, {graph.n_pos} tokens, "
           f"{len(graph.logit_tokens)} logits); edges: {graph.n_edges}")

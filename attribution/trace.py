@@ -16,7 +16,17 @@ layer down (targets sort by layer, so a batch rarely pays for layers above it): 
 `jax.vjp` of that frozen block, `vmap`ped over the batch's cotangents, where each target's
 encoder row (or logit direction) is injected at its layer and position. The gradients at every
 MLP slot are then contracted with the active features' decoder rows, the error vectors, and the
-embeddings, giving whole rows of A. Rows go to host numpy as they are made.
+embeddings, giving whole rows of A. Rows go to host numpy as they are made. The model is causal:
+a batch whose targets sit at positions < P runs on the first P positions only (P rounded up to
+`position_bucket`), which halves the work on average for long prompts.
+
+Streamed (`adjacency="stream"`, automatic when the dense adjacency would not fit): the rows are
+never held. Batches go top layer first, one layer at a time; since every edge points from a lower
+layer to a higher one (or to a logit), a target's influence on the logits is final by the time
+its row is made, and the row is folded at once into its sources' influence (row-normalised |A|
+weighted by the target's influence plus logit probability: `attribution.prune.influence` computed
+in one pass), its |A| sum and its error share (the completeness score). What is stored is the
+dense graph of the `stream_features` most influential features, their rows made a second time.
 
 Under `max_feature_nodes`, rows are made for the logits first, then for features in order of
 their influence on the logits estimated from the rows made so far, re-ranked every
@@ -89,8 +99,8 @@ class TraceConfig:
         "Keep the dense adjacency in host memory (numpy), filling it batch by batch; otherwise it "
         "is assembled on the accelerator and copied at the end.", default=True)
     max_adjacency_gb: float = doc(
-        "Refuse graphs whose dense adjacency would exceed this size (set max_feature_nodes).",
-        default=16.0)
+        "Largest dense adjacency held: beyond it, auto streams, and dense (or a stream whose "
+        "stored graph would still exceed it) is refused with a one-line error.", default=16.0)
     update_interval: int = doc(
         "Under max_feature_nodes: batches between re-rankings of the remaining features.",
         default=4)
@@ -384,6 +394,13 @@ def trace_tokens(params: LMParams, cfg: ModelConfig, tc_cfg: TranscoderConfig,
     return graph(selected, adjacency)
 
 
+def stream_batches(active: rep.ActiveFeatures, n_layers: int, batch: int) -> list[np.ndarray]:
+    """The feature batches of a streamed trace, in order: top layer first, one layer per batch,
+    by position within a layer (so each batch's position prefix is short)."""
+    return [c for layer in range(n_layers - 1, -1, -1)
+            for c in _chunks(np.nonzero(active.layer == layer)[0], batch)]
+
+
 def _stream(make, active, batch, logit_dirs, logit_probs, n_err, T, n_keep, bar, task):
     """Every row of the full graph, folded into exact influences and scores as it is made (see
     TraceConfig.adjacency); then the dense graph of the `n_keep` most influential features.
@@ -421,10 +438,9 @@ def _stream(make, active, batch, logit_dirs, logit_probs, n_err, T, n_keep, bar,
         fold(rows, [], logit_probs[c], n_all + c)
         logit_rows.append(np.asarray(jax.device_get(rows))[:len(c)])
         bar.advance(task, len(c))
-    for layer in range(L - 1, -1, -1):
-        for c in _chunks(np.nonzero(active.layer == layer)[0], batch):
-            fold(make.features(active, c, host=False, padded=True), c, [], c)
-            bar.advance(task, len(c))
+    for c in stream_batches(active, L, batch):
+        fold(make.features(active, c, host=False, padded=True), c, [], c)
+        bar.advance(task, len(c))
     infl = np.asarray(jax.device_get(influence), np.float64)
 
     # Exact scores of the full graph (attribution.prune.graph_scores on the whole matrix).

@@ -4,17 +4,30 @@ Setup (issue 4, "Speed and memory"): the embedded SmolLM2-135M (30 layers, d_mod
 CLT and a random PLT of 2,048 features per layer whose JumpReLU thresholds are calibrated on the
 prompt to ~64 active features per layer and position (the L0 of real transcoders), prompts of 12,
 128 and 1,024 tokens (BOS not counted). Each case runs in its own process, so its peak RSS is its
-own; seconds are wall-clock for `trace_tokens` (replacement model, all rows, the dense graph),
-compilation included, excluding model loading and threshold calibration.
+own; seconds are wall-clock for `trace_tokens` (replacement model, every row of the full graph,
+the stored graph), compilation included, excluding model loading and threshold calibration.
 
-The full unpruned graph grows as (30 layers x 64 x tokens)^2: 23k feature nodes and a 2.2 GB
-adjacency at 12 tokens, 246k nodes and 240 GB at 128 tokens. Cases whose dense adjacency exceeds
-`--max-adjacency-gb` are traced with a feature cap instead (`--cap`, greedy by influence, as
-circuit-tracer's max_feature_nodes), and the table says so.
+The full unpruned graph (no feature cap) grows as (30 layers x 64 x tokens)^2: 23k feature nodes
+and a 2.2 GB dense adjacency at 12 tokens, 246k nodes and 240 GB at 128 tokens. `--adjacency
+auto` (the tracer's default) keeps it dense where it fits under `--max-adjacency-gb` and streams
+it otherwise: every row is made and folded into exact influences and scores, and the stored graph
+holds the `--stream-features` most influential features (their rows made again). `--adjacency
+dense` / `stream` force one mode (run both at 12 tokens to compare them side by side).
+
+Cases with more feature rows than `--estimate-over` are *estimated*, not run to the end (on a CPU
+they take hours): the script builds the replacement model, compiles every position prefix the
+streamed trace uses, times a random sample of `--sample` of its row batches (exactly those of
+`attribution.trace.stream_batches`, each folded as the trace does), and extrapolates: seconds =
+setup + compilation + mean batch time x batches (+ the stored graph's rows); the table marks such
+rows "estimate" with a 95% interval from the sample's spread. Their peak RSS is that of the
+sampled run, which holds everything a full streamed run holds but the stored graph (its size is
+in `stored_gb`).
 
 Usage:
     .venv/bin/python scripts/bench_trace.py                      # 12 and 128 tokens, CLT and PLT
-    .venv/bin/python scripts/bench_trace.py --tokens 12 128 1024 --cap 1024 --out out/bench.json
+    .venv/bin/python scripts/bench_trace.py --tokens 12 --adjacency dense stream
+    .venv/bin/python scripts/bench_trace.py --tokens 128 1024 --out out/bench_long.json
+    .venv/bin/python scripts/bench_trace.py --tokens 128 --estimate-over 1e9   # run it through
 Writes a rich table to the terminal and the rows as JSON (`--out`, default
 out/bench_trace.json).
 """
@@ -41,7 +54,7 @@ def _prompt_ids(tok, n: int) -> list[int]:
     return ids[:n]
 
 
-def run_case(kind: str, n_tokens: int, args) -> dict:
+def run_case(kind: str, n_tokens: int, mode: str, args) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -64,24 +77,103 @@ def run_case(kind: str, n_tokens: int, args) -> dict:
     p = dataclasses.replace(p, log_threshold=jnp.log(jnp.broadcast_to(
         jnp.asarray(np.maximum(th, 1e-6), jnp.float32)[:, None], p.log_threshold.shape)))
     n_active = int((pre > th[None, :, None]).sum())
-    dense_gb = (n_active + 31 * (n_tokens + 1) + 10) ** 2 * 4 / 2**30
-    capped = dense_gb > args.max_adjacency_gb
-    config = TraceConfig(prompt=f"{n_tokens} tokens",
-                         max_feature_nodes=args.cap if capped else None,
+    n_nodes = n_active + 31 * (n_tokens + 1) + 10
+    dense_gb = n_nodes ** 2 * 4 / 2**30
+    config = TraceConfig(prompt=f"{n_tokens} tokens", max_feature_nodes=args.cap,
+                         adjacency=mode, stream_features=args.stream_features,
                          batch_size=args.batch_size, dtype=args.dtype,
                          max_adjacency_gb=args.max_adjacency_gb)
+    row = {"transcoder": kind, "tokens": n_tokens, "active_features": n_active,
+           "active_per_layer_pos": round(n_active / (30 * n_tokens), 1),
+           "full_nodes": n_nodes, "full_dense_gb": round(dense_gb, 2), "cap": args.cap,
+           "dtype": args.dtype, "device": jax.devices()[0].device_kind}
+    if args.cap is None and n_active > args.estimate_over:
+        return row | _estimate(m, ids, tc_cfg, p, config, args)
     t0 = time.perf_counter()
     graph = trace_tokens(m.params, m.cfg, tc_cfg, p, ids, config, progress=False)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
-    return {"transcoder": kind, "tokens": n_tokens, "active_features": n_active,
-            "active_per_layer_pos": round(n_active / (30 * n_tokens), 1),
-            "feature_nodes": graph.ranges.feature.stop, "nodes": graph.n_nodes,
-            "edges": graph.n_edges, "capped": capped,
-            "full_dense_gb": round(dense_gb, 2), "seconds": round(seconds, 1),
-            "seconds_rows": graph.info["seconds_rows"], "batch": graph.info["batch_size"],
-            "peak_rss_gb": round(peak, 2), "dtype": args.dtype,
-            "device": jax.devices()[0].device_kind}
+    full = graph.info.get("full_graph", {})
+    return row | {
+        "adjacency": graph.info["adjacency"], "measured": "run",
+        "feature_rows": graph.n_active_total if args.cap is None else graph.ranges.feature.stop,
+        "full_edges": full.get("edges", graph.n_edges),
+        "stored_features": graph.ranges.feature.stop, "stored_nodes": graph.n_nodes,
+        "stored_gb": round(graph.adjacency.nbytes / 2**30, 2),
+        "seconds": round(seconds, 1), "seconds_rows": graph.info["seconds_rows"],
+        "batch": graph.info["batch_size"], "peak_rss_gb": round(_peak_gb(), 2)}
+
+
+def _peak_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+
+
+def _estimate(m, ids, tc_cfg, p, config, args) -> dict:
+    """Time a random sample of a streamed trace's row batches and extrapolate (module doc)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from attribution import replacement as rep
+    from attribution.graph import error_nodes
+    from attribution.trace import _absorb, _RowMaker, stream_batches
+
+    t0 = time.perf_counter()
+    full_ids, bos = rep.prepend_bos(m.cfg, ids)
+    rm, acts = rep.build(m.params, m.cfg, tc_cfg, p, np.asarray(full_ids))
+    active = rep.active_features(acts, skip_bos=bos)
+    del acts
+    T, L = len(full_ids), m.cfg.n_layers
+    n_err = len(error_nodes(L, T, bos)[0])
+    per_target = L * T * m.cfg.d_model * 4
+    batch = max(1, min(config.batch_size, int(config.batch_memory_gb * 2**30 // per_target)))
+    make = _RowMaker(m.params, m.cfg, tc_cfg, p, rm, active, bos, batch, jnp.float32)
+    n_src = len(active) + n_err + T
+    errors = (len(active), len(active) + n_err)
+    influence = jnp.zeros(n_src, jnp.float32)
+    batches = stream_batches(active, L, batch)
+    setup = time.perf_counter() - t0
+
+    def run(c):
+        rows = make.features(active, c, host=False, padded=True)
+        node = np.full(batch, -1, np.int32)
+        node[:len(c)] = c
+        out = _absorb(influence, rows, jnp.asarray(node), jnp.zeros(batch, jnp.float32),
+                      errors=errors)
+        jax.block_until_ready(out)
+
+    # Compile every prefix length once, on the cheapest batch of each (layer 0: one block).
+    t1 = time.perf_counter()
+    first = {}
+    for c in reversed(batches):
+        first.setdefault(make.prefix_length(active.pos[c]), c)
+    for c in first.values():
+        run(c)
+    compile_s = time.perf_counter() - t1
+    rng = np.random.default_rng(0)
+    pick = rng.choice(len(batches), min(args.sample, len(batches)), replace=False)
+    times = []
+    for i in pick:
+        t = time.perf_counter()
+        run(batches[i])
+        times.append(time.perf_counter() - t)
+    times = np.asarray(times)
+    n_b = len(batches)
+    rows_s = times.mean() * n_b
+    half = 1.96 * times.std(ddof=1) / np.sqrt(len(times)) * n_b if len(times) > 1 else 0.0
+    n_keep = min(config.stream_features, len(active))
+    stored_s = times.mean() * -(-n_keep // batch)  # the stored graph's rows, made again
+    total = setup + compile_s + rows_s + stored_s
+    stored_n = n_keep + n_err + T + 10
+    return {"adjacency": "stream", "measured": f"estimate ({len(times)} of {n_b} batches)",
+            "feature_rows": len(active), "stored_features": n_keep, "stored_nodes": stored_n,
+            "stored_gb": round(stored_n**2 * 4 / 2**30, 2),
+            "seconds": round(total, 0), "seconds_low": round(total - half, 0),
+            "seconds_high": round(total + half, 0), "seconds_setup": round(setup, 1),
+            "seconds_compile": round(compile_s, 1), "prefixes": len(first),
+            "batch": batch, "batches": n_b, "batch_seconds_mean": round(float(times.mean()), 3),
+            "batch_seconds_min": round(float(times.min()), 3),
+            "batch_seconds_max": round(float(times.max()), 3),
+            "peak_rss_gb": round(_peak_gb(), 2)}
 
 
 def main() -> int:
@@ -90,8 +182,15 @@ def main() -> int:
     ap.add_argument("--kinds", nargs="*", default=["clt", "plt"])
     ap.add_argument("--features", type=int, default=2048)
     ap.add_argument("--active", type=float, default=64.0)
-    ap.add_argument("--cap", type=int, default=1024,
-                    help="max_feature_nodes for cases whose full graph does not fit")
+    ap.add_argument("--adjacency", nargs="*", default=["auto"],
+                    choices=["auto", "dense", "stream"],
+                    help="TraceConfig.adjacency: each one given is a case")
+    ap.add_argument("--cap", type=int, default=None,
+                    help="max_feature_nodes (greedy cap); default: none, the full graph")
+    ap.add_argument("--stream-features", type=int, default=8192)
+    ap.add_argument("--estimate-over", type=float, default=30000,
+                    help="estimate (sampled batches) cases with more feature rows than this")
+    ap.add_argument("--sample", type=int, default=24, help="batches timed per estimate")
     ap.add_argument("--max-adjacency-gb", type=float, default=8.0)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -100,42 +199,48 @@ def main() -> int:
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # child process
     args = ap.parse_args()
     if args.case:
-        kind, n = args.case.split(":")
-        print("RESULT " + json.dumps(run_case(kind, int(n), args)), flush=True)
+        kind, n, mode = args.case.split(":")
+        print("RESULT " + json.dumps(run_case(kind, int(n), mode, args)), flush=True)
         return 0
 
     from rich.console import Console
     from rich.table import Table
 
     rows = []
-    passthrough = [f"--features={args.features}", f"--active={args.active}", f"--cap={args.cap}",
+    passthrough = [f"--features={args.features}", f"--active={args.active}",
+                   f"--stream-features={args.stream_features}",
+                   f"--estimate-over={args.estimate_over}", f"--sample={args.sample}",
                    f"--max-adjacency-gb={args.max_adjacency_gb}",
                    f"--batch-size={args.batch_size}", f"--dtype={args.dtype}"]
-    for n in args.tokens:
-        for kind in args.kinds:
-            cmd = [sys.executable, __file__, "--case", f"{kind}:{n}", *passthrough]
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-                line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")),
-                            None)
-                why = (proc.stderr.strip().splitlines() or ["?"])[-1]
-                if proc.returncode == -9:
-                    why = "killed (SIGKILL: out of memory?)"
-                row = json.loads(line[7:]) if line else {"transcoder": kind, "tokens": n,
-                                                         "error": why}
-            except subprocess.TimeoutExpired:
-                row = {"transcoder": kind, "tokens": n, "error": f"over {args.timeout:.0f} s"}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    if args.cap is not None:
+        passthrough.append(f"--cap={args.cap}")
+    cases = [(n, kind, mode) for n in args.tokens for kind in args.kinds
+             for mode in args.adjacency]
+    for n, kind, mode in cases:
+        cmd = [sys.executable, __file__, "--case", f"{kind}:{n}:{mode}", *passthrough]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")),
+                        None)
+            why = (proc.stderr.strip().splitlines() or ["?"])[-1]
+            if proc.returncode == -9:
+                why = "killed (SIGKILL: out of memory?)"
+            row = json.loads(line[7:]) if line else {"transcoder": kind, "tokens": n,
+                                                     "error": why}
+        except subprocess.TimeoutExpired:
+            row = {"transcoder": kind, "tokens": n, "error": f"over {args.timeout:.0f} s"}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
 
-    table = Table(title="trace: SmolLM2-135M, random transcoders, 2048 features/layer")
-    cols = ["transcoder", "tokens", "active_per_layer_pos", "feature_nodes", "nodes", "edges",
-            "capped", "seconds", "peak_rss_gb"]
+    table = Table(title="trace: SmolLM2-135M, random transcoders, 2048 features/layer, "
+                  "full graph" + ("" if args.cap is None else f", capped at {args.cap}"))
+    cols = ["transcoder", "tokens", "active_per_layer_pos", "feature_rows", "full_nodes",
+            "full_edges", "adjacency", "stored_nodes", "measured", "seconds", "peak_rss_gb"]
     for c in cols:
         table.add_column(c)
     for r in rows:
         table.add_row(*[str(r.get(c, r.get("error", ""))) for c in cols])
-    Console().print(table)
+    Console(width=220).print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": platform.platform(), "rows": rows}, indent=2))

@@ -134,6 +134,10 @@ def select(graph: Graph, config: ViewConfig) -> Selection:
         "left_out_errors_off": 0 if config.errors else n_err,
         **edge_report,
     }
+    if graph.streamed:  # the graph itself stores part of its full graph (attribution.graph)
+        full = graph.info["full_graph"]
+        report["full_graph"] = {k: full[k] for k in ("features", "nodes", "edges",
+                                                     "features_left_out")}
     return Selection(nodes, held, cum, before, infl, tgt, src, w, report)
 
 

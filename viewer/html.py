@@ -57,7 +57,9 @@ class ViewReport:
                 f"{d['left_out_over_node_cap']} over max_nodes) and {d['edges_left_out']} edges "
                 f"({d['left_out_edge_per_node_cap']} over max_edges_per_node, "
                 f"{d['left_out_edge_total_cap']} over max_edges, "
-                f"{d['left_out_edges_of_left_out_nodes']} of nodes left out)")
+                f"{d['left_out_edges_of_left_out_nodes']} of nodes left out)"
+                + (f"; full graph {d['full_graph']['nodes']} nodes, {d['full_graph']['edges']} "
+                   "edges (streamed)" if "full_graph" in d else ""))
 
 
 def load_graph(path: str | Path) -> Graph:

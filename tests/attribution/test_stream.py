@@ -146,6 +146,8 @@ def test_streamed_graph_saves_loads_and_renders(graphs, tmp_path):
         np.testing.assert_array_equal(getattr(back, name), getattr(part, name))
     sel = select(back, ViewConfig())
     assert sel.report["features_held"] > 0
+    assert sel.report["full_graph"]["features_left_out"] == \
+        back.n_active_total - back.ranges.feature.stop
     # Edge scores are shares of the full graph's row sums, not of the stored columns'.
     score_rows = normalize_rows(back.adjacency)
     assert not np.allclose(score_rows.sum(1)[back.ranges.feature],

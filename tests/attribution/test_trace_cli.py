@@ -58,6 +58,23 @@ def test_cli_trace_writes_graph_and_json(smol_transcoder, tmp_path, capsys):
     assert all(lk["source"] in known and lk["target"] in known for lk in data["links"])
 
 
+def test_cli_streamed_trace_prints_the_full_graph(smol_transcoder, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["trace", "The capital of France is", "--model", "smollm2-135m", "--transcoder",
+               str(smol_transcoder), "--out", str(out), "--no-progress", "--adjacency",
+               "stream", "--stream-features", "3"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    g = Graph.load(out / "graph.npz")
+    assert g.streamed and g.ranges.feature.stop == 3 and g.n_active_total > 3
+    full = g.info["full_graph"]
+    assert f"full graph: {full['nodes']} nodes ({g.n_active_total} features)" in text
+    # The scores printed and saved are the full graph's.
+    assert g.info["replacement_score"] == pytest.approx(full["replacement_score"])
+    assert f"replacement score {full['replacement_score']:.4f}" in text
+    assert "full graph" in text.splitlines()[-1] and text.splitlines()[-1].startswith("page:")
+
+
 @pytest.mark.parametrize("args,message", [
     (["", "--transcoder", "X"], "the prompt is empty"),
     (["a " * 9000, "--transcoder", "T"], "context of 8192"),

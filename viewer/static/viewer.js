@@ -178,7 +178,11 @@
   }
   function report() {
     const r = S.D.meta.report, c = S.D.meta.config;
+    const f = r.full_graph;
     $("report-body").textContent =
+      (f ? "Full graph: " + f.nodes + " nodes (" + f.features + " features), " + f.edges +
+        " edges; the trace stored its " + (f.features - f.features_left_out) +
+        " most influential features (streamed).\n" : "") +
       "Nodes: " + r.nodes_held + " of " + r.nodes_in_graph + " held (" + r.features_held + " of " +
       r.features_in_graph + " features, " + r.errors_held + " of " + r.errors_in_graph + " errors).\n" +
       "  left out: " + r.left_out_below_influence + " beyond max_influence=" + c.max_influence +
