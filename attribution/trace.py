@@ -260,6 +260,7 @@ class _RowMaker:
         self.src_layers = tuple(s for s, *_ in layout)
         self.layout = tuple(tuple(jnp.asarray(a) for a in rest) for _, *rest in layout)
         self.src_pos = [np.sort(active.pos[active.layer == s]) for s in self.src_layers]
+        self.src_sizes = tuple(len(p) for p in self.src_pos)
         self.first_pos = 1 if bos else 0
         self.W_enc = tc_params.W_enc
         self.out_dtype = np.float64 if dtype == jnp.float64 else np.float32
@@ -283,7 +284,7 @@ class _RowMaker:
         out = _rows(self.params, self.tc_params, self.rm, self.layout, jnp.asarray(layer),
                     jnp.asarray(pos), vec, cfg=self.cfg, tc_cfg=self.tc_cfg,
                     src_layers=self.src_layers,
-                    src_sizes=tuple(len(p) for p in self.src_pos),
+                    src_sizes=self.src_sizes,
                     src_counts=tuple(int(np.searchsorted(p, P)) for p in self.src_pos),
                     first_pos=self.first_pos, n_pos=P)
         out = out if padded else out[:n]
@@ -340,8 +341,7 @@ def trace_tokens(params: LMParams, cfg: ModelConfig, tc_cfg: TranscoderConfig,
     dtype = jnp.dtype(config.dtype)
     if dtype == jnp.float64 and not jax.config.jax_enable_x64:
         raise ConfigError("dtype float64 needs jax.config.update('jax_enable_x64', True)")
-    per_target = L * T * cfg.d_model * dtype.itemsize
-    batch = max(1, min(config.batch_size, int(config.batch_memory_gb * 2**30 // per_target)))
+    batch = batch_size(config, cfg, T)
     make = _RowMaker(params, cfg, tc_cfg, tc_params, rm, active, bos, batch, dtype,
                      config.position_bucket)
     t_setup = time.perf_counter() - t0
@@ -392,6 +392,13 @@ def trace_tokens(params: LMParams, cfg: ModelConfig, tc_cfg: TranscoderConfig,
         adjacency[:n_feat, :n_feat + n_err + T] = feat_rows[:, keep_cols]
     adjacency[N - n_logit:, :n_feat + n_err + T] = logit_rows[:, keep_cols]
     return graph(selected, adjacency)
+
+
+def batch_size(config: TraceConfig, cfg: ModelConfig, n_pos: int) -> int:
+    """Targets per backward sweep: config.batch_size, reduced so that one batch's gradients at
+    every layer stay under config.batch_memory_gb."""
+    per_target = cfg.n_layers * n_pos * cfg.d_model * jnp.dtype(config.dtype).itemsize
+    return max(1, min(config.batch_size, int(config.batch_memory_gb * 2**30 // per_target)))
 
 
 def stream_batches(active: rep.ActiveFeatures, n_layers: int, batch: int) -> list[np.ndarray]:

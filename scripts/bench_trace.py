@@ -115,7 +115,7 @@ def _estimate(m, ids, tc_cfg, p, config, args) -> dict:
 
     from attribution import replacement as rep
     from attribution.graph import error_nodes
-    from attribution.trace import _absorb, _RowMaker, stream_batches
+    from attribution.trace import _absorb, _RowMaker, batch_size, stream_batches
 
     t0 = time.perf_counter()
     full_ids, bos = rep.prepend_bos(m.cfg, ids)
@@ -124,8 +124,7 @@ def _estimate(m, ids, tc_cfg, p, config, args) -> dict:
     del acts
     T, L = len(full_ids), m.cfg.n_layers
     n_err = len(error_nodes(L, T, bos)[0])
-    per_target = L * T * m.cfg.d_model * 4
-    batch = max(1, min(config.batch_size, int(config.batch_memory_gb * 2**30 // per_target)))
+    batch = batch_size(config, m.cfg, T)
     make = _RowMaker(m.params, m.cfg, tc_cfg, p, rm, active, bos, batch, jnp.float32)
     n_src = len(active) + n_err + T
     errors = (len(active), len(active) + n_err)
