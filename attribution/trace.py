@@ -141,9 +141,23 @@ def select_logits(last_logits, W_U, max_n_logits: int, desired_prob: float):
 
 
 # --- one batch of rows ---------------------------------------------------------------------------
+def _tile_width(counts: np.ndarray) -> int:
+    """Slots per tile for one source layer's per-position active counts: the power of two
+    (16 and up) with the least padded work, counting each tile's own cost (a gather of the
+    gradient at its position) as 16 slots."""
+    top = max(16, 1 << int(np.ceil(np.log2(max(int(counts.max()), 1)))))
+    widths = [1 << k for k in range(4, top.bit_length())]
+    return min(widths, key=lambda k: int(np.ceil(counts / k).sum()) * (k + 16))
+
+
 def _feature_layout(active: rep.ActiveFeatures, n_layers: int, n_pos: int):
-    """Per source layer with active features: (layer, feature ids [pos, K], activations [pos, K],
-    flat indices of the real slots in graph order). Padding slots have activation 0."""
+    """Per source layer with active features: (layer, feature ids [tiles, K], activations
+    [tiles, K], each tile's position [tiles], flat indices of the real slots in graph order).
+
+    A position's features fill ceil(count / K) tiles of K slots, tiles in position order;
+    padding slots have activation 0. Activity is uneven over positions (a layer's busiest
+    position can hold 10x its mean), so tiles waste far less of the decoder contraction than
+    padding every position to the busiest one."""
     out = []
     for s in range(n_layers):
         sel = np.nonzero(active.layer == s)[0]
@@ -151,28 +165,33 @@ def _feature_layout(active: rep.ActiveFeatures, n_layers: int, n_pos: int):
             continue
         pos = active.pos[sel]
         counts = np.bincount(pos, minlength=n_pos)
-        K = int(counts.max())
+        K = _tile_width(counts[counts > 0])
+        tiles = -(-counts // K)
+        tile_start = np.concatenate([[0], np.cumsum(tiles)[:-1]])
         slot = np.arange(len(sel)) - np.concatenate([[0], np.cumsum(counts)[:-1]])[pos]
-        idx = np.zeros((n_pos, K), np.int32)
-        act = np.zeros((n_pos, K), active.value.dtype)
-        idx[pos, slot] = active.index[sel]
-        act[pos, slot] = active.value[sel]
-        out.append((s, idx, act, (pos * K + slot).astype(np.int32)))
+        tile = tile_start[pos] + slot // K
+        idx = np.zeros((int(tiles.sum()), K), np.int32)
+        act = np.zeros((int(tiles.sum()), K), active.value.dtype)
+        idx[tile, slot % K] = active.index[sel]
+        act[tile, slot % K] = active.value[sel]
+        tile_pos = np.repeat(np.arange(n_pos), tiles).astype(np.int32)
+        out.append((s, idx, act, tile_pos, (tile * K + slot % K).astype(np.int32)))
     return out
 
 
 @partial(jax.jit, static_argnames=("cfg", "tc_cfg", "src_layers", "src_sizes", "src_counts",
-                                   "first_pos", "n_pos"))
+                                   "tile_counts", "first_pos", "n_pos"))
 def _rows(params, tc_params, rm, layout, tgt_layer, tgt_pos, tgt_vec, *, cfg: ModelConfig,
           tc_cfg: TranscoderConfig, src_layers: tuple[int, ...], src_sizes: tuple[int, ...],
-          src_counts: tuple[int, ...], first_pos: int, n_pos: int):
+          src_counts: tuple[int, ...], tile_counts: tuple[int, ...], first_pos: int,
+          n_pos: int):
     """Rows of A for a batch of targets: [batch, features + errors + tokens] float32.
 
     tgt_layer: the target's layer (n_layers for a logit), tgt_pos its position (< n_pos),
     tgt_vec its encoder row or logit direction. The model is causal, so the sweep runs on the
     first `n_pos` positions only; sources at later positions get zeros. src_sizes / src_counts:
     per source layer, its active features, and those at positions < n_pos (the first ones, as
-    features sort by position within a layer)."""
+    features sort by position within a layer); tile_counts: its tiles at positions < n_pos."""
     B = tgt_layer.shape[0]
     T_all = rm.tokens.shape[0]
     rm = rep.prefix(rm, n_pos) if n_pos < T_all else rm
@@ -198,30 +217,39 @@ def _rows(params, tc_params, rm, layout, tgt_layer, tgt_pos, tgt_vec, *, cfg: Mo
         _, blk_vjp = jax.vjp(
             lambda x, m: rep.linear_block(rm, params, cfg, tc_cfg, tc_params, layer, x, m),
             zero, zero)
-        gx, gm = jax.vmap(blk_vjp)((g, inject(layer)))
-        return gx, jax.lax.dynamic_update_index_in_dim(G, gm[:, 0], layer, axis=1)
+        # gm comes out position-major, [1, T, B, D]: the decoder contraction below is then a
+        # matmul per position with contiguous operands (XLA's CPU batched dot is several times
+        # slower with the batch axis in the middle).
+        gx, gm = jax.vmap(blk_vjp, out_axes=(0, 2))((g, inject(layer)))
+        return gx, jax.lax.dynamic_update_index_in_dim(G, gm[0], layer, axis=0)
 
     # Blocks above every target in the batch get no gradient: the sweep starts below them.
-    g, G = jax.lax.fori_loop(0, n_blocks, step, (g, jnp.zeros((B, L, T, D), dt)))
+    g, G = jax.lax.fori_loop(0, n_blocks, step, (g, jnp.zeros((L, T, B, D), dt)))
     f32 = jnp.promote_types(dt, jnp.float32)  # accumulate in at least float32
 
     def pad(x, n):  # zeros for the sources beyond the prefix
         return jnp.pad(x, ((0, 0), (0, n - x.shape[1])))
 
     cols = []
-    for s, (idx, act, flat), size, count in zip(src_layers, layout, src_sizes, src_counts):
-        idx, act = idx[:T], act[:T]
-        e = jnp.zeros((B,) + idx.shape, f32)
+    for s, (idx, act, tpos, flat), size, count, n_tiles in zip(
+            src_layers, layout, src_sizes, src_counts, tile_counts):
+        idx, act, tpos = idx[:n_tiles], act[:n_tiles], tpos[:n_tiles]
+        e = jnp.zeros((n_tiles, B, idx.shape[1]), f32)
         for t in range(s, s + tc_cfg.n_targets(s)):
-            def contract(t=t, s=s, idx=idx):
-                dec = tc_params.W_dec[s][:, t - s].astype(dt)[idx]  # [T, K, D] active rows
-                return jnp.einsum("btd,tkd->btk", G[:, t], dec, preferred_element_type=f32)
+            def contract(t=t, s=s, idx=idx, tpos=tpos):
+                # Indices are in bounds by construction; saying so spares XLA's slow checked
+                # gather. [tiles, K, D] active decoder rows, [tiles, B, D] their gradients.
+                dec = tc_params.W_dec[s][:, t - s].astype(dt).at[idx].get(
+                    mode="promise_in_bounds")
+                grad = G[t].at[tpos].get(mode="promise_in_bounds")
+                return jnp.einsum("nbd,nkd->nbk", grad, dec, preferred_element_type=f32)
 
             # A target at layer l reads MLP slots t < l only: skip slots at or above every
             # target of the batch (a third of a CLT's decoder work, on average).
             e = e + jax.lax.cond(t < lmax, contract, lambda: jnp.zeros_like(e))
-        cols.append(pad((e * act[None]).reshape(B, -1)[:, flat[:count]], size))
-    err = jnp.einsum("bltd,ltd->blt", G, rm.error.astype(dt), preferred_element_type=f32)
+        e = jnp.swapaxes(e * act[:, None], 0, 1).reshape(B, -1)
+        cols.append(pad(e[:, flat[:count]], size))
+    err = jnp.einsum("ltbd,ltd->blt", G, rm.error.astype(dt), preferred_element_type=f32)
     err = jnp.pad(err, ((0, 0), (0, 0), (0, T_all - T)))
     cols.append(err[:, :, first_pos:].reshape(B, -1))
     cols.append(pad(jnp.einsum("btd,td->bt", g[:, 0], rm.embeds, preferred_element_type=f32),
@@ -260,7 +288,9 @@ class _RowMaker:
         self.src_layers = tuple(s for s, *_ in layout)
         self.layout = tuple(tuple(jnp.asarray(a) for a in rest) for _, *rest in layout)
         self.src_pos = [np.sort(active.pos[active.layer == s]) for s in self.src_layers]
+        self.tile_pos = [tpos for _, _, _, tpos, _ in layout]
         self.src_sizes = tuple(len(p) for p in self.src_pos)
+        self._counts = {}  # prefix length -> prefix_counts(prefix length)
         self.first_pos = 1 if bos else 0
         self.W_enc = tc_params.W_enc
         self.out_dtype = np.float64 if dtype == jnp.float64 else np.float32
@@ -269,6 +299,14 @@ class _RowMaker:
         """Positions the batch's sweep runs on: its last target's, rounded up to the bucket."""
         need = int(pos.max()) + 1
         return min(self.n_pos, -(-need // self.bucket) * self.bucket)
+
+    def prefix_counts(self, P: int) -> dict:
+        """Per source layer, its features and its tiles at positions < P (static arguments)."""
+        if P not in self._counts:
+            self._counts[P] = {
+                "src_counts": tuple(int(np.searchsorted(p, P)) for p in self.src_pos),
+                "tile_counts": tuple(int(np.searchsorted(p, P)) for p in self.tile_pos)}
+        return self._counts[P]
 
     def __call__(self, layer: np.ndarray, pos: np.ndarray, vec, host: bool = True,
                  padded: bool = False):
@@ -285,8 +323,7 @@ class _RowMaker:
                     jnp.asarray(pos), vec, cfg=self.cfg, tc_cfg=self.tc_cfg,
                     src_layers=self.src_layers,
                     src_sizes=self.src_sizes,
-                    src_counts=tuple(int(np.searchsorted(p, P)) for p in self.src_pos),
-                    first_pos=self.first_pos, n_pos=P)
+                    **self.prefix_counts(P), first_pos=self.first_pos, n_pos=P)
         out = out if padded else out[:n]
         return np.asarray(jax.device_get(out)) if host else out
 
