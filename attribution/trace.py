@@ -141,57 +141,92 @@ def select_logits(last_logits, W_U, max_n_logits: int, desired_prob: float):
 
 
 # --- one batch of rows ---------------------------------------------------------------------------
-def _tile_width(counts: np.ndarray) -> int:
-    """Slots per tile for one source layer's per-position active counts: the power of two
-    (16 and up) with the least padded work, counting each tile's own cost (a gather of the
-    gradient at its position) as 16 slots."""
-    top = max(16, 1 << int(np.ceil(np.log2(max(int(counts.max()), 1)))))
-    widths = [1 << k for k in range(4, top.bit_length())]
-    return min(widths, key=lambda k: int(np.ceil(counts / k).sum()) * (k + 16))
+# Cost of gathering one overflow tile's gradients ([batch, d_model] at its position), in the
+# decoder slots whose contraction costs as much (measured on a CPU: ~40 us against ~0.75 us).
+_GATHER_SLOTS = 54
 
 
-def _feature_layout(active: rep.ActiveFeatures, n_layers: int, n_pos: int):
-    """Per source layer with active features: (layer, feature ids [tiles, K], activations
-    [tiles, K], each tile's position [tiles], flat indices of the real slots in graph order).
+def _tile_widths(counts: np.ndarray) -> tuple[int, int]:
+    """(main width, overflow tile width) for one source layer with these active counts per
+    position: the pair with the least work, main rows costing their width at every position,
+    overflow tiles their width plus the gather of their gradients."""
+    top = -(-max(int(counts.max()), 1) // 16) * 16
 
-    A position's features fill ceil(count / K) tiles of K slots, tiles in position order;
-    padding slots have activation 0. Activity is uneven over positions (a layer's busiest
-    position can hold 10x its mean), so tiles waste far less of the decoder contraction than
-    padding every position to the busiest one."""
-    out = []
-    for s in range(n_layers):
-        sel = np.nonzero(active.layer == s)[0]
-        if len(sel) == 0:
-            continue
+    def cost(km, ko):
+        return len(counts) * km + int(np.ceil(np.maximum(counts - km, 0) / ko).sum()) * (
+            ko + _GATHER_SLOTS)
+
+    return min(((km, ko) for km in range(0, top + 1, 16) for ko in (16, 32, 64, 128)),
+               key=lambda w: cost(*w))
+
+
+@dataclass(frozen=True)
+class _Sources:
+    """One source layer's active features laid out for the decoder contraction (host numpy).
+
+    Position q's first K features fill row q of `index`/`value` ([pos, K]); the rest fill
+    overflow tiles of Ko slots (`over_*`, [tiles, Ko], in position order, `over_pos` their
+    positions). K and Ko come from `_tile_widths`. Padding slots hold activation 0. Activity is uneven over positions (a layer's
+    busiest position can hold 10x its mean), so this wastes far less work than padding every
+    position to the busiest one, and the main rows need no gather of the gradients."""
+
+    layer: int
+    pos: np.ndarray  # [n] each feature's position, graph order (sorted)
+    main: np.ndarray  # [n] bool: in the main rows (else in an overflow tile)
+    cell: np.ndarray  # [n] main: position * K + slot; overflow: tile * Ko + slot in the tile
+    index: np.ndarray  # [pos, K] int32
+    value: np.ndarray  # [pos, K]
+    over_index: np.ndarray  # [tiles, Ko] int32
+    over_value: np.ndarray  # [tiles, Ko]
+    over_pos: np.ndarray  # [tiles] int32
+
+    @classmethod
+    def build(cls, active: rep.ActiveFeatures, layer: int, n_pos: int) -> _Sources:
+        sel = np.nonzero(active.layer == layer)[0]
         pos = active.pos[sel]
         counts = np.bincount(pos, minlength=n_pos)
-        K = _tile_width(counts[counts > 0])
-        tiles = -(-counts // K)
-        tile_start = np.concatenate([[0], np.cumsum(tiles)[:-1]])
+        K, Ko = _tile_widths(counts)
         slot = np.arange(len(sel)) - np.concatenate([[0], np.cumsum(counts)[:-1]])[pos]
-        tile = tile_start[pos] + slot // K
-        idx = np.zeros((int(tiles.sum()), K), np.int32)
-        act = np.zeros((int(tiles.sum()), K), active.value.dtype)
-        idx[tile, slot % K] = active.index[sel]
-        act[tile, slot % K] = active.value[sel]
-        tile_pos = np.repeat(np.arange(n_pos), tiles).astype(np.int32)
-        out.append((s, idx, act, tile_pos, (tile * K + slot % K).astype(np.int32)))
-    return out
+        tiles = -(-np.maximum(counts - K, 0) // Ko)
+        first_tile = np.concatenate([[0], np.cumsum(tiles)[:-1]])
+        main = slot < K
+        over = np.maximum(slot - K, 0)
+        cell = np.where(main, pos * K + slot, (first_tile[pos] + over // Ko) * Ko + over % Ko)
+        shape_main, shape_over = (n_pos, K), (int(tiles.sum()), Ko)
+        index, value = np.zeros(shape_main, np.int32), np.zeros(shape_main, active.value.dtype)
+        o_index, o_value = np.zeros(shape_over, np.int32), np.zeros(shape_over, value.dtype)
+        for dst_i, dst_v, m in ((index, value, main), (o_index, o_value, ~main)):
+            dst_i.flat[cell[m]] = active.index[sel][m]
+            dst_v.flat[cell[m]] = active.value[sel][m]
+        return cls(layer, pos, main, cell, index, value, o_index, o_value,
+                   np.repeat(np.arange(n_pos), tiles).astype(np.int32))
+
+    def device(self) -> tuple:
+        return tuple(jnp.asarray(a) for a in (self.index, self.value, self.over_index,
+                                               self.over_value, self.over_pos))
+
+    def columns(self, P: int) -> tuple[int, np.ndarray]:
+        """For the prefix of P positions: (its overflow tiles, the column of each of its
+        features in the contraction's output [main rows [P, K] then overflow tiles])."""
+        n = int(np.searchsorted(self.pos, P))
+        n_over = int(np.searchsorted(self.over_pos, P))
+        start = P * self.index.shape[1]  # the overflow tiles' columns follow the main rows'
+        return n_over, np.where(self.main[:n], self.cell[:n], start + self.cell[:n]).astype(
+            np.int32)
 
 
-@partial(jax.jit, static_argnames=("cfg", "tc_cfg", "src_layers", "src_sizes", "src_counts",
-                                   "tile_counts", "first_pos", "n_pos"))
-def _rows(params, tc_params, rm, layout, tgt_layer, tgt_pos, tgt_vec, *, cfg: ModelConfig,
-          tc_cfg: TranscoderConfig, src_layers: tuple[int, ...], src_sizes: tuple[int, ...],
-          src_counts: tuple[int, ...], tile_counts: tuple[int, ...], first_pos: int,
-          n_pos: int):
+@partial(jax.jit, static_argnames=("cfg", "tc_cfg", "src_layers", "src_sizes", "over_counts",
+                                   "first_pos", "n_pos"))
+def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, *,
+          cfg: ModelConfig, tc_cfg: TranscoderConfig, src_layers: tuple[int, ...],
+          src_sizes: tuple[int, ...], over_counts: tuple[int, ...], first_pos: int, n_pos: int):
     """Rows of A for a batch of targets: [batch, features + errors + tokens] float32.
 
     tgt_layer: the target's layer (n_layers for a logit), tgt_pos its position (< n_pos),
     tgt_vec its encoder row or logit direction. The model is causal, so the sweep runs on the
-    first `n_pos` positions only; sources at later positions get zeros. src_sizes / src_counts:
-    per source layer, its active features, and those at positions < n_pos (the first ones, as
-    features sort by position within a layer); tile_counts: its tiles at positions < n_pos."""
+    first `n_pos` positions only; sources at later positions get zeros. layout: per source
+    layer, `_Sources.device()`; src_sizes: its active features; over_counts / columns: its
+    overflow tiles and its features' columns in the prefix (`_Sources.columns`)."""
     B = tgt_layer.shape[0]
     T_all = rm.tokens.shape[0]
     rm = rep.prefix(rm, n_pos) if n_pos < T_all else rm
@@ -231,24 +266,33 @@ def _rows(params, tc_params, rm, layout, tgt_layer, tgt_pos, tgt_vec, *, cfg: Mo
         return jnp.pad(x, ((0, 0), (0, n - x.shape[1])))
 
     cols = []
-    for s, (idx, act, tpos, flat), size, count, n_tiles in zip(
-            src_layers, layout, src_sizes, src_counts, tile_counts):
-        idx, act, tpos = idx[:n_tiles], act[:n_tiles], tpos[:n_tiles]
-        e = jnp.zeros((n_tiles, B, idx.shape[1]), f32)
-        for t in range(s, s + tc_cfg.n_targets(s)):
-            def contract(t=t, s=s, idx=idx, tpos=tpos):
-                # Indices are in bounds by construction; saying so spares XLA's slow checked
-                # gather. [tiles, K, D] active decoder rows, [tiles, B, D] their gradients.
-                dec = tc_params.W_dec[s][:, t - s].astype(dt).at[idx].get(
-                    mode="promise_in_bounds")
-                grad = G[t].at[tpos].get(mode="promise_in_bounds")
-                return jnp.einsum("nbd,nkd->nbk", grad, dec, preferred_element_type=f32)
+    for s, (idx, act, o_idx, o_act, o_pos), col, size, n_over in zip(
+            src_layers, layout, columns, src_sizes, over_counts):
+        idx, act = idx[:T], act[:T]
+        o_idx, o_act, o_pos = o_idx[:n_over], o_act[:n_over], o_pos[:n_over]
+        e = (jnp.zeros((T, B, idx.shape[1]), f32), jnp.zeros((n_over, B, o_idx.shape[1]), f32))
 
-            # A target at layer l reads MLP slots t < l only: skip slots at or above every
-            # target of the batch (a third of a CLT's decoder work, on average).
-            e = e + jax.lax.cond(t < lmax, contract, lambda: jnp.zeros_like(e))
-        e = jnp.swapaxes(e * act[:, None], 0, 1).reshape(B, -1)
-        cols.append(pad(e[:, flat[:count]], size))
+        def contract(t, e, s=s, idx=idx, o_idx=o_idx, o_pos=o_pos):
+            # Main rows: position q's gradients [B, D] against its [K, D] active decoder rows;
+            # overflow tiles gather their positions' gradients. Indices are in bounds by
+            # construction: saying so spares XLA's slow checked gather. The barrier keeps each
+            # gather out of the dot: fused into it, XLA's CPU dot runs 2-3x slower.
+            W = jax.lax.dynamic_index_in_dim(tc_params.W_dec[s], t - s, 1, False).astype(dt)
+            Gt = jax.lax.dynamic_index_in_dim(G, t, 0, False)
+            dec = jax.lax.optimization_barrier(W.at[idx].get(mode="promise_in_bounds"))
+            main = e[0] + jnp.einsum("qbd,qkd->qbk", Gt, dec, preferred_element_type=f32)
+            if not n_over:
+                return main, e[1]
+            dec, grad = jax.lax.optimization_barrier((W.at[o_idx].get(mode="promise_in_bounds"),
+                                                      Gt.at[o_pos].get(mode="promise_in_bounds")))
+            return main, e[1] + jnp.einsum("nbd,nkd->nbk", grad, dec, preferred_element_type=f32)
+
+        # A target at layer l reads MLP slots t < l only: the loop stops below every target of
+        # the batch (a third of a CLT's decoder work, on average).
+        e = jax.lax.fori_loop(s, jnp.minimum(lmax, s + tc_cfg.n_targets(s)), contract, e)
+        flat = jnp.concatenate([jnp.swapaxes(e[0] * act[:, None], 0, 1).reshape(B, -1),
+                                jnp.swapaxes(e[1] * o_act[:, None], 0, 1).reshape(B, -1)], axis=1)
+        cols.append(pad(flat[:, col], size))
     err = jnp.einsum("ltbd,ltd->blt", G, rm.error.astype(dt), preferred_element_type=f32)
     err = jnp.pad(err, ((0, 0), (0, 0), (0, T_all - T)))
     cols.append(err[:, :, first_pos:].reshape(B, -1))
@@ -284,13 +328,12 @@ class _RowMaker:
         self.cfg, self.tc_cfg, self.batch = cfg, tc_cfg, batch
         T = self.n_pos = int(rm.tokens.shape[0])
         self.bucket = bucket if bucket > 0 else max(16, -(-T // 8))
-        layout = _feature_layout(active, cfg.n_layers, T)
-        self.src_layers = tuple(s for s, *_ in layout)
-        self.layout = tuple(tuple(jnp.asarray(a) for a in rest) for _, *rest in layout)
-        self.src_pos = [np.sort(active.pos[active.layer == s]) for s in self.src_layers]
-        self.tile_pos = [tpos for _, _, _, tpos, _ in layout]
-        self.src_sizes = tuple(len(p) for p in self.src_pos)
-        self._counts = {}  # prefix length -> prefix_counts(prefix length)
+        self.sources = [_Sources.build(active, s, T) for s in range(cfg.n_layers)
+                        if np.any(active.layer == s)]
+        self.src_layers = tuple(src.layer for src in self.sources)
+        self.layout = tuple(src.device() for src in self.sources)
+        self.src_sizes = tuple(len(src.pos) for src in self.sources)
+        self._columns = {}  # prefix length -> prefix_columns(prefix length)
         self.first_pos = 1 if bos else 0
         self.W_enc = tc_params.W_enc
         self.out_dtype = np.float64 if dtype == jnp.float64 else np.float32
@@ -300,13 +343,13 @@ class _RowMaker:
         need = int(pos.max()) + 1
         return min(self.n_pos, -(-need // self.bucket) * self.bucket)
 
-    def prefix_counts(self, P: int) -> dict:
-        """Per source layer, its features and its tiles at positions < P (static arguments)."""
-        if P not in self._counts:
-            self._counts[P] = {
-                "src_counts": tuple(int(np.searchsorted(p, P)) for p in self.src_pos),
-                "tile_counts": tuple(int(np.searchsorted(p, P)) for p in self.tile_pos)}
-        return self._counts[P]
+    def prefix_columns(self, P: int) -> tuple[tuple[int, ...], tuple]:
+        """Per source layer, for the prefix of P positions: its overflow tiles (static) and its
+        features' columns (`_Sources.columns`), cached."""
+        if P not in self._columns:
+            cols = [src.columns(P) for src in self.sources]
+            self._columns[P] = (tuple(n for n, _ in cols), tuple(jnp.asarray(c) for _, c in cols))
+        return self._columns[P]
 
     def __call__(self, layer: np.ndarray, pos: np.ndarray, vec, host: bool = True,
                  padded: bool = False):
@@ -319,11 +362,11 @@ class _RowMaker:
         pos = np.concatenate([pos, np.zeros(pad, np.int32)]).astype(np.int32)
         vec = jnp.asarray(vec)
         vec = jnp.concatenate([vec, jnp.zeros((pad, self.cfg.d_model), vec.dtype)])
-        out = _rows(self.params, self.tc_params, self.rm, self.layout, jnp.asarray(layer),
-                    jnp.asarray(pos), vec, cfg=self.cfg, tc_cfg=self.tc_cfg,
-                    src_layers=self.src_layers,
-                    src_sizes=self.src_sizes,
-                    **self.prefix_counts(P), first_pos=self.first_pos, n_pos=P)
+        over_counts, columns = self.prefix_columns(P)
+        out = _rows(self.params, self.tc_params, self.rm, self.layout, columns,
+                    jnp.asarray(layer), jnp.asarray(pos), vec, cfg=self.cfg, tc_cfg=self.tc_cfg,
+                    src_layers=self.src_layers, src_sizes=self.src_sizes,
+                    over_counts=over_counts, first_pos=self.first_pos, n_pos=P)
         out = out if padded else out[:n]
         return np.asarray(jax.device_get(out)) if host else out
 
