@@ -177,3 +177,49 @@ def test_position_prefixes_give_the_whole_prompts_rows(tiny_dirs, x64):
     for bucket in (1, 4):
         g = _trace(setup, adjacency="dense", position_bucket=bucket)
         np.testing.assert_allclose(g.adjacency, whole.adjacency, rtol=1e-12, atol=1e-15)
+
+
+def test_sources_layout_places_every_feature_once():
+    """`_Sources`: main rows of K slots per position, overflow tiles for the rest (uneven
+    activity: one position holds 40 features, the others 0-3)."""
+    from attribution.replacement import ActiveFeatures
+    from attribution.trace import _Sources
+
+    rng = np.random.default_rng(0)
+    counts = np.array([0, 40, 3, 0, 1, 2, 3])
+    pos = np.repeat(np.arange(len(counts)), counts).astype(np.int32)
+    index = np.concatenate([np.sort(rng.choice(64, c, replace=False)) for c in counts])
+    active = ActiveFeatures(np.full(len(pos), 2, np.int32), pos, index.astype(np.int32),
+                            rng.uniform(0.5, 2.0, len(pos)))
+    src = _Sources.build(active, 2, len(counts))
+    K, Ko = src.index.shape[1], src.over_index.shape[1]
+    assert 0 < K < 40 and len(src.over_pos) >= 1 and np.all(src.over_pos == 1)
+    for P in (2, 5, len(counts)):
+        n_over, col = src.columns(P)
+        n = int((pos < P).sum())
+        assert len(col) == n and n_over == len(src.over_pos)  # overflow all at position 1
+        cells_i = np.concatenate([src.index[:P].ravel(), src.over_index[:n_over].ravel()])
+        cells_v = np.concatenate([src.value[:P].ravel(), src.over_value[:n_over].ravel()])
+        cell_pos = np.concatenate([np.repeat(np.arange(P), K), np.repeat(src.over_pos, Ko)])
+        assert len(np.unique(col)) == n
+        np.testing.assert_array_equal(cells_i[col], index[:n])
+        np.testing.assert_array_equal(cells_v[col], active.value[:n])
+        np.testing.assert_array_equal(cell_pos[col], pos[:n])
+        padding = np.setdiff1d(np.arange(len(cells_v)), col)
+        assert np.all(cells_v[padding] == 0)  # padding slots contribute nothing
+
+
+@pytest.mark.parametrize("widths", [(0, 3), (2, 2), (16, 16)])
+def test_decoder_layouts_give_the_same_rows(tiny_dirs, x64, monkeypatch, widths):
+    """Every feature in overflow tiles, a mix, or every feature in the main rows: the same
+    adjacency as the layout the tracer picks (a CLT with skip, so each source writes to every
+    later layer)."""
+    import importlib
+
+    tr = importlib.import_module("attribution.trace")  # the package exports a `trace` function
+    setup = _setup(tiny_dirs, "llama", reach=None, skip=True)
+    ref = _trace(setup, adjacency="dense")
+    monkeypatch.setattr(tr, "_tile_widths", lambda counts: widths)
+    g = _trace(setup, adjacency="dense")
+    assert g.ranges.feature.stop == ref.ranges.feature.stop > 50
+    np.testing.assert_allclose(g.adjacency, ref.adjacency, rtol=1e-12, atol=1e-15)
