@@ -30,13 +30,18 @@ import numpy as np
 import optax
 
 from clt import sharding as shd
+from clt import sparse as sp
 from clt.configs import ConfigError, doc, load_config, save_config, to_dict
 from clt.data import DataPosition
 from clt.lm.params import Leaf
 from clt.transcoder import (
-    Activation, InputPoint, Norms, TranscoderConfig, TranscoderParams, activate, decode,
-    decoder_norms, encode_pre, fold_norms, init_params,
+    Activation, InputPoint, Norms, TranscoderConfig, TranscoderParams, activate,
+    add_bias_and_skip, decode, decoder_norms, encode_pre, fold_norms, init_params,
 )
+
+# How one step runs: None is the dense step; (capacity, kernels) the sparse one with `capacity`
+# support entries per token and layer and the kernel set of `clt.sparse`.
+StepMode = tuple[int, str] | None
 
 
 @dataclass(frozen=True)
@@ -89,9 +94,26 @@ class TrainConfig:
     beta2: float = doc("Adam beta2.", default=0.999)
     grad_clip: float = doc("Clip gradients to this global norm (0: off).", default=1.0)
     seed: int = doc("Seed for initialisation and data order.", default=0)
+    sparse: Literal["auto", "on", "off"] = doc(
+        "Sparse step (the decoder touches only the active features; same parameters as the "
+        "dense step up to float32 rounding): on, off, or auto (on where scripts/bench_train.py "
+        "measured it faster: when the support fits in a quarter of the features and the device "
+        "has fast kernels: XLA on GPU/TPU, numba on a single CPU device).", default="auto")
+    sparse_kernels: Literal["auto", "xla", "cpu"] = doc(
+        "Kernels of the sparse step: xla (any device and mesh), cpu (numba, one CPU device), "
+        "auto (cpu on a single CPU device when numba is installed, else xla).", default="auto")
+    sparse_capacity: int = doc(
+        "Support entries per token and layer the sparse step holds (0: k for topk/batchtopk, "
+        "else sized from the measured support and resized as it changes). A batch over "
+        "capacity runs densely.", default=0)
     # --- activations ---
     round_contexts: int = doc("Contexts per round of activation generation (the shuffle "
                               "buffer holds their tokens).", default=64)
+    data_reuse: int = doc("Passes over each round of activations (reshuffled each pass): "
+                          "optimiser steps per generated token.", default=1)
+    prefetch: Literal["auto", "on", "off"] = doc(
+        "Generate the next round of activations in a background thread while training on this "
+        "one (auto: on for GPU/TPU; on a CPU both share the same cores).", default="auto")
     model_batch: int = doc("Contexts per forward pass of the language model.", default=8)
     outlier_factor: float = doc("Drop tokens whose input norm exceeds this multiple of the "
                                 "layer's median.", default=10.0)
@@ -117,7 +139,8 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("n_features", "steps", "batch_tokens", "context_length", "round_contexts",
-                     "model_batch", "checkpoint_every", "log_every", "norm_rounds", "k"):
+                     "model_batch", "checkpoint_every", "log_every", "norm_rounds", "k",
+                     "data_reuse"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.holdout < 1:
@@ -128,6 +151,9 @@ class TrainConfig:
             raise ConfigError("lr must be positive; sparsity_coef and preact_coef non-negative")
         if self.context_length < 2:
             raise ConfigError("context_length must be at least 2")
+        if self.sparse_capacity < 0 or self.sparse_capacity > self.n_features:
+            raise ConfigError(f"sparse_capacity must be in [0, n_features={self.n_features}], "
+                              f"got {self.sparse_capacity}")
 
     def transcoder_config(self, model_cfg) -> TranscoderConfig:
         return TranscoderConfig(
@@ -151,16 +177,34 @@ def sparsity_lambda(tc: TrainConfig, step):
     return tc.sparsity_coef * jnp.minimum(1.0, step.astype(jnp.float32) / ramp)
 
 
-def loss_fn(params: TranscoderParams, cfg: TranscoderConfig, tc: TrainConfig, x, y, lam):
-    """Loss and metrics of one batch x, y [batch, layer, d_model] (normalised space)."""
+def loss_fn(params: TranscoderParams, cfg: TranscoderConfig, tc: TrainConfig, x, y, lam,
+            mode: StepMode = None):
+    """Loss and metrics of one batch x, y [batch, layer, d_model] (normalised space).
+
+    With a sparse `mode` the activations are kept at the support entries only (`clt.sparse`):
+    the same loss and gradients, the decoder run over the entries."""
     x, y = x.astype(jnp.float32), y.astype(jnp.float32)
+    n_tok = x.shape[0]
     z = encode_pre(params, x)
-    a = activate(cfg, params, z, bandwidth=tc.jumprelu_bandwidth, training=True)
-    y_hat = decode(cfg, params, a, x)
+    dn = decoder_norms(cfg, params, tc.decoder_norm)  # [l, f]
+    # The support is where gradients can flow; the dense step reports it to size sparse steps.
+    support = sp.training_support(cfg, params, jax.lax.stop_gradient(z), tc.jumprelu_bandwidth)
+    if mode is None:
+        a = activate(cfg, params, z, bandwidth=tc.jumprelu_bandwidth, training=True)
+        y_hat = decode(cfg, params, a, x)
+        dn_a, overflow = dn, jnp.zeros((), bool)
+        counts = support.sum((0, 2))
+    else:
+        act = sp.select(support, mode[0] * n_tok)
+        a = sp.activate_entries(cfg, params, sp.gather_entries(z, act), act.feat,
+                                tc.jumprelu_bandwidth) * act.valid  # [l, C]
+        writes = sp.decode_entries(cfg, params, a, act, n_tok, mode[1])
+        y_hat = add_bias_and_skip(params, writes, x)
+        dn_a, overflow, counts = jnp.take_along_axis(dn, act.feat, 1), act.overflow, act.count
     err = jnp.square(y_hat - y)  # [b, l, d]
     mse = err.mean(-1).sum(-1).mean()
-    dn = decoder_norms(cfg, params, tc.decoder_norm)  # [l, f]
-    sparsity = jnp.tanh(tc.sparsity_c * dn * a).sum((-2, -1)).mean()
+    # Sums over every (token,) layer, feature, or entry, per token: zeros add nothing.
+    sparsity = jnp.tanh(tc.sparsity_c * dn_a * a).sum() / n_tok
     loss = mse + lam * sparsity
     if cfg.activation == "jumprelu" and tc.preact_coef > 0:
         preact = (jax.nn.relu(params.threshold - z) * dn).sum((-2, -1)).mean()
@@ -168,9 +212,11 @@ def loss_fn(params: TranscoderParams, cfg: TranscoderConfig, tc: TrainConfig, x,
     # NMSE per layer over this batch: sum ||y_hat - y||^2 / sum ||y - mean y||^2.
     var = jnp.square(y - y.mean(0)).sum((0, 2))
     nmse = err.sum((0, 2)) / jnp.maximum(var, 1e-12)
-    l0 = (a > 0).sum(-1).mean(0).astype(jnp.float32)  # [layer]
+    per_layer = (a > 0).sum(-1) if mode is not None else (a > 0).sum((0, 2))
+    l0 = per_layer.astype(jnp.float32) / n_tok  # [layer]
     metrics = {"loss": loss, "mse": mse, "sparsity": sparsity, "nmse": nmse, "l0": l0,
-               "lambda": lam,
+               "lambda": lam, "overflow": overflow,
+               "support": counts.max().astype(jnp.float32) / n_tok,
                "finite_batch": jnp.isfinite(x).all() & jnp.isfinite(y).all()}
     return loss, metrics
 
@@ -192,21 +238,24 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
-def _train_step(state: TrainState, x, y, cfg: TranscoderConfig, tc: TrainConfig):
-    """One Adam step on raw activations x, y [batch, layer, d_model] (normalised here)."""
+def _train_step(state: TrainState, x, y, cfg: TranscoderConfig, tc: TrainConfig,
+                mode: StepMode = None):
+    """One Adam step on raw activations x, y [batch, layer, d_model] (normalised here). A sparse
+    step whose support overflowed its capacity leaves the state untouched (metrics['overflow'])
+    for the caller to run the batch densely."""
     tx = make_optimizer(tc)
     lam = sparsity_lambda(tc, state.step)
     nm = state.norms
     x = (x.astype(jnp.float32) - nm.in_mean) / nm.in_scale[:, None]
     y = (y.astype(jnp.float32) - nm.out_mean) / nm.out_scale[:, None]
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, cfg, tc, x, y, lam)
+        state.params, cfg, tc, x, y, lam, mode)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new = TrainState(params=params, opt_state=opt_state, norms=state.norms, step=state.step + 1)
     # A non-finite loss leaves the state untouched, so the caller can stop on a good state.
     ok = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
-    new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+    new = jax.tree.map(lambda n, o: jnp.where(ok & ~metrics["overflow"], n, o), new, state)
     metrics["finite"] = ok
     return new, metrics
 
@@ -229,11 +278,11 @@ def init_state(cfg: TranscoderConfig, tc: TrainConfig, norms: Norms) -> TrainSta
                       step=jnp.zeros((), jnp.int32))
 
 
-def compile_step(cfg: TranscoderConfig, tc: TrainConfig, mesh):
-    """The jitted train step with explicit in/out shardings for `mesh`."""
+def compile_step(cfg: TranscoderConfig, tc: TrainConfig, mesh, mode: StepMode = None):
+    """The jitted train step (dense, or sparse with `mode`) with in/out shardings for `mesh`."""
     ss = state_shardings(cfg, tc, mesh)
     bs = shd.batch_sharding(mesh)
-    return jax.jit(partial(_train_step, cfg=cfg, tc=tc), in_shardings=(ss, bs, bs),
+    return jax.jit(partial(_train_step, cfg=cfg, tc=tc, mode=mode), in_shardings=(ss, bs, bs),
                    out_shardings=(ss, shd.replicated(mesh)), donate_argnums=())
 
 
@@ -244,6 +293,82 @@ def place_state(state: TrainState, cfg, tc, mesh) -> TrainState:
 def export_params(cfg: TranscoderConfig, state: TrainState) -> TranscoderParams:
     """Parameters acting on raw model activations (normalisation folded in)."""
     return jax.device_get(fold_norms(cfg, state.params, state.norms))
+
+
+class Steps:
+    """Runs each batch with the dense or the sparse step, as `tc.sparse` says, sizing the
+    sparse step's capacity from the support the steps report.
+
+    The capacity grows as soon as a batch overflows it (that batch then runs densely, so every
+    update is exact) and shrinks when the last 50 batches needed at most half of it; steps are
+    compiled once per capacity. `auto` runs sparse when the capacity is at most a quarter of
+    the features and the kernels are fast on this device (`kernels_for`)."""
+
+    WINDOW = 50
+
+    def __init__(self, cfg: TranscoderConfig, tc: TrainConfig, mesh):
+        self.cfg, self.tc, self.mesh = cfg, tc, mesh
+        self.kernels = kernels_for(tc, mesh)
+        self.fixed = tc.sparse_capacity > 0
+        self.capacity = tc.sparse_capacity or (cfg.k if cfg.activation in ("topk", "batchtopk")
+                                               else None)
+        self._compiled: dict = {}
+        self._need: list[float] = []
+        self.dense_reruns = 0
+
+    def mode(self) -> StepMode:
+        tc, cap = self.tc, self.capacity
+        if tc.sparse == "off" or cap is None:
+            return None
+        if tc.sparse == "on":
+            return cap, self.kernels or "xla"
+        if self.kernels is None or 4 * cap > self.cfg.n_features:
+            return None
+        return cap, self.kernels
+
+    def fn(self, mode: StepMode):
+        if mode not in self._compiled:
+            self._compiled[mode] = compile_step(self.cfg, self.tc, self.mesh, mode)
+        return self._compiled[mode]
+
+    def __call__(self, state: TrainState, x, y):
+        mode = self.mode()
+        new, m = self.fn(mode)(state, x, y)
+        if mode is not None and bool(m["overflow"]):
+            self.dense_reruns += 1
+            new, m = self.fn(None)(state, x, y)
+        self._resize(float(m["support"]))
+        m["sparse"] = 0 if mode is None else mode[0]
+        return new, m
+
+    def _resize(self, need: float):
+        if self.fixed:
+            return
+        self._need = (self._need + [need])[-self.WINDOW:]
+        if self.capacity is None or need > self.capacity:
+            self.capacity = _pow2_at_least(1.25 * need, self.cfg.n_features)
+        elif len(self._need) == self.WINDOW:
+            want = _pow2_at_least(1.25 * max(self._need), self.cfg.n_features)
+            if want <= self.capacity // 2:
+                self.capacity = want
+
+
+def _pow2_at_least(v: float, cap: int) -> int:
+    return int(min(cap, 2 ** int(np.ceil(np.log2(max(v, 1.0))))))
+
+
+def kernels_for(tc: TrainConfig, mesh) -> str | None:
+    """The sparse step's kernel set on `mesh`, or None where no fast one exists (`auto` then
+    stays dense): XLA's gathers on GPU/TPU, numba on one CPU device (XLA's CPU gathers are
+    slower than the dense matmul they replace; scripts/bench_train.py)."""
+    if tc.sparse_kernels != "auto":
+        return tc.sparse_kernels
+    devices = mesh.devices.ravel()
+    if devices[0].platform != "cpu":
+        return "xla"
+    if len(devices) == 1 and jax.process_count() == 1 and sp.cpu_kernels_available():
+        return "cpu"
+    return None
 
 
 class NonFiniteError(RuntimeError):
@@ -300,7 +425,8 @@ def restore_checkpoint(mngr, cfg: TranscoderConfig, tc: TrainConfig, mesh, step:
 # Fields that may change between a run and its resumption (everything else must match).
 RESUMABLE_CHANGES = ("steps", "out", "checkpoint_every", "keep_checkpoints", "log_every",
                      "mesh_data", "mesh_feature", "model_batch", "cache_activations",
-                     "export_dtype", "async_checkpoints")
+                     "export_dtype", "async_checkpoints", "sparse", "sparse_kernels",
+                     "sparse_capacity", "prefetch")
 
 
 def _check_resume(out: Path, tc: TrainConfig, model_cfg) -> None:
@@ -386,7 +512,7 @@ def train(tc: TrainConfig, *, resume: bool = True, progress: bool = True,
         state = place_state(init_state(cfg, tc, estimate_norms(stream, tc.norm_rounds)), cfg, tc,
                             mesh)
         pos = DataPosition()
-    step_fn = compile_step(cfg, tc, mesh)
+    step_fn = Steps(cfg, tc, mesh)
     bsh = shd.batch_sharding(mesh)
     step = int(jax.device_get(state.step))
     metrics_file = (out / "metrics.jsonl").open("a") if jax.process_index() == 0 else None
@@ -411,6 +537,7 @@ def train(tc: TrainConfig, *, resume: bool = True, progress: bool = True,
             last = m
             if step % tc.log_every == 0 or step == tc.steps:
                 row = _summary(m, step, meter.rate())
+                row.update(sparse_capacity=m["sparse"], dense_reruns=step_fn.dense_reruns)
                 meter = _Meter(time.perf_counter())  # tokens/s over the last interval
                 if metrics_file:
                     metrics_file.write(json.dumps(row) + "\n")
@@ -495,7 +622,7 @@ def _tensorboard(out: Path):
 
 
 __all__ = [
-    "NonFiniteError", "TrainConfig", "TrainState", "compile_step", "export_params",
-    "init_state", "loss_fn", "make_optimizer", "place_state", "restore_checkpoint",
+    "NonFiniteError", "Steps", "TrainConfig", "TrainState", "compile_step", "export_params",
+    "init_state", "kernels_for", "loss_fn", "make_optimizer", "place_state", "restore_checkpoint",
     "save_checkpoint", "sparsity_lambda", "state_shardings", "train",
 ]

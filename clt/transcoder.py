@@ -272,12 +272,21 @@ def decode(cfg: TranscoderConfig, params: TranscoderParams,
     acts[s] @ W_dec[s][:, t - s], plus b_dec[t], plus x[t] @ W_skip[t] when there is a skip."""
     L = cfg.n_layers
     lead = acts.shape[:-2]
-    out = jnp.broadcast_to(params.b_dec.astype(acts.dtype), lead + params.b_dec.shape)
+    out = jnp.zeros(lead + params.b_dec.shape, acts.dtype)
     for s in range(L):
         n = cfg.n_targets(s)
         w = params.W_dec[s].astype(acts.dtype).reshape(cfg.n_features, n * cfg.d_model)
         contrib = (acts[..., s, :] @ w).reshape(lead + (n, cfg.d_model))
         out = out.at[..., s:s + n, :].add(contrib)
+    return add_bias_and_skip(params, out, x)
+
+
+def add_bias_and_skip(params: TranscoderParams, writes: Float[Array, "*b layer d_model"],
+                      x: Float[Array, "*b layer d_model"] | None = None
+                      ) -> Float[Array, "*b layer d_model"]:
+    """Reconstructions from the features' decoder writes: + b_dec[t], + x[t] @ W_skip[t] when
+    there is a skip (the dense `decode` and the sparse training step both end here)."""
+    out = writes + params.b_dec.astype(writes.dtype)
     if params.W_skip is not None:
         if x is None:
             raise ValueError("this transcoder has a skip connection: decode needs its input x")
@@ -483,7 +492,8 @@ def load(path: str | Path, dtype=jnp.float32) -> tuple[TranscoderConfig, Transco
 
 
 __all__ = [
-    "Norms", "TranscoderConfig", "TranscoderParams", "activate", "batchtopk_mask",
+    "Norms", "TranscoderConfig", "TranscoderParams", "activate", "add_bias_and_skip",
+    "batchtopk_mask",
     "check_model", "check_params", "decode", "decoder_norms", "decoder_to_layer", "encode",
     "encode_pre", "fold_norms", "forward", "init_params", "init_pending", "jumprelu",
     "layer_step", "load", "param_shapes",

@@ -1,0 +1,214 @@
+"""The sparse training step's pieces: the decoder touches only the features that are active.
+
+A transcoder's decoder is most of its training cost (a CLT's decoders hold ~94% of its weights),
+yet a token activates ~50 of thousands of features per layer. The dense step multiplies every
+decoder row by mostly zero activations; here each source layer's activations are kept as a list
+of entries (token, feature, value), token-major, and the decoder's forward and both gradients run
+over those entries only:
+    forward   out[n, j] = sum_{e: tok_e = n} v_e W[f_e, j]          (sparse x dense)
+    d value   g_e = sum_j W[f_e, j] . g_out[tok_e, j]                (sampled dense-dense)
+    d W       dW[f, j] = sum_{e: f_e = f} v_e g_out[tok_e, j]        (sparse^T x dense)
+The entries of a layer are its *support*: every (token, feature) whose training gradient can be
+non-zero (`training_support`): the active features, plus for JumpReLU the inactive ones inside
+the straight-through band. Everything else of the loss (encoder, penalties, Adam) is unchanged,
+so a sparse step gives the dense step's parameters up to float32 rounding (tests/clt/
+test_sparse.py). Entries live in a fixed capacity per layer; a batch whose support overflows it
+is reported (`Active.count`) and the trainer runs that batch densely.
+
+Two kernel sets compute the three products: `xla` (gathers and segment sums; any device, any
+mesh: what GPUs and TPUs use) and `cpu` (numba loops called through `jax.pure_callback`, single
+device: XLA's CPU gathers run at memory speed, ~2 GB/s here, slower than the dense matmul they
+replace, while the numba loops keep each decoder slice in cache; see scripts/bench_train.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clt.lm.params import Leaf
+from clt.transcoder import TranscoderConfig, TranscoderParams, _rect, batchtopk_mask, jumprelu, \
+    topk_mask
+
+KERNELS = ("xla", "cpu")
+
+
+# --- which entries can carry gradient --------------------------------------------------------------
+def training_support(cfg: TranscoderConfig, params: TranscoderParams, z, bandwidth: float):
+    """Boolean [batch, layer, feature]: where the training activation or its gradient can be
+    non-zero. JumpReLU: active (z > threshold) or inside the straight-through band (the same
+    float32 expression as `jumprelu`'s backward); ReLU: z > 0; topk / batchtopk: their masks."""
+    if cfg.activation == "relu":
+        return z > 0
+    if cfg.activation == "topk":
+        return topk_mask(z, cfg.k) > 0
+    if cfg.activation == "batchtopk":
+        return batchtopk_mask(z, cfg.k)[0] > 0
+    th = params.threshold.astype(jnp.float32)
+    band = _rect((z.astype(jnp.float32) - th) / bandwidth) > 0
+    return (z > params.threshold.astype(z.dtype)) | band
+
+
+def activate_entries(cfg: TranscoderConfig, params: TranscoderParams, z_e, layer_feat,
+                     bandwidth: float):
+    """The training activation at support entries z_e [layer, C] (features `layer_feat`): the
+    dense rule restricted to entries, with the same gradients there."""
+    if cfg.activation == "relu":
+        return jax.nn.relu(z_e)
+    if cfg.activation in ("topk", "batchtopk"):
+        return z_e  # entries are exactly the mask (a = z * mask, the mask a constant)
+    th = jnp.take_along_axis(params.threshold, layer_feat, axis=1).astype(z_e.dtype)
+    return jumprelu(z_e, th, bandwidth)
+
+
+# --- entries ---------------------------------------------------------------------------------------
+@jax.tree_util.register_dataclass
+@dataclass
+class Active:
+    """Support entries of every layer, token-major, padded to a fixed capacity C.
+
+    Entry e of layer l is (tok[l, e], feat[l, e]); entries of token n are row_ptr[l, n] ..
+    row_ptr[l, n + 1]; entries at or past `count` are padding (tok = n_tokens: dropped by segment
+    sums; excluded by row_ptr). `count` is the true support size, which may exceed C (overflow).
+    """
+
+    tok: Leaf  # [layer, C] int32
+    feat: Leaf  # [layer, C] int32
+    valid: Leaf  # [layer, C] float32, 1 for real entries
+    row_ptr: Leaf  # [layer, n_tokens + 1] int32
+    count: Leaf  # [layer] int32
+
+    @property
+    def overflow(self):
+        return jnp.any(self.count > self.tok.shape[1])
+
+
+def select(support, capacity: int) -> Active:
+    """The first `capacity` support entries of every layer (token-major) from a boolean
+    [batch, layer, feature] support."""
+    N, L, F = support.shape
+
+    def one(mask):  # [N, F]
+        flat = mask.reshape(-1)
+        (idx,) = jnp.nonzero(flat, size=capacity, fill_value=N * F)
+        count = flat.sum(dtype=jnp.int32)
+        valid = jnp.arange(capacity) < count
+        tok = jnp.where(valid, idx // F, N).astype(jnp.int32)
+        feat = jnp.where(valid, idx % F, 0).astype(jnp.int32)
+        row_ptr = jnp.searchsorted(tok, jnp.arange(N + 1), side="left").astype(jnp.int32)
+        return tok, feat, valid.astype(jnp.float32), row_ptr, count
+
+    tok, feat, valid, row_ptr, count = jax.vmap(one)(jnp.moveaxis(support, 1, 0))
+    return Active(tok=tok, feat=feat, valid=valid, row_ptr=row_ptr, count=count)
+
+
+def gather_entries(a, act: Active):
+    """Values of a dense [batch, layer, feature] array at every layer's entries: [layer, C]."""
+    N, L, F = a.shape
+    flat = jnp.moveaxis(a, 1, 0).reshape(L, N * F)
+    idx = jnp.minimum(act.tok, N - 1) * F + act.feat
+    return jnp.take_along_axis(flat, idx, axis=1)
+
+
+# --- the decoder over entries ----------------------------------------------------------------------
+def decode_entries(cfg: TranscoderConfig, params: TranscoderParams, vals, act: Active,
+                   n_tokens: int, kernels: str = "xla"):
+    """Decoder writes of all source layers, [n_tokens, layer, d_model] (no bias, no skip): the
+    sum over s of entries' values times W_dec[s], as `transcoder.decode` computes densely."""
+    L, D = cfg.n_layers, cfg.d_model
+    out = jnp.zeros((n_tokens, L, D), vals.dtype)
+    for s in range(L):
+        n = cfg.n_targets(s)
+        w = params.W_dec[s].astype(vals.dtype)
+        contrib = spmm(vals[s], act.tok[s], act.feat[s], act.row_ptr[s], w, n_tokens, kernels)
+        out = out.at[:, s:s + n, :].add(contrib)
+    return out
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def spmm(vals, tok, feat, row_ptr, W, n_tokens: int, kernels: str):
+    """out[n, j] = sum over entries e of token n of vals[e] * W[feat[e], j]: [n_tokens, j, d]."""
+    return _KERNELS[kernels].forward(vals, tok, feat, row_ptr, W, n_tokens)
+
+
+def _spmm_fwd(vals, tok, feat, row_ptr, W, n_tokens, kernels):
+    return spmm(vals, tok, feat, row_ptr, W, n_tokens, kernels), (vals, tok, feat, row_ptr, W)
+
+
+def _spmm_bwd(n_tokens, kernels, res, g):
+    vals, tok, feat, row_ptr, W = res
+    g_vals, g_W = _KERNELS[kernels].backward(vals, tok, feat, row_ptr, W, g.astype(W.dtype))
+    return g_vals.astype(vals.dtype), None, None, None, g_W
+
+
+spmm.defvjp(_spmm_fwd, _spmm_bwd)
+
+
+class _Xla:
+    """Gathers and segment sums, one target layer at a time (bounded memory)."""
+
+    @staticmethod
+    def forward(vals, tok, feat, row_ptr, W, n_tokens):
+        def one(w):  # [F, d]
+            return jax.ops.segment_sum(vals[:, None] * w[feat], tok, n_tokens,
+                                       indices_are_sorted=True)
+
+        return jnp.moveaxis(jax.lax.map(one, jnp.moveaxis(W, 1, 0)), 0, 1)
+
+    @staticmethod
+    def backward(vals, tok, feat, row_ptr, W, g):
+        F = W.shape[0]
+        tok_in = jnp.minimum(tok, g.shape[0] - 1)  # padding entries have vals 0
+
+        def one(wg):
+            w, gj = wg  # [F, d], [n_tokens, d]
+            rows = gj[tok_in]
+            return (w[feat] * rows).sum(-1), jax.ops.segment_sum(vals[:, None] * rows, feat, F)
+
+        gv, gw = jax.lax.map(one, (jnp.moveaxis(W, 1, 0), jnp.moveaxis(g, 1, 0)))
+        return gv.sum(0), jnp.moveaxis(gw, 0, 1)
+
+
+class _Cpu:
+    """numba loops over the entries (see `clt._sparse_cpu`), through pure_callback."""
+
+    @staticmethod
+    def forward(vals, tok, feat, row_ptr, W, n_tokens):
+        from clt import _sparse_cpu
+
+        shape = jax.ShapeDtypeStruct((n_tokens,) + W.shape[1:], W.dtype)
+        return jax.pure_callback(_sparse_cpu.forward, shape, vals, feat, row_ptr, W,
+                                 vmap_method="sequential")
+
+    @staticmethod
+    def backward(vals, tok, feat, row_ptr, W, g):
+        from clt import _sparse_cpu
+
+        shapes = (jax.ShapeDtypeStruct(vals.shape, W.dtype), jax.ShapeDtypeStruct(W.shape,
+                                                                                  W.dtype))
+        return jax.pure_callback(_sparse_cpu.backward, shapes, vals, feat, row_ptr, W, g,
+                                 vmap_method="sequential")
+
+
+_KERNELS = {"xla": _Xla, "cpu": _Cpu}
+
+
+def cpu_kernels_available() -> bool:
+    """numba is importable (the `cpu` kernels need it)."""
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def density(capacity: int, n_features: int) -> float:
+    return capacity / n_features
+
+
+__all__ = ["Active", "KERNELS", "activate_entries", "cpu_kernels_available", "decode_entries",
+           "gather_entries", "select", "spmm", "training_support"]
