@@ -39,18 +39,20 @@ KERNELS = ("xla", "cpu")
 
 # --- which entries can carry gradient --------------------------------------------------------------
 def training_support(cfg: TranscoderConfig, params: TranscoderParams, z, bandwidth: float):
-    """Boolean [batch, layer, feature]: where the training activation or its gradient can be
-    non-zero. JumpReLU: active (z > threshold) or inside the straight-through band (the same
-    float32 expression as `jumprelu`'s backward); ReLU: z > 0; topk / batchtopk: their masks."""
+    """(support, cut): support is boolean [batch, layer, feature], where the training activation
+    or its gradient can be non-zero. JumpReLU: active (z > threshold) or inside the
+    straight-through band (the same float32 expression as `jumprelu`'s backward); ReLU: z > 0;
+    topk / batchtopk: their masks. cut: batchtopk's per-layer cut value, else None."""
     if cfg.activation == "relu":
-        return z > 0
+        return z > 0, None
     if cfg.activation == "topk":
-        return topk_mask(z, cfg.k) > 0
+        return topk_mask(z, cfg.k) > 0, None
     if cfg.activation == "batchtopk":
-        return batchtopk_mask(z, cfg.k)[0] > 0
+        mask, cut = batchtopk_mask(z, cfg.k)
+        return mask > 0, cut
     th = params.threshold.astype(jnp.float32)
     band = _rect((z.astype(jnp.float32) - th) / bandwidth) > 0
-    return (z > params.threshold.astype(z.dtype)) | band
+    return (z > params.threshold.astype(z.dtype)) | band, None
 
 
 def activate_entries(cfg: TranscoderConfig, params: TranscoderParams, z_e, layer_feat,
@@ -204,10 +206,6 @@ def cpu_kernels_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def density(capacity: int, n_features: int) -> float:
-    return capacity / n_features
 
 
 __all__ = ["Active", "KERNELS", "activate_entries", "cpu_kernels_available", "decode_entries",

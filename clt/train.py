@@ -14,6 +14,7 @@ the identical next step and restorable onto another mesh.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import threading
@@ -188,9 +189,11 @@ def loss_fn(params: TranscoderParams, cfg: TranscoderConfig, tc: TrainConfig, x,
     z = encode_pre(params, x)
     dn = decoder_norms(cfg, params, tc.decoder_norm)  # [l, f]
     # The support is where gradients can flow; the dense step reports it to size sparse steps.
-    support = sp.training_support(cfg, params, jax.lax.stop_gradient(z), tc.jumprelu_bandwidth)
+    support, cut = sp.training_support(cfg, params, jax.lax.stop_gradient(z),
+                                       tc.jumprelu_bandwidth)
     if mode is None:
-        a = activate(cfg, params, z, bandwidth=tc.jumprelu_bandwidth, training=True)
+        a = activate(cfg, params, z, bandwidth=tc.jumprelu_bandwidth, training=True,
+                     mask=support.astype(z.dtype) if cut is not None else None)
         y_hat = decode(cfg, params, a, x)
         dn_a, overflow = dn, jnp.zeros((), bool)
         counts = support.sum((0, 2))
@@ -218,6 +221,8 @@ def loss_fn(params: TranscoderParams, cfg: TranscoderConfig, tc: TrainConfig, x,
                "lambda": lam, "overflow": overflow,
                "support": counts.max().astype(jnp.float32) / n_tok,
                "finite_batch": jnp.isfinite(x).all() & jnp.isfinite(y).all()}
+    if cut is not None:
+        metrics["batch_cut"] = cut
     return loss, metrics
 
 
@@ -252,12 +257,24 @@ def _train_step(state: TrainState, x, y, cfg: TranscoderConfig, tc: TrainConfig,
         state.params, cfg, tc, x, y, lam, mode)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if cfg.activation == "batchtopk":
+        params = _follow_batch_cut(params, metrics["batch_cut"], state.step)
     new = TrainState(params=params, opt_state=opt_state, norms=state.norms, step=state.step + 1)
     # A non-finite loss leaves the state untouched, so the caller can stop on a good state.
     ok = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
     new = jax.tree.map(lambda n, o: jnp.where(ok & ~metrics["overflow"], n, o), new, state)
     metrics["finite"] = ok
     return new, metrics
+
+
+def _follow_batch_cut(params: TranscoderParams, cut, step) -> TranscoderParams:
+    """BatchTopK's inference threshold: a running mean (then a 1% moving average) of each
+    layer's batch cut, the smallest kept pre-activation (Bussmann et al. 2024). The threshold
+    gets no gradient in training, so Adam leaves it alone."""
+    rate = jnp.maximum(0.01, 1.0 / (step.astype(jnp.float32) + 1.0))
+    th = jnp.exp(params.log_threshold)
+    th = th + rate * (jnp.maximum(cut, 1e-6)[:, None] - th)
+    return dataclasses.replace(params, log_threshold=jnp.log(th))
 
 
 def state_shardings(cfg: TranscoderConfig, tc: TrainConfig, mesh) -> TrainState:

@@ -225,26 +225,47 @@ def topk_mask(z: Float[Array, "*b feature"], k: int) -> Float[Array, "*b feature
 
 
 def batchtopk_mask(z: Float[Array, "batch layer feature"], k: int):
-    """Per layer, keep the k * batch largest pre-activations over the whole batch."""
+    """Per layer, keep the k * batch largest pre-activations over the whole batch; also returns
+    each layer's (k * batch)-th largest value."""
     B, L, F = z.shape
-    flat = jnp.moveaxis(z, 1, 0).reshape(L, B * F)
-    kth = jax.lax.top_k(flat, k * B)[0][:, -1]  # [layer]
+    kth = kth_largest(jnp.moveaxis(z, 1, 0).reshape(L, B * F), k * B)  # [layer]
     return ((z >= kth[None, :, None]) & (z > 0)).astype(z.dtype), kth
 
 
+def kth_largest(x: Float[Array, "*b n"], k: int) -> Float[Array, "*b"]:
+    """The k-th largest entry of every row of x, exactly (what `lax.top_k(x, k)[0][..., -1]`
+    gives), found bit by bit on the order-preserving unsigned view of float32: 32 counting
+    passes over x instead of a sort (top_k over 2M entries per layer took most of a BatchTopK
+    step on a CPU)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    neg = (bits >> 31) == 1
+    key = jnp.where(neg, ~bits, bits | jnp.uint32(1 << 31))  # ascending with the float value
+
+    def body(i, t):
+        cand = t | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
+        enough = (key >= cand[..., None]).sum(-1) >= k
+        return jnp.where(enough, cand, t)
+
+    t = jax.lax.fori_loop(0, 32, body, jnp.zeros(x.shape[:-1], jnp.uint32))
+    back = jnp.where((t >> 31) == 1, t & jnp.uint32(0x7FFFFFFF), ~t)
+    return jax.lax.bitcast_convert_type(back, jnp.float32).astype(x.dtype)
+
+
 def activate(cfg: TranscoderConfig, params: TranscoderParams, z, *, bandwidth: float = 1.0,
-             training: bool = False):
+             training: bool = False, mask=None):
     """Feature activations from pre-activations z [..., layer, feature].
 
     batchtopk uses its batch rule only when `training` (z must then be [batch, layer, feature]);
-    at inference it thresholds at the learned `threshold`, like JumpReLU.
+    at inference it thresholds at the learned `threshold`, like JumpReLU (in training the
+    threshold follows the batch rule's cut, `batchtopk_threshold`). `mask`: the topk/batchtopk
+    mask when the caller has it already.
     """
     if cfg.activation == "relu":
         return jax.nn.relu(z)
     if cfg.activation == "topk":
-        return z * jax.lax.stop_gradient(topk_mask(z, cfg.k))
+        return z * jax.lax.stop_gradient(topk_mask(z, cfg.k) if mask is None else mask)
     if cfg.activation == "batchtopk" and training:
-        mask, _ = batchtopk_mask(z, cfg.k)
+        mask = batchtopk_mask(z, cfg.k)[0] if mask is None else mask
         return z * jax.lax.stop_gradient(mask)
     th = params.threshold.astype(z.dtype)
     if cfg.activation == "jumprelu" and training:
@@ -493,7 +514,7 @@ def load(path: str | Path, dtype=jnp.float32) -> tuple[TranscoderConfig, Transco
 
 __all__ = [
     "Norms", "TranscoderConfig", "TranscoderParams", "activate", "add_bias_and_skip",
-    "batchtopk_mask",
+    "batchtopk_mask", "kth_largest",
     "check_model", "check_params", "decode", "decoder_norms", "decoder_to_layer", "encode",
     "encode_pre", "fold_norms", "forward", "init_params", "init_pending", "jumprelu",
     "layer_step", "load", "param_shapes",
