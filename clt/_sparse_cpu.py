@@ -9,15 +9,23 @@ thread owns whole rows of dW and no two threads add into the same row).
 
 from __future__ import annotations
 
+from typing import no_type_check
+
 import numpy as np
 from numba import njit, prange
 
+# Every kernel is @no_type_check: the tests' jaxtyping import hook would otherwise wrap it in a
+# Python type checker, which numba cannot compile.
+
 
 @njit(parallel=True, fastmath=True, cache=True)
+@no_type_check
 def _forward(row_ptr, feat, vals, W, out):
     n_tok, nt, D = out.shape
     for j in range(nt):
         for n in prange(n_tok):
+            for d in range(D):  # every row is written here: `out` comes uninitialised
+                out[n, j, d] = 0.0
             for e in range(row_ptr[n], row_ptr[n + 1]):
                 v = vals[e]
                 f = feat[e]
@@ -26,6 +34,7 @@ def _forward(row_ptr, feat, vals, W, out):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
+@no_type_check
 def _grad_vals(row_ptr, feat, W, g, gv):
     n_tok, nt, D = g.shape
     for j in range(nt):
@@ -39,6 +48,7 @@ def _grad_vals(row_ptr, feat, W, g, gv):
 
 
 @njit(cache=True)
+@no_type_check
 def _by_feature(row_ptr, feat, n_features):
     """Entries bucketed by feature: col_ptr [F + 1], entry ids and their tokens."""
     n_tok = row_ptr.shape[0] - 1
@@ -61,15 +71,53 @@ def _by_feature(row_ptr, feat, n_features):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
+@no_type_check
 def _grad_W(col_ptr, entry, token, vals, g, gW):
     n_features, nt, D = gW.shape
     for j in range(nt):
         for f in prange(n_features):
+            for d in range(D):  # every row is written here: `gW` comes uninitialised
+                gW[f, j, d] = 0.0
             for p in range(col_ptr[f], col_ptr[f + 1]):
                 v = vals[entry[p]]
                 n = token[p]
                 for d in range(D):
                     gW[f, j, d] += v * g[n, j, d]
+
+
+@njit(parallel=True, cache=True)
+@no_type_check
+def _select(mask, tok, feat, valid, row_ptr, count):
+    L, N, F = mask.shape
+    cap = tok.shape[1]
+    for layer in prange(L):
+        c = 0
+        for n in range(N):
+            row_ptr[layer, n] = min(c, cap)
+            for f in range(F):
+                if mask[layer, n, f]:
+                    if c < cap:
+                        tok[layer, c] = n
+                        feat[layer, c] = f
+                        valid[layer, c] = 1.0
+                    c += 1
+        row_ptr[layer, N] = min(c, cap)
+        count[layer] = c
+        for e in range(min(c, cap), cap):  # padding
+            tok[layer, e] = N
+            feat[layer, e] = 0
+            valid[layer, e] = 0.0
+
+
+def select(support, capacity):
+    """Support entries of every layer, token-major (what `clt.sparse.select` makes with XLA)."""
+    mask = _np(support, np.bool_)
+    L, N, _ = mask.shape
+    tok, feat = np.empty((L, capacity), np.int32), np.empty((L, capacity), np.int32)
+    valid = np.empty((L, capacity), np.float32)
+    row_ptr, count = np.empty((L, N + 1), np.int32), np.empty(L, np.int32)
+    _select(mask, tok, feat, valid, row_ptr, count)
+    return tok, feat, valid, row_ptr, count
 
 
 def _np(a, dtype=None):
@@ -79,7 +127,7 @@ def _np(a, dtype=None):
 
 def forward(vals, feat, row_ptr, W):
     W, feat, row_ptr = _np(W), _np(feat, np.int32), _np(row_ptr, np.int64)
-    out = np.zeros((row_ptr.shape[0] - 1,) + W.shape[1:], W.dtype)
+    out = np.empty((row_ptr.shape[0] - 1,) + W.shape[1:], W.dtype)
     _forward(row_ptr, feat, _np(vals, W.dtype), W, out)
     return out
 
@@ -91,6 +139,6 @@ def backward(vals, feat, row_ptr, W, g):
     gv = np.zeros(vals.shape, W.dtype)
     _grad_vals(row_ptr, feat, W, g, gv)
     col_ptr, entry, token = _by_feature(row_ptr, feat, W.shape[0])
-    gW = np.zeros(W.shape, W.dtype)
+    gW = np.empty(W.shape, W.dtype)
     _grad_W(col_ptr, entry, token, vals, g, gW)
     return gv, gW

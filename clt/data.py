@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -30,7 +31,7 @@ import numpy as np
 
 from clt.configs import ConfigError
 from clt.lm.loading import LoadedModel
-from clt.lm.model import forward
+from clt.lm.model import activations
 
 
 # --- text ----------------------------------------------------------------------------------------
@@ -242,9 +243,10 @@ class DataPosition:
         return {"round": self.round, "batch": self.batch}
 
 
-@partial(jax.jit, static_argnames=("cfg", "input_point"))
-def _capture(params, cfg, tokens, input_point):
-    _, cap = forward(params, cfg, tokens, capture=(input_point, "mlp_out"))
+@partial(jax.jit, static_argnames=("cfg", "input_point", "n_layers"))
+def _capture(params, cfg, tokens, input_point, n_layers):
+    # Only the blocks the transcoder reads: no final norm, no unembedding.
+    cap = activations(params, cfg, tokens, (input_point, "mlp_out"), n_layers)
     x = getattr(cap, input_point)
     # [layer, b, pos, d] -> [b * pos, layer, d]: one training example per token.
     L, B, T, D = x.shape
@@ -278,8 +280,9 @@ class ActivationStream:
     def __init__(self, model: LoadedModel, contexts, *, input_point: str, batch_tokens: int,
                  round_contexts: int, model_batch: int = 8, seed: int = 0,
                  drop_bos: bool = True, outlier_factor: float = 10.0, dtype=jnp.float32,
-                 cache_dir: str | Path | None = None):
+                 cache_dir: str | Path | None = None, n_layers: int | None = None):
         self.model, self.contexts = model, contexts
+        self.n_layers = n_layers or model.cfg.n_layers
         self.input_point, self.batch_tokens = input_point, batch_tokens
         self.round_contexts, self.model_batch = round_contexts, model_batch
         self.seed, self.drop_bos, self.outlier_factor = seed, drop_bos, outlier_factor
@@ -303,7 +306,8 @@ class ActivationStream:
         xs, ys = [], []
         for i in range(0, len(ctx), self.model_batch):
             x, y = _capture(self.model.params, self.model.cfg,
-                            jnp.asarray(ctx[i:i + self.model_batch]), self.input_point)
+                            jnp.asarray(ctx[i:i + self.model_batch]), self.input_point,
+                            self.n_layers)
             xs.append(x.astype(self.dtype))
             ys.append(y.astype(self.dtype))
         x, y = jnp.concatenate(xs), jnp.concatenate(ys)
@@ -322,22 +326,41 @@ class ActivationStream:
                                           self.outlier_factor)
         return x, y, order, int(n_valid)
 
-    def batches(self, start: DataPosition = DataPosition()
+    def batches(self, start: DataPosition = DataPosition(), reuse: int = 1,
+                prefetch: bool = False
                 ) -> Iterator[tuple[DataPosition, jax.Array, jax.Array]]:
-        """Endless (position after this batch, x, y) from `start` on."""
+        """Endless (position after this batch, x, y) from `start` on.
+
+        reuse: passes over each round (each pass in its own shuffled order; a position's batch
+        index counts over all passes). prefetch: generate the next round in a background thread
+        while this one is served (overlaps the model with training steps where the device
+        runs them concurrently)."""
         r, b = start.round, start.batch
-        while True:
-            x, y, order, n_valid = self.round(r)
-            n_batches = n_valid // self.batch_tokens
-            if n_batches == 0:
-                raise ConfigError(f"round {r} has only {n_valid} valid tokens for batches of "
-                                  f"{self.batch_tokens}; raise round_contexts")
-            for i in range(b, n_batches):
-                idx = order[i * self.batch_tokens:(i + 1) * self.batch_tokens]
-                bx, by = x[idx], y[idx]
-                nxt = DataPosition(r, i + 1) if i + 1 < n_batches else DataPosition(r + 1, 0)
-                yield nxt, bx, by
-            r, b = r + 1, 0
+        pool = ThreadPoolExecutor(1) if prefetch else None
+        ahead: tuple[int, Future] | None = None
+        try:
+            while True:
+                got = ahead[1].result() if ahead is not None and ahead[0] == r else self.round(r)
+                if pool is not None:
+                    ahead = (r + 1, pool.submit(self.round, r + 1))
+                x, y, order, n_valid = got
+                n_batches = n_valid // self.batch_tokens
+                if n_batches == 0:
+                    raise ConfigError(f"round {r} has only {n_valid} valid tokens for batches of "
+                                      f"{self.batch_tokens}; raise round_contexts")
+                total = n_batches * reuse
+                for i in range(b, total):
+                    p, j = divmod(i, n_batches)
+                    sel = order[j * self.batch_tokens:(j + 1) * self.batch_tokens]
+                    if p > 0:  # a later pass: the valid tokens in another order
+                        perm = np.random.default_rng([self.seed, r, p]).permutation(n_valid)
+                        sel = order[perm[j * self.batch_tokens:(j + 1) * self.batch_tokens]]
+                    nxt = DataPosition(r, i + 1) if i + 1 < total else DataPosition(r + 1, 0)
+                    yield nxt, x[sel], y[sel]
+                r, b = r + 1, 0
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
 
 
 def estimate_norms(stream: ActivationStream, rounds: int = 1):

@@ -38,9 +38,11 @@ KERNELS = ("xla", "cpu")
 
 
 # --- which entries can carry gradient --------------------------------------------------------------
-def training_support(cfg: TranscoderConfig, params: TranscoderParams, z, bandwidth: float):
-    """(support, cut): support is boolean [batch, layer, feature], where the training activation
-    or its gradient can be non-zero. JumpReLU: active (z > threshold) or inside the
+def training_support(cfg: TranscoderConfig, params: TranscoderParams, z, bandwidth: float,
+                     layer_major: bool = False):
+    """(support, cut): support is boolean, shaped as z ([batch, layer, feature], or [layer,
+    batch, feature] if layer_major), where the training activation or its gradient can be
+    non-zero. JumpReLU: active (z > threshold) or inside the
     straight-through band (the same float32 expression as `jumprelu`'s backward); ReLU: z > 0;
     topk / batchtopk: their masks. cut: batchtopk's per-layer cut value, else None."""
     if cfg.activation == "relu":
@@ -48,11 +50,12 @@ def training_support(cfg: TranscoderConfig, params: TranscoderParams, z, bandwid
     if cfg.activation == "topk":
         return topk_mask(z, cfg.k) > 0, None
     if cfg.activation == "batchtopk":
-        mask, cut = batchtopk_mask(z, cfg.k)
+        mask, cut = batchtopk_mask(z, cfg.k, layer_major)
         return mask > 0, cut
     th = params.threshold.astype(jnp.float32)
+    th = th[:, None, :] if layer_major else th
     band = _rect((z.astype(jnp.float32) - th) / bandwidth) > 0
-    return (z > params.threshold.astype(z.dtype)) | band, None
+    return (z > th.astype(z.dtype)) | band, None
 
 
 def activate_entries(cfg: TranscoderConfig, params: TranscoderParams, z_e, layer_feat,
@@ -89,10 +92,14 @@ class Active:
         return jnp.any(self.count > self.tok.shape[1])
 
 
-def select(support, capacity: int) -> Active:
+def select(support, capacity: int, kernels: str = "xla") -> Active:
     """The first `capacity` support entries of every layer (token-major) from a boolean
-    [batch, layer, feature] support."""
-    N, L, F = support.shape
+    [layer, batch, feature] support."""
+    return _KERNELS[kernels].select(support, capacity)
+
+
+def _select_xla(support, capacity: int) -> Active:
+    L, N, F = support.shape
 
     def one(mask):  # [N, F]
         flat = mask.reshape(-1)
@@ -104,14 +111,14 @@ def select(support, capacity: int) -> Active:
         row_ptr = jnp.searchsorted(tok, jnp.arange(N + 1), side="left").astype(jnp.int32)
         return tok, feat, valid.astype(jnp.float32), row_ptr, count
 
-    tok, feat, valid, row_ptr, count = jax.vmap(one)(jnp.moveaxis(support, 1, 0))
+    tok, feat, valid, row_ptr, count = jax.vmap(one)(support)
     return Active(tok=tok, feat=feat, valid=valid, row_ptr=row_ptr, count=count)
 
 
 def gather_entries(a, act: Active):
-    """Values of a dense [batch, layer, feature] array at every layer's entries: [layer, C]."""
-    N, L, F = a.shape
-    flat = jnp.moveaxis(a, 1, 0).reshape(L, N * F)
+    """Values of a dense [layer, batch, feature] array at every layer's entries: [layer, C]."""
+    L, N, F = a.shape
+    flat = a.reshape(L, N * F)
     idx = jnp.minimum(act.tok, N - 1) * F + act.feat
     return jnp.take_along_axis(flat, idx, axis=1)
 
@@ -153,6 +160,8 @@ spmm.defvjp(_spmm_fwd, _spmm_bwd)
 class _Xla:
     """Gathers and segment sums, one target layer at a time (bounded memory)."""
 
+    select = staticmethod(_select_xla)
+
     @staticmethod
     def forward(vals, tok, feat, row_ptr, W, n_tokens):
         def one(w):  # [F, d]
@@ -172,11 +181,24 @@ class _Xla:
             return (w[feat] * rows).sum(-1), jax.ops.segment_sum(vals[:, None] * rows, feat, F)
 
         gv, gw = jax.lax.map(one, (jnp.moveaxis(W, 1, 0), jnp.moveaxis(g, 1, 0)))
-        return gv.sum(0), jnp.moveaxis(gw, 0, 1)
+        return gv.sum(0) * (tok < g.shape[0]), jnp.moveaxis(gw, 0, 1)  # padding: 0
 
 
 class _Cpu:
     """numba loops over the entries (see `clt._sparse_cpu`), through pure_callback."""
+
+    @staticmethod
+    def select(support, capacity: int) -> Active:
+        from clt import _sparse_cpu
+
+        L, N, F = support.shape
+        i32 = jnp.int32
+        shapes = (jax.ShapeDtypeStruct((L, capacity), i32),) * 2 + (
+            jax.ShapeDtypeStruct((L, capacity), jnp.float32),
+            jax.ShapeDtypeStruct((L, N + 1), i32), jax.ShapeDtypeStruct((L,), i32))
+        out = jax.pure_callback(partial(_sparse_cpu.select, capacity=capacity), shapes, support,
+                                vmap_method="sequential")
+        return Active(*out)
 
     @staticmethod
     def forward(vals, tok, feat, row_ptr, W, n_tokens):

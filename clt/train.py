@@ -186,11 +186,15 @@ def loss_fn(params: TranscoderParams, cfg: TranscoderConfig, tc: TrainConfig, x,
     the same loss and gradients, the decoder run over the entries."""
     x, y = x.astype(jnp.float32), y.astype(jnp.float32)
     n_tok = x.shape[0]
-    z = encode_pre(params, x)
     dn = decoder_norms(cfg, params, tc.decoder_norm)  # [l, f]
+    # The sparse step works layer-major ([layer, batch, feature]): faster batched matmuls, and
+    # each layer's entries are one contiguous block.
+    lm = mode is not None
+    z = encode_pre(params, jnp.moveaxis(x, 1, 0) if lm else x, layer_major=lm)
+    per_lf = (lambda v: v[:, None, :]) if lm else (lambda v: v)  # [l, f] against z
     # The support is where gradients can flow; the dense step reports it to size sparse steps.
     support, cut = sp.training_support(cfg, params, jax.lax.stop_gradient(z),
-                                       tc.jumprelu_bandwidth)
+                                       tc.jumprelu_bandwidth, layer_major=lm)
     if mode is None:
         a = activate(cfg, params, z, bandwidth=tc.jumprelu_bandwidth, training=True,
                      mask=support.astype(z.dtype) if cut is not None else None)
@@ -198,7 +202,7 @@ def loss_fn(params: TranscoderParams, cfg: TranscoderConfig, tc: TrainConfig, x,
         dn_a, overflow = dn, jnp.zeros((), bool)
         counts = support.sum((0, 2))
     else:
-        act = sp.select(support, mode[0] * n_tok)
+        act = sp.select(support, mode[0] * n_tok, mode[1])
         a = sp.activate_entries(cfg, params, sp.gather_entries(z, act), act.feat,
                                 tc.jumprelu_bandwidth) * act.valid  # [l, C]
         writes = sp.decode_entries(cfg, params, a, act, n_tok, mode[1])
@@ -210,7 +214,7 @@ def loss_fn(params: TranscoderParams, cfg: TranscoderConfig, tc: TrainConfig, x,
     sparsity = jnp.tanh(tc.sparsity_c * dn_a * a).sum() / n_tok
     loss = mse + lam * sparsity
     if cfg.activation == "jumprelu" and tc.preact_coef > 0:
-        preact = (jax.nn.relu(params.threshold - z) * dn).sum((-2, -1)).mean()
+        preact = (jax.nn.relu(per_lf(params.threshold) - z) * per_lf(dn)).sum() / n_tok
         loss = loss + tc.preact_coef * preact
     # NMSE per layer over this batch: sum ||y_hat - y||^2 / sum ||y - mean y||^2.
     var = jnp.square(y - y.mean(0)).sum((0, 2))
@@ -388,6 +392,13 @@ def kernels_for(tc: TrainConfig, mesh) -> str | None:
     return None
 
 
+def _prefetch(tc: TrainConfig, mesh) -> bool:
+    """Overlap generation with training on accelerators; on a CPU both use the same cores."""
+    if tc.prefetch != "auto":
+        return tc.prefetch == "on"
+    return mesh.devices.ravel()[0].platform != "cpu"
+
+
 class NonFiniteError(RuntimeError):
     """Training produced a NaN/inf; the message names the step and the last good checkpoint."""
 
@@ -521,7 +532,7 @@ def train(tc: TrainConfig, *, resume: bool = True, progress: bool = True,
         model, contexts, input_point=tc.input_point, batch_tokens=tc.batch_tokens,
         round_contexts=tc.round_contexts, model_batch=tc.model_batch, seed=tc.seed,
         outlier_factor=tc.outlier_factor, dtype=jnp.dtype(tc.activation_dtype),
-        cache_dir=tc.cache_activations)
+        cache_dir=tc.cache_activations, n_layers=cfg.n_layers)
     mngr = _manager(out, tc.keep_checkpoints, tc.async_checkpoints)
     if resume and mngr.latest_step() is not None:
         state, pos, _ = restore_checkpoint(mngr, cfg, tc, mesh)
@@ -538,7 +549,7 @@ def train(tc: TrainConfig, *, resume: bool = True, progress: bool = True,
     bar = _Bar(progress, tc.steps, step)
     stop = _sigterm_as_interrupt()
     try:
-        batches = stream.batches(pos)
+        batches = stream.batches(pos, reuse=tc.data_reuse, prefetch=_prefetch(tc, mesh))
         while step < tc.steps:
             nxt, x, y = next(batches)
             new, m = step_fn(state, _to_global(x, bsh), _to_global(y, bsh))

@@ -224,9 +224,13 @@ def topk_mask(z: Float[Array, "*b feature"], k: int) -> Float[Array, "*b feature
     return ((z >= kth) & (z > 0)).astype(z.dtype)
 
 
-def batchtopk_mask(z: Float[Array, "batch layer feature"], k: int):
+def batchtopk_mask(z: Float[Array, "batch layer feature"], k: int, layer_major: bool = False):
     """Per layer, keep the k * batch largest pre-activations over the whole batch; also returns
-    each layer's (k * batch)-th largest value."""
+    each layer's (k * batch)-th largest value. layer_major: z is [layer, batch, feature]."""
+    if layer_major:
+        L, B, F = z.shape
+        kth = kth_largest(z.reshape(L, B * F), k * B)  # [layer]
+        return ((z >= kth[:, None, None]) & (z > 0)).astype(z.dtype), kth
     B, L, F = z.shape
     kth = kth_largest(jnp.moveaxis(z, 1, 0).reshape(L, B * F), k * B)  # [layer]
     return ((z >= kth[None, :, None]) & (z > 0)).astype(z.dtype), kth
@@ -274,9 +278,14 @@ def activate(cfg: TranscoderConfig, params: TranscoderParams, z, *, bandwidth: f
 
 
 # --- encode / decode ---------------------------------------------------------------------------
-def encode_pre(params: TranscoderParams, x: Float[Array, "*b layer d_model"]
-               ) -> Float[Array, "*b layer feature"]:
-    """Pre-activations of every layer's features from that layer's input."""
+def encode_pre(params: TranscoderParams, x: Float[Array, "*b layer d_model"],
+               layer_major: bool = False) -> Float[Array, "*b layer feature"]:
+    """Pre-activations of every layer's features from that layer's input. layer_major: x is
+    [layer, *b, d_model] and so is the result (a batched matmul with its batch axis first, ~1.4x
+    faster on a CPU than with the layer axis in the middle)."""
+    if layer_major:
+        b = params.b_enc.reshape((x.shape[0],) + (1,) * (x.ndim - 2) + (-1,))
+        return jnp.einsum("l...d,ldf->l...f", x, params.W_enc.astype(x.dtype)) + b
     return jnp.einsum("...ld,ldf->...lf", x, params.W_enc.astype(x.dtype)) + params.b_enc
 
 

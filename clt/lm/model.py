@@ -273,10 +273,16 @@ def unembed(params: LMParams, cfg: ModelConfig, resid, final_scale=None):
     return logits, scale
 
 
-def _run_layers(params, cfg, x, positions, mask_full, mask_slide, frozen, asked, cache, offset):
+def _run_layers(params, cfg, x, positions, mask_full, mask_slide, frozen, asked, cache, offset,
+                n_layers: int | None = None):
+    """The blocks in a scan; with `n_layers`, only the first n_layers of them."""
     cos_g, sin_g = _rope_tables(cfg, positions, local=False)
     cos_l, sin_l = _rope_tables(cfg, positions, local=True)
     sliding = jnp.asarray(cfg.sliding_layers)
+    layers = params.layers
+    if n_layers is not None and n_layers < cfg.n_layers:
+        layers = jax.tree.map(lambda a: a[:n_layers], layers)
+        sliding = sliding[:n_layers]
     frozen_layers = {k: v for k, v in frozen.items() if k in LAYER_FIELDS}
 
     def body(x, xs):
@@ -287,7 +293,7 @@ def _run_layers(params, cfg, x, positions, mask_full, mask_slide, frozen, asked,
         x, caps, new_kv = block(lp, cfg, x, cos, sin, mask, fr, asked, kv, offset)
         return x, (caps, new_kv)
 
-    x, (caps, new_cache) = jax.lax.scan(body, x, (params.layers, sliding, frozen_layers, cache))
+    x, (caps, new_cache) = jax.lax.scan(body, x, (layers, sliding, frozen_layers, cache))
     return x, caps, new_cache
 
 
@@ -346,6 +352,25 @@ def _forward(params, cfg, tokens, attention_mask, positions, capture, frozen, in
     if "final_norm_scale" in capture:
         caps["final_norm_scale"] = fscale
     return logits, Capture(**caps)
+
+
+@partial(jax.jit, static_argnames=("cfg", "capture", "n_layers"))
+def activations(params: LMParams, cfg: ModelConfig, tokens: Int[ArrayLike, "batch pos"],
+                capture: tuple[str, ...], n_layers: int | None = None) -> Capture:
+    """The captures of the first `n_layers` blocks (default all) and nothing more: no later
+    blocks, no final norm, no unembedding (what transcoder training reads; for SmolLM2 the
+    unembedding is a fifth of the forward's FLOPs, for Gemma-3 more than the blocks)."""
+    tokens = jnp.asarray(tokens)
+    B, T = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(T), tokens.shape)
+    mask_full, mask_slide = _masks(cfg, jnp.arange(T), jnp.arange(T), jnp.ones((B, T), bool))
+    capture = normalize_capture(capture)
+    bad = [c for c in capture if c not in LAYER_FIELDS]
+    if bad:
+        raise InputError(f"activations() captures per-layer fields only, not {bad}")
+    _, caps, _ = _run_layers(params, cfg, embed(params, cfg, tokens, positions), positions,
+                             mask_full, mask_slide, {}, capture, None, None, n_layers)
+    return Capture(**caps)
 
 
 def forward(

@@ -1,0 +1,181 @@
+"""The sparse training step: same parameters as the dense step (every activation, PLT / windowed
+CLT / CLT, with and without skip, both kernel sets, on 8 simulated devices), kernels against
+naive loops, support entries, overflow falling back to the dense step, BatchTopK's threshold."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clt import sharding as shd
+from clt import sparse as sp
+from clt.train import Steps, TrainConfig, compile_step, init_state, place_state, train
+from clt.transcoder import Norms, TranscoderConfig, activate, encode_pre, kth_largest
+from tests.clt.tiny_train import tiny_model, write_corpus
+
+TOL = 1e-5  # per tensor: max |sparse - dense| / max |dense| (float32 rounding of sums)
+
+
+def _max_rel(a_tree, b_tree) -> float:
+    worst = 0.0
+    for a, b in zip(jax.tree.leaves(a_tree), jax.tree.leaves(b_tree)):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        worst = max(worst, float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)))
+    return worst
+
+
+def _setup(activation: str, reach, skip: bool, n_tok: int = 32):
+    L, D, F = 3, 8, 64
+    cfg = TranscoderConfig(d_model=D, n_layers=L, n_features=F, max_reach=reach,
+                           activation=activation, k=6, skip=skip)
+    # A wide JumpReLU band and a threshold near the pre-activations: many inactive entries get
+    # straight-through gradients, and the pre-activation loss is on.
+    tc = TrainConfig(n_features=F, max_reach=reach, activation=activation, k=6, skip=skip,
+                     batch_tokens=n_tok, lr=1e-2, warmup_steps=0, jumprelu_bandwidth=0.5,
+                     threshold_init=0.3, sparsity_coef=1e-2, preact_coef=1e-2)
+    k = jax.random.split(jax.random.key(3), 2)
+    x, y = jax.random.normal(k[0], (n_tok, L, D)), jax.random.normal(k[1], (n_tok, L, D))
+    return cfg, tc, init_state(cfg, tc, Norms.identity(L, D)), x, y
+
+
+CASES = list(itertools.product(["jumprelu", "relu", "topk", "batchtopk"], [1, 2, None],
+                               [False, True]))
+
+
+@pytest.mark.parametrize("activation,reach,skip", CASES)
+def test_sparse_step_equals_dense(activation, reach, skip):
+    cfg, tc, state, x, y = _setup(activation, reach, skip)
+    mesh = shd.make_mesh(1, 1)
+    s0 = place_state(state, cfg, tc, mesh)
+    ref, m_ref = compile_step(cfg, tc, mesh)(s0, x, y)
+    # The step moves parameters far more than the tolerance (the comparison can fail).
+    assert _max_rel(ref.params.W_dec, state.params.W_dec) > 100 * TOL
+    for kernels in sp.KERNELS:
+        new, m = compile_step(cfg, tc, mesh, (cfg.n_features, kernels))(s0, x, y)
+        assert not bool(m["overflow"])
+        assert _max_rel(new.params, ref.params) <= TOL, kernels
+        assert _max_rel(new.opt_state, ref.opt_state) <= TOL, kernels
+        np.testing.assert_allclose(m["loss"], m_ref["loss"], rtol=1e-5)
+        np.testing.assert_allclose(m["l0"], m_ref["l0"], rtol=1e-6)
+    if activation == "jumprelu":  # the band holds inactive entries with gradients
+        assert float(m["support"]) > float(jnp.max(m["l0"])) + 1
+
+
+@pytest.mark.parametrize("activation,reach,skip", [("jumprelu", None, True),
+                                                   ("batchtopk", 1, False),
+                                                   ("topk", 2, True)])
+def test_sparse_step_on_8_devices_equals_dense_on_one(activation, reach, skip):
+    """Mesh data=2 x feature=4 (XLA kernels), two steps, against the dense step on one device."""
+    assert len(jax.devices()) >= 8, "tests/conftest.py sets 8 host devices"
+    cfg, tc, state, x, y = _setup(activation, reach, skip)
+    one, mesh = shd.make_mesh(1, 1), shd.make_mesh(2, 4)
+    ref, new = place_state(state, cfg, tc, one), place_state(state, cfg, tc, mesh)
+    dense, sparse = compile_step(cfg, tc, one), compile_step(cfg, tc, mesh, (32, "xla"))
+    for _ in range(2):
+        ref, _ = dense(ref, x, y)
+        new, m = sparse(new, x, y)
+        assert not bool(m["overflow"])
+    assert len({str(sh.index) for sh in new.params.W_enc.addressable_shards}) == 4
+    assert _max_rel(new.params, ref.params) <= TOL
+    assert _max_rel(new.opt_state, ref.opt_state) <= TOL
+
+
+def _naive(vals, tok, feat, W, n_tok, g):
+    """Loops over entries in float64: forward, value gradient, weight gradient."""
+    out = np.zeros((n_tok,) + W.shape[1:])
+    gv, gW = np.zeros(len(vals)), np.zeros(W.shape)
+    for e, (v, t, f) in enumerate(zip(vals, tok, feat)):
+        if t >= n_tok:
+            continue  # padding
+        out[t] += v * W[f]
+        gv[e] = np.sum(W[f] * g[t])
+        gW[f] += v * g[t]
+    return out, gv, gW
+
+
+@pytest.mark.parametrize("kernels", sp.KERNELS)
+def test_kernels_match_naive_loops(kernels):
+    rng = np.random.default_rng(0)
+    n_tok, F, nt, D = 7, 11, 3, 5
+    mask = rng.random((1, n_tok, F)) < 0.3  # [layer, token, feature]
+    mask[0, 2] = True  # a token with every feature, and one with none
+    mask[0, 4] = False
+    act = sp.select(jnp.asarray(mask), capacity=40, kernels=kernels)
+    assert int(act.count[0]) == mask.sum() <= 40
+    tok, feat, rp = act.tok[0], act.feat[0], act.row_ptr[0]
+    vals = jnp.asarray(rng.standard_normal(40), jnp.float32) * act.valid[0]
+    W = jnp.asarray(rng.standard_normal((F, nt, D)), jnp.float32)
+    g = rng.standard_normal((n_tok, nt, D)).astype(np.float32)
+    out, vjp = jax.vjp(lambda v, w: sp.spmm(v, tok, feat, rp, w, n_tok, kernels), vals, W)
+    gv, gW = vjp(jnp.asarray(g))
+    ref = _naive(np.asarray(vals), np.asarray(tok), np.asarray(feat), np.asarray(W), n_tok, g)
+    for got, want in zip((out, gv, gW), ref):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernels", sp.KERNELS)
+def test_select_lists_entries_token_major_with_padding(kernels):
+    mask = np.zeros((2, 3, 4), bool)  # [layer, token, feature]
+    mask[0, 0, [1, 3]] = mask[0, 2, 0] = True  # layer 0: token 0 -> 1, 3; token 2 -> 0
+    mask[1] = True  # layer 1: 12 entries, over a capacity of 5
+    act = sp.select(jnp.asarray(mask), capacity=5, kernels=kernels)
+    np.testing.assert_array_equal(act.tok[0], [0, 0, 2, 3, 3])  # padding: tok = n_tokens
+    np.testing.assert_array_equal(act.feat[0][:3], [1, 3, 0])
+    np.testing.assert_array_equal(act.valid[0], [1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(act.row_ptr[0], [0, 2, 2, 3])
+    np.testing.assert_array_equal(act.count, [3, 12])
+    assert bool(act.overflow)
+    z = jnp.arange(24.0).reshape(2, 3, 4)
+    np.testing.assert_array_equal(sp.gather_entries(z, act)[0][:3], [1, 3, 8])
+
+
+def test_overflow_runs_the_batch_densely_and_grows_capacity():
+    cfg, tc, state, x, y = _setup("relu", None, False)
+    tc = tc.__class__(**{**tc.__dict__, "sparse": "on", "sparse_kernels": "xla"})
+    mesh = shd.make_mesh(1, 1)
+    s0 = place_state(state, cfg, tc, mesh)
+    ref, _ = compile_step(cfg, tc, mesh)(s0, x, y)
+    steps = Steps(cfg, tc, mesh)
+    steps.capacity = 2  # ReLU at init: ~half the 64 features are active
+    new, m = steps(s0, x, y)
+    assert steps.dense_reruns == 1 and m["sparse"] == 2
+    assert _max_rel(new.params, ref.params) <= 1e-6  # the dense step's own result
+    assert steps.capacity >= float(m["support"])  # grown to the support
+    new2, m2 = steps(new, x, y)
+    assert steps.dense_reruns == 1 and m2["sparse"] == steps.capacity
+
+
+def test_kth_largest_equals_top_k():
+    rng = np.random.default_rng(1)
+    rows = [rng.standard_normal((3, 500)), -np.abs(rng.standard_normal((2, 40))),
+            np.array([[0.0, -0.0, 1, 1, 1, -2, 3.5, 1e-30]])]
+    for x in rows:
+        x = jnp.asarray(x, jnp.float32)
+        for k in (1, 2, 5, x.shape[1]):
+            np.testing.assert_array_equal(kth_largest(x, k), jax.lax.top_k(x, k)[0][:, -1])
+
+
+def test_batchtopk_threshold_follows_the_batch_cut(tmp_path):
+    """Trained with BatchTopK, the inference rule (threshold) keeps ~k features per token."""
+    corpus = write_corpus(tmp_path / "c.txt")
+    model = tiny_model()
+    tc = TrainConfig(model="tiny", data=str(corpus), context_length=32, n_features=64, steps=60,
+                     batch_tokens=256, round_contexts=32, lr=3e-3, warmup_steps=10,
+                     out=str(tmp_path / "run"), checkpoint_every=100, log_every=10,
+                     activation="batchtopk", k=4, mesh_data=1, async_checkpoints=False,
+                     sparse="on")
+    from clt.transcoder import load
+
+    cfg, params = load(train(tc, model=model, progress=False))
+    from clt.data import ActivationStream, open_contexts
+
+    stream = ActivationStream(model, open_contexts(str(corpus), model.tokenizer, 32),
+                              input_point="resid_mid", batch_tokens=256, round_contexts=32)
+    x, _, order, n = stream.round(5)
+    a = activate(cfg, params, encode_pre(params, x[order[:n]]))
+    l0 = float((a > 0).sum(-1).mean())
+    assert 0.5 * cfg.k <= l0 <= 2 * cfg.k, l0
