@@ -331,7 +331,9 @@ class Steps:
         self.cfg, self.tc, self.mesh = cfg, tc, mesh
         self.kernels = kernels_for(tc, mesh)
         self.fixed = tc.sparse_capacity > 0
-        self.capacity = tc.sparse_capacity or (cfg.k if cfg.activation in ("topk", "batchtopk")
+        # topk / batchtopk keep k per token (on average), plus one for ties at the cut.
+        self.capacity = tc.sparse_capacity or (cfg.k + 1 if cfg.activation in ("topk",
+                                                                                "batchtopk")
                                                else None)
         self._compiled: dict = {}
         self._need: list[float] = []

@@ -1,43 +1,45 @@
-"""Benchmark transcoder training throughput, with activations generated online by the JAX model.
+"""Benchmark transcoder training: the sparse step against the dense one, side by side in one run.
 
-For a SmolLM2-135M transcoder with 2,048 features per layer (a CLT and a PLT), measure:
-  - tokens/s of the whole training loop (model forward for activations + train step),
-  - the split: activation generation tokens/s and train-step tokens/s,
-  - achieved FLOP/s of the train step as a fraction of peak: the measured throughput of a large
-    float32 matmul on the same device ("matmul peak"), and for known GPUs the vendor's dense peak.
-FLOPs per token counted analytically: transcoder forward+backward = 3 x 2 x (encoder + decoder
-multiply-adds); the model forward = 2 x its parameters (attention scores excluded).
+For a SmolLM2-135M transcoder with 2,048 features per layer (a CLT and a PLT; BatchTopK with
+k = 64 by default, so every case has the same L0), each (kind, step) case runs in its own
+process (a dense CLT step holds ~20 GB; two cases in one process ran out of memory) and reports:
+  - train_step_tok_s: tokens/s of the train step alone (a batch of real activations, compiled,
+    averaged over --steps),
+  - loop_tok_s: tokens/s of the whole training loop (`clt.train.train`: generation of
+    activations by the JAX model, shuffling, steps), over its second half (after compiles),
+  - activation generation tokens/s: `clt.lm.model.activations` (what training runs: no final
+    norm, no unembedding) and the full forward with logits, for comparison,
+  - achieved FLOP/s of the step against the dense FLOP count, and the device's matmul peak.
+Ratios (sparse / dense) are printed per kind.
 
-Usage: python scripts/bench_train.py [--kinds clt,plt] [--steps 5] [--batch-tokens 1024]
-       [--data data/corpus] [--out bench/bench_train.json]
-Prints a table and writes JSON. Without data/corpus (scripts/build_corpus.py), uses synthetic text.
+Usage: python scripts/bench_train.py [--kinds clt,plt] [--steps 3] [--loop-steps 6]
+       [--activation batchtopk] [--k 64] [--data data/corpus] [--out bench/bench_train.json]
+Without data/corpus (scripts/build_corpus.py), uses synthetic text.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from clt import sharding as shd  # noqa: E402
-from clt.data import ActivationStream, estimate_norms, open_contexts  # noqa: E402
-from clt.lm.loading import load_model  # noqa: E402
-from clt.train import TrainConfig, compile_step, init_state, place_state  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 VENDOR_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s (SXM)
 
 
 def matmul_peak(n: int = 2048, reps: int = 5) -> float:
+    import jax
+    import jax.numpy as jnp
+
     a = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda a: a @ a)
     f(a).block_until_ready()
@@ -49,12 +51,15 @@ def matmul_peak(n: int = 2048, reps: int = 5) -> float:
 
 
 def transcoder_flops_per_token(cfg) -> float:
+    """Dense forward + backward: 3 x 2 x (encoder + decoder multiply-adds)."""
     enc = cfg.n_layers * cfg.d_model * cfg.n_features
     dec = sum(cfg.n_targets(s) for s in range(cfg.n_layers)) * cfg.n_features * cfg.d_model
     return 3 * 2 * (enc + dec)
 
 
 def _corpus(data: str) -> str:
+    import numpy as np
+
     if Path(data).exists():
         return data
     rng = np.random.default_rng(0)
@@ -64,81 +69,154 @@ def _corpus(data: str) -> str:
     return str(path)
 
 
-def bench(kind: str, args, model) -> dict:
-    tc = TrainConfig(model=args.model, data=_corpus(args.data), n_features=args.features,
-                     max_reach=1 if kind == "plt" else None, batch_tokens=args.batch_tokens,
-                     context_length=args.context_length, round_contexts=args.round_contexts,
-                     model_batch=args.model_batch, steps=args.steps, warmup_steps=1, holdout=0.0)
+def _train_config(args, kind: str, step: str, out: str, steps: int):
+    from clt.train import TrainConfig
+
+    return TrainConfig(
+        model=args.model, data=_corpus(args.data), n_features=args.features,
+        max_reach=1 if kind == "plt" else None, activation=args.activation, k=args.k,
+        batch_tokens=args.batch_tokens, context_length=args.context_length,
+        round_contexts=args.round_contexts, model_batch=args.model_batch, steps=steps,
+        warmup_steps=1, holdout=0.0, out=out, checkpoint_every=10**6, log_every=steps // 2,
+        sparse="on" if step == "sparse" else "off", sparse_kernels=args.kernels,
+        async_checkpoints=False)
+
+
+def run_case(kind: str, step: str, args) -> dict:
+    """One (kind, step) case, in this process."""
+    import jax
+    import jax.numpy as jnp
+
+    from clt import sharding as shd
+    from clt.data import ActivationStream, estimate_norms, open_contexts
+    from clt.lm.loading import load_model
+    from clt.lm.model import forward
+    from clt.train import Steps, init_state, place_state, train
+
+    model = load_model(args.model)
+    tc = _train_config(args, kind, step, tempfile.mkdtemp(), 2 * args.loop_steps)
     cfg = tc.transcoder_config(model.cfg)
     mesh = shd.make_mesh(1, 1)
     contexts = open_contexts(tc.data, model.tokenizer, tc.context_length, holdout=0.0)
     stream = ActivationStream(model, contexts, input_point=tc.input_point,
                               batch_tokens=tc.batch_tokens, round_contexts=tc.round_contexts,
                               model_batch=tc.model_batch)
-    stream.round(0)  # compile the model forward
+    row = {"kind": kind, "step": step, "activation": tc.activation, "k": tc.k,
+           "n_features": cfg.n_features, "params_M": cfg.n_params / 1e6,
+           "batch_tokens": tc.batch_tokens}
+    # Generation: what training runs, then the full forward with logits (same contexts).
+    stream.round(0)  # compiles
     t = time.perf_counter()
     x, y, order, n_valid = stream.round(1)
     x.block_until_ready()
-    gen_s = time.perf_counter() - t
-    gen_tps = tc.round_contexts * tc.context_length / gen_s
+    row["activation_gen_tok_s"] = tc.round_contexts * tc.context_length / (time.perf_counter() - t)
+    ctx = jnp.asarray(contexts.take(0, tc.model_batch))
+    full = jax.jit(lambda p, t: forward(p, model.cfg, t, capture=("resid_mid", "mlp_out")))
+    jax.block_until_ready(full(model.params, ctx))
+    t = time.perf_counter()
+    for i in range(0, tc.round_contexts, tc.model_batch):
+        out = full(model.params, jnp.asarray(contexts.take(i, tc.model_batch)))
+    jax.block_until_ready(out)
+    row["full_forward_tok_s"] = tc.round_contexts * tc.context_length / (time.perf_counter() - t)
+    # The step alone, on one batch of real activations.
     state = place_state(init_state(cfg, tc, estimate_norms(stream)), cfg, tc, mesh)
-    step = compile_step(cfg, tc, mesh)
+    steps = Steps(cfg, tc, mesh)
     bx, by = x[order[:tc.batch_tokens]], y[order[:tc.batch_tokens]]
-    state, m = step(state, bx, by)
+    t = time.perf_counter()
+    state, m = steps(state, bx, by)
     jax.block_until_ready(state)
+    row["first_step_s"] = time.perf_counter() - t
     t = time.perf_counter()
     for _ in range(args.steps):
-        state, m = step(state, bx, by)
+        state, m = steps(state, bx, by)
     jax.block_until_ready(state)
     step_s = (time.perf_counter() - t) / args.steps
-    step_tps = tc.batch_tokens / step_s
-    # The loop alternates the two (tokens kept per generated token: n_valid / round tokens).
-    keep = n_valid / (tc.round_contexts * tc.context_length)
-    total_tps = 1 / (1 / step_tps + 1 / (gen_tps * keep))
+    row.update(step_s=step_s, train_step_tok_s=tc.batch_tokens / step_s,
+               sparse_capacity=m["sparse"], dense_reruns=steps.dense_reruns,
+               l0_per_layer=float(jnp.mean(m["l0"])))
     flops = transcoder_flops_per_token(cfg)
-    return {"kind": kind, "n_features": cfg.n_features, "params_M": cfg.n_params / 1e6,
-            "batch_tokens": tc.batch_tokens, "step_s": step_s, "train_step_tok_s": step_tps,
-            "activation_gen_tok_s": gen_tps, "loop_tok_s": total_tps,
-            "step_tflop_s": flops * step_tps / 1e12, "gflop_per_token": flops / 1e9}
+    row["dense_gflop_per_token"] = flops / 1e9
+    row["step_tflop_s_dense_equivalent"] = flops * row["train_step_tok_s"] / 1e12
+    del state, steps
+    # The whole loop: second half of a short run (the first half holds the compiles).
+    path = train(tc, model=model, progress=False)
+    rows = [json.loads(line) for line in (path.parent / "metrics.jsonl").read_text().splitlines()]
+    row["loop_tok_s"] = rows[-1]["tokens_per_s"]
+    row["loop_steps"] = args.loop_steps
+    shutil.rmtree(tc.out, ignore_errors=True)  # checkpoints of a dense CLT are ~7 GB
+    return row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--kinds", default="clt,plt")
+    ap.add_argument("--modes", default="sparse,dense")
     ap.add_argument("--features", type=int, default=2048)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--activation", default="batchtopk")
+    ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--kernels", default="auto", help="sparse kernels: auto, xla, cpu")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps of the step alone")
+    ap.add_argument("--loop-steps", type=int, default=4, help="timed steps of the whole loop")
     ap.add_argument("--batch-tokens", type=int, default=1024)
     ap.add_argument("--context-length", type=int, default=128)
     ap.add_argument("--round-contexts", type=int, default=16)
     ap.add_argument("--model-batch", type=int, default=8)
     ap.add_argument("--data", default="data/corpus")
     ap.add_argument("--out", default="bench/bench_train.json")
+    ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # kind:step, internal
     args = ap.parse_args()
+    if args.case:  # a child process: one case, one JSON line on stdout
+        kind, step = args.case.split(":")
+        print("CASE " + json.dumps(run_case(kind, step, args)), flush=True)
+        return
+    import jax
+
     dev = jax.devices()[0]
     peak = matmul_peak()
     vendor = next((v for k, v in VENDOR_PEAK.items() if k in dev.device_kind), None)
-    model = load_model(args.model)
-    rows = [bench(k, args, model) for k in args.kinds.split(",")]
-    for r in rows:
-        r["fraction_of_matmul_peak"] = r["step_tflop_s"] * 1e12 / peak
-        if vendor:
-            r["fraction_of_vendor_peak"] = r["step_tflop_s"] * 1e12 / vendor
+    rows = []
+    for kind in args.kinds.split(","):
+        for step in args.modes.split(","):
+            print(f"case {kind} {step} ...", flush=True)
+            cmd = [sys.executable, __file__, *sys.argv[1:], "--case", f"{kind}:{step}"]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("CASE ")), None)
+            if proc.returncode != 0 or line is None:
+                tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+                print(f"case {kind} {step} failed (exit {proc.returncode}): {' | '.join(tail)}")
+                rows.append({"kind": kind, "step": step, "failed": proc.returncode})
+                continue
+            r = json.loads(line[5:])
+            r["fraction_of_matmul_peak"] = r["step_tflop_s_dense_equivalent"] * 1e12 / peak
+            rows.append(r)
+    ratios = {}
+    for kind in args.kinds.split(","):
+        got = {r["step"]: r for r in rows if r["kind"] == kind and "failed" not in r}
+        if "sparse" in got and "dense" in got:
+            ratios[kind] = {k: got["sparse"][k] / got["dense"][k]
+                            for k in ("train_step_tok_s", "loop_tok_s")}
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"Transcoder training, {args.model}, {dev.platform} ({dev.device_kind}); "
-                        f"f32 matmul peak {peak / 1e12:.2f} TFLOP/s")
-    cols = ["kind", "batch_tokens", "step_s", "train_step_tok_s", "activation_gen_tok_s",
-            "loop_tok_s", "gflop_per_token", "step_tflop_s", "fraction_of_matmul_peak"]
+    table = Table(title=f"Transcoder training, {args.model}, {dev.platform} ({dev.device_kind}), "
+                        f"{args.activation} k={args.k}; f32 matmul peak {peak / 1e12:.2f} TFLOP/s")
+    cols = ["kind", "step", "batch_tokens", "step_s", "train_step_tok_s", "loop_tok_s",
+            "activation_gen_tok_s", "full_forward_tok_s", "sparse_capacity", "l0_per_layer",
+            "step_tflop_s_dense_equivalent"]
     for c in cols:
         table.add_column(c)
     for r in rows:
-        table.add_row(*[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols])
+        table.add_row(*[f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "-"))
+                        for c in cols])
     Console().print(table)
+    for kind, rt in ratios.items():
+        print(f"{kind}: sparse/dense step {rt['train_step_tok_s']:.2f}x, "
+              f"whole loop {rt['loop_tok_s']:.2f}x")
     out = {"device": dev.device_kind, "platform": dev.platform, "host": platform.node(),
-           "cpu_count": __import__("os").cpu_count(), "matmul_peak_flop_s": peak,
-           "vendor_peak_flop_s": vendor, "args": vars(args), "results": rows}
+           "cpu_count": os.cpu_count(), "matmul_peak_flop_s": peak, "vendor_peak_flop_s": vendor,
+           "args": {k: v for k, v in vars(args).items() if k != "case"}, "results": rows,
+           "ratios_sparse_over_dense": ratios}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(f"wrote {args.out}")
