@@ -95,6 +95,11 @@ class TrainConfig:
     beta2: float = doc("Adam beta2.", default=0.999)
     grad_clip: float = doc("Clip gradients to this global norm (0: off).", default=1.0)
     seed: int = doc("Seed for initialisation and data order.", default=0)
+    init_from: str | None = doc(
+        "Start from this transcoder's weights (a directory `cltrace train` wrote, such as a "
+        "bundled one) instead of a random initialisation, with fresh optimizer state: how a "
+        "run continues on another machine or in another session without its checkpoints.",
+        default=None)
     sparse: Literal["auto", "on", "off"] = doc(
         "Sparse step (the decoder touches only the active features; same parameters as the "
         "dense step up to float32 rounding): on, off, or auto (on where scripts/bench_train.py "
@@ -293,10 +298,41 @@ def state_shardings(cfg: TranscoderConfig, tc: TrainConfig, mesh) -> TrainState:
                       step=rep)
 
 
-def init_state(cfg: TranscoderConfig, tc: TrainConfig, norms: Norms) -> TrainState:
-    params = init_params(cfg, jax.random.key(tc.seed), threshold=tc.threshold_init)
+def init_state(cfg: TranscoderConfig, tc: TrainConfig, norms: Norms,
+               params: TranscoderParams | None = None) -> TrainState:
+    if params is None:
+        params = init_params(cfg, jax.random.key(tc.seed), threshold=tc.threshold_init)
     return TrainState(params=params, opt_state=make_optimizer(tc).init(params), norms=norms,
                       step=jnp.zeros((), jnp.int32))
+
+
+def _initial_params(cfg: TranscoderConfig, tc: TrainConfig, norms: Norms
+                    ) -> TranscoderParams | None:
+    """`tc.init_from`'s weights in the normalised space of `norms` (None: random init)."""
+    if tc.init_from is None:
+        return None
+    from clt.transcoder import load, unfold_norms
+
+    _check_init_from(cfg, tc)
+    return unfold_norms(cfg, load(tc.init_from)[1], norms)
+
+
+def _check_init_from(cfg: TranscoderConfig, tc: TrainConfig) -> None:
+    """Refuse (reading its config.json only) an init_from transcoder of another architecture."""
+    if tc.init_from is None:
+        return
+    path = Path(tc.init_from) / "config.json"
+    if not path.exists():
+        raise ConfigError(f"init_from {tc.init_from} is not a cltrace transcoder: config.json is "
+                          "missing")
+    old = TranscoderConfig.from_json(path.read_text())
+    fields = ("d_model", "n_layers", "n_features", "max_reach", "activation", "skip",
+              "input_point")
+    diff = [f for f in fields if getattr(old, f) != getattr(cfg, f)]
+    if diff:
+        raise ConfigError(f"init_from {tc.init_from} has a different {', '.join(diff)} "
+                          f"({', '.join(f'{f}={getattr(old, f)}' for f in diff)}); train with "
+                          "its architecture or drop init_from")
 
 
 def compile_step(cfg: TranscoderConfig, tc: TrainConfig, mesh, mode: StepMode = None):
@@ -524,6 +560,7 @@ def train(tc: TrainConfig, *, resume: bool = True, progress: bool = True,
     out = Path(tc.out)
     if resume:
         _check_resume(out, tc, model.cfg)
+    _check_init_from(cfg, tc)
     out.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         save_config(tc, out / "config.json", "train")
@@ -539,7 +576,8 @@ def train(tc: TrainConfig, *, resume: bool = True, progress: bool = True,
     if resume and mngr.latest_step() is not None:
         state, pos, _ = restore_checkpoint(mngr, cfg, tc, mesh)
     else:
-        state = place_state(init_state(cfg, tc, estimate_norms(stream, tc.norm_rounds)), cfg, tc,
+        norms = estimate_norms(stream, tc.norm_rounds)
+        state = place_state(init_state(cfg, tc, norms, _initial_params(cfg, tc, norms)), cfg, tc,
                             mesh)
         pos = DataPosition()
     step_fn = Steps(cfg, tc, mesh)

@@ -407,6 +407,27 @@ def fold_norms(cfg: TranscoderConfig, params: TranscoderParams, norms: Norms) ->
                             W_skip=W_skip)
 
 
+def unfold_norms(cfg: TranscoderConfig, params: TranscoderParams, norms: Norms
+                 ) -> TranscoderParams:
+    """The inverse of `fold_norms`: parameters acting on raw activations -> the same transcoder
+    in the normalised space of `norms` (to continue training from an exported transcoder)."""
+    f32 = jnp.float32
+    W_skip = None
+    b_dec = params.b_dec.astype(f32)
+    if params.W_skip is not None:
+        b_dec = b_dec + jnp.einsum("ld,lde->le", norms.in_mean, params.W_skip.astype(f32))
+        W_skip = params.W_skip.astype(f32) / (norms.out_scale / norms.in_scale)[:, None, None]
+    b_dec = (b_dec - norms.out_mean) / norms.out_scale[:, None]
+    W_enc = params.W_enc.astype(f32)
+    b_enc = params.b_enc.astype(f32) + jnp.einsum("ld,ldf->lf", norms.in_mean, W_enc)
+    W_dec = tuple(params.W_dec[s].astype(f32)
+                  / norms.out_scale[s:s + cfg.n_targets(s)][None, :, None]
+                  for s in range(cfg.n_layers))
+    return TranscoderParams(W_enc=W_enc * norms.in_scale[:, None, None], b_enc=b_enc,
+                            log_threshold=params.log_threshold.astype(f32), W_dec=W_dec,
+                            b_dec=b_dec, W_skip=W_skip)
+
+
 # --- save / load (our own layout) --------------------------------------------------------------
 INDEX = "transcoder.safetensors.index.json"
 
@@ -526,6 +547,6 @@ __all__ = [
     "batchtopk_mask", "kth_largest",
     "check_model", "check_params", "decode", "decoder_norms", "decoder_to_layer", "encode",
     "encode_pre", "fold_norms", "forward", "init_params", "init_pending", "jumprelu",
-    "layer_step", "load", "param_shapes",
+    "layer_step", "load", "param_shapes", "unfold_norms",
     "save", "topk_mask",
 ]

@@ -12,6 +12,7 @@ from clt.lm import ModelConfig
 from clt.transcoder import (
     Norms, TranscoderConfig, activate, batchtopk_mask, check_model, decode, decoder_norms,
     encode_pre, fold_norms, forward, init_params, jumprelu, load, save, topk_mask,
+    unfold_norms,
 )
 
 L, D, F = 4, 8, 16
@@ -71,6 +72,10 @@ def test_folding_norms_gives_the_same_function(variant):
     y, a = forward(cfg, folded, x)
     np.testing.assert_allclose(a, an, atol=1e-5)
     np.testing.assert_allclose(y, yn * norms.out_scale[:, None] + norms.out_mean, atol=1e-4)
+    # Unfolding (continuing training from an exported transcoder) gives the parameters back.
+    back = unfold_norms(cfg, folded, norms)
+    for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(p)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_decoder_norms():
