@@ -221,14 +221,21 @@ class _Cpu:
 _KERNELS = {"xla": _Xla, "cpu": _Cpu}
 
 
-def cpu_kernels_available() -> bool:
-    """numba is importable (the `cpu` kernels need it)."""
+def cpu_kernels_available() -> str | None:
+    """None when the `cpu` kernels can run here, else why not. They need numba, and at least
+    two CPU threads: jax.pure_callback copies its arguments onto the CPU device with XLA's
+    thread pool, which is one thread on a one-CPU machine and busy running the callback (the
+    step then waits forever)."""
+    import os
+
     try:
         import numba  # noqa: F401
     except ImportError:
-        return False
-    return True
+        return "numba is not installed (pip install numba)"
+    if len(os.sched_getaffinity(0)) < 2:
+        return "this process may use only one CPU (the callback would deadlock)"
+    return None
 
 
-__all__ = ["Active", "KERNELS", "activate_entries", "cpu_kernels_available", "decode_entries",
-           "gather_entries", "select", "spmm", "training_support"]
+__all__ = ["Active", "KERNELS", "activate_entries", "cpu_kernels_available",
+           "decode_entries", "gather_entries", "select", "spmm", "training_support"]

@@ -420,12 +420,17 @@ def kernels_for(tc: TrainConfig, mesh) -> str | None:
     """The sparse step's kernel set on `mesh`, or None where no fast one exists (`auto` then
     stays dense): XLA's gathers on GPU/TPU, numba on one CPU device (XLA's CPU gathers are
     slower than the dense matmul they replace; scripts/bench_train.py)."""
+    devices = mesh.devices.ravel()
+    single_cpu = devices[0].platform == "cpu" and len(devices) == 1 and jax.process_count() == 1
+    if tc.sparse_kernels == "cpu":
+        why = "they run on one CPU device only" if not single_cpu else sp.cpu_kernels_available()
+        if why:
+            raise ConfigError(f"sparse_kernels=cpu cannot run here: {why}; use xla or auto")
     if tc.sparse_kernels != "auto":
         return tc.sparse_kernels
-    devices = mesh.devices.ravel()
     if devices[0].platform != "cpu":
         return "xla"
-    if len(devices) == 1 and jax.process_count() == 1 and sp.cpu_kernels_available():
+    if single_cpu and sp.cpu_kernels_available() is None:
         return "cpu"
     return None
 

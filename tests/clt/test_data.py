@@ -89,6 +89,28 @@ def test_stream_resumes_exactly_and_masks_bos_and_outliers(setup):
     assert n_tight < n_valid
 
 
+def test_reuse_serves_each_round_again_reshuffled_and_prefetch_changes_nothing(setup):
+    model, _, contexts, _ = setup
+    kw = dict(input_point="resid_mid", batch_tokens=30, round_contexts=6)
+    s = ActivationStream(model, contexts, **kw)
+    it = s.batches(reuse=2)
+    seen = [next(it) for _ in range(7)]  # 90 valid tokens: 3 batches per pass, 2 passes
+    assert [p for p, _, _ in seen[:6]] == [DataPosition(0, i) for i in range(1, 6)] + [
+        DataPosition(1, 0)]
+    first = np.concatenate([np.asarray(b[1]) for b in seen[:3]]).reshape(90, -1)
+    second = np.concatenate([np.asarray(b[1]) for b in seen[3:6]]).reshape(90, -1)
+    # The same 90 tokens in another order.
+    assert not np.array_equal(first, second)
+    np.testing.assert_array_equal(np.unique(first, axis=0), np.unique(second, axis=0))
+    assert s.tokens_generated == 2 * 6 * 16  # rounds 0 and 1, each generated once
+    # Resuming inside the second pass, with the next round generated in a background thread.
+    again = ActivationStream(model, contexts, **kw).batches(seen[3][0], reuse=2, prefetch=True)
+    for want in seen[4:7]:
+        got = next(again)
+        assert got[0] == want[0]
+        np.testing.assert_array_equal(got[1], want[1])
+
+
 def test_rounds_replay_from_disk_cache(setup, tmp_path):
     model, _, contexts, _ = setup
     kw = dict(input_point="mlp_in", batch_tokens=32, round_contexts=6, cache_dir=tmp_path)

@@ -18,6 +18,9 @@ from clt.transcoder import Norms, TranscoderConfig, activate, encode_pre, kth_la
 from tests.clt.tiny_train import tiny_model, write_corpus
 
 TOL = 1e-5  # per tensor: max |sparse - dense| / max |dense| (float32 rounding of sums)
+# The numba kernels need two CPU threads (`sparse.cpu_kernels_available`); on a one-CPU machine
+# only the XLA kernels are tested.
+KERNELS = [k for k in sp.KERNELS if k != "cpu" or sp.cpu_kernels_available() is None]
 
 
 def _max_rel(a_tree, b_tree) -> float:
@@ -54,7 +57,7 @@ def test_sparse_step_equals_dense(activation, reach, skip):
     ref, m_ref = compile_step(cfg, tc, mesh)(s0, x, y)
     # The step moves parameters far more than the tolerance (the comparison can fail).
     assert _max_rel(ref.params.W_dec, state.params.W_dec) > 100 * TOL
-    for kernels in sp.KERNELS:
+    for kernels in KERNELS:
         new, m = compile_step(cfg, tc, mesh, (cfg.n_features, kernels))(s0, x, y)
         assert not bool(m["overflow"])
         assert _max_rel(new.params, ref.params) <= TOL, kernels
@@ -97,7 +100,7 @@ def _naive(vals, tok, feat, W, n_tok, g):
     return out, gv, gW
 
 
-@pytest.mark.parametrize("kernels", sp.KERNELS)
+@pytest.mark.parametrize("kernels", KERNELS)
 def test_kernels_match_naive_loops(kernels):
     rng = np.random.default_rng(0)
     n_tok, F, nt, D = 7, 11, 3, 5
@@ -117,7 +120,7 @@ def test_kernels_match_naive_loops(kernels):
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kernels", sp.KERNELS)
+@pytest.mark.parametrize("kernels", KERNELS)
 def test_select_lists_entries_token_major_with_padding(kernels):
     mask = np.zeros((2, 3, 4), bool)  # [layer, token, feature]
     mask[0, 0, [1, 3]] = mask[0, 2, 0] = True  # layer 0: token 0 -> 1, 3; token 2 -> 0
@@ -179,3 +182,22 @@ def test_batchtopk_threshold_follows_the_batch_cut(tmp_path):
     a = activate(cfg, params, encode_pre(params, x[order[:n]]))
     l0 = float((a > 0).sum(-1).mean())
     assert 0.5 * cfg.k <= l0 <= 2 * cfg.k, l0
+
+
+def test_kernel_choice_per_device(monkeypatch):
+    """auto: numba on one CPU device with two CPU threads, nothing (dense) on one CPU thread or
+    a CPU mesh; an explicit cpu choice that cannot run is one clear error."""
+    from clt.configs import ConfigError
+    from clt.train import kernels_for
+
+    one, mesh = shd.make_mesh(1, 1), shd.make_mesh(2, 4)
+    auto, cpu = TrainConfig(), TrainConfig(sparse_kernels="cpu")
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    assert kernels_for(auto, one) == "cpu" and kernels_for(auto, mesh) is None
+    assert kernels_for(TrainConfig(sparse_kernels="xla"), mesh) == "xla"
+    with pytest.raises(ConfigError, match="one CPU device only"):
+        kernels_for(cpu, mesh)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
+    assert kernels_for(auto, one) is None
+    with pytest.raises(ConfigError, match="only one CPU.*use xla or auto"):
+        kernels_for(cpu, one)
