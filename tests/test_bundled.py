@@ -1,5 +1,5 @@
-"""The transcoder bundled for the embedded SmolLM2-135M (clt/bundled/smollm2-135m): within the
-size limits (float16, files <= 16 MB, <= 100 MB in all), shipped as package data, for the model it
+"""The transcoders bundled for the embedded models (clt/bundled/smollm2-135m, gemma3-270m): within
+the size limits (float16, files <= 16 MB, <= 100 MB in all), shipped as package data, for the model it
 names, with its recipe, metrics and feature cards; the default of `trace` when none is given."""
 
 from __future__ import annotations
@@ -22,10 +22,13 @@ MB = 2**20
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def bundle() -> Path:
-    d = bundled_transcoder("smollm2-135m")
-    assert d is not None, "no transcoder bundled for smollm2-135m"
+MODELS = ("smollm2-135m", "gemma3-270m")
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def bundle(request) -> Path:
+    d = bundled_transcoder(request.param)
+    assert d is not None, f"no transcoder bundled for {request.param}"
     return d
 
 
@@ -53,12 +56,12 @@ def test_package_data_ships_every_file(bundle):
 
 def test_loads_for_its_model_with_recipe_metrics_and_cards(bundle):
     cfg, params = load(bundle)
-    check_model(cfg, known_config("smollm2-135m"))
-    assert cfg.model_name == "smollm2-135m"
+    check_model(cfg, known_config(bundle.name))
+    assert cfg.model_name == bundle.name
     for leaf in (params.W_enc, *params.W_dec):
         assert np.isfinite(np.asarray(leaf, np.float32)).all()
     info = json.loads((bundle / "info.json").read_text())
-    assert info["train_config"]["model"] == "smollm2-135m"  # the recipe
+    assert info["train_config"]["model"] == bundle.name  # the recipe
     assert info["train_config"]["n_features"] == cfg.n_features
     ev = info["eval"]
     assert len(ev["nmse_per_layer"]) == cfg.n_layers and 0 < ev["nmse_mean"] < 1
@@ -70,8 +73,8 @@ def test_loads_for_its_model_with_recipe_metrics_and_cards(bundle):
 
 
 def test_resolution():
-    assert "smollm2-135m" in available()
+    assert set(MODELS) <= set(available())
     assert resolve_transcoder("some/dir", "smollm2-135m") == "some/dir"
-    assert resolve_transcoder(None, "smollm2-135m") == str(bundled_transcoder("smollm2-135m"))
-    with pytest.raises(ConfigError, match="none is bundled for 'gemma3-270m'.*--transcoder"):
-        resolve_transcoder("", "gemma3-270m")
+    assert resolve_transcoder(None, "gemma3-270m") == str(bundled_transcoder("gemma3-270m"))
+    with pytest.raises(ConfigError, match="none is bundled for 'tiny-llama'.*--transcoder"):
+        resolve_transcoder("", "tiny-llama")
