@@ -225,8 +225,8 @@ def test_nan_in_batch_stops_with_a_usable_checkpoint(corpus, model, tmp_path, mo
 
     real = ActivationStream.batches
 
-    def poisoned(self, start):
-        for i, (pos, x, y) in enumerate(real(self, start)):
+    def poisoned(self, start, **kw):
+        for i, (pos, x, y) in enumerate(real(self, start, **kw)):
             yield pos, (x.at[0, 0, 0].set(np.nan) if i == 4 else x), y
 
     monkeypatch.setattr(ActivationStream, "batches", poisoned)
