@@ -349,12 +349,13 @@ class ActivationStream:
                     raise ConfigError(f"round {r} has only {n_valid} valid tokens for batches of "
                                       f"{self.batch_tokens}; raise round_contexts")
                 total = n_batches * reuse
+                pass_order = (0, order)
                 for i in range(b, total):
                     p, j = divmod(i, n_batches)
-                    sel = order[j * self.batch_tokens:(j + 1) * self.batch_tokens]
-                    if p > 0:  # a later pass: the valid tokens in another order
+                    if p != pass_order[0]:  # a later pass: the valid tokens in another order
                         perm = np.random.default_rng([self.seed, r, p]).permutation(n_valid)
-                        sel = order[perm[j * self.batch_tokens:(j + 1) * self.batch_tokens]]
+                        pass_order = (p, order[perm])
+                    sel = pass_order[1][j * self.batch_tokens:(j + 1) * self.batch_tokens]
                     nxt = DataPosition(r, i + 1) if i + 1 < total else DataPosition(r + 1, 0)
                     yield nxt, x[sel], y[sel]
                 r, b = r + 1, 0
