@@ -418,8 +418,9 @@ def _pow2_at_least(v: float, cap: int) -> int:
 
 def kernels_for(tc: TrainConfig, mesh) -> str | None:
     """The sparse step's kernel set on `mesh`, or None where no fast one exists (`auto` then
-    stays dense): XLA's gathers on GPU/TPU, numba on one CPU device (XLA's CPU gathers are
-    slower than the dense matmul they replace; scripts/bench_train.py)."""
+    stays dense): XLA's gathers on GPU/TPU, numba on one CPU device (on a 2-core CPU, an XLA
+    row gather took 3-4x longer than the dense matmul it replaces: an ad-hoc measurement,
+    noted on issue 14; `--sparse-kernels xla` with scripts/bench_train.py measures it)."""
     devices = mesh.devices.ravel()
     single_cpu = devices[0].platform == "cpu" and len(devices) == 1 and jax.process_count() == 1
     if tc.sparse_kernels == "cpu":
