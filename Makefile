@@ -4,6 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= out/demo
+# glibc's malloc with transparent huge pages for every process make starts (tests, scripts):
+# fresh large arrays fault 2 MB at a time, not 4 KB (cltrace/hostmem.py; `cltrace` sets it itself).
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: setup browser demo test test-all bench clean corpus
 

@@ -4,7 +4,10 @@ Entries are token-major: those of token n are row_ptr[n] .. row_ptr[n + 1]. Ever
 one target layer j at a time, so the decoder slice W[:, j] (n_features x d_model floats, a few MB)
 stays in cache while all tokens read their rows from it; the two threads split tokens (forward,
 value gradient) or features (weight gradient: entries are first bucketed by feature, so each
-thread owns whole rows of dW and no two threads add into the same row).
+thread owns whole rows of dW and no two threads add into the same row). One callback covers all
+source layers: source layer s writes into out[:, s:] of one [token, layer, d_model] array, and
+reads its gradient there, so no per-layer [token, n_targets, d_model] array is made or copied
+(in a CLT they add up to ~15x the output; the copies cost more than the loops).
 """
 
 from __future__ import annotations
@@ -20,30 +23,31 @@ from numba import njit, prange
 
 @njit(parallel=True, fastmath=True, cache=True)
 @no_type_check
-def _forward(row_ptr, feat, vals, W, out):
-    n_tok, nt, D = out.shape
+def _forward(row_ptr, feat, vals, W, out, s):
+    """Adds source layer s's writes into out[:, s:s + n_targets]."""
+    n_tok = out.shape[0]
+    _, nt, D = W.shape
     for j in range(nt):
         for n in prange(n_tok):
-            for d in range(D):  # every row is written here: `out` comes uninitialised
-                out[n, j, d] = 0.0
             for e in range(row_ptr[n], row_ptr[n + 1]):
                 v = vals[e]
                 f = feat[e]
                 for d in range(D):
-                    out[n, j, d] += v * W[f, j, d]
+                    out[n, s + j, d] += v * W[f, j, d]
 
 
 @njit(parallel=True, fastmath=True, cache=True)
 @no_type_check
-def _grad_vals(row_ptr, feat, W, g, gv):
-    n_tok, nt, D = g.shape
+def _grad_vals(row_ptr, feat, W, g, gv, s):
+    n_tok = g.shape[0]
+    _, nt, D = W.shape
     for j in range(nt):
         for n in prange(n_tok):
             for e in range(row_ptr[n], row_ptr[n + 1]):
                 f = feat[e]
                 acc = np.float32(0.0)
                 for d in range(D):
-                    acc += W[f, j, d] * g[n, j, d]
+                    acc += W[f, j, d] * g[n, s + j, d]
                 gv[e] += acc
 
 
@@ -72,7 +76,7 @@ def _by_feature(row_ptr, feat, n_features):
 
 @njit(parallel=True, fastmath=True, cache=True)
 @no_type_check
-def _grad_W(col_ptr, entry, token, vals, g, gW):
+def _grad_W(col_ptr, entry, token, vals, g, gW, s):
     n_features, nt, D = gW.shape
     for j in range(nt):
         for f in prange(n_features):
@@ -82,7 +86,7 @@ def _grad_W(col_ptr, entry, token, vals, g, gW):
                 v = vals[entry[p]]
                 n = token[p]
                 for d in range(D):
-                    gW[f, j, d] += v * g[n, j, d]
+                    gW[f, j, d] += v * g[n, s + j, d]
 
 
 @njit(parallel=True, cache=True)
@@ -109,6 +113,22 @@ def _select(mask, tok, feat, valid, row_ptr, count):
             valid[layer, e] = 0.0
 
 
+@njit(parallel=True, cache=True)
+@no_type_check
+def _kth(x, k, out):
+    n = x.shape[1]
+    for row in prange(x.shape[0]):
+        out[row] = np.partition(x[row].copy(), n - k)[n - k]
+
+
+def kth_largest(x, k):
+    """The k-th largest entry of every row of x [rows, n] (introselect, O(n) per row)."""
+    x = _np(x, np.float32)
+    out = np.empty(x.shape[0], np.float32)
+    _kth(x, k, out)
+    return out
+
+
 def select(support, capacity):
     """Support entries of every layer, token-major (what `clt.sparse.select` makes with XLA)."""
     mask = _np(support, np.bool_)
@@ -126,19 +146,26 @@ def _np(a, dtype=None):
 
 
 def forward(vals, feat, row_ptr, W):
-    W, feat, row_ptr = _np(W), _np(feat, np.int32), _np(row_ptr, np.int64)
-    out = np.empty((row_ptr.shape[0] - 1,) + W.shape[1:], W.dtype)
-    _forward(row_ptr, feat, _np(vals, W.dtype), W, out)
+    """Writes of all source layers: vals, feat [layer, C], row_ptr [layer, n_tokens + 1], W the
+    tuple of W_dec[s] [features, n_targets(s), d_model]; returns [n_tokens, layer, d_model]."""
+    W = tuple(_np(w) for w in W)
+    vals, feat, row_ptr = _np(vals, W[0].dtype), _np(feat, np.int32), _np(row_ptr, np.int64)
+    out = np.zeros((row_ptr.shape[1] - 1, len(W), W[0].shape[2]), W[0].dtype)
+    for s, w in enumerate(W):
+        _forward(row_ptr[s], feat[s], vals[s], w, out, s)
     return out
 
 
 def backward(vals, feat, row_ptr, W, g):
-    W, g, feat, row_ptr = _np(W), _np(g, np.asarray(W).dtype), _np(feat, np.int32), \
-        _np(row_ptr, np.int64)
-    vals = _np(vals, W.dtype)
-    gv = np.zeros(vals.shape, W.dtype)
-    _grad_vals(row_ptr, feat, W, g, gv)
-    col_ptr, entry, token = _by_feature(row_ptr, feat, W.shape[0])
-    gW = np.empty(W.shape, W.dtype)
-    _grad_W(col_ptr, entry, token, vals, g, gW)
-    return gv, gW
+    """Gradients of `forward` given g [n_tokens, layer, d_model]: (d vals [layer, C], d W)."""
+    W = tuple(_np(w) for w in W)
+    vals, feat, row_ptr = _np(vals, W[0].dtype), _np(feat, np.int32), _np(row_ptr, np.int64)
+    g = _np(g, W[0].dtype)
+    gv = np.zeros(vals.shape, W[0].dtype)  # padding entries keep 0
+    gW = []
+    for s, w in enumerate(W):
+        _grad_vals(row_ptr[s], feat[s], w, g, gv[s], s)
+        col_ptr, entry, token = _by_feature(row_ptr[s], feat[s], w.shape[0])
+        gW.append(np.empty(w.shape, w.dtype))
+        _grad_W(col_ptr, entry, token, vals[s], g, gW[-1], s)
+    return gv, tuple(gW)

@@ -32,25 +32,26 @@ import numpy as np
 
 from clt.lm.params import Leaf
 from clt.transcoder import TranscoderConfig, TranscoderParams, _rect, batchtopk_mask, jumprelu, \
-    topk_mask
+    kth_largest, topk_mask
 
 KERNELS = ("xla", "cpu")
 
 
 # --- which entries can carry gradient --------------------------------------------------------------
 def training_support(cfg: TranscoderConfig, params: TranscoderParams, z, bandwidth: float,
-                     layer_major: bool = False):
+                     layer_major: bool = False, kernels: str = "xla"):
     """(support, cut): support is boolean, shaped as z ([batch, layer, feature], or [layer,
     batch, feature] if layer_major), where the training activation or its gradient can be
     non-zero. JumpReLU: active (z > threshold) or inside the
     straight-through band (the same float32 expression as `jumprelu`'s backward); ReLU: z > 0;
-    topk / batchtopk: their masks. cut: batchtopk's per-layer cut value, else None."""
+    topk / batchtopk: their masks. cut: batchtopk's per-layer cut value (found by `kernels`),
+    else None."""
     if cfg.activation == "relu":
         return z > 0, None
     if cfg.activation == "topk":
         return topk_mask(z, cfg.k) > 0, None
     if cfg.activation == "batchtopk":
-        mask, cut = batchtopk_mask(z, cfg.k, layer_major)
+        mask, cut = batchtopk_mask(z, cfg.k, layer_major, kth_fn=_KERNELS[kernels].kth)
         return mask > 0, cut
     th = params.threshold.astype(jnp.float32)
     th = th[:, None, :] if layer_major else th
@@ -128,19 +129,15 @@ def decode_entries(cfg: TranscoderConfig, params: TranscoderParams, vals, act: A
                    n_tokens: int, kernels: str = "xla"):
     """Decoder writes of all source layers, [n_tokens, layer, d_model] (no bias, no skip): the
     sum over s of entries' values times W_dec[s], as `transcoder.decode` computes densely."""
-    L, D = cfg.n_layers, cfg.d_model
-    out = jnp.zeros((n_tokens, L, D), vals.dtype)
-    for s in range(L):
-        n = cfg.n_targets(s)
-        w = params.W_dec[s].astype(vals.dtype)
-        contrib = spmm(vals[s], act.tok[s], act.feat[s], act.row_ptr[s], w, n_tokens, kernels)
-        out = out.at[:, s:s + n, :].add(contrib)
-    return out
+    W = tuple(w.astype(vals.dtype) for w in params.W_dec)
+    return spmm(vals, act.tok, act.feat, act.row_ptr, W, n_tokens, kernels)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def spmm(vals, tok, feat, row_ptr, W, n_tokens: int, kernels: str):
-    """out[n, j] = sum over entries e of token n of vals[e] * W[feat[e], j]: [n_tokens, j, d]."""
+    """out[n, s + j] = sum over source layers s and entries e of token n in layer s of
+    vals[s, e] * W[s][feat[s, e], j]: [n_tokens, layer, d]. vals, tok, feat: [layer, C];
+    row_ptr: [layer, n_tokens + 1]; W: a tuple of [F, n_targets(s), d]."""
     return _KERNELS[kernels].forward(vals, tok, feat, row_ptr, W, n_tokens)
 
 
@@ -150,38 +147,49 @@ def _spmm_fwd(vals, tok, feat, row_ptr, W, n_tokens, kernels):
 
 def _spmm_bwd(n_tokens, kernels, res, g):
     vals, tok, feat, row_ptr, W = res
-    g_vals, g_W = _KERNELS[kernels].backward(vals, tok, feat, row_ptr, W, g.astype(W.dtype))
-    return g_vals.astype(vals.dtype), None, None, None, g_W
+    g_vals, g_W = _KERNELS[kernels].backward(vals, tok, feat, row_ptr, W, g.astype(W[0].dtype))
+    return g_vals.astype(vals.dtype), None, None, None, tuple(g_W)
 
 
 spmm.defvjp(_spmm_fwd, _spmm_bwd)
 
 
 class _Xla:
-    """Gathers and segment sums, one target layer at a time (bounded memory)."""
+    """Gathers and segment sums, one source and target layer at a time (bounded memory)."""
 
     select = staticmethod(_select_xla)
+    kth = staticmethod(kth_largest)
 
     @staticmethod
     def forward(vals, tok, feat, row_ptr, W, n_tokens):
-        def one(w):  # [F, d]
-            return jax.ops.segment_sum(vals[:, None] * w[feat], tok, n_tokens,
-                                       indices_are_sorted=True)
+        out = jnp.zeros((n_tokens, len(W), W[0].shape[-1]), W[0].dtype)
+        for s, w in enumerate(W):
+            def one(wj, s=s):  # [F, d]
+                return jax.ops.segment_sum(vals[s][:, None] * wj[feat[s]], tok[s], n_tokens,
+                                           indices_are_sorted=True)
 
-        return jnp.moveaxis(jax.lax.map(one, jnp.moveaxis(W, 1, 0)), 0, 1)
+            contrib = jnp.moveaxis(jax.lax.map(one, jnp.moveaxis(w, 1, 0)), 0, 1)
+            out = out.at[:, s:s + w.shape[1]].add(contrib)
+        return out
 
     @staticmethod
     def backward(vals, tok, feat, row_ptr, W, g):
-        F = W.shape[0]
-        tok_in = jnp.minimum(tok, g.shape[0] - 1)  # padding entries have vals 0
+        gv, gW = [], []
+        for s, w in enumerate(W):
+            F, n = w.shape[0], w.shape[1]
+            tok_in = jnp.minimum(tok[s], g.shape[0] - 1)  # padding entries have vals 0
 
-        def one(wg):
-            w, gj = wg  # [F, d], [n_tokens, d]
-            rows = gj[tok_in]
-            return (w[feat] * rows).sum(-1), jax.ops.segment_sum(vals[:, None] * rows, feat, F)
+            def one(wg, s=s, tok_in=tok_in, F=F):
+                wj, gj = wg  # [F, d], [n_tokens, d]
+                rows = gj[tok_in]
+                return (wj[feat[s]] * rows).sum(-1), jax.ops.segment_sum(
+                    vals[s][:, None] * rows, feat[s], F)
 
-        gv, gw = jax.lax.map(one, (jnp.moveaxis(W, 1, 0), jnp.moveaxis(g, 1, 0)))
-        return gv.sum(0) * (tok < g.shape[0]), jnp.moveaxis(gw, 0, 1)  # padding: 0
+            gvs, gws = jax.lax.map(one, (jnp.moveaxis(w, 1, 0),
+                                         jnp.moveaxis(g[:, s:s + n], 1, 0)))
+            gv.append(gvs.sum(0) * (tok[s] < g.shape[0]))  # padding: 0
+            gW.append(jnp.moveaxis(gws, 0, 1))
+        return jnp.stack(gv), tuple(gW)
 
 
 class _Cpu:
@@ -201,10 +209,18 @@ class _Cpu:
         return Active(*out)
 
     @staticmethod
+    def kth(x, k: int):
+        from clt import _sparse_cpu
+
+        out = jax.ShapeDtypeStruct(x.shape[:-1], jnp.float32)
+        return jax.pure_callback(partial(_sparse_cpu.kth_largest, k=k), out, x,
+                                 vmap_method="sequential").astype(x.dtype)
+
+    @staticmethod
     def forward(vals, tok, feat, row_ptr, W, n_tokens):
         from clt import _sparse_cpu
 
-        shape = jax.ShapeDtypeStruct((n_tokens,) + W.shape[1:], W.dtype)
+        shape = jax.ShapeDtypeStruct((n_tokens, len(W), W[0].shape[-1]), W[0].dtype)
         return jax.pure_callback(_sparse_cpu.forward, shape, vals, feat, row_ptr, W,
                                  vmap_method="sequential")
 
@@ -212,8 +228,8 @@ class _Cpu:
     def backward(vals, tok, feat, row_ptr, W, g):
         from clt import _sparse_cpu
 
-        shapes = (jax.ShapeDtypeStruct(vals.shape, W.dtype), jax.ShapeDtypeStruct(W.shape,
-                                                                                  W.dtype))
+        shapes = (jax.ShapeDtypeStruct(vals.shape, W[0].dtype),
+                  tuple(jax.ShapeDtypeStruct(w.shape, w.dtype) for w in W))
         return jax.pure_callback(_sparse_cpu.backward, shapes, vals, feat, row_ptr, W, g,
                                  vmap_method="sequential")
 

@@ -20,6 +20,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -184,14 +185,19 @@ def sparsity_lambda(tc: TrainConfig, step):
 
 
 def loss_fn(params: TranscoderParams, cfg: TranscoderConfig, tc: TrainConfig, x, y, lam,
-            mode: StepMode = None):
+            mode: StepMode = None, kernels: str = "xla"):
     """Loss and metrics of one batch x, y [batch, layer, d_model] (normalised space).
 
     With a sparse `mode` the activations are kept at the support entries only (`clt.sparse`):
-    the same loss and gradients, the decoder run over the entries."""
+    the same loss and gradients, the decoder run over the entries. `kernels` finds BatchTopK's
+    cut in the dense step (the sparse step uses its mode's)."""
     x, y = x.astype(jnp.float32), y.astype(jnp.float32)
     n_tok = x.shape[0]
-    dn = decoder_norms(cfg, params, tc.decoder_norm)  # [l, f]
+    kernels = mode[1] if mode is not None else kernels
+    preact = cfg.activation == "jumprelu" and tc.preact_coef > 0
+    # Decoder norms only where a penalty reads them (a CLT's norms cost ~5% of a sparse step).
+    dn = decoder_norms(cfg, params, tc.decoder_norm) if tc.sparsity_coef > 0 or preact else \
+        None  # [l, f]
     # The sparse step works layer-major ([layer, batch, feature]): faster batched matmuls, and
     # each layer's entries are one contiguous block.
     lm = mode is not None
@@ -199,7 +205,7 @@ def loss_fn(params: TranscoderParams, cfg: TranscoderConfig, tc: TrainConfig, x,
     per_lf = (lambda v: v[:, None, :]) if lm else (lambda v: v)  # [l, f] against z
     # The support is where gradients can flow; the dense step reports it to size sparse steps.
     support, cut = sp.training_support(cfg, params, jax.lax.stop_gradient(z),
-                                       tc.jumprelu_bandwidth, layer_major=lm)
+                                       tc.jumprelu_bandwidth, layer_major=lm, kernels=kernels)
     if mode is None:
         a = activate(cfg, params, z, bandwidth=tc.jumprelu_bandwidth, training=True,
                      mask=support.astype(z.dtype) if cut is not None else None)
@@ -212,15 +218,16 @@ def loss_fn(params: TranscoderParams, cfg: TranscoderConfig, tc: TrainConfig, x,
                                 tc.jumprelu_bandwidth) * act.valid  # [l, C]
         writes = sp.decode_entries(cfg, params, a, act, n_tok, mode[1])
         y_hat = add_bias_and_skip(params, writes, x)
-        dn_a, overflow, counts = jnp.take_along_axis(dn, act.feat, 1), act.overflow, act.count
+        dn_a = None if dn is None else jnp.take_along_axis(dn, act.feat, 1)
+        overflow, counts = act.overflow, act.count
     err = jnp.square(y_hat - y)  # [b, l, d]
     mse = err.mean(-1).sum(-1).mean()
     # Sums over every (token,) layer, feature, or entry, per token: zeros add nothing.
-    sparsity = jnp.tanh(tc.sparsity_c * dn_a * a).sum() / n_tok
+    sparsity = jnp.zeros(()) if dn_a is None else jnp.tanh(tc.sparsity_c * dn_a * a).sum() / n_tok
     loss = mse + lam * sparsity
-    if cfg.activation == "jumprelu" and tc.preact_coef > 0:
-        preact = (jax.nn.relu(per_lf(params.threshold) - z) * per_lf(dn)).sum() / n_tok
-        loss = loss + tc.preact_coef * preact
+    if preact:
+        loss = loss + tc.preact_coef * (
+            jax.nn.relu(per_lf(params.threshold) - z) * per_lf(dn)).sum() / n_tok
     # NMSE per layer over this batch: sum ||y_hat - y||^2 / sum ||y - mean y||^2.
     var = jnp.square(y - y.mean(0)).sum((0, 2))
     nmse = err.sum((0, 2)) / jnp.maximum(var, 1e-12)
@@ -253,7 +260,7 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
 
 
 def _train_step(state: TrainState, x, y, cfg: TranscoderConfig, tc: TrainConfig,
-                mode: StepMode = None):
+                mode: StepMode = None, kernels: str = "xla"):
     """One Adam step on raw activations x, y [batch, layer, d_model] (normalised here). A sparse
     step whose support overflowed its capacity leaves the state untouched (metrics['overflow'])
     for the caller to run the batch densely."""
@@ -263,7 +270,7 @@ def _train_step(state: TrainState, x, y, cfg: TranscoderConfig, tc: TrainConfig,
     x = (x.astype(jnp.float32) - nm.in_mean) / nm.in_scale[:, None]
     y = (y.astype(jnp.float32) - nm.out_mean) / nm.out_scale[:, None]
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, cfg, tc, x, y, lam, mode)
+        state.params, cfg, tc, x, y, lam, mode, kernels)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if cfg.activation == "batchtopk":
@@ -335,12 +342,19 @@ def _check_init_from(cfg: TranscoderConfig, tc: TrainConfig) -> None:
                           "its architecture or drop init_from")
 
 
-def compile_step(cfg: TranscoderConfig, tc: TrainConfig, mesh, mode: StepMode = None):
-    """The jitted train step (dense, or sparse with `mode`) with in/out shardings for `mesh`."""
+def compile_step(cfg: TranscoderConfig, tc: TrainConfig, mesh, mode: StepMode = None,
+                 kernels: str = "xla", donate: bool = False):
+    """The jitted train step (dense, or sparse with `mode`) with in/out shardings for `mesh`.
+
+    donate: the step reuses the input state's buffers for its output (a CLT's state is ~3x its
+    parameters: without donation a step holds two), so the caller must drop the state it passed
+    and keep the returned one, which equals the input when the step was refused (non-finite or
+    overflow)."""
     ss = state_shardings(cfg, tc, mesh)
     bs = shd.batch_sharding(mesh)
-    return jax.jit(partial(_train_step, cfg=cfg, tc=tc, mode=mode), in_shardings=(ss, bs, bs),
-                   out_shardings=(ss, shd.replicated(mesh)), donate_argnums=())
+    return jax.jit(partial(_train_step, cfg=cfg, tc=tc, mode=mode, kernels=kernels),
+                   in_shardings=(ss, bs, bs), out_shardings=(ss, shd.replicated(mesh)),
+                   donate_argnums=(0,) if donate else ())
 
 
 def place_state(state: TrainState, cfg, tc, mesh) -> TrainState:
@@ -363,8 +377,8 @@ class Steps:
 
     WINDOW = 50
 
-    def __init__(self, cfg: TranscoderConfig, tc: TrainConfig, mesh):
-        self.cfg, self.tc, self.mesh = cfg, tc, mesh
+    def __init__(self, cfg: TranscoderConfig, tc: TrainConfig, mesh, donate: bool = False):
+        self.cfg, self.tc, self.mesh, self.donate = cfg, tc, mesh, donate
         self.kernels = kernels_for(tc, mesh)
         self.fixed = tc.sparse_capacity > 0
         # topk / batchtopk keep k per token (on average), plus one for ties at the cut.
@@ -387,7 +401,9 @@ class Steps:
 
     def fn(self, mode: StepMode):
         if mode not in self._compiled:
-            self._compiled[mode] = compile_step(self.cfg, self.tc, self.mesh, mode)
+            self._compiled[mode] = compile_step(self.cfg, self.tc, self.mesh, mode,
+                                                kernels=self.kernels or "xla",
+                                                donate=self.donate)
         return self._compiled[mode]
 
     def __call__(self, state: TrainState, x, y):
@@ -395,7 +411,7 @@ class Steps:
         new, m = self.fn(mode)(state, x, y)
         if mode is not None and bool(m["overflow"]):
             self.dense_reruns += 1
-            new, m = self.fn(None)(state, x, y)
+            new, m = self.fn(None)(new, x, y)  # `new` is the untouched state
         self._resize(float(m["support"]))
         m["sparse"] = 0 if mode is None else mode[0]
         return new, m
@@ -551,8 +567,9 @@ def train(tc: TrainConfig, *, resume: bool = True, progress: bool = True,
     """Train a transcoder as `tc` says; returns the exported transcoder's directory.
 
     Resumes from the run directory's latest checkpoint when there is one (and `resume`).
-    Ctrl-C or SIGTERM saves a checkpoint before stopping; a NaN/inf stops with NonFiniteError after
-    saving the last good state. `on_step(step)` is called after every step (tests, custom hooks).
+    Ctrl-C or SIGTERM saves a checkpoint before stopping (at the end of the step under way: steps
+    reuse the state's memory); a NaN/inf stops with NonFiniteError after saving the last good
+    state. `on_step(step)` is called after every step (tests, custom hooks).
     """
     from clt.data import ActivationStream, estimate_norms, open_contexts
     from clt.lm.loading import load_model
@@ -586,27 +603,29 @@ def train(tc: TrainConfig, *, resume: bool = True, progress: bool = True,
         state = place_state(init_state(cfg, tc, norms, _initial_params(cfg, tc, norms)), cfg, tc,
                             mesh)
         pos = DataPosition()
-    step_fn = Steps(cfg, tc, mesh)
+    state = _distinct_leaves(state)  # a donated state may not hold one array twice
+    step_fn = Steps(cfg, tc, mesh, donate=True)
     bsh = shd.batch_sharding(mesh)
     step = int(jax.device_get(state.step))
     metrics_file = (out / "metrics.jsonl").open("a") if jax.process_index() == 0 else None
     tb = _tensorboard(out) if jax.process_index() == 0 else None
     meter, last = _Meter(time.perf_counter()), None
     bar = _Bar(progress, tc.steps, step)
-    stop = _sigterm_as_interrupt()
+    signals = _Interrupts()
     try:
         batches = stream.batches(pos, reuse=tc.data_reuse, prefetch=_prefetch(tc, mesh))
         while step < tc.steps:
             nxt, x, y = next(batches)
-            new, m = step_fn(state, _to_global(x, bsh), _to_global(y, bsh))
-            if not bool(m["finite"]):
-                save_checkpoint(mngr, state, pos)
-                mngr.wait_until_finished()
-                where = "the batch holds NaN/inf" if not bool(m["finite_batch"]) else \
-                    "the loss or gradients overflowed (lower lr or sparsity_coef)"
-                raise NonFiniteError(f"non-finite loss at step {step + 1}: {where}; the last good "
-                                     f"state is saved as checkpoint {step} in {out}")
-            state, pos, step = new, nxt, step + 1
+            with signals.step():  # the step takes `state`'s memory: no interrupt until it is back
+                state, m = step_fn(state, _to_global(x, bsh), _to_global(y, bsh))
+                if not bool(m["finite"]):  # the step left the state untouched
+                    save_checkpoint(mngr, state, pos)
+                    mngr.wait_until_finished()
+                    where = "the batch holds NaN/inf" if not bool(m["finite_batch"]) else \
+                        "the loss or gradients overflowed (lower lr or sparsity_coef)"
+                    raise NonFiniteError(f"non-finite loss at step {step + 1}: {where}; the last "
+                                         f"good state is saved as checkpoint {step} in {out}")
+                pos, step = nxt, step + 1
             meter.tokens += tc.batch_tokens
             last = m
             if step % tc.log_every == 0 or step == tc.steps:
@@ -625,13 +644,19 @@ def train(tc: TrainConfig, *, resume: bool = True, progress: bool = True,
             if on_step is not None:
                 on_step(step)
     except KeyboardInterrupt:
+        bar.close()
+        if any(a.is_deleted() for a in jax.tree.leaves(state)):  # a second signal mid-step
+            last = mngr.latest_step()
+            print(f"interrupted inside step {step + 1}: nothing saved; run the same command to "
+                  f"resume from checkpoint {last}" if last is not None else
+                  f"interrupted inside step {step + 1}: no checkpoint saved")
+            raise
         save_checkpoint(mngr, state, pos)
         mngr.wait_until_finished()
-        bar.close()
         print(f"interrupted: checkpoint {step} saved in {out}; run the same command to resume")
         raise
     finally:
-        stop()
+        signals.restore()
         if metrics_file:
             metrics_file.close()
     bar.close()
@@ -646,18 +671,57 @@ def train(tc: TrainConfig, *, resume: bool = True, progress: bool = True,
     return path
 
 
-def _sigterm_as_interrupt() -> Callable[[], None]:
-    """Until the returned function is called, SIGTERM (a scheduler's preemption notice, `kill`)
-    stops training as Ctrl-C does: a checkpoint is saved and the same command resumes. Only the
-    main thread can handle signals; elsewhere this does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
+def _distinct_leaves(state: TrainState) -> TrainState:
+    """The state with a copy of every leaf whose memory an earlier leaf holds too (e.g.
+    `Norms.identity`'s means; device_put keeps the sharing), so that the whole state can be
+    donated."""
+    seen: set[int] = set()
 
-    def handler(signum, frame):
+    def one(a):
+        ptr = a.addressable_shards[0].data.unsafe_buffer_pointer()
+        if ptr in seen:
+            return a.copy()
+        seen.add(ptr)
+        return a
+
+    return jax.tree.map(one, state)
+
+
+class _Interrupts:
+    """Until `restore()`, SIGTERM (a scheduler's preemption notice, `kill`) stops training as
+    Ctrl-C does: a checkpoint is saved and the same command resumes. Inside `step()` (the step
+    reuses the state's buffers, so until it returns there is no state to save) both wait for the
+    step's end; a second one stops at once. Only the main thread can handle signals; elsewhere
+    this does nothing and Ctrl-C keeps Python's default."""
+
+    def __init__(self):
+        self.in_step, self.pending = False, False
+        self._old: dict = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        if self.in_step and not self.pending:
+            self.pending = True
+            return
         raise KeyboardInterrupt(f"signal {signum}")
 
-    old = signal.signal(signal.SIGTERM, handler)
-    return lambda: signal.signal(signal.SIGTERM, old)
+    @contextmanager
+    def step(self):
+        self.in_step = True
+        try:
+            yield
+        finally:
+            self.in_step = False
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt("signal during a step")
+
+    def restore(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
 
 
 class _Bar:

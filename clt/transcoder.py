@@ -224,15 +224,19 @@ def topk_mask(z: Float[Array, "*b feature"], k: int) -> Float[Array, "*b feature
     return ((z >= kth) & (z > 0)).astype(z.dtype)
 
 
-def batchtopk_mask(z: Float[Array, "batch layer feature"], k: int, layer_major: bool = False):
+def batchtopk_mask(z: Float[Array, "batch layer feature"], k: int, layer_major: bool = False,
+                   kth_fn=None):
     """Per layer, keep the k * batch largest pre-activations over the whole batch; also returns
-    each layer's (k * batch)-th largest value. layer_major: z is [layer, batch, feature]."""
+    each layer's (k * batch)-th largest value. layer_major: z is [layer, batch, feature].
+    kth_fn: the k-th-largest function (default `kth_largest`; the CPU training kernels pass
+    theirs)."""
+    kth_fn = kth_fn or kth_largest
     if layer_major:
         L, B, F = z.shape
-        kth = kth_largest(z.reshape(L, B * F), k * B)  # [layer]
+        kth = kth_fn(z.reshape(L, B * F), k * B)  # [layer]
         return ((z >= kth[:, None, None]) & (z > 0)).astype(z.dtype), kth
     B, L, F = z.shape
-    kth = kth_largest(jnp.moveaxis(z, 1, 0).reshape(L, B * F), k * B)  # [layer]
+    kth = kth_fn(jnp.moveaxis(z, 1, 0).reshape(L, B * F), k * B)  # [layer]
     return ((z >= kth[None, :, None]) & (z > 0)).astype(z.dtype), kth
 
 

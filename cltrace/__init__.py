@@ -1,1 +1,14 @@
 """The `cltrace` command: a thin dispatcher over the stages' own CLI modules."""
+
+
+def entry() -> int:
+    """The `cltrace` command: restarted once with huge pages for large allocations (see
+    `cltrace.hostmem`; before any heavy import), then `cltrace.cli.main`."""
+    import sys
+
+    from cltrace.hostmem import reexec_with_huge_pages
+
+    reexec_with_huge_pages("cltrace", sys.argv[1:])
+    from cltrace.cli import main
+
+    return main()

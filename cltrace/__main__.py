@@ -1,3 +1,3 @@
-from cltrace.cli import main
+from cltrace import entry
 
-raise SystemExit(main())
+raise SystemExit(entry())

@@ -10,7 +10,9 @@ process (a dense CLT step holds ~20 GB; two cases in one process ran out of memo
   - activation generation tokens/s: `clt.lm.model.activations` (what training runs: no final
     norm, no unembedding) and the full forward with logits, for comparison,
   - achieved FLOP/s of the step against the dense FLOP count, and the device's matmul peak.
-Ratios (sparse / dense) are printed per kind.
+Ratios (sparse / dense) are printed per kind. Both steps run as `train` runs them (the state
+donated to the step) and, by default, with glibc's malloc on transparent huge pages as the
+`cltrace` command runs (--huge-pages off to measure without).
 
 Usage: python scripts/bench_train.py [--kinds clt,plt] [--steps 3] [--loop-steps 6]
        [--activation batchtopk] [--k 64] [--data data/corpus] [--out bench/bench_train.json]
@@ -32,6 +34,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from cltrace.hostmem import huge_pages_env  # noqa: E402  (light: no jax)
 
 VENDOR_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s (SXM)
 
@@ -79,7 +83,7 @@ def _train_config(args, kind: str, step: str, out: str, steps: int):
         round_contexts=args.round_contexts, model_batch=args.model_batch, steps=steps,
         warmup_steps=1, holdout=0.0, out=out, checkpoint_every=10**6, log_every=steps // 2,
         sparse="on" if step == "sparse" else "off", sparse_kernels=args.kernels,
-        async_checkpoints=False)
+        sparsity_coef=args.sparsity_coef, async_checkpoints=False)
 
 
 def run_case(kind: str, step: str, args) -> dict:
@@ -91,7 +95,7 @@ def run_case(kind: str, step: str, args) -> dict:
     from clt.data import ActivationStream, estimate_norms, open_contexts
     from clt.lm.loading import load_model
     from clt.lm.model import forward
-    from clt.train import Steps, init_state, place_state, train
+    from clt.train import Steps, _distinct_leaves, init_state, place_state, train
 
     model = load_model(args.model)
     tc = _train_config(args, kind, step, tempfile.mkdtemp(), 2 * args.loop_steps)
@@ -102,6 +106,7 @@ def run_case(kind: str, step: str, args) -> dict:
                               batch_tokens=tc.batch_tokens, round_contexts=tc.round_contexts,
                               model_batch=tc.model_batch)
     row = {"kind": kind, "step": step, "activation": tc.activation, "k": tc.k,
+           "huge_pages": "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", ""),
            "n_features": cfg.n_features, "params_M": cfg.n_params / 1e6,
            "batch_tokens": tc.batch_tokens}
     # Generation: what training runs, then the full forward with logits (same contexts).
@@ -125,8 +130,9 @@ def run_case(kind: str, step: str, args) -> dict:
     jax.block_until_ready(out)
     row["full_forward_tok_s"] = tc.round_contexts * tc.context_length / (time.perf_counter() - t)
     # The step alone, on one batch of real activations.
-    state = place_state(init_state(cfg, tc, estimate_norms(stream)), cfg, tc, mesh)
-    steps = Steps(cfg, tc, mesh)
+    state = _distinct_leaves(place_state(init_state(cfg, tc, estimate_norms(stream)), cfg, tc,
+                                         mesh))
+    steps = Steps(cfg, tc, mesh, donate=True)  # as `train` runs it
     bx, by = x[order[:tc.batch_tokens]], y[order[:tc.batch_tokens]]
     t = time.perf_counter()
     state, m = steps(state, bx, by)
@@ -161,6 +167,11 @@ def main() -> None:
     ap.add_argument("--features", type=int, default=2048)
     ap.add_argument("--activation", default="batchtopk")
     ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--sparsity-coef", type=float, default=0.0,
+                    help="tanh penalty (0, as the bundle recipes train topk / batchtopk)")
+    ap.add_argument("--huge-pages", choices=("on", "off"), default="on",
+                    help="run every case with glibc's malloc on transparent huge pages, as the "
+                         "cltrace command does (cltrace/hostmem.py), or without")
     ap.add_argument("--kernels", default="auto", help="sparse kernels: auto, xla, cpu")
     ap.add_argument("--steps", type=int, default=3, help="timed steps of the step alone")
     ap.add_argument("--loop-steps", type=int, default=4, help="timed steps of the whole loop")
@@ -184,11 +195,14 @@ def main() -> None:
     peak = matmul_peak()
     vendor = next((v for k, v in VENDOR_PEAK.items() if k in dev.device_kind), None)
     rows = []
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    if args.huge_pages == "on":
+        env = huge_pages_env(env) or env
     for kind in args.kinds.split(","):
         for step in args.modes.split(","):
             print(f"case {kind} {step} ...", flush=True)
             cmd = [sys.executable, __file__, *sys.argv[1:], "--case", f"{kind}:{step}"]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("CASE ")), None)
             if proc.returncode != 0 or line is None:
                 tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]

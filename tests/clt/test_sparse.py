@@ -88,35 +88,42 @@ def test_sparse_step_on_8_devices_equals_dense_on_one(activation, reach, skip):
 
 
 def _naive(vals, tok, feat, W, n_tok, g):
-    """Loops over entries in float64: forward, value gradient, weight gradient."""
-    out = np.zeros((n_tok,) + W.shape[1:])
-    gv, gW = np.zeros(len(vals)), np.zeros(W.shape)
-    for e, (v, t, f) in enumerate(zip(vals, tok, feat)):
-        if t >= n_tok:
-            continue  # padding
-        out[t] += v * W[f]
-        gv[e] = np.sum(W[f] * g[t])
-        gW[f] += v * g[t]
+    """Loops over every source layer's entries in float64: forward, value gradient, weight
+    gradient. Source layer s writes into target layers s .. s + W[s].shape[1] - 1."""
+    L, D = len(W), W[0].shape[-1]
+    out, gv = np.zeros((n_tok, L, D)), np.zeros(vals.shape)
+    gW = [np.zeros(w.shape) for w in W]
+    for s, w in enumerate(W):
+        nt = w.shape[1]
+        for e, (v, t, f) in enumerate(zip(vals[s], tok[s], feat[s])):
+            if t >= n_tok:
+                continue  # padding
+            out[t, s:s + nt] += v * w[f]
+            gv[s, e] = np.sum(w[f] * g[t, s:s + nt])
+            gW[s][f] += v * g[t, s:s + nt]
     return out, gv, gW
 
 
 @pytest.mark.parametrize("kernels", KERNELS)
 def test_kernels_match_naive_loops(kernels):
+    """A ragged 3-layer decoder (3, 2, 1 target layers: a CLT), every layer's entries apart."""
     rng = np.random.default_rng(0)
-    n_tok, F, nt, D = 7, 11, 3, 5
-    mask = rng.random((1, n_tok, F)) < 0.3  # [layer, token, feature]
+    L, n_tok, F, D, cap = 3, 7, 11, 5, 40
+    mask = rng.random((L, n_tok, F)) < 0.3  # [layer, token, feature]
     mask[0, 2] = True  # a token with every feature, and one with none
     mask[0, 4] = False
-    act = sp.select(jnp.asarray(mask), capacity=40, kernels=kernels)
-    assert int(act.count[0]) == mask.sum() <= 40
-    tok, feat, rp = act.tok[0], act.feat[0], act.row_ptr[0]
-    vals = jnp.asarray(rng.standard_normal(40), jnp.float32) * act.valid[0]
-    W = jnp.asarray(rng.standard_normal((F, nt, D)), jnp.float32)
-    g = rng.standard_normal((n_tok, nt, D)).astype(np.float32)
-    out, vjp = jax.vjp(lambda v, w: sp.spmm(v, tok, feat, rp, w, n_tok, kernels), vals, W)
+    act = sp.select(jnp.asarray(mask), capacity=cap, kernels=kernels)
+    np.testing.assert_array_equal(act.count, mask.sum((1, 2)))
+    assert not bool(act.overflow)
+    vals = jnp.asarray(rng.standard_normal((L, cap)), jnp.float32) * act.valid
+    W = tuple(jnp.asarray(rng.standard_normal((F, L - s, D)), jnp.float32) for s in range(L))
+    g = rng.standard_normal((n_tok, L, D)).astype(np.float32)
+    out, vjp = jax.vjp(lambda v, w: sp.spmm(v, act.tok, act.feat, act.row_ptr, w, n_tok, kernels),
+                       vals, W)
     gv, gW = vjp(jnp.asarray(g))
-    ref = _naive(np.asarray(vals), np.asarray(tok), np.asarray(feat), np.asarray(W), n_tok, g)
-    for got, want in zip((out, gv, gW), ref):
+    ref = _naive(np.asarray(vals), np.asarray(act.tok), np.asarray(act.feat),
+                 [np.asarray(w) for w in W], n_tok, g)
+    for got, want in zip((out, gv, *gW), (ref[0], ref[1], *ref[2])):
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
@@ -136,15 +143,19 @@ def test_select_lists_entries_token_major_with_padding(kernels):
     np.testing.assert_array_equal(sp.gather_entries(z, act)[0][:3], [1, 3, 8])
 
 
-def test_overflow_runs_the_batch_densely_and_grows_capacity():
+@pytest.mark.parametrize("donate", [False, True])
+def test_overflow_runs_the_batch_densely_and_grows_capacity(donate):
+    """With donation the overflowing sparse step hands back the untouched state (its input's
+    memory), and the dense rerun runs on that."""
     cfg, tc, state, x, y = _setup("relu", None, False)
     tc = tc.__class__(**{**tc.__dict__, "sparse": "on", "sparse_kernels": "xla"})
     mesh = shd.make_mesh(1, 1)
-    s0 = place_state(state, cfg, tc, mesh)
-    ref, _ = compile_step(cfg, tc, mesh)(s0, x, y)
-    steps = Steps(cfg, tc, mesh)
+    ref, _ = compile_step(cfg, tc, mesh)(place_state(state, cfg, tc, mesh), x, y)
+    s0 = jax.tree.map(jnp.copy, place_state(state, cfg, tc, mesh))  # no leaf twice (donation)
+    steps = Steps(cfg, tc, mesh, donate=donate)
     steps.capacity = 2  # ReLU at init: ~half the 64 features are active
     new, m = steps(s0, x, y)
+    assert all(a.is_deleted() for a in jax.tree.leaves(s0.params)) == donate
     assert steps.dense_reruns == 1 and m["sparse"] == 2
     assert _max_rel(new.params, ref.params) <= 1e-6  # the dense step's own result
     assert steps.capacity >= float(m["support"])  # grown to the support
@@ -152,14 +163,20 @@ def test_overflow_runs_the_batch_densely_and_grows_capacity():
     assert steps.dense_reruns == 1 and m2["sparse"] == steps.capacity
 
 
-def test_kth_largest_equals_top_k():
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_kth_largest_equals_top_k(kernels):
+    """Both kernel sets' k-th largest (bisection on the float bits; numba's introselect), jitted
+    as the train step runs them, against lax.top_k."""
+    kth = sp._KERNELS[kernels].kth
+    assert kernels != "xla" or kth is kth_largest
     rng = np.random.default_rng(1)
     rows = [rng.standard_normal((3, 500)), -np.abs(rng.standard_normal((2, 40))),
             np.array([[0.0, -0.0, 1, 1, 1, -2, 3.5, 1e-30]])]
     for x in rows:
         x = jnp.asarray(x, jnp.float32)
         for k in (1, 2, 5, x.shape[1]):
-            np.testing.assert_array_equal(kth_largest(x, k), jax.lax.top_k(x, k)[0][:, -1])
+            got = jax.jit(kth, static_argnums=1)(x, k)
+            np.testing.assert_array_equal(got, jax.lax.top_k(x, k)[0][:, -1])
 
 
 def test_batchtopk_threshold_follows_the_batch_cut(tmp_path):

@@ -271,28 +271,42 @@ def test_resume_continues_metrics_and_config_validation(corpus, model, tmp_path)
 
 
 
-@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
-def test_interrupt_saves_a_checkpoint_to_resume_from(corpus, model, tmp_path, how):
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm", "sigterm-in-step", "sigint-in-step"])
+def test_interrupt_saves_a_checkpoint_to_resume_from(corpus, model, tmp_path, monkeypatch, how):
     """Ctrl-C (KeyboardInterrupt, here raised after step 5) or SIGTERM (a scheduler's
-    preemption notice, sent to this process after step 5) saves the current step."""
+    preemption notice, sent to this process after step 5) saves the current step. A signal
+    that comes while step 5 runs (its input state is donated: there is nothing to save until it
+    returns) stops training when that step ends, and saves it."""
     import os
     import signal
 
-    def interrupt(step):
-        if step == 5:
-            if how == "sigterm":
-                os.kill(os.getpid(), signal.SIGTERM)
-            else:
-                raise KeyboardInterrupt
+    from clt import train as train_mod
 
+    def interrupt(step):
+        if step == 5 and how == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+        elif step == 5 and how == "ctrl-c":
+            raise KeyboardInterrupt
+
+    calls, real_call = [], train_mod.Steps.__call__
+
+    def in_step(self, state, x, y):
+        calls.append(1)
+        if len(calls) == 5 and how.endswith("in-step"):
+            os.kill(os.getpid(), signal.SIGTERM if how.startswith("sigterm") else signal.SIGINT)
+        return real_call(self, state, x, y)
+
+    monkeypatch.setattr(train_mod.Steps, "__call__", in_step)
     tc = _tc(corpus, tmp_path / "run", steps=8, checkpoint_every=100)
-    before = signal.getsignal(signal.SIGTERM)
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         train(tc, model=model, progress=False, on_step=interrupt)
-    assert signal.getsignal(signal.SIGTERM) == before  # the handler is put back
+    # The handlers are put back.
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
     from clt.train import _manager
 
     assert _manager(tmp_path / "run", 3).latest_step() == 5
+    monkeypatch.undo()
     train(tc, model=model, progress=False)
     assert [r["step"] for r in _metrics(tmp_path / "run")][-1] == 8
 
