@@ -35,7 +35,7 @@ from attribution import replacement as rep
 from clt import transcoder as tcm
 from clt.configs import ConfigError
 from clt.lm.config import ModelConfig
-from clt.lm.model import MLPHook, forward, norm
+from clt.lm.model import MLPHook, forward, logits_of, unembed
 from clt.lm.params import LMParams
 from clt.transcoder import TranscoderConfig, TranscoderParams
 
@@ -179,10 +179,7 @@ def frozen_effects(params: LMParams, cfg: ModelConfig, tc_cfg: TranscoderConfig,
 def frozen_logits(params, cfg, tc_cfg, tc_params, rm, acts, edits):
     """Logits [pos, vocab] of the frozen-mode intervened model."""
     _, hidden = frozen_effects(params, cfg, tc_cfg, tc_params, rm, acts, edits)
-    logits = (hidden @ params.W_U.astype(hidden.dtype)).astype(jnp.float32)
-    if cfg.final_softcap:
-        logits = cfg.final_softcap * jnp.tanh(logits / cfg.final_softcap)
-    return logits
+    return logits_of(params, cfg, hidden)
 
 
 # --- steering --------------------------------------------------------------------------------------
@@ -275,10 +272,7 @@ def logit_lens(params: LMParams, cfg: ModelConfig, tokens, k: int = 5):
     (ids [layer+1, pos, k], probs [layer+1, pos, k])."""
     _, cap = forward(params, cfg, jnp.asarray(tokens)[None], capture=("resid_pre", "resid_final"))
     resid = jnp.concatenate([cap.resid_pre[:, 0], cap.resid_final], axis=0)  # [L+1, pos, d]
-    h, _ = norm(resid, params.final_norm_w, params.final_norm_b, cfg)
-    logits = (h @ params.W_U.astype(h.dtype)).astype(jnp.float32)
-    if cfg.final_softcap:
-        logits = cfg.final_softcap * jnp.tanh(logits / cfg.final_softcap)
+    logits, _ = unembed(params, cfg, resid)  # the final norm recomputed at every layer
     probs, ids = jax.lax.top_k(jax.nn.softmax(logits, -1), k)
     return np.asarray(ids), np.asarray(probs)
 

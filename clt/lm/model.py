@@ -267,10 +267,17 @@ def embed(params: LMParams, cfg: ModelConfig, tokens, positions):
 def unembed(params: LMParams, cfg: ModelConfig, resid, final_scale=None):
     """Final norm and logits (float32), soft-capped if the config says so."""
     h, scale = norm(resid, params.final_norm_w, params.final_norm_b, cfg, final_scale)
+    return logits_of(params, cfg, h), scale
+
+
+def logits_of(params: LMParams, cfg: ModelConfig, h):
+    """Logits (float32) of final-normed hidden states h [..., d_model]: the unembedding, then
+    the soft-cap where the config has one. The one place both are applied (`unembed`, the
+    frozen-mode interventions, the logit lens)."""
     logits = (h @ params.W_U.astype(h.dtype)).astype(jnp.float32)
     if cfg.final_softcap:
         logits = cfg.final_softcap * jnp.tanh(logits / cfg.final_softcap)
-    return logits, scale
+    return logits
 
 
 def _run_layers(params, cfg, x, positions, mask_full, mask_slide, frozen, asked, cache, offset,

@@ -134,12 +134,24 @@ def test_steering_and_difference_of_means(tiny_dirs):
     np.testing.assert_allclose(got, (last[0] + last[1]) / 2 - last[2], atol=1e-5)
 
 
-def test_logit_lens_last_layer_is_the_model(tiny_dirs):
-    m, _, _, ids = _setup(tiny_dirs, "gpt2", 1, False, dtype=jnp.float32)
+@pytest.mark.parametrize("family", ["gpt2", "gemma2"])  # gemma2: logits soft-capped at 3
+def test_logit_lens_last_layer_is_the_model(tiny_dirs, family):
+    """The lens after the last block gives the model's own top-k tokens and probabilities
+    (transformers' logits, soft-cap included); the soft-cap changes probabilities, not the
+    argmax, so this compares probabilities."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    m, _, _, ids = _setup(tiny_dirs, family, 1, False, dtype=jnp.float32)
     top_ids, probs = iv.logit_lens(m.params, m.cfg, ids, k=3)
     assert top_ids.shape == (m.cfg.n_layers + 1, len(ids), 3)
-    logits, _ = forward(m.params, m.cfg, jnp.asarray([ids]))
-    np.testing.assert_array_equal(top_ids[-1, :, 0], np.argmax(np.asarray(logits[0]), -1))
+    assert (family == "gemma2") == bool(m.cfg.final_softcap)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_dirs(family), torch_dtype=torch.float32)
+    with torch.no_grad():
+        ref = torch.softmax(hf(torch.tensor([ids])).logits[0].float(), -1).numpy()
+    # Probabilities at the lens's tokens, and the top-3 values (robust to near ties' order).
+    np.testing.assert_allclose(probs[-1], np.take_along_axis(ref, top_ids[-1], -1), atol=1e-5)
+    np.testing.assert_allclose(probs[-1], -np.sort(-ref, -1)[:, :3], atol=1e-5)
     assert (np.diff(probs, axis=-1) <= 0).all()
 
 

@@ -1,9 +1,11 @@
 """The sparse training step: same parameters as the dense step (every activation, PLT / windowed
 CLT / CLT, with and without skip, both kernel sets, on 8 simulated devices), kernels against
-naive loops, support entries, overflow falling back to the dense step, BatchTopK's threshold."""
+naive loops (decoder and encoder gradients), support entries, overflow falling back to the dense
+step, BatchTopK's threshold."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import jax
@@ -14,7 +16,8 @@ import pytest
 from clt import sharding as shd
 from clt import sparse as sp
 from clt.train import Steps, TrainConfig, compile_step, init_state, place_state, train
-from clt.transcoder import Norms, TranscoderConfig, activate, encode_pre, kth_largest
+from clt.transcoder import Norms, TranscoderConfig, activate, encode_pre, init_params, \
+    kth_largest
 from tests.clt.tiny_train import tiny_model, write_corpus
 
 TOL = 1e-5  # per tensor: max |sparse - dense| / max |dense| (float32 rounding of sums)
@@ -31,7 +34,7 @@ def _max_rel(a_tree, b_tree) -> float:
     return worst
 
 
-def _setup(activation: str, reach, skip: bool, n_tok: int = 32):
+def _setup(activation: str, reach, skip: bool, n_tok: int = 32, preact: float = 1e-2):
     L, D, F = 3, 8, 64
     cfg = TranscoderConfig(d_model=D, n_layers=L, n_features=F, max_reach=reach,
                            activation=activation, k=6, skip=skip)
@@ -39,7 +42,7 @@ def _setup(activation: str, reach, skip: bool, n_tok: int = 32):
     # straight-through gradients, and the pre-activation loss is on.
     tc = TrainConfig(n_features=F, max_reach=reach, activation=activation, k=6, skip=skip,
                      batch_tokens=n_tok, lr=1e-2, warmup_steps=0, jumprelu_bandwidth=0.5,
-                     threshold_init=0.3, sparsity_coef=1e-2, preact_coef=1e-2)
+                     threshold_init=0.3, sparsity_coef=1e-2, preact_coef=preact)
     k = jax.random.split(jax.random.key(3), 2)
     x, y = jax.random.normal(k[0], (n_tok, L, D)), jax.random.normal(k[1], (n_tok, L, D))
     return cfg, tc, init_state(cfg, tc, Norms.identity(L, D)), x, y
@@ -49,9 +52,13 @@ CASES = list(itertools.product(["jumprelu", "relu", "topk", "batchtopk"], [1, 2,
                                [False, True]))
 
 
-@pytest.mark.parametrize("activation,reach,skip", CASES)
-def test_sparse_step_equals_dense(activation, reach, skip):
-    cfg, tc, state, x, y = _setup(activation, reach, skip)
+# The encoder's gradient is taken over the entries only unless JumpReLU's pre-activation penalty
+# reads every pre-activation: JumpReLU runs with that penalty (dense encoder gradient) and
+# without it (entries; the straight-through band's entries included).
+@pytest.mark.parametrize("activation,reach,skip,preact", [c + (1e-2,) for c in CASES] + [
+    ("jumprelu", None, True, 0.0), ("jumprelu", 1, False, 0.0)])
+def test_sparse_step_equals_dense(activation, reach, skip, preact):
+    cfg, tc, state, x, y = _setup(activation, reach, skip, preact=preact)
     mesh = shd.make_mesh(1, 1)
     s0 = place_state(state, cfg, tc, mesh)
     ref, m_ref = compile_step(cfg, tc, mesh)(s0, x, y)
@@ -125,6 +132,40 @@ def test_kernels_match_naive_loops(kernels):
                  [np.asarray(w) for w in W], n_tok, g)
     for got, want in zip((out, gv, *gW), (ref[0], ref[1], *ref[2])):
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_encoder_gradient_over_entries_matches_naive_loops(kernels):
+    """dW_enc and db_enc from the entries alone equal loops over the entries (float64), and
+    the encoder rows of features without entries are exactly 0."""
+    rng = np.random.default_rng(2)
+    L, n_tok, D, F, cap = 2, 6, 4, 9, 30
+    mask = rng.random((L, n_tok, F)) < 0.3
+    mask[1, :, 0] = False  # feature 0 of layer 1 has no entries
+    act = sp.select(jnp.asarray(mask), capacity=cap, kernels=kernels)
+    x = rng.standard_normal((L, n_tok, D)).astype(np.float32)
+    W = jnp.asarray(rng.standard_normal((L, D, F)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal((L, F)), jnp.float32)
+    z = jnp.einsum("lnd,ldf->lnf", x, W) + b[:, None]
+    dz = rng.standard_normal((L, cap)).astype(np.float32) * np.asarray(act.valid)
+    params = init_params(TranscoderConfig(d_model=D, n_layers=L, n_features=F,
+                                          activation="relu"), jax.random.key(0))
+
+    def f(W, b):
+        z_e = sp.encoder_entries(dataclasses.replace(params, W_enc=W, b_enc=b), sp.gather_entries(
+            jax.lax.stop_gradient(z), act), jnp.asarray(x), act, kernels)
+        return (z_e * dz).sum()
+
+    gW, gb = jax.grad(f, argnums=(0, 1))(W, b)
+    want_W, want_b = np.zeros((L, D, F)), np.zeros((L, F))
+    for l in range(L):
+        for e in range(int(act.count[l])):
+            t, f_ = int(act.tok[l, e]), int(act.feat[l, e])
+            want_W[l, :, f_] += x[l, t].astype(np.float64) * dz[l, e]
+            want_b[l, f_] += dz[l, e]
+    np.testing.assert_allclose(np.asarray(gW), want_W, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(gb), want_b, rtol=1e-5, atol=1e-5)
+    assert not np.asarray(gW[1, :, 0]).any() and float(gb[1, 0]) == 0.0
 
 
 @pytest.mark.parametrize("kernels", KERNELS)
