@@ -140,6 +140,32 @@ def select(support, capacity):
     return tok, feat, valid, row_ptr, count
 
 
+def encoder_grad(dz, feat, row_ptr, x, n_features):
+    """Encoder gradients over the entries: dz [layer, C] (the pre-activations' cotangents), x
+    [layer, n_tokens, d_model] the inputs; returns (dW_enc^T [layer, F, d_model], db_enc
+    [layer, F]). Rows of features without entries are 0."""
+    x, feat, row_ptr = _np(x), _np(feat, np.int32), _np(row_ptr, np.int64)
+    dz = _np(dz, x.dtype)
+    L, N, D = x.shape
+    dW = np.empty((L, n_features, 1, D), x.dtype)
+    db = np.zeros((L, n_features), x.dtype)
+    for layer in range(L):
+        col_ptr, entry, token = _by_feature(row_ptr[layer], feat[layer], n_features)
+        _grad_W(col_ptr, entry, token, dz[layer], x[layer].reshape(N, 1, D), dW[layer], 0)
+        _bias_grad(col_ptr, entry, dz[layer], db[layer])
+    return dW.reshape(L, n_features, D), db
+
+
+@njit(cache=True)
+@no_type_check
+def _bias_grad(col_ptr, entry, dz, db):
+    for f in range(db.shape[0]):
+        acc = np.float32(0.0)
+        for p in range(col_ptr[f], col_ptr[f + 1]):
+            acc += dz[entry[p]]
+        db[f] = acc
+
+
 def _np(a, dtype=None):
     """A plain ndarray (callbacks may pass buffer objects numba cannot type)."""
     return np.ascontiguousarray(np.asarray(a), dtype=dtype)

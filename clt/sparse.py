@@ -124,6 +124,52 @@ def gather_entries(a, act: Active):
     return jnp.take_along_axis(flat, idx, axis=1)
 
 
+# --- the encoder's gradient over entries -----------------------------------------------------------
+def encoder_entries(params: TranscoderParams, z_e, x_lm, act: Active, kernels: str = "xla"):
+    """Pre-activations at the entries, z_e [layer, C] (values computed densely, with no gradient,
+    because choosing the support needs them all), made differentiable in W_enc and b_enc over the
+    entries only: dW_enc[l, :, f] = sum over entries e of layer l with feature f of
+    x[l, tok_e] dz_e; db_enc likewise. x_lm: the inputs, [layer, n_tokens, d_model]. Exact
+    wherever the loss reads pre-activations at entries only (not JumpReLU's pre-activation
+    penalty, which reads every feature)."""
+    return _enc(params.W_enc, params.b_enc, z_e, x_lm, act.tok, act.feat, act.row_ptr, kernels)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _enc(W_enc, b_enc, z_e, x_lm, tok, feat, row_ptr, kernels):
+    return z_e
+
+
+def _enc_fwd(W_enc, b_enc, z_e, x_lm, tok, feat, row_ptr, kernels):
+    return z_e, (W_enc, b_enc, x_lm, tok, feat, row_ptr)
+
+
+def _enc_bwd(kernels, res, g):
+    W_enc, b_enc, x_lm, tok, feat, row_ptr = res
+    dWt, db = _KERNELS[kernels].encoder_grad(g.astype(x_lm.dtype), tok, feat, row_ptr, x_lm,
+                                             W_enc.shape[-1])
+    dW = jnp.swapaxes(dWt, 1, 2).astype(W_enc.dtype)  # [layer, d_model, feature]
+    # z_e and x come from values without gradient (stop_gradient; data): zero cotangents.
+    return (dW, db.astype(b_enc.dtype), jnp.zeros_like(g), jnp.zeros_like(x_lm), None, None,
+            None)
+
+
+_enc.defvjp(_enc_fwd, _enc_bwd)
+
+
+def _encoder_grad_xla(dz, tok, feat, row_ptr, x_lm, n_features: int):
+    N = x_lm.shape[1]
+
+    def one(args):  # one layer: entries' input rows times their cotangents, summed by feature
+        dz_l, tok_l, feat_l, x_l = args
+        dz_l = jnp.where(tok_l < N, dz_l, 0)  # padding entries add nothing
+        rows = x_l[jnp.minimum(tok_l, N - 1)] * dz_l[:, None]
+        return (jax.ops.segment_sum(rows, feat_l, n_features),
+                jax.ops.segment_sum(dz_l, feat_l, n_features))
+
+    return jax.lax.map(one, (dz, tok, feat, x_lm))
+
+
 # --- the decoder over entries ----------------------------------------------------------------------
 def decode_entries(cfg: TranscoderConfig, params: TranscoderParams, vals, act: Active,
                    n_tokens: int, kernels: str = "xla"):
@@ -159,6 +205,7 @@ class _Xla:
 
     select = staticmethod(_select_xla)
     kth = staticmethod(kth_largest)
+    encoder_grad = staticmethod(_encoder_grad_xla)
 
     @staticmethod
     def forward(vals, tok, feat, row_ptr, W, n_tokens):
@@ -209,6 +256,16 @@ class _Cpu:
         return Active(*out)
 
     @staticmethod
+    def encoder_grad(dz, tok, feat, row_ptr, x_lm, n_features: int):
+        from clt import _sparse_cpu
+
+        L, _, D = x_lm.shape
+        shapes = (jax.ShapeDtypeStruct((L, n_features, D), x_lm.dtype),
+                  jax.ShapeDtypeStruct((L, n_features), x_lm.dtype))
+        return jax.pure_callback(partial(_sparse_cpu.encoder_grad, n_features=n_features),
+                                 shapes, dz, feat, row_ptr, x_lm, vmap_method="sequential")
+
+    @staticmethod
     def kth(x, k: int):
         from clt import _sparse_cpu
 
@@ -254,4 +311,4 @@ def cpu_kernels_available() -> str | None:
 
 
 __all__ = ["Active", "KERNELS", "activate_entries", "cpu_kernels_available",
-           "decode_entries", "gather_entries", "select", "spmm", "training_support"]
+           "decode_entries", "encoder_entries", "gather_entries", "select", "spmm", "training_support"]

@@ -201,7 +201,11 @@ def loss_fn(params: TranscoderParams, cfg: TranscoderConfig, tc: TrainConfig, x,
     # The sparse step works layer-major ([layer, batch, feature]): faster batched matmuls, and
     # each layer's entries are one contiguous block.
     lm = mode is not None
-    z = encode_pre(params, jnp.moveaxis(x, 1, 0) if lm else x, layer_major=lm)
+    # The sparse step takes the encoder's gradient over the entries only, unless a penalty reads
+    # every pre-activation (JumpReLU's): the dense z then carries no gradient.
+    sparse_enc = lm and not preact
+    x_in = jnp.moveaxis(x, 1, 0) if lm else x
+    z = encode_pre(jax.lax.stop_gradient(params) if sparse_enc else params, x_in, layer_major=lm)
     per_lf = (lambda v: v[:, None, :]) if lm else (lambda v: v)  # [l, f] against z
     # The support is where gradients can flow; the dense step reports it to size sparse steps.
     support, cut = sp.training_support(cfg, params, jax.lax.stop_gradient(z),
@@ -214,7 +218,10 @@ def loss_fn(params: TranscoderParams, cfg: TranscoderConfig, tc: TrainConfig, x,
         counts = support.sum((0, 2))
     else:
         act = sp.select(support, mode[0] * n_tok, mode[1])
-        a = sp.activate_entries(cfg, params, sp.gather_entries(z, act), act.feat,
+        z_e = sp.gather_entries(z, act)
+        if sparse_enc:
+            z_e = sp.encoder_entries(params, z_e, x_in, act, mode[1])
+        a = sp.activate_entries(cfg, params, z_e, act.feat,
                                 tc.jumprelu_bandwidth) * act.valid  # [l, C]
         writes = sp.decode_entries(cfg, params, a, act, n_tok, mode[1])
         y_hat = add_bias_and_skip(params, writes, x)
