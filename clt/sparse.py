@@ -10,9 +10,11 @@ over those entries only:
     d W       dW[f, j] = sum_{e: f_e = f} v_e g_out[tok_e, j]        (sparse^T x dense)
 The entries of a layer are its *support*: every (token, feature) whose training gradient can be
 non-zero (`training_support`): the active features, plus for JumpReLU the inactive ones inside
-the straight-through band. Everything else of the loss (encoder, penalties, Adam) is unchanged,
-so a sparse step gives the dense step's parameters up to float32 rounding (tests/clt/
-test_sparse.py). Entries live in a fixed capacity per layer; a batch whose support overflows it
+the straight-through band. The encoder's weight and bias gradients run over the same entries
+(`encoder_entries`: dW_enc[:, f] = sum over entries of feature f of x[tok] dz), except when
+JumpReLU's pre-activation penalty reads every feature; the encoder's forward stays dense (the
+support is chosen from all pre-activations). Penalties and Adam are unchanged, so a sparse step
+gives the dense step's parameters up to float32 rounding (tests/clt/test_sparse.py). Entries live in a fixed capacity per layer; a batch whose support overflows it
 is reported (`Active.count`) and the trainer runs that batch densely.
 
 Two kernel sets compute the three products: `xla` (gathers and segment sums; any device, any

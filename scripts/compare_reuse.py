@@ -40,18 +40,25 @@ def main() -> None:
     for r in (int(v) for v in args.reuse.split(",")):
         out = Path(args.work_dir) / f"reuse{r}"
         steps = r * args.generated_batches
-        t = time.perf_counter()
-        subprocess.run([*cltrace, "train", "--config", args.recipe, "--data-reuse", str(r),
-                        "--steps", str(steps), "--warmup-steps", str(max(1, steps // 10)),
-                        "--checkpoint-every", str(10**6), "--log-every", str(max(1, steps // 10)),
-                        "--out", str(out), "--no-resume", "--no-progress"],
-                       check=True, cwd=ROOT)
-        wall = time.perf_counter() - t
-        ev = out / "eval.json"
-        subprocess.run([*cltrace, "eval", "--transcoder", str(out / "transcoder"),
-                        "--contexts", str(args.contexts), "--out", str(ev)], check=True, cwd=ROOT)
+        wall_file, ev = ROOT / out / "train_wall_s.txt", out / "eval.json"
+        if not wall_file.exists():  # a finished run is kept: rerunning the script skips it
+            t = time.perf_counter()
+            subprocess.run([*cltrace, "train", "--config", args.recipe, "--data-reuse", str(r),
+                            "--steps", str(steps), "--warmup-steps", str(max(1, steps // 10)),
+                            "--checkpoint-every", str(10**6),
+                            "--log-every", str(max(1, steps // 10)),
+                            "--out", str(out), "--no-resume", "--no-progress"],
+                           check=True, cwd=ROOT)
+            wall_file.write_text(f"{time.perf_counter() - t:.1f}")
+            ev.unlink(missing_ok=True)
+        wall = float(wall_file.read_text())
+        if not (ROOT / ev).exists():
+            subprocess.run([*cltrace, "eval", "--transcoder", str(out / "transcoder"),
+                            "--contexts", str(args.contexts), "--out", str(ev)], check=True,
+                           cwd=ROOT)
         m = json.loads((ROOT / ev).read_text())
-        train_rows = [json.loads(x) for x in (ROOT / out / "metrics.jsonl").read_text().split()]
+        train_rows = [json.loads(x) for x in
+                      (ROOT / out / "metrics.jsonl").read_text().splitlines()]
         rows.append({"reuse": r, "steps": steps, "generated_batches": args.generated_batches,
                      "train_wall_s": wall, "eval": m, "train_curve": train_rows})
         print(json.dumps({"reuse": r, "wall_s": round(wall), "nmse": m.get("nmse_mean"),
