@@ -14,10 +14,11 @@ the straight-through band. The encoder's weight and bias gradients run over the 
 (`encoder_entries`: dW_enc[:, f] = sum over entries of feature f of x[tok] dz), except when
 JumpReLU's pre-activation penalty reads every feature; the encoder's forward stays dense (the
 support is chosen from all pre-activations). Penalties and Adam are unchanged, so a sparse step
-gives the dense step's parameters up to float32 rounding (tests/clt/test_sparse.py). Entries live in a fixed capacity per layer; a batch whose support overflows it
-is reported (`Active.count`) and the trainer runs that batch densely.
+gives the dense step's parameters up to float32 rounding (tests/clt/test_sparse.py). Entries
+live in a fixed capacity per layer; a batch whose support overflows it is reported
+(`Active.count`) and the trainer runs that batch densely.
 
-Two kernel sets compute the three products: `xla` (gathers and segment sums; any device, any
+Two kernel sets compute these products: `xla` (gathers and segment sums; any device, any
 mesh: what GPUs and TPUs use) and `cpu` (numba loops called through `jax.pure_callback`, single
 device: XLA's CPU gathers run at memory speed, ~2 GB/s here, slower than the dense matmul they
 replace, while the numba loops keep each decoder slice in cache; see scripts/bench_train.py).
@@ -30,7 +31,6 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from clt.lm.params import Leaf
 from clt.transcoder import TranscoderConfig, TranscoderParams, _rect, batchtopk_mask, jumprelu, \

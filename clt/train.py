@@ -653,9 +653,9 @@ def train(tc: TrainConfig, *, resume: bool = True, progress: bool = True,
     except KeyboardInterrupt:
         bar.close()
         if any(a.is_deleted() for a in jax.tree.leaves(state)):  # a second signal mid-step
-            last = mngr.latest_step()
+            saved = mngr.latest_step()
             print(f"interrupted inside step {step + 1}: nothing saved; run the same command to "
-                  f"resume from checkpoint {last}" if last is not None else
+                  f"resume from checkpoint {saved}" if saved is not None else
                   f"interrupted inside step {step + 1}: no checkpoint saved")
             raise
         save_checkpoint(mngr, state, pos)

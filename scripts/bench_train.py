@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cltrace.hostmem import huge_pages_env  # noqa: E402  (light: no jax)
+from cltrace.hostmem import huge_pages_env  # light: imports no jax
 
 VENDOR_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s (SXM)
 
