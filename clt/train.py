@@ -415,6 +415,8 @@ class Steps:
 
     def __call__(self, state: TrainState, x, y):
         mode = self.mode()
+        if self.donate:  # a donated state may not hold one array twice
+            state = _distinct_leaves(state)
         new, m = self.fn(mode)(state, x, y)
         if mode is not None and bool(m["overflow"]):
             self.dense_reruns += 1
@@ -610,7 +612,6 @@ def train(tc: TrainConfig, *, resume: bool = True, progress: bool = True,
         state = place_state(init_state(cfg, tc, norms, _initial_params(cfg, tc, norms)), cfg, tc,
                             mesh)
         pos = DataPosition()
-    state = _distinct_leaves(state)  # a donated state may not hold one array twice
     step_fn = Steps(cfg, tc, mesh, donate=True)
     bsh = shd.batch_sharding(mesh)
     step = int(jax.device_get(state.step))

@@ -95,7 +95,7 @@ def run_case(kind: str, step: str, args) -> dict:
     from clt.data import ActivationStream, estimate_norms, open_contexts
     from clt.lm.loading import load_model
     from clt.lm.model import forward
-    from clt.train import Steps, _distinct_leaves, init_state, place_state, train
+    from clt.train import Steps, init_state, place_state, train
 
     model = load_model(args.model)
     tc = _train_config(args, kind, step, tempfile.mkdtemp(), 2 * args.loop_steps)
@@ -130,8 +130,7 @@ def run_case(kind: str, step: str, args) -> dict:
     jax.block_until_ready(out)
     row["full_forward_tok_s"] = tc.round_contexts * tc.context_length / (time.perf_counter() - t)
     # The step alone, on one batch of real activations.
-    state = _distinct_leaves(place_state(init_state(cfg, tc, estimate_norms(stream)), cfg, tc,
-                                         mesh))
+    state = place_state(init_state(cfg, tc, estimate_norms(stream)), cfg, tc, mesh)
     steps = Steps(cfg, tc, mesh, donate=True)  # as `train` runs it
     bx, by = x[order[:tc.batch_tokens]], y[order[:tc.batch_tokens]]
     t = time.perf_counter()
