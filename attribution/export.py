@@ -1,4 +1,6 @@
-"""Graph JSON in the circuit-tracer / Neuronpedia schema (the pruned graph, ready for its viewer).
+"""The graph JSON schema of circuit-tracer / Neuronpedia, written once: node ids, node records,
+metadata and qParams, and the whole (pruned) graph's JSON. `viewer.neuronpedia` (pinned subgraphs,
+reading JSON back) and the page (which embeds the records of its nodes) use these functions.
 
 Schema, as read from circuit-tracer (`frontend/graph_models.py`, `utils/create_graph_files.py`):
 `{"metadata": {slug, scan, transcoder_list, prompt_tokens, prompt, node_threshold,
@@ -21,19 +23,68 @@ import numpy as np
 from attribution.graph import Graph
 from attribution.prune import PruneResult, prune
 
+NEURONPEDIA_SCHEMA_VERSION = 1
+NODE_FIELDS = ("node_id", "feature", "layer", "ctx_idx", "feature_type", "token_prob",
+               "is_target_logit", "run_idx", "reverse_ctx_idx", "jsNodeId", "clerp", "influence",
+               "activation")
+QPARAMS_FIELDS = ("pinnedIds", "supernodes", "linkType", "clickedId", "sg_pos")
+FEATURE_TYPE = {"feature": "cross layer transcoder", "error": "mlp reconstruction error",
+                "token": "embedding", "logit": "logit"}
 
-def _cantor(x: int, y: int) -> int:
+
+def cantor(x: int, y: int) -> int:
+    """Cantor pairing: a feature's `feature` number, unique across layers."""
     return (x + y) * (x + y + 1) // 2 + y
 
 
-def _node(node_id, feature, layer, pos, kind, js, influence=None, activation=None, **extra):
-    out = {"node_id": node_id, "feature": int(feature), "layer": str(layer), "ctx_idx": int(pos),
-           "feature_type": kind, "token_prob": 0.0, "is_target_logit": False, "run_idx": 0,
-           "reverse_ctx_idx": 0, "jsNodeId": js, "clerp": "",
-           "influence": None if influence is None else float(influence),
-           "activation": None if activation is None else float(activation)}
-    out.update(extra)
-    return out
+def node_record(graph: Graph, node: int, cumulative: np.ndarray | None = None,
+                label: str = "") -> dict:
+    """The Neuronpedia record of one graph node (fields `NODE_FIELDS`); `cumulative`: every
+    node's cumulative influence share (`influence`; none for logits), `label` a feature's
+    `clerp`. The whole-graph export, pinned subgraphs and the page's export all write this."""
+    r = graph.ranges
+    kind = r.kind_of(node)
+    i = node - getattr(r, kind).start
+    infl = None if cumulative is None else float(cumulative[node])
+    rec = {"node_id": "", "feature": 0,
+           "layer": "", "ctx_idx": 0, "feature_type": FEATURE_TYPE[kind], "token_prob": 0.0,
+           "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0, "jsNodeId": "",
+           "clerp": "", "influence": infl, "activation": None}
+    if kind == "feature":
+        a, f, p = (int(graph.feature_layer[i]), int(graph.feature_index[i]),
+                   int(graph.feature_pos[i]))
+        rec.update(node_id=f"{a}_{f}_{p}", feature=cantor(a, f), layer=str(a), ctx_idx=p,
+                   jsNodeId=f"{a}_{f}-0", activation=float(graph.activation[i]), clerp=label)
+    elif kind == "error":
+        a, p = int(graph.error_layer[i]), int(graph.error_pos[i])
+        rec.update(node_id=f"{a}_-1_{p}", feature=-1, layer=str(a), ctx_idx=p,
+                   jsNodeId=f"{a}_-1-{p}")
+    elif kind == "token":
+        t = int(graph.tokens[i])
+        rec.update(node_id=f"E_{t}_{i}", feature=i, layer="E", ctx_idx=i, jsNodeId=f"E_{t}-{i}")
+    else:
+        t, prob, last = int(graph.logit_tokens[i]), float(graph.logit_probs[i]), graph.n_pos - 1
+        rec.update(node_id=f"{graph.n_layers + 1}_{t}_{last}", feature=t,
+                   layer=str(graph.n_layers + 1), ctx_idx=last, jsNodeId=f"L_{t}-{last}",
+                   token_prob=prob, is_target_logit=i == 0, influence=None,
+                   clerp=f'Output "{graph.logit_strings[i]}" (p={prob:.3f})')
+    return rec
+
+
+def metadata(graph: Graph, node_threshold: float = 0.8, slug: str = "graph",
+             scan: str = "cltrace") -> dict:
+    """The `metadata` block of every graph JSON we write (the graph's info and scores
+    included)."""
+    return {"slug": slug, "scan": scan, "transcoder_list": [],
+            "prompt_tokens": list(graph.token_strings), "prompt": graph.prompt,
+            "node_threshold": node_threshold, "schema_version": NEURONPEDIA_SCHEMA_VERSION,
+            "bos": bool(graph.bos), "info": graph.summary()}
+
+
+def qparams(pinned=(), supernodes=(), clicked_id: str = "") -> dict:
+    """The `qParams` block: pinned node ids, supernodes as [name, id, ...] lists."""
+    return {"pinnedIds": list(pinned), "supernodes": [list(g) for g in supernodes],
+            "linkType": "both", "clickedId": clicked_id, "sg_pos": ""}
 
 
 def node_ids(graph: Graph) -> list[str]:
@@ -53,44 +104,16 @@ def to_neuronpedia(graph: Graph, pruned: PruneResult | None = None, slug: str = 
     """The pruned graph as a Neuronpedia / circuit-tracer graph JSON dict."""
     if pruned is None:
         pruned = prune(graph, node_threshold, edge_threshold)
-    r, L = graph.ranges, graph.n_layers
     ids = node_ids(graph)
-    infl = pruned.cumulative_scores
-    nodes = []
-    for n in np.nonzero(pruned.node_mask)[0]:
-        kind = r.kind_of(int(n))
-        i = int(n) - getattr(r, kind).start
-        if kind == "feature":
-            a, f, p = (int(graph.feature_layer[i]), int(graph.feature_index[i]),
-                       int(graph.feature_pos[i]))
-            nodes.append(_node(ids[n], _cantor(a, f), a, p, "cross layer transcoder",
-                               f"{a}_{f}-0", infl[n], graph.activation[i]))
-        elif kind == "error":
-            a, p = int(graph.error_layer[i]), int(graph.error_pos[i])
-            nodes.append(_node(ids[n], -1, a, p, "mlp reconstruction error", f"{a}_-1-{p}",
-                               infl[n]))
-        elif kind == "token":
-            t = int(graph.tokens[i])
-            nodes.append(_node(ids[n], i, "E", i, "embedding", f"E_{t}-{i}", infl[n]))
-        else:
-            t, prob = int(graph.logit_tokens[i]), float(graph.logit_probs[i])
-            last = graph.n_pos - 1
-            nodes.append(_node(ids[n], t, L + 1, last, "logit", f"L_{t}-{last}",
-                               token_prob=prob, is_target_logit=i == 0,
-                               clerp=f'Output "{graph.logit_strings[i]}" (p={prob:.3f})'))
+    nodes = [node_record(graph, int(n), pruned.cumulative_scores)
+             for n in np.nonzero(pruned.node_mask)[0]]
     tgt, src = np.nonzero(pruned.edge_mask)
     links = [{"source": ids[s], "target": ids[t], "weight": float(graph.adjacency[t, s])}
              for t, s in zip(tgt, src)]
     used = {lk["source"] for lk in links} | {lk["target"] for lk in links}
     nodes = [nd for nd in nodes if nd["node_id"] in used
              or nd["feature_type"] in ("embedding", "logit")]
-    meta = {"slug": slug, "scan": scan, "transcoder_list": [],
-            "prompt_tokens": list(graph.token_strings), "prompt": graph.prompt,
-            "node_threshold": node_threshold, "schema_version": 1, "bos": bool(graph.bos),
-            "info": {k: v for k, v in graph.info.items() if not isinstance(v, dict)}}
-    return {"metadata": meta,
-            "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "",
-                        "sg_pos": ""},
+    return {"metadata": metadata(graph, node_threshold, slug, scan), "qParams": qparams(),
             "nodes": nodes, "links": links}
 
 
@@ -101,4 +124,6 @@ def write_neuronpedia(graph: Graph, path: str | Path, **kw) -> Path:
     return path
 
 
-__all__ = ["node_ids", "to_neuronpedia", "write_neuronpedia"]
+__all__ = ["FEATURE_TYPE", "NEURONPEDIA_SCHEMA_VERSION", "NODE_FIELDS", "QPARAMS_FIELDS", "cantor",
+           "metadata", "node_ids", "node_record", "qparams", "to_neuronpedia",
+           "write_neuronpedia"]

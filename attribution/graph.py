@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +57,45 @@ class NodeRanges:
         raise IndexError(f"node {node} outside the graph (0..{self.n_nodes - 1})")
 
 
+@dataclass(frozen=True)
+class FullGraph:
+    """What a streamed graph knows of the full graph it stores part of (computed while tracing)."""
+
+    features: int  # active features (all of them are in the full graph)
+    nodes: int
+    edges: int  # nonzero edges
+    features_left_out: int  # features not stored (the least influential)
+    influence_left_out: float  # their total influence on the logits
+    replacement_score: float
+    completeness_score: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FullGraph:
+        return cls(**{f.name: d[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Replacement and completeness scores of a graph (`attribution.prune.score`): unpruned (a
+    streamed graph: its full graph's) and pruned at the trace's node / edge thresholds."""
+
+    replacement: float
+    completeness: float
+    pruned_replacement: float
+    pruned_completeness: float
+
+    def to_dict(self) -> dict:
+        """The names graphs have used in their info and Neuronpedia metadata (`*_score`)."""
+        return {f"{k}_score": v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Scores:
+        return cls(**{f.name: float(d[f"{f.name}_score"]) for f in fields(cls)})
+
+
 @dataclass
 class Graph:
     """An unpruned attribution graph for one prompt (see the module docstring)."""
@@ -81,11 +120,13 @@ class Graph:
     n_active_total: int = -1  # active features before any max_feature_nodes cap
     # A streamed graph (TraceConfig.adjacency="stream") stores only the most influential features
     # of the full graph; for the nodes it stores, these hold what the full graph says (None in a
-    # dense graph, where the adjacency says it all). info["full_graph"] has the full graph's
-    # counts, scores and the influence of the features left out.
+    # dense graph, where the adjacency says it all); `full_graph` has the full graph's counts,
+    # scores and the influence of the features left out.
     influence: np.ndarray | None = None  # [node] influence on the logits in the full graph
     input_abs: np.ndarray | None = None  # [node] sum of |incoming edges| in the full graph
     input_error_abs: np.ndarray | None = None  # [node] the same, over error sources only
+    full_graph: FullGraph | None = None  # streamed graphs only
+    scores: Scores | None = None  # set by the tracer (None: a graph read from elsewhere)
     schema_version: int = GRAPH_SCHEMA_VERSION
 
     def __post_init__(self):
@@ -96,8 +137,8 @@ class Graph:
             a = getattr(self, name)
             if a is not None and a.shape != (n,):
                 raise ValueError(f"{name} has shape {a.shape}, the nodes need {(n,)}")
-        if self.streamed and "full_graph" not in self.info:
-            raise ValueError("a streamed graph needs info['full_graph'] (its full graph's scores)")
+        if self.streamed != (self.full_graph is not None):
+            raise ValueError("a streamed graph (influence stored) needs full_graph, and only it")
 
     @property
     def streamed(self) -> bool:
@@ -110,7 +151,7 @@ class Graph:
         adjacency."""
         if not self.streamed:
             return 0.0
-        return float(self.influence.sum()) + float(self.info["full_graph"]["influence_left_out"])
+        return float(self.influence.sum()) + float(self.full_graph.influence_left_out)
 
     @property
     def n_pos(self) -> int:
@@ -136,6 +177,12 @@ class Graph:
         w = np.zeros(self.n_nodes, np.float64)
         w[self.ranges.logit] = self.logit_probs
         return w
+
+    def summary(self) -> dict:
+        """The graph's info with its scores (`*_score`), JSON scalars only: what its page and its
+        Neuronpedia metadata show."""
+        info = {k: v for k, v in self.info.items() if not isinstance(v, dict)}
+        return info | (self.scores.to_dict() if self.scores is not None else {})
 
     def label(self, node: int) -> str:
         """A short human-readable name of a node."""
@@ -164,6 +211,8 @@ class Graph:
             "n_layers": self.n_layers, "bos": self.bos, "prompt": self.prompt,
             "token_strings": self.token_strings, "logit_strings": self.logit_strings,
             "config": self.config, "info": self.info, "n_active_total": self.n_active_total,
+            "full_graph": self.full_graph.to_dict() if self.full_graph is not None else None,
+            "scores": self.scores.to_dict() if self.scores is not None else None,
         }
         arrays = {name: getattr(self, name) for name in _ARRAYS}
         arrays.update({n: getattr(self, n) for n in _FULL if getattr(self, n) is not None})
@@ -192,10 +241,17 @@ class Graph:
         if meta.get("kind") != "attribution_graph" or version != GRAPH_SCHEMA_VERSION:
             raise ConfigError(f"{path}: graph schema {version!r} is not supported "
                               f"(this version reads {GRAPH_SCHEMA_VERSION}); re-run the trace")
+        info = dict(meta["info"])
+        # Graphs saved before 2026-12-02 kept both in info.
+        full = meta.get("full_graph") or info.pop("full_graph", None)
+        scores = meta.get("scores")
+        if scores is None and all(f"{f.name}_score" in info for f in fields(Scores)):
+            scores = {f"{f.name}_score": info.pop(f"{f.name}_score") for f in fields(Scores)}
         return cls(**arrays, n_layers=meta["n_layers"], bos=meta["bos"], prompt=meta["prompt"],
                    token_strings=meta["token_strings"], logit_strings=meta["logit_strings"],
-                   config=meta["config"], info=meta["info"],
-                   n_active_total=meta["n_active_total"])
+                   config=meta["config"], info=info, n_active_total=meta["n_active_total"],
+                   full_graph=FullGraph.from_dict(full) if full else None,
+                   scores=Scores.from_dict(scores) if scores else None)
 
 
 _ARRAYS = ("tokens", "feature_layer", "feature_pos", "feature_index", "activation", "error_layer",
@@ -210,4 +266,12 @@ def error_nodes(n_layers: int, n_pos: int, bos: bool) -> tuple[np.ndarray, np.nd
     return layer.ravel().astype(np.int32), pos.ravel().astype(np.int32)
 
 
-__all__ = ["GRAPH_SCHEMA_VERSION", "Graph", "KINDS", "NodeRanges", "error_nodes"]
+__all__ = [
+    "GRAPH_SCHEMA_VERSION",
+    "KINDS",
+    "FullGraph",
+    "Graph",
+    "NodeRanges",
+    "Scores",
+    "error_nodes",
+]

@@ -118,13 +118,9 @@ def _steer(args) -> int:
 
     tc_cfg = tc_params = None
     if edits or args.feature_direction:
-        from clt.bundled import resolve_transcoder
-        from clt.circuit_tracer_io import load_transcoder
-        from clt.transcoder import check_model
+        from clt.circuit_tracer_io import open_transcoder
 
-        args.transcoder = resolve_transcoder(args.transcoder, model.cfg.name)
-        tc_cfg, tc_params = load_transcoder(args.transcoder)
-        check_model(tc_cfg, cfg)
+        args.transcoder, tc_cfg, tc_params = open_transcoder(args.transcoder, cfg)
         for e in edits:
             e.check(tc_cfg, len(ids))
     if steering:

@@ -1,11 +1,9 @@
-"""Influence, pruning, and the replacement / completeness scores of an attribution graph.
+"""Pruning an attribution graph, and its replacement / completeness scores.
 
 As in "Circuit Tracing" (Ameisen et al., 2025, §5.2 "graph pruning", App. "graph scores") and
-circuit-tracer's `graph.py`, with the same semantics:
+circuit-tracer's `graph.py`, with the same semantics. The formulas (influence, edge scores,
+scores) are in `attribution.influence`; this module applies them to a `Graph`:
 
-* Row-normalise |A| (each target's incoming absolute weights sum to 1). A node's *influence* is
-  the total weight of all paths from it to the logits in that matrix, each logit weighted by its
-  probability: w @ (Â + Â² + ...), computed by iterating until the (acyclic) paths run out.
 * Node pruning keeps the most influential nodes until their cumulative share of the total
   influence reaches `node_threshold` (ties at the cut kept); tokens and logits are always kept.
 * Edge pruning scores each surviving edge by its normalised weight times its target's influence
@@ -16,9 +14,7 @@ circuit-tracer's `graph.py`, with the same semantics:
   influence and scores are the full graph's, stored at trace time, and node pruning counts the
   shares of the full graph's total influence, so results match the full graph's while the cut
   stays among the stored features (a warning says when it does not).
-* Replacement score: the share of the tokens' plus errors' influence that belongs to tokens.
-  Completeness score: the influence-weighted (plus logit-weighted) average over nodes of the
-  share of each node's normalised input that does not come from error nodes.
+* `score` gives the graph's scores unpruned and pruned; the tracer stores them in every graph.
 """
 
 from __future__ import annotations
@@ -28,27 +24,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from attribution.graph import Graph
-
-
-def normalize_rows(adjacency: np.ndarray, clamp: float = 1e-10) -> np.ndarray:
-    """|A| with each row divided by its sum (rows that sum to ~0 stay ~0)."""
-    a = np.abs(adjacency)
-    return a / np.maximum(a.sum(axis=1, keepdims=True), clamp)
-
-
-def influence(normalized: np.ndarray, weights: np.ndarray, max_iter: int = 1000) -> np.ndarray:
-    """weights @ (Â + Â² + ...): every node's total path weight into the weighted targets.
-
-    The graph is acyclic, so the products vanish exactly after at most (longest path) steps."""
-    current = weights.astype(normalized.dtype) @ normalized
-    total = current.copy()
-    for _ in range(max_iter):
-        if not current.any():
-            return total
-        current = current @ normalized
-        total += current
-    raise RuntimeError(f"influence did not converge in {max_iter} steps: is the graph acyclic?")
+from attribution.graph import Graph, Scores
+from attribution.influence import (
+    cumulative_share,
+    edge_scores,
+    graph_scores_from,
+    influence,
+    normalize_rows,
+    row_sums,
+)
 
 
 def node_influence(graph: Graph, adjacency: np.ndarray | None = None) -> np.ndarray:
@@ -57,7 +41,7 @@ def node_influence(graph: Graph, adjacency: np.ndarray | None = None) -> np.ndar
     if adjacency is None and graph.streamed:
         return graph.influence.astype(np.float64)
     a = graph.adjacency if adjacency is None else adjacency
-    return influence(normalize_rows(a), graph.logit_weights())
+    return influence(a, graph.logit_weights())
 
 
 def find_threshold(scores: np.ndarray, fraction: float, total: float | None = None) -> float:
@@ -94,7 +78,7 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
     infl = node_influence(graph)
     total = graph.influence_total() if graph.streamed else float(infl.sum())
     cut = find_threshold(infl, node_threshold, total)
-    if graph.streamed and graph.info["full_graph"]["features_left_out"] and r.feature.stop and \
+    if graph.streamed and graph.full_graph.features_left_out and r.feature.stop and \
             cut <= infl[r.feature].min():
         # The cut reaches the least influential feature stored: features left out of the
         # streamed graph would have been kept too.
@@ -107,9 +91,7 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
     pruned = graph.adjacency.copy()
     pruned[~node_mask] = 0
     pruned[:, ~node_mask] = 0
-    norm = normalize_rows(pruned)
-    target_weight = influence(norm, weights) + weights
-    scores = norm * target_weight[:, None].astype(norm.dtype)
+    scores = edge_scores(pruned, influence(pruned, weights) + weights)
     nonzero = scores[scores > 0]
     edge_mask = (scores >= find_threshold(nonzero, edge_threshold)) & (pruned != 0)
 
@@ -123,11 +105,7 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
         if np.array_equal(before, node_mask):
             break
 
-    order = np.argsort(-infl, kind="stable")
-    cum = np.cumsum(infl[order]) / max(total, 1e-30)
-    cumulative = np.zeros_like(infl)
-    cumulative[order] = cum
-    return PruneResult(node_mask, edge_mask, cumulative, infl)
+    return PruneResult(node_mask, edge_mask, cumulative_share(infl, total)[0], infl)
 
 
 def graph_scores(graph: Graph, adjacency: np.ndarray | None = None) -> tuple[float, float]:
@@ -135,47 +113,27 @@ def graph_scores(graph: Graph, adjacency: np.ndarray | None = None) -> tuple[flo
     (a pruned adjacency, for the scores of the pruned graph). A streamed graph's own scores are
     its full graph's, computed while tracing."""
     if adjacency is None and graph.streamed:
-        full = graph.info["full_graph"]
-        return float(full["replacement_score"]), float(full["completeness_score"])
+        return graph.full_graph.replacement_score, graph.full_graph.completeness_score
     r = graph.ranges
     a = graph.adjacency if adjacency is None else adjacency
     weights = graph.logit_weights()
-    norm = normalize_rows(a)
-    infl = influence(norm, weights)
-    token = float(infl[r.token].sum())
-    error = float(infl[r.error].sum())
-    replacement = token / (token + error) if token + error > 0 else 0.0
-    non_error = 1.0 - norm[:, r.error].sum(axis=1)
-    out_weight = infl + weights
-    completeness = float((non_error * out_weight).sum() / max(out_weight.sum(), 1e-30))
-    return replacement, completeness
+    return graph_scores_from(influence(a, weights), weights, row_sums(a), row_sums(a, r.error),
+                             r.token, r.error)
 
 
-def partial_influence(rows: np.ndarray, row_nodes: np.ndarray, logit_probs: np.ndarray,
-                      logit_nodes: np.ndarray, n_nodes: int, max_iter: int = 1000,
-                      chunk: int = 1024) -> np.ndarray:
-    """Influence of every node computed from only the rows known so far (greedy selection of
-    feature nodes under `max_feature_nodes`): rows[i] holds the incoming edges of node
-    row_nodes[i] over the first rows.shape[1] nodes. Normalises chunk by chunk, never copying
-    the whole row buffer."""
-    sums = np.maximum(np.abs(rows).sum(axis=1), 1e-10) if len(rows) <= chunk else np.concatenate(
-        [np.maximum(np.abs(rows[i:i + chunk]).sum(axis=1), 1e-10)
-         for i in range(0, len(rows), chunk)])
-    prod = np.zeros(n_nodes, np.float64)
-    prod[logit_nodes] = logit_probs
-    total = np.zeros(n_nodes, np.float64)
-    for _ in range(max_iter):
-        w = prod[row_nodes] / sums
-        nxt = np.zeros(n_nodes, np.float64)
-        for i in range(0, len(rows), chunk):
-            if w[i:i + chunk].any():
-                nxt[:rows.shape[1]] += w[i:i + chunk] @ np.abs(rows[i:i + chunk])
-        prod = nxt
-        if not prod.any():
-            return total
-        total += prod
-    raise RuntimeError("partial influence did not converge")
+def score(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98,
+          pruned: PruneResult | None = None) -> Scores:
+    """The graph's scores, unpruned and pruned at these thresholds (`pruned`: that pruning,
+    when already made). The tracer stores them in every graph (`Graph.scores`). Pruning's
+    warnings are left to the caller's own `prune` (the pruned graph it shows)."""
+    if pruned is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pruned = prune(graph, node_threshold, edge_threshold)
+    rep, comp = graph_scores(graph)
+    rep_p, comp_p = graph_scores(graph, pruned.adjacency(graph))
+    return Scores(rep, comp, rep_p, comp_p)
 
 
 __all__ = ["PruneResult", "find_threshold", "graph_scores", "influence", "node_influence",
-           "normalize_rows", "partial_influence", "prune"]
+           "normalize_rows", "prune", "score"]

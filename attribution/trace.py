@@ -24,9 +24,14 @@ Streamed (`adjacency="stream"`, automatic when the dense adjacency would not fit
 never held. Batches go top layer first, one layer at a time; since every edge points from a lower
 layer to a higher one (or to a logit), a target's influence on the logits is final by the time
 its row is made, and the row is folded at once into its sources' influence (row-normalised |A|
-weighted by the target's influence plus logit probability: `attribution.prune.influence` computed
-in one pass), its |A| sum and its error share (the completeness score). What is stored is the
-dense graph of the `stream_features` most influential features, their rows made a second time.
+weighted by the target's influence plus logit probability: `attribution.influence.influence`
+computed in one pass), its |A| sum and its error share (the completeness score). What is stored
+is the dense graph of the `stream_features` most influential features, their rows made a second
+time (`attribution.stream`). The source layout of the decoder contraction is in
+`attribution.tiling`.
+
+Every graph carries its replacement and completeness scores, unpruned and pruned at the config's
+thresholds (`Graph.scores`, `attribution.prune.score`).
 
 Under `max_feature_nodes`, rows are made for the logits first, then for features in order of
 their influence on the logits estimated from the rows made so far, re-ranked every
@@ -48,10 +53,14 @@ import numpy as np
 
 from attribution import replacement as rep
 from attribution.graph import Graph, error_nodes
-from attribution.prune import partial_influence
+from attribution.influence import influence
+from attribution.prune import score
+from attribution.stream import chunks, stream, use_stream
+from attribution.tiling import Sources
 from clt.configs import ConfigError, doc, to_dict
 from clt.lm.config import ModelConfig
 from clt.lm.params import LMParams
+from clt.progress import progress_bar
 from clt.transcoder import TranscoderConfig, TranscoderParams, check_model
 
 
@@ -141,82 +150,6 @@ def select_logits(last_logits, W_U, max_n_logits: int, desired_prob: float):
 
 
 # --- one batch of rows ---------------------------------------------------------------------------
-# Cost of gathering one overflow tile's gradients ([batch, d_model] at its position), in the
-# decoder slots whose contraction costs as much (measured on a CPU: ~40 us against ~0.75 us;
-# the 128-token benchmark's speed moves by under 8% for any value from 16 to 160).
-_GATHER_SLOTS = 54
-
-
-def _tile_widths(counts: np.ndarray) -> tuple[int, int]:
-    """(main width, overflow tile width) for one source layer with these active counts per
-    position: the pair with the least work, main rows costing their width at every position,
-    overflow tiles their width plus the gather of their gradients."""
-    top = -(-max(int(counts.max()), 1) // 16) * 16
-
-    def cost(km, ko):
-        return len(counts) * km + int(np.ceil(np.maximum(counts - km, 0) / ko).sum()) * (
-            ko + _GATHER_SLOTS)
-
-    return min(((km, ko) for km in range(0, top + 1, 16) for ko in (16, 32, 64, 128)),
-               key=lambda w: cost(*w))
-
-
-@dataclass(frozen=True)
-class _Sources:
-    """One source layer's active features laid out for the decoder contraction (host numpy).
-
-    Position q's first K features fill row q of `index`/`value` ([pos, K]); the rest fill
-    overflow tiles of Ko slots (`over_*`, [tiles, Ko], in position order, `over_pos` their
-    positions). K and Ko come from `_tile_widths`. Padding slots hold activation 0. Activity is
-    uneven over positions (a layer's busiest position can hold 10x its mean), so this wastes far
-    less work than padding every position to the busiest one, and the main rows need no gather
-    of the gradients."""
-
-    layer: int
-    pos: np.ndarray  # [n] each feature's position, graph order (sorted)
-    main: np.ndarray  # [n] bool: in the main rows (else in an overflow tile)
-    cell: np.ndarray  # [n] main: position * K + slot; overflow: tile * Ko + slot in the tile
-    index: np.ndarray  # [pos, K] int32
-    value: np.ndarray  # [pos, K]
-    over_index: np.ndarray  # [tiles, Ko] int32
-    over_value: np.ndarray  # [tiles, Ko]
-    over_pos: np.ndarray  # [tiles] int32
-
-    @classmethod
-    def build(cls, active: rep.ActiveFeatures, layer: int, n_pos: int) -> _Sources:
-        sel = np.nonzero(active.layer == layer)[0]
-        pos = active.pos[sel]
-        counts = np.bincount(pos, minlength=n_pos)
-        K, Ko = _tile_widths(counts)
-        slot = np.arange(len(sel)) - np.concatenate([[0], np.cumsum(counts)[:-1]])[pos]
-        tiles = -(-np.maximum(counts - K, 0) // Ko)
-        first_tile = np.concatenate([[0], np.cumsum(tiles)[:-1]])
-        main = slot < K
-        over = np.maximum(slot - K, 0)
-        cell = np.where(main, pos * K + slot, (first_tile[pos] + over // Ko) * Ko + over % Ko)
-        shape_main, shape_over = (n_pos, K), (int(tiles.sum()), Ko)
-        index, value = np.zeros(shape_main, np.int32), np.zeros(shape_main, active.value.dtype)
-        o_index, o_value = np.zeros(shape_over, np.int32), np.zeros(shape_over, value.dtype)
-        for dst_i, dst_v, m in ((index, value, main), (o_index, o_value, ~main)):
-            dst_i.flat[cell[m]] = active.index[sel][m]
-            dst_v.flat[cell[m]] = active.value[sel][m]
-        return cls(layer, pos, main, cell, index, value, o_index, o_value,
-                   np.repeat(np.arange(n_pos), tiles).astype(np.int32))
-
-    def device(self) -> tuple:
-        return tuple(jnp.asarray(a) for a in (self.index, self.value, self.over_index,
-                                               self.over_value, self.over_pos))
-
-    def columns(self, P: int) -> tuple[int, np.ndarray]:
-        """For the prefix of P positions: (its overflow tiles, the column of each of its
-        features in the contraction's output [main rows [P, K] then overflow tiles])."""
-        n = int(np.searchsorted(self.pos, P))
-        n_over = int(np.searchsorted(self.over_pos, P))
-        start = P * self.index.shape[1]  # the overflow tiles' columns follow the main rows'
-        return n_over, np.where(self.main[:n], self.cell[:n], start + self.cell[:n]).astype(
-            np.int32)
-
-
 @partial(jax.jit, static_argnames=("cfg", "tc_cfg", "src_layers", "src_sizes", "over_counts",
                                    "first_pos", "n_pos"))
 def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, *,
@@ -227,8 +160,8 @@ def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, *
     tgt_layer: the target's layer (n_layers for a logit), tgt_pos its position (< n_pos),
     tgt_vec its encoder row or logit direction. The model is causal, so the sweep runs on the
     first `n_pos` positions only; sources at later positions get zeros. layout: per source
-    layer, `_Sources.device()`; src_sizes: its active features; over_counts / columns: its
-    overflow tiles and its features' columns in the prefix (`_Sources.columns`)."""
+    layer, `Sources.device()`; src_sizes: its active features; over_counts / columns: its
+    overflow tiles and its features' columns in the prefix (`Sources.columns`)."""
     B = tgt_layer.shape[0]
     T_all = rm.tokens.shape[0]
     rm = rep.prefix(rm, n_pos) if n_pos < T_all else rm
@@ -303,20 +236,6 @@ def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, *
     return jnp.concatenate(cols, axis=1)
 
 
-@partial(jax.jit, static_argnames=("errors",))
-def _absorb(influence, rows, node, extra, *, errors: tuple[int, int]):
-    """Fold a batch of rows into the influence of their sources, as `attribution.prune` would on
-    the whole matrix: each row normalised by its sum of |A|, weighted by its target's influence
-    (node >= 0: read from `influence`, already final) plus `extra` (a logit's probability).
-    Returns (influence, |A| row sums, |A| sums over the error columns, nonzero count)."""
-    a = jnp.abs(rows)
-    sums = a.sum(axis=1)
-    err = a[:, errors[0]:errors[1]].sum(axis=1)
-    w = jnp.where(node >= 0, influence[jnp.maximum(node, 0)], 0.0) + extra
-    influence = influence + (w / jnp.maximum(sums, 1e-10)).astype(a.dtype) @ a
-    return influence, sums, err, jnp.count_nonzero(rows)
-
-
 # --- the whole graph -----------------------------------------------------------------------------
 class _RowMaker:
     """Pads target batches to a fixed size, runs each on the shortest position prefix that holds
@@ -330,7 +249,7 @@ class _RowMaker:
         self.cfg, self.tc_cfg, self.batch = cfg, tc_cfg, batch
         T = self.n_pos = int(rm.tokens.shape[0])
         self.bucket = bucket if bucket > 0 else max(16, -(-T // 8))
-        self.sources = [_Sources.build(active, s, T) for s in range(cfg.n_layers)
+        self.sources = [Sources.build(active, s, T) for s in range(cfg.n_layers)
                         if np.any(active.layer == s)]
         self.src_layers = tuple(src.layer for src in self.sources)
         self.layout = tuple(src.device() for src in self.sources)
@@ -347,7 +266,7 @@ class _RowMaker:
 
     def prefix_columns(self, P: int) -> tuple[tuple[int, ...], tuple]:
         """Per source layer, for the prefix of P positions: its overflow tiles (static) and its
-        features' columns (`_Sources.columns`), cached."""
+        features' columns (`Sources.columns`), cached."""
         if P not in self._columns:
             cols = [src.columns(P) for src in self.sources]
             self._columns[P] = (tuple(n for n, _ in cols), tuple(jnp.asarray(c) for _, c in cols))
@@ -377,15 +296,6 @@ class _RowMaker:
         layer, index = active.layer[which], active.index[which]
         vec = self.W_enc[jnp.asarray(layer), :, jnp.asarray(index)]  # encoder rows [n, d_model]
         return self(layer, active.pos[which], vec, host, padded)
-
-
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
-        TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
-                    MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                    disable=not enabled, transient=True)
 
 
 def trace_tokens(params: LMParams, cfg: ModelConfig, tc_cfg: TranscoderConfig,
@@ -418,7 +328,7 @@ def trace_tokens(params: LMParams, cfg: ModelConfig, tc_cfg: TranscoderConfig,
     n_all, n_err, n_logit = len(active), len(err_layer), len(logit_toks)
     n_src = n_all + n_err + T
     cap = n_all if config.max_feature_nodes is None else min(config.max_feature_nodes, n_all)
-    stream = _use_stream(config, n_all, cap, n_src, n_err, T, n_logit)
+    streamed = use_stream(config, n_all, cap, n_src, n_err, T, n_logit)
 
     dtype = jnp.dtype(config.dtype)
     if dtype == jnp.float64 and not jax.config.jax_enable_x64:
@@ -429,30 +339,33 @@ def trace_tokens(params: LMParams, cfg: ModelConfig, tc_cfg: TranscoderConfig,
     t_setup = time.perf_counter() - t0
     names = logit_strings(logit_toks) if logit_strings else [str(t) for t in logit_toks]
     info = {"model": cfg.name, "transcoder": to_dict(tc_cfg), "batch_size": batch,
-            "position_bucket": make.bucket, "adjacency": "stream" if stream else "dense",
+            "position_bucket": make.bucket, "adjacency": "stream" if streamed else "dense",
             "seconds_setup": round(t_setup, 3)}
 
     def graph(selected, adjacency, **extra):
         sel = active.take(selected)
-        return Graph(
+        g = Graph(
             tokens=np.asarray(ids, np.int32), token_strings=list(token_strings),
             feature_layer=sel.layer, feature_pos=sel.pos, feature_index=sel.index,
             activation=sel.value, error_layer=err_layer, error_pos=err_pos,
             logit_tokens=logit_toks, logit_strings=list(names), logit_probs=logit_probs,
             adjacency=adjacency, n_layers=L, bos=bos, config=to_dict(config), info=info,
             n_active_total=n_all, prompt=config.prompt, **extra)
+        t1 = time.perf_counter()
+        g.scores = score(g, config.node_threshold, config.edge_threshold)
+        info["seconds_scores"] = round(time.perf_counter() - t1, 3)
+        return g
 
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task("attribution rows", total=n_logit + cap)
-        if stream:
-            selected, adjacency, extra = _stream(make, active, batch, logit_dirs, logit_probs,
+        if streamed:
+            selected, adjacency, extra = stream(make, active, batch, logit_dirs, logit_probs,
                                                  n_err, T, config.stream_features, bar, task)
             info["seconds_rows"] = round(time.perf_counter() - t0 - t_setup, 3)
-            info["full_graph"] = extra.pop("full_graph")
             return graph(selected, adjacency, **extra)
         logit_rows = np.concatenate([
             make(np.full(len(c), L, np.int32), np.full(len(c), T - 1, np.int32), logit_dirs[c])
-            for c in _chunks(np.arange(n_logit), batch)])
+            for c in chunks(np.arange(n_logit), batch)])
         bar.advance(task, n_logit)
         if cap == n_all:
             selected = np.arange(n_all)
@@ -483,128 +396,13 @@ def batch_size(config: TraceConfig, cfg: ModelConfig, n_pos: int) -> int:
     return max(1, min(config.batch_size, int(config.batch_memory_gb * 2**30 // per_target)))
 
 
-def stream_batches(active: rep.ActiveFeatures, n_layers: int, batch: int) -> list[np.ndarray]:
-    """The feature batches of a streamed trace, in order: top layer first, one layer per batch,
-    by position within a layer (so each batch's position prefix is short)."""
-    return [c for layer in range(n_layers - 1, -1, -1)
-            for c in _chunks(np.nonzero(active.layer == layer)[0], batch)]
-
-
-def _stream(make, active, batch, logit_dirs, logit_probs, n_err, T, n_keep, bar, task):
-    """Every row of the full graph, folded into exact influences and scores as it is made (see
-    TraceConfig.adjacency); then the dense graph of the `n_keep` most influential features.
-
-    Targets go top layer first (logits, then layer L-1 down to 0), one layer per batch: a node's
-    incoming edges all come from lower layers, so when a target's row is made every path from
-    it to the logits has been counted and its influence is final."""
-    L = make.cfg.n_layers
-    n_all = len(active)
-    n_src = n_all + n_err + T
-    n_logit = len(logit_dirs)
-    errors = (n_all, n_all + n_err)
-    influence = jnp.zeros(n_src, make.out_dtype)
-    sums = np.zeros(n_all + n_logit, np.float64)  # features, then logits
-    err_sums = np.zeros(n_all + n_logit, np.float64)
-    edges = 0
-    logit_rows = []
-
-    def fold(rows, nodes, extra, where):
-        nonlocal influence, edges
-        B = rows.shape[0]
-        node = np.full(B, -1, np.int32)
-        node[:len(nodes)] = nodes
-        ex = np.zeros(B, make.out_dtype)
-        ex[:len(extra)] = extra
-        influence, s, e, nz = _absorb(influence, rows, jnp.asarray(node), jnp.asarray(ex),
-                                      errors=errors)
-        s, e = np.asarray(s, np.float64), np.asarray(e, np.float64)
-        sums[where], err_sums[where] = s[:len(where)], e[:len(where)]
-        edges += int(nz)
-
-    for c in _chunks(np.arange(n_logit), batch):
-        rows = make(np.full(len(c), L, np.int32), np.full(len(c), T - 1, np.int32),
-                    logit_dirs[c], host=False, padded=True)
-        fold(rows, [], logit_probs[c], n_all + c)
-        logit_rows.append(np.asarray(jax.device_get(rows))[:len(c)])
-        bar.advance(task, len(c))
-    for c in stream_batches(active, L, batch):
-        fold(make.features(active, c, host=False, padded=True), c, [], c)
-        bar.advance(task, len(c))
-    infl = np.asarray(jax.device_get(influence), np.float64)
-
-    # Exact scores of the full graph (attribution.prune.graph_scores on the whole matrix).
-    weights = np.concatenate([np.zeros(n_src), logit_probs.astype(np.float64)])
-    full_infl = np.concatenate([infl, np.zeros(n_logit)])
-    non_error = np.ones(n_src + n_logit)
-    with_rows = np.concatenate([np.arange(n_all), n_src + np.arange(n_logit)])
-    non_error[with_rows] = 1.0 - err_sums / np.maximum(sums, 1e-10)
-    out = full_infl + weights
-    token, error = infl[n_all + n_err:].sum(), infl[errors[0]:errors[1]].sum()
-
-    # The stored graph: the most influential features, their rows made again.
-    n_keep = min(n_keep, n_all)
-    selected = np.sort(np.argsort(-infl[:n_all], kind="stable")[:n_keep])
-    bar.update(task, total=n_logit + n_all + n_keep)
-    keep_cols = np.concatenate([selected, np.arange(n_all, n_src)])
-    N = n_keep + n_err + T + n_logit
-    adjacency = np.zeros((N, N), make.out_dtype)
-    for i in range(0, n_keep, batch):
-        c = selected[i:i + batch]
-        adjacency[i:i + len(c), :N - n_logit] = make.features(active, c)[:, keep_cols]
-        bar.advance(task, len(c))
-    adjacency[N - n_logit:, :N - n_logit] = np.concatenate(logit_rows)[:, keep_cols]
-    left_out = np.setdiff1d(np.arange(n_all), selected)
-    node_sums = np.concatenate([sums[selected], np.zeros(n_err + T), sums[n_all:]])
-    node_err = np.concatenate([err_sums[selected], np.zeros(n_err + T), err_sums[n_all:]])
-    full_graph = {
-        "features": n_all, "nodes": n_src + n_logit, "edges": edges,
-        "features_left_out": len(left_out),
-        "influence_left_out": float(infl[left_out].sum()),
-        "replacement_score": float(token / (token + error)) if token + error > 0 else 0.0,
-        "completeness_score": float((non_error * out).sum() / max(out.sum(), 1e-30)),
-    }
-    extra = {"influence": np.concatenate([infl[keep_cols], np.zeros(n_logit)]),
-             "input_abs": node_sums, "input_error_abs": node_err, "full_graph": full_graph}
-    return selected, adjacency, extra
-
-
-def _chunks(idx: np.ndarray, size: int):
-    return [idx[i:i + size] for i in range(0, len(idx), size)]
-
-
-def _use_stream(config: TraceConfig, n_all: int, cap: int, n_src: int, n_err: int, T: int,
-                n_logit: int) -> bool:
-    """Whether to stream (see TraceConfig.adjacency); refuses graphs whose stored adjacency
-    would exceed max_adjacency_gb, naming the setting to change."""
-    capped = cap < n_all
-    n_dense = cap + n_err + T + n_logit
-    # Capped: the greedy visit holds its rows over every source until the end.
-    dense_gb = (n_dense**2 if not capped else (cap + n_logit) * n_src) * 4 / 2**30
-    stream = not capped and (config.adjacency == "stream" or (
-        config.adjacency == "auto" and dense_gb > config.max_adjacency_gb))
-    if stream:
-        n = min(config.stream_features, n_all) + n_err + T + n_logit
-        gb = n**2 * 4 / 2**30
-        if gb > config.max_adjacency_gb:
-            raise ConfigError(
-                f"the stored graph ({min(config.stream_features, n_all)} features, {n_err} "
-                f"errors, {T} tokens) would take {gb:.1f} GB; lower --stream-features, shorten "
-                f"the prompt, or raise --max-adjacency-gb (now {config.max_adjacency_gb})")
-    elif dense_gb > config.max_adjacency_gb:
-        raise ConfigError(
-            f"the dense adjacency would take {dense_gb:.1f} GB ({n_all} active features, "
-            f"{cap} kept); use --adjacency stream (or auto), set --max-feature-nodes lower, "
-            f"shorten the prompt, or raise --max-adjacency-gb (now {config.max_adjacency_gb})")
-    return stream
-
-
 def _all_rows(make, active, batch, n_src, N, bar, task, offload):
     """Every feature's row, in the final square adjacency [N, N] (host numpy). With `offload`,
     each batch's rows move to the host as they are made; without, they stay on the device until
     all are made (faster on an accelerator with room for them)."""
     adjacency = np.zeros((N, N), make.out_dtype)
     kept = []
-    for c in _chunks(np.arange(len(active)), batch):
+    for c in chunks(np.arange(len(active)), batch):
         r = make.features(active, c, host=offload)
         if offload:
             adjacency[c[0]:c[-1] + 1, :n_src] = r
@@ -627,16 +425,18 @@ def _greedy_rows(make, active, cap, batch, logit_rows, logit_probs, n_src, updat
     buf[:n_logit] = logit_rows
     row_nodes = np.zeros(n_logit + cap, np.int64)
     row_nodes[:n_logit] = logit_nodes
+    weights = np.zeros(n_nodes, np.float64)
+    weights[logit_nodes] = logit_probs
     visited = np.zeros(n_all, bool)
     st = n_logit
     while st - n_logit < cap:
-        infl = partial_influence(buf[:st], row_nodes[:st], logit_probs, logit_nodes, n_nodes)
+        infl = influence(buf[:st], weights, row_nodes[:st])
         rank = np.argsort(-infl[:n_all], kind="stable")
         pending = rank[~visited[rank]][:min(update_interval * batch, cap - (st - n_logit))]
         # Sorting the queue by layer keeps each batch's sweep short (see _rows).
         # (and by position within a layer, its prefix: see _RowMaker).
         pending = pending[np.lexsort((active.pos[pending], active.layer[pending]))]
-        for c in _chunks(pending, batch):
+        for c in chunks(pending, batch):
             buf[st:st + len(c)] = make.features(active, c)
             row_nodes[st:st + len(c)] = c
             visited[c] = True
@@ -649,18 +449,15 @@ def _greedy_rows(make, active, cap, batch, logit_rows, logit_probs, n_src, updat
 
 def trace(config: TraceConfig, progress: bool = False) -> Graph:
     """Load the model and transcoder named in `config` and trace its prompt."""
+    from clt.circuit_tracer_io import open_transcoder
     from clt.lm.loading import load_model
 
     if not config.prompt.strip():
         raise ConfigError("the prompt is empty: give some text to trace")
     model = load_model(config.model)
-    if not config.transcoder:  # the transcoder shipped for an embedded model, recorded by path
-        from clt.bundled import resolve_transcoder
-
-        config = dataclasses.replace(config,
-                                     transcoder=resolve_transcoder(None, model.cfg.name))
-    tc_cfg, tc_params = load_any_transcoder(config.transcoder)
-    check_model(tc_cfg, model.cfg)
+    # An empty transcoder means the one shipped for an embedded model, recorded by path.
+    ref, tc_cfg, tc_params = open_transcoder(config.transcoder, model.cfg)
+    config = dataclasses.replace(config, transcoder=ref)
     if model.tokenizer is None:
         raise ConfigError(f"model '{config.model}' has no tokenizer: cannot encode the prompt")
     tok = model.tokenizer
@@ -672,18 +469,9 @@ def trace(config: TraceConfig, progress: bool = False) -> Graph:
 
 
 def load_any_transcoder(ref: str):
-    """`clt.circuit_tracer_io.load_transcoder` when available (our layout, circuit-tracer layout,
-    hub repos), else our own layout only."""
-    try:
-        from clt.circuit_tracer_io import load_transcoder
-    except ImportError:
-        from pathlib import Path
+    """Deprecated alias (kept for a release): `clt.circuit_tracer_io.load_transcoder`."""
+    from clt.circuit_tracer_io import load_transcoder
 
-        from clt.transcoder import load
-
-        if not Path(ref).is_dir():
-            raise ConfigError(f"no transcoder directory at '{ref}'") from None
-        return load(ref)
     return load_transcoder(ref)
 
 

@@ -204,6 +204,24 @@ def load_transcoder(ref: str | Path, dtype: Any = jnp.float32, *,
     return load_circuit_tracer(_download(*hub), dtype, input_norm=input_norm)
 
 
+def open_transcoder(ref: str | Path | None, model_cfg=None, dtype: Any = jnp.float32
+                    ) -> tuple[str, TranscoderConfig, TranscoderParams]:
+    """How every command gets its transcoder: `ref` resolved (None or "": the one bundled for
+    `model_cfg`'s model, `clt.bundled`), loaded from any layout (`load_transcoder`) and, when the
+    model's config is given, checked against it (`check_model`; one-line errors). Returns (the
+    reference resolved, config, params)."""
+    from clt.bundled import resolve_transcoder
+
+    if not ref and model_cfg is None:
+        raise ConfigError("no transcoder given: pass --transcoder PATH (or a model with a "
+                          "bundled one)")
+    ref = str(ref) if ref else resolve_transcoder(None, model_cfg.name)
+    tc_cfg, params = load_transcoder(ref, dtype)
+    if model_cfg is not None:
+        tc.check_model(tc_cfg, model_cfg)
+    return ref, tc_cfg, params
+
+
 # --- helpers -----------------------------------------------------------------------------------
 def _read_meta(path: Path) -> dict[str, Any]:
     """config.yaml as a dict; missing file or keys fall back to circuit-tracer's defaults, with a
@@ -461,4 +479,4 @@ def _download(repo_id: str, subfolder: str | None, revision: str | None) -> Path
 
 
 __all__ = ["INPUT_HOOKS", "NORMALIZED_HOOK", "OUTPUT_HOOKS", "export_circuit_tracer",
-           "load_circuit_tracer", "load_transcoder"]
+           "load_circuit_tracer", "load_transcoder", "open_transcoder"]

@@ -213,14 +213,13 @@ def evaluate(model: LoadedModel, tc_cfg: TranscoderConfig, tc_params: Transcoder
                          f"shape {contexts.shape}")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from clt.progress import progress_bar
 
     batch_size = min(batch_size, n_ctx)
     totals = _Totals(tc_cfg.n_layers, tc_cfg.d_model, tc_cfg.n_features)
     starts = range(0, n_ctx, batch_size)
-    with Progress(TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), disable=not progress) as bar:
-        task = bar.add_task("eval", total=len(starts))
+    with progress_bar(progress, transient=False) as bar:
+        task = bar.add_task("evaluating", total=len(starts))
         for start in starts:
             chunk = contexts[start:start + batch_size]
             rows = np.zeros(batch_size, np.float32)

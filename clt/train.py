@@ -736,11 +736,9 @@ class _Bar:
     def __init__(self, enabled: bool, total: int, start: int):
         self.progress = None
         if enabled:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                       TimeRemainingColumn)
+            from clt.progress import progress_bar
 
-            self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+            self.progress = progress_bar(info=True, transient=False)
             self.task = self.progress.add_task("train", total=total, completed=start, info="")
             self.progress.start()
 

@@ -1,7 +1,8 @@
 """`cltrace <command>`: parse arguments into a stage's config dataclass and call the stage.
 
-Each stage package owns its commands (`clt.cli`, later `attribution.cli`, `viewer.cli`); this module
-only collects them and turns expected errors into one-line messages.
+Each stage package owns its commands (`clt.cli`, `attribution.intervene_cli`, `viewer.cli`); the
+pipeline command `trace` (trace -> prune -> JSON -> page) spans the stages and lives here
+(`cltrace.pipeline`). This module collects them and turns expected errors into one-line messages.
 """
 
 from __future__ import annotations
@@ -9,13 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from attribution import cli as attribution_cli
 from attribution import intervene_cli
 from clt import cli as clt_cli
 from clt.configs import ConfigError
+from cltrace import pipeline
 from viewer import cli as viewer_cli
 
-STAGES = (clt_cli, attribution_cli, intervene_cli, viewer_cli)
+STAGES = (clt_cli, pipeline, intervene_cli, viewer_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,7 +17,7 @@ dense` / `stream` force one mode (run both at 12 tokens to compare them side by 
 Cases with more feature rows than `--estimate-over` are *estimated*, not run to the end (on a CPU
 they take hours): the script builds the replacement model, compiles every position prefix the
 streamed trace uses, times a random sample of `--sample` of its row batches (exactly those of
-`attribution.trace.stream_batches`, each folded as the trace does), and extrapolates: seconds =
+`attribution.stream.stream_batches`, each folded as the trace does), and extrapolates: seconds =
 setup + compilation + mean batch time x batches (+ the stored graph's rows); the table marks such
 rows "estimate" with a 95% interval from the sample's spread. Their peak RSS is that of the
 sampled run, which holds everything a full streamed run holds but the stored graph (its size is
@@ -92,14 +92,15 @@ def run_case(kind: str, n_tokens: int, mode: str, args) -> dict:
     t0 = time.perf_counter()
     graph = trace_tokens(m.params, m.cfg, tc_cfg, p, ids, config, progress=False)
     seconds = time.perf_counter() - t0
-    full = graph.info.get("full_graph", {})
+    full = graph.full_graph
     return row | {
         "adjacency": graph.info["adjacency"], "measured": "run",
         "feature_rows": graph.n_active_total if args.cap is None else graph.ranges.feature.stop,
-        "full_edges": full.get("edges", graph.n_edges),
+        "full_edges": full.edges if full is not None else graph.n_edges,
         "stored_features": graph.ranges.feature.stop, "stored_nodes": graph.n_nodes,
         "stored_gb": round(graph.adjacency.nbytes / 2**30, 2),
         "seconds": round(seconds, 1), "seconds_rows": graph.info["seconds_rows"],
+        "seconds_scores": graph.info["seconds_scores"],  # included in seconds
         "batch": graph.info["batch_size"], "peak_rss_gb": round(_peak_gb(), 2)}
 
 
@@ -115,7 +116,8 @@ def _estimate(m, ids, tc_cfg, p, config, args) -> dict:
 
     from attribution import replacement as rep
     from attribution.graph import error_nodes
-    from attribution.trace import _absorb, _RowMaker, batch_size, stream_batches
+    from attribution.stream import absorb, stream_batches
+    from attribution.trace import _RowMaker, batch_size
 
     t0 = time.perf_counter()
     full_ids, bos = rep.prepend_bos(m.cfg, ids)
@@ -136,7 +138,7 @@ def _estimate(m, ids, tc_cfg, p, config, args) -> dict:
         rows = make.features(active, c, host=False, padded=True)
         node = np.full(batch, -1, np.int32)
         node[:len(c)] = c
-        out = _absorb(influence, rows, jnp.asarray(node), jnp.zeros(batch, jnp.float32),
+        out = absorb(influence, rows, jnp.asarray(node), jnp.zeros(batch, jnp.float32),
                       errors=errors)
         jax.block_until_ready(out)
 

@@ -10,7 +10,7 @@ For each transcoder (NAME=PATH; any layout `cltrace trace` reads):
   L0 per layer, KL(original || spliced), top-1 agreement, delta CE;
 - graph scores over a prompt set (the 20 built-in prompts below, or `--prompts FILE`, one per
   line, `\\n` for a newline): replacement and completeness scores of the unpruned and the pruned
-  graph (circuit-tracer's definitions, `attribution.prune.graph_scores`), as mean and minimum;
+  graph (circuit-tracer's definitions, `attribution.prune.score`), as mean and minimum;
   graphs hold at most `--max-feature-nodes` features (7,500, circuit-tracer's default), chosen
   by influence on the logits.
 
@@ -29,12 +29,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attribution.prune import graph_scores, prune  # noqa: E402
-from attribution.trace import TraceConfig, load_any_transcoder, trace_tokens  # noqa: E402
+from attribution.prune import prune  # noqa: E402
+from attribution.trace import TraceConfig, trace_tokens  # noqa: E402
+from clt.circuit_tracer_io import open_transcoder  # noqa: E402
 from clt.data import open_contexts  # noqa: E402
 from clt.evaluate import evaluate  # noqa: E402
 from clt.lm.loading import load_model  # noqa: E402
-from clt.transcoder import check_model  # noqa: E402
 
 # Varied on purpose: facts, two-hop facts, the multilingual antonym, rhyme, code, arithmetic,
 # sequences, quotations, plain narrative.
@@ -78,8 +78,7 @@ def n_params(params) -> int:
 def compare_one(name: str, path: str, model, contexts, prompts, args) -> dict:
     """One transcoder's row; per-prompt results are kept in `--work-dir/NAME.json` as they come,
     so an interrupted comparison resumes where it stopped."""
-    tc_cfg, tc_params = load_any_transcoder(path)
-    check_model(tc_cfg, model.cfg)
+    _, tc_cfg, tc_params = open_transcoder(path, model.cfg)
     work = Path(args.work_dir) / f"{name}.json"
     key = {"path": str(Path(path).resolve()), "max_feature_nodes": args.max_feature_nodes,
            "update_interval": args.update_interval,
@@ -104,9 +103,10 @@ def compare_one(name: str, path: str, model, contexts, prompts, args) -> dict:
         graph = trace_tokens(model.params, model.cfg, tc_cfg, tc_params, ids, config,
                              token_strings=tok.token_strings(ids),
                              logit_strings=lambda t: tok.token_strings([int(i) for i in t]))
-        pruned = prune(graph, config.node_threshold, config.edge_threshold)
-        rep, comp = graph_scores(graph)
-        rep_p, comp_p = graph_scores(graph, pruned.adjacency(graph))
+        s = graph.scores  # computed by the tracer (attribution.prune.score)
+        rep, comp, rep_p, comp_p = (s.replacement, s.completeness, s.pruned_replacement,
+                                    s.pruned_completeness)
+        pruned = prune(graph, config.node_threshold, config.edge_threshold)  # its node count
         saved["prompts"][prompt] = {
             "prompt": prompt, "seconds": time.perf_counter() - t0,
             "features": graph.ranges.feature.stop, "active": graph.n_active_total,

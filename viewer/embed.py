@@ -24,8 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from attribution.export import node_ids
+from attribution.export import metadata, node_ids, node_record
 from attribution.graph import Graph
+from attribution.influence import cumulative_share, edge_scores, row_sums
 from attribution.prune import find_threshold, node_influence
 from clt.configs import ConfigError, doc, to_dict
 from viewer.layout import ERROR, FEATURE, LOGIT, TOKEN, layout
@@ -85,15 +86,8 @@ class Selection:
 
 def cumulative_influence(influence: np.ndarray, total: float | None = None
                          ) -> tuple[np.ndarray, np.ndarray]:
-    """(share of the total influence of the nodes at least as influential, the same excluding
-    the node): the first is `PruneResult.cumulative_scores`, the second decides visibility.
-    `total`: the full graph's, for a streamed graph (default: the sum of `influence`)."""
-    total = max(float(influence.sum() if total is None else total), 1e-30)
-    order = np.argsort(-influence, kind="stable")
-    share = influence[order] / total
-    cum = np.zeros_like(influence)
-    cum[order] = np.cumsum(share)
-    return cum, cum - influence / total
+    """Deprecated alias (kept for a release): `attribution.influence.cumulative_share`."""
+    return cumulative_share(influence, total)
 
 
 def _kinds(graph: Graph) -> np.ndarray:
@@ -109,11 +103,11 @@ def select(graph: Graph, config: ViewConfig) -> Selection:
     kind = _kinds(graph)
     infl = node_influence(graph).astype(np.float64)
     total = graph.influence_total() if graph.streamed else None
-    cum, before = cumulative_influence(infl, total)
+    cum, before = cumulative_share(infl, total)  # "before" decides visibility
     sources = (kind == FEATURE) | ((kind == ERROR) & config.errors)
     # Shares of all sources' influence (a streamed graph's left-out features count in it).
     src_total = None if total is None else float(infl[sources].sum()) + \
-        graph.info["full_graph"]["influence_left_out"]
+        graph.full_graph.influence_left_out
     cut = find_threshold(infl[sources], config.max_influence, src_total) if sources.any() \
         else 0.0
     candidates = np.nonzero(sources & (infl >= cut) & (infl > 0))[0]
@@ -135,20 +129,10 @@ def select(graph: Graph, config: ViewConfig) -> Selection:
         **edge_report,
     }
     if graph.streamed:  # the graph itself stores part of its full graph (attribution.graph)
-        full = graph.info["full_graph"]
-        report["full_graph"] = {k: full[k] for k in ("features", "nodes", "edges",
-                                                     "features_left_out")}
+        full = graph.full_graph
+        report["full_graph"] = {k: getattr(full, k) for k in ("features", "nodes", "edges",
+                                                              "features_left_out")}
     return Selection(nodes, held, cum, before, infl, tgt, src, w, report)
-
-
-def _row_sums(graph: Graph, rows: np.ndarray, chunk: int = 1024) -> np.ndarray:
-    """Sum of |weights| of the given rows over all sources (the full graph's, for a streamed
-    graph; chunked: rows may be long)."""
-    if graph.input_abs is not None:
-        return graph.input_abs[rows].astype(np.float64)
-    adjacency = graph.adjacency
-    return np.concatenate([np.abs(adjacency[rows[i:i + chunk]]).sum(axis=1, dtype=np.float64)
-                           for i in range(0, len(rows), chunk)]) if len(rows) else np.zeros(0)
 
 
 def _top_mask(score: np.ndarray, k: int, axis: int) -> np.ndarray:
@@ -169,12 +153,10 @@ def _edges(graph: Graph, nodes: np.ndarray, infl: np.ndarray, config: ViewConfig
     """Edges among the held nodes under the caps, as page indices, strongest |weight| first."""
     A = graph.adjacency
     sub = A[np.ix_(nodes, nodes)].astype(np.float32)  # [target, source]
-    # The edge score of attribution.prune: share of the target's whole input (all sources, held
-    # or not) times the target's influence plus its logit weight. In place: these are the
-    # largest arrays the viewer makes.
-    score = np.abs(sub)
-    score /= np.maximum(_row_sums(graph, nodes), 1e-10)[:, None].astype(np.float32)
-    score *= (infl + graph.logit_weights())[nodes].astype(np.float32)[:, None]
+    # Pruning's edge score: share of the target's whole input (all sources, held or not: the
+    # full graph's, for a streamed graph) times the target's influence plus its logit weight.
+    sums = graph.input_abs[nodes] if graph.input_abs is not None else row_sums(A, index=nodes)
+    score = edge_scores(sub, (infl + graph.logit_weights())[nodes], sums)
     nonzero = sub != 0
     keep = (_top_mask(score, config.max_edges_per_node, axis=1)
             | _top_mask(score, config.max_edges_per_node, axis=0)) & nonzero
@@ -249,7 +231,7 @@ def page_data(graph: Graph, sel: Selection, config: ViewConfig,
     threshold = config.node_threshold
     if threshold is None:
         threshold = float(graph.config.get("node_threshold", 0.8))
-    info = {k: v for k, v in graph.info.items() if not isinstance(v, dict)}
+    info = graph.summary()
     meta = {
         "schema_version": PAGE_SCHEMA_VERSION, "title": config.title or graph.prompt,
         "prompt": graph.prompt, "n_layers": graph.n_layers, "n_pos": graph.n_pos,
@@ -257,10 +239,9 @@ def page_data(graph: Graph, sel: Selection, config: ViewConfig,
         "node_threshold": threshold, "config": to_dict(config), "info": info,
         "report": sel.report, "transcoder": graph.config.get("transcoder", ""),
         "model": graph.info.get("model", graph.config.get("model", "")),
-        # The Neuronpedia metadata of `attribution.export.to_neuronpedia`, for the page's export.
-        "neuronpedia": {"slug": "graph", "scan": "cltrace", "transcoder_list": [],
-                        "prompt_tokens": list(graph.token_strings), "prompt": graph.prompt,
-                        "node_threshold": threshold, "schema_version": 1, "info": info},
+        # The page's export writes what attribution.export writes: its metadata, and the
+        # record of each node (the page sets a feature's clerp from its label).
+        "neuronpedia": metadata(graph, threshold),
     }
     parts = {
         "meta": json.dumps(meta, default=_plain), "tokens": json.dumps(list(graph.token_strings)),
@@ -272,6 +253,8 @@ def page_data(graph: Graph, sel: Selection, config: ViewConfig,
         "x": _nums(x, ".1f"), "y": _nums(y, ".1f"), "label": json.dumps(text),
         "es": _ints(sel.edge_source), "et": _ints(sel.edge_target),
         "ew": _nums(sel.edge_weight, ".4g"),
+        "np": json.dumps([node_record(graph, int(i), sel.cumulative) for i in n],
+                         separators=(",", ":"), default=_plain),
     }
     return "{" + ",".join(f'"{k}":{v}' for k, v in parts.items()) + "}", meta
 

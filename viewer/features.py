@@ -36,6 +36,7 @@ import numpy as np
 
 from clt.configs import ConfigError, doc, to_dict
 from clt.lm.model import forward
+from clt.progress import progress_bar
 from clt.transcoder import TranscoderConfig, TranscoderParams, activate
 
 CARDS_SCHEMA_VERSION = 1
@@ -182,20 +183,6 @@ def top_output_tokens(params, cfg, tc_cfg: TranscoderConfig, tc_params: Transcod
             for name, v in out.items()}
 
 
-def _progress(enabled: bool):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
-    return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
-                    MofNCompleteColumn(), TimeElapsedColumn(), disable=not enabled,
-                    transient=True)
-
-
 def scan(model, tc_cfg: TranscoderConfig, tc_params: TranscoderParams, contexts: np.ndarray,
          config: FeaturesConfig, progress: bool = False) -> FeatureCards:
     """Feature cards of every feature from token contexts [n, context_length] (one pass)."""
@@ -211,7 +198,7 @@ def scan(model, tc_cfg: TranscoderConfig, tc_params: TranscoderParams, contexts:
     state = _init_state(L, F, k, q, W)
     key = jax.random.key(config.seed)
     t0 = time.perf_counter()
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task("scanning contexts", total=N)
         for i in range(0, N, B):
             batch = contexts[i:i + B]
@@ -403,7 +390,7 @@ def default_path(transcoder: str) -> Path | None:
 
 def build(config: FeaturesConfig, progress: bool = False) -> tuple[FeatureCards, Path]:
     """`cltrace features`: load the model and transcoder, scan, save; returns (cards, path)."""
-    from attribution.trace import load_any_transcoder
+    from clt.circuit_tracer_io import open_transcoder
     from clt.data import LocalContexts, open_contexts
     from clt.lm.loading import load_model
 
@@ -411,7 +398,9 @@ def build(config: FeaturesConfig, progress: bool = False) -> tuple[FeatureCards,
     if out is None:
         raise ConfigError(f"transcoder '{config.transcoder}' is not a local directory: give "
                           "--out PATH for the cards file")
-    tc_cfg, tc_params = load_any_transcoder(config.transcoder)
+    # The transcoder first: its config names the model when --model is not given (scan checks
+    # that they fit).
+    _, tc_cfg, tc_params = open_transcoder(config.transcoder)
     name = config.model or tc_cfg.model_name
     if not name:
         raise ConfigError("the transcoder's config names no model: pass --model NAME")

@@ -1,12 +1,12 @@
 """Viewer-side Neuronpedia / circuit-tracer JSON: pinned subgraphs with supernodes, and reading a
 graph JSON back into our `Graph`.
 
-The whole-graph export is `attribution.export.to_neuronpedia`; its schema (circuit-tracer's
-`frontend/graph_models.py`) is restated there. This module adds what a viewer session produces:
+The schema (circuit-tracer's `frontend/graph_models.py`) is written once, in `attribution.export`
+(node records, metadata, qParams); this module uses it. This module adds what a viewer session produces:
 the nodes a researcher pinned, grouped into named supernodes, as a graph JSON whose `qParams`
 (`pinnedIds`, `supernodes` as `[name, id, id, ...]` lists, `clickedId`, `linkType`, `sg_pos`) a
 Neuronpedia graph page accepts. The page's own export (viewer.js `exportSubgraph`) writes the same
-records; the browser test checks that the two agree.
+records from what the page embeds; the browser test checks that the two agree.
 
 `from_neuronpedia` reads such a JSON (ours or circuit-tracer's) back into a `Graph` holding the
 nodes and links it lists: features, errors, embeddings and logits, with the links as the adjacency.
@@ -21,63 +21,20 @@ from pathlib import Path
 
 import numpy as np
 
-from attribution.export import node_ids
+from attribution.export import (  # the schema's one home; re-exported here
+    FEATURE_TYPE,
+    NEURONPEDIA_SCHEMA_VERSION,
+    NODE_FIELDS,
+    QPARAMS_FIELDS,
+    metadata,
+    node_ids,
+    node_record,
+    qparams,
+)
 from attribution.graph import Graph
 from clt.configs import ConfigError
 
-NEURONPEDIA_SCHEMA_VERSION = 1
-NODE_FIELDS = ("node_id", "feature", "layer", "ctx_idx", "feature_type", "token_prob",
-               "is_target_logit", "run_idx", "reverse_ctx_idx", "jsNodeId", "clerp", "influence",
-               "activation")
-QPARAMS_FIELDS = ("pinnedIds", "supernodes", "linkType", "clickedId", "sg_pos")
-FEATURE_TYPE = {"feature": "cross layer transcoder", "error": "mlp reconstruction error",
-                "token": "embedding", "logit": "logit"}
 _LOGIT_CLERP = re.compile(r'^Output "(.*)" \(p=[^)]*\)$', re.DOTALL)
-
-
-def _cantor(x: int, y: int) -> int:
-    return (x + y) * (x + y + 1) // 2 + y
-
-
-def node_record(graph: Graph, node: int, cumulative: np.ndarray | None = None,
-                label: str = "") -> dict:
-    """The Neuronpedia record of one graph node, as `attribution.export.to_neuronpedia` writes
-    it (a test keeps the two equal); `label` becomes a feature's `clerp`."""
-    r = graph.ranges
-    kind = r.kind_of(node)
-    i = node - getattr(r, kind).start
-    infl = None if cumulative is None else float(cumulative[node])
-    rec = {"node_id": "", "feature": 0,
-           "layer": "", "ctx_idx": 0, "feature_type": FEATURE_TYPE[kind], "token_prob": 0.0,
-           "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0, "jsNodeId": "",
-           "clerp": "", "influence": infl, "activation": None}
-    if kind == "feature":
-        a, f, p = (int(graph.feature_layer[i]), int(graph.feature_index[i]),
-                   int(graph.feature_pos[i]))
-        rec.update(node_id=f"{a}_{f}_{p}", feature=_cantor(a, f), layer=str(a), ctx_idx=p,
-                   jsNodeId=f"{a}_{f}-0", activation=float(graph.activation[i]), clerp=label)
-    elif kind == "error":
-        a, p = int(graph.error_layer[i]), int(graph.error_pos[i])
-        rec.update(node_id=f"{a}_-1_{p}", feature=-1, layer=str(a), ctx_idx=p,
-                   jsNodeId=f"{a}_-1-{p}")
-    elif kind == "token":
-        t = int(graph.tokens[i])
-        rec.update(node_id=f"E_{t}_{i}", feature=i, layer="E", ctx_idx=i, jsNodeId=f"E_{t}-{i}")
-    else:
-        t, prob, last = int(graph.logit_tokens[i]), float(graph.logit_probs[i]), graph.n_pos - 1
-        rec.update(node_id=f"{graph.n_layers + 1}_{t}_{last}", feature=t,
-                   layer=str(graph.n_layers + 1), ctx_idx=last, jsNodeId=f"L_{t}-{last}",
-                   token_prob=prob, is_target_logit=i == 0, influence=None,
-                   clerp=f'Output "{graph.logit_strings[i]}" (p={prob:.3f})')
-    return rec
-
-
-def metadata(graph: Graph, node_threshold: float = 0.8, slug: str = "graph") -> dict:
-    """The `metadata` block of `attribution.export.to_neuronpedia`."""
-    return {"slug": slug, "scan": "cltrace", "transcoder_list": [],
-            "prompt_tokens": list(graph.token_strings), "prompt": graph.prompt,
-            "node_threshold": node_threshold, "schema_version": NEURONPEDIA_SCHEMA_VERSION,
-            "info": {k: v for k, v in graph.info.items() if not isinstance(v, dict)}}
 
 
 def pinned_subgraph(graph: Graph, pinned: list[str], supernodes: list[list[str]] = (),
@@ -108,9 +65,7 @@ def pinned_subgraph(graph: Graph, pinned: list[str], supernodes: list[list[str]]
     links = [{"source": pinned[s], "target": pinned[t], "weight": float(sub[t, s])}
              for t, s in zip(*np.nonzero(sub))]
     return {"metadata": metadata(graph, node_threshold, slug),
-            "qParams": {"pinnedIds": list(pinned), "supernodes": [list(g) for g in supernodes],
-                        "linkType": "both", "clickedId": clicked_id, "sg_pos": ""},
-            "nodes": nodes, "links": links}
+            "qParams": qparams(pinned, supernodes, clicked_id), "nodes": nodes, "links": links}
 
 
 # --- reading a graph JSON ------------------------------------------------------------------------

@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from attribution import interventions as iv  # noqa: E402
 from attribution import replacement as rep  # noqa: E402
-from attribution.prune import graph_scores, node_influence, prune  # noqa: E402
-from attribution.trace import TraceConfig, load_any_transcoder, trace_tokens  # noqa: E402
-from clt.bundled import resolve_transcoder  # noqa: E402
+from attribution.prune import node_influence  # noqa: E402
+from attribution.trace import TraceConfig, trace_tokens  # noqa: E402
+from clt.circuit_tracer_io import open_transcoder  # noqa: E402
 from clt.lm.loading import load_model  # noqa: E402
 
 DEFAULT_TC = os.environ.get("CLTRACE_TRANSCODER", "")
@@ -49,8 +49,8 @@ class Study:
 
     def __post_init__(self):
         self.model = load_model(self.args.model)
-        self.args.transcoder = resolve_transcoder(self.args.transcoder, self.model.cfg.name)
-        self.tc_cfg, self.tc_params = load_any_transcoder(self.args.transcoder)
+        self.args.transcoder, self.tc_cfg, self.tc_params = open_transcoder(
+            self.args.transcoder, self.model.cfg)
         self.tok = self.model.tokenizer
         self.out = Path(self.args.out or f"out/cases/{self.name}")
         self.out.mkdir(parents=True, exist_ok=True)
@@ -65,8 +65,8 @@ class Study:
         graph = trace_tokens(self.model.params, self.model.cfg, self.tc_cfg, self.tc_params, ids,
                              config, token_strings=self.tok.token_strings(ids),
                              logit_strings=lambda t: self.tok.token_strings([int(i) for i in t]))
-        pruned = prune(graph, config.node_threshold, config.edge_threshold)
-        scores = graph_scores(graph) + graph_scores(graph, pruned.adjacency(graph))
+        s = graph.scores  # computed by the tracer (attribution.prune.score)
+        scores = (s.replacement, s.completeness, s.pruned_replacement, s.pruned_completeness)
         graph.save(self.out / f"{slug}.npz")
         page = self.out / f"{slug}.html"
         try:
@@ -84,11 +84,11 @@ class Study:
         k = k or self.args.top
         r = graph.ranges
         if token is not None and token in graph.logit_strings:
-            from attribution.prune import influence, normalize_rows
+            from attribution.influence import influence
 
             w = np.zeros(graph.n_nodes)
             w[r.logit.start + graph.logit_strings.index(token)] = 1.0
-            score = influence(normalize_rows(graph.adjacency), w)
+            score = influence(graph.adjacency, w)
         else:
             score = node_influence(graph)
         feat = score[r.feature]

@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from attribution import influence as influence_module
 from attribution.graph import Graph
-from attribution.prune import (
-    find_threshold, graph_scores, influence, normalize_rows, partial_influence, prune,
-)
+from attribution.prune import find_threshold, graph_scores, influence, normalize_rows, prune
 
 
 def hand_graph() -> Graph:
@@ -54,15 +53,18 @@ HAND = np.array([0.15625, 0.40625, 0.3125, 0.40625, 0.625, 0.1875,
                  0.4609375, 0.1875, 0.15625, 0.1953125, 0.0, 0.0])
 
 
-def test_influence_by_hand():
+def test_influence_by_hand(monkeypatch):
     g = hand_graph()
-    infl = influence(normalize_rows(g.adjacency).astype(np.float64), g.logit_weights())
+    infl = influence(g.adjacency.astype(np.float64), g.logit_weights())
     np.testing.assert_allclose(infl, HAND, rtol=1e-6)
     # The same from rows only (greedy selection), logit rows given first.
-    rows = g.adjacency[[10, 11, 0, 1, 2, 3, 4, 5]]
-    part = partial_influence(rows, np.array([10, 11, 0, 1, 2, 3, 4, 5]), g.logit_probs,
-                             np.array([10, 11]), 12)
+    order = np.array([10, 11, 0, 1, 2, 3, 4, 5])
+    part = influence(g.adjacency[order], g.logit_weights(), order)
     np.testing.assert_allclose(part, HAND, rtol=1e-6)
+    # Chunk by chunk (rows too large to hold |A| once): the same numbers.
+    monkeypatch.setattr(influence_module, "_WHOLE_BYTES", 0)
+    np.testing.assert_allclose(influence(g.adjacency[order], g.logit_weights(), order), HAND,
+                               rtol=1e-6)
 
 
 def test_find_threshold():

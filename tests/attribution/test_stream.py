@@ -79,8 +79,13 @@ def test_stream_with_every_feature_is_the_dense_graph(graphs):
     np.testing.assert_allclose(whole.influence, infl, rtol=1e-9, atol=1e-15)
     np.testing.assert_allclose(whole.input_abs, np.abs(dense.adjacency).sum(1), rtol=1e-12)
     np.testing.assert_allclose(graph_scores(whole), graph_scores(dense), rtol=1e-9)
-    full = whole.info["full_graph"]
-    assert full["edges"] == dense.n_edges and full["features_left_out"] == 0
+    full = whole.full_graph
+    assert full.edges == dense.n_edges and full.features_left_out == 0
+    # Both carry their scores, computed by the tracer (the streamed one from its sums).
+    np.testing.assert_allclose(
+        [whole.scores.replacement, whole.scores.completeness], graph_scores(dense), rtol=1e-9)
+    np.testing.assert_allclose(
+        [dense.scores.replacement, dense.scores.completeness], graph_scores(dense), rtol=1e-12)
     a, b = prune(dense), prune(whole)
     assert a.node_mask.sum() < dense.n_nodes  # pruning removes something
     np.testing.assert_array_equal(a.node_mask, b.node_mask)
@@ -90,7 +95,7 @@ def test_stream_with_every_feature_is_the_dense_graph(graphs):
 def test_streamed_subgraph_keeps_the_full_graphs_numbers(graphs):
     dense, _, part = graphs
     n_feat = part.ranges.feature.stop
-    assert n_feat == 40 and part.info["full_graph"]["features_left_out"] == \
+    assert n_feat == 40 and part.full_graph.features_left_out == \
         dense.ranges.feature.stop - 40
     keep = _stored(dense, part)
     infl = node_influence(dense)
@@ -101,7 +106,7 @@ def test_streamed_subgraph_keeps_the_full_graphs_numbers(graphs):
                                atol=1e-14)
     np.testing.assert_allclose(part.influence, infl[keep], rtol=1e-9, atol=1e-15)
     left_out = np.setdiff1d(np.arange(dense.ranges.feature.stop), keep[:n_feat])
-    np.testing.assert_allclose(part.info["full_graph"]["influence_left_out"],
+    np.testing.assert_allclose(part.full_graph.influence_left_out,
                                infl[left_out].sum(), rtol=1e-9)
     np.testing.assert_allclose(part.influence_total(), infl.sum(), rtol=1e-9)
     np.testing.assert_allclose(part.input_abs, np.abs(dense.adjacency[keep]).sum(1), rtol=1e-12)
@@ -141,7 +146,8 @@ def test_streamed_graph_saves_loads_and_renders(graphs, tmp_path):
     _, _, part = graphs
     path = part.save(tmp_path / "g.npz")
     back = Graph.load(path)
-    assert back.streamed and back.info["full_graph"] == part.info["full_graph"]
+    assert back.streamed and back.full_graph == part.full_graph
+    assert back.scores == part.scores
     for name in ("influence", "input_abs", "input_error_abs", "adjacency"):
         np.testing.assert_array_equal(getattr(back, name), getattr(part, name))
     sel = select(back, ViewConfig())
@@ -180,10 +186,10 @@ def test_position_prefixes_give_the_whole_prompts_rows(tiny_dirs, x64):
 
 
 def test_sources_layout_places_every_feature_once():
-    """`_Sources`: main rows of K slots per position, overflow tiles for the rest (uneven
+    """`Sources`: main rows of K slots per position, overflow tiles for the rest (uneven
     activity: one position holds 40 features, the others 0-3)."""
     from attribution.replacement import ActiveFeatures
-    from attribution.trace import _Sources
+    from attribution.tiling import Sources
 
     rng = np.random.default_rng(0)
     counts = np.array([0, 40, 3, 0, 1, 2, 3])
@@ -191,7 +197,7 @@ def test_sources_layout_places_every_feature_once():
     index = np.concatenate([np.sort(rng.choice(64, c, replace=False)) for c in counts])
     active = ActiveFeatures(np.full(len(pos), 2, np.int32), pos, index.astype(np.int32),
                             rng.uniform(0.5, 2.0, len(pos)))
-    src = _Sources.build(active, 2, len(counts))
+    src = Sources.build(active, 2, len(counts))
     K, Ko = src.index.shape[1], src.over_index.shape[1]
     assert 0 < K < 40 and len(src.over_pos) >= 1 and np.all(src.over_pos == 1)
     for P in (2, 5, len(counts)):
@@ -216,10 +222,10 @@ def test_decoder_layouts_give_the_same_rows(tiny_dirs, x64, monkeypatch, widths)
     later layer)."""
     import importlib
 
-    tr = importlib.import_module("attribution.trace")  # the package exports a `trace` function
+    tiling = importlib.import_module("attribution.tiling")
     setup = _setup(tiny_dirs, "llama", reach=None, skip=True)
     ref = _trace(setup, adjacency="dense")
-    monkeypatch.setattr(tr, "_tile_widths", lambda counts: widths)
+    monkeypatch.setattr(tiling, "tile_widths", lambda counts: widths)
     g = _trace(setup, adjacency="dense")
     assert g.ranges.feature.stop == ref.ranges.feature.stop > 50
     np.testing.assert_allclose(g.adjacency, ref.adjacency, rtol=1e-12, atol=1e-15)

@@ -48,7 +48,7 @@ def test_cli_trace_writes_graph_and_json(smol_transcoder, tmp_path, capsys):
     g = Graph.load(out / "graph.npz")
     assert (out / "config.json").exists() and g.config["prompt"] == "The capital of France is"
     assert g.token_strings[0] == "<bos>" and g.bos and g.logit_strings[0] == " Paris"
-    assert g.ranges.feature.stop > 0 and g.info["replacement_score"] >= 0
+    assert g.ranges.feature.stop > 0 and g.scores.replacement >= 0
     data = json.loads((out / "graph.json").read_text())
     assert set(data) == {"metadata", "qParams", "nodes", "links"}
     ids = [n["node_id"] for n in data["nodes"]]
@@ -67,11 +67,11 @@ def test_cli_streamed_trace_prints_the_full_graph(smol_transcoder, tmp_path, cap
     text = capsys.readouterr().out
     g = Graph.load(out / "graph.npz")
     assert g.streamed and g.ranges.feature.stop == 3 and g.n_active_total > 3
-    full = g.info["full_graph"]
-    assert f"full graph: {full['nodes']} nodes ({g.n_active_total} features)" in text
+    full = g.full_graph
+    assert f"full graph: {full.nodes} nodes ({g.n_active_total} features)" in text
     # The scores printed and saved are the full graph's.
-    assert g.info["replacement_score"] == pytest.approx(full["replacement_score"])
-    assert f"replacement score {full['replacement_score']:.4f}" in text
+    assert g.scores.replacement == pytest.approx(full.replacement_score)
+    assert f"replacement score {full.replacement_score:.4f}" in text
     assert "full graph" in text.splitlines()[-1] and text.splitlines()[-1].startswith("page:")
 
 

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 
 from attribution.graph import Graph
+from attribution.influence import cumulative_share
 from tests.viewer.conftest import visible_nodes
 from tests.viewer.helpers import click_node, network_events, wait_ready
 from tests.viewer.test_html import page_blob
-from viewer.embed import ViewConfig, cumulative_influence, select
+from viewer.embed import ViewConfig, select
 from viewer.features import FeatureCards
 from viewer.neuronpedia import from_neuronpedia, pinned_subgraph
 
@@ -177,7 +178,7 @@ def test_pins_supernode_and_export(page):
     # The same JSON from Python (all edges among these nodes are held in this small page).
     graph = Graph.load(pipeline.graph)
     cards = FeatureCards.load(pipeline.cards)
-    cum, _ = cumulative_influence(select(graph, ViewConfig()).influence)
+    cum, _ = cumulative_share(select(graph, ViewConfig()).influence)
     labels = {(data["layer"][i], data["ref"][i]): cards.card(data["layer"][i],
                                                              data["ref"][i])["label"]
               for i in feats}

@@ -55,7 +55,7 @@ def test_demo_prints_scores_and_uses_the_bundle(demo):
     assert graph.config["transcoder"] == str(bundled_transcoder("smollm2-135m"))
     assert graph.ranges.feature.stop > 100
     assert " Paris" in graph.logit_strings
-    assert np.isclose(graph.info["replacement_score"], rep, atol=1e-4)
+    assert np.isclose(graph.scores.replacement, rep, atol=1e-4)
 
 
 def test_demo_page_renders_offline_with_cards(demo, browser):

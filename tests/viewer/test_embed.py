@@ -7,9 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from attribution.influence import cumulative_share
 from attribution.prune import find_threshold, node_influence, normalize_rows, prune
 from tests.viewer.helpers import random_cards, random_graph
-from viewer.embed import ViewConfig, cumulative_influence, select
+from viewer.embed import ViewConfig, select
 from viewer.html import render_html
 from viewer.layout import ERROR, FEATURE
 
@@ -21,7 +22,7 @@ def graph():
 
 
 def test_cumulative_matches_prune(graph):
-    cum, before = cumulative_influence(node_influence(graph))
+    cum, before = cumulative_share(node_influence(graph))
     # prune accumulates in float32, we in float64
     np.testing.assert_allclose(cum, prune(graph).cumulative_scores, rtol=1e-5)
     infl = node_influence(graph)

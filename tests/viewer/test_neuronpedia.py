@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from attribution.export import node_ids, to_neuronpedia
+from attribution.influence import cumulative_share
 from attribution.prune import prune
 from clt.configs import ConfigError
 from tests.viewer.helpers import random_graph
-from viewer.embed import cumulative_influence
 from viewer.neuronpedia import (
     NODE_FIELDS,
     QPARAMS_FIELDS,
@@ -87,9 +87,39 @@ def test_export_round_trips_into_our_graph(graph):
     assert {n["node_id"] for n in again["nodes"]} <= {n["node_id"] for n in data["nodes"]}
 
 
-def test_node_record_is_the_exporters(graph):
-    """viewer.neuronpedia.node_record (and viewer.js, tested in the browser) write the same
-    records as attribution.export.to_neuronpedia."""
+def test_node_records_by_hand(graph):
+    """node_record (the one writer of records: the export, pinned subgraphs and the page use
+    it) against records written out by hand from circuit-tracer's schema."""
+    r = graph.ranges
+    cum = np.linspace(0.0, 1.0, graph.n_nodes)
+    base = {"token_prob": 0.0, "is_target_logit": False, "run_idx": 0, "reverse_ctx_idx": 0,
+            "clerp": "", "activation": None}
+    f = r.feature.start + 3
+    a, i, p = (int(graph.feature_layer[3]), int(graph.feature_index[3]),
+               int(graph.feature_pos[3]))
+    assert node_record(graph, f, cum, "lbl") == base | {
+        "node_id": f"{a}_{i}_{p}", "feature": (a + i) * (a + i + 1) // 2 + i, "layer": str(a),
+        "ctx_idx": p, "feature_type": "cross layer transcoder", "jsNodeId": f"{a}_{i}-0",
+        "clerp": "lbl", "influence": float(cum[f]), "activation": float(graph.activation[3])}
+    e = r.error.start
+    a, p = int(graph.error_layer[0]), int(graph.error_pos[0])
+    assert node_record(graph, e, cum) == base | {
+        "node_id": f"{a}_-1_{p}", "feature": -1, "layer": str(a), "ctx_idx": p,
+        "feature_type": "mlp reconstruction error", "jsNodeId": f"{a}_-1-{p}",
+        "influence": float(cum[e])}
+    t = r.token.start + 2
+    tok = int(graph.tokens[2])
+    assert node_record(graph, t) == base | {
+        "node_id": f"E_{tok}_2", "feature": 2, "layer": "E", "ctx_idx": 2,
+        "feature_type": "embedding", "jsNodeId": f"E_{tok}-2", "influence": None}
+    lg = r.logit.start
+    tok, prob, last = int(graph.logit_tokens[0]), float(graph.logit_probs[0]), graph.n_pos - 1
+    assert node_record(graph, lg, cum) == base | {
+        "node_id": f"{graph.n_layers + 1}_{tok}_{last}", "feature": tok,
+        "layer": str(graph.n_layers + 1), "ctx_idx": last, "feature_type": "logit",
+        "jsNodeId": f"L_{tok}-{last}", "token_prob": prob, "is_target_logit": True,
+        "clerp": f'Output "{graph.logit_strings[0]}" (p={prob:.3f})', "influence": None}
+    # The export writes these records, with pruning's cumulative influence.
     pruned = prune(graph, 1.0, 1.0)
     data = to_neuronpedia(graph, pruned)
     index = {nid: i for i, nid in enumerate(node_ids(graph))}
@@ -102,7 +132,7 @@ def test_pinned_subgraph_with_supernodes(graph):
     r = graph.ranges
     pins = [ids[r.feature.start], ids[r.feature.start + 40], ids[r.feature.stop - 1],
             ids[r.logit.start], ids[r.token.start + 3]]
-    cum, _ = cumulative_influence(np.asarray(prune(graph).influence, np.float64))
+    cum, _ = cumulative_share(np.asarray(prune(graph).influence, np.float64))
     out = pinned_subgraph(graph, pins, [["late", pins[1], pins[2]]], clicked_id=pins[0],
                           cumulative=cum, labels={(int(graph.feature_layer[0]),
                                                    int(graph.feature_index[0])): "first"})

@@ -323,23 +323,11 @@
     $("export-btn").onclick = download;
     $("clear-btn").onclick = () => { [...S.pinned].forEach(togglePin); };
   }
-  function cantor(x, y) { return (x + y) * (x + y + 1) / 2 + y; }
   function npNode(i) {
-    // The record of attribution.export.to_neuronpedia / viewer.neuronpedia.node_record.
-    const D = S.D, k = D.kind[i], a = D.layer[i], p = D.pos[i], f = D.ref[i];
-    const n = { node_id: D.id[i], feature: 0, layer: "", ctx_idx: p, feature_type: "",
-      token_prob: 0.0, is_target_logit: false, run_idx: 0, reverse_ctx_idx: 0, jsNodeId: "",
-      clerp: "", influence: D.cum[i], activation: null };
-    if (k === FEATURE) Object.assign(n, { feature: cantor(a, f), layer: String(a),
-      feature_type: "cross layer transcoder", jsNodeId: a + "_" + f + "-0", activation: D.act[i],
-      clerp: featureLabel(i) });
-    else if (k === ERROR) Object.assign(n, { feature: -1, layer: String(a),
-      feature_type: "mlp reconstruction error", jsNodeId: a + "_-1-" + p });
-    else if (k === TOKEN) Object.assign(n, { feature: p, layer: "E", feature_type: "embedding",
-      jsNodeId: "E_" + f + "-" + p });
-    else Object.assign(n, { feature: f, layer: String(D.meta.n_layers + 1), feature_type: "logit",
-      jsNodeId: "L_" + f + "-" + p, token_prob: D.p[i], is_target_logit: i === S.firstLogit,
-      influence: null, clerp: 'Output "' + S.logitText[i] + '" (p=' + D.p[i].toFixed(3) + ")" });
+    // The record attribution.export.node_record wrote for this node; a feature's clerp is its
+    // label on this page.
+    const n = Object.assign({}, S.D.np[i]);
+    if (S.D.kind[i] === FEATURE) n.clerp = featureLabel(i);
     return n;
   }
   function exportSubgraph() {

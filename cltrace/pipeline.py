@@ -1,5 +1,6 @@
-"""Commands of stage 2: `cltrace trace "PROMPT" --model NAME --transcoder PATH --out DIR`
-(graph, Neuronpedia JSON and the offline HTML page)."""
+"""The pipeline command, above the stages: `cltrace trace "PROMPT" --model NAME --transcoder PATH
+--out DIR` traces (stage 2, `attribution.trace`), prunes and exports the Neuronpedia JSON
+(`attribution.export`) and draws the offline HTML page (stage 3, `viewer`)."""
 
 from __future__ import annotations
 
@@ -38,8 +39,9 @@ def _trace(args) -> int:
     from rich.console import Console
 
     from attribution.export import write_neuronpedia
-    from attribution.prune import graph_scores, prune
+    from attribution.prune import prune
     from attribution.trace import TraceConfig, trace
+    from viewer import write_html
 
     config = from_arguments(TraceConfig, args, prompt=args.prompt)
     console = Console(stderr=True)
@@ -47,28 +49,22 @@ def _trace(args) -> int:
     graph = trace(config, progress=not args.no_progress)
     r = graph.ranges
     pruned = prune(graph, config.node_threshold, config.edge_threshold)
-    rep, comp = graph_scores(graph)
-    rep_p, comp_p = graph_scores(graph, pruned.adjacency(graph))
-    graph.info.update({"replacement_score": rep, "completeness_score": comp,
-                       "pruned_replacement_score": rep_p, "pruned_completeness_score": comp_p})
+    s = graph.scores  # the tracer's (attribution.prune.score)
     graph.save(graph_path)
     write_neuronpedia(graph, json_path, pruned=pruned, node_threshold=config.node_threshold)
-    from viewer import write_html  # stage 3 draws what stage 2 computed (viewer -> attribution)
-
     page = write_html(graph, graph_path.with_suffix(".html"))
     n_feat = r.feature.stop
     if graph.streamed:
-        full = graph.info["full_graph"]
-        print(f"full graph: {full['nodes']} nodes ({full['features']} features), "
-              f"{full['edges']} edges; stored: its {n_feat} most influential features "
-              f"(--stream-features)")
+        full = graph.full_graph
+        print(f"full graph: {full.nodes} nodes ({full.features} features), {full.edges} edges; "
+              f"stored: its {n_feat} most influential features (--stream-features)")
     print(f"nodes: {graph.n_nodes} ({n_feat} features of {graph.n_active_total} active, "
           f"{r.error.stop - r.error.start} errors, {graph.n_pos} tokens, "
           f"{len(graph.logit_tokens)} logits); edges: {graph.n_edges}")
     print(f"pruned: {int(pruned.node_mask.sum())} nodes, {int(pruned.edge_mask.sum())} edges "
           f"(node threshold {config.node_threshold}, edge threshold {config.edge_threshold})")
-    print(f"replacement score {rep:.4f}, completeness score {comp:.4f} (unpruned); "
-          f"{rep_p:.4f}, {comp_p:.4f} (pruned)")
+    print(f"replacement score {s.replacement:.4f}, completeness score {s.completeness:.4f} "
+          f"(unpruned); {s.pruned_replacement:.4f}, {s.pruned_completeness:.4f} (pruned)")
     print("top logits: " + ", ".join(f"{s!r} {p:.3f}" for s, p in
                                      zip(graph.logit_strings, graph.logit_probs)))
     console.print(f"[dim]rows in {graph.info.get('seconds_rows', 0):.1f}s[/dim]")
