@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
+from jaxtyping import Float, Int
 
 from clt.configs import ConfigError
 
@@ -100,18 +101,18 @@ class Scores:
 class Graph:
     """An unpruned attribution graph for one prompt (see the module docstring)."""
 
-    tokens: np.ndarray  # [pos] int32 input ids, BOS included
+    tokens: Int[np.ndarray, " pos"]  # int32 input ids, BOS included
     token_strings: list[str]  # [pos]
-    feature_layer: np.ndarray  # [feature] int32
-    feature_pos: np.ndarray  # [feature] int32
-    feature_index: np.ndarray  # [feature] int32
-    activation: np.ndarray  # [feature] float32
-    error_layer: np.ndarray  # [error] int32
-    error_pos: np.ndarray  # [error] int32
-    logit_tokens: np.ndarray  # [logit] int32
+    feature_layer: Int[np.ndarray, " feature"]  # int32
+    feature_pos: Int[np.ndarray, " feature"]  # int32
+    feature_index: Int[np.ndarray, " feature"]  # int32
+    activation: Float[np.ndarray, " feature"]  # float32
+    error_layer: Int[np.ndarray, " error"]  # int32
+    error_pos: Int[np.ndarray, " error"]  # int32
+    logit_tokens: Int[np.ndarray, " logit"]  # int32
     logit_strings: list[str]
-    logit_probs: np.ndarray  # [logit] float32
-    adjacency: np.ndarray  # [node node] float32, rows = targets, columns = sources
+    logit_probs: Float[np.ndarray, " logit"]  # float32
+    adjacency: Float[np.ndarray, "node node"]  # float32, rows = targets, columns = sources
     n_layers: int
     bos: bool  # position 0 is a prepended BOS (its features and errors are not nodes)
     prompt: str = ""
@@ -122,9 +123,9 @@ class Graph:
     # of the full graph; for the nodes it stores, these hold what the full graph says (None in a
     # dense graph, where the adjacency says it all); `full_graph` has the full graph's counts,
     # scores and the influence of the features left out.
-    influence: np.ndarray | None = None  # [node] influence on the logits in the full graph
-    input_abs: np.ndarray | None = None  # [node] sum of |incoming edges| in the full graph
-    input_error_abs: np.ndarray | None = None  # [node] the same, over error sources only
+    influence: Float[np.ndarray, " node"] | None = None  # influence on the logits, full graph
+    input_abs: Float[np.ndarray, " node"] | None = None  # sum of |incoming edges|, full graph
+    input_error_abs: Float[np.ndarray, " node"] | None = None  # the same, error sources only
     full_graph: FullGraph | None = None  # streamed graphs only
     scores: Scores | None = None  # set by the tracer (None: a graph read from elsewhere)
     schema_version: int = GRAPH_SCHEMA_VERSION

@@ -22,12 +22,14 @@ Every path (dense, greedy, streamed, pruning, the page) calls these functions.
 from __future__ import annotations
 
 import numpy as np
+from jaxtyping import Float
 
 CLAMP = 1e-10  # row sums below this count as this (circuit-tracer's clamp)
 _WHOLE_BYTES = 1 << 30  # |A| held in one copy up to this size, else taken chunk by chunk
 
 
-def normalize_rows(adjacency: np.ndarray) -> np.ndarray:
+def normalize_rows(adjacency: Float[np.ndarray, "target source"]
+                   ) -> Float[np.ndarray, "target source"]:
     """Â: |A| with each row divided by its sum (rows that sum to ~0 stay ~0)."""
     a = np.abs(adjacency)
     return a / np.maximum(a.sum(axis=1, keepdims=True), CLAMP)
@@ -43,8 +45,8 @@ def spread(weights, abs_rows, sums=None, xp=np):
     return (weights / xp.maximum(sums, CLAMP)).astype(abs_rows.dtype) @ abs_rows
 
 
-def row_sums(rows: np.ndarray, columns: slice = slice(None), index: np.ndarray | None = None,
-             chunk: int = 1024) -> np.ndarray:
+def row_sums(rows: Float[np.ndarray, "row source"], columns: slice = slice(None),
+             index: np.ndarray | None = None, chunk: int = 1024) -> Float[np.ndarray, " n"]:
     """Sum of |A| of each row (over `columns`; of rows[index] only, when given), in float64,
     chunk by chunk (rows may be long)."""
     index = np.arange(len(rows)) if index is None else np.asarray(index)
@@ -54,8 +56,9 @@ def row_sums(rows: np.ndarray, columns: slice = slice(None), index: np.ndarray |
                            for i in range(0, len(index), chunk)])
 
 
-def influence(rows: np.ndarray, weights: np.ndarray, row_nodes: np.ndarray | None = None, *,
-              max_iter: int = 1000) -> np.ndarray:
+def influence(rows: Float[np.ndarray, "row source"], weights: Float[np.ndarray, " node"],
+              row_nodes: np.ndarray | None = None, *, max_iter: int = 1000
+              ) -> Float[np.ndarray, " node"]:
     """Every node's influence, weights @ (Â + Â² + ...), from the rows known: rows[i] holds the
     incoming edges of node row_nodes[i] over the first rows.shape[1] nodes (default: the square
     adjacency, row i is node i). `weights` has one entry per node (the logit probabilities on the
@@ -83,7 +86,8 @@ def influence(rows: np.ndarray, weights: np.ndarray, row_nodes: np.ndarray | Non
     raise RuntimeError(f"influence did not converge in {max_iter} steps: is the graph acyclic?")
 
 
-def edge_scores(rows: np.ndarray, target_weight: np.ndarray, sums=None) -> np.ndarray:
+def edge_scores(rows: Float[np.ndarray, "row source"], target_weight: Float[np.ndarray, " row"],
+                sums=None) -> Float[np.ndarray, "row source"]:
     """|A| / (row sum) x the target's weight (its influence plus its logit weight), per edge,
     in the rows' dtype. `sums`: the rows' full sums of |A| (default: summed over `rows`)."""
     s = np.abs(rows)
@@ -94,8 +98,9 @@ def edge_scores(rows: np.ndarray, target_weight: np.ndarray, sums=None) -> np.nd
     return s
 
 
-def graph_scores_from(infl: np.ndarray, weights: np.ndarray, input_abs: np.ndarray,
-                      input_error_abs: np.ndarray, token: slice, error: slice
+def graph_scores_from(infl: Float[np.ndarray, " node"], weights: Float[np.ndarray, " node"],
+                      input_abs: Float[np.ndarray, " node"],
+                      input_error_abs: Float[np.ndarray, " node"], token: slice, error: slice
                       ) -> tuple[float, float]:
     """(replacement, completeness) from every node's influence, logit weight, sum of |incoming
     edges| and the part of it from error nodes (nodes without inputs: 0 and 0)."""
@@ -106,8 +111,8 @@ def graph_scores_from(infl: np.ndarray, weights: np.ndarray, input_abs: np.ndarr
     return replacement, float((non_error * out).sum() / max(out.sum(), 1e-30))
 
 
-def cumulative_share(infl: np.ndarray, total: float | None = None
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def cumulative_share(infl: Float[np.ndarray, " node"], total: float | None = None
+                     ) -> tuple[Float[np.ndarray, " node"], Float[np.ndarray, " node"]]:
     """(share of the total influence held by the nodes at least as influential as each node, the
     same without the node itself). `total`: the full graph's, for a streamed graph (default: the
     sum of `infl`)."""

@@ -33,10 +33,11 @@ from jaxtyping import Array, Float
 
 from attribution import replacement as rep
 from clt import transcoder as tcm
-from clt.configs import ConfigError
+from clt.configs import ConfigError, doc
 from clt.lm.config import ModelConfig
 from clt.lm.model import MLPHook, forward, logits_of, unembed
 from clt.lm.params import LMParams
+from clt.splice import SplicedTranscoder
 from clt.transcoder import TranscoderConfig, TranscoderParams
 
 Op = Literal["set", "scale", "add"]
@@ -94,63 +95,89 @@ def parse_edit(spec: str) -> FeatureEdit:
     return FeatureEdit(int(layer), int(feature), pos, op, float(value), onwards)
 
 
-def _edit_layer_acts(acts, layer: int, edits: tuple[FeatureEdit, ...], positions):
-    """Apply the edits of `layer` to acts [..., pos, feature]; positions [pos] (absolute)."""
-    for e in edits:
-        if e.layer == layer:
-            acts = acts.at[..., e.feature].set(e.apply(acts[..., e.feature], positions))
-    return acts
+# --- command configs ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SteerConfig:
+    """`cltrace steer`: feature edits, or a steering direction, on one prompt."""
+
+    prompt: str = doc("The text to run.", positional=True)
+    model: str = doc("Model name or path.", default="smollm2-135m")
+    transcoder: str | None = doc(
+        "Transcoder for feature edits (default: the one bundled for the model).", default=None)
+    set: tuple[str, ...] = doc("Set a feature's activation (repeatable).", default=(),
+                               repeat=True, metavar="L:F@POS=V")
+    scale: tuple[str, ...] = doc("Scale a feature's activation (repeatable).", default=(),
+                                 repeat=True, metavar="L:F@POS=V")
+    add: tuple[str, ...] = doc("Add to a feature's activation (repeatable).", default=(),
+                               repeat=True, metavar="L:F@POS=V")
+    zero: tuple[str, ...] = doc("Zero a feature's activation (repeatable).", default=(),
+                                repeat=True, metavar="L:F@POS")
+    mode: Literal["free", "frozen"] = doc(
+        "free: downstream features and attention recompute (errors kept); frozen: patterns, "
+        "norms, errors and other features fixed (direct effects, = graph edges; next token "
+        "only).", default="free")
+    vector: str | None = doc("Steer with this direction (.npy [d_model]).", default=None)
+    feature_direction: str | None = doc(
+        "Steer along feature F of layer L's decoder into layer L.", default=None, metavar="L:F")
+    layer: int | None = doc("Steering: after this block.", default=None)
+    alpha: float = doc("Steering strength.", default=4.0)
+    from_pos: int = doc("Steering: from this position on.", default=0)
+    max_new_tokens: int = doc("Tokens to generate for the side-by-side continuations.",
+                              default=20)
+    k: int = doc("Top-k next tokens to show.", default=5)
+    out: str | None = doc("Also write the comparison as JSON.", default=None)
+
+    def __post_init__(self):
+        if self.k <= 0 or self.max_new_tokens < 0:
+            raise ConfigError("SteerConfig: --k must be positive and --max-new-tokens >= 0")
+
+    def edit_specs(self) -> tuple[str, ...]:
+        """Every edit as one `parse_edit` spec (L:F@POS=V, *FACTOR, +DELTA)."""
+        return (tuple(self.set) + tuple(s.replace("=", "*", 1) for s in self.scale)
+                + tuple(s.replace("=", "+", 1) for s in self.add)
+                + tuple(s + "=0" for s in self.zero))
+
+
+@dataclass(frozen=True)
+class DirectionConfig:
+    """`cltrace direction`: a difference-of-means steering vector."""
+
+    positive: str = doc("Text file, one prompt per line.")
+    negative: str = doc("Text file, one prompt per line.")
+    layer: int = doc("Residual stream after this block.")
+    out: str = doc("Output .npy file.", short="-o")
+    model: str = doc("Model name or path.", default="smollm2-135m")
+    position: Literal["last", "mean"] = doc("Which positions' residuals to average.",
+                                            default="last")
+
+
+@dataclass(frozen=True)
+class LensConfig:
+    """`cltrace lens`: the logit lens of a prompt."""
+
+    prompt: str = doc("The text to run.", positional=True)
+    model: str = doc("Model name or path.", default="smollm2-135m")
+    k: int = doc("Top-k tokens per layer and position.", default=3)
+    html: str | None = doc("Also write a heatmap page here.", default=None)
+    every: int = doc("Show every n-th layer in the table.", default=1)
+
+    def __post_init__(self):
+        if self.k <= 0 or self.every <= 0:
+            raise ConfigError("LensConfig: --k and --every must be positive")
 
 
 # --- free mode -------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class EditedReplacementHook(MLPHook):
-    """The transcoder spliced into every MLP with features computed live and edited; errors kept
-    from the prompt at positions < n_prompt, the model's own MLP residual beyond (generation).
-    hook_params = (tc_params, mlp_out at prompt [layer, 1, P, d], recon at prompt, positions)."""
-
-    tc_cfg: TranscoderConfig
-    edits: tuple[FeatureEdit, ...]
-    n_prompt: int
-
-    def init(self, hook_params, x):
-        # Pending reconstructions of each layer, with the edited and with the unedited features.
-        pending = tcm.init_pending(self.tc_cfg, hook_params[0], x)
-        return pending, pending
-
-    def apply(self, hook_params, layer, resid_mid, mlp_in, state, true_mlp):
-        tc_params, mlp_out, recon_prompt, positions = hook_params
-        cfg = self.tc_cfg
-        edited, plain = state
-        x = resid_mid if cfg.input_point == "resid_mid" else mlp_in
-
-        def edit(acts):
-            return _edit_layer_acts(acts, layer, self.edits, positions)
-
-        _, recon, edited = tcm.layer_step(cfg, tc_params, layer, x, edited, edit)
-        P = self.n_prompt
-        # Prompt positions: true MLP output at the prompt + (reconstruction now - at the prompt),
-        # i.e. reconstruction + frozen error, written so it is exact when nothing changed.
-        at_prompt = mlp_out[layer] + (recon[:, :P] - recon_prompt[layer])
-        if x.shape[1] == P:
-            return at_prompt.astype(x.dtype), (edited, plain)
-        # Generated positions: the model's own MLP plus what the edits change (the skip and
-        # b_dec cancel in the difference).
-        _, unedited, plain = tcm.layer_step(cfg, tc_params, layer, x, plain)
-        beyond = true_mlp(mlp_in[:, P:]) + (recon - unedited)[:, P:]
-        return jnp.concatenate([at_prompt, beyond], axis=1).astype(x.dtype), (edited, plain)
-
-
 def free_logits(params: LMParams, cfg: ModelConfig, tc_cfg: TranscoderConfig,
                 tc_params: TranscoderParams, rm: rep.LocalReplacement,
                 edits: tuple[FeatureEdit, ...], tokens=None) -> Float[Array, "pos vocab"]:
     """Logits of the free-mode intervened model on `tokens` (default: the prompt of `rm`; longer
     token sequences start with that prompt)."""
     tokens = rm.tokens if tokens is None else jnp.asarray(tokens, jnp.int32)
-    P = rm.tokens.shape[0]
     for e in edits:
         e.check(tc_cfg)
-    hook = EditedReplacementHook(tc_cfg, tuple(edits), P)
+    # The transcoder spliced in, features live and edited, errors frozen at the prompt and the
+    # model's own MLP beyond it (generation).
+    hook = SplicedTranscoder(tc_cfg, errors=True, edits=tuple(edits))
     hp = (tc_params, rm.mlp_out[:, None], rm.recon[:, None], jnp.arange(tokens.shape[0]))
     logits, _ = forward(params, cfg, tokens[None], mlp_hook=hook, hook_params=hp)
     return logits[0]
@@ -278,7 +305,8 @@ def logit_lens(params: LMParams, cfg: ModelConfig, tokens, k: int = 5):
 
 
 __all__ = [
-    "EditedReplacementHook", "FeatureEdit", "SteerHook", "diff_of_means", "feature_direction",
+    "DirectionConfig", "FeatureEdit", "LensConfig", "SteerConfig", "SteerHook", "diff_of_means",
+    "feature_direction",
     "free_logits", "frozen_effects", "frozen_logits", "greedy_continue", "logit_lens",
     "mean_residual", "parse_edit", "steered_logits",
 ]

@@ -35,8 +35,9 @@ from jaxtyping import Array, Float, Int
 
 from clt import transcoder as tcm
 from clt.lm.config import ModelConfig
-from clt.lm.model import FREEZABLE, Capture, MLPHook, block, embed, forward, norm
+from clt.lm.model import FREEZABLE, Capture, block, embed, forward, norm
 from clt.lm.params import LMParams
+from clt.splice import SplicedTranscoder
 from clt.transcoder import TranscoderConfig, TranscoderParams
 
 # The per-layer frozen fields (everything in FREEZABLE but the final norm scale).
@@ -79,10 +80,6 @@ class ActiveFeatures:
         return ActiveFeatures(self.layer[rows], self.pos[rows], self.index[rows], self.value[rows])
 
 
-def _read_point(tc_cfg: TranscoderConfig, resid_mid, mlp_in):
-    return resid_mid if tc_cfg.input_point == "resid_mid" else mlp_in
-
-
 def build(params: LMParams, cfg: ModelConfig, tc_cfg: TranscoderConfig, tc_params: TranscoderParams,
           tokens: Int[np.ndarray, " pos"]
           ) -> tuple[LocalReplacement, Float[Array, "pos layer feature"]]:
@@ -99,7 +96,7 @@ def build(params: LMParams, cfg: ModelConfig, tc_cfg: TranscoderConfig, tc_param
     # Frozen: attention patterns and normalisation scales are nonlinear functions of the residual
     # stream; holding them at their values on this prompt is what makes the rest linear.
     frozen = jax.lax.stop_gradient(cap.frozen_part())
-    reads = _read_point(tc_cfg, cap.resid_mid, cap.mlp_in)[:, 0]  # [layer pos d_model]
+    reads = tc_cfg.read(cap.resid_mid, cap.mlp_in)[:, 0]  # [layer pos d_model]
     x = jnp.swapaxes(reads, 0, 1)  # [pos layer d_model], the transcoder's layout
     acts = tcm.encode(tc_cfg, tc_params, x)
     recon = jnp.swapaxes(tcm.decode(tc_cfg, tc_params, acts, x), 0, 1)
@@ -170,13 +167,13 @@ def linear_block(rm: LocalReplacement, params: LMParams, cfg: ModelConfig,
         # live because it is linear in the transcoder input (see the module docstring).
         if skip is None:
             return m_sub
-        return m_sub + _read_point(tc_cfg, resid_mid, mlp_in) @ skip
+        return m_sub + tc_cfg.read(resid_mid, mlp_in) @ skip
 
     # Patterns are frozen, so RoPE tables and masks are never read: queries and keys are dead code.
     dummy = jnp.zeros(x.shape[:2] + (cfg.head_dim,), jnp.float32)
     x_next, caps, _ = block(lp, cfg, x, dummy, dummy, None, fr, ("resid_mid", "mlp_in"),
                             mlp_fn=mlp_fn)
-    return x_next, _read_point(tc_cfg, caps["resid_mid"], caps["mlp_in"])
+    return x_next, tc_cfg.read(caps["resid_mid"], caps["mlp_in"])
 
 
 def final_hidden(rm: LocalReplacement, params: LMParams, cfg: ModelConfig,
@@ -200,39 +197,30 @@ def linear_forward(rm: LocalReplacement, params: LMParams, cfg: ModelConfig,
 
 
 # --- the local replacement model itself --------------------------------------------------------
-@dataclass(frozen=True)
-class ReplacementHook(MLPHook):
-    """Every MLP replaced by the transcoder (features computed live) plus the frozen error.
-
-    State: the pending reconstructions of every layer (`clt.transcoder.layer_step`).
-    """
-
-    tc_cfg: TranscoderConfig
-
-    def init(self, hook_params, x):
-        return tcm.init_pending(self.tc_cfg, hook_params[0], x)
-
-    def apply(self, hook_params, layer, resid_mid, mlp_in, state, true_mlp):
-        tc_params, mlp_out, recon_at_prompt = hook_params
-        x = _read_point(self.tc_cfg, resid_mid, mlp_in)
-        _, recon, state = tcm.layer_step(self.tc_cfg, tc_params, layer, x, state)
-        # recon + error, with error = true - recon_at_prompt frozen, written as true + (recon -
-        # recon_at_prompt): the same function, but exact in floating point on the prompt itself
-        # (recon + (true - recon) rounds at the scale of the MLP output, and SmolLM2's BOS
-        # position has MLP outputs in the hundreds).
-        return (mlp_out[layer] + (recon - recon_at_prompt[layer])).astype(x.dtype), state
-
-
 def replacement_logits(rm: LocalReplacement, params: LMParams, cfg: ModelConfig,
                        tc_cfg: TranscoderConfig, tc_params: TranscoderParams,
                        ) -> Float[Array, "pos vocab"]:
     """Logits of the local replacement model (frozen patterns, norms and errors; live features).
     On the prompt it was built from, these equal the real model's logits."""
-    hook = ReplacementHook(tc_cfg)
-    logits, _ = forward(params, cfg, rm.tokens[None], frozen=rm.frozen,
-                        mlp_hook=hook, hook_params=(tc_params, rm.mlp_out[:, None],
-                                                    rm.recon[:, None]))
+    hook = SplicedTranscoder(tc_cfg, errors=True)
+    hp = (tc_params, rm.mlp_out[:, None], rm.recon[:, None], jnp.arange(rm.tokens.shape[0]))
+    logits, _ = forward(params, cfg, rm.tokens[None], frozen=rm.frozen, mlp_hook=hook,
+                        hook_params=hp)
     return logits[0]
+
+
+def prompt_ids(model, prompt: str) -> list[int]:
+    """A prompt's token ids for a loaded model, its BOS prepended; one-line errors for an empty
+    or too long prompt."""
+    from clt.configs import ConfigError
+
+    if not prompt.strip():
+        raise ConfigError("the prompt is empty")
+    ids, _ = prepend_bos(model.cfg, model.tokenizer.encode(prompt, add_bos=False))
+    if len(ids) > model.cfg.max_position:
+        raise ConfigError(f"the prompt has {len(ids)} tokens but the model's context is "
+                          f"{model.cfg.max_position}; shorten it")
+    return ids
 
 
 def prepend_bos(cfg: ModelConfig, ids: list[int]) -> tuple[list[int], bool]:
@@ -245,7 +233,15 @@ def prepend_bos(cfg: ModelConfig, ids: list[int]) -> tuple[list[int], bool]:
 
 
 __all__ = [
-    "ActiveFeatures", "LocalReplacement", "ReplacementHook", "active_features", "build",
-    "final_hidden", "linear_block", "linear_forward", "prefix", "prepend_bos",
+    "ActiveFeatures",
+    "LocalReplacement",
+    "active_features",
+    "build",
+    "final_hidden",
+    "linear_block",
+    "linear_forward",
+    "prefix",
+    "prepend_bos",
+    "prompt_ids",
     "replacement_logits",
 ]

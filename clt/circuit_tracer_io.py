@@ -55,14 +55,15 @@ from __future__ import annotations
 
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jax.numpy as jnp
 import yaml
 
 from clt import transcoder as tc
-from clt.configs import ConfigError, from_dict, to_dict
+from clt.configs import ConfigError, doc, from_dict, to_dict
 from clt.transcoder import TranscoderConfig, TranscoderParams, check_params
 
 INPUT_HOOKS = {"resid_mid": "hook_resid_mid", "mlp_in": "mlp.hook_in"}
@@ -202,6 +203,18 @@ def load_transcoder(ref: str | Path, dtype: Any = jnp.float32, *,
         raise ConfigError(f"no transcoder at '{ref}': not a directory, nor a Hugging Face repo id "
                           "like org/name[/subfolder][@revision]")
     return load_circuit_tracer(_download(*hub), dtype, input_norm=input_norm)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """`cltrace export`: a transcoder converted to circuit-tracer's layout."""
+
+    transcoder: str = doc("Transcoder directory or hub repo.")
+    out: str = doc("Output directory.", short="-o")
+    model_name: str | None = doc("Model id written to config.yaml (default: the transcoder's).",
+                                 default=None)
+    dtype: Literal["float32", "float16", "bfloat16"] = doc("Stored dtype.", default="float32")
+    overwrite: bool = doc("Replace existing files in --out.", default=False)
 
 
 def open_transcoder(ref: str | Path | None, model_cfg=None, dtype: Any = jnp.float32
@@ -478,5 +491,5 @@ def _download(repo_id: str, subfolder: str | None, revision: str | None) -> Path
     return Path(local) / subfolder if subfolder else Path(local)
 
 
-__all__ = ["INPUT_HOOKS", "NORMALIZED_HOOK", "OUTPUT_HOOKS", "export_circuit_tracer",
+__all__ = ["INPUT_HOOKS", "NORMALIZED_HOOK", "OUTPUT_HOOKS", "ExportConfig", "export_circuit_tracer",
            "load_circuit_tracer", "load_transcoder", "open_transcoder"]

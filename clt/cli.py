@@ -90,34 +90,19 @@ def register_training(sub) -> None:
                    help="No progress bar (logs still go to metrics.jsonl).")
     p.set_defaults(run=_train)
 
+    from clt.circuit_tracer_io import ExportConfig
+    from clt.evaluate import EvalConfig
+
     p = sub.add_parser("eval", help="Evaluate a transcoder: NMSE, L0, dead/dense features, "
                        "spliced-model KL, top-1 agreement and delta CE on held-out text.")
-    p.add_argument("--transcoder", required=True,
-                   help="Transcoder directory (ours or circuit-tracer layout) or hub repo.")
-    p.add_argument("--model", default=None,
-                   help="Model (default: the one named in the transcoder's config).")
-    p.add_argument("--data", default="data/corpus", help="Text files/globs or hf:DATASET.")
-    p.add_argument("--split", choices=["heldout", "train", "all"], default="heldout",
-                   help="Which contexts of local text: the held-out fraction (as in training), "
-                   "the rest, or all.")
-    p.add_argument("--holdout", type=float, default=0.01,
-                   help="Held-out fraction, as given to `cltrace train`.")
-    p.add_argument("--contexts", type=int, default=64, help="Contexts to evaluate.")
-    p.add_argument("--context-length", type=int, default=128, help="Tokens per context.")
-    p.add_argument("--batch-size", type=int, default=8, help="Contexts per batch.")
-    p.add_argument("--out", default=None, help="Write the metrics as JSON here.")
+    add_arguments(p, EvalConfig)
     p.set_defaults(run=_eval)
 
     p = sub.add_parser("export", help="Write a transcoder in the circuit-tracer layout.",
                        description="Convert a transcoder (ours, or any layout load_transcoder "
                        "reads) to circuit-tracer's safetensors layout: layer_i.safetensors for "
                        "a PLT, W_enc_i/W_dec_i.safetensors for a CLT, plus config.yaml.")
-    p.add_argument("--transcoder", required=True, help="Transcoder directory or hub repo.")
-    p.add_argument("-o", "--out", required=True, help="Output directory.")
-    p.add_argument("--model-name", default=None,
-                   help="Model id written to config.yaml (default: the transcoder's).")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
-    p.add_argument("--overwrite", action="store_true", help="Replace existing files in --out.")
+    add_arguments(p, ExportConfig)
     p.set_defaults(run=_export)
 
 
@@ -169,42 +154,42 @@ def _eval(args) -> int:
 
     from clt.circuit_tracer_io import load_transcoder
     from clt.data import open_contexts
-    from clt.evaluate import evaluate
+    from clt.evaluate import EvalConfig, evaluate
     from clt.lm.loading import load_model
 
-    tc_cfg, tc_params = load_transcoder(args.transcoder)
-    model_name = args.model or tc_cfg.model_name
+    ec = from_arguments(EvalConfig, args)
+    tc_cfg, tc_params = load_transcoder(ec.transcoder)
+    model_name = ec.model or tc_cfg.model_name
     if not model_name:
         raise ValueError("the transcoder does not name its model; pass --model")
     console = Console()
     with console.status(f"loading {model_name}"):
         model = load_model(model_name)
-    split = "train" if args.split == "all" else args.split
-    holdout = 0.0 if args.split == "all" else args.holdout
-    if args.split == "heldout" and holdout <= 0:
-        raise ValueError("--split heldout needs --holdout > 0")
-    source = open_contexts(args.data, model.tokenizer, args.context_length, holdout=holdout,
+    split = "train" if ec.split == "all" else ec.split
+    holdout = 0.0 if ec.split == "all" else ec.holdout
+    source = open_contexts(ec.data, model.tokenizer, ec.context_length, holdout=holdout,
                            split=split)
-    n = min(args.contexts, len(source)) if hasattr(source, "__len__") else args.contexts
+    n = min(ec.contexts, len(source)) if hasattr(source, "__len__") else ec.contexts
     contexts = source.contexts[:n] if hasattr(source, "contexts") else source.take(0, n)
-    result = evaluate(model, tc_cfg, tc_params, np.asarray(contexts), batch_size=args.batch_size)
+    result = evaluate(model, tc_cfg, tc_params, np.asarray(contexts), batch_size=ec.batch_size)
     console.print(result.table())
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"transcoder": args.transcoder, "model": model_name,
-                                              "data": args.data, "split": args.split,
-                                              **result.to_dict()}, indent=2))
-        print(f"wrote {args.out}")
+    if ec.out:
+        Path(ec.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(ec.out).write_text(json.dumps({"transcoder": ec.transcoder, "model": model_name,
+                                            "data": ec.data, "split": ec.split,
+                                            "config": to_dict(ec), **result.to_dict()}, indent=2))
+        print(f"wrote {ec.out}")
     return 0
 
 
 def _export(args) -> int:
-    from clt.circuit_tracer_io import export_circuit_tracer, load_transcoder
+    from clt.circuit_tracer_io import ExportConfig, export_circuit_tracer, load_transcoder
 
-    cfg, params = load_transcoder(args.transcoder)
-    path = export_circuit_tracer(args.out, cfg, params, model_name=args.model_name,
-                                 dtype=None if args.dtype == "float32" else args.dtype,
-                                 overwrite=args.overwrite)
+    xc = from_arguments(ExportConfig, args)
+    cfg, params = load_transcoder(xc.transcoder)
+    path = export_circuit_tracer(xc.out, cfg, params, model_name=xc.model_name,
+                                 dtype=None if xc.dtype == "float32" else xc.dtype,
+                                 overwrite=xc.overwrite)
     print(f"wrote {cfg.kind.upper()} ({cfg.n_layers} layers x {cfg.n_features} features) in the "
           f"circuit-tracer layout to {path}")
     return 0

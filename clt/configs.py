@@ -25,11 +25,18 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
 
 
-def doc(help: str, default: Any = _NO_DEFAULT) -> Any:
-    """A dataclass field with its help text (shown by `--help`) and an optional default."""
+def doc(help: str, default: Any = _NO_DEFAULT, *, positional: bool = False,
+        short: str | None = None, repeat: bool = False, metavar: str | None = None) -> Any:
+    """A dataclass field with its help text (shown by `--help`) and an optional default.
+
+    Command line (`add_arguments`): `positional` makes it an argument without a flag; `short`
+    adds a one-letter flag (e.g. "-o"); `repeat` makes a tuple field a repeatable flag (each use
+    appends one value) instead of one flag taking several values; `metavar` names its value."""
     if isinstance(default, (list, dict, set)):
         raise TypeError("mutable defaults are not allowed in frozen configs; use a tuple")
-    return dataclasses.field(default=default, metadata={"help": help})
+    meta = {"help": help, "positional": positional, "short": short, "repeat": repeat,
+            "metavar": metavar}
+    return dataclasses.field(default=default, metadata=meta)
 
 
 def field_help(f: dataclasses.Field) -> str:
@@ -133,26 +140,36 @@ def load_config(cls: type[T], path: str | Path, kind: str) -> T:
 
 # --- command line ----------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """One `--flag` per field of `cls`, with the field's help text, type and choices."""
+    """One `--flag` (or positional argument) per field of `cls`, with the field's help text,
+    type and choices (see `doc` for the command-line options of a field)."""
     hints = _resolved_types(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip or f.name == "schema_version":
             continue
         tp = hints[f.name]
-        flag = "--" + f.name.replace("_", "-")
+        meta = f.metadata
         required = f.default is _NO_DEFAULT
-        help_text = field_help(f) + ("" if required else f" (default: {f.default})")
-        kw: dict[str, Any] = {"dest": f.name, "help": help_text, "default": argparse.SUPPRESS}
+        help_text = field_help(f) + ("" if required or f.default in ("", (), None)
+                                     else f" (default: {f.default})")
+        kw: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS}
+        if meta.get("metavar"):
+            kw["metavar"] = meta["metavar"]
         args = [a for a in get_args(tp) if a is not type(None)]
         base = args[0] if get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1 \
             else tp
+        if meta.get("positional"):
+            parser.add_argument(f.name, **kw, **({} if required else {"nargs": "?"}))
+            continue
         if base is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif get_origin(base) is Literal:
             kw["choices"] = list(get_args(base))
+        elif get_origin(base) is tuple and meta.get("repeat"):
+            kw["action"] = "append"
         elif get_origin(base) is tuple:
             kw["nargs"] = "*"
-        parser.add_argument(flag, required=required, **kw)
+        names = ["--" + f.name.replace("_", "-")] + ([meta["short"]] if meta.get("short") else [])
+        parser.add_argument(*names, dest=f.name, required=required, **kw)
 
 
 def from_arguments(cls: type[T], ns: argparse.Namespace, **extra) -> T:

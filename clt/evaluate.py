@@ -23,41 +23,53 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from functools import partial
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from clt.configs import ConfigError, doc
 from clt.lm.loading import LoadedModel
-from clt.lm.model import MLPHook
 from clt.lm.model import forward as lm_forward
+from clt.splice import SplicedTranscoder
 from clt.transcoder import (
-    TranscoderConfig, TranscoderParams, check_model, check_params, init_pending, layer_step,
+    TranscoderConfig,
+    TranscoderParams,
+    check_model,
+    check_params,
+    init_pending,
+    layer_step,
 )
 
 
 @dataclass(frozen=True)
-class SplicedTranscoder(MLPHook):
-    """MLP hook for `clt.lm.model.forward`: every MLP is replaced by the transcoder.
+class EvalConfig:
+    """`cltrace eval`: which transcoder, model and held-out text."""
 
-    hook_params is the TranscoderParams. At layer l the features of layer l are computed from the
-    spliced model's activation at the transcoder's input point; their writes to layers
-    l..l+n_targets(l)-1 wait in the state (one pending [batch, pos, d_model] output per layer)
-    and layer l returns its pending output (b_dec, earlier layers' writes and its own) plus skip.
-    """
+    transcoder: str = doc("Transcoder directory (ours or circuit-tracer layout) or hub repo.")
+    model: str | None = doc("Model (default: the one named in the transcoder's config).",
+                            default=None)
+    data: str = doc("Text files/globs or hf:DATASET.", default="data/corpus")
+    split: Literal["heldout", "train", "all"] = doc(
+        "Which contexts of local text: the held-out fraction (as in training), the rest, or "
+        "all.", default="heldout")
+    holdout: float = doc("Held-out fraction, as given to `cltrace train`.", default=0.01)
+    contexts: int = doc("Contexts to evaluate.", default=64)
+    context_length: int = doc("Tokens per context.", default=128)
+    batch_size: int = doc("Contexts per batch.", default=8)
+    out: str | None = doc("Write the metrics as JSON here.", default=None)
 
-    cfg: TranscoderConfig
-
-    def init(self, hook_params: TranscoderParams, x: Float[Array, "batch pos d_model"]) -> tuple:
-        return init_pending(self.cfg, hook_params, x)
-
-    def apply(self, hook_params: TranscoderParams, layer: int,
-              resid_mid: Float[Array, "batch pos d_model"],
-              mlp_in: Float[Array, "batch pos d_model"], state: tuple, true_mlp):
-        x = resid_mid if self.cfg.input_point == "resid_mid" else mlp_in
-        _, out, state = layer_step(self.cfg, hook_params, layer, x, state)
-        return out, state
+    def __post_init__(self):
+        for name in ("contexts", "context_length", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"EvalConfig.{name} must be positive, got "
+                                  f"{getattr(self, name)}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ConfigError(f"EvalConfig.holdout must be in [0, 1), got {self.holdout}")
+        if self.split == "heldout" and self.holdout <= 0:
+            raise ConfigError("--split heldout needs --holdout > 0")
 
 
 # --- per-batch sums (jit) ---------------------------------------------------------------------
@@ -233,4 +245,4 @@ def evaluate(model: LoadedModel, tc_cfg: TranscoderConfig, tc_params: Transcoder
     return _result(totals, dense_threshold)
 
 
-__all__ = ["EvalResult", "SplicedTranscoder", "evaluate"]
+__all__ = ["EvalConfig", "EvalResult", "SplicedTranscoder", "evaluate"]

@@ -76,6 +76,11 @@ class TranscoderConfig:
     def kind(self) -> str:
         return "plt" if self.max_reach == 1 else "clt"
 
+    def read(self, resid_mid, mlp_in):
+        """What the features read, of the two activations they may read (`input_point`): the
+        one place that choice is made."""
+        return resid_mid if self.input_point == "resid_mid" else mlp_in
+
     def n_targets(self, s: int) -> int:
         """Number of layers written by the features of layer s."""
         rest = self.n_layers - s

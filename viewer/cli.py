@@ -1,4 +1,5 @@
-"""Commands of stage 3: `cltrace view GRAPH -o PAGE.html` and `cltrace features ...`."""
+"""Commands of stage 3: `cltrace view GRAPH -o PAGE.html`, `cltrace features ...` and
+`cltrace lens PROMPT --html PAGE.html` (pages drawn from what stage 2 computes)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,13 @@ def register(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="No progress bar.")
     p.set_defaults(run=_features)
 
+    from attribution.interventions import LensConfig
+
+    p = sub.add_parser("lens", help="Logit lens: top tokens decoded from every layer and "
+                       "position of the residual stream.")
+    add_arguments(p, LensConfig)
+    p.set_defaults(run=_lens)
+
 
 def _view(args) -> int:
     from viewer.embed import ViewConfig
@@ -63,4 +71,37 @@ def _features(args) -> int:
     print(f"feature cards: {path} ({path.stat().st_size / 2**20:.1f} MB): {m['n_layers']} layers "
           f"x {m['n_features']} features from {m['n_tokens']} tokens in {m['n_contexts']} "
           f"contexts ({m['seconds']:.1f}s)")
+    return 0
+
+
+def _lens(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from attribution.interventions import LensConfig, logit_lens
+    from attribution.replacement import prompt_ids
+    from clt.lm.loading import load_model
+    from viewer.lens import render_lens
+
+    lc = from_arguments(LensConfig, args)
+    model = load_model(lc.model)
+    tok = model.tokenizer
+    ids = prompt_ids(model, lc.prompt)
+    top, probs = logit_lens(model.params, model.cfg, ids, lc.k)
+    L = model.cfg.n_layers
+    names = [f"in {layer}" for layer in range(L)] + ["out"]
+    strings = tok.token_strings(ids)
+    table = Table(title=f"logit lens (top-1 per layer and position; {model.cfg.name})")
+    table.add_column("layer")
+    for s in strings:
+        table.add_column(repr(s)[1:-1], overflow="fold")
+    for i in [i for i in range(L + 1) if i % lc.every == 0 or i == L]:
+        table.add_row(names[i], *[f"{tok.decode([int(top[i, p, 0])])!r} {probs[i, p, 0]:.2f}"
+                                  for p in range(len(ids))])
+    Console().print(table)
+    if lc.html:
+        Path(lc.html).parent.mkdir(parents=True, exist_ok=True)
+        Path(lc.html).write_text(render_lens(names, strings, top, probs,
+                                             lambda t: tok.decode([t]), model.cfg.name))
+        print(f"wrote {lc.html}")
     return 0

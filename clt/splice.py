@@ -1,0 +1,81 @@
+"""The transcoder spliced into the model: one MLP hook for every path that runs it in place of the
+MLPs (evaluation, the local replacement model, interventions and generation under them).
+
+`SplicedTranscoder` replaces the MLP of every layer by the transcoder, run layer by layer
+(`clt.transcoder.layer_step`: the features of layer l are computed from the spliced model's own
+activation at the transcoder's input point, `TranscoderConfig.read`, and their writes to later
+layers wait in the hook's state). Two options:
+
+* `errors`: add each MLP's frozen error at the prompt's positions, making the spliced model exact
+  on the prompt (the local replacement model, "Circuit Tracing" §2.2). The output is written as
+  `mlp_out + (recon - recon_at_prompt)`: the same function as `recon + (mlp_out - recon_at_prompt)`
+  but exact in floating point when nothing changed. Positions beyond the prompt (generation) take
+  the model's own MLP plus what the edits change there.
+* `edits`: change features' activations as they are computed (interventions in free mode). Each
+  edit has `layer`, `feature` and `apply(values, positions) -> values`
+  (`attribution.interventions.FeatureEdit`).
+
+hook_params: the `TranscoderParams` alone without errors; with errors the tuple (params, MLP
+outputs at the prompt [layer, 1, P, d_model], reconstructions at the prompt [layer, 1, P,
+d_model], absolute positions of the sequence run [pos]).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+
+from clt.lm.model import MLPHook
+from clt.transcoder import TranscoderConfig, init_pending, layer_step
+
+
+def edit_acts(acts, layer: int, edits: tuple, positions):
+    """Apply the edits of `layer` to acts [..., pos, feature]; positions [pos] (absolute)."""
+    for e in edits:
+        if e.layer == layer:
+            acts = acts.at[..., e.feature].set(e.apply(acts[..., e.feature], positions))
+    return acts
+
+
+@dataclass(frozen=True)
+class SplicedTranscoder(MLPHook):
+    """Every MLP replaced by the transcoder; frozen errors and feature edits optional (see the
+    module docstring)."""
+
+    cfg: TranscoderConfig
+    errors: bool = False
+    edits: tuple = ()
+
+    def init(self, hook_params, x):
+        tc = hook_params[0] if self.errors else hook_params
+        pending = init_pending(self.cfg, tc, x)
+        # With edits, also the pending writes of the unedited features (generation needs both).
+        return (pending, pending) if self.edits else pending
+
+    def apply(self, hook_params, layer, resid_mid, mlp_in, state, true_mlp):
+        x = self.cfg.read(resid_mid, mlp_in)
+        if self.errors:
+            tc, mlp_out, recon_prompt, positions = hook_params
+        else:
+            tc, positions = hook_params, jnp.arange(x.shape[-2])
+        edited, plain = state if self.edits else (state, None)
+        edit = None
+        if self.edits:
+            def edit(acts):
+                return edit_acts(acts, layer, self.edits, positions)
+        _, recon, edited = layer_step(self.cfg, tc, layer, x, edited, edit)
+        if not self.errors:
+            return recon, ((edited, plain) if self.edits else edited)
+        P = recon_prompt.shape[-2]
+        at_prompt = mlp_out[layer] + (recon[..., :P, :] - recon_prompt[layer])
+        if x.shape[-2] > P:  # generated positions: the model's own MLP, plus the edits' change
+            beyond = true_mlp(mlp_in[..., P:, :])
+            if self.edits:
+                _, unedited, plain = layer_step(self.cfg, tc, layer, x, plain)
+                beyond = beyond + (recon - unedited)[..., P:, :]
+            at_prompt = jnp.concatenate([at_prompt, beyond], axis=-2)
+        return at_prompt.astype(x.dtype), ((edited, plain) if self.edits else edited)
+
+
+__all__ = ["SplicedTranscoder", "edit_acts"]
