@@ -62,7 +62,7 @@ from typing import Any, Literal
 import jax.numpy as jnp
 import yaml
 
-from clt import transcoder as tc
+from clt import transcoder as tcm
 from clt.configs import ConfigError, doc, from_dict, to_dict
 from clt.transcoder import TranscoderConfig, TranscoderParams, check_params
 
@@ -190,7 +190,7 @@ def load_transcoder(ref: str | Path, dtype: Any = jnp.float32, *,
     p = Path(ref).expanduser()
     if p.is_dir():
         if (p / "transcoder.safetensors").exists() or (p / "config.json").exists():
-            return tc.load(p, dtype)
+            return tcm.load(p, dtype)
         if (p / "config.yaml").exists() or any(_LAYOUT.match(f.name) for f in p.iterdir()):
             return load_circuit_tracer(p, dtype, input_norm=input_norm)
         raise ConfigError(f"{p} holds no transcoder: expected config.json + transcoder.safetensors "
@@ -231,7 +231,7 @@ def open_transcoder(ref: str | Path | None, model_cfg=None, dtype: Any = jnp.flo
     ref = str(ref) if ref else resolve_transcoder(None, model_cfg.name)
     tc_cfg, params = load_transcoder(ref, dtype)
     if model_cfg is not None:
-        tc.check_model(tc_cfg, model_cfg)
+        tcm.check_model(tc_cfg, model_cfg)
     return ref, tc_cfg, params
 
 
@@ -491,5 +491,6 @@ def _download(repo_id: str, subfolder: str | None, revision: str | None) -> Path
     return Path(local) / subfolder if subfolder else Path(local)
 
 
-__all__ = ["INPUT_HOOKS", "NORMALIZED_HOOK", "OUTPUT_HOOKS", "ExportConfig", "export_circuit_tracer",
+__all__ = ["ExportConfig", "INPUT_HOOKS", "NORMALIZED_HOOK", "OUTPUT_HOOKS",
+           "export_circuit_tracer",
            "load_circuit_tracer", "load_transcoder", "open_transcoder"]

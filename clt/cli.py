@@ -141,10 +141,11 @@ def _train(args) -> int:
     data = read_config_file(args.config) if args.config else {}
     names = set(TrainConfig.__dataclass_fields__)
     data.update({k: v for k, v in vars(args).items() if k in names})
-    tc = from_dict(TrainConfig, data)
-    path = train(tc, resume=not args.no_resume, progress=not args.no_progress)
+    train_cfg = from_dict(TrainConfig, data)
+    path = train(train_cfg, resume=not args.no_resume, progress=not args.no_progress)
     if jax.process_index() == 0:
-        print(f"transcoder written to {path}  (metrics: {Path(tc.out) / 'metrics.jsonl'})")
+        print(f"transcoder written to {path}  "
+              f"(metrics: {Path(train_cfg.out) / 'metrics.jsonl'})")
     return 0
 
 

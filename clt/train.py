@@ -37,8 +37,18 @@ from clt.configs import ConfigError, doc, load_config, save_config, to_dict
 from clt.data import DataPosition
 from clt.lm.params import Leaf
 from clt.transcoder import (
-    Activation, InputPoint, Norms, TranscoderConfig, TranscoderParams, activate,
-    add_bias_and_skip, decode, decoder_norms, encode_pre, fold_norms, init_params,
+    Activation,
+    InputPoint,
+    Norms,
+    TranscoderConfig,
+    TranscoderParams,
+    activate,
+    add_bias_and_skip,
+    decode,
+    decoder_norms,
+    encode_pre,
+    fold_norms,
+    init_params,
 )
 
 # How one step runs: None is the dense step; (capacity, kernels) the sparse one with `capacity`
@@ -179,12 +189,12 @@ class TrainState:
 
 
 # --- loss ----------------------------------------------------------------------------------------
-def sparsity_lambda(tc: TrainConfig, step):
-    ramp = max(1, int(tc.steps * tc.sparsity_ramp))
-    return tc.sparsity_coef * jnp.minimum(1.0, step.astype(jnp.float32) / ramp)
+def sparsity_lambda(train_cfg: TrainConfig, step):
+    ramp = max(1, int(train_cfg.steps * train_cfg.sparsity_ramp))
+    return train_cfg.sparsity_coef * jnp.minimum(1.0, step.astype(jnp.float32) / ramp)
 
 
-def loss_fn(params: TranscoderParams, cfg: TranscoderConfig, tc: TrainConfig, x, y, lam,
+def loss_fn(params: TranscoderParams, cfg: TranscoderConfig, train_cfg: TrainConfig, x, y, lam,
             mode: StepMode = None, kernels: str = "xla"):
     """Loss and metrics of one batch x, y [batch, layer, d_model] (normalised space).
 
@@ -194,10 +204,10 @@ def loss_fn(params: TranscoderParams, cfg: TranscoderConfig, tc: TrainConfig, x,
     x, y = x.astype(jnp.float32), y.astype(jnp.float32)
     n_tok = x.shape[0]
     kernels = mode[1] if mode is not None else kernels
-    preact = cfg.activation == "jumprelu" and tc.preact_coef > 0
+    preact = cfg.activation == "jumprelu" and train_cfg.preact_coef > 0
     # Decoder norms only where a penalty reads them (a CLT's norms cost ~5% of a sparse step).
-    dn = decoder_norms(cfg, params, tc.decoder_norm) if tc.sparsity_coef > 0 or preact else \
-        None  # [l, f]
+    dn = decoder_norms(cfg, params, train_cfg.decoder_norm) \
+        if train_cfg.sparsity_coef > 0 or preact else None  # [l, f]
     # The sparse step works layer-major ([layer, batch, feature]): faster batched matmuls, and
     # each layer's entries are one contiguous block.
     lm = mode is not None
@@ -209,9 +219,10 @@ def loss_fn(params: TranscoderParams, cfg: TranscoderConfig, tc: TrainConfig, x,
     per_lf = (lambda v: v[:, None, :]) if lm else (lambda v: v)  # [l, f] against z
     # The support is where gradients can flow; the dense step reports it to size sparse steps.
     support, cut = sp.training_support(cfg, params, jax.lax.stop_gradient(z),
-                                       tc.jumprelu_bandwidth, layer_major=lm, kernels=kernels)
+                                       train_cfg.jumprelu_bandwidth, layer_major=lm,
+                                       kernels=kernels)
     if mode is None:
-        a = activate(cfg, params, z, bandwidth=tc.jumprelu_bandwidth, training=True,
+        a = activate(cfg, params, z, bandwidth=train_cfg.jumprelu_bandwidth, training=True,
                      mask=support.astype(z.dtype) if cut is not None else None)
         y_hat = decode(cfg, params, a, x)
         dn_a, overflow = dn, jnp.zeros((), bool)
@@ -222,7 +233,7 @@ def loss_fn(params: TranscoderParams, cfg: TranscoderConfig, tc: TrainConfig, x,
         if sparse_enc:
             z_e = sp.encoder_entries(params, z_e, x_in, act, mode[1])
         a = sp.activate_entries(cfg, params, z_e, act.feat,
-                                tc.jumprelu_bandwidth) * act.valid  # [l, C]
+                                train_cfg.jumprelu_bandwidth) * act.valid  # [l, C]
         writes = sp.decode_entries(cfg, params, a, act, n_tok, mode[1])
         y_hat = add_bias_and_skip(params, writes, x)
         dn_a = None if dn is None else jnp.take_along_axis(dn, act.feat, 1)
@@ -230,10 +241,11 @@ def loss_fn(params: TranscoderParams, cfg: TranscoderConfig, tc: TrainConfig, x,
     err = jnp.square(y_hat - y)  # [b, l, d]
     mse = err.mean(-1).sum(-1).mean()
     # Sums over every (token,) layer, feature, or entry, per token: zeros add nothing.
-    sparsity = jnp.zeros(()) if dn_a is None else jnp.tanh(tc.sparsity_c * dn_a * a).sum() / n_tok
+    sparsity = jnp.zeros(()) if dn_a is None else \
+        jnp.tanh(train_cfg.sparsity_c * dn_a * a).sum() / n_tok
     loss = mse + lam * sparsity
     if preact:
-        loss = loss + tc.preact_coef * (
+        loss = loss + train_cfg.preact_coef * (
             jax.nn.relu(per_lf(params.threshold) - z) * per_lf(dn)).sum() / n_tok
     # NMSE per layer over this batch: sum ||y_hat - y||^2 / sum ||y - mean y||^2.
     var = jnp.square(y - y.mean(0)).sum((0, 2))
@@ -250,34 +262,36 @@ def loss_fn(params: TranscoderParams, cfg: TranscoderConfig, tc: TrainConfig, x,
 
 
 # --- optimizer and step ----------------------------------------------------------------------------
-def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-    decay_steps = max(1, tc.steps - tc.warmup_steps)
-    end = tc.lr * tc.final_lr_fraction
-    if tc.decay == "cosine":
-        after = optax.cosine_decay_schedule(tc.lr, decay_steps, alpha=tc.final_lr_fraction)
-    elif tc.decay == "linear":
-        after = optax.linear_schedule(tc.lr, end, decay_steps)
+def make_optimizer(train_cfg: TrainConfig) -> optax.GradientTransformation:
+    decay_steps = max(1, train_cfg.steps - train_cfg.warmup_steps)
+    end = train_cfg.lr * train_cfg.final_lr_fraction
+    if train_cfg.decay == "cosine":
+        after = optax.cosine_decay_schedule(train_cfg.lr, decay_steps,
+                                            alpha=train_cfg.final_lr_fraction)
+    elif train_cfg.decay == "linear":
+        after = optax.linear_schedule(train_cfg.lr, end, decay_steps)
     else:
-        after = optax.constant_schedule(tc.lr)
+        after = optax.constant_schedule(train_cfg.lr)
     sched = optax.join_schedules(
-        [optax.linear_schedule(0.0, tc.lr, max(1, tc.warmup_steps)), after], [tc.warmup_steps])
-    parts = [optax.clip_by_global_norm(tc.grad_clip)] if tc.grad_clip > 0 else []
-    parts.append(optax.adam(sched, b1=tc.beta1, b2=tc.beta2))
+        [optax.linear_schedule(0.0, train_cfg.lr, max(1, train_cfg.warmup_steps)), after],
+        [train_cfg.warmup_steps])
+    parts = [optax.clip_by_global_norm(train_cfg.grad_clip)] if train_cfg.grad_clip > 0 else []
+    parts.append(optax.adam(sched, b1=train_cfg.beta1, b2=train_cfg.beta2))
     return optax.chain(*parts)
 
 
-def _train_step(state: TrainState, x, y, cfg: TranscoderConfig, tc: TrainConfig,
+def _train_step(state: TrainState, x, y, cfg: TranscoderConfig, train_cfg: TrainConfig,
                 mode: StepMode = None, kernels: str = "xla"):
     """One Adam step on raw activations x, y [batch, layer, d_model] (normalised here). A sparse
     step whose support overflowed its capacity leaves the state untouched (metrics['overflow'])
     for the caller to run the batch densely."""
-    tx = make_optimizer(tc)
-    lam = sparsity_lambda(tc, state.step)
+    tx = make_optimizer(train_cfg)
+    lam = sparsity_lambda(train_cfg, state.step)
     nm = state.norms
     x = (x.astype(jnp.float32) - nm.in_mean) / nm.in_scale[:, None]
     y = (y.astype(jnp.float32) - nm.out_mean) / nm.out_scale[:, None]
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, cfg, tc, x, y, lam, mode, kernels)
+        state.params, cfg, train_cfg, x, y, lam, mode, kernels)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if cfg.activation == "batchtopk":
@@ -300,56 +314,57 @@ def _follow_batch_cut(params: TranscoderParams, cut, step) -> TranscoderParams:
     return dataclasses.replace(params, log_threshold=jnp.log(th))
 
 
-def state_shardings(cfg: TranscoderConfig, tc: TrainConfig, mesh) -> TrainState:
+def state_shardings(cfg: TranscoderConfig, train_cfg: TrainConfig, mesh) -> TrainState:
     """Where every leaf of the training state lives on `mesh` (optimizer state like params)."""
     ps = shd.param_shardings(cfg, mesh)
     rep = shd.replicated(mesh)
-    abstract = jax.eval_shape(lambda: init_state(cfg, tc, Norms.identity(cfg.n_layers,
+    abstract = jax.eval_shape(lambda: init_state(cfg, train_cfg, Norms.identity(cfg.n_layers,
                                                                           cfg.d_model)))
-    opt = optax.tree_map_params(make_optimizer(tc), lambda _, s: s, abstract.opt_state, ps,
+    opt = optax.tree_map_params(make_optimizer(train_cfg), lambda _, s: s, abstract.opt_state, ps,
                                 transform_non_params=lambda _: rep)
     return TrainState(params=ps, opt_state=opt, norms=jax.tree.map(lambda _: rep, abstract.norms),
                       step=rep)
 
 
-def init_state(cfg: TranscoderConfig, tc: TrainConfig, norms: Norms,
+def init_state(cfg: TranscoderConfig, train_cfg: TrainConfig, norms: Norms,
                params: TranscoderParams | None = None) -> TrainState:
     if params is None:
-        params = init_params(cfg, jax.random.key(tc.seed), threshold=tc.threshold_init)
-    return TrainState(params=params, opt_state=make_optimizer(tc).init(params), norms=norms,
+        params = init_params(cfg, jax.random.key(train_cfg.seed),
+                             threshold=train_cfg.threshold_init)
+    return TrainState(params=params, opt_state=make_optimizer(train_cfg).init(params), norms=norms,
                       step=jnp.zeros((), jnp.int32))
 
 
-def _initial_params(cfg: TranscoderConfig, tc: TrainConfig, norms: Norms
+def _initial_params(cfg: TranscoderConfig, train_cfg: TrainConfig, norms: Norms
                     ) -> TranscoderParams | None:
-    """`tc.init_from`'s weights in the normalised space of `norms` (None: random init)."""
-    if tc.init_from is None:
+    """`train_cfg.init_from`'s weights in the normalised space of `norms` (None: random init)."""
+    if train_cfg.init_from is None:
         return None
     from clt.transcoder import load, unfold_norms
 
-    _check_init_from(cfg, tc)
-    return unfold_norms(cfg, load(tc.init_from)[1], norms)
+    _check_init_from(cfg, train_cfg)
+    return unfold_norms(cfg, load(train_cfg.init_from)[1], norms)
 
 
-def _check_init_from(cfg: TranscoderConfig, tc: TrainConfig) -> None:
+def _check_init_from(cfg: TranscoderConfig, train_cfg: TrainConfig) -> None:
     """Refuse (reading its config.json only) an init_from transcoder of another architecture."""
-    if tc.init_from is None:
+    if train_cfg.init_from is None:
         return
-    path = Path(tc.init_from) / "config.json"
+    path = Path(train_cfg.init_from) / "config.json"
     if not path.exists():
-        raise ConfigError(f"init_from {tc.init_from} is not a cltrace transcoder: config.json is "
-                          "missing")
+        raise ConfigError(f"init_from {train_cfg.init_from} is not a cltrace transcoder: "
+                          "config.json is missing")
     old = TranscoderConfig.from_json(path.read_text())
     fields = ("d_model", "n_layers", "n_features", "max_reach", "activation", "skip",
               "input_point")
     diff = [f for f in fields if getattr(old, f) != getattr(cfg, f)]
     if diff:
-        raise ConfigError(f"init_from {tc.init_from} has a different {', '.join(diff)} "
+        raise ConfigError(f"init_from {train_cfg.init_from} has a different {', '.join(diff)} "
                           f"({', '.join(f'{f}={getattr(old, f)}' for f in diff)}); train with "
                           "its architecture or drop init_from")
 
 
-def compile_step(cfg: TranscoderConfig, tc: TrainConfig, mesh, mode: StepMode = None,
+def compile_step(cfg: TranscoderConfig, train_cfg: TrainConfig, mesh, mode: StepMode = None,
                  kernels: str = "xla", donate: bool = False):
     """The jitted train step (dense, or sparse with `mode`) with in/out shardings for `mesh`.
 
@@ -357,15 +372,15 @@ def compile_step(cfg: TranscoderConfig, tc: TrainConfig, mesh, mode: StepMode = 
     parameters: without donation a step holds two), so the caller must drop the state it passed
     and keep the returned one, which equals the input when the step was refused (non-finite or
     overflow)."""
-    ss = state_shardings(cfg, tc, mesh)
+    ss = state_shardings(cfg, train_cfg, mesh)
     bs = shd.batch_sharding(mesh)
-    return jax.jit(partial(_train_step, cfg=cfg, tc=tc, mode=mode, kernels=kernels),
+    return jax.jit(partial(_train_step, cfg=cfg, train_cfg=train_cfg, mode=mode, kernels=kernels),
                    in_shardings=(ss, bs, bs), out_shardings=(ss, shd.replicated(mesh)),
                    donate_argnums=(0,) if donate else ())
 
 
-def place_state(state: TrainState, cfg, tc, mesh) -> TrainState:
-    return jax.device_put(state, state_shardings(cfg, tc, mesh))
+def place_state(state: TrainState, cfg, train_cfg, mesh) -> TrainState:
+    return jax.device_put(state, state_shardings(cfg, train_cfg, mesh))
 
 
 def export_params(cfg: TranscoderConfig, state: TrainState) -> TranscoderParams:
@@ -374,7 +389,7 @@ def export_params(cfg: TranscoderConfig, state: TrainState) -> TranscoderParams:
 
 
 class Steps:
-    """Runs each batch with the dense or the sparse step, as `tc.sparse` says, sizing the
+    """Runs each batch with the dense or the sparse step, as `train_cfg.sparse` says, sizing the
     sparse step's capacity from the support the steps report.
 
     The capacity grows as soon as a batch overflows it (that batch then runs densely, so every
@@ -384,12 +399,12 @@ class Steps:
 
     WINDOW = 50
 
-    def __init__(self, cfg: TranscoderConfig, tc: TrainConfig, mesh, donate: bool = False):
-        self.cfg, self.tc, self.mesh, self.donate = cfg, tc, mesh, donate
-        self.kernels = kernels_for(tc, mesh)
-        self.fixed = tc.sparse_capacity > 0
+    def __init__(self, cfg: TranscoderConfig, train_cfg: TrainConfig, mesh, donate: bool = False):
+        self.cfg, self.train_cfg, self.mesh, self.donate = cfg, train_cfg, mesh, donate
+        self.kernels = kernels_for(train_cfg, mesh)
+        self.fixed = train_cfg.sparse_capacity > 0
         # topk / batchtopk keep k per token (on average), plus one for ties at the cut.
-        self.capacity = tc.sparse_capacity or (cfg.k + 1 if cfg.activation in ("topk",
+        self.capacity = train_cfg.sparse_capacity or (cfg.k + 1 if cfg.activation in ("topk",
                                                                                 "batchtopk")
                                                else None)
         self._compiled: dict = {}
@@ -397,10 +412,10 @@ class Steps:
         self.dense_reruns = 0
 
     def mode(self) -> StepMode:
-        tc, cap = self.tc, self.capacity
-        if tc.sparse == "off" or cap is None:
+        train_cfg, cap = self.train_cfg, self.capacity
+        if train_cfg.sparse == "off" or cap is None:
             return None
-        if tc.sparse == "on":
+        if train_cfg.sparse == "on":
             return cap, self.kernels or "xla"
         if self.kernels is None or 4 * cap > self.cfg.n_features:
             return None
@@ -408,7 +423,7 @@ class Steps:
 
     def fn(self, mode: StepMode):
         if mode not in self._compiled:
-            self._compiled[mode] = compile_step(self.cfg, self.tc, self.mesh, mode,
+            self._compiled[mode] = compile_step(self.cfg, self.train_cfg, self.mesh, mode,
                                                 kernels=self.kernels or "xla",
                                                 donate=self.donate)
         return self._compiled[mode]
@@ -441,19 +456,19 @@ def _pow2_at_least(v: float, cap: int) -> int:
     return int(min(cap, 2 ** int(np.ceil(np.log2(max(v, 1.0))))))
 
 
-def kernels_for(tc: TrainConfig, mesh) -> str | None:
+def kernels_for(train_cfg: TrainConfig, mesh) -> str | None:
     """The sparse step's kernel set on `mesh`, or None where no fast one exists (`auto` then
     stays dense): XLA's gathers on GPU/TPU, numba on one CPU device (on a 2-core CPU, an XLA
     row gather took 3-4x longer than the dense matmul it replaces: an ad-hoc measurement,
     noted on issue 14; `--sparse-kernels xla` with scripts/bench_train.py measures it)."""
     devices = mesh.devices.ravel()
     single_cpu = devices[0].platform == "cpu" and len(devices) == 1 and jax.process_count() == 1
-    if tc.sparse_kernels == "cpu":
+    if train_cfg.sparse_kernels == "cpu":
         why = "they run on one CPU device only" if not single_cpu else sp.cpu_kernels_available()
         if why:
             raise ConfigError(f"sparse_kernels=cpu cannot run here: {why}; use xla or auto")
-    if tc.sparse_kernels != "auto":
-        return tc.sparse_kernels
+    if train_cfg.sparse_kernels != "auto":
+        return train_cfg.sparse_kernels
     if devices[0].platform != "cpu":
         return "xla"
     if single_cpu and sp.cpu_kernels_available() is None:
@@ -461,10 +476,10 @@ def kernels_for(tc: TrainConfig, mesh) -> str | None:
     return None
 
 
-def _prefetch(tc: TrainConfig, mesh) -> bool:
+def _prefetch(train_cfg: TrainConfig, mesh) -> bool:
     """Overlap generation with training on accelerators; on a CPU both use the same cores."""
-    if tc.prefetch != "auto":
-        return tc.prefetch == "on"
+    if train_cfg.prefetch != "auto":
+        return train_cfg.prefetch == "on"
     return mesh.devices.ravel()[0].platform != "cpu"
 
 
@@ -496,16 +511,16 @@ def save_checkpoint(mngr, state: TrainState, pos: DataPosition, extra: dict | No
     return step
 
 
-def restore_checkpoint(mngr, cfg: TranscoderConfig, tc: TrainConfig, mesh, step: int | None = None
-                       ) -> tuple[TrainState, DataPosition, dict]:
+def restore_checkpoint(mngr, cfg: TranscoderConfig, train_cfg: TrainConfig, mesh,
+                       step: int | None = None) -> tuple[TrainState, DataPosition, dict]:
     """The state at `step` (default: latest) laid out for `mesh`, whatever mesh saved it."""
     import orbax.checkpoint as ocp
 
     step = mngr.latest_step() if step is None else step
-    abstract = jax.eval_shape(lambda: init_state(cfg, tc, Norms.identity(cfg.n_layers,
+    abstract = jax.eval_shape(lambda: init_state(cfg, train_cfg, Norms.identity(cfg.n_layers,
                                                                           cfg.d_model)))
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, state_shardings(cfg, tc, mesh))
+                          abstract, state_shardings(cfg, train_cfg, mesh))
     try:
         got = mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
@@ -526,7 +541,7 @@ RESUMABLE_CHANGES = ("steps", "out", "checkpoint_every", "keep_checkpoints", "lo
                      "sparse_capacity", "prefetch")
 
 
-def _check_resume(out: Path, tc: TrainConfig, model_cfg) -> None:
+def _check_resume(out: Path, train_cfg: TrainConfig, model_cfg) -> None:
     """Refuse, before any compute, a run directory made for another model or other settings."""
     from clt.transcoder import TranscoderConfig, check_model
 
@@ -537,7 +552,7 @@ def _check_resume(out: Path, tc: TrainConfig, model_cfg) -> None:
     if not path.exists():
         return
     old = load_config(TrainConfig, path, "train")
-    diff = [f for f, v in to_dict(tc).items()
+    diff = [f for f, v in to_dict(train_cfg).items()
             if f not in RESUMABLE_CHANGES and to_dict(old).get(f) != v]
     if diff:
         raise ConfigError(f"{out} holds a run with different {', '.join(diff)}; resume with the "
@@ -571,9 +586,9 @@ def _summary(m: dict, step: int, rate: float) -> dict:
             "l0_per_layer": [round(float(v), 2) for v in m["l0"]], "tokens_per_s": rate}
 
 
-def train(tc: TrainConfig, *, resume: bool = True, progress: bool = True,
+def train(train_cfg: TrainConfig, *, resume: bool = True, progress: bool = True,
           on_step: Callable[[int], None] | None = None, mesh=None, model=None) -> Path:
-    """Train a transcoder as `tc` says; returns the exported transcoder's directory.
+    """Train a transcoder as `train_cfg` says; returns the exported transcoder's directory.
 
     Resumes from the run directory's latest checkpoint when there is one (and `resume`).
     Ctrl-C or SIGTERM saves a checkpoint before stopping (at the end of the step under way: steps
@@ -584,45 +599,49 @@ def train(tc: TrainConfig, *, resume: bool = True, progress: bool = True,
     from clt.lm.loading import load_model
     from clt.transcoder import check_model, save
 
-    model = model or load_model(tc.model)
-    cfg = tc.transcoder_config(model.cfg)
+    model = model or load_model(train_cfg.model)
+    cfg = train_cfg.transcoder_config(model.cfg)
     check_model(cfg, model.cfg)
-    mesh = mesh or shd.make_mesh(tc.mesh_data, tc.mesh_feature)
-    shd.check_divisible(cfg, mesh, tc.batch_tokens)
-    out = Path(tc.out)
+    mesh = mesh or shd.make_mesh(train_cfg.mesh_data, train_cfg.mesh_feature)
+    shd.check_divisible(cfg, mesh, train_cfg.batch_tokens)
+    out = Path(train_cfg.out)
     if resume:
-        _check_resume(out, tc, model.cfg)
-    _check_init_from(cfg, tc)
+        _check_resume(out, train_cfg, model.cfg)
+    _check_init_from(cfg, train_cfg)
     out.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
-        save_config(tc, out / "config.json", "train")
+        save_config(train_cfg, out / "config.json", "train")
         (out / "transcoder_config.json").write_text(cfg.to_json())
-    contexts = open_contexts(tc.data, model.tokenizer, tc.context_length, seed=tc.seed,
-                             text_field=tc.text_field, holdout=tc.holdout)
+    contexts = open_contexts(train_cfg.data, model.tokenizer, train_cfg.context_length,
+                             seed=train_cfg.seed, text_field=train_cfg.text_field,
+                             holdout=train_cfg.holdout)
     stream = ActivationStream(
-        model, contexts, input_point=tc.input_point, batch_tokens=tc.batch_tokens,
-        round_contexts=tc.round_contexts, model_batch=tc.model_batch, seed=tc.seed,
-        outlier_factor=tc.outlier_factor, dtype=jnp.dtype(tc.activation_dtype),
-        cache_dir=tc.cache_activations, n_layers=cfg.n_layers)
-    mngr = _manager(out, tc.keep_checkpoints, tc.async_checkpoints)
+        model, contexts, input_point=train_cfg.input_point, batch_tokens=train_cfg.batch_tokens,
+        round_contexts=train_cfg.round_contexts, model_batch=train_cfg.model_batch,
+        seed=train_cfg.seed,
+        outlier_factor=train_cfg.outlier_factor, dtype=jnp.dtype(train_cfg.activation_dtype),
+        cache_dir=train_cfg.cache_activations, n_layers=cfg.n_layers)
+    mngr = _manager(out, train_cfg.keep_checkpoints, train_cfg.async_checkpoints)
     if resume and mngr.latest_step() is not None:
-        state, pos, _ = restore_checkpoint(mngr, cfg, tc, mesh)
+        state, pos, _ = restore_checkpoint(mngr, cfg, train_cfg, mesh)
     else:
-        norms = estimate_norms(stream, tc.norm_rounds)
-        state = place_state(init_state(cfg, tc, norms, _initial_params(cfg, tc, norms)), cfg, tc,
-                            mesh)
+        norms = estimate_norms(stream, train_cfg.norm_rounds)
+        state = place_state(init_state(cfg, train_cfg, norms,
+                                       _initial_params(cfg, train_cfg, norms)),
+                            cfg, train_cfg, mesh)
         pos = DataPosition()
-    step_fn = Steps(cfg, tc, mesh, donate=True)
+    step_fn = Steps(cfg, train_cfg, mesh, donate=True)
     bsh = shd.batch_sharding(mesh)
     step = int(jax.device_get(state.step))
     metrics_file = (out / "metrics.jsonl").open("a") if jax.process_index() == 0 else None
     tb = _tensorboard(out) if jax.process_index() == 0 else None
     meter, last = _Meter(time.perf_counter()), None
-    bar = _Bar(progress, tc.steps, step)
+    bar = _Bar(progress, train_cfg.steps, step)
     signals = _Interrupts()
     try:
-        batches = stream.batches(pos, reuse=tc.data_reuse, prefetch=_prefetch(tc, mesh))
-        while step < tc.steps:
+        batches = stream.batches(pos, reuse=train_cfg.data_reuse,
+                                 prefetch=_prefetch(train_cfg, mesh))
+        while step < train_cfg.steps:
             nxt, x, y = next(batches)
             with signals.step():  # the step takes `state`'s memory: no interrupt until it is back
                 state, m = step_fn(state, _to_global(x, bsh), _to_global(y, bsh))
@@ -634,9 +653,9 @@ def train(tc: TrainConfig, *, resume: bool = True, progress: bool = True,
                     raise NonFiniteError(f"non-finite loss at step {step + 1}: {where}; the last "
                                          f"good state is saved as checkpoint {step} in {out}")
                 pos, step = nxt, step + 1
-            meter.tokens += tc.batch_tokens
+            meter.tokens += train_cfg.batch_tokens
             last = m
-            if step % tc.log_every == 0 or step == tc.steps:
+            if step % train_cfg.log_every == 0 or step == train_cfg.steps:
                 row = _summary(m, step, meter.rate())
                 row.update(sparse_capacity=m["sparse"], dense_reruns=step_fn.dense_reruns)
                 meter = _Meter(time.perf_counter())  # tokens/s over the last interval
@@ -647,7 +666,7 @@ def train(tc: TrainConfig, *, resume: bool = True, progress: bool = True,
                     for k in ("loss", "mse", "nmse", "l0", "lambda", "tokens_per_s"):
                         tb.add_scalar(k, row[k], step)
                 bar.update(step, row)
-            if step % tc.checkpoint_every == 0:
+            if step % train_cfg.checkpoint_every == 0:
                 save_checkpoint(mngr, state, pos)
             if on_step is not None:
                 on_step(step)
@@ -674,8 +693,8 @@ def train(tc: TrainConfig, *, resume: bool = True, progress: bool = True,
     path = out / "transcoder"
     if jax.process_index() == 0:
         save(path, cfg, export_params(cfg, state),
-             dtype=None if tc.export_dtype == "float32" else tc.export_dtype,
-             extra={"train_config": to_dict(tc), "final_metrics": final})
+             dtype=None if train_cfg.export_dtype == "float32" else train_cfg.export_dtype,
+             extra={"train_config": to_dict(train_cfg), "final_metrics": final})
     return path
 
 

@@ -309,15 +309,20 @@ def decode(cfg: TranscoderConfig, params: TranscoderParams,
            x: Float[Array, "*b layer d_model"] | None = None) -> Float[Array, "*b layer d_model"]:
     """Reconstructed MLP outputs of every layer: sum over source layers s <= t of
     acts[s] @ W_dec[s][:, t - s], plus b_dec[t], plus x[t] @ W_skip[t] when there is a skip."""
-    L = cfg.n_layers
-    lead = acts.shape[:-2]
-    out = jnp.zeros(lead + params.b_dec.shape, acts.dtype)
-    for s in range(L):
-        n = cfg.n_targets(s)
-        w = params.W_dec[s].astype(acts.dtype).reshape(cfg.n_features, n * cfg.d_model)
-        contrib = (acts[..., s, :] @ w).reshape(lead + (n, cfg.d_model))
-        out = out.at[..., s:s + n, :].add(contrib)
+    out = jnp.zeros(acts.shape[:-2] + params.b_dec.shape, acts.dtype)
+    for s in range(cfg.n_layers):
+        out = out.at[..., s:s + cfg.n_targets(s), :].add(
+            decoder_writes(cfg, params, s, acts[..., s, :]))
     return add_bias_and_skip(params, out, x)
+
+
+def decoder_writes(cfg: TranscoderConfig, params: TranscoderParams, s: int,
+                   acts: Float[Array, "*b feature"]) -> Float[Array, "*b target d_model"]:
+    """What source layer s's features write into layers s..s+n_targets(s)-1: acts @ W_dec[s]
+    (the one place decoder writes are computed; `decode` and `layer_step` sum them)."""
+    n = cfg.n_targets(s)
+    w = params.W_dec[s].astype(acts.dtype).reshape(cfg.n_features, n * cfg.d_model)
+    return (acts @ w).reshape(acts.shape[:-1] + (n, cfg.d_model))
 
 
 def add_bias_and_skip(params: TranscoderParams, writes: Float[Array, "*b layer d_model"],
@@ -362,11 +367,9 @@ def layer_step(cfg: TranscoderConfig, params: TranscoderParams, layer: int,
     acts = encode(cfg, view, x[..., None, :])[..., 0, :]  # [*b feature]
     if edit is not None:
         acts = edit(acts)
-    n = cfg.n_targets(layer)
-    w = params.W_dec[layer].astype(acts.dtype).reshape(cfg.n_features, n * cfg.d_model)
-    writes = (acts @ w).reshape(acts.shape[:-1] + (n, cfg.d_model))
+    writes = decoder_writes(cfg, params, layer, acts)
     pending = list(pending)
-    for j in range(n):
+    for j in range(cfg.n_targets(layer)):
         pending[layer + j] = pending[layer + j] + writes[..., j, :]
     out = pending[layer]
     if params.W_skip is not None:
@@ -554,7 +557,8 @@ def load(path: str | Path, dtype=jnp.float32) -> tuple[TranscoderConfig, Transco
 __all__ = [
     "Norms", "TranscoderConfig", "TranscoderParams", "activate", "add_bias_and_skip",
     "batchtopk_mask", "kth_largest",
-    "check_model", "check_params", "decode", "decoder_norms", "decoder_to_layer", "encode",
+    "check_model", "check_params", "decode", "decoder_norms", "decoder_to_layer", "decoder_writes",
+    "encode",
     "encode_pre", "fold_norms", "forward", "init_params", "init_pending", "jumprelu",
     "layer_step", "load", "param_shapes", "unfold_norms",
     "save", "topk_mask",

@@ -2,10 +2,10 @@
 graph JSON back into our `Graph`.
 
 The schema (circuit-tracer's `frontend/graph_models.py`) is written once, in `attribution.export`
-(node records, metadata, qParams); this module uses it. This module adds what a viewer session produces:
-the nodes a researcher pinned, grouped into named supernodes, as a graph JSON whose `qParams`
-(`pinnedIds`, `supernodes` as `[name, id, id, ...]` lists, `clickedId`, `linkType`, `sg_pos`) a
-Neuronpedia graph page accepts. The page's own export (viewer.js `exportSubgraph`) writes the same
+(node records, metadata, qParams); this module uses it, and adds what a viewer session
+produces: the nodes a researcher pinned, grouped into named supernodes, as a graph JSON whose
+`qParams` (`pinnedIds`, `supernodes` as `[name, id, id, ...]` lists, `clickedId`, `linkType`,
+`sg_pos`) a Neuronpedia graph page accepts. The page's own export (viewer.js `exportSubgraph`) writes the same
 records from what the page embeds; the browser test checks that the two agree.
 
 `from_neuronpedia` reads such a JSON (ours or circuit-tracer's) back into a `Graph` holding the
