@@ -71,16 +71,16 @@ def _steer(args) -> int:
                           "direction (--vector / --feature-direction with --layer)")
     console.print("tokens: " + " ".join(f"[dim]{i}[/dim]{s!r}" for i, s in
                                         enumerate(tok.token_strings(ids))))
-    params, cfg = model.params, model.cfg
+    params, model_cfg = model.params, model.cfg
 
     def original(t):
-        return forward(params, cfg, t[None])[0][0]
+        return forward(params, model_cfg, t[None])[0][0]
 
     tc_cfg = tc_params = None
     if edits or args.feature_direction:
         from clt.circuit_tracer_io import open_transcoder
 
-        _, tc_cfg, tc_params = open_transcoder(args.transcoder, cfg)
+        _, tc_cfg, tc_params = open_transcoder(args.transcoder, model_cfg)
         for e in edits:
             e.check(tc_cfg, len(ids))
     if steering:
@@ -88,26 +88,26 @@ def _steer(args) -> int:
             raise ConfigError("steering needs --layer (the block after which to add the vector)")
         if args.vector:
             v = jnp.asarray(np.load(args.vector))
-            if v.shape != (cfg.d_model,):
+            if v.shape != (model_cfg.d_model,):
                 raise ConfigError(f"{args.vector} holds shape {v.shape}, the model needs "
-                                  f"({cfg.d_model},)")
+                                  f"({model_cfg.d_model},)")
         else:
             layer, feature = (int(x) for x in args.feature_direction.split(":"))
             v = iv.feature_direction(tc_cfg, tc_params, layer, feature)
 
         def intervened(t):
-            return iv.steered_logits(params, cfg, t, v, args.layer, args.alpha, args.from_pos)
+            return iv.steered_logits(params, model_cfg, t, v, args.layer, args.alpha, args.from_pos)
     elif args.mode == "frozen":
-        rm, acts = build(params, cfg, tc_cfg, tc_params, np.asarray(ids))
-        frozen = iv.frozen_logits(params, cfg, tc_cfg, tc_params, rm, acts, edits)
+        rm, acts = build(params, model_cfg, tc_cfg, tc_params, np.asarray(ids))
+        frozen = iv.frozen_logits(params, model_cfg, tc_cfg, tc_params, rm, acts, edits)
 
         def intervened(t):
             return frozen
     else:
-        rm, _ = build(params, cfg, tc_cfg, tc_params, np.asarray(ids))
+        rm, _ = build(params, model_cfg, tc_cfg, tc_params, np.asarray(ids))
 
         def intervened(t):
-            return iv.free_logits(params, cfg, tc_cfg, tc_params, rm, edits, tokens=t)
+            return iv.free_logits(params, model_cfg, tc_cfg, tc_params, rm, edits, tokens=t)
 
     P = len(ids)
     before = original(jnp.asarray(ids))[P - 1]
@@ -126,7 +126,7 @@ def _steer(args) -> int:
               "top_before": [(tok.decode([int(i)]), float(pb[i])) for i in np.argsort(-pb)[:args.k]],
               "top_after": [(tok.decode([int(i)]), float(pa[i])) for i in np.argsort(-pa)[:args.k]]}
     if args.mode == "free" or steering:
-        eos = tuple(cfg.eos_token_ids)
+        eos = tuple(model_cfg.eos_token_ids)
         gen_a = iv.greedy_continue(original, ids, args.max_new_tokens, eos)
         gen_b = iv.greedy_continue(intervened, ids, args.max_new_tokens, eos)
         side = Table(title="continuations")

@@ -167,7 +167,7 @@ class LensConfig:
 
 
 # --- free mode -------------------------------------------------------------------------------------
-def free_logits(params: LMParams, cfg: ModelConfig, tc_cfg: TranscoderConfig,
+def free_logits(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderConfig,
                 tc_params: TranscoderParams, rm: rep.LocalReplacement,
                 edits: tuple[FeatureEdit, ...], tokens=None) -> Float[Array, "pos vocab"]:
     """Logits of the free-mode intervened model on `tokens` (default: the prompt of `rm`; longer
@@ -179,12 +179,12 @@ def free_logits(params: LMParams, cfg: ModelConfig, tc_cfg: TranscoderConfig,
     # model's own MLP beyond it (generation).
     hook = SplicedTranscoder(tc_cfg, errors=True, edits=tuple(edits))
     hp = (tc_params, rm.mlp_out[:, None], rm.recon[:, None], jnp.arange(tokens.shape[0]))
-    logits, _ = forward(params, cfg, tokens[None], mlp_hook=hook, hook_params=hp)
+    logits, _ = forward(params, model_cfg, tokens[None], mlp_hook=hook, hook_params=hp)
     return logits[0]
 
 
 # --- frozen mode -----------------------------------------------------------------------------------
-def frozen_effects(params: LMParams, cfg: ModelConfig, tc_cfg: TranscoderConfig,
+def frozen_effects(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderConfig,
                    tc_params: TranscoderParams, rm: rep.LocalReplacement, acts,
                    edits: tuple[FeatureEdit, ...]):
     """Transcoder inputs [layer, pos, d_model] and final hidden [pos, d_model] of the frozen
@@ -199,14 +199,14 @@ def frozen_effects(params: LMParams, cfg: ModelConfig, tc_cfg: TranscoderConfig,
     # The edited activations write through the decoders into the MLP slots they reach.
     writes = jnp.swapaxes(tcm.decode(tc_cfg, dataclasses.replace(
         tc_params, b_dec=jnp.zeros_like(tc_params.b_dec), W_skip=None), delta), 0, 1)
-    return rep.linear_forward(rm, params, cfg, tc_cfg, tc_params, rm.embeds,
+    return rep.linear_forward(rm, params, model_cfg, tc_cfg, tc_params, rm.embeds,
                               rm.mlp_sub + writes)
 
 
-def frozen_logits(params, cfg, tc_cfg, tc_params, rm, acts, edits):
+def frozen_logits(params, model_cfg, tc_cfg, tc_params, rm, acts, edits):
     """Logits [pos, vocab] of the frozen-mode intervened model."""
-    _, hidden = frozen_effects(params, cfg, tc_cfg, tc_params, rm, acts, edits)
-    return logits_of(params, cfg, hidden)
+    _, hidden = frozen_effects(params, model_cfg, tc_cfg, tc_params, rm, acts, edits)
+    return logits_of(params, model_cfg, hidden)
 
 
 # --- steering --------------------------------------------------------------------------------------
@@ -235,33 +235,36 @@ def feature_direction(tc_cfg: TranscoderConfig, tc_params: TranscoderParams, lay
                                 layer if target_layer is None else target_layer)[feature]
 
 
-def mean_residual(params: LMParams, cfg: ModelConfig, token_lists: list[list[int]], layer: int,
+def mean_residual(params: LMParams, model_cfg: ModelConfig, token_lists: list[list[int]],
+                  layer: int,
                   position: Literal["last", "mean"] = "last") -> Float[Array, " d_model"]:
     """Mean over prompts of the residual stream after block `layer` (last token, or the mean over
     each prompt's tokens)."""
     if not token_lists:
         raise ConfigError("a difference of means needs at least one prompt on each side")
-    if not 0 <= layer < cfg.n_layers:
-        raise ConfigError(f"layer {layer} out of range 0..{cfg.n_layers - 1}")
+    if not 0 <= layer < model_cfg.n_layers:
+        raise ConfigError(f"layer {layer} out of range 0..{model_cfg.n_layers - 1}")
     vecs = []
     for ids in token_lists:
-        _, cap = forward(params, cfg, jnp.asarray([ids]), capture=("resid_pre", "resid_final"))
-        r = cap.resid_pre[layer + 1, 0] if layer + 1 < cfg.n_layers else cap.resid_final[0]
+        _, cap = forward(params, model_cfg, jnp.asarray([ids]),
+                         capture=("resid_pre", "resid_final"))
+        r = cap.resid_pre[layer + 1, 0] if layer + 1 < model_cfg.n_layers else cap.resid_final[0]
         vecs.append(r[-1] if position == "last" else r.mean(0))
     return jnp.stack(vecs).mean(0)
 
 
-def diff_of_means(params, cfg, positive: list[list[int]], negative: list[list[int]], layer: int,
+def diff_of_means(params, model_cfg, positive: list[list[int]], negative: list[list[int]],
+                  layer: int,
                   position: Literal["last", "mean"] = "last") -> Float[Array, " d_model"]:
     """mean residual(positive) - mean residual(negative) after block `layer`."""
-    return (mean_residual(params, cfg, positive, layer, position)
-            - mean_residual(params, cfg, negative, layer, position))
+    return (mean_residual(params, model_cfg, positive, layer, position)
+            - mean_residual(params, model_cfg, negative, layer, position))
 
 
-def steered_logits(params, cfg, tokens, v, layer: int, alpha: float, from_pos: int = 0):
-    if not 0 <= layer < cfg.n_layers:
-        raise ConfigError(f"layer {layer} out of range 0..{cfg.n_layers - 1}")
-    logits, _ = forward(params, cfg, jnp.asarray(tokens)[None],
+def steered_logits(params, model_cfg, tokens, v, layer: int, alpha: float, from_pos: int = 0):
+    if not 0 <= layer < model_cfg.n_layers:
+        raise ConfigError(f"layer {layer} out of range 0..{model_cfg.n_layers - 1}")
+    logits, _ = forward(params, model_cfg, jnp.asarray(tokens)[None],
                         mlp_hook=SteerHook(layer, float(alpha), from_pos),
                         hook_params=jnp.asarray(v))
     return logits[0]
@@ -293,13 +296,14 @@ def greedy_continue(logits_fn, prompt: list[int], max_new_tokens: int, eos: tupl
 
 
 # --- logit lens ------------------------------------------------------------------------------------
-def logit_lens(params: LMParams, cfg: ModelConfig, tokens, k: int = 5):
+def logit_lens(params: LMParams, model_cfg: ModelConfig, tokens, k: int = 5):
     """Top-k tokens and probabilities decoded from the residual stream entering each block and
     after the last one, through the final norm (recomputed, not frozen) and the unembedding:
     (ids [layer+1, pos, k], probs [layer+1, pos, k])."""
-    _, cap = forward(params, cfg, jnp.asarray(tokens)[None], capture=("resid_pre", "resid_final"))
+    _, cap = forward(params, model_cfg, jnp.asarray(tokens)[None],
+                     capture=("resid_pre", "resid_final"))
     resid = jnp.concatenate([cap.resid_pre[:, 0], cap.resid_final], axis=0)  # [L+1, pos, d]
-    logits, _ = unembed(params, cfg, resid)  # the final norm recomputed at every layer
+    logits, _ = unembed(params, model_cfg, resid)  # the final norm recomputed at every layer
     probs, ids = jax.lax.top_k(jax.nn.softmax(logits, -1), k)
     return np.asarray(ids), np.asarray(probs)
 

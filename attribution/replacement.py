@@ -80,7 +80,8 @@ class ActiveFeatures:
         return ActiveFeatures(self.layer[rows], self.pos[rows], self.index[rows], self.value[rows])
 
 
-def build(params: LMParams, cfg: ModelConfig, tc_cfg: TranscoderConfig, tc_params: TranscoderParams,
+def build(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderConfig,
+          tc_params: TranscoderParams,
           tokens: Int[np.ndarray, " pos"]
           ) -> tuple[LocalReplacement, Float[Array, "pos layer feature"]]:
     """Run the real model on `tokens` (BOS already prepended) and freeze it.
@@ -89,10 +90,10 @@ def build(params: LMParams, cfg: ModelConfig, tc_cfg: TranscoderConfig, tc_param
     feature] (the BOS position included: its features are part of the exact reconstruction even
     though they are left out of the graph).
     """
-    tcm.check_model(tc_cfg, cfg)
+    tcm.check_model(tc_cfg, model_cfg)
     tok = jnp.asarray(tokens, jnp.int32)[None]
     wanted = FREEZABLE + ("resid_mid", "mlp_in", "mlp_out")
-    logits, cap = forward(params, cfg, tok, capture=wanted)
+    logits, cap = forward(params, model_cfg, tok, capture=wanted)
     # Frozen: attention patterns and normalisation scales are nonlinear functions of the residual
     # stream; holding them at their values on this prompt is what makes the rest linear.
     frozen = jax.lax.stop_gradient(cap.frozen_part())
@@ -106,7 +107,8 @@ def build(params: LMParams, cfg: ModelConfig, tc_cfg: TranscoderConfig, tc_param
     skip = 0.0 if tc_params.W_skip is None else jnp.einsum("lpd,lde->lpe", reads, tc_params.W_skip)
     positions = jnp.arange(tok.shape[1])[None]
     rm = LocalReplacement(
-        tokens=tok[0], embeds=embed(params, cfg, tok, positions)[0], frozen=frozen, inputs=reads,
+        tokens=tok[0], embeds=embed(params, model_cfg, tok, positions)[0], frozen=frozen,
+        inputs=reads,
         mlp_out=mlp_out, recon=jax.lax.stop_gradient(recon),
         mlp_sub=jax.lax.stop_gradient(mlp_out - skip), error=error,
         last_logits=logits[0, -1])
@@ -153,7 +155,7 @@ def _layer_frozen(rm: LocalReplacement, layer) -> dict:
             if getattr(rm.frozen, k) is not None}
 
 
-def linear_block(rm: LocalReplacement, params: LMParams, cfg: ModelConfig,
+def linear_block(rm: LocalReplacement, params: LMParams, model_cfg: ModelConfig,
                  tc_cfg: TranscoderConfig, tc_params: TranscoderParams, layer,
                  x: Float[Array, "1 pos d_model"], m_sub: Float[Array, "1 pos d_model"]):
     """Block `layer` (may be traced) of the frozen linear model: (resid_pre, MLP substitution) ->
@@ -170,41 +172,42 @@ def linear_block(rm: LocalReplacement, params: LMParams, cfg: ModelConfig,
         return m_sub + tc_cfg.read(resid_mid, mlp_in) @ skip
 
     # Patterns are frozen, so RoPE tables and masks are never read: queries and keys are dead code.
-    dummy = jnp.zeros(x.shape[:2] + (cfg.head_dim,), jnp.float32)
-    x_next, caps, _ = block(lp, cfg, x, dummy, dummy, None, fr, ("resid_mid", "mlp_in"),
+    dummy = jnp.zeros(x.shape[:2] + (model_cfg.head_dim,), jnp.float32)
+    x_next, caps, _ = block(lp, model_cfg, x, dummy, dummy, None, fr, ("resid_mid", "mlp_in"),
                             mlp_fn=mlp_fn)
     return x_next, tc_cfg.read(caps["resid_mid"], caps["mlp_in"])
 
 
-def final_hidden(rm: LocalReplacement, params: LMParams, cfg: ModelConfig,
+def final_hidden(rm: LocalReplacement, params: LMParams, model_cfg: ModelConfig,
                  x: Float[Array, "1 pos d_model"]) -> Float[Array, "1 pos d_model"]:
     """The final norm with its frozen scale: the vector logit directions are read from."""
-    h, _ = norm(x, params.final_norm_w, params.final_norm_b, cfg, rm.frozen.final_norm_scale)
+    h, _ = norm(x, params.final_norm_w, params.final_norm_b, model_cfg, rm.frozen.final_norm_scale)
     return h
 
 
-def linear_forward(rm: LocalReplacement, params: LMParams, cfg: ModelConfig,
+def linear_forward(rm: LocalReplacement, params: LMParams, model_cfg: ModelConfig,
                    tc_cfg: TranscoderConfig, tc_params: TranscoderParams,
                    embeds: Float[Array, "pos d_model"], mlp_sub: Float[Array, "layer pos d_model"]):
     """The whole frozen linear model: (transcoder inputs [layer, pos, d_model], final hidden
     [pos, d_model]). With (rm.embeds, rm.mlp_sub) it reproduces the real model's values."""
     x = embeds[None]
     reads = []
-    for layer in range(cfg.n_layers):
-        x, r = linear_block(rm, params, cfg, tc_cfg, tc_params, layer, x, mlp_sub[layer][None])
+    for layer in range(model_cfg.n_layers):
+        x, r = linear_block(rm, params, model_cfg, tc_cfg, tc_params, layer, x,
+                            mlp_sub[layer][None])
         reads.append(r[0])
-    return jnp.stack(reads), final_hidden(rm, params, cfg, x)[0]
+    return jnp.stack(reads), final_hidden(rm, params, model_cfg, x)[0]
 
 
 # --- the local replacement model itself --------------------------------------------------------
-def replacement_logits(rm: LocalReplacement, params: LMParams, cfg: ModelConfig,
+def replacement_logits(rm: LocalReplacement, params: LMParams, model_cfg: ModelConfig,
                        tc_cfg: TranscoderConfig, tc_params: TranscoderParams,
                        ) -> Float[Array, "pos vocab"]:
     """Logits of the local replacement model (frozen patterns, norms and errors; live features).
     On the prompt it was built from, these equal the real model's logits."""
     hook = SplicedTranscoder(tc_cfg, errors=True)
     hp = (tc_params, rm.mlp_out[:, None], rm.recon[:, None], jnp.arange(rm.tokens.shape[0]))
-    logits, _ = forward(params, cfg, rm.tokens[None], frozen=rm.frozen, mlp_hook=hook,
+    logits, _ = forward(params, model_cfg, rm.tokens[None], frozen=rm.frozen, mlp_hook=hook,
                         hook_params=hp)
     return logits[0]
 
@@ -223,13 +226,13 @@ def prompt_ids(model, prompt: str) -> list[int]:
     return ids
 
 
-def prepend_bos(cfg: ModelConfig, ids: list[int]) -> tuple[list[int], bool]:
+def prepend_bos(model_cfg: ModelConfig, ids: list[int]) -> tuple[list[int], bool]:
     """The token ids with the model's BOS in front (once); whether position 0 is a BOS."""
-    if cfg.bos_token_id is None:
+    if model_cfg.bos_token_id is None:
         return list(ids), False
-    if ids and ids[0] == cfg.bos_token_id:
+    if ids and ids[0] == model_cfg.bos_token_id:
         return list(ids), True
-    return [cfg.bos_token_id] + list(ids), True
+    return [model_cfg.bos_token_id] + list(ids), True
 
 
 __all__ = [

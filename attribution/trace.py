@@ -150,10 +150,10 @@ def select_logits(last_logits, W_U, max_n_logits: int, desired_prob: float):
 
 
 # --- one batch of rows ---------------------------------------------------------------------------
-@partial(jax.jit, static_argnames=("cfg", "tc_cfg", "src_layers", "src_sizes", "over_counts",
-                                   "first_pos", "n_pos"))
+@partial(jax.jit, static_argnames=("model_cfg", "tc_cfg", "src_layers", "src_sizes",
+                                   "over_counts", "first_pos", "n_pos"))
 def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, *,
-          cfg: ModelConfig, tc_cfg: TranscoderConfig, src_layers: tuple[int, ...],
+          model_cfg: ModelConfig, tc_cfg: TranscoderConfig, src_layers: tuple[int, ...],
           src_sizes: tuple[int, ...], over_counts: tuple[int, ...], first_pos: int, n_pos: int):
     """Rows of A for a batch of targets: [batch, features + errors + tokens] float32.
 
@@ -165,7 +165,7 @@ def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, *
     B = tgt_layer.shape[0]
     T_all = rm.tokens.shape[0]
     rm = rep.prefix(rm, n_pos) if n_pos < T_all else rm
-    L, T, D = cfg.n_layers, n_pos, cfg.d_model
+    L, T, D = model_cfg.n_layers, n_pos, model_cfg.d_model
     dt = rm.embeds.dtype
     rows = jnp.arange(B)
 
@@ -174,7 +174,7 @@ def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, *
         return jnp.zeros((B, T, D), dt).at[rows, tgt_pos].set(v)[:, None]
 
     zero = jnp.zeros((1, T, D), dt)
-    _, top_vjp = jax.vjp(lambda x: rep.final_hidden(rm, params, cfg, x), zero)
+    _, top_vjp = jax.vjp(lambda x: rep.final_hidden(rm, params, model_cfg, x), zero)
     g = jax.vmap(top_vjp)(inject(L))[0]  # [B, 1, T, D] at the final residual
     lmax = jnp.max(tgt_layer)
     # Block l holds the read point of layer-l targets, so the sweep runs from block lmax (the
@@ -185,7 +185,7 @@ def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, *
         g, G = carry
         layer = n_blocks - 1 - i
         _, blk_vjp = jax.vjp(
-            lambda x, m: rep.linear_block(rm, params, cfg, tc_cfg, tc_params, layer, x, m),
+            lambda x, m: rep.linear_block(rm, params, model_cfg, tc_cfg, tc_params, layer, x, m),
             zero, zero)
         # gm comes out position-major, [1, T, B, D]: the decoder contraction below is then a
         # matmul per position with contiguous operands (XLA's CPU batched dot is several times
@@ -241,15 +241,15 @@ class _RowMaker:
     """Pads target batches to a fixed size, runs each on the shortest position prefix that holds
     its targets (rounded up to a bucket: one compilation per bucket), returns rows."""
 
-    def __init__(self, params, cfg, tc_cfg, tc_params, rm, active, bos, batch, dtype,
+    def __init__(self, params, model_cfg, tc_cfg, tc_params, rm, active, bos, batch, dtype,
                  bucket: int = 0):
         cast = (lambda t: jax.tree.map(
             lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, t))
         self.params, self.tc_params, self.rm = cast(params), cast(tc_params), cast(rm)
-        self.cfg, self.tc_cfg, self.batch = cfg, tc_cfg, batch
+        self.cfg, self.tc_cfg, self.batch = model_cfg, tc_cfg, batch
         T = self.n_pos = int(rm.tokens.shape[0])
         self.bucket = bucket if bucket > 0 else max(16, -(-T // 8))
-        self.sources = [Sources.build(active, s, T) for s in range(cfg.n_layers)
+        self.sources = [Sources.build(active, s, T) for s in range(model_cfg.n_layers)
                         if np.any(active.layer == s)]
         self.src_layers = tuple(src.layer for src in self.sources)
         self.layout = tuple(src.device() for src in self.sources)
@@ -285,8 +285,8 @@ class _RowMaker:
         vec = jnp.concatenate([vec, jnp.zeros((pad, self.cfg.d_model), vec.dtype)])
         over_counts, columns = self.prefix_columns(P)
         out = _rows(self.params, self.tc_params, self.rm, self.layout, columns,
-                    jnp.asarray(layer), jnp.asarray(pos), vec, cfg=self.cfg, tc_cfg=self.tc_cfg,
-                    src_layers=self.src_layers, src_sizes=self.src_sizes,
+                    jnp.asarray(layer), jnp.asarray(pos), vec, model_cfg=self.cfg,
+                    tc_cfg=self.tc_cfg, src_layers=self.src_layers, src_sizes=self.src_sizes,
                     over_counts=over_counts, first_pos=self.first_pos, n_pos=P)
         out = out if padded else out[:n]
         return np.asarray(jax.device_get(out)) if host else out
@@ -298,7 +298,7 @@ class _RowMaker:
         return self(layer, active.pos[which], vec, host, padded)
 
 
-def trace_tokens(params: LMParams, cfg: ModelConfig, tc_cfg: TranscoderConfig,
+def trace_tokens(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderConfig,
                  tc_params: TranscoderParams, token_ids, config: TraceConfig, *,
                  token_strings: list[str] | None = None, logit_strings=None,
                  progress: bool = False) -> Graph:
@@ -306,20 +306,21 @@ def trace_tokens(params: LMParams, cfg: ModelConfig, tc_cfg: TranscoderConfig,
 
     `logit_strings(ids) -> list[str]` names the logit tokens (default: the ids as text)."""
     t0 = time.perf_counter()
-    check_model(tc_cfg, cfg)
-    ids, bos = rep.prepend_bos(cfg, [int(i) for i in token_ids])
+    check_model(tc_cfg, model_cfg)
+    ids, bos = rep.prepend_bos(model_cfg, [int(i) for i in token_ids])
     if len(ids) - int(bos) == 0:
         raise ConfigError("the prompt is empty: give at least one token to trace")
-    if len(ids) > cfg.max_position:
+    if len(ids) > model_cfg.max_position:
         raise ConfigError(f"the prompt has {len(ids)} tokens (BOS included) but model "
-                          f"'{cfg.name}' has a context of {cfg.max_position}; shorten it")
+                          f"'{model_cfg.name}' has a context of {model_cfg.max_position}; "
+                          "shorten it")
     if token_strings is None:
         token_strings = [str(i) for i in ids]
     elif bos and len(token_strings) == len(ids) - 1:
         token_strings = ["<bos>"] + list(token_strings)
-    T, L = len(ids), cfg.n_layers
+    T, L = len(ids), model_cfg.n_layers
 
-    rm, acts = rep.build(params, cfg, tc_cfg, tc_params, np.asarray(ids))
+    rm, acts = rep.build(params, model_cfg, tc_cfg, tc_params, np.asarray(ids))
     active = rep.active_features(acts, skip_bos=bos)
     del acts
     logit_toks, logit_probs, logit_dirs = select_logits(
@@ -333,12 +334,12 @@ def trace_tokens(params: LMParams, cfg: ModelConfig, tc_cfg: TranscoderConfig,
     dtype = jnp.dtype(config.dtype)
     if dtype == jnp.float64 and not jax.config.jax_enable_x64:
         raise ConfigError("dtype float64 needs jax.config.update('jax_enable_x64', True)")
-    batch = batch_size(config, cfg, T)
-    make = _RowMaker(params, cfg, tc_cfg, tc_params, rm, active, bos, batch, dtype,
+    batch = batch_size(config, model_cfg, T)
+    make = _RowMaker(params, model_cfg, tc_cfg, tc_params, rm, active, bos, batch, dtype,
                      config.position_bucket)
     t_setup = time.perf_counter() - t0
     names = logit_strings(logit_toks) if logit_strings else [str(t) for t in logit_toks]
-    info = {"model": cfg.name, "transcoder": to_dict(tc_cfg), "batch_size": batch,
+    info = {"model": model_cfg.name, "transcoder": to_dict(tc_cfg), "batch_size": batch,
             "position_bucket": make.bucket, "adjacency": "stream" if streamed else "dense",
             "seconds_setup": round(t_setup, 3)}
 
@@ -389,10 +390,10 @@ def trace_tokens(params: LMParams, cfg: ModelConfig, tc_cfg: TranscoderConfig,
     return graph(selected, adjacency)
 
 
-def batch_size(config: TraceConfig, cfg: ModelConfig, n_pos: int) -> int:
+def batch_size(config: TraceConfig, model_cfg: ModelConfig, n_pos: int) -> int:
     """Targets per backward sweep: config.batch_size, reduced so that one batch's gradients at
     every layer stay under config.batch_memory_gb."""
-    per_target = cfg.n_layers * n_pos * cfg.d_model * jnp.dtype(config.dtype).itemsize
+    per_target = model_cfg.n_layers * n_pos * model_cfg.d_model * jnp.dtype(config.dtype).itemsize
     return max(1, min(config.batch_size, int(config.batch_memory_gb * 2**30 // per_target)))
 
 

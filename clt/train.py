@@ -194,7 +194,7 @@ def sparsity_lambda(train_cfg: TrainConfig, step):
     return train_cfg.sparsity_coef * jnp.minimum(1.0, step.astype(jnp.float32) / ramp)
 
 
-def loss_fn(params: TranscoderParams, cfg: TranscoderConfig, train_cfg: TrainConfig, x, y, lam,
+def loss_fn(params: TranscoderParams, tc_cfg: TranscoderConfig, train_cfg: TrainConfig, x, y, lam,
             mode: StepMode = None, kernels: str = "xla"):
     """Loss and metrics of one batch x, y [batch, layer, d_model] (normalised space).
 
@@ -204,9 +204,9 @@ def loss_fn(params: TranscoderParams, cfg: TranscoderConfig, train_cfg: TrainCon
     x, y = x.astype(jnp.float32), y.astype(jnp.float32)
     n_tok = x.shape[0]
     kernels = mode[1] if mode is not None else kernels
-    preact = cfg.activation == "jumprelu" and train_cfg.preact_coef > 0
+    preact = tc_cfg.activation == "jumprelu" and train_cfg.preact_coef > 0
     # Decoder norms only where a penalty reads them (a CLT's norms cost ~5% of a sparse step).
-    dn = decoder_norms(cfg, params, train_cfg.decoder_norm) \
+    dn = decoder_norms(tc_cfg, params, train_cfg.decoder_norm) \
         if train_cfg.sparsity_coef > 0 or preact else None  # [l, f]
     # The sparse step works layer-major ([layer, batch, feature]): faster batched matmuls, and
     # each layer's entries are one contiguous block.
@@ -218,13 +218,13 @@ def loss_fn(params: TranscoderParams, cfg: TranscoderConfig, train_cfg: TrainCon
     z = encode_pre(jax.lax.stop_gradient(params) if sparse_enc else params, x_in, layer_major=lm)
     per_lf = (lambda v: v[:, None, :]) if lm else (lambda v: v)  # [l, f] against z
     # The support is where gradients can flow; the dense step reports it to size sparse steps.
-    support, cut = sp.training_support(cfg, params, jax.lax.stop_gradient(z),
+    support, cut = sp.training_support(tc_cfg, params, jax.lax.stop_gradient(z),
                                        train_cfg.jumprelu_bandwidth, layer_major=lm,
                                        kernels=kernels)
     if mode is None:
-        a = activate(cfg, params, z, bandwidth=train_cfg.jumprelu_bandwidth, training=True,
+        a = activate(tc_cfg, params, z, bandwidth=train_cfg.jumprelu_bandwidth, training=True,
                      mask=support.astype(z.dtype) if cut is not None else None)
-        y_hat = decode(cfg, params, a, x)
+        y_hat = decode(tc_cfg, params, a, x)
         dn_a, overflow = dn, jnp.zeros((), bool)
         counts = support.sum((0, 2))
     else:
@@ -232,9 +232,9 @@ def loss_fn(params: TranscoderParams, cfg: TranscoderConfig, train_cfg: TrainCon
         z_e = sp.gather_entries(z, act)
         if sparse_enc:
             z_e = sp.encoder_entries(params, z_e, x_in, act, mode[1])
-        a = sp.activate_entries(cfg, params, z_e, act.feat,
+        a = sp.activate_entries(tc_cfg, params, z_e, act.feat,
                                 train_cfg.jumprelu_bandwidth) * act.valid  # [l, C]
-        writes = sp.decode_entries(cfg, params, a, act, n_tok, mode[1])
+        writes = sp.decode_entries(tc_cfg, params, a, act, n_tok, mode[1])
         y_hat = add_bias_and_skip(params, writes, x)
         dn_a = None if dn is None else jnp.take_along_axis(dn, act.feat, 1)
         overflow, counts = act.overflow, act.count
@@ -280,7 +280,7 @@ def make_optimizer(train_cfg: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
-def _train_step(state: TrainState, x, y, cfg: TranscoderConfig, train_cfg: TrainConfig,
+def _train_step(state: TrainState, x, y, tc_cfg: TranscoderConfig, train_cfg: TrainConfig,
                 mode: StepMode = None, kernels: str = "xla"):
     """One Adam step on raw activations x, y [batch, layer, d_model] (normalised here). A sparse
     step whose support overflowed its capacity leaves the state untouched (metrics['overflow'])
@@ -291,10 +291,10 @@ def _train_step(state: TrainState, x, y, cfg: TranscoderConfig, train_cfg: Train
     x = (x.astype(jnp.float32) - nm.in_mean) / nm.in_scale[:, None]
     y = (y.astype(jnp.float32) - nm.out_mean) / nm.out_scale[:, None]
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, cfg, train_cfg, x, y, lam, mode, kernels)
+        state.params, tc_cfg, train_cfg, x, y, lam, mode, kernels)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    if cfg.activation == "batchtopk":
+    if tc_cfg.activation == "batchtopk":
         params = _follow_batch_cut(params, metrics["batch_cut"], state.step)
     new = TrainState(params=params, opt_state=opt_state, norms=state.norms, step=state.step + 1)
     # A non-finite loss leaves the state untouched, so the caller can stop on a good state.
@@ -314,39 +314,39 @@ def _follow_batch_cut(params: TranscoderParams, cut, step) -> TranscoderParams:
     return dataclasses.replace(params, log_threshold=jnp.log(th))
 
 
-def state_shardings(cfg: TranscoderConfig, train_cfg: TrainConfig, mesh) -> TrainState:
+def state_shardings(tc_cfg: TranscoderConfig, train_cfg: TrainConfig, mesh) -> TrainState:
     """Where every leaf of the training state lives on `mesh` (optimizer state like params)."""
-    ps = shd.param_shardings(cfg, mesh)
+    ps = shd.param_shardings(tc_cfg, mesh)
     rep = shd.replicated(mesh)
-    abstract = jax.eval_shape(lambda: init_state(cfg, train_cfg, Norms.identity(cfg.n_layers,
-                                                                          cfg.d_model)))
+    identity = Norms.identity(tc_cfg.n_layers, tc_cfg.d_model)
+    abstract = jax.eval_shape(lambda: init_state(tc_cfg, train_cfg, identity))
     opt = optax.tree_map_params(make_optimizer(train_cfg), lambda _, s: s, abstract.opt_state, ps,
                                 transform_non_params=lambda _: rep)
     return TrainState(params=ps, opt_state=opt, norms=jax.tree.map(lambda _: rep, abstract.norms),
                       step=rep)
 
 
-def init_state(cfg: TranscoderConfig, train_cfg: TrainConfig, norms: Norms,
+def init_state(tc_cfg: TranscoderConfig, train_cfg: TrainConfig, norms: Norms,
                params: TranscoderParams | None = None) -> TrainState:
     if params is None:
-        params = init_params(cfg, jax.random.key(train_cfg.seed),
+        params = init_params(tc_cfg, jax.random.key(train_cfg.seed),
                              threshold=train_cfg.threshold_init)
     return TrainState(params=params, opt_state=make_optimizer(train_cfg).init(params), norms=norms,
                       step=jnp.zeros((), jnp.int32))
 
 
-def _initial_params(cfg: TranscoderConfig, train_cfg: TrainConfig, norms: Norms
+def _initial_params(tc_cfg: TranscoderConfig, train_cfg: TrainConfig, norms: Norms
                     ) -> TranscoderParams | None:
     """`train_cfg.init_from`'s weights in the normalised space of `norms` (None: random init)."""
     if train_cfg.init_from is None:
         return None
     from clt.transcoder import load, unfold_norms
 
-    _check_init_from(cfg, train_cfg)
-    return unfold_norms(cfg, load(train_cfg.init_from)[1], norms)
+    _check_init_from(tc_cfg, train_cfg)
+    return unfold_norms(tc_cfg, load(train_cfg.init_from)[1], norms)
 
 
-def _check_init_from(cfg: TranscoderConfig, train_cfg: TrainConfig) -> None:
+def _check_init_from(tc_cfg: TranscoderConfig, train_cfg: TrainConfig) -> None:
     """Refuse (reading its config.json only) an init_from transcoder of another architecture."""
     if train_cfg.init_from is None:
         return
@@ -357,14 +357,14 @@ def _check_init_from(cfg: TranscoderConfig, train_cfg: TrainConfig) -> None:
     old = TranscoderConfig.from_json(path.read_text())
     fields = ("d_model", "n_layers", "n_features", "max_reach", "activation", "skip",
               "input_point")
-    diff = [f for f in fields if getattr(old, f) != getattr(cfg, f)]
+    diff = [f for f in fields if getattr(old, f) != getattr(tc_cfg, f)]
     if diff:
         raise ConfigError(f"init_from {train_cfg.init_from} has a different {', '.join(diff)} "
                           f"({', '.join(f'{f}={getattr(old, f)}' for f in diff)}); train with "
                           "its architecture or drop init_from")
 
 
-def compile_step(cfg: TranscoderConfig, train_cfg: TrainConfig, mesh, mode: StepMode = None,
+def compile_step(tc_cfg: TranscoderConfig, train_cfg: TrainConfig, mesh, mode: StepMode = None,
                  kernels: str = "xla", donate: bool = False):
     """The jitted train step (dense, or sparse with `mode`) with in/out shardings for `mesh`.
 
@@ -372,20 +372,21 @@ def compile_step(cfg: TranscoderConfig, train_cfg: TrainConfig, mesh, mode: Step
     parameters: without donation a step holds two), so the caller must drop the state it passed
     and keep the returned one, which equals the input when the step was refused (non-finite or
     overflow)."""
-    ss = state_shardings(cfg, train_cfg, mesh)
+    ss = state_shardings(tc_cfg, train_cfg, mesh)
     bs = shd.batch_sharding(mesh)
-    return jax.jit(partial(_train_step, cfg=cfg, train_cfg=train_cfg, mode=mode, kernels=kernels),
+    return jax.jit(partial(_train_step, tc_cfg=tc_cfg, train_cfg=train_cfg, mode=mode,
+                           kernels=kernels),
                    in_shardings=(ss, bs, bs), out_shardings=(ss, shd.replicated(mesh)),
                    donate_argnums=(0,) if donate else ())
 
 
-def place_state(state: TrainState, cfg, train_cfg, mesh) -> TrainState:
-    return jax.device_put(state, state_shardings(cfg, train_cfg, mesh))
+def place_state(state: TrainState, tc_cfg, train_cfg, mesh) -> TrainState:
+    return jax.device_put(state, state_shardings(tc_cfg, train_cfg, mesh))
 
 
-def export_params(cfg: TranscoderConfig, state: TrainState) -> TranscoderParams:
+def export_params(tc_cfg: TranscoderConfig, state: TrainState) -> TranscoderParams:
     """Parameters acting on raw model activations (normalisation folded in)."""
-    return jax.device_get(fold_norms(cfg, state.params, state.norms))
+    return jax.device_get(fold_norms(tc_cfg, state.params, state.norms))
 
 
 class Steps:
@@ -399,14 +400,14 @@ class Steps:
 
     WINDOW = 50
 
-    def __init__(self, cfg: TranscoderConfig, train_cfg: TrainConfig, mesh, donate: bool = False):
-        self.cfg, self.train_cfg, self.mesh, self.donate = cfg, train_cfg, mesh, donate
+    def __init__(self, tc_cfg: TranscoderConfig, train_cfg: TrainConfig, mesh,
+                 donate: bool = False):
+        self.cfg, self.train_cfg, self.mesh, self.donate = tc_cfg, train_cfg, mesh, donate
         self.kernels = kernels_for(train_cfg, mesh)
         self.fixed = train_cfg.sparse_capacity > 0
         # topk / batchtopk keep k per token (on average), plus one for ties at the cut.
-        self.capacity = train_cfg.sparse_capacity or (cfg.k + 1 if cfg.activation in ("topk",
-                                                                                "batchtopk")
-                                               else None)
+        topk = tc_cfg.activation in ("topk", "batchtopk")
+        self.capacity = train_cfg.sparse_capacity or (tc_cfg.k + 1 if topk else None)
         self._compiled: dict = {}
         self._need: list[float] = []
         self.dense_reruns = 0
@@ -511,16 +512,16 @@ def save_checkpoint(mngr, state: TrainState, pos: DataPosition, extra: dict | No
     return step
 
 
-def restore_checkpoint(mngr, cfg: TranscoderConfig, train_cfg: TrainConfig, mesh,
+def restore_checkpoint(mngr, tc_cfg: TranscoderConfig, train_cfg: TrainConfig, mesh,
                        step: int | None = None) -> tuple[TrainState, DataPosition, dict]:
     """The state at `step` (default: latest) laid out for `mesh`, whatever mesh saved it."""
     import orbax.checkpoint as ocp
 
     step = mngr.latest_step() if step is None else step
-    abstract = jax.eval_shape(lambda: init_state(cfg, train_cfg, Norms.identity(cfg.n_layers,
-                                                                          cfg.d_model)))
+    identity = Norms.identity(tc_cfg.n_layers, tc_cfg.d_model)
+    abstract = jax.eval_shape(lambda: init_state(tc_cfg, train_cfg, identity))
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, state_shardings(cfg, train_cfg, mesh))
+                          abstract, state_shardings(tc_cfg, train_cfg, mesh))
     try:
         got = mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
@@ -600,18 +601,18 @@ def train(train_cfg: TrainConfig, *, resume: bool = True, progress: bool = True,
     from clt.transcoder import check_model, save
 
     model = model or load_model(train_cfg.model)
-    cfg = train_cfg.transcoder_config(model.cfg)
-    check_model(cfg, model.cfg)
+    tc_cfg = train_cfg.transcoder_config(model.cfg)
+    check_model(tc_cfg, model.cfg)
     mesh = mesh or shd.make_mesh(train_cfg.mesh_data, train_cfg.mesh_feature)
-    shd.check_divisible(cfg, mesh, train_cfg.batch_tokens)
+    shd.check_divisible(tc_cfg, mesh, train_cfg.batch_tokens)
     out = Path(train_cfg.out)
     if resume:
         _check_resume(out, train_cfg, model.cfg)
-    _check_init_from(cfg, train_cfg)
+    _check_init_from(tc_cfg, train_cfg)
     out.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         save_config(train_cfg, out / "config.json", "train")
-        (out / "transcoder_config.json").write_text(cfg.to_json())
+        (out / "transcoder_config.json").write_text(tc_cfg.to_json())
     contexts = open_contexts(train_cfg.data, model.tokenizer, train_cfg.context_length,
                              seed=train_cfg.seed, text_field=train_cfg.text_field,
                              holdout=train_cfg.holdout)
@@ -620,17 +621,17 @@ def train(train_cfg: TrainConfig, *, resume: bool = True, progress: bool = True,
         round_contexts=train_cfg.round_contexts, model_batch=train_cfg.model_batch,
         seed=train_cfg.seed,
         outlier_factor=train_cfg.outlier_factor, dtype=jnp.dtype(train_cfg.activation_dtype),
-        cache_dir=train_cfg.cache_activations, n_layers=cfg.n_layers)
+        cache_dir=train_cfg.cache_activations, n_layers=tc_cfg.n_layers)
     mngr = _manager(out, train_cfg.keep_checkpoints, train_cfg.async_checkpoints)
     if resume and mngr.latest_step() is not None:
-        state, pos, _ = restore_checkpoint(mngr, cfg, train_cfg, mesh)
+        state, pos, _ = restore_checkpoint(mngr, tc_cfg, train_cfg, mesh)
     else:
         norms = estimate_norms(stream, train_cfg.norm_rounds)
-        state = place_state(init_state(cfg, train_cfg, norms,
-                                       _initial_params(cfg, train_cfg, norms)),
-                            cfg, train_cfg, mesh)
+        state = place_state(init_state(tc_cfg, train_cfg, norms,
+                                       _initial_params(tc_cfg, train_cfg, norms)),
+                            tc_cfg, train_cfg, mesh)
         pos = DataPosition()
-    step_fn = Steps(cfg, train_cfg, mesh, donate=True)
+    step_fn = Steps(tc_cfg, train_cfg, mesh, donate=True)
     bsh = shd.batch_sharding(mesh)
     step = int(jax.device_get(state.step))
     metrics_file = (out / "metrics.jsonl").open("a") if jax.process_index() == 0 else None
@@ -692,7 +693,7 @@ def train(train_cfg: TrainConfig, *, resume: bool = True, progress: bool = True,
     final = _summary(last, step, meter.rate()) if last is not None else {}
     path = out / "transcoder"
     if jax.process_index() == 0:
-        save(path, cfg, export_params(cfg, state),
+        save(path, tc_cfg, export_params(tc_cfg, state),
              dtype=None if train_cfg.export_dtype == "float32" else train_cfg.export_dtype,
              extra={"train_config": to_dict(train_cfg), "final_metrics": final})
     return path
