@@ -130,7 +130,7 @@ def read_config_file(path: str) -> dict:
 def _train(args) -> int:
     import jax
 
-    from clt.configs import from_dict
+    from clt.configs import flat_names, from_dict
     from clt.train import TrainConfig, train
 
     if args.distributed:
@@ -139,7 +139,7 @@ def _train(args) -> int:
                                 ("process_id", args.process_id)) if v is not None}
         jax.distributed.initialize(**kw)
     data = read_config_file(args.config) if args.config else {}
-    names = set(TrainConfig.__dataclass_fields__)
+    names = flat_names(TrainConfig)  # fields, and the transcoder's given flat
     data.update({k: v for k, v in vars(args).items() if k in names})
     train_cfg = from_dict(TrainConfig, data)
     path = train(train_cfg, resume=not args.no_resume, progress=not args.no_progress)

@@ -26,16 +26,20 @@ class ConfigError(ValueError):
 
 
 def doc(help: str, default: Any = _NO_DEFAULT, *, positional: bool = False,
-        short: str | None = None, repeat: bool = False, metavar: str | None = None) -> Any:
+        short: str | None = None, repeat: bool = False, metavar: str | None = None,
+        flatten: tuple[str, ...] = ()) -> Any:
     """A dataclass field with its help text (shown by `--help`) and an optional default.
 
     Command line (`add_arguments`): `positional` makes it an argument without a flag; `short`
     adds a one-letter flag (e.g. "-o"); `repeat` makes a tuple field a repeatable flag (each use
-    appends one value) instead of one flag taking several values; `metavar` names its value."""
+    appends one value) instead of one flag taking several values; `metavar` names its value.
+    A field holding another config dataclass (nested) lists in `flatten` the fields of that
+    config that are also given at the top level: as flags, and as keys of a flat dict or file
+    (`from_dict` moves them into the nested config)."""
     if isinstance(default, (list, dict, set)):
         raise TypeError("mutable defaults are not allowed in frozen configs; use a tuple")
     meta = {"help": help, "positional": positional, "short": short, "repeat": repeat,
-            "metavar": metavar}
+            "metavar": metavar, "flatten": tuple(flatten)}
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -48,11 +52,29 @@ def _resolved_types(cls) -> dict[str, Any]:
 
 
 def to_dict(cfg) -> dict[str, Any]:
+    """JSON-ready fields (tuples as lists, nested configs as dicts)."""
     out = {}
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            v = to_dict(v)
         out[f.name] = list(v) if isinstance(v, tuple) else v
     return out
+
+
+def _nested(cls) -> dict[str, tuple[type, dataclasses.Field]]:
+    """Fields of `cls` holding another config dataclass: name -> (its class, the field)."""
+    hints = _resolved_types(cls)
+    return {f.name: (hints[f.name], f) for f in dataclasses.fields(cls)
+            if isinstance(hints[f.name], type) and dataclasses.is_dataclass(hints[f.name])}
+
+
+def flat_names(cls) -> set[str]:
+    """Names `from_dict(cls, ...)` accepts: its fields and those its nested fields flatten."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    for _, f in _nested(cls).values():
+        names.update(f.metadata.get("flatten", ()))
+    return names
 
 
 def _coerce(name: str, tp: Any, value: Any) -> Any:
@@ -105,13 +127,34 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{name} must be a string, got {value!r}")
         return value
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a table of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value)
     return value
 
 
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:
-    """Build `cls` from a dict, refusing unknown keys and values of the wrong type."""
+    """Build `cls` from a dict, refusing unknown keys and values of the wrong type. A nested
+    config may be given as a dict (over its default's values) or by its flattened keys at the
+    top level (see `doc`), or both."""
     hints = _resolved_types(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    data = dict(data)
+    for name, (sub, f) in _nested(cls).items():
+        flat = {k: data.pop(k) for k in f.metadata.get("flatten", ()) if k in data}
+        if name not in data and not flat:
+            continue
+        given = data.get(name, {})
+        if isinstance(given, sub):
+            given = to_dict(given)
+        if not isinstance(given, dict):
+            raise ConfigError(f"{cls.__name__}.{name} must be a table of {sub.__name__} fields, "
+                              f"got {given!r}")
+        base = to_dict(f.default) if dataclasses.is_dataclass(f.default) else {}
+        data[name] = {**base, **given, **flat}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(names)}")
@@ -142,15 +185,30 @@ def load_config(cls: type[T], path: str | Path, kind: str) -> T:
 def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
     """One `--flag` (or positional argument) per field of `cls`, with the field's help text,
     type and choices (see `doc` for the command-line options of a field)."""
-    hints = _resolved_types(cls)
+    nested = _nested(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip or f.name == "schema_version":
             continue
+        if f.name in nested:  # its flattened fields, documented by the nested config
+            sub, outer = nested[f.name]
+            default = outer.default
+            _add_fields(parser, sub, [g for g in dataclasses.fields(sub)
+                                      if g.name in outer.metadata.get("flatten", ())],
+                        default if dataclasses.is_dataclass(default) else None)
+            continue
+        _add_fields(parser, cls, [f], None)
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls, fields: list, defaults) -> None:
+    """The flags of these fields of `cls` (`defaults`: an instance whose values to show)."""
+    hints = _resolved_types(cls)
+    for f in fields:
         tp = hints[f.name]
         meta = f.metadata
-        required = f.default is _NO_DEFAULT
-        help_text = field_help(f) + ("" if required or f.default in ("", (), None)
-                                     else f" (default: {f.default})")
+        default = getattr(defaults, f.name) if defaults is not None else f.default
+        required = default is _NO_DEFAULT
+        help_text = field_help(f) + ("" if required or default in ("", (), None)
+                                     else f" (default: {default})")
         kw: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS}
         if meta.get("metavar"):
             kw["metavar"] = meta["metavar"]
@@ -173,7 +231,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = 
 
 
 def from_arguments(cls: type[T], ns: argparse.Namespace, **extra) -> T:
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = flat_names(cls)
     data = {k: v for k, v in vars(ns).items() if k in names}
     data.update(extra)
     return from_dict(cls, data)

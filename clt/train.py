@@ -33,12 +33,10 @@ import optax
 
 from clt import sharding as shd
 from clt import sparse as sp
-from clt.configs import ConfigError, doc, load_config, save_config, to_dict
+from clt.configs import ConfigError, doc, from_dict, load_config, save_config, to_dict
 from clt.data import DataPosition
 from clt.lm.params import Leaf
 from clt.transcoder import (
-    Activation,
-    InputPoint,
     Norms,
     TranscoderConfig,
     TranscoderParams,
@@ -70,13 +68,11 @@ class TrainConfig:
                          default=0.01)
     context_length: int = doc("Tokens per context, BOS included.", default=128)
     # --- transcoder architecture ---
-    n_features: int = doc("Features per layer.", default=2048)
-    max_reach: int | None = doc("Layers each feature writes to: 1 = PLT, none = full CLT, k = "
-                                "windowed CLT.", default=None)
-    activation: Activation = doc("Feature nonlinearity.", default="jumprelu")
-    k: int = doc("Active features per token and layer for topk / batchtopk.", default=64)
-    skip: bool = doc("Train a linear skip connection W_skip as well.", default=False)
-    input_point: InputPoint = doc("Where features read: resid_mid or mlp_in.", default="resid_mid")
+    transcoder: TranscoderConfig = doc(
+        "The transcoder to train (its width and depth are the model's). Its fields are given "
+        "flat: flags --n-features, --max-reach, --activation, --k, --skip, --input-point, and "
+        "keys of the same names in a config file.", default=TranscoderConfig(n_features=2048),
+        flatten=("n_features", "max_reach", "activation", "k", "skip", "input_point"))
     threshold_init: float = doc("Initial JumpReLU threshold ('Circuit Tracing': 0.03).",
                                 default=0.03)
     jumprelu_bandwidth: float = doc(
@@ -155,9 +151,8 @@ class TrainConfig:
     schema_version: int = doc("Version of this config's JSON layout.", default=1)
 
     def __post_init__(self):
-        for name in ("n_features", "steps", "batch_tokens", "context_length", "round_contexts",
-                     "model_batch", "checkpoint_every", "log_every", "norm_rounds", "k",
-                     "data_reuse"):
+        for name in ("steps", "batch_tokens", "context_length", "round_contexts",
+                     "model_batch", "checkpoint_every", "log_every", "norm_rounds", "data_reuse"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.holdout < 1:
@@ -168,15 +163,19 @@ class TrainConfig:
             raise ConfigError("lr must be positive; sparsity_coef and preact_coef non-negative")
         if self.context_length < 2:
             raise ConfigError("context_length must be at least 2")
-        if self.sparse_capacity < 0 or self.sparse_capacity > self.n_features:
-            raise ConfigError(f"sparse_capacity must be in [0, n_features={self.n_features}], "
+        F = self.transcoder.n_features
+        if self.sparse_capacity < 0 or self.sparse_capacity > F:
+            raise ConfigError(f"sparse_capacity must be in [0, n_features={F}], "
                               f"got {self.sparse_capacity}")
 
+    @classmethod
+    def make(cls, **fields) -> TrainConfig:
+        """A config from flat fields (`n_features=...` etc. go into `transcoder`), as a file or
+        the command line gives them."""
+        return from_dict(cls, fields)
+
     def transcoder_config(self, model_cfg) -> TranscoderConfig:
-        return TranscoderConfig(
-            d_model=model_cfg.d_model, n_layers=model_cfg.n_layers, n_features=self.n_features,
-            max_reach=self.max_reach, activation=self.activation, k=self.k, skip=self.skip,
-            input_point=self.input_point, model_name=model_cfg.name)
+        return self.transcoder.for_model(model_cfg)
 
 
 @jax.tree_util.register_dataclass
@@ -617,7 +616,8 @@ def train(train_cfg: TrainConfig, *, resume: bool = True, progress: bool = True,
                              seed=train_cfg.seed, text_field=train_cfg.text_field,
                              holdout=train_cfg.holdout)
     stream = ActivationStream(
-        model, contexts, input_point=train_cfg.input_point, batch_tokens=train_cfg.batch_tokens,
+        model, contexts, input_point=train_cfg.transcoder.input_point,
+        batch_tokens=train_cfg.batch_tokens,
         round_contexts=train_cfg.round_contexts, model_batch=train_cfg.model_batch,
         seed=train_cfg.seed,
         outlier_factor=train_cfg.outlier_factor, dtype=jnp.dtype(train_cfg.activation_dtype),

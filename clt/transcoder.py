@@ -38,9 +38,11 @@ InputPoint = Literal["resid_mid", "mlp_in"]
 class TranscoderConfig:
     """Architecture of a transcoder; saved as `config.json` beside every checkpoint."""
 
-    d_model: int = doc("Width of the model's residual stream (input and output width).")
-    n_layers: int = doc("Number of model layers the transcoder covers (all of them).")
-    n_features: int = doc("Features per layer.")
+    d_model: int = doc("Width of the model's residual stream (input and output width); 0 in a "
+                       "training config: the model's (`for_model`).", default=0)
+    n_layers: int = doc("Number of model layers the transcoder covers (all of them); 0 in a "
+                        "training config: the model's.", default=0)
+    n_features: int = doc("Features per layer.", default=2048)
     max_reach: int | None = doc(
         "How many layers a feature writes to, starting at its own: 1 is a per-layer transcoder "
         "(PLT), None a full cross-layer transcoder (CLT), k a windowed CLT.", default=None)
@@ -62,10 +64,13 @@ class TranscoderConfig:
     schema_version: int = doc("Version of this config's JSON layout.", default=1)
 
     def __post_init__(self):
-        for name in ("d_model", "n_layers", "n_features", "k"):
+        for name in ("n_features", "k"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"TranscoderConfig.{name} must be positive, "
                                   f"got {getattr(self, name)}")
+        if self.d_model < 0 or self.n_layers < 0 or (self.d_model == 0) != (self.n_layers == 0):
+            raise ConfigError("TranscoderConfig.d_model and n_layers must both be positive (or "
+                              f"both 0: the model's), got {self.d_model} and {self.n_layers}")
         if self.max_reach is not None and self.max_reach <= 0:
             raise ConfigError(f"TranscoderConfig.max_reach must be positive or None, "
                               f"got {self.max_reach}")
@@ -75,6 +80,11 @@ class TranscoderConfig:
     @property
     def kind(self) -> str:
         return "plt" if self.max_reach == 1 else "clt"
+
+    def for_model(self, model_cfg) -> TranscoderConfig:
+        """This architecture on `model_cfg`'s model: its width, depth and name."""
+        return dataclasses.replace(self, d_model=model_cfg.d_model, n_layers=model_cfg.n_layers,
+                                   model_name=model_cfg.name)
 
     def read(self, resid_mid, mlp_in):
         """What the features read, of the two activations they may read (`input_point`): the

@@ -76,7 +76,7 @@ def _corpus(data: str) -> str:
 def _train_config(args, kind: str, step: str, out: str, steps: int):
     from clt.train import TrainConfig
 
-    return TrainConfig(
+    return TrainConfig.make(
         model=args.model, data=_corpus(args.data), n_features=args.features,
         max_reach=1 if kind == "plt" else None, activation=args.activation, k=args.k,
         batch_tokens=args.batch_tokens, context_length=args.context_length,
@@ -102,10 +102,10 @@ def run_case(kind: str, step: str, args) -> dict:
     cfg = tc.transcoder_config(model.cfg)
     mesh = shd.make_mesh(1, 1)
     contexts = open_contexts(tc.data, model.tokenizer, tc.context_length, holdout=0.0)
-    stream = ActivationStream(model, contexts, input_point=tc.input_point,
+    stream = ActivationStream(model, contexts, input_point=tc.transcoder.input_point,
                               batch_tokens=tc.batch_tokens, round_contexts=tc.round_contexts,
                               model_batch=tc.model_batch)
-    row = {"kind": kind, "step": step, "activation": tc.activation, "k": tc.k,
+    row = {"kind": kind, "step": step, "activation": tc.transcoder.activation, "k": tc.transcoder.k,
            "huge_pages": "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", ""),
            "n_features": cfg.n_features, "params_M": cfg.n_params / 1e6,
            "batch_tokens": tc.batch_tokens}

@@ -29,7 +29,8 @@ def load_points(path: Path, trajectory: bool) -> tuple[str, str, list[tuple[floa
         n_layers = len(rows[-1]["l0_per_layer"])
         rows = rows if trajectory else rows[-1:]
         pts = [(r["l0"] / n_layers, r["nmse"]) for r in rows]
-        return path.name, _kind(cfg.get("max_reach")), pts
+        arch = cfg.get("transcoder", cfg)  # nested since 2026-12-02, flat before
+        return path.name, _kind(arch.get("max_reach")), pts
     data = json.loads(path.read_text())
     kind = "?"
     tc = Path(data.get("transcoder", "")) / "config.json"

@@ -41,7 +41,8 @@ mesh_data = 1
     assert main(["train", "--config", str(cfg), "--steps", "8", "--out", str(out),
                  "--max-reach", "1", "--log-every", "4", "--no-progress"]) == 0
     saved = json.loads((out / "config.json").read_text())["config"]
-    assert saved["steps"] == 8 and saved["n_features"] == 32 and saved["max_reach"] == 1
+    tc_saved = saved["transcoder"]  # nested; the file gave it flat
+    assert saved["steps"] == 8 and tc_saved["n_features"] == 32 and tc_saved["max_reach"] == 1
     assert "transcoder written to" in capsys.readouterr().out
     report = tmp_path / "eval.json"
     assert main(["eval", "--transcoder", str(out / "transcoder"), "--model", str(tiny_dir),
@@ -59,14 +60,38 @@ mesh_data = 1
 
 
 def test_train_help_documents_every_field(capsys):
+    from clt.configs import flat_names
     from clt.train import TrainConfig
 
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = capsys.readouterr().out
-    for name in TrainConfig.__dataclass_fields__:
-        if name != "schema_version":
-            assert "--" + name.replace("_", "-") in text, name
+    # Every field, the nested transcoder's given flat (--n-features, --k, ...), as before.
+    names = flat_names(TrainConfig) - {"schema_version", "transcoder"}
+    assert {"n_features", "max_reach", "activation", "k", "skip", "input_point"} <= names
+    for name in names:
+        assert "--" + name.replace("_", "-") in text, name
+
+
+def test_train_config_nests_the_transcoders(tmp_path):
+    """TrainConfig holds a TranscoderConfig; flat keys (old config files and recipes, flags) and
+    the nested table give the same config, and its JSON round-trips."""
+    from clt.configs import from_dict, load_config, save_config, to_dict
+    from clt.train import TrainConfig
+
+    flat = TrainConfig.make(n_features=96, activation="batchtopk", k=5, skip=True, steps=7)
+    nested = from_dict(TrainConfig, {"steps": 7, "transcoder": {
+        "n_features": 96, "activation": "batchtopk", "k": 5, "skip": True}})
+    assert flat == nested and flat.transcoder.n_features == 96 and flat.transcoder.d_model == 0
+    assert to_dict(flat)["transcoder"]["k"] == 5 and "n_features" not in to_dict(flat)
+    save_config(flat, tmp_path / "c.json", "train")
+    assert load_config(TrainConfig, tmp_path / "c.json", "train") == flat
+
+    class Model:
+        d_model, n_layers, name = 12, 3, "tiny"
+
+    tc_cfg = flat.transcoder_config(Model)
+    assert (tc_cfg.d_model, tc_cfg.n_layers, tc_cfg.model_name, tc_cfg.k) == (12, 3, "tiny", 5)
 
 
 def test_bad_train_input_is_one_line(tmp_path, capsys):

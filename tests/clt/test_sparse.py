@@ -40,9 +40,9 @@ def _setup(activation: str, reach, skip: bool, n_tok: int = 32, preact: float = 
                            activation=activation, k=6, skip=skip)
     # A wide JumpReLU band and a threshold near the pre-activations: many inactive entries get
     # straight-through gradients, and the pre-activation loss is on.
-    tc = TrainConfig(n_features=F, max_reach=reach, activation=activation, k=6, skip=skip,
-                     batch_tokens=n_tok, lr=1e-2, warmup_steps=0, jumprelu_bandwidth=0.5,
-                     threshold_init=0.3, sparsity_coef=1e-2, preact_coef=preact)
+    tc = TrainConfig.make(n_features=F, max_reach=reach, activation=activation, k=6, skip=skip,
+                          batch_tokens=n_tok, lr=1e-2, warmup_steps=0, jumprelu_bandwidth=0.5,
+                          threshold_init=0.3, sparsity_coef=1e-2, preact_coef=preact)
     k = jax.random.split(jax.random.key(3), 2)
     x, y = jax.random.normal(k[0], (n_tok, L, D)), jax.random.normal(k[1], (n_tok, L, D))
     return cfg, tc, init_state(cfg, tc, Norms.identity(L, D)), x, y
@@ -224,11 +224,11 @@ def test_batchtopk_threshold_follows_the_batch_cut(tmp_path):
     """Trained with BatchTopK, the inference rule (threshold) keeps ~k features per token."""
     corpus = write_corpus(tmp_path / "c.txt")
     model = tiny_model()
-    tc = TrainConfig(model="tiny", data=str(corpus), context_length=32, n_features=64, steps=60,
-                     batch_tokens=256, round_contexts=32, lr=3e-3, warmup_steps=10,
-                     out=str(tmp_path / "run"), checkpoint_every=100, log_every=10,
-                     activation="batchtopk", k=4, mesh_data=1, async_checkpoints=False,
-                     sparse="on")
+    tc = TrainConfig.make(model="tiny", data=str(corpus), context_length=32, n_features=64,
+                          steps=60, batch_tokens=256, round_contexts=32, lr=3e-3,
+                          warmup_steps=10, out=str(tmp_path / "run"), checkpoint_every=100,
+                          log_every=10, activation="batchtopk", k=4, mesh_data=1,
+                          async_checkpoints=False, sparse="on")
     from clt.transcoder import load
 
     cfg, params = load(train(tc, model=model, progress=False))
@@ -249,10 +249,10 @@ def test_kernel_choice_per_device(monkeypatch):
     from clt.train import kernels_for
 
     one, mesh = shd.make_mesh(1, 1), shd.make_mesh(2, 4)
-    auto, cpu = TrainConfig(), TrainConfig(sparse_kernels="cpu")
+    auto, cpu = TrainConfig(), TrainConfig.make(sparse_kernels="cpu")
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
     assert kernels_for(auto, one) == "cpu" and kernels_for(auto, mesh) is None
-    assert kernels_for(TrainConfig(sparse_kernels="xla"), mesh) == "xla"
+    assert kernels_for(TrainConfig.make(sparse_kernels="xla"), mesh) == "xla"
     with pytest.raises(ConfigError, match="one CPU device only"):
         kernels_for(cpu, mesh)
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})

@@ -41,7 +41,7 @@ def _tc(corpus, out, **kw) -> TrainConfig:
                 checkpoint_every=50, log_every=10, sparsity_coef=1e-3, mesh_data=1,
                 async_checkpoints=False)
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig.make(**base)
 
 
 def _metrics(out) -> list[dict]:
@@ -73,7 +73,8 @@ def test_jumprelu_l0_falls_as_lambda_rises(corpus, model, tmp_path):
 
 def _state_and_batch(n_features=64):
     cfg = TranscoderConfig(d_model=8, n_layers=3, n_features=n_features, skip=True)
-    tc = TrainConfig(n_features=n_features, skip=True, batch_tokens=32, lr=1e-2, warmup_steps=0)
+    tc = TrainConfig.make(n_features=n_features, skip=True, batch_tokens=32, lr=1e-2,
+                          warmup_steps=0)
     k = jax.random.split(jax.random.key(3), 2)
     x, y = jax.random.normal(k[0], (32, 3, 8)), jax.random.normal(k[1], (32, 3, 8))
     return cfg, tc, init_state(cfg, tc, Norms.identity(3, 8)), x, y
@@ -173,7 +174,7 @@ KILL_DRIVER = """
 import os, signal, sys
 from clt.train import TrainConfig, train
 from tests.clt.tiny_train import tiny_model
-cfg = TrainConfig(**__import__("json").loads(sys.argv[1]))
+cfg = TrainConfig.make(**__import__("json").loads(sys.argv[1]))
 kill_at = int(sys.argv[2])
 def on_step(step):
     if step == kill_at:
