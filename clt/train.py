@@ -551,9 +551,11 @@ def _check_resume(out: Path, train_cfg: TrainConfig, model_cfg) -> None:
     path = out / "config.json"
     if not path.exists():
         return
-    old = load_config(TrainConfig, path, "train")
-    diff = [f for f, v in to_dict(train_cfg).items()
-            if f not in RESUMABLE_CHANGES and to_dict(old).get(f) != v]
+    old, new = to_dict(load_config(TrainConfig, path, "train")), to_dict(train_cfg)
+    diff = [f for f, v in new.items() if f not in RESUMABLE_CHANGES and old.get(f) != v]
+    # The nested transcoder: name the fields that differ, as the flags do.
+    diff = [g for f in diff for g in ([k for k in new[f] if old[f].get(k) != new[f][k]]
+                                      if isinstance(new[f], dict) else [f])]
     if diff:
         raise ConfigError(f"{out} holds a run with different {', '.join(diff)}; resume with the "
                           "same settings, or choose another --out (or --no-resume to restart)")
