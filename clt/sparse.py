@@ -33,8 +33,15 @@ import jax
 import jax.numpy as jnp
 
 from clt.lm.params import Leaf
-from clt.transcoder import TranscoderConfig, TranscoderParams, _rect, batchtopk_mask, jumprelu, \
-    kth_largest, topk_mask
+from clt.transcoder import (
+    TranscoderConfig,
+    TranscoderParams,
+    _rect,
+    batchtopk_mask,
+    jumprelu,
+    kth_largest,
+    topk_mask,
+)
 
 KERNELS = ("xla", "cpu")
 

@@ -16,15 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import signal
-import threading
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -33,9 +29,11 @@ import optax
 
 from clt import sharding as shd
 from clt import sparse as sp
-from clt.configs import ConfigError, doc, from_dict, load_config, save_config, to_dict
+from clt.configs import ConfigError, save_config, to_dict
 from clt.data import DataPosition
 from clt.lm.params import Leaf
+from clt.train_config import TrainConfig, check_resume
+from clt.train_run import Interrupts, TrainBar, tensorboard_writer
 from clt.transcoder import (
     Norms,
     TranscoderConfig,
@@ -52,130 +50,6 @@ from clt.transcoder import (
 # How one step runs: None is the dense step; (capacity, kernels) the sparse one with `capacity`
 # support entries per token and layer and the kernel set of `clt.sparse`.
 StepMode = tuple[int, str] | None
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything `cltrace train` needs; saved as config.json in the run directory."""
-
-    # --- what to train on ---
-    model: str = doc("Model to train on: embedded name, .gguf, Hugging Face dir or hub id.",
-                     default="smollm2-135m")
-    data: str = doc("Text: .txt/.jsonl files, directories or globs (comma-separated), or "
-                    "hf:DATASET[:CONFIG][:SPLIT] (streamed).", default="data/corpus")
-    text_field: str = doc("Field holding the text in .jsonl / dataset rows.", default="text")
-    holdout: float = doc("Fraction of local contexts held out of training (for `cltrace eval`).",
-                         default=0.01)
-    context_length: int = doc("Tokens per context, BOS included.", default=128)
-    # --- transcoder architecture ---
-    transcoder: TranscoderConfig = doc(
-        "The transcoder to train (its width and depth are the model's). Its fields are given "
-        "flat: flags --n-features, --max-reach, --activation, --k, --skip, --input-point, and "
-        "keys of the same names in a config file.", default=TranscoderConfig(n_features=2048),
-        flatten=("n_features", "max_reach", "activation", "k", "skip", "input_point"))
-    threshold_init: float = doc("Initial JumpReLU threshold ('Circuit Tracing': 0.03).",
-                                default=0.03)
-    jumprelu_bandwidth: float = doc(
-        "Width of the rectangle kernel of JumpReLU's straight-through gradient, in normalised "
-        "units (Gemma Scope: 0.001; wider trains the threshold on fewer tokens faster).",
-        default=0.01)
-    # --- loss ---
-    sparsity_coef: float = doc("Final lambda of the tanh sparsity penalty.", default=1e-3)
-    sparsity_c: float = doc("c inside tanh(c * ||W_dec|| * a) ('Circuit Tracing': 4).",
-                            default=4.0)
-    sparsity_ramp: float = doc("Fraction of the steps over which lambda ramps linearly from 0 "
-                               "('Circuit Tracing': the whole run).", default=1.0)
-    decoder_norm: Literal["concat", "sum"] = doc(
-        "||W_dec,i||: L2 norm of the concatenated decoders, or the sum of per-layer L2 norms.",
-        default="concat")
-    preact_coef: float = doc("Coefficient of the pre-activation loss on dead features "
-                             "('Circuit Tracing': 3e-6).", default=3e-6)
-    # --- optimisation ---
-    steps: int = doc("Optimizer steps.", default=1000)
-    batch_tokens: int = doc("Tokens per batch.", default=1024)
-    lr: float = doc("Peak learning rate of Adam.", default=2e-4)
-    warmup_steps: int = doc("Linear learning-rate warm-up steps.", default=100)
-    decay: Literal["cosine", "linear", "constant"] = doc(
-        "Learning-rate decay after warm-up.", default="cosine")
-    final_lr_fraction: float = doc("Learning rate at the end, as a fraction of lr.", default=0.1)
-    beta1: float = doc("Adam beta1.", default=0.9)
-    beta2: float = doc("Adam beta2.", default=0.999)
-    grad_clip: float = doc("Clip gradients to this global norm (0: off).", default=1.0)
-    seed: int = doc("Seed for initialisation and data order.", default=0)
-    init_from: str | None = doc(
-        "Start from this transcoder's weights (a directory `cltrace train` wrote, such as a "
-        "bundled one) instead of a random initialisation, with fresh optimizer state: how a "
-        "run continues on another machine or in another session without its checkpoints.",
-        default=None)
-    sparse: Literal["auto", "on", "off"] = doc(
-        "Sparse step (the decoder touches only the active features; same parameters as the "
-        "dense step up to float32 rounding): on, off, or auto (on where scripts/bench_train.py "
-        "measured it faster: when the support fits in a quarter of the features and the device "
-        "has fast kernels: XLA on GPU/TPU, numba on a single CPU device).", default="auto")
-    sparse_kernels: Literal["auto", "xla", "cpu"] = doc(
-        "Kernels of the sparse step: xla (any device and mesh), cpu (numba, one CPU device), "
-        "auto (cpu on a single CPU device when numba is installed, else xla).", default="auto")
-    sparse_capacity: int = doc(
-        "Support entries per token and layer the sparse step holds (0: k for topk/batchtopk, "
-        "else sized from the measured support and resized as it changes). A batch over "
-        "capacity runs densely.", default=0)
-    # --- activations ---
-    round_contexts: int = doc("Contexts per round of activation generation (the shuffle "
-                              "buffer holds their tokens).", default=64)
-    data_reuse: int = doc("Passes over each round of activations (reshuffled each pass): "
-                          "optimiser steps per generated token.", default=1)
-    prefetch: Literal["auto", "on", "off"] = doc(
-        "Generate the next round of activations in a background thread while training on this "
-        "one (auto: on for GPU/TPU; on a CPU both share the same cores).", default="auto")
-    model_batch: int = doc("Contexts per forward pass of the language model.", default=8)
-    outlier_factor: float = doc("Drop tokens whose input norm exceeds this multiple of the "
-                                "layer's median.", default=10.0)
-    norm_rounds: int = doc("Rounds used to estimate normalisation constants.", default=1)
-    activation_dtype: Literal["float32", "bfloat16"] = doc(
-        "dtype of stored activations (training math is float32).", default="float32")
-    cache_activations: str | None = doc("Directory to cache rounds of activations and replay "
-                                        "them.", default=None)
-    # --- mesh ---
-    mesh_data: int = doc("Devices along the mesh's 'data' axis (-1: all left).", default=-1)
-    mesh_feature: int = doc("Devices along the 'feature' axis (parameters sharded).", default=1)
-    # --- run directory ---
-    out: str = doc("Run directory: checkpoints, metrics.jsonl, exported transcoder.",
-                   default="out/train")
-    checkpoint_every: int = doc("Steps between checkpoints.", default=500)
-    keep_checkpoints: int = doc("Checkpoints kept.", default=3)
-    async_checkpoints: bool = doc("Write checkpoints in the background while training goes on.",
-                                  default=True)
-    log_every: int = doc("Steps between metric lines.", default=10)
-    export_dtype: Literal["float32", "float16", "bfloat16"] = doc(
-        "dtype of the exported transcoder's weights.", default="float32")
-    schema_version: int = doc("Version of this config's JSON layout.", default=1)
-
-    def __post_init__(self):
-        for name in ("steps", "batch_tokens", "context_length", "round_contexts",
-                     "model_batch", "checkpoint_every", "log_every", "norm_rounds", "data_reuse"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
-        if not 0 <= self.holdout < 1:
-            raise ConfigError("holdout must be in [0, 1)")
-        if not 0 < self.sparsity_ramp <= 1:
-            raise ConfigError("sparsity_ramp must be in (0, 1]")
-        if self.lr <= 0 or self.sparsity_coef < 0 or self.preact_coef < 0:
-            raise ConfigError("lr must be positive; sparsity_coef and preact_coef non-negative")
-        if self.context_length < 2:
-            raise ConfigError("context_length must be at least 2")
-        F = self.transcoder.n_features
-        if self.sparse_capacity < 0 or self.sparse_capacity > F:
-            raise ConfigError(f"sparse_capacity must be in [0, n_features={F}], "
-                              f"got {self.sparse_capacity}")
-
-    @classmethod
-    def make(cls, **fields) -> TrainConfig:
-        """A config from flat fields (`n_features=...` etc. go into `transcoder`), as a file or
-        the command line gives them."""
-        return from_dict(cls, fields)
-
-    def transcoder_config(self, model_cfg) -> TranscoderConfig:
-        return self.transcoder.for_model(model_cfg)
 
 
 @jax.tree_util.register_dataclass
@@ -534,33 +408,6 @@ def restore_checkpoint(mngr, tc_cfg: TranscoderConfig, train_cfg: TrainConfig, m
 
 
 # --- the loop --------------------------------------------------------------------------------------
-# Fields that may change between a run and its resumption (everything else must match).
-RESUMABLE_CHANGES = ("steps", "out", "checkpoint_every", "keep_checkpoints", "log_every",
-                     "mesh_data", "mesh_feature", "model_batch", "cache_activations",
-                     "export_dtype", "async_checkpoints", "sparse", "sparse_kernels",
-                     "sparse_capacity", "prefetch")
-
-
-def _check_resume(out: Path, train_cfg: TrainConfig, model_cfg) -> None:
-    """Refuse, before any compute, a run directory made for another model or other settings."""
-    from clt.transcoder import TranscoderConfig, check_model
-
-    saved = out / "transcoder_config.json"
-    if saved.exists():
-        check_model(TranscoderConfig.from_json(saved.read_text()), model_cfg)
-    path = out / "config.json"
-    if not path.exists():
-        return
-    old, new = to_dict(load_config(TrainConfig, path, "train")), to_dict(train_cfg)
-    diff = [f for f, v in new.items() if f not in RESUMABLE_CHANGES and old.get(f) != v]
-    # The nested transcoder: name the fields that differ, as the flags do.
-    diff = [g for f in diff for g in ([k for k in new[f] if old[f].get(k) != new[f][k]]
-                                      if isinstance(new[f], dict) else [f])]
-    if diff:
-        raise ConfigError(f"{out} holds a run with different {', '.join(diff)}; resume with the "
-                          "same settings, or choose another --out (or --no-resume to restart)")
-
-
 @dataclass
 class _Meter:
     """Running throughput for the progress bar."""
@@ -608,7 +455,7 @@ def train(train_cfg: TrainConfig, *, resume: bool = True, progress: bool = True,
     shd.check_divisible(tc_cfg, mesh, train_cfg.batch_tokens)
     out = Path(train_cfg.out)
     if resume:
-        _check_resume(out, train_cfg, model.cfg)
+        check_resume(out, train_cfg, model.cfg)
     _check_init_from(tc_cfg, train_cfg)
     out.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
@@ -637,10 +484,10 @@ def train(train_cfg: TrainConfig, *, resume: bool = True, progress: bool = True,
     bsh = shd.batch_sharding(mesh)
     step = int(jax.device_get(state.step))
     metrics_file = (out / "metrics.jsonl").open("a") if jax.process_index() == 0 else None
-    tb = _tensorboard(out) if jax.process_index() == 0 else None
+    tb = tensorboard_writer(out) if jax.process_index() == 0 else None
     meter, last = _Meter(time.perf_counter()), None
-    bar = _Bar(progress, train_cfg.steps, step)
-    signals = _Interrupts()
+    bar = TrainBar(progress, train_cfg.steps, step)
+    signals = Interrupts()
     try:
         batches = stream.batches(pos, reuse=train_cfg.data_reuse,
                                  prefetch=_prefetch(train_cfg, mesh))
@@ -715,76 +562,6 @@ def _distinct_leaves(state: TrainState) -> TrainState:
         return a
 
     return jax.tree.map(one, state)
-
-
-class _Interrupts:
-    """Until `restore()`, SIGTERM (a scheduler's preemption notice, `kill`) stops training as
-    Ctrl-C does: a checkpoint is saved and the same command resumes. Inside `step()` (the step
-    reuses the state's buffers, so until it returns there is no state to save) both wait for the
-    step's end; a second one stops at once. Only the main thread can handle signals; elsewhere
-    this does nothing and Ctrl-C keeps Python's default."""
-
-    def __init__(self):
-        self.in_step, self.pending = False, False
-        self._old: dict = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        if self.in_step and not self.pending:
-            self.pending = True
-            return
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    @contextmanager
-    def step(self):
-        self.in_step = True
-        try:
-            yield
-        finally:
-            self.in_step = False
-        if self.pending:
-            self.pending = False
-            raise KeyboardInterrupt("signal during a step")
-
-    def restore(self):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old = {}
-
-
-class _Bar:
-    def __init__(self, enabled: bool, total: int, start: int):
-        self.progress = None
-        if enabled:
-            from clt.progress import progress_bar
-
-            self.progress = progress_bar(info=True, transient=False)
-            self.task = self.progress.add_task("train", total=total, completed=start, info="")
-            self.progress.start()
-
-    def update(self, step: int, row: dict):
-        if self.progress is not None:
-            info = (f"loss {row['loss']:.4f}  nmse {row['nmse']:.3f}  L0 {row['l0']:.1f}  "
-                    f"{row['tokens_per_s']:.0f} tok/s")
-            self.progress.update(self.task, completed=step, info=info)
-
-    def close(self):
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
-
-
-def _tensorboard(out: Path):
-    """A TensorBoard writer when tensorboardX or torch's tensorboard is installed, else None."""
-    for mod in ("tensorboardX", "torch.utils.tensorboard"):
-        try:
-            module = __import__(mod, fromlist=["SummaryWriter"])
-            return module.SummaryWriter(str(out / "tensorboard"))
-        except Exception:  # not installed (torch's needs the tensorboard package)
-            continue
-    return None
 
 
 __all__ = [

@@ -4,7 +4,14 @@ from clt.lm.config import ModelConfig
 from clt.lm.generate import GenerateConfig, generate
 from clt.lm.loading import EMBEDDED, LoadedModel, ModelNotFound, list_models, load_model
 from clt.lm.model import (
-    ALL, FREEZABLE, SUBSTITUTABLE, Capture, InputError, MLPHook, forward, forward_cached,
+    ALL,
+    FREEZABLE,
+    SUBSTITUTABLE,
+    Capture,
+    InputError,
+    MLPHook,
+    forward,
+    forward_cached,
     init_cache,
 )
 from clt.lm.params import LayerParams, LMParams, WeightsError, cast_params, random_params
