@@ -104,18 +104,18 @@ def compare_one(name: str, path: str, model, contexts, prompts, args) -> dict:
                              token_strings=tok.token_strings(ids),
                              logit_strings=lambda t: tok.token_strings([int(i) for i in t]))
         s = graph.scores  # computed by the tracer (attribution.prune.score)
-        rep, comp, rep_p, comp_p = (s.replacement, s.completeness, s.pruned_replacement,
-                                    s.pruned_completeness)
+        repl, compl, repl_p, compl_p = (s.replacement, s.completeness, s.pruned_replacement,
+                                      s.pruned_completeness)
         pruned = prune(graph, config.node_threshold, config.edge_threshold)  # its node count
         saved["prompts"][prompt] = {
             "prompt": prompt, "seconds": time.perf_counter() - t0,
             "features": graph.ranges.feature.stop, "active": graph.n_active_total,
             "pruned_nodes": int(pruned.node_mask.sum()), "top_logit": graph.logit_strings[0],
-            "replacement": rep, "completeness": comp,
-            "pruned_replacement": rep_p, "pruned_completeness": comp_p}
+            "replacement": repl, "completeness": compl,
+            "pruned_replacement": repl_p, "pruned_completeness": compl_p}
         _write(work, saved)
         del graph, pruned
-        print(f"  {name}: {prompt[:40]!r:44} repl {rep:.3f} compl {comp:.3f} "
+        print(f"  {name}: {prompt[:40]!r:44} repl {repl:.3f} compl {compl:.3f} "
               f"({saved['prompts'][prompt]['seconds']:.1f}s)", file=sys.stderr)
     per_prompt = [saved["prompts"][p] for p in prompts]
     scores = {k: [p[k] for p in per_prompt] for k in
