@@ -96,10 +96,12 @@ def svg(runs, heldout, width: int = 900, height: int = 380) -> str:
                   [(h[0], h[1], h[2]["nmse"]) for h in heldout], colours)
     out += _panel(half, half, height, "held-out KL(original || spliced), nats", xr,
                   (0.0, max(kl) * 1.15), [], [(h[0], h[1], h[2]["kl"]) for h in heldout], colours)
-    for i, lab in enumerate(labels):
-        out.append(f'<rect x="{60 + 170 * i}" y="{height + 2}" width="10" height="10" '
-                   f'fill="{colours[lab]}"/><text x="{74 + 170 * i}" y="{height + 11}" '
+    x = 60
+    for lab in labels:  # legend, each entry as wide as its label
+        out.append(f'<rect x="{x}" y="{height + 2}" width="10" height="10" '
+                   f'fill="{colours[lab]}"/><text x="{x + 14}" y="{height + 11}" '
                    f'font-size="11">{lab}</text>')
+        x += 30 + 6 * len(lab)
     out.append("</svg>")
     return "\n".join(out)
 
