@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -28,7 +29,6 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from clt.configs import ConfigError, doc, from_dict, to_dict
-from clt.lm.params import Leaf
 
 Activation = Literal["jumprelu", "relu", "topk", "batchtopk"]
 InputPoint = Literal["resid_mid", "mlp_in"]
@@ -121,6 +121,7 @@ class TranscoderConfig:
         return dataclasses.replace(self, **changes)
 
 
+@typing.no_type_check  # shapes for readers; not checked at run time: see clt.lm.params PARAMS_NOTE
 @jax.tree_util.register_dataclass
 @dataclass
 class TranscoderParams:
@@ -130,27 +131,28 @@ class TranscoderParams:
     logarithm in training (`log_threshold`) so that it stays positive.
     """
 
-    W_enc: Leaf  # [layer d_model feature]
-    b_enc: Leaf  # [layer feature]
-    log_threshold: Leaf  # [layer feature], float32
-    W_dec: tuple  # W_dec[s]: [feature n_targets(s) d_model]
-    b_dec: Leaf  # [layer d_model] (bias of each target layer's reconstruction)
-    W_skip: Leaf | None = None  # [layer d_model d_model]
+    W_enc: Float[Array, "layer d_model feature"]
+    b_enc: Float[Array, "layer feature"]
+    log_threshold: Float[Array, "layer feature"]  # float32
+    W_dec: tuple[Float[Array, "feature target d_model"], ...]  # source layer s: n_targets(s)
+    b_dec: Float[Array, "layer d_model"]  # bias of each target layer's reconstruction
+    W_skip: Float[Array, "layer d_model d_model"] | None = None
 
     @property
     def threshold(self) -> Float[Array, "layer feature"]:
         return jnp.exp(self.log_threshold)
 
 
+@typing.no_type_check  # as TranscoderParams
 @jax.tree_util.register_dataclass
 @dataclass
 class Norms:
     """Per-layer normalisation constants estimated from data: x_norm = (x - mean) / scale."""
 
-    in_mean: Leaf  # [layer d_model]
-    in_scale: Leaf  # [layer]
-    out_mean: Leaf  # [layer d_model]
-    out_scale: Leaf  # [layer]
+    in_mean: Float[Array, "layer d_model"]
+    in_scale: Float[Array, " layer"]
+    out_mean: Float[Array, "layer d_model"]
+    out_scale: Float[Array, " layer"]
 
     @staticmethod
     def identity(n_layers: int, d_model: int) -> Norms:

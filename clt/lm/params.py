@@ -15,6 +15,7 @@ Canonical names (per layer: prefix `layers.{i}.`):
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,48 +30,56 @@ from clt.lm.config import ModelConfig
 # Pytree leaves: jax Arrays, or placeholders such as ShapeDtypeStruct / PartitionSpec when the
 # same container carries shapes or shardings, so fields are not type-checked as Array.
 Leaf = Any
+# PARAMS_NOTE: the parameter pytrees' fields carry jaxtyping shapes for readers and static
+# checkers, but `typing.no_type_check` keeps the run-time checker (jaxtyping + beartype under
+# pytest) off their fields: the same containers also hold ShapeDtypeStructs (eval_shape),
+# PartitionSpecs (shardings), numpy arrays and None, and a checked __init__ rejects every one of
+# them. Shapes are checked where parameters are used (jaxtyped function signatures,
+# `clt.transcoder.check_params`, `WeightsError`).
 
 
 class WeightsError(ValueError):
     """Weights missing or of the wrong shape for the config."""
 
 
+@typing.no_type_check  # see PARAMS_NOTE
 @jax.tree_util.register_dataclass
 @dataclass
 class LayerParams:
     """Weights of all blocks, each with a leading `layer` axis. Optional entries are None."""
 
-    attn_norm_w: Leaf  # [layer d_model]
-    W_Q: Leaf  # [layer d_model head head_dim]
-    W_K: Leaf  # [layer d_model kv_head head_dim]
-    W_V: Leaf  # [layer d_model kv_head head_dim]
-    W_O: Leaf  # [layer head head_dim d_model]
-    mlp_norm_w: Leaf  # [layer d_model]
-    W_in: Leaf  # [layer d_model d_mlp]
-    W_out: Leaf  # [layer d_mlp d_model]
-    attn_norm_b: Leaf | None = None  # [layer d_model]
-    b_Q: Leaf | None = None  # [layer head head_dim]
-    b_K: Leaf | None = None  # [layer kv_head head_dim]
-    b_V: Leaf | None = None  # [layer kv_head head_dim]
-    b_O: Leaf | None = None  # [layer d_model]
-    q_norm_w: Leaf | None = None  # [layer head_dim]
-    k_norm_w: Leaf | None = None  # [layer head_dim]
-    post_attn_norm_w: Leaf | None = None  # [layer d_model]
-    mlp_norm_b: Leaf | None = None  # [layer d_model]
-    W_gate: Leaf | None = None  # [layer d_model d_mlp]
-    b_in: Leaf | None = None  # [layer d_mlp]
-    b_out: Leaf | None = None  # [layer d_model]
-    post_mlp_norm_w: Leaf | None = None  # [layer d_model]
+    attn_norm_w: Float[Array, "layer d_model"]
+    W_Q: Float[Array, "layer d_model head head_dim"]
+    W_K: Float[Array, "layer d_model kv_head head_dim"]
+    W_V: Float[Array, "layer d_model kv_head head_dim"]
+    W_O: Float[Array, "layer head head_dim d_model"]
+    mlp_norm_w: Float[Array, "layer d_model"]
+    W_in: Float[Array, "layer d_model d_mlp"]
+    W_out: Float[Array, "layer d_mlp d_model"]
+    attn_norm_b: Float[Array, "layer d_model"] | None = None
+    b_Q: Float[Array, "layer head head_dim"] | None = None
+    b_K: Float[Array, "layer kv_head head_dim"] | None = None
+    b_V: Float[Array, "layer kv_head head_dim"] | None = None
+    b_O: Float[Array, "layer d_model"] | None = None
+    q_norm_w: Float[Array, "layer head_dim"] | None = None
+    k_norm_w: Float[Array, "layer head_dim"] | None = None
+    post_attn_norm_w: Float[Array, "layer d_model"] | None = None
+    mlp_norm_b: Float[Array, "layer d_model"] | None = None
+    W_gate: Float[Array, "layer d_model d_mlp"] | None = None
+    b_in: Float[Array, "layer d_mlp"] | None = None
+    b_out: Float[Array, "layer d_model"] | None = None
+    post_mlp_norm_w: Float[Array, "layer d_model"] | None = None
 
 
+@typing.no_type_check  # see PARAMS_NOTE
 @jax.tree_util.register_dataclass
 @dataclass
 class LMParams:
-    embed: Leaf  # [vocab d_model]
+    embed: Float[Array, "vocab d_model"]
     layers: LayerParams
-    final_norm_w: Leaf  # [d_model]
-    final_norm_b: Leaf | None = None  # [d_model]
-    pos_embed: Leaf | None = None  # [pos d_model]
+    final_norm_w: Float[Array, " d_model"]
+    final_norm_b: Float[Array, " d_model"] | None = None
+    pos_embed: Float[Array, "pos d_model"] | None = None
     unembed: Float[Array, "d_model vocab"] | None = None  # None: tied to embed
 
     @property
