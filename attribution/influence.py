@@ -69,8 +69,8 @@ def influence(rows: Float[np.ndarray, "row source"], weights: Float[np.ndarray, 
     width = rows.shape[1] if rows.ndim == 2 else 0
     whole = rows.nbytes <= _WHOLE_BYTES
     chunk = max(len(rows), 1) if whole else max(1, (64 << 20) // max(1, width * rows.itemsize))
-    sums = row_sums(rows, chunk=chunk)
     held = np.abs(rows) if whole else None
+    sums = held.sum(axis=1, dtype=np.float64) if whole else row_sums(rows, chunk=chunk)
     current = np.asarray(weights, np.float64)
     total = np.zeros(n, np.float64)
     for _ in range(max_iter):
