@@ -7,7 +7,7 @@ import pytest
 
 from attribution import influence as influence_module
 from attribution.graph import Graph
-from attribution.prune import find_threshold, graph_scores, influence, normalize_rows, prune
+from attribution.prune import find_threshold, graph_scores, influence, prune
 
 
 def hand_graph() -> Graph:
