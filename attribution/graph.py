@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from jaxtyping import Float, Int
 
-from clt.configs import ConfigError
+from clt.configs import ConfigError, from_dict, to_dict
 
 GRAPH_SCHEMA_VERSION = 1
 KINDS = ("feature", "error", "token", "logit")
@@ -69,13 +69,6 @@ class FullGraph:
     influence_left_out: float  # their total influence on the logits
     replacement_score: float
     completeness_score: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> FullGraph:
-        return cls(**{f.name: d[f.name] for f in fields(cls)})
 
 
 @dataclass(frozen=True)
@@ -212,7 +205,7 @@ class Graph:
             "n_layers": self.n_layers, "bos": self.bos, "prompt": self.prompt,
             "token_strings": self.token_strings, "logit_strings": self.logit_strings,
             "config": self.config, "info": self.info, "n_active_total": self.n_active_total,
-            "full_graph": self.full_graph.to_dict() if self.full_graph is not None else None,
+            "full_graph": to_dict(self.full_graph) if self.full_graph is not None else None,
             "scores": self.scores.to_dict() if self.scores is not None else None,
         }
         arrays = {name: getattr(self, name) for name in _ARRAYS}
@@ -251,7 +244,7 @@ class Graph:
         return cls(**arrays, n_layers=meta["n_layers"], bos=meta["bos"], prompt=meta["prompt"],
                    token_strings=meta["token_strings"], logit_strings=meta["logit_strings"],
                    config=meta["config"], info=info, n_active_total=meta["n_active_total"],
-                   full_graph=FullGraph.from_dict(full) if full else None,
+                   full_graph=from_dict(FullGraph, full) if full else None,
                    scores=Scores.from_dict(scores) if scores else None)
 
 
