@@ -9,7 +9,9 @@ schema_version}, "qParams": {pinnedIds, supernodes, linkType, clickedId, sg_pos}
 feature_type, token_prob, is_target_logit, run_idx, reverse_ctx_idx, jsNodeId, clerp, influence,
 activation. Node ids cannot collide between kinds: features `{layer}_{feature}_{pos}` (feature
 >= 0), errors `{layer}_-1_{pos}`, embeddings `E_{token id}_{pos}`, logits `{n_layers+1}_{token
-id}_{pos}` (layer n_layers + 1 is no feature layer). `feature` is the Cantor pairing of (layer,
+id}_{pos}` (layer n_layers + 1 is no feature layer). User-chosen targets (`attribution.trace.Targets`) are logit nodes all marked
+`is_target_logit`, their clerp `Target NAME`; a logit difference carries its first token's id, a
+direction -1. `feature` is the Cantor pairing of (layer,
 feature index) for features, as circuit-tracer does, so that it is unique across layers.
 """
 
@@ -63,11 +65,15 @@ def node_record(graph: Graph, node: int, cumulative: np.ndarray | None = None,
         t = int(graph.tokens[i])
         rec.update(node_id=f"E_{t}_{i}", feature=i, layer="E", ctx_idx=i, jsNodeId=f"E_{t}-{i}")
     else:
-        t, prob, last = int(graph.logit_tokens[i]), float(graph.logit_probs[i]), graph.n_pos - 1
+        t, prob, last = _target_id(graph, i), float(graph.logit_probs[i]), graph.n_pos - 1
+        # User-chosen targets are all marked as targets; of the most probable tokens, the top
+        # one (as circuit-tracer does).
+        clerp = (f"Target {graph.logit_strings[i]}" if graph.custom_targets
+                 else f'Output "{graph.logit_strings[i]}" (p={prob:.3f})')
         rec.update(node_id=f"{graph.n_layers + 1}_{t}_{last}", feature=t,
                    layer=str(graph.n_layers + 1), ctx_idx=last, jsNodeId=f"L_{t}-{last}",
-                   token_prob=prob, is_target_logit=i == 0, influence=None,
-                   clerp=f'Output "{graph.logit_strings[i]}" (p={prob:.3f})')
+                   token_prob=prob, is_target_logit=graph.custom_targets or i == 0,
+                   influence=None, clerp=clerp)
     return rec
 
 
@@ -94,8 +100,15 @@ def node_ids(graph: Graph) -> list[str]:
                                              graph.feature_pos)]
     ids += [f"{a}_-1_{p}" for a, p in zip(graph.error_layer, graph.error_pos)]
     ids += [f"E_{t}_{p}" for p, t in enumerate(graph.tokens)]
-    ids += [f"{L + 1}_{t}_{graph.n_pos - 1}" for t in graph.logit_tokens]
+    ids += [f"{L + 1}_{_target_id(graph, i)}_{graph.n_pos - 1}"
+            for i in range(len(graph.logit_tokens))]
     return ids
+
+
+def _target_id(graph: Graph, i: int) -> int:
+    """The token id in a target's node id; a direction (no token) gets -1 - i, unique."""
+    t = int(graph.logit_tokens[i])
+    return t if t >= 0 else -1 - i
 
 
 def to_neuronpedia(graph: Graph, pruned: PruneResult | None = None, slug: str = "graph",

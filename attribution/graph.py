@@ -11,7 +11,9 @@ stored in this order, each kind a named range (`Graph.ranges`):
     features  active transcoder features (layer, pos, feature index, activation), sorted
     errors    one error node per (layer, pos), pos >= 1 when position 0 is a prepended BOS
     tokens    one embedding node per position (the BOS included)
-    logits    the output tokens attributed (most probable next tokens)
+    logits    the targets attributed: by default the most probable next tokens; or the user's
+              (`TraceConfig.target`): tokens, logit differences, or a direction read after the
+              final norm (`target_weights` then holds their weights in influence)
 
 `adjacency[target, source]` is the direct effect of the source on the target through the frozen
 linear model (see `attribution.trace`). Only features and logits have incoming edges; errors and
@@ -104,7 +106,7 @@ class Graph:
     error_pos: Int[np.ndarray, " error"]  # int32
     logit_tokens: Int[np.ndarray, " logit"]  # int32
     logit_strings: list[str]
-    logit_probs: Float[np.ndarray, " logit"]  # float32
+    logit_probs: Float[np.ndarray, " logit"]  # float32; 0 for a difference or a direction
     adjacency: Float[np.ndarray, "node node"]  # float32, rows = targets, columns = sources
     n_layers: int
     bos: bool  # position 0 is a prepended BOS (its features and errors are not nodes)
@@ -121,6 +123,10 @@ class Graph:
     input_error_abs: Float[np.ndarray, " node"] | None = None  # the same, error sources only
     full_graph: FullGraph | None = None  # streamed graphs only
     scores: Scores | None = None  # set by the tracer (None: a graph read from elsewhere)
+    # User-chosen targets (`attribution.trace.Targets`): each target's weight in influence (the
+    # logit nodes are then those targets); None: the most probable tokens, weighted by their
+    # probabilities.
+    target_weights: Float[np.ndarray, " logit"] | None = None
     schema_version: int = GRAPH_SCHEMA_VERSION
 
     def __post_init__(self):
@@ -131,6 +137,10 @@ class Graph:
             a = getattr(self, name)
             if a is not None and a.shape != (n,):
                 raise ValueError(f"{name} has shape {a.shape}, the nodes need {(n,)}")
+        if self.target_weights is not None and self.target_weights.shape != \
+                self.logit_probs.shape:
+            raise ValueError(f"target_weights has shape {self.target_weights.shape}, the targets "
+                             f"need {self.logit_probs.shape}")
         if self.streamed != (self.full_graph is not None):
             raise ValueError("a streamed graph (influence stored) needs full_graph, and only it")
 
@@ -166,10 +176,17 @@ class Graph:
     def n_edges(self) -> int:
         return int(np.count_nonzero(self.adjacency))
 
+    @property
+    def custom_targets(self) -> bool:
+        """Whether the logit nodes are targets the user chose (`TraceConfig.target`)."""
+        return self.target_weights is not None
+
     def logit_weights(self) -> np.ndarray:
-        """[node] zeros except the logit probabilities on the logit nodes (influence weights)."""
+        """[node] zeros except each target's weight in influence on the logit nodes: its
+        probability (the most probable tokens), or the weight of a user-chosen target."""
         w = np.zeros(self.n_nodes, np.float64)
-        w[self.ranges.logit] = self.logit_probs
+        w[self.ranges.logit] = (self.logit_probs if self.target_weights is None
+                                else self.target_weights)
         return w
 
     def summary(self) -> dict:
@@ -190,6 +207,8 @@ class Graph:
             return f"error L{self.error_layer[i]} @{self.error_pos[i]}"
         if kind == "token":
             return f"token {self.token_strings[i]!r} @{i}"
+        if self.custom_targets:
+            return f"target {self.logit_strings[i]}"
         return f"logit {self.logit_strings[i]!r} p={self.logit_probs[i]:.3f}"
 
     # --- save / load -----------------------------------------------------------------------------
@@ -209,7 +228,7 @@ class Graph:
             "scores": self.scores.to_dict() if self.scores is not None else None,
         }
         arrays = {name: getattr(self, name) for name in _ARRAYS}
-        arrays.update({n: getattr(self, n) for n in _FULL if getattr(self, n) is not None})
+        arrays.update({n: getattr(self, n) for n in _OPTIONAL if getattr(self, n) is not None})
         np.savez(path, meta=np.array(json.dumps(meta)), **arrays)
         (path.parent / "config.json").write_text(json.dumps(
             {"kind": "trace", "schema_version": self.schema_version, "config": self.config},
@@ -227,7 +246,7 @@ class Graph:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
                 arrays = {name: z[name] for name in _ARRAYS}
-                arrays.update({n: z[n] for n in _FULL if n in z.files})
+                arrays.update({n: z[n] for n in _OPTIONAL if n in z.files})
         except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
             raise ConfigError(f"{path} is not a cltrace graph, or is truncated "
                               f"({type(e).__name__}: {e}); re-run the trace") from None
@@ -251,6 +270,7 @@ class Graph:
 _ARRAYS = ("tokens", "feature_layer", "feature_pos", "feature_index", "activation", "error_layer",
            "error_pos", "logit_tokens", "logit_probs", "adjacency")
 _FULL = ("influence", "input_abs", "input_error_abs")  # streamed graphs only
+_OPTIONAL = _FULL + ("target_weights",)  # arrays saved when set
 
 
 def error_nodes(n_layers: int, n_pos: int, bos: bool) -> tuple[np.ndarray, np.ndarray]:

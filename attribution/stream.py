@@ -74,7 +74,7 @@ def use_stream(config, n_all: int, cap: int, n_src: int, n_err: int, T: int,
     return stream
 
 
-def stream(make, active, batch, logit_dirs, logit_probs, n_err, T, n_keep, bar, task):
+def stream(make, active, batch, logit_dirs, logit_weights, n_err, T, n_keep, bar, task):
     """Every row of the full graph, folded as it is made (module docstring); then the dense
     graph of the `n_keep` most influential features. `make` is the tracer's row maker
     (`attribution.trace._RowMaker`). Returns (selected features, adjacency, the Graph fields of a
@@ -106,7 +106,7 @@ def stream(make, active, batch, logit_dirs, logit_probs, n_err, T, n_keep, bar, 
     for c in chunks(np.arange(n_logit), batch):
         rows = make(np.full(len(c), L, np.int32), np.full(len(c), T - 1, np.int32),
                     logit_dirs[c], host=False, padded=True)
-        fold(rows, [], logit_probs[c], n_all + c)
+        fold(rows, [], logit_weights[c], n_all + c)
         logit_rows.append(np.asarray(jax.device_get(rows))[:len(c)])
         bar.advance(task, len(c))
     for c in stream_batches(active, L, batch):
@@ -119,7 +119,7 @@ def stream(make, active, batch, logit_dirs, logit_probs, n_err, T, n_keep, bar, 
     pad = np.zeros(n_err + T)
     replacement, completeness = graph_scores_from(
         np.concatenate([infl, np.zeros(n_logit)]),
-        np.concatenate([np.zeros(n_src), logit_probs.astype(np.float64)]),
+        np.concatenate([np.zeros(n_src), np.asarray(logit_weights, np.float64)]),
         np.concatenate([sums[:n_all], pad, sums[n_all:]]),
         np.concatenate([err_sums[:n_all], pad, err_sums[n_all:]]),
         slice(n_all + n_err, n_src), slice(*errors))

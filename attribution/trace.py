@@ -45,6 +45,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Literal
 
 import jax
@@ -73,6 +74,17 @@ class TraceConfig:
     transcoder: str = doc(
         "Transcoder: a cltrace directory, a circuit-tracer layout directory, or a Hugging Face "
         "repo in that layout; empty: the one bundled for the model (smollm2-135m).", default="")
+    target: tuple[str, ...] = doc(
+        "Attribute this next token instead of the most probable ones (one token, e.g. "
+        "' basketball'; repeat the flag for more). The targets weigh equally in influence.",
+        default=(), repeat=True, metavar="TOKEN")
+    minus: tuple[str, ...] = doc(
+        "With --target: attribute the logit difference target - minus (why ' Austin' beats "
+        "' Dallas'); one per target, or one for every target.", default=(), repeat=True,
+        metavar="TOKEN")
+    target_vector: str = doc(
+        "A .npy file holding a [d_model] direction: attribute the final norm's output at the "
+        "last position projected on it (instead of logits).", default="")
     max_n_logits: int = doc("At most this many logit nodes.", default=10)
     desired_logit_prob: float = doc(
         "Logit nodes: the most probable next tokens until their probabilities add up to this.",
@@ -131,22 +143,127 @@ class TraceConfig:
             raise ConfigError("TraceConfig.position_bucket must be >= 0 (0: automatic)")
         if self.batch_memory_gb <= 0 or self.max_adjacency_gb <= 0:
             raise ConfigError("TraceConfig memory budgets must be positive")
+        if self.minus and not self.target:
+            raise ConfigError("TraceConfig.minus needs a target: --target A --minus B attributes "
+                              "the logit difference A - B")
+        if self.minus and len(self.minus) not in (1, len(self.target)):
+            raise ConfigError(f"TraceConfig.minus: give one token, or one per target "
+                              f"({len(self.target)}), got {len(self.minus)}")
+        if self.target and self.target_vector:
+            raise ConfigError("TraceConfig: give target tokens or a target_vector, not both")
+        if len(set(self.target)) != len(self.target):
+            raise ConfigError(f"TraceConfig.target: a token is repeated in {list(self.target)}")
+        if any(not t for t in self.target + self.minus):
+            raise ConfigError("TraceConfig.target / minus: an empty string is no token")
+        if self.target_vector and not self.target_vector.endswith(".npy"):
+            raise ConfigError(f"TraceConfig.target_vector must be a .npy file, got "
+                              f"{self.target_vector!r}")
 
 
-# --- logit targets -------------------------------------------------------------------------------
+# --- targets -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Targets:
+    """The nodes whose inputs the graph explains: the most probable next tokens (`logits`), or
+    what the user chose (`TraceConfig.target` / `minus` / `target_vector`, resolved to ids by
+    `resolve_targets`). Each target is a direction read off the final norm's output at the last
+    position: a token's unembedding column minus the vocabulary mean (its logit, centred), the
+    difference of two columns (a logit difference), or a given vector."""
+
+    tokens: tuple[int, ...] = ()  # user-chosen tokens
+    minus: tuple[int, ...] = ()  # one per token, or one for all: logit differences
+    vector: tuple[float, ...] = ()  # [d_model] direction; its name is `vector_name`
+    vector_name: str = "vector"
+
+    @property
+    def custom(self) -> bool:
+        return bool(self.tokens or self.vector)
+
+
+def logit_direction(W_U, plus, minus=None):
+    """[n, d_model] directions of logit targets: unembedding columns `plus` minus the vocabulary
+    mean (a centred logit, before soft-capping), or minus the columns `minus` (a difference)."""
+    W = jnp.asarray(W_U)
+    W = W.astype(jnp.promote_types(W.dtype, jnp.float32))
+    base = W.mean(axis=1)[None] if minus is None else W[:, jnp.asarray(minus)].T
+    return W[:, jnp.asarray(plus)].T - base
+
+
 def select_logits(last_logits, W_U, max_n_logits: int, desired_prob: float):
     """(token ids, probabilities, directions [n, d_model]) of the logit nodes: the most probable
-    tokens until their cumulative probability reaches `desired_prob`, at most `max_n_logits`.
-    A direction is the unembedding column minus the vocabulary mean (before soft-capping)."""
-    probs = np.asarray(jax.nn.softmax(jnp.asarray(last_logits, jnp.float32)), np.float64)
+    tokens until their cumulative probability reaches `desired_prob`, at most `max_n_logits`."""
+    probs = _probs(last_logits)
     order = np.argsort(-probs, kind="stable")[:max_n_logits]
     cum = np.cumsum(probs[order])
     n = min(int(np.searchsorted(cum, desired_prob)) + 1, len(order))
     toks = order[:n].astype(np.int32)
-    W = jnp.asarray(W_U)
-    W = W.astype(jnp.promote_types(W.dtype, jnp.float32))
-    dirs = W[:, toks].T - W.mean(axis=1)[None]
-    return toks, probs[toks].astype(np.float32), dirs
+    return toks, probs[toks].astype(np.float32), logit_direction(W_U, toks)
+
+
+def _probs(last_logits) -> np.ndarray:
+    return np.asarray(jax.nn.softmax(jnp.asarray(last_logits, jnp.float32)), np.float64)
+
+
+def custom_targets(last_logits, W_U, targets: Targets, strings):
+    """(token ids, names, probabilities, weights, directions, info) of user-chosen targets.
+    A difference's or a direction's probability is 0 (undefined; the info holds both tokens'
+    probabilities and the logit difference); every target weighs 1/n in influence."""
+    probs = _probs(last_logits)
+    logits = np.asarray(last_logits, np.float64)
+    info = []
+    if targets.vector:
+        v = jnp.asarray(np.asarray(targets.vector, np.float64)[None])
+        toks, names, p, dirs = np.array([-1], np.int32), [targets.vector_name], [0.0], v
+        info.append({"name": targets.vector_name, "kind": "vector"})
+    else:
+        toks = np.asarray(targets.tokens, np.int32)
+        minus = (np.broadcast_to(np.asarray(targets.minus, np.int32), toks.shape)
+                 if targets.minus else None)
+        names = strings(toks)
+        if minus is None:
+            p, dirs = probs[toks], logit_direction(W_U, toks)
+            info = [{"name": n, "kind": "token", "prob": float(q)} for n, q in zip(names, p)]
+        else:
+            others = strings(minus)
+            names = [f'"{a}" − "{b}"' for a, b in zip(names, others)]
+            p, dirs = np.zeros(len(toks)), logit_direction(W_U, toks, minus)
+            info = [{"name": n, "kind": "logit difference", "probs": [float(probs[a]),
+                                                                      float(probs[b])],
+                     "logit_difference": float(logits[a] - logits[b])}
+                    for n, a, b in zip(names, toks, minus)]
+    n = len(toks)
+    return (toks, list(names), np.asarray(p, np.float32), np.full(n, 1.0 / n, np.float32), dirs,
+            info)
+
+
+def resolve_targets(config: TraceConfig, tokenizer, d_model: int) -> Targets:
+    """TraceConfig's target strings as token ids (each must be one token: else a one-line
+    error listing its tokens), or its target_vector read and checked ([d_model], finite)."""
+    if config.target_vector:
+        path = Path(config.target_vector).expanduser()
+        try:
+            v = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--target-vector {path}: cannot read a .npy array "
+                              f"({type(e).__name__}: {str(e)[:80]})") from None
+        v = np.asarray(v, np.float64).reshape(-1) if v.ndim == 2 and 1 in v.shape else v
+        if v.shape != (d_model,) or not np.issubdtype(v.dtype, np.number):
+            raise ConfigError(f"--target-vector {path}: shape {v.shape}, the model needs a "
+                              f"[{d_model}] direction")
+        if not np.all(np.isfinite(v)) or not np.any(v):
+            raise ConfigError(f"--target-vector {path}: the direction must be finite and "
+                              "non-zero")
+        return Targets(vector=tuple(float(x) for x in v), vector_name=f"vector {path.name}")
+
+    def one(s: str, flag: str) -> int:
+        ids = tokenizer.encode(s, add_bos=False)
+        if len(ids) != 1:
+            pieces = " ".join(repr(t) for t in tokenizer.token_strings(ids))
+            raise ConfigError(f"--{flag} {s!r} is {len(ids)} tokens ({pieces}), not one: give "
+                              "a single token")
+        return int(ids[0])
+
+    return Targets(tokens=tuple(one(s, "target") for s in config.target),
+                   minus=tuple(one(s, "minus") for s in config.minus))
 
 
 # --- one batch of rows ---------------------------------------------------------------------------
@@ -207,7 +324,7 @@ def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, *
         o_idx, o_act, o_pos = o_idx[:n_over], o_act[:n_over], o_pos[:n_over]
         e = (jnp.zeros((T, B, idx.shape[1]), f32), jnp.zeros((n_over, B, o_idx.shape[1]), f32))
 
-        def contract(t, e, s=s, idx=idx, o_idx=o_idx, o_pos=o_pos):
+        def contract(t, e, s=s, idx=idx, o_idx=o_idx, o_pos=o_pos, n_over=n_over):
             # Main rows: position q's gradients [B, D] against its [K, D] active decoder rows;
             # overflow tiles gather their positions' gradients. Indices are in bounds by
             # construction: saying so spares XLA's slow checked gather. The barrier keeps each
@@ -301,10 +418,11 @@ class _RowMaker:
 def trace_tokens(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderConfig,
                  tc_params: TranscoderParams, token_ids, config: TraceConfig, *,
                  token_strings: list[str] | None = None, logit_strings=None,
-                 progress: bool = False) -> Graph:
+                 targets: Targets | None = None, progress: bool = False) -> Graph:
     """The unpruned attribution graph of a tokenised prompt (the BOS is prepended here).
 
-    `logit_strings(ids) -> list[str]` names the logit tokens (default: the ids as text)."""
+    `logit_strings(ids) -> list[str]` names the logit tokens (default: the ids as text);
+    `targets`: what to explain (default: the most probable next tokens)."""
     t0 = time.perf_counter()
     check_model(tc_cfg, model_cfg)
     ids, bos = rep.prepend_bos(model_cfg, [int(i) for i in token_ids])
@@ -323,8 +441,17 @@ def trace_tokens(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderCon
     rm, acts = rep.build(params, model_cfg, tc_cfg, tc_params, np.asarray(ids))
     active = rep.active_features(acts, skip_bos=bos)
     del acts
-    logit_toks, logit_probs, logit_dirs = select_logits(
-        rm.last_logits, params.W_U, config.max_n_logits, config.desired_logit_prob)
+    strings = logit_strings or (lambda t: [str(int(i)) for i in t])
+    if targets is not None and targets.custom:
+        logit_toks, names, logit_probs, weights, logit_dirs, target_info = custom_targets(
+            rm.last_logits, params.W_U, targets, strings)
+        if logit_dirs.shape[1] != model_cfg.d_model:
+            raise ConfigError(f"the target vector has {logit_dirs.shape[1]} dimensions, the "
+                              f"model {model_cfg.d_model}")
+    else:
+        logit_toks, logit_probs, logit_dirs = select_logits(
+            rm.last_logits, params.W_U, config.max_n_logits, config.desired_logit_prob)
+        names, weights, target_info = strings(logit_toks), None, None
     err_layer, err_pos = error_nodes(L, T, bos)
     n_all, n_err, n_logit = len(active), len(err_layer), len(logit_toks)
     n_src = n_all + n_err + T
@@ -338,10 +465,12 @@ def trace_tokens(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderCon
     make = _RowMaker(params, model_cfg, tc_cfg, tc_params, rm, active, bos, batch, dtype,
                      config.position_bucket)
     t_setup = time.perf_counter() - t0
-    names = logit_strings(logit_toks) if logit_strings else [str(t) for t in logit_toks]
     info = {"model": model_cfg.name, "transcoder": to_dict(tc_cfg), "batch_size": batch,
             "position_bucket": make.bucket, "adjacency": "stream" if streamed else "dense",
             "seconds_setup": round(t_setup, 3)}
+    if target_info is not None:
+        info["targets"] = target_info
+    infl_weights = logit_probs if weights is None else weights  # each target's weight
 
     def graph(selected, adjacency, **extra):
         sel = active.take(selected)
@@ -351,7 +480,7 @@ def trace_tokens(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderCon
             activation=sel.value, error_layer=err_layer, error_pos=err_pos,
             logit_tokens=logit_toks, logit_strings=list(names), logit_probs=logit_probs,
             adjacency=adjacency, n_layers=L, bos=bos, config=to_dict(config), info=info,
-            n_active_total=n_all, prompt=config.prompt, **extra)
+            n_active_total=n_all, prompt=config.prompt, target_weights=weights, **extra)
         t1 = time.perf_counter()
         g.scores = score(g, config.node_threshold, config.edge_threshold)
         info["seconds_scores"] = round(time.perf_counter() - t1, 3)
@@ -360,7 +489,7 @@ def trace_tokens(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderCon
     with progress_bar(progress) as bar:
         task = bar.add_task("attribution rows", total=n_logit + cap)
         if streamed:
-            selected, adjacency, extra = stream(make, active, batch, logit_dirs, logit_probs,
+            selected, adjacency, extra = stream(make, active, batch, logit_dirs, infl_weights,
                                                  n_err, T, config.stream_features, bar, task)
             info["seconds_rows"] = round(time.perf_counter() - t0 - t_setup, 3)
             return graph(selected, adjacency, **extra)
@@ -374,7 +503,7 @@ def trace_tokens(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderCon
                                   config.offload)
         else:
             selected, feat_rows = _greedy_rows(make, active, cap, batch, logit_rows,
-                                               logit_probs, n_src, config.update_interval, bar,
+                                               infl_weights, n_src, config.update_interval, bar,
                                                task)
     info["seconds_rows"] = round(time.perf_counter() - t0 - t_setup, 3)
 
@@ -415,7 +544,7 @@ def _all_rows(make, active, batch, n_src, N, bar, task, offload):
     return adjacency
 
 
-def _greedy_rows(make, active, cap, batch, logit_rows, logit_probs, n_src, update_interval,
+def _greedy_rows(make, active, cap, batch, logit_rows, logit_weights, n_src, update_interval,
                  bar, task):
     """circuit-tracer's greedy visit: rank unvisited features by their influence estimated from
     the rows made so far, make the rows of the next `update_interval` batches, repeat."""
@@ -427,7 +556,7 @@ def _greedy_rows(make, active, cap, batch, logit_rows, logit_probs, n_src, updat
     row_nodes = np.zeros(n_logit + cap, np.int64)
     row_nodes[:n_logit] = logit_nodes
     weights = np.zeros(n_nodes, np.float64)
-    weights[logit_nodes] = logit_probs
+    weights[logit_nodes] = logit_weights
     visited = np.zeros(n_all, bool)
     st = n_logit
     while st - n_logit < cap:
@@ -455,6 +584,8 @@ def trace(config: TraceConfig, progress: bool = False) -> Graph:
 
     if not config.prompt.strip():
         raise ConfigError("the prompt is empty: give some text to trace")
+    if config.target_vector and not Path(config.target_vector).expanduser().is_file():
+        raise ConfigError(f"--target-vector: no file at {config.target_vector}")
     model = load_model(config.model)
     # An empty transcoder means the one shipped for an embedded model, recorded by path.
     ref, tc_cfg, tc_params = open_transcoder(config.transcoder, model.cfg)
@@ -462,11 +593,12 @@ def trace(config: TraceConfig, progress: bool = False) -> Graph:
     if model.tokenizer is None:
         raise ConfigError(f"model '{config.model}' has no tokenizer: cannot encode the prompt")
     tok = model.tokenizer
+    targets = resolve_targets(config, tok, model.cfg.d_model)
     ids = tok.encode(config.prompt, add_bos=False)
     return trace_tokens(model.params, model.cfg, tc_cfg, tc_params, ids, config,
                         token_strings=tok.token_strings(ids),
                         logit_strings=lambda t: tok.token_strings([int(i) for i in t]),
-                        progress=progress)
+                        targets=targets, progress=progress)
 
 
 def load_any_transcoder(ref: str):
@@ -476,4 +608,5 @@ def load_any_transcoder(ref: str):
     return load_transcoder(ref)
 
 
-__all__ = ["TraceConfig", "load_any_transcoder", "select_logits", "trace", "trace_tokens"]
+__all__ = ["Targets", "TraceConfig", "custom_targets", "load_any_transcoder", "logit_direction",
+           "resolve_targets", "select_logits", "trace", "trace_tokens"]

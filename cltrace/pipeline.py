@@ -35,6 +35,15 @@ def _paths(out: str) -> tuple[Path, Path]:
     return o / "graph.npz", o / "graph.json"
 
 
+def _target_text(t: dict) -> str:
+    if t["kind"] == "token":
+        return f"{t['name']!r} p={t['prob']:.4g}"
+    if t["kind"] == "logit difference":
+        a, b = t["probs"]
+        return f"{t['name']}: logit difference {t['logit_difference']:+.3f} (p {a:.4g} vs {b:.4g})"
+    return t["name"]
+
+
 def _trace(args) -> int:
     from rich.console import Console
 
@@ -65,8 +74,11 @@ def _trace(args) -> int:
           f"(node threshold {config.node_threshold}, edge threshold {config.edge_threshold})")
     print(f"replacement score {s.replacement:.4f}, completeness score {s.completeness:.4f} "
           f"(unpruned); {s.pruned_replacement:.4f}, {s.pruned_completeness:.4f} (pruned)")
-    print("top logits: " + ", ".join(f"{s!r} {p:.3f}" for s, p in
-                                     zip(graph.logit_strings, graph.logit_probs)))
+    if graph.custom_targets:
+        print("targets: " + "; ".join(_target_text(t) for t in graph.info.get("targets", [])))
+    else:
+        print("top logits: " + ", ".join(f"{s!r} {p:.3f}" for s, p in
+                                         zip(graph.logit_strings, graph.logit_probs)))
     console.print(f"[dim]rows in {graph.info.get('seconds_rows', 0):.1f}s[/dim]")
     print(f"graph: {graph_path} (+ {graph_path.parent / 'config.json'})")
     print(f"neuronpedia json: {json_path}")

@@ -106,9 +106,10 @@ class Reference:
                     self.cfg, fr["final_norm_scale"])
         return reads, h
 
-    def target_values(self, graph, reads, h, targets):
+    def target_values(self, graph, reads, h, targets, directions=None):
         """Values of the given target nodes (features: pre-activation minus bias; logits: the
-        logit direction on the final hidden) for each batch entry: [n, len(targets)]."""
+        logit direction, or `directions[node]` when given, on the final hidden) for each batch
+        entry: [n, len(targets)]."""
         r = graph.ranges
         W_U = self.params.W_U
         out = []
@@ -117,6 +118,8 @@ class Reference:
                 layer, pos, f = (int(graph.feature_layer[t]), int(graph.feature_pos[t]),
                                  int(graph.feature_index[t]))
                 out.append(reads[layer, :, pos] @ self.tc_params.W_enc[layer][:, f])
+            elif directions is not None and t in directions:
+                out.append(h[:, -1] @ jnp.asarray(directions[t]))
             else:
                 v = int(graph.logit_tokens[t - r.logit.start])
                 d = W_U[:, v] - W_U.mean(axis=1)
@@ -146,12 +149,12 @@ class Reference:
                 dE[i, pos] = e0[pos]
         return jnp.asarray(dE), jnp.asarray(dM)
 
-    def interventions(self, graph, targets, sources):
+    def interventions(self, graph, targets, sources, directions=None):
         """A_ref[targets, sources]: change of each target when each source's contribution is
         added to the real inputs of the frozen model."""
         dE, dM = self.source_deltas(graph, sources)
         E = jnp.concatenate([self.e0[None], self.e0[None] + dE])
         M = jnp.concatenate([self.m0[:, None], self.m0[:, None] + dM], axis=1)
         reads, h = self.run(E, M)
-        vals = self.target_values(graph, reads, h, targets)
+        vals = self.target_values(graph, reads, h, targets, directions)
         return np.asarray(vals[1:] - vals[:1]).T
