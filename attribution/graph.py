@@ -26,6 +26,7 @@ self-contained) and a `config.json` beside it, as every artifact of the project;
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -35,7 +36,8 @@ from jaxtyping import Float, Int
 
 from clt.configs import ConfigError, from_dict, to_dict
 
-GRAPH_SCHEMA_VERSION = 1
+GRAPH_SCHEMA_VERSION = 2  # 2: sparse edges, partial (slim) graphs
+_READS = (1, 2)
 KINDS = ("feature", "error", "token", "logit")
 
 
@@ -71,6 +73,28 @@ class FullGraph:
     influence_left_out: float  # their total influence on the logits
     replacement_score: float
     completeness_score: float
+    # A slim graph file (`attribution.slim`) stores its full graph pruned at these thresholds.
+    pruned_node_threshold: float | None = None
+    pruned_edge_threshold: float | None = None
+
+    @property
+    def slim(self) -> bool:
+        return self.pruned_node_threshold is not None
+
+
+@dataclass(frozen=True)
+class LeftOutFeatures:
+    """The active features a partial graph does not store: where they are, their activation and
+    their influence on the targets in the full graph (the influence ranking stays complete)."""
+
+    layer: Int[np.ndarray, " left_out"]  # int32
+    pos: Int[np.ndarray, " left_out"]  # int32
+    index: Int[np.ndarray, " left_out"]  # int32
+    activation: Float[np.ndarray, " left_out"]  # float32
+    influence: Float[np.ndarray, " left_out"]  # float32
+
+    def __len__(self) -> int:
+        return len(self.layer)
 
 
 @dataclass(frozen=True)
@@ -127,6 +151,7 @@ class Graph:
     # logit nodes are then those targets); None: the most probable tokens, weighted by their
     # probabilities.
     target_weights: Float[np.ndarray, " logit"] | None = None
+    left_out: LeftOutFeatures | None = None  # partial graphs: the features not stored
     schema_version: int = GRAPH_SCHEMA_VERSION
 
     def __post_init__(self):
@@ -212,26 +237,39 @@ class Graph:
         return f"logit {self.logit_strings[i]!r} p={self.logit_probs[i]:.3f}"
 
     # --- save / load -----------------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        """Write `path` (.npz, self-contained) and `config.json` beside it; returns the .npz
-        path."""
+    def save(self, path: str | Path, full: bool = False, exact: bool = False,
+             pruned=None) -> Path:
+        """Write `path` (.npz, self-contained) and `config.json` beside it; returns the .npz path.
+
+        By default the file holds the graph pruned at its trace's thresholds with every node's
+        full-graph influence (`attribution.slim`); `full` keeps every node and edge. Edges are
+        stored sparse, in float16 scaled per row (`_pack`), or as they are under `exact`.
+        `pruned`: the graph's `attribution.prune.PruneResult` at its thresholds, if made."""
+        from attribution.slim import slim  # slim prunes: attribution.prune imports this module
+
         path = Path(path)
         if path.suffix != ".npz":
             path = path.with_suffix(".npz")
         path.parent.mkdir(parents=True, exist_ok=True)
+        g = self if full else slim(self, pruned)
         meta = {
-            "schema_version": self.schema_version, "kind": "attribution_graph",
-            "n_layers": self.n_layers, "bos": self.bos, "prompt": self.prompt,
-            "token_strings": self.token_strings, "logit_strings": self.logit_strings,
-            "config": self.config, "info": self.info, "n_active_total": self.n_active_total,
-            "full_graph": to_dict(self.full_graph) if self.full_graph is not None else None,
-            "scores": self.scores.to_dict() if self.scores is not None else None,
+            "schema_version": GRAPH_SCHEMA_VERSION, "kind": "attribution_graph",
+            "n_layers": g.n_layers, "bos": g.bos, "prompt": g.prompt,
+            "token_strings": g.token_strings, "logit_strings": g.logit_strings,
+            "config": g.config, "info": g.info, "n_active_total": g.n_active_total,
+            "full_graph": to_dict(g.full_graph) if g.full_graph is not None else None,
+            "scores": g.scores.to_dict() if g.scores is not None else None,
+            "n_nodes": g.n_nodes,
         }
-        arrays = {name: getattr(self, name) for name in _ARRAYS}
-        arrays.update({n: getattr(self, n) for n in _OPTIONAL if getattr(self, n) is not None})
-        np.savez(path, meta=np.array(json.dumps(meta)), **arrays)
-        (path.parent / "config.json").write_text(json.dumps(
-            {"kind": "trace", "schema_version": self.schema_version, "config": self.config},
+        arrays = {name: getattr(g, name) for name in _ARRAYS if name != "adjacency"}
+        arrays.update(_pack(g.adjacency, exact))
+        arrays.update({n: getattr(g, n) for n in _OPTIONAL if getattr(g, n) is not None})
+        if g.left_out is not None:
+            arrays.update({f"left_out_{f.name}": getattr(g.left_out, f.name)
+                           for f in fields(LeftOutFeatures)})
+        atomic_write(path, lambda f: np.savez(f, meta=np.array(json.dumps(meta)), **arrays))
+        atomic_write(path.parent / "config.json", json.dumps(
+            {"kind": "trace", "schema_version": GRAPH_SCHEMA_VERSION, "config": g.config},
             indent=2))
         return path
 
@@ -245,15 +283,20 @@ class Graph:
         try:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
-                arrays = {name: z[name] for name in _ARRAYS}
+                version = meta.get("schema_version")
+                if meta.get("kind") != "attribution_graph" or version not in _READS:
+                    raise ConfigError(f"{path}: graph schema {version!r} is not supported "
+                                      f"(this version reads {list(_READS)}); re-run the trace")
+                arrays = {name: z[name] for name in _ARRAYS if name != "adjacency"}
+                # Schema 1 stored the dense adjacency.
+                arrays["adjacency"] = z["adjacency"] if version == 1 else \
+                    _unpack(z, int(meta["n_nodes"]))
                 arrays.update({n: z[n] for n in _OPTIONAL if n in z.files})
+                left = {f.name: z[f"left_out_{f.name}"] for f in fields(LeftOutFeatures)
+                        if f"left_out_{f.name}" in z.files}
         except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
             raise ConfigError(f"{path} is not a cltrace graph, or is truncated "
                               f"({type(e).__name__}: {e}); re-run the trace") from None
-        version = meta.get("schema_version")
-        if meta.get("kind") != "attribution_graph" or version != GRAPH_SCHEMA_VERSION:
-            raise ConfigError(f"{path}: graph schema {version!r} is not supported "
-                              f"(this version reads {GRAPH_SCHEMA_VERSION}); re-run the trace")
         info = dict(meta["info"])
         # Graphs saved before 2026-12-02 kept both in info.
         full = meta.get("full_graph") or info.pop("full_graph", None)
@@ -264,7 +307,60 @@ class Graph:
                    token_strings=meta["token_strings"], logit_strings=meta["logit_strings"],
                    config=meta["config"], info=info, n_active_total=meta["n_active_total"],
                    full_graph=from_dict(FullGraph, full) if full else None,
-                   scores=Scores.from_dict(scores) if scores else None)
+                   scores=Scores.from_dict(scores) if scores else None,
+                   left_out=LeftOutFeatures(**left) if left else None)
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write `path` through a temporary file in its folder, then rename it into place: a reader
+    never sees half a file, and an interrupted write leaves the old one. `write` is text, or a
+    function given the open binary file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            if callable(write):
+                write(f)
+            else:
+                f.write(write.encode("utf-8"))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# Edges stored in float16 are scaled by their row's largest |edge|: each is then within 2^-11
+# (float16's precision) of itself, or within 2^-25 of its row's largest |edge| when it is below
+# 2^-14 of it (float16's subnormals). `exact` keeps the adjacency's own dtype.
+EDGE_RTOL = 2.0**-11
+EDGE_ATOL_OF_ROW_MAX = 2.0**-25
+
+
+def _pack(adjacency: np.ndarray, exact: bool) -> dict[str, np.ndarray]:
+    """The nonzero edges, row by row (CSR: `edge_indptr`, `edge_source`, `edge_value`), the
+    values float16 over `edge_row_scale` unless `exact`."""
+    n = adjacency.shape[0]
+    tgt, src = np.nonzero(adjacency)
+    vals = adjacency[tgt, src]
+    out = {"edge_indptr": np.searchsorted(tgt, np.arange(n + 1)).astype(np.int64),
+           "edge_source": src.astype(np.uint16 if n <= 2**16 else np.uint32)}
+    if exact:
+        out["edge_value"] = vals
+    else:
+        scale = np.abs(adjacency).max(axis=1).astype(np.float32) if n else np.zeros(0, np.float32)
+        out["edge_row_scale"] = scale
+        out["edge_value"] = (vals / scale[tgt]).astype(np.float16)
+    return out
+
+
+def _unpack(z, n: int) -> np.ndarray:
+    indptr, src, vals = z["edge_indptr"], z["edge_source"], z["edge_value"]
+    tgt = np.repeat(np.arange(n), np.diff(indptr))
+    dtype = np.float32 if vals.dtype == np.float16 else vals.dtype
+    a = np.zeros((n, n), dtype)
+    v = vals.astype(dtype)
+    if "edge_row_scale" in z.files:
+        v *= z["edge_row_scale"][tgt]
+    a[tgt, src.astype(np.int64)] = v
+    return a
 
 
 _ARRAYS = ("tokens", "feature_layer", "feature_pos", "feature_index", "activation", "error_layer",
@@ -281,11 +377,15 @@ def error_nodes(n_layers: int, n_pos: int, bos: bool) -> tuple[np.ndarray, np.nd
 
 
 __all__ = [
+    "EDGE_ATOL_OF_ROW_MAX",
+    "EDGE_RTOL",
     "GRAPH_SCHEMA_VERSION",
     "KINDS",
     "FullGraph",
     "Graph",
+    "LeftOutFeatures",
     "NodeRanges",
     "Scores",
+    "atomic_write",
     "error_nodes",
 ]

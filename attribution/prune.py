@@ -14,6 +14,9 @@ scores) are in `attribution.influence`; this module applies them to a `Graph`:
   influence and scores are the full graph's, stored at trace time, and node pruning counts the
   shares of the full graph's total influence, so results match the full graph's while the cut
   stays among the stored features (a warning says when it does not).
+* Slim graphs (`attribution.slim`, what `Graph.save` writes by default) store the graph pruned at
+  their trace's thresholds: pruning them at those thresholds, or looser ones (with a warning),
+  gives what they store; at tighter ones, pruning runs within it.
 * `score` gives the graph's scores unpruned and pruned; the tracer stores them in every graph.
 """
 
@@ -77,6 +80,17 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
     weights = graph.logit_weights()
     infl = node_influence(graph)
     total = graph.influence_total() if graph.streamed else float(infl.sum())
+    full = graph.full_graph
+    if full is not None and full.slim and (node_threshold >= full.pruned_node_threshold
+                                           or edge_threshold >= full.pruned_edge_threshold):
+        if (node_threshold, edge_threshold) != (full.pruned_node_threshold,
+                                                full.pruned_edge_threshold):
+            warnings.warn(
+                f"this graph file holds its graph pruned at node_threshold "
+                f"{full.pruned_node_threshold}, edge_threshold {full.pruned_edge_threshold}: "
+                f"pruning at {node_threshold}, {edge_threshold} gives that graph; trace with "
+                "--save-full to keep every node and edge", stacklevel=2)
+        return _stored(graph, infl, total)
     cut = find_threshold(infl, node_threshold, total)
     if graph.streamed and graph.full_graph.features_left_out and r.feature.stop and \
             cut <= infl[r.feature].min():
@@ -105,6 +119,16 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
         if np.array_equal(before, node_mask):
             break
 
+    return PruneResult(node_mask, edge_mask, cumulative_share(infl, total)[0], infl)
+
+
+def _stored(graph: Graph, infl: np.ndarray, total: float) -> PruneResult:
+    """A slim graph's own pruned graph: every node and edge it stores (errors with no edge
+    left are not kept)."""
+    r = graph.ranges
+    edge_mask = graph.adjacency != 0
+    node_mask = np.ones(graph.n_nodes, bool)
+    node_mask[r.error] = edge_mask[:, r.error].any(axis=0)
     return PruneResult(node_mask, edge_mask, cumulative_share(infl, total)[0], infl)
 
 

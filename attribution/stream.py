@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attribution.graph import FullGraph
+from attribution.graph import FullGraph, LeftOutFeatures
 from attribution.influence import graph_scores_from, spread
 from attribution.replacement import ActiveFeatures
 from clt.configs import ConfigError
@@ -144,7 +144,11 @@ def stream(make, active, batch, logit_dirs, logit_weights, n_err, T, n_keep, bar
     extra = {"influence": np.concatenate([infl[keep_cols], np.zeros(n_logit)]),
              "input_abs": np.concatenate([sums[selected], pad, sums[n_all:]]),
              "input_error_abs": np.concatenate([err_sums[selected], pad, err_sums[n_all:]]),
-             "full_graph": full_graph}
+             "full_graph": full_graph,
+             "left_out": LeftOutFeatures(active.layer[left_out], active.pos[left_out],
+                                         active.index[left_out],
+                                         active.value[left_out].astype(np.float32),
+                                         infl[left_out].astype(np.float32))}
     return selected, adjacency, extra
 
 

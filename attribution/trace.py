@@ -127,6 +127,10 @@ class TraceConfig:
         default=4)
     node_threshold: float = doc("Pruning: keep nodes up to this share of influence.", default=0.8)
     edge_threshold: float = doc("Pruning: keep edges up to this share of influence.", default=0.98)
+    save_full: bool = doc(
+        "Store every node and edge in graph.npz; by default it holds the graph pruned at "
+        "node_threshold / edge_threshold, with every node's full-graph influence and activation "
+        "(a few MB instead of hundreds).", default=False)
     schema_version: int = doc("Version of this config's JSON layout.", default=1)
 
     def __post_init__(self):

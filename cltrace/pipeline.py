@@ -57,11 +57,15 @@ def _trace(args) -> int:
     graph_path, json_path = _paths(args.out)
     graph = trace(config, progress=not args.no_progress)
     r = graph.ranges
-    pruned = prune(graph, config.node_threshold, config.edge_threshold)
-    s = graph.scores  # the tracer's (attribution.prune.score)
-    graph.save(graph_path)
-    write_neuronpedia(graph, json_path, pruned=pruned, node_threshold=config.node_threshold)
-    page = write_html(graph, graph_path.with_suffix(".html"))
+    with console.status("pruning", spinner="dots") as status:
+        pruned = prune(graph, config.node_threshold, config.edge_threshold)
+        s = graph.scores  # the tracer's (attribution.prune.score)
+        status.update(f"writing {graph_path}")
+        graph.save(graph_path, full=config.save_full, pruned=pruned)
+        status.update(f"writing {json_path}")
+        write_neuronpedia(graph, json_path, pruned=pruned, node_threshold=config.node_threshold)
+        status.update("writing the page")
+        page = write_html(graph, graph_path.with_suffix(".html"))
     n_feat = r.feature.stop
     if graph.streamed:
         full = graph.full_graph
@@ -80,7 +84,9 @@ def _trace(args) -> int:
         print("top logits: " + ", ".join(f"{s!r} {p:.3f}" for s, p in
                                          zip(graph.logit_strings, graph.logit_probs)))
     console.print(f"[dim]rows in {graph.info.get('seconds_rows', 0):.1f}s[/dim]")
-    print(f"graph: {graph_path} (+ {graph_path.parent / 'config.json'})")
+    kind = "every node and edge" if config.save_full else "the pruned graph"
+    print(f"graph: {graph_path} ({graph_path.stat().st_size / 2**20:.1f} MB, {kind}; + "
+          f"{graph_path.parent / 'config.json'})")
     print(f"neuronpedia json: {json_path}")
     print(f"page: {page.summary()}")
     return 0

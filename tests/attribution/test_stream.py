@@ -144,7 +144,7 @@ def test_streamed_graph_saves_loads_and_renders(graphs, tmp_path):
     from viewer.embed import ViewConfig, select
 
     _, _, part = graphs
-    path = part.save(tmp_path / "g.npz")
+    path = part.save(tmp_path / "g.npz", full=True, exact=True)
     back = Graph.load(path)
     assert back.streamed and back.full_graph == part.full_graph
     assert back.scores == part.scores

@@ -127,7 +127,7 @@ def test_no_active_feature_still_gives_a_valid_graph(tiny_dirs, tmp_path):
     assert res.node_mask[r.token.start:].all()
     data = to_neuronpedia(g, res)
     assert len({n["node_id"] for n in data["nodes"]}) == len(data["nodes"])
-    g2 = Graph.load(g.save(tmp_path / "g.npz"))
+    g2 = Graph.load(g.save(tmp_path / "g.npz", full=True, exact=True))
     np.testing.assert_array_equal(g2.adjacency, g.adjacency)
     assert g2.token_strings == g.token_strings and g2.config == g.config
 
@@ -149,7 +149,7 @@ def test_graph_save_load_roundtrip_and_version(tmp_path):
     from tests.attribution.test_prune import hand_graph
 
     g = hand_graph()
-    path = g.save(tmp_path / "out" / "graph.npz")
+    path = g.save(tmp_path / "out" / "graph.npz", full=True, exact=True)
     assert (tmp_path / "out" / "config.json").exists()
     g2 = Graph.load(tmp_path / "out")
     for f in ("adjacency", "feature_layer", "logit_probs", "error_pos", "tokens"):
