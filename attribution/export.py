@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from attribution.graph import Graph
+from attribution.graph import Graph, atomic_write
 from attribution.prune import PruneResult, prune
 
 NEURONPEDIA_SCHEMA_VERSION = 1
@@ -80,8 +80,10 @@ def node_record(graph: Graph, node: int, cumulative: np.ndarray | None = None,
 def metadata(graph: Graph, node_threshold: float = 0.8, slug: str = "graph",
              scan: str = "cltrace") -> dict:
     """The `metadata` block of every graph JSON we write (the graph's info and scores
-    included)."""
-    return {"slug": slug, "scan": scan, "transcoder_list": [],
+    included; `transcoder_list` names its transcoder as the graph records it, so that feature
+    cards are found from the JSON too)."""
+    tc = graph.config.get("transcoder") or ""
+    return {"slug": slug, "scan": scan, "transcoder_list": [tc] if tc else [],
             "prompt_tokens": list(graph.token_strings), "prompt": graph.prompt,
             "node_threshold": node_threshold, "schema_version": NEURONPEDIA_SCHEMA_VERSION,
             "bos": bool(graph.bos), "info": graph.summary()}
@@ -121,7 +123,8 @@ def to_neuronpedia(graph: Graph, pruned: PruneResult | None = None, slug: str = 
     nodes = [node_record(graph, int(n), pruned.cumulative_scores)
              for n in np.nonzero(pruned.node_mask)[0]]
     tgt, src = np.nonzero(pruned.edge_mask)
-    links = [{"source": ids[s], "target": ids[t], "weight": float(graph.adjacency[t, s])}
+    # Weights to 6 significant digits (float32 edges hold ~7): a third of the file's size.
+    links = [{"source": ids[s], "target": ids[t], "weight": float(f"{graph.adjacency[t, s]:.6g}")}
              for t, s in zip(tgt, src)]
     used = {lk["source"] for lk in links} | {lk["target"] for lk in links}
     nodes = [nd for nd in nodes if nd["node_id"] in used
@@ -133,7 +136,7 @@ def to_neuronpedia(graph: Graph, pruned: PruneResult | None = None, slug: str = 
 def write_neuronpedia(graph: Graph, path: str | Path, **kw) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(to_neuronpedia(graph, **kw)))
+    atomic_write(path, json.dumps(to_neuronpedia(graph, **kw), separators=(",", ":")))
     return path
 
 

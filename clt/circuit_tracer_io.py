@@ -186,7 +186,11 @@ def load_transcoder(ref: str | Path, dtype: Any = jnp.float32, *,
                     input_norm: tuple | None = None) -> tuple[TranscoderConfig, TranscoderParams]:
     """A transcoder from our own layout directory, a circuit-tracer layout directory, or a Hugging
     Face repo in circuit-tracer layout (`org/name[/subfolder][@revision]` or `hf://...`).
-    `input_norm` is used only by transcoders that read `ln2.hook_normalized`."""
+    `input_norm` is used only by transcoders that read `ln2.hook_normalized`. A bundled one may
+    be named `bundled:MODEL` (`clt.bundled.record`)."""
+    from clt.bundled import locate
+
+    ref = locate(str(ref))
     p = Path(ref).expanduser()
     if p.is_dir():
         if (p / "transcoder.safetensors").exists() or (p / "config.json").exists():
@@ -222,8 +226,9 @@ def open_transcoder(ref: str | Path | None, model_cfg=None, dtype: Any = jnp.flo
     """How every command gets its transcoder: `ref` resolved (None or "": the one bundled for
     `model_cfg`'s model, `clt.bundled`), loaded from any layout (`load_transcoder`) and, when the
     model's config is given, checked against it (`check_model`; one-line errors). Returns (the
-    reference resolved, config, params)."""
-    from clt.bundled import resolve_transcoder
+    reference as artifacts record it, `clt.bundled.record`: it resolves from any folder; config,
+    params)."""
+    from clt.bundled import record, resolve_transcoder
 
     if not ref and model_cfg is None:
         raise ConfigError("no transcoder given: pass --transcoder PATH (or a model with a "
@@ -232,7 +237,7 @@ def open_transcoder(ref: str | Path | None, model_cfg=None, dtype: Any = jnp.flo
     tc_cfg, params = load_transcoder(ref, dtype)
     if model_cfg is not None:
         tcm.check_model(tc_cfg, model_cfg)
-    return ref, tc_cfg, params
+    return record(ref), tc_cfg, params
 
 
 # --- helpers -----------------------------------------------------------------------------------

@@ -383,9 +383,17 @@ def cards_for(cards: FeatureCards, layers, features,
 
 
 def default_path(transcoder: str) -> Path | None:
-    """Where the cards of a transcoder live by default (None: not a local directory)."""
-    p = Path(transcoder).expanduser()
-    return p / CARDS_FILE if transcoder and p.is_dir() else None
+    """Where the cards of a transcoder live by default (None: not a local directory, or a
+    bundled one this install lacks)."""
+    from clt.bundled import locate
+
+    if not transcoder:
+        return None
+    try:
+        p = Path(locate(transcoder)).expanduser()
+    except ConfigError:
+        return None
+    return p / CARDS_FILE if p.is_dir() else None
 
 
 def build(config: FeaturesConfig, progress: bool = False) -> tuple[FeatureCards, Path]:

@@ -139,8 +139,10 @@ def from_neuronpedia(source: str | Path | dict) -> Graph:
                            default=-1)
     strings = []
     for n in logits:
-        m = _LOGIT_CLERP.match(n.get("clerp", ""))
-        strings.append(m.group(1) if m else str(_int_part(n["node_id"], 1)))
+        clerp = n.get("clerp", "")
+        m = _LOGIT_CLERP.match(clerp)
+        strings.append(m.group(1) if m else clerp[len("Target "):]
+                       if clerp.startswith("Target ") else str(_int_part(n["node_id"], 1)))
     feats, errs = by_kind["feature"], by_kind["error"]
     sources = feats + errs
     bos = meta.get("bos", bool(prompt_tokens) and all(int(n["ctx_idx"]) > 0 for n in sources))
@@ -157,7 +159,11 @@ def from_neuronpedia(source: str | Path | dict) -> Graph:
         logit_probs=np.array([n.get("token_prob", 0.0) for n in logits], np.float32),
         adjacency=np.zeros((len(sources) + n_pos + len(logits),) * 2, np.float32),
         n_layers=n_layers, bos=bool(bos), prompt=meta.get("prompt", ""),
-        config={"node_threshold": meta.get("node_threshold")},
+        config={"node_threshold": meta.get("node_threshold"),
+                "transcoder": (meta.get("transcoder_list") or [""])[0]},
+        target_weights=(np.full(len(logits), 1.0 / len(logits), np.float32)
+                        if logits and all(n.get("clerp", "").startswith("Target ")
+                                          for n in logits) else None),
         info={**meta.get("info", {}), "source": "neuronpedia json", "slug": meta.get("slug")})
     index = {nid: i for i, nid in enumerate(node_ids(graph))}
     for link in data["links"]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from clt.configs import ConfigError
 
 ROOT = Path(__file__).resolve().parent
+PREFIX = "bundled:"  # how artifacts record a bundled transcoder: by name, valid in any install
 
 
 def bundled_transcoder(model_name: str) -> Path | None:
@@ -39,4 +40,34 @@ def resolve_transcoder(ref: str | None, model_name: str) -> str:
     return str(d)
 
 
-__all__ = ["ROOT", "available", "bundled_transcoder", "resolve_transcoder"]
+def record(ref: str) -> str:
+    """How a graph or page records a transcoder so that it resolves from any folder: a bundled
+    one by name (`bundled:smollm2-135m`), a local directory by its absolute path, anything else
+    (a hub id) as given."""
+    ref = str(ref)
+    if ref.startswith(PREFIX):
+        return ref
+    p = Path(ref).expanduser()
+    if not p.is_dir():
+        return ref
+    p = p.resolve()
+    if p.parent == ROOT and bundled_transcoder(p.name) is not None:
+        return PREFIX + p.name
+    return str(p)
+
+
+def locate(ref: str) -> str:
+    """The path of a recorded `bundled:NAME` (a one-line error if this install lacks it); any
+    other reference as given."""
+    ref = str(ref)
+    if not ref.startswith(PREFIX):
+        return ref
+    d = bundled_transcoder(ref[len(PREFIX):])
+    if d is None:
+        raise ConfigError(f"'{ref}': this install bundles no such transcoder (bundled: "
+                          f"{', '.join(available()) or 'none'})")
+    return str(d)
+
+
+__all__ = ["PREFIX", "ROOT", "available", "bundled_transcoder", "locate", "record",
+           "resolve_transcoder"]
