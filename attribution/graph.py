@@ -226,8 +226,8 @@ class Graph:
         kind = r.kind_of(node)
         i = node - getattr(r, kind).start
         if kind == "feature":
-            return (f"L{self.feature_layer[i]} F{self.feature_index[i]} @{self.feature_pos[i]} "
-                    f"({self.token_strings[self.feature_pos[i]]!r})")
+            name = feature_name(self.feature_layer[i], self.feature_index[i], self.feature_pos[i])
+            return f"{name} ({self.token_strings[self.feature_pos[i]]!r})"
         if kind == "error":
             return f"error L{self.error_layer[i]} @{self.error_pos[i]}"
         if kind == "token":
@@ -369,6 +369,15 @@ _FULL = ("influence", "input_abs", "input_error_abs")  # streamed graphs only
 _OPTIONAL = _FULL + ("target_weights",)  # arrays saved when set
 
 
+def feature_name(layer: int | np.integer, feature: int | np.integer,
+                 pos: int | np.integer) -> str:
+    """A feature node's one name, `LAYER:FEATURE@POS` (e.g. `29:126@5`; positions count the BOS
+    as 0): what the page shows and searches, and what `cltrace steer` reads
+    (`attribution.interventions.parse_edit`), so a name read off a graph pastes into an
+    intervention unchanged."""
+    return f"{int(layer)}:{int(feature)}@{int(pos)}"
+
+
 def error_nodes(n_layers: int, n_pos: int, bos: bool) -> tuple[np.ndarray, np.ndarray]:
     """(layer, pos) of the error nodes in graph order: layer-major, the BOS position left out."""
     first = 1 if bos else 0
@@ -388,4 +397,5 @@ __all__ = [
     "Scores",
     "atomic_write",
     "error_nodes",
+    "feature_name",
 ]

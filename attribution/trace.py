@@ -600,7 +600,7 @@ def trace(config: TraceConfig, progress: bool = False) -> Graph:
     targets = resolve_targets(config, tok, model.cfg.d_model)
     ids = tok.encode(config.prompt, add_bos=False)
     return trace_tokens(model.params, model.cfg, tc_cfg, tc_params, ids, config,
-                        token_strings=tok.token_strings(ids),
+                        token_strings=tok.token_strings(ids, merge=True),
                         logit_strings=lambda t: tok.token_strings([int(i) for i in t]),
                         targets=targets, progress=progress)
 

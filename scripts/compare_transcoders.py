@@ -101,7 +101,7 @@ def compare_one(name: str, path: str, model, contexts, prompts, args) -> dict:
                              update_interval=args.update_interval)
         t0 = time.perf_counter()
         graph = trace_tokens(model.params, model.cfg, tc_cfg, tc_params, ids, config,
-                             token_strings=tok.token_strings(ids),
+                             token_strings=tok.token_strings(ids, merge=True),
                              logit_strings=lambda t: tok.token_strings([int(i) for i in t]))
         s = graph.scores  # computed by the tracer (attribution.prune.score)
         repl, compl, repl_p, compl_p = (s.replacement, s.completeness, s.pruned_replacement,

@@ -15,6 +15,12 @@ when all of it is shipped. The page instead holds
   output, not just the largest raw weights.
 
 Everything left out is counted in the report, and the page shows the counts.
+
+The page opens on a view a person can read: the `node_budget` most influential feature and error
+nodes of those held (`budget`), with every token and logit, their edges drawn and their labels
+shown. It also holds, computed here, the strongest paths from the tokens to each target
+(`viewer.paths`) and suggested supernodes among the features of that first view
+(`viewer.supernodes`). Features are named `LAYER:FEATURE@POS` (`viewer.names`).
 """
 
 from __future__ import annotations
@@ -29,9 +35,15 @@ from attribution.graph import Graph
 from attribution.influence import cumulative_share, edge_scores, row_sums
 from attribution.prune import find_threshold, node_influence
 from clt.configs import ConfigError, doc, to_dict
+from viewer import supernodes
 from viewer.layout import ERROR, FEATURE, LOGIT, TOKEN, layout
+from viewer.names import feature_name, steer_parts
+from viewer.paths import top_paths
 
-PAGE_SCHEMA_VERSION = 1
+MAX_NODE_BUDGET = 100_000
+MAX_PATHS = 50
+
+PAGE_SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -47,13 +59,25 @@ class ViewConfig:
         "Hold each node's strongest this-many incoming and this-many outgoing edges.", default=48)
     max_edges: int = doc("At most this many edges in the page (the strongest by influence).",
                          default=100_000)
+    node_budget: int = doc(
+        "The page opens on this many feature and error nodes, the most influential on the "
+        "targets (with every token and logit); a page control changes it.", default=100)
     node_threshold: float | None = doc(
         "Initial position of the pruning slider (cumulative influence); None: the trace's "
         "node_threshold.", default=None)
     errors: bool = doc("Hold error nodes (the transcoder's reconstruction errors).", default=True)
+    view_edges: bool = doc(
+        "Draw every held edge between the nodes shown from the start (the page's 'edges' box); "
+        "off: only the edges of hovered, clicked and pinned nodes, and the strongest edges.",
+        default=True)
     strongest_edges: int = doc(
-        "Draw this many strongest edges from the start (0: only the edges of hovered, clicked "
-        "and pinned nodes; the page has a toggle and slider).", default=0)
+        "Draw this many strongest edges among the nodes shown from the start (0: none; the page "
+        "has a toggle and slider).", default=0)
+    top_paths: int = doc("Paths listed per target in the page's top-paths panel (0: none).",
+                         default=5)
+    suggested_supernodes: int = doc(
+        "At most this many suggested supernodes (groups of the first view's features; 0: "
+        "none).", default=supernodes.MAX_SUGGESTIONS)
     title: str = doc("Page title; default: the prompt.", default="")
     schema_version: int = doc("Version of this config's JSON layout.", default=1)
 
@@ -64,7 +88,14 @@ class ViewConfig:
         if self.node_threshold is not None and not 0.0 <= self.node_threshold <= 1.0:
             raise ConfigError(f"ViewConfig.node_threshold must be in [0, 1], got "
                               f"{self.node_threshold}")
-        for name in ("max_nodes", "max_edges_per_node", "max_edges", "strongest_edges"):
+        if not 1 <= self.node_budget <= MAX_NODE_BUDGET:
+            raise ConfigError(f"ViewConfig.node_budget must be in [1, {MAX_NODE_BUDGET}], got "
+                              f"{self.node_budget}")
+        if not 0 <= self.top_paths <= MAX_PATHS:
+            raise ConfigError(f"ViewConfig.top_paths must be in [0, {MAX_PATHS}], got "
+                              f"{self.top_paths}")
+        for name in ("max_nodes", "max_edges_per_node", "max_edges", "strongest_edges",
+                     "suggested_supernodes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"ViewConfig.{name} must be >= 0, got {getattr(self, name)}")
 
@@ -81,6 +112,9 @@ class Selection:
     edge_target: np.ndarray  # [e] page indices, edges sorted by |weight|, strongest first
     edge_source: np.ndarray  # [e]
     edge_weight: np.ndarray  # [e] raw adjacency weights
+    edge_norm: np.ndarray  # [e] |weight| / the target's sum of |incoming| (as influence)
+    edge_score: np.ndarray  # [e] pruning's edge score (edge_norm x target influence + logit w)
+    input_abs: np.ndarray  # [n] each held node's sum of |incoming edges| (full graph)
     report: dict
 
 
@@ -114,7 +148,9 @@ def select(graph: Graph, config: ViewConfig) -> Selection:
     capped = candidates[np.argsort(-infl[candidates], kind="stable")[:config.max_nodes]]
     nodes = np.sort(np.concatenate([capped, np.nonzero(kind >= TOKEN)[0]]))
 
-    tgt, src, w, edge_report = _edges(graph, nodes, infl, config)
+    sums = graph.input_abs[nodes] if graph.input_abs is not None else \
+        row_sums(graph.adjacency, index=nodes)
+    tgt, src, w, norm, escore, edge_report = _edges(graph, nodes, infl, sums, config)
     n_feat = int((kind == FEATURE).sum())
     n_err = int((kind == ERROR).sum())
     held = kind[nodes]
@@ -132,7 +168,22 @@ def select(graph: Graph, config: ViewConfig) -> Selection:
         full = graph.full_graph
         report["full_graph"] = {k: getattr(full, k) for k in ("features", "nodes", "edges",
                                                               "features_left_out")}
-    return Selection(nodes, held, cum, before, infl, tgt, src, w, report)
+    return Selection(nodes, held, cum, before, infl, tgt, src, w, norm, escore, sums, report)
+
+
+def budget(sel: Selection, n: int, errors: bool = True) -> np.ndarray:
+    """Page indices of the `n` feature (and error, with `errors`) nodes of the page most
+    influential on the targets (`node_influence`; ties: graph order), in that order: the
+    page's first view, less its tokens and logits."""
+    order = _by_influence(sel)
+    ok = (sel.kind == FEATURE) | ((sel.kind == ERROR) & errors)
+    return order[ok[order]][:n]
+
+
+def _by_influence(sel: Selection) -> np.ndarray:
+    """Page indices of the feature and error nodes, most influential first."""
+    src = np.nonzero(sel.kind <= ERROR)[0]
+    return src[np.argsort(-sel.influence[sel.nodes[src]], kind="stable")]
 
 
 def _top_mask(score: np.ndarray, k: int, axis: int) -> np.ndarray:
@@ -149,13 +200,15 @@ def _top_mask(score: np.ndarray, k: int, axis: int) -> np.ndarray:
     return mask
 
 
-def _edges(graph: Graph, nodes: np.ndarray, infl: np.ndarray, config: ViewConfig):
-    """Edges among the held nodes under the caps, as page indices, strongest |weight| first."""
+def _edges(graph: Graph, nodes: np.ndarray, infl: np.ndarray, sums: np.ndarray,
+           config: ViewConfig):
+    """Edges among the held nodes under the caps, as page indices, strongest |weight| first:
+    (targets, sources, weights, normalised weights, edge scores, report)."""
     A = graph.adjacency
     sub = A[np.ix_(nodes, nodes)].astype(np.float32)  # [target, source]
     # Pruning's edge score: share of the target's whole input (all sources, held or not: the
-    # full graph's, for a streamed graph) times the target's influence plus its logit weight.
-    sums = graph.input_abs[nodes] if graph.input_abs is not None else row_sums(A, index=nodes)
+    # full graph's, for a streamed graph, `sums`) times the target's influence plus its logit
+    # weight.
     score = edge_scores(sub, (infl + graph.logit_weights())[nodes], sums)
     nonzero = sub != 0
     keep = (_top_mask(score, config.max_edges_per_node, axis=1)
@@ -174,7 +227,10 @@ def _edges(graph: Graph, nodes: np.ndarray, infl: np.ndarray, config: ViewConfig
               "left_out_edge_per_node_cap": n_capped_node,
               "left_out_edge_total_cap": int(keep.sum()) - len(order),
               "left_out_edges_of_left_out_nodes": total - int(nonzero.sum())}
-    return tgt[order].astype(np.int32), src[order].astype(np.int32), w[order], report
+    tgt, src, w = tgt[order], src[order], w[order]
+    # Each edge's share of its target's input: the score with unit target weight.
+    norm = edge_scores(w[:, None], np.ones(len(w)), sums[tgt])[:, 0]
+    return tgt.astype(np.int32), src.astype(np.int32), w, norm, score[tgt, src], report
 
 
 # --- the page's data -----------------------------------------------------------------------------
@@ -192,10 +248,50 @@ def _ints(values) -> str:
     return "[" + ",".join(str(int(v)) for v in values) + "]"
 
 
+def page_paths(sel: Selection, k: int) -> list[dict]:
+    """Each target's (logit node's) k strongest paths from the tokens through the held edges
+    (`viewer.paths`), as page indices: [{"target", "paths": [[score, nodes, edges], ...]}]."""
+    starts, ends = np.nonzero(sel.kind == TOKEN)[0], np.nonzero(sel.kind == LOGIT)[0]
+    found = top_paths(len(sel.nodes), sel.edge_source, sel.edge_target, sel.edge_norm, starts,
+                      ends, k)
+    return [{"target": int(t), "paths": [[float(f"{p.score:.4g}"), list(p.nodes), list(p.edges)]
+                                         for p in found[int(t)]]} for t in ends]
+
+
+def suggested_supernodes(graph: Graph, sel: Selection, config: ViewConfig,
+                         cards: dict | None = None) -> list[dict]:
+    """Suggested groups (`viewer.supernodes`) of the features of the page's first view, members
+    as page indices. `cards`: the page's cards payload (`viewer.features.cards_for`), whose top
+    output tokens group features too."""
+    members = budget(sel, config.node_budget)
+    members = members[sel.kind[members] == FEATURE]
+    if len(members) < 2 or config.suggested_supernodes == 0:
+        return []
+    i = sel.nodes[members] - graph.ranges.feature.start
+    layer, fidx, pos = graph.feature_layer[i], graph.feature_index[i], graph.feature_pos[i]
+    vectors = supernodes.out_vectors(graph.adjacency[np.ix_(sel.nodes, sel.nodes[members])],
+                                     sel.input_abs)
+    top, text = None, None
+    if cards:
+        c = cards["cards"]
+        top = [(c.get(f"{a}_{f}") or {}).get("pos") for a, f in zip(layer, fidx)]
+        top = [t[0][0] if t else -1 for t in top]
+        vocab = cards.get("vocab", {})
+
+        def text(t):
+            return vocab.get(str(t), f"<{t}>")
+    found = supernodes.suggest(layer, pos, vectors, sel.influence[sel.nodes[members]], top,
+                               text, lambda p: graph.token_strings[p],
+                               config.suggested_supernodes)
+    return [{**g, "members": [int(members[m]) for m in g["members"]]} for g in found]
+
+
 def page_data(graph: Graph, sel: Selection, config: ViewConfig,
-              labels: dict[tuple[int, int], str] | None = None) -> tuple[str, dict]:
+              labels: dict[tuple[int, int], str] | None = None,
+              cards: dict | None = None) -> tuple[str, dict]:
     """The page's graph data as JSON text (columnar arrays; numbers written short) and its
-    metadata dict. `labels` maps (layer, feature index) to a feature's label."""
+    metadata dict. `labels` maps (layer, feature index) to a feature's label; `cards` is the
+    page's cards payload (`viewer.features.cards_for`), if any."""
     r = graph.ranges
     n = sel.nodes
     kind = sel.kind
@@ -224,8 +320,16 @@ def page_data(graph: Graph, sel: Selection, config: ViewConfig,
     labels = labels or {}
     text = [labels.get((int(layer[i]), int(ref[i])), "") if kind[i] == FEATURE else ""
             for i in range(len(n))]
-    probs = {int(t): float(p) for t, p in zip(graph.logit_tokens, graph.logit_probs)}
-    logit_p = [probs.get(int(ref[i]), 0.0) if kind[i] == LOGIT else 0 for i in range(len(n))]
+    # A target's weight by its place in the logit range (custom targets, e.g. a logit
+    # difference, may share a token id or have no probability: NaN is written as 0).
+    logit_p = np.zeros(len(n))
+    m = kind == LOGIT
+    logit_p[m] = np.nan_to_num(np.asarray(graph.logit_probs, np.float64)[n[m] - r.logit.start],
+                               nan=0.0, posinf=0.0, neginf=0.0)
+    names = [feature_name(int(layer[i]), int(ref[i]), int(pos[i])) if kind[i] == FEATURE else ""
+             for i in range(len(n))]
+    rank = np.full(len(n), -1, np.int64)
+    rank[_by_influence(sel)] = np.arange(int((kind <= ERROR).sum()))
     total = max(float(sel.influence.sum()), 1e-30)
 
     threshold = config.node_threshold
@@ -242,6 +346,7 @@ def page_data(graph: Graph, sel: Selection, config: ViewConfig,
         # The page's export writes what attribution.export writes: its metadata, and the
         # record of each node (the page sets a feature's clerp from its label).
         "neuronpedia": metadata(graph, threshold),
+        "steer": dict(zip(("head", "tail"), steer_parts(graph))),
     }
     parts = {
         "meta": json.dumps(meta, default=_plain), "tokens": json.dumps(list(graph.token_strings)),
@@ -251,13 +356,17 @@ def page_data(graph: Graph, sel: Selection, config: ViewConfig,
         "cum": _nums(sel.cumulative[n], ".6g"), "before": _nums(sel.before[n], ".7g"),
         "infl": _nums(sel.influence[n] / total, ".4g"), "p": _nums(logit_p, ".9g"),
         "x": _nums(x, ".1f"), "y": _nums(y, ".1f"), "label": json.dumps(text),
+        "name": json.dumps(names), "rank": _ints(rank),
         "es": _ints(sel.edge_source), "et": _ints(sel.edge_target),
-        "ew": _nums(sel.edge_weight, ".4g"),
+        "ew": _nums(sel.edge_weight, ".4g"), "sc": _nums(sel.edge_score, ".3g"),
+        "paths": json.dumps(page_paths(sel, config.top_paths), separators=(",", ":")),
+        "suggest": json.dumps(suggested_supernodes(graph, sel, config, cards),
+                              separators=(",", ":")),
         "np": json.dumps([node_record(graph, int(i), sel.cumulative) for i in n],
                          separators=(",", ":"), default=_plain),
     }
     return "{" + ",".join(f'"{k}":{v}' for k, v in parts.items()) + "}", meta
 
 
-__all__ = ["PAGE_SCHEMA_VERSION", "Selection", "ViewConfig", "cumulative_influence", "page_data",
-           "select"]
+__all__ = ["PAGE_SCHEMA_VERSION", "Selection", "ViewConfig", "budget", "cumulative_influence",
+           "page_data", "page_paths", "select", "suggested_supernodes"]

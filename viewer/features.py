@@ -352,18 +352,34 @@ class FeatureCards:
         return self._vocab
 
     def auto_label(self, card: dict) -> str:
-        """A provisional label from the data: the tokens it fires on most, and what it promotes
-        (a researcher's label, given to the viewer, replaces it)."""
+        """A short label from the card itself: the tokens the feature fires on most, then what
+        it promotes, e.g. `France, French → Paris` (a researcher's label, or the model's own
+        explanation, replaces it where given)."""
         vocab = self._vocab
-        seen: list[str] = []
-        for _, toks, _, at in card["top"]:
-            s = vocab.get(toks[at], "?").strip() or repr(vocab.get(toks[at], "?"))
-            if s not in seen:
-                seen.append(s)
-        if not seen:
-            return "(never active in the scanned text)"
-        out = vocab.get(card["pos"][0][0], "?").strip() if card["pos"] else ""
-        return "on " + " / ".join(f"“{s}”" for s in seen[:3]) + (f" → “{out}”" if out else "")
+        fired = [_short(vocab.get(toks[at], "?")) for _, toks, _, at in card["top"]]
+        outs = [_short(vocab.get(t, "?")) for t, v in card["pos"][:2] if v > 0]
+        if not fired:
+            return "never active in the scanned text" + (f" → {outs[0]}" if outs else "")
+        return ", ".join(_distinct(fired)[:3]) + (" → " + ", ".join(_distinct(outs))
+                                                  if outs else "")
+
+
+def _short(token: str) -> str:
+    """A token as a label shows it: stripped of surrounding spaces; whitespace named."""
+    s = token.strip()
+    if s:
+        return s
+    return {"\n": "⏎", "\t": "⇥"}.get(token.strip(" "), "␣" if " " in token else repr(token))
+
+
+def _distinct(items: list[str]) -> list[str]:
+    """Items in order, each once (case-insensitively)."""
+    seen, out = set(), []
+    for x in items:
+        if x.lower() not in seen:
+            seen.add(x.lower())
+            out.append(x)
+    return out
 
 
 def cards_for(cards: FeatureCards, layers, features,
@@ -408,7 +424,7 @@ def build(config: FeaturesConfig, progress: bool = False) -> tuple[FeatureCards,
                           "--out PATH for the cards file")
     # The transcoder first: its config names the model when --model is not given (scan checks
     # that they fit).
-    _, tc_cfg, tc_params = open_transcoder(config.transcoder)
+    ref, tc_cfg, tc_params = open_transcoder(config.transcoder)
     name = config.model or tc_cfg.model_name
     if not name:
         raise ConfigError("the transcoder's config names no model: pass --model NAME")
@@ -417,7 +433,7 @@ def build(config: FeaturesConfig, progress: bool = False) -> tuple[FeatureCards,
                         text_field=config.text_field)
     n = min(config.n_contexts, len(ctx)) if isinstance(ctx, LocalContexts) else config.n_contexts
     cards = scan(model, tc_cfg, tc_params, ctx.take(0, n), config, progress=progress)
-    cards.meta["transcoder"] = config.transcoder
+    cards.meta["transcoder"] = ref  # as graphs record it: resolvable from any folder
     return cards, cards.save(out)
 
 

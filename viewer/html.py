@@ -8,9 +8,12 @@ It opens from `file://` with the network off.
 Data travel gzip-compressed and base64-encoded inside the page and are decompressed by the
 browser's `DecompressionStream` (Chrome 80, Firefox 113, Safari 16.4): a 5,000-node graph with
 100,000 edges and its feature cards is a few MB instead of tens. Which nodes and edges go in, and
-the size caps, are `viewer.embed`'s; the layout is `viewer.layout`'s; the interaction (edges drawn
-only for hovered, clicked and pinned nodes, pruning slider, search, side panel with feature cards,
-pinning, supernodes, Neuronpedia export) is `static/viewer.js`'s.
+the size caps, are `viewer.embed`'s (with the top paths of `viewer.paths` and the suggested
+supernodes of `viewer.supernodes`); the layout is `viewer.layout`'s; the interaction (the first
+view at a node budget with its edges and labels drawn, edges of hovered, clicked and pinned
+nodes, pruning slider, search by `LAYER:FEATURE@POS`, side panel with feature cards, top paths,
+pinning, supernodes and suggestions, Neuronpedia export, the `cltrace steer` command of the
+pinned features) is `static/viewer.js`'s.
 """
 
 from __future__ import annotations
@@ -146,20 +149,21 @@ def render_html(graph: Graph, config: ViewConfig | None = None, cards=None,
     cards, note = resolve_cards(graph, cards)
     sel = select(graph, config)
     sel.report["cards_note"] = note  # shown in the page's "left out" details too
-    data, meta = page_data(graph, sel, config, labels)
-    card_blob, n_cards = "", 0
+    card_blob, n_cards, payload = "", 0, None
     if cards is not None:
         r = graph.ranges
         feats = sel.nodes[sel.kind == 0] - r.feature.start
         payload = cards_for(cards, graph.feature_layer[feats], graph.feature_index[feats], labels)
         n_cards = len(payload["cards"])
         card_blob = _blob(json.dumps(payload, separators=(",", ":")))
+    data, meta = page_data(graph, sel, config, labels, payload)
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(_HERE)), autoescape=True,
                              keep_trailing_newline=True)
     page = env.get_template("template.html").render(
         title=meta["title"] or "attribution graph",
         css=Markup(_static("viewer.css")), vis_js=Markup(vis_network_js()),
-        app_js=Markup(_static("viewer.js")), options=Markup(json.dumps(vis_options())),
+        # One script: the viewer, then its panels (which register with it before it starts).
+        app_js=Markup(_static("viewer.js") + "\n" + _static("panels.js")), options=Markup(json.dumps(vis_options())),
         graph_blob=_blob(data), cards_blob=card_blob)
     return page, {**sel.report, "cards": n_cards}
 

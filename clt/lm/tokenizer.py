@@ -1,8 +1,19 @@
-"""Tokenizers from `tokenizer.json` or from GGUF metadata, on the `tokenizers` library (no torch)."""
+"""Tokenizers from `tokenizer.json` or from GGUF metadata, on the `tokenizers` library (no torch).
+
+Readable token strings (`Tokenizer.token_strings`): a token that is part of a multi-byte UTF-8
+character (byte-level BPE splits "“" into three tokens; SentencePiece's byte fallback gives
+`<0xE2>` pieces) decodes on its own to "�". We take each token's bytes instead: its piece
+mapped back through GPT-2's byte-to-unicode alphabet, or its `<0xNN>` byte, and show bytes that
+do not decode as `<0xE2>` escapes; in a sequence (`merge=True`) the token that completes a
+character shows it.
+"""
 
 from __future__ import annotations
 
+import codecs
+import functools
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,9 +46,15 @@ class Tokenizer:
     def decode(self, ids, skip_special: bool = False) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special)
 
-    def token_strings(self, ids) -> list[str]:
-        """Each token decoded on its own, for display (node labels, tables)."""
-        return [self.backend.decode([int(i)], skip_special_tokens=False) for i in ids]
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for (module docstring)."""
+        return _token_bytes(self.backend, int(token_id))
+
+    def token_strings(self, ids, merge: bool = False) -> list[str]:
+        """Each token as readable text, for display (node labels, tables, cards): bytes that do
+        not decode shown as `<0xE2>` escapes. `merge`: the ids are a text in order (a prompt,
+        a context window), and a token completing a multi-byte character shows it."""
+        return readable([self.token_bytes(int(i)) for i in ids], merge)
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
@@ -60,6 +77,75 @@ class Tokenizer:
             bos_token=tok(self.bos_token_id) if self.bos_token_id is not None else "",
             eos_token=tok(self.eos_token_ids[0]) if self.eos_token_ids else "",
         )
+
+
+_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+@functools.cache
+def _unicode_to_byte() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: printable Latin-1 bytes stand for themselves, the
+    other bytes for the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    table = {chr(b): b for b in printable}
+    table.update({chr(256 + n): b for n, b in enumerate(others)})
+    return table
+
+
+def _token_bytes(backend, token_id: int) -> bytes:
+    text = backend.decode([token_id], skip_special_tokens=False)
+    if "\ufffd" not in text:
+        return text.encode("utf-8")
+    piece = backend.id_to_token(token_id) or ""
+    m = _BYTE_PIECE.match(piece)
+    if m:
+        return bytes([int(m.group(1), 16)])
+    table = _unicode_to_byte()
+    if piece and all(c in table for c in piece):
+        return bytes(table[c] for c in piece)
+    return text.encode("utf-8")  # no byte form known: keep what the decoder gave
+
+
+def _escape(b: bytes) -> str:
+    return "".join(f"<0x{x:02X}>" for x in b)
+
+
+def _decode(b: bytes) -> str:
+    """UTF-8 text of `b`, with every byte that does not decode as an escape."""
+    out = []
+    while b:
+        try:
+            out.append(b.decode("utf-8"))
+            break
+        except UnicodeDecodeError as e:
+            out.append(b[:e.start].decode("utf-8") + _escape(b[e.start:e.end]))
+            b = b[e.end:]
+    return "".join(out)
+
+
+def readable(pieces: list[bytes], merge: bool = False) -> list[str]:
+    """Display strings of tokens given as bytes: UTF-8 where it decodes, `<0xNN>` escapes where
+    it does not; with `merge`, bytes left incomplete by one token carry over to the next, which
+    shows the character they complete (and the earlier token its escapes)."""
+    out = []
+    dec = codecs.getincrementaldecoder("utf-8")()
+    for b in pieces:
+        if not merge:
+            out.append(_decode(b))
+            continue
+        try:
+            text = dec.decode(b)
+        except UnicodeDecodeError:
+            dec.reset()
+            out.append(_decode(b))
+            continue
+        pending = dec.getstate()[0]
+        # Bytes still pending belong to a character the next token completes.
+        out.append(text + _escape(pending[len(pending) - min(len(pending), len(b)):])
+                   if pending else text)
+    return out
 
 
 def tokenizer_from_dir(path: Path, bos: int | None, eos: tuple[int, ...]) -> Tokenizer:

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from attribution import interventions as iv  # noqa: E402
 from attribution import replacement as rep  # noqa: E402
+from attribution.graph import feature_name  # noqa: E402
 from attribution.prune import node_influence  # noqa: E402
 from attribution.trace import TraceConfig, trace_tokens  # noqa: E402
 from clt.circuit_tracer_io import open_transcoder  # noqa: E402
@@ -63,7 +64,7 @@ class Study:
                              transcoder=self.args.transcoder,
                              max_feature_nodes=self.args.max_feature_nodes)
         graph = trace_tokens(self.model.params, self.model.cfg, self.tc_cfg, self.tc_params, ids,
-                             config, token_strings=self.tok.token_strings(ids),
+                             config, token_strings=self.tok.token_strings(ids, merge=True),
                              logit_strings=lambda t: self.tok.token_strings([int(i) for i in t]))
         s = graph.scores  # computed by the tracer (attribution.prune.score)
         scores = (s.replacement, s.completeness, s.pruned_replacement, s.pruned_completeness)
@@ -147,7 +148,7 @@ class Study:
         self.say("| feature | token | activation | influence |")
         self.say("|---|---|---|---|")
         for _, layer, pos, idx, act, inf in rows:
-            self.say(f"| L{layer}:F{idx} | {graph.token_strings[pos]!r} (pos {pos}) | "
+            self.say(f"| {feature_name(layer, idx, pos)} | {graph.token_strings[pos]!r} | "
                      f"{act:.3f} | {inf:.4f} |")
 
     def write(self, title: str) -> Path:
@@ -173,7 +174,7 @@ def ablation_table(study: Study, prompt: str, graph, rows, target: str) -> None:
         e = iv.FeatureEdit(layer, idx, pos, "set", 0.0)
         edits.append(e)
         p = study.next_probs(prompt, [e])
-        study.say(f"| L{layer}:F{idx}@{pos} | {p[tid]:.4f} | {p[tid] - base[tid]:+.4f} | "
+        study.say(f"| {feature_name(layer, idx, pos)} | {p[tid]:.4f} | {p[tid] - base[tid]:+.4f} | "
                   f"{study.top_tokens(p, 3)} |")
     p = study.next_probs(prompt, edits)
     study.say(f"| all {len(edits)} | {p[tid]:.4f} | {p[tid] - base[tid]:+.4f} | "

@@ -154,7 +154,7 @@ def test_graph_save_load_roundtrip_and_version(tmp_path):
     g2 = Graph.load(tmp_path / "out")
     for f in ("adjacency", "feature_layer", "logit_probs", "error_pos", "tokens"):
         np.testing.assert_array_equal(getattr(g2, f), getattr(g, f))
-    assert g2.ranges == g.ranges and g2.label(0).startswith("L0 F0 @0")
+    assert g2.ranges == g.ranges and g2.label(0).startswith("0:0@0 ")
     z = dict(np.load(path))
     meta = json.loads(str(z["meta"]))
     meta["schema_version"] = 99

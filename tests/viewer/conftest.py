@@ -49,7 +49,7 @@ def pipeline(tmp_path_factory) -> Pipeline:
     corpus = write_corpus(root / "corpus.txt", n_docs=80)
     out = root / "trace"
     assert main(["trace", PROMPT, "--model", str(model_dir), "--transcoder", str(tc_dir),
-                 "--out", str(out), "--no-progress", "--batch-size", "16"]) == 0
+                 "--out", str(out), "--no-progress", "--batch-size", "16", "--save-full"]) == 0
     assert main(["features", "--transcoder", str(tc_dir), "--model", str(model_dir), "--data",
                  str(corpus), "--n-contexts", "48", "--context-length", "32", "--window", "10",
                  "--no-progress"]) == 0
@@ -78,9 +78,21 @@ def browser():
         driver.quit()
 
 
-def visible_nodes(data: dict, threshold: float, errors: bool = True) -> int:
-    """How many nodes the page shows at a slider position (the page's rule, restated)."""
-    kind, before = np.asarray(data["kind"]), np.asarray(data["before"])
-    shown = (kind >= 2) | (((before < threshold) | (threshold >= 1))
-                           & ((kind == 0) | ((kind == 1) & errors)))
-    return int(shown.sum())
+def shown_mask(data: dict, threshold: float, errors: bool = True,
+               budget: int | None = None) -> np.ndarray:
+    """Which nodes the page shows at a slider position and node budget (default: the page's
+    own), the page's rule restated: tokens and logits always; of the feature (and, shown, error)
+    nodes, the first `budget` by influence rank that the pruning slider keeps."""
+    kind, before, rank = (np.asarray(data[k]) for k in ("kind", "before", "rank"))
+    budget = data["meta"]["config"]["node_budget"] if budget is None else budget
+    eligible = (kind == 0) | ((kind == 1) & errors)
+    order = np.argsort(np.where(rank >= 0, rank, len(rank)), kind="stable")[:int((rank >= 0).sum())]
+    in_budget = np.zeros(len(kind), bool)
+    in_budget[order[eligible[order]][:budget]] = True
+    return (kind >= 2) | (((before < threshold) | (threshold >= 1)) & eligible & in_budget)
+
+
+def visible_nodes(data: dict, threshold: float, errors: bool = True,
+                  budget: int | None = None) -> int:
+    """How many nodes the page shows at a slider position and node budget."""
+    return int(shown_mask(data, threshold, errors, budget).sum())

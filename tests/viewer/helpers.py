@@ -150,6 +150,23 @@ def random_cards(n_layers: int, n_features: int, vocab: int = 500, k: int = 8, q
     return FeatureCards(meta, arrays)
 
 
+def js(driver, code, *args):
+    """Run `code` in the page with C = window.cltrace and S = its state."""
+    return driver.execute_script("const C = window.cltrace, S = C.state;" + code, *args)
+
+
+def next_frame(driver):
+    js(driver, "return new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+
+
+def view_edges(driver, on: bool) -> None:
+    """Set the page's "edges" box (the first view's edges among shown nodes) with a real click."""
+    box = driver.find_element("id", "edges-on")
+    if box.is_selected() != on:
+        box.click()
+    next_frame(driver)
+
+
 def click_node(driver, i: int, shift: bool = False) -> None:
     """A real mouse click (press and release through DevTools' input pipeline, as a user's) at
     node i's place on the canvas, at sub-pixel precision: small nodes of a zoomed-out graph are
@@ -164,3 +181,39 @@ def click_node(driver, i: int, shift: bool = False) -> None:
     for kind in ("mousePressed", "mouseReleased"):
         driver.execute_cdp_cmd("Input.dispatchMouseEvent", {
             "type": kind, **p, "button": "left", "clickCount": 1, "modifiers": mods})
+
+
+def plant_twins(graph: Graph, budget: int = 20) -> list[tuple[int, int]]:
+    """Give pairs of influential features (same position, 1-3 layers apart) the same outgoing
+    edges up to a factor, so that `viewer.supernodes` must suggest grouping each pair: feature
+    b's column becomes 0.8 x feature a's over the targets above b's layer, and a keeps no edge
+    to layers b's cannot reach. A pair is kept only if both stay among the `budget` most
+    influential feature and error nodes. Returns the graph node indices of the pairs (one per
+    position, at most two). Changes `graph.adjacency` in place."""
+    from attribution.prune import node_influence
+
+    A, L, P = graph.adjacency, graph.feature_layer, graph.feature_pos
+    F, n_src = len(L), graph.ranges.token.start
+    order = np.argsort(-node_influence(graph)[:F], kind="stable")[:budget]
+    tgt_layer = np.full(graph.n_nodes, -1)
+    tgt_layer[:F] = L
+    tgt_layer[graph.ranges.logit] = graph.n_layers
+    pairs, used_pos = [], set()
+    for a, b in ((a, b) for a in order for b in order):
+        if P[a] != P[b] or not 1 <= L[b] - L[a] <= 3 or P[a] in used_pos:
+            continue
+        above = tgt_layer > L[b]
+        if not np.any(A[above, a] != 0):
+            continue
+        old_a, old_b = A[:, a].copy(), A[:, b].copy()
+        A[tgt_layer <= L[b], a] = 0.0
+        A[:, b] = np.where(above, 0.8 * A[:, a], 0.0)
+        top = set(np.argsort(-node_influence(graph)[:n_src], kind="stable")[:budget].tolist())
+        if {int(a), int(b)} <= top:
+            pairs.append((int(a), int(b)))
+            used_pos.add(P[a])
+        else:
+            A[:, a], A[:, b] = old_a, old_b
+        if len(pairs) == 2:
+            break
+    return pairs

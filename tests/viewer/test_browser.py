@@ -2,10 +2,13 @@
 Selenium, the network cut (dead proxy, no DNS, DevTools offline), opening a real graph traced and
 carded end to end (see conftest.py).
 
-Checks: the expected number of nodes is rendered (vis-network's own list of drawn nodes); a real
-mouse click on a feature shows its card and exactly its edges; the pruning slider and the search
-box; pinning, a supernode and the Neuronpedia export, equal to `pinned_subgraph`'s and loadable
-into our Graph; and zero failed (or any) network requests. A screenshot is saved in the test's
+Checks: the expected number of nodes is rendered (vis-network's own list of drawn nodes, at the
+page's node budget); with the first view's edges turned off, a real mouse click on a feature
+shows its card and exactly its edges; the pruning slider and the search box (by the canonical
+name too); pinning, a supernode and the Neuronpedia export, equal to `pinned_subgraph`'s and
+loadable into our Graph; and zero failed (or any) network requests. The first view itself (node
+budget, labels, its edges, top paths, suggested supernodes, the steer command) is
+test_first_view.py's. A screenshot is saved in the test's
 temp dir (path printed; run with -s to see it)."""
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import pytest
 from attribution.graph import Graph
 from attribution.influence import cumulative_share
 from tests.viewer.conftest import visible_nodes
-from tests.viewer.helpers import click_node, network_events, wait_ready
+from tests.viewer.helpers import click_node, js, network_events, next_frame, view_edges, wait_ready
 from tests.viewer.test_html import page_blob
 from viewer.embed import ViewConfig, select
 from viewer.features import FeatureCards
@@ -32,14 +35,6 @@ def page(request, browser):
     browser.get(pipeline.page.as_uri())
     wait_ready(browser)
     return browser, page_blob(html, "graph-data"), page_blob(html, "cards-data"), pipeline
-
-
-def js(driver, code, *args):
-    return driver.execute_script("const C = window.cltrace, S = C.state;" + code, *args)
-
-
-def next_frame(driver):
-    js(driver, "return new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
 
 
 def expected_edges(data, i, visible):
@@ -75,6 +70,7 @@ def test_click_a_feature_shows_its_card_and_edges(page, tmp_path):
     kind, infl = np.asarray(data["kind"]), np.asarray(data["infl"])
     visible = np.array(js(driver, "return Array.from(S.visible)"), bool)
     i = int(np.argmax(np.where((kind == 0) & visible, infl, -1)))  # the most influential feature
+    view_edges(driver, False)  # only the clicked node's edges, below
     click_node(driver, i)
     assert js(driver, "return S.clicked") == i
     # The card: its label, facts and top examples with the activating token highlighted.
@@ -125,6 +121,12 @@ def test_slider_search_strongest_edges_and_hover(page):
     box.send_keys(f"L{data['layer'][i]} #{data['ref'][i]}", Keys.ENTER)
     assert js(driver, "return S.clicked") == i
     assert driver.find_element("id", "search-info").text.startswith("1 match")
+    js(driver, "C.select(-1)")
+    box.clear()
+    box.send_keys(data["name"][i], Keys.ENTER)  # the canonical LAYER:FEATURE@POS
+    assert js(driver, "return S.clicked") == i
+    assert driver.find_element("id", "search-info").text.startswith("1 match")
+    view_edges(driver, False)
     # Strongest edges: the toggle adds edges with |w| >= frac * max among visible nodes, up to
     # the cap, to the clicked node's. (The pointer first leaves the canvas: no hovered node.)
     driver.execute_cdp_cmd("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": 5, "y": 5})

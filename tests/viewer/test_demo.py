@@ -2,8 +2,10 @@
 transcoder (no --transcoder), then the page it writes opened in headless Chromium, offline.
 
 Checks: the command prints the scores and the page path last; the graph used the bundled
-transcoder and has features; the page renders the nodes the slider keeps, with zero network
-requests; clicking the most influential feature shows its card from the bundled feature cards."""
+transcoder and has features; the page opens on the node budget's nodes (the rule restated in
+`shown_mask`), with the edges among them drawn, labels written and top paths to every target,
+with zero network requests; clicking the most influential feature shows its card from the
+bundled feature cards."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import pytest
 
 from attribution.graph import Graph
 from clt.bundled import bundled_transcoder
-from tests.viewer.conftest import visible_nodes
+from tests.viewer.conftest import shown_mask, visible_nodes
 from tests.viewer.helpers import click_node, network_events, wait_ready
 from tests.viewer.test_html import page_blob
 
@@ -23,12 +25,13 @@ PROMPT = "The capital of France is"
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
+    from clt.configs import ConfigError
     from clt.lm.loading import resolve
     from cltrace.cli import main
 
     try:
         resolve("smollm2-135m")
-    except Exception as e:  # the embedded model is installed by `make setup`
+    except ConfigError as e:  # the embedded model is installed by `make setup`
         pytest.skip(f"embedded SmolLM2 not installed ({e})")
     if bundled_transcoder("smollm2-135m") is None:
         pytest.fail("no transcoder bundled for smollm2-135m (clt/bundled/smollm2-135m)")
@@ -52,7 +55,7 @@ def test_demo_prints_scores_and_uses_the_bundle(demo):
     rep, comp = float(m.group(1)), float(m.group(2))
     assert 0.0 < rep <= comp <= 1.0 + 1e-6
     graph = Graph.load(out / "graph.npz")
-    assert graph.config["transcoder"] == str(bundled_transcoder("smollm2-135m"))
+    assert graph.config["transcoder"] == "bundled:smollm2-135m"  # resolvable from any folder
     assert graph.ranges.feature.stop > 100
     assert " Paris" in graph.logit_strings
     assert np.isclose(graph.scores.replacement, rep, atol=1e-4)
@@ -69,7 +72,20 @@ def test_demo_page_renders_offline_with_cards(demo, browser):
     want = visible_nodes(data, data["meta"]["node_threshold"])
     assert browser.execute_script("return window.cltrace.state.net.body.nodeIndices.length") \
         == want > 20
-    kind, infl = np.asarray(data["kind"]), np.asarray(data["infl"])
+    # The first view: at most the budget's feature and error nodes, their edges and labels.
+    kind = np.asarray(data["kind"])
+    mask = shown_mask(data, data["meta"]["node_threshold"])
+    budget = data["meta"]["config"]["node_budget"]
+    assert (mask & (kind <= 1)).sum() <= budget < (kind <= 1).sum()
+    es, et = np.asarray(data["es"]), np.asarray(data["et"])
+    between = set(np.nonzero(mask[es] & mask[et])[0].tolist())
+    drawn = set(browser.execute_script("return window.cltrace.drawnEdges()"))
+    labels = browser.execute_script("return window.cltrace.state.labelsDrawn")
+    assert drawn == between and len(drawn) > budget and len(labels) >= 3
+    print(f"\ndemo first view: {int(mask.sum())} nodes, {len(drawn)} edges, {len(labels)} labels")
+    paths = {data["meta"]["logit_strings"][k]: t["paths"] for k, t in enumerate(data["paths"])}
+    assert all(paths.values()) and paths[" Paris"][0][1][-1] == data["paths"][0]["target"]
+    infl = np.asarray(data["infl"])
     visible = np.array(browser.execute_script(
         "return Array.from(window.cltrace.state.visible)"), bool)
     i = int(np.argmax(np.where((kind == 0) & visible, infl, -1)))

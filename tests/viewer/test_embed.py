@@ -10,7 +10,7 @@ import pytest
 from attribution.influence import cumulative_share
 from attribution.prune import find_threshold, node_influence, normalize_rows, prune
 from tests.viewer.helpers import random_cards, random_graph
-from viewer.embed import ViewConfig, select
+from viewer.embed import ViewConfig, budget, select
 from viewer.html import render_html
 from viewer.layout import ERROR, FEATURE
 
@@ -55,6 +55,22 @@ def test_node_cap_keeps_the_most_influential(graph):
     assert set(range(graph.ranges.token.start, graph.n_nodes)) <= set(sel.nodes)
 
 
+@pytest.mark.parametrize("n", [1, 10, 57])
+def test_budget_is_the_most_influential(graph, n):
+    """The page's first view: the n feature and error nodes of the graph with the largest
+    node_influence (of all the graph's, not only those held), in that order."""
+    infl = node_influence(graph)
+    n_src = graph.ranges.token.start
+    sel = select(graph, ViewConfig(node_budget=n))
+    want = np.argsort(-infl[:n_src], kind="stable")[:n]
+    got = sel.nodes[budget(sel, n)]
+    np.testing.assert_array_equal(got, want)
+    assert infl[got].min() >= np.sort(infl[:n_src])[::-1][n - 1]
+    # Errors off: the n most influential features.
+    feats = np.argsort(-infl[graph.ranges.feature], kind="stable")[:n]
+    np.testing.assert_array_equal(sel.nodes[budget(sel, n, errors=False)], feats)
+
+
 def test_edge_caps_by_influence_score(graph):
     k, cap = 3, 400
     sel = select(graph, ViewConfig(max_influence=1.0, max_edges_per_node=k, max_edges=10**9))
@@ -96,8 +112,9 @@ def test_errors_off_and_config_validation(graph):
     assert sel.report["left_out_errors_off"] == len(graph.error_layer)
     from clt.configs import ConfigError
 
-    for bad in ({"max_influence": 0.0}, {"node_threshold": 1.5}, {"max_edges": -1}):
-        with pytest.raises(ConfigError):
+    for bad in ({"max_influence": 0.0}, {"node_threshold": 1.5}, {"max_edges": -1},
+                {"node_budget": 0}, {"node_budget": 100_001}, {"top_paths": -1}):
+        with pytest.raises(ConfigError, match=f"ViewConfig.{next(iter(bad))} "):
             ViewConfig(**bad)
 
 

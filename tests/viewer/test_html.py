@@ -93,6 +93,14 @@ def test_cltrace_view_and_its_errors(graph, tmp_path, capsys):
     assert "no feature cards" in capsys.readouterr().err
     assert main(["view", str(path), "--max-influence", "0"]) == 2
     assert "max_influence" in capsys.readouterr().err
+    # The node budget comes with the generated CLI, range-checked in one line.
+    assert main(["view", str(path), "--node-budget", "0", "--no-cards"]) == 2
+    err = capsys.readouterr().err
+    assert "ViewConfig.node_budget must be in [1, 100000], got 0" in err and err.count("\n") == 1
+    assert main(["view", str(path), "--node-budget", "7", "--no-cards", "-o",
+                 str(tmp_path / "b.html")]) == 0
+    data = page_blob((tmp_path / "b.html").read_text(encoding="utf-8"), "graph-data")
+    assert data["meta"]["config"]["node_budget"] == 7
 
 
 def test_cards_next_to_the_transcoder_are_found_or_skipped(graph, tmp_path):

@@ -1,25 +1,36 @@
 /* cltrace attribution-graph viewer (rendered into one file by viewer/html.py).
  *
- * The page holds every node but draws edges only for the hovered, clicked and pinned nodes,
- * plus (optionally) the strongest edges above a slider threshold, up to a cap: pyvis's default of
- * drawing every edge is what makes large graphs unusable. Nodes keep the positions computed in
- * Python (physics off). Data arrive gzip+base64-encoded in <script> blocks and are decoded with
- * the browser's DecompressionStream, so nothing is fetched. `window.cltrace` exposes the state
- * and a few actions for the tests and the benchmark.
+ * The page holds thousands of nodes but opens on a view a person can read: the `node_budget`
+ * most influential feature and error nodes (a control changes the budget) with every token and
+ * logit, the edges among them drawn and each feature's label (else its `LAYER:FEATURE@POS` name)
+ * written beside it, error nodes faded. Beyond that view, edges are drawn for the hovered,
+ * clicked and pinned nodes, plus (optionally) the strongest edges above a slider threshold, up
+ * to a cap: pyvis's default of drawing every edge is what makes large graphs unusable. Nodes
+ * keep the positions computed in Python (physics off). Data arrive gzip+base64-encoded in
+ * <script> blocks and are decoded with the browser's DecompressionStream, so nothing is fetched.
+ * `window.cltrace` exposes the state and a few actions for the tests and the benchmark; the
+ * panels of panels.js (pins, supernodes, export, search, top paths, suggested supernodes) use
+ * its `core` and fill its `panel`.
  */
 (function () {
   "use strict";
   const FEATURE = 0, ERROR = 1, TOKEN = 2, LOGIT = 3;
   const COLOR = { feature: "#f2c14e", featureBorder: "#b8860b", error: "#a0a0a0",
     errorBorder: "#777", token: "#4a7fb0", logit: "#2a9d8f", clicked: "#111", pin: "#d62828",
-    match: "#7b2cbf" };
+    match: "#7b2cbf", path: "#ff7f0e",
+    // Error nodes are the transcoder's misses, not mechanisms: faded, so features stand out.
+    errorFaded: "rgba(170,170,170,0.45)", errorBorderFaded: "rgba(130,130,130,0.5)" };
   const SUPER_COLORS = ["#e76f51", "#2a9d8f", "#8338ec", "#3a86ff", "#fb8500", "#06d6a0"];
   const LIST_LEN = 8;
   const $ = (id) => document.getElementById(id);
-  const api = (window.cltrace = { ready: false, errors: [], lastClickMs: null, clicks: [] });
+  const api = (window.cltrace = window.cltrace || {});
+  Object.assign(api, { ready: false, errors: [], lastClickMs: null, clicks: [] });
+  api.onInit = api.onInit || [];  // panels.js registers here
+  const P = (api.panel = api.panel || {});  // pins, supernodes, search: panels.js
   const S = { clicked: -1, hovered: -1, pinned: [], pinSet: new Set(), supers: [],
     forced: new Set(), matches: [], matchSet: new Set(), matchAt: -1, drawn: new Set(),
-    strong: { on: false, frac: 0.06, cap: 300 }, t0: 0, raf: 0 };
+    strong: { on: false, frac: 0.06, cap: 300 }, t0: 0, raf: 0, budget: 100, edgesOn: true,
+    hl: { nodes: new Set(), edges: new Set() }, labelsDrawn: [] };
 
   const esc = (s) => String(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;",
     ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
@@ -51,15 +62,29 @@
     const c = card(i);
     return S.D.label[i] || (c ? c.label : "");
   }
+  const tokAt = (i) => JSON.stringify(tokText(S.D.tokens[S.D.pos[i]]));
+  // A target may be a custom one (a logit difference, a direction) with no probability.
+  const prob = (i) => (S.D.p[i] > 0 ? " p=" + S.D.p[i].toFixed(3) : "");
   function name(i) {
-    const D = S.D, k = D.kind[i], at = "@" + D.pos[i] + " " + JSON.stringify(tokText(D.tokens[D.pos[i]]));
-    if (k === FEATURE) {
-      const lab = featureLabel(i);
-      return "L" + D.layer[i] + " #" + D.ref[i] + " " + (lab ? lab : at);
-    }
-    if (k === ERROR) return "error L" + D.layer[i] + " " + at;
-    if (k === TOKEN) return "token " + at;
-    return "output " + JSON.stringify(S.logitText[i]) + " p=" + D.p[i].toFixed(3);
+    // Features: LAYER:FEATURE@POS, the name `cltrace steer` reads (viewer/names.py).
+    const D = S.D, k = D.kind[i];
+    if (k === FEATURE) return D.name[i] + " " + (featureLabel(i) || tokAt(i));
+    if (k === ERROR) return "error " + D.layer[i] + "@" + D.pos[i] + " " + tokAt(i);
+    if (k === TOKEN) return "token @" + D.pos[i] + " " + tokAt(i);
+    return "output " + JSON.stringify(S.logitText[i]) + prob(i);
+  }
+  function shortName(i) {
+    // In a path: the token or output string, a feature's canonical name, an error's place.
+    const D = S.D, k = D.kind[i];
+    if (k === FEATURE) return D.name[i];
+    if (k === ERROR) return "err " + D.layer[i] + "@" + D.pos[i];
+    if (k === TOKEN) return tokAt(i) + "@" + D.pos[i];
+    return JSON.stringify(S.logitText[i]);
+  }
+  function nodeText(i) {
+    // The text written beside a feature on the canvas: its label, else its name.
+    const t = featureLabel(i) || S.D.name[i];
+    return t.length > 28 ? t.slice(0, 27) + "…" : t;
   }
   function tooltip(i) {
     const D = S.D, k = D.kind[i];
@@ -75,11 +100,12 @@
     const D = S.D, k = D.kind[i];
     let bg, border, bw = 1;
     if (k === FEATURE) { bg = COLOR.feature; border = COLOR.featureBorder; }
-    else if (k === ERROR) { bg = COLOR.error; border = COLOR.errorBorder; }
+    else if (k === ERROR) { bg = COLOR.errorFaded; border = COLOR.errorBorderFaded; }
     else { bg = k === TOKEN ? COLOR.token : COLOR.logit; border = "#234"; }
-    const sup = superOf(i);
+    const sup = P.superOf(i);
     if (sup >= 0) { border = SUPER_COLORS[sup % SUPER_COLORS.length]; bw = 3; }
     else if (S.pinSet.has(i)) { border = COLOR.pin; bw = 3; }
+    if (S.hl.nodes.has(i)) { border = COLOR.path; bw = 4; }
     if (S.matchSet.has(i)) { border = COLOR.match; bw = 4; }
     if (i === S.clicked) { border = COLOR.clicked; bw = 4; }
     return { id: i, borderWidth: bw, color: { background: bg, border: border,
@@ -90,7 +116,7 @@
     const o = style(i);
     o.x = D.x[i]; o.y = D.y[i]; o.hidden = !S.visible[i]; o.title = tooltip(i);
     if (k === FEATURE) { o.shape = "dot"; o.size = 4 + 7 * Math.sqrt(Math.min(1, D.infl[i] / S.maxInfl)); }
-    else if (k === ERROR) { o.shape = "diamond"; o.size = 5; }
+    else if (k === ERROR) { o.shape = "diamond"; o.size = 3.5; }
     else { o.shape = "square"; o.size = k === TOKEN ? 6 : 8; }
     return o;
   }
@@ -100,13 +126,26 @@
     if (ups.length) S.nodes.update(ups);
   }
   function rule(i) {
-    if (S.forced.has(i) || S.pinSet.has(i) || i === S.clicked) return 1;
+    if (S.forced.has(i) || S.pinSet.has(i) || i === S.clicked || S.hl.nodes.has(i)) return 1;
     const k = S.D.kind[i];
     if (k >= TOKEN) return 1;
     if (k === ERROR && !S.showErrors) return 0;
+    if (!S.inBudget[i]) return 0;
     return S.D.before[i] < S.threshold || S.threshold >= 1 ? 1 : 0;
   }
+  function fillBudget() {
+    // The budget's nodes: the first `budget` of the feature (and, shown, error) nodes in order
+    // of influence (the rank computed in Python, viewer.embed.budget).
+    S.inBudget.fill(0);
+    let n = 0;
+    for (const i of S.order) {
+      if (n >= S.budget) break;
+      if (S.D.kind[i] === ERROR && !S.showErrors) continue;
+      S.inBudget[i] = 1; n++;
+    }
+  }
   function applyVisibility() {
+    fillBudget();
     const changed = [];
     for (let i = 0; i < S.n; i++) {
       const v = rule(i);
@@ -120,6 +159,10 @@
   // --- edges --------------------------------------------------------------------------------
   function refreshEdges() {
     const D = S.D, vis = S.visible, want = new Set();
+    if (S.edgesOn) {  // the view's own edges: every held edge between two shown nodes
+      for (let e = 0; e < D.es.length; e++) if (vis[D.es[e]] && vis[D.et[e]]) want.add(e);
+    }
+    for (const e of S.hl.edges) want.add(e);
     const around = (i) => {
       for (const e of S.inE[i]) if (vis[D.es[e]]) want.add(e);
       for (const e of S.outE[i]) if (vis[D.et[e]]) want.add(e);
@@ -137,14 +180,22 @@
       }
     }
     S.nStrong = strong;
-    if (want.size === S.drawn.size && [...want].every((e) => S.drawn.has(e))) { edgeCounter(); return; }
+    const hlKey = [...S.hl.edges].join(",");
+    if (hlKey === S.drawnHl && want.size === S.drawn.size && [...want].every((e) => S.drawn.has(e))) {
+      edgeCounter(); return;
+    }
+    S.drawnHl = hlKey;
+    // Width and colour strength by edge score (the edge's share of its target's input times
+    // the target's influence, as pruning ranks edges): what matters for the output stands out
+    // among the hundreds the first view draws, and an edge into a minor node fades.
     let max = 0;
-    for (const e of want) max = Math.max(max, Math.abs(D.ew[e]));
+    for (const e of want) max = Math.max(max, D.sc[e]);
     const objs = [];
     for (const e of want) {
-      const r = max > 0 ? Math.abs(D.ew[e]) / max : 0, a = (0.3 + 0.65 * r).toFixed(2);
-      const c = D.ew[e] >= 0 ? "rgba(33,102,172," + a + ")" : "rgba(203,24,29," + a + ")";
-      objs.push({ id: e, from: D.es[e], to: D.et[e], width: 0.6 + 4.4 * r,
+      const r = max > 0 ? D.sc[e] / max : 0, a = (0.08 + 0.87 * Math.sqrt(r)).toFixed(2);
+      const hl = S.hl.edges.has(e);
+      const c = hl ? COLOR.path : D.ew[e] >= 0 ? "rgba(33,102,172," + a + ")" : "rgba(203,24,29," + a + ")";
+      objs.push({ id: e, from: D.es[e], to: D.et[e], width: hl ? 5 : 0.5 + 4 * r,
         color: { color: c, highlight: c, hover: c, inherit: false } });
     }
     S.edges.clear();
@@ -167,7 +218,7 @@
     }
     const rep = D.meta.report;
     $("counter").textContent = "Showing " + shown + " of " + S.n + " nodes in this file · hidden: " +
-      (S.n - shown) + " (" + bySlider + " by pruning, " + byErrors + " errors off) · not in this file: " +
+      (S.n - shown) + " (" + bySlider + " by the node budget or pruning, " + byErrors + " errors off) · not in this file: " +
       rep.nodes_left_out + " nodes, " + rep.edges_left_out + " edges";
     $("counter").dataset.shown = shown;
     $("counter").dataset.hidden = S.n - shown;
@@ -268,125 +319,13 @@
       cardHtml(i) +  // what a feature means first, then how it connects
       (k !== TOKEN ? "<h3>Strongest inputs</h3>" + linkList(i, S.inE[i], D.es) : "") +
       (k !== LOGIT ? "<h3>Strongest outputs</h3>" + linkList(i, S.outE[i], D.et) : "");
-    $("pin-btn").onclick = () => togglePin(i);
+    $("pin-btn").onclick = () => P.togglePin(i);
   }
   function focusIfOffscreen(i) {
     const p = S.net.getPositions([i])[i], d = S.net.canvasToDOM(p), g = $("graph");
     if (d.x < 0 || d.y < 0 || d.x > g.clientWidth || d.y > g.clientHeight) {
       S.net.moveTo({ position: p, animation: false });
     }
-  }
-
-  // --- pins, supernodes, export -------------------------------------------------------------
-  function superOf(i) {
-    for (let s = 0; s < S.supers.length; s++) if (S.supers[s].members.includes(i)) return s;
-    return -1;
-  }
-  function togglePin(i) {
-    if (S.pinSet.has(i)) {
-      S.pinSet.delete(i);
-      S.pinned = S.pinned.filter((j) => j !== i);
-      S.supers.forEach((s) => { s.members = s.members.filter((j) => j !== i); });
-      S.supers = S.supers.filter((s) => s.members.length > 0);
-    } else { S.pinSet.add(i); S.pinned.push(i); }
-    restyle([i]);
-    refreshEdges();
-    renderSubgraph();
-    if (S.clicked === i) renderNode();
-    S.net.redraw();
-  }
-  function group(label, members) {
-    const ms = members.filter((i) => S.pinSet.has(i));
-    if (!ms.length) return;
-    S.supers.forEach((s) => { s.members = s.members.filter((j) => !ms.includes(j)); });
-    S.supers = S.supers.filter((s) => s.members.length > 0);
-    S.supers.push({ name: label || "group " + (S.supers.length + 1), members: ms });
-    restyle(S.pinned);
-    renderSubgraph();
-    S.net.redraw();
-  }
-  function renderSubgraph() {
-    const box = $("subgraph");
-    if (!S.pinned.length) { box.innerHTML = ""; return; }
-    box.innerHTML = "<h3>Pinned subgraph (" + S.pinned.length + ")</h3>" + S.pinned.map((i) =>
-      '<div class="pinned-row"><input type="checkbox" data-pin="' + i + '"><span class="name" data-node="' +
-      i + '">' + esc(name(i)) + '</span><button type="button" data-unpin="' + i + '">×</button></div>').join("") +
-      '<p><input type="text" id="super-name" placeholder="supernode name"> ' +
-      '<button type="button" id="group-btn">group checked</button></p>' +
-      S.supers.map((s, k) => '<div class="super" style="border-color:' + SUPER_COLORS[k % SUPER_COLORS.length] +
-        '"><b>' + esc(s.name) + "</b>: " + s.members.map((i) => esc(name(i))).join("; ") +
-        ' <button type="button" data-ungroup="' + k + '">ungroup</button></div>').join("") +
-      '<p><button type="button" id="export-btn">export JSON (Neuronpedia)</button> ' +
-      '<button type="button" id="clear-btn">clear pins</button></p>';
-    $("group-btn").onclick = () => group($("super-name").value.trim(),
-      [...box.querySelectorAll("input[data-pin]:checked")].map((el) => +el.dataset.pin));
-    $("export-btn").onclick = download;
-    $("clear-btn").onclick = () => { [...S.pinned].forEach(togglePin); };
-  }
-  function npNode(i) {
-    // The record attribution.export.node_record wrote for this node; a feature's clerp is its
-    // label on this page.
-    const n = Object.assign({}, S.D.np[i]);
-    if (S.D.kind[i] === FEATURE) n.clerp = featureLabel(i);
-    return n;
-  }
-  function exportSubgraph() {
-    const D = S.D, links = [];
-    for (const i of S.pinned) for (const e of S.inE[i]) {
-      if (S.pinSet.has(D.es[e])) links.push({ source: D.id[D.es[e]], target: D.id[i], weight: D.ew[e] });
-    }
-    const meta = Object.assign({}, D.meta.neuronpedia, { node_threshold: S.threshold });
-    return { metadata: meta, qParams: { pinnedIds: S.pinned.map((i) => D.id[i]),
-      supernodes: S.supers.map((s) => [s.name].concat(s.members.map((i) => D.id[i]))),
-      linkType: "both", clickedId: S.clicked >= 0 ? D.id[S.clicked] : "", sg_pos: "" },
-      nodes: S.pinned.map(npNode), links: links };
-  }
-  function download() {
-    const blob = new Blob([JSON.stringify(exportSubgraph(), null, 1)], { type: "application/json" });
-    const a = document.createElement("a");
-    a.href = URL.createObjectURL(blob);
-    a.download = "subgraph.json";
-    a.click();
-    setTimeout(() => URL.revokeObjectURL(a.href), 1000);
-  }
-
-  // --- search -------------------------------------------------------------------------------
-  function search(q) {
-    const D = S.D, old = [...S.matchSet];
-    S.matchSet = new Set();
-    S.matches = [];
-    S.matchAt = -1;
-    q = q.trim().toLowerCase();
-    if (q) {
-      const lf = q.match(/^l\s*(\d+)\s*[\s_/:.,-]*\s*(?:f|#)\s*(\d+)$/) || q.match(/^(\d+)_(\d+)$/);
-      const fo = q.match(/^(?:f|#)\s*(\d+)$/);
-      for (let i = 0; i < S.n; i++) {
-        const k = D.kind[i];
-        let hit = D.id[i].toLowerCase() === q;
-        if (!hit && k === FEATURE) {
-          if (lf) hit = D.layer[i] === +lf[1] && D.ref[i] === +lf[2];
-          else if (fo) hit = D.ref[i] === +fo[1];
-          else hit = featureLabel(i).toLowerCase().includes(q);
-        } else if (!hit && !lf && !fo && k === TOKEN) {
-          hit = D.tokens[D.pos[i]].toLowerCase().includes(q);
-        } else if (!hit && !lf && !fo && k === LOGIT) {
-          hit = S.logitText[i].toLowerCase().includes(q);
-        }
-        if (hit) { S.matchSet.add(i); S.matches.push(i); }
-      }
-    }
-    restyle(old.concat(S.matches));
-    const hidden = S.matches.filter((i) => !S.visible[i]).length;
-    $("search-info").textContent = q ? S.matches.length + " match" +
-      (S.matches.length === 1 ? "" : "es") + (hidden ? " (" + hidden + " hidden)" : "") +
-      (S.matches.length ? " · Enter: next" : "") : "";
-  }
-  function nextMatch() {
-    if (!S.matches.length) return;
-    S.matchAt = (S.matchAt + 1) % S.matches.length;
-    const i = S.matches[S.matchAt];
-    select(i);
-    focusIfOffscreen(i);
   }
 
   // --- drawing: axes, labels, supernodes ----------------------------------------------------
@@ -432,6 +371,42 @@
     ctx.strokeText(text, x, y);
     ctx.fillText(text, x, y);
   }
+  function drawLabels(ctx, px) {
+    // Node text at a constant size on screen: the clicked and pinned nodes' full names first,
+    // then every shown feature's label (else its name), most influential first, skipping a
+    // label that would overlap one already written (zooming in makes room for more).
+    const D = S.D, boxes = [], drawn = [];
+    const g = $("graph"), v0 = S.net.DOMtoCanvas({ x: 0, y: 0 }),
+      v1 = S.net.DOMtoCanvas({ x: g.clientWidth, y: g.clientHeight });
+    const put = (i, t, force) => {
+      const w = ctx.measureText(t).width, x = D.x[i] + 8 * px, y = D.y[i] - 4 * px;
+      const b = [x, y - 11 * px, x + w, y + 2 * px];
+      if (b[2] < v0.x || b[0] > v1.x || b[3] < v0.y || b[1] > v1.y) return;
+      const gap = 12 * px;  // labels never touch: one reads as one
+      if (!force && boxes.some((o) => b[0] < o[2] + gap && o[0] < b[2] + gap && b[1] < o[3] && o[1] < b[3])) return;
+      boxes.push(b);
+      halo(ctx, t, x, y, px, "left");
+      drawn.push([i, t]);
+    };
+    ctx.font = "600 " + 11 * px + "px system-ui, sans-serif";
+    ctx.fillStyle = "#222";
+    const named = S.pinned.slice();
+    if (S.clicked >= 0) named.push(S.clicked);
+    const done = new Set();
+    for (const i of named.reverse()) {  // the clicked node first, always written
+      if (!S.visible[i] || D.kind[i] >= TOKEN || done.has(i)) continue;
+      done.add(i);
+      let t = name(i);
+      if (t.length > 40) t = t.slice(0, 39) + "…";
+      put(i, t, i === S.clicked);
+    }
+    ctx.font = 10 * px + "px system-ui, sans-serif";
+    ctx.fillStyle = "#4a3b00";
+    for (const i of S.order) {
+      if (S.visible[i] && D.kind[i] === FEATURE && !done.has(i)) put(i, nodeText(i), false);
+    }
+    S.labelsDrawn = drawn;
+  }
   function afterDraw(ctx) {
     const D = S.D, sc = S.net.getScale(), px = 1 / sc;
     ctx.save();
@@ -448,18 +423,9 @@
       ctx.font = "600 " + 12 * px + "px system-ui, sans-serif";
       halo(ctx, JSON.stringify(t), D.x[i], D.y[i] - 26 * px - lift, px);
       ctx.font = 11 * px + "px system-ui, sans-serif";
-      halo(ctx, (100 * D.p[i]).toFixed(1) + "%", D.x[i], D.y[i] - 13 * px - lift, px);
+      if (D.p[i] > 0) halo(ctx, (100 * D.p[i]).toFixed(1) + "%", D.x[i], D.y[i] - 13 * px - lift, px);
     }
-    ctx.font = 11 * px + "px system-ui, sans-serif";
-    ctx.fillStyle = "#222";
-    const named = new Set(S.pinned);
-    if (S.clicked >= 0) named.add(S.clicked);
-    for (const i of named) {
-      if (!S.visible[i] || D.kind[i] >= TOKEN) continue;
-      let t = name(i);
-      if (t.length > 40) t = t.slice(0, 39) + "…";
-      halo(ctx, t, D.x[i] + 10 * px, D.y[i] - 8 * px, px, "left");
-    }
+    drawLabels(ctx, px);
     S.supers.forEach((s, k) => {
       const xs = s.members.map((i) => D.x[i]), ys = s.members.map((i) => D.y[i]);
       const x0 = Math.min(...xs) - 14, x1 = Math.max(...xs) + 14, y0 = Math.min(...ys) - 14,
@@ -498,6 +464,17 @@
 
   // --- controls -----------------------------------------------------------------------------
   function wire() {
+    const bud = $("budget");
+    bud.max = String(S.order.length);
+    bud.value = String(S.budget);
+    bud.addEventListener("input", () => {
+      const v = Math.round(+bud.value);
+      if (!(v >= 1)) return;  // an empty or partial entry: wait for a number
+      S.budget = v;
+      applyVisibility();
+    });
+    $("edges-on").checked = S.edgesOn;
+    $("edges-on").addEventListener("change", (e) => { S.edgesOn = e.target.checked; refreshEdges(); });
     const thr = $("threshold");
     thr.max = String(S.D.meta.config.max_influence);
     thr.value = String(S.threshold);
@@ -526,21 +503,21 @@
     strong();
     let timer = 0;
     const box = $("search");
-    box.addEventListener("input", () => { clearTimeout(timer); timer = setTimeout(() => search(box.value), 150); });
+    box.addEventListener("input", () => { clearTimeout(timer); timer = setTimeout(() => P.search(box.value), 150); });
     box.addEventListener("keydown", (e) => {
-      if (e.key === "Enter") { clearTimeout(timer); if (!S.matches.length) search(box.value); nextMatch(); }
+      if (e.key === "Enter") { clearTimeout(timer); if (!S.matches.length) P.search(box.value); P.nextMatch(); }
     });
     $("fit").addEventListener("click", () => fitAll(true));
     $("panel").addEventListener("click", (e) => {
       const un = e.target.closest("[data-unpin]"), ug = e.target.closest("[data-ungroup]");
-      if (un) { togglePin(+un.dataset.unpin); return; }
-      if (ug) { S.supers.splice(+ug.dataset.ungroup, 1); restyle(S.pinned); renderSubgraph(); S.net.redraw(); return; }
+      if (un) { P.togglePin(+un.dataset.unpin); return; }
+      if (ug) { S.supers.splice(+ug.dataset.ungroup, 1); restyle(S.pinned); P.renderSubgraph(); S.net.redraw(); return; }
       const el = e.target.closest("[data-node]");
       if (el) { S.t0 = e.timeStamp; const j = +el.dataset.node; select(j); focusIfOffscreen(j); }
     });
     document.addEventListener("keydown", (e) => {
-      if (e.target.tagName === "INPUT") return;
-      if (e.key === "p" && S.clicked >= 0) togglePin(S.clicked);
+      if (e.target.tagName === "INPUT" || e.target.tagName === "TEXTAREA") return;
+      if (e.key === "p" && S.clicked >= 0) P.togglePin(S.clicked);
       if (e.key === "Escape") select(-1);
     });
   }
@@ -563,6 +540,13 @@
     S.showErrors = true;
     S.strong.on = D.meta.config.strongest_edges > 0;
     S.strong.cap = D.meta.config.strongest_edges || 300;
+    // Feature and error nodes by influence (rank from Python), for the node budget.
+    S.order = [];
+    for (let i = 0; i < S.n; i++) if (D.rank[i] >= 0) S.order[D.rank[i]] = i;
+    S.budget = D.meta.config.node_budget || 100;
+    S.edgesOn = D.meta.config.view_edges !== false;
+    S.inBudget = new Uint8Array(S.n);
+    fillBudget();
     S.visible = new Uint8Array(S.n);
     for (let i = 0; i < S.n; i++) S.visible[i] = rule(i);
     const nodes = new Array(S.n);
@@ -578,7 +562,7 @@
       const src = p.event && p.event.srcEvent;
       S.t0 = src && src.timeStamp ? src.timeStamp : performance.now();
       const i = p.nodes.length ? p.nodes[0] : -1;
-      if (i >= 0 && src && src.shiftKey) togglePin(i);
+      if (i >= 0 && src && src.shiftKey) P.togglePin(i);
       select(i);
     });
     S.net.on("hoverNode", (p) => { S.hovered = p.node; scheduleEdges(); });
@@ -586,6 +570,7 @@
     // vis-network keeps a node hovered when the pointer leaves the canvas over it.
     $("graph").addEventListener("mouseleave", () => { if (S.hovered >= 0) { S.hovered = -1; scheduleEdges(); } });
     wire();
+    for (const f of api.onInit) f();
     counter();
     report();
     refreshEdges();
@@ -593,9 +578,12 @@
   }
 
   Object.assign(api, {
-    select: (i) => select(i), pin: (i) => togglePin(i), group: group, search: search,
-    fit: (whole) => fitAll(whole),
-    exportSubgraph: exportSubgraph, state: S,
+    // What panels.js builds on.
+    core: { $: $, esc: esc, fmt: fmt, name: name, shortName: shortName, featureLabel: featureLabel,
+      select: select, restyle: restyle, applyVisibility: applyVisibility, refreshEdges: refreshEdges,
+      renderNode: renderNode, focusIfOffscreen: focusIfOffscreen, SUPER_COLORS: SUPER_COLORS },
+    setBudget: (b) => { S.budget = b; $("budget").value = String(b); applyVisibility(); },
+    select: (i) => select(i), fit: (whole) => fitAll(whole), state: S,
     nodeIndex: (id) => S.D.id.indexOf(id),
     visibleCount: () => S.visible.reduce((a, b) => a + b, 0),
     drawnEdges: () => [...S.drawn],
