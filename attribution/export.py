@@ -115,12 +115,20 @@ def _target_id(graph: Graph, i: int) -> int:
 
 def to_neuronpedia(graph: Graph, pruned: PruneResult | None = None, slug: str = "graph",
                    scan: str = "cltrace", node_threshold: float = 0.8,
-                   edge_threshold: float = 0.98) -> dict:
-    """The pruned graph as a Neuronpedia / circuit-tracer graph JSON dict."""
+                   edge_threshold: float = 0.98, labels=None) -> dict:
+    """The pruned graph as a Neuronpedia / circuit-tracer graph JSON dict; `labels(layer,
+    feature) -> str` gives each feature's clerp (e.g. `viewer.features.FeatureCards.clerp`)."""
     if pruned is None:
         pruned = prune(graph, node_threshold, edge_threshold)
     ids = node_ids(graph)
-    nodes = [node_record(graph, int(n), pruned.cumulative_scores)
+    r = graph.ranges
+
+    def clerp(n: int) -> str:
+        if labels is None or not r.feature.start <= n < r.feature.stop:
+            return ""
+        return labels(int(graph.feature_layer[n]), int(graph.feature_index[n]))
+
+    nodes = [node_record(graph, int(n), pruned.cumulative_scores, clerp(int(n)))
              for n in np.nonzero(pruned.node_mask)[0]]
     tgt, src = np.nonzero(pruned.edge_mask)
     # Weights to 6 significant digits (float32 edges hold ~7): a third of the file's size.

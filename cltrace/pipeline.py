@@ -51,6 +51,7 @@ def _trace(args) -> int:
     from attribution.prune import prune
     from attribution.trace import TraceConfig, trace
     from viewer import write_html
+    from viewer.html import resolve_cards
 
     config = from_arguments(TraceConfig, args, prompt=args.prompt)
     console = Console(stderr=True)
@@ -63,7 +64,9 @@ def _trace(args) -> int:
         status.update(f"writing {graph_path}")
         graph.save(graph_path, full=config.save_full, pruned=pruned)
         status.update(f"writing {json_path}")
-        write_neuronpedia(graph, json_path, pruned=pruned, node_threshold=config.node_threshold)
+        cards, _ = resolve_cards(graph, None)  # feature labels for the JSON's clerps
+        write_neuronpedia(graph, json_path, pruned=pruned, node_threshold=config.node_threshold,
+                          labels=cards.clerp if cards is not None else None)
         status.update("writing the page")
         page = write_html(graph, graph_path.with_suffix(".html"))
     n_feat = r.feature.stop

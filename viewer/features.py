@@ -38,6 +38,7 @@ from clt.configs import ConfigError, doc, to_dict
 from clt.lm.model import forward
 from clt.progress import progress_bar
 from clt.transcoder import TranscoderConfig, TranscoderParams, activate
+from viewer.explain import EXPLAIN_PROMPT
 
 CARDS_SCHEMA_VERSION = 1
 CARDS_FILE = "feature_cards.npz"
@@ -65,6 +66,22 @@ class FeaturesConfig:
     n_output_tokens: int = doc("Top positive and negative output tokens per feature.", default=8)
     text_field: str = doc("Field holding the text in .jsonl files and datasets.", default="text")
     seed: int = doc("Seed of the context order and of the random samples.", default=0)
+    explain: bool = doc(
+        "Also let the model explain features itself (Patchscopes / SelfIE style, "
+        "`viewer.explain`): the features of --explain-graph first, then random ones, at most "
+        "--explain-max.", default=False)
+    explain_graph: str = doc("A graph.npz whose pruned graph's features are explained first, "
+                             "most influential first.", default="")
+    explain_max: int = doc("At most this many features explained.", default=256)
+    explain_layer: int = doc("Layer after which the feature's direction is added at the "
+                             "placeholder.", default=2)
+    explain_scale: float = doc("The direction's size, in units of the residual's own norm there.",
+                               default=2.0)
+    explain_tokens: int = doc("Tokens the model writes per explanation.", default=8)
+    explain_prompt: str = doc(
+        "The prompt the model continues; the direction is added at each of its placeholder "
+        "tokens (SelfIE's, by default).", default=EXPLAIN_PROMPT)
+    explain_placeholder: str = doc("The placeholder token of the prompt.", default="?")
     schema_version: int = doc("Version of this config's JSON layout.", default=1)
 
     def __post_init__(self):
@@ -73,6 +90,11 @@ class FeaturesConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"FeaturesConfig.{name} must be positive, got "
                                   f"{getattr(self, name)}")
+        if self.explain_max < 0 or self.explain_tokens <= 0 or not self.explain_scale > 0:
+            raise ConfigError("FeaturesConfig: explain_max must be >= 0, explain_tokens > 0 and "
+                              "explain_scale > 0")
+        if self.explain_graph and not self.explain:
+            raise ConfigError("FeaturesConfig.explain_graph needs --explain")
         if self.window > self.context_length:
             raise ConfigError(f"FeaturesConfig.window ({self.window}) cannot exceed "
                               f"context_length ({self.context_length})")
@@ -275,9 +297,12 @@ class FeatureCards:
         return int(self.meta["n_features"])
 
     def save(self, path: str | Path) -> Path:
+        from attribution.graph import atomic_write
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(path, meta=np.array(json.dumps(self.meta)), **self.arrays)
+        atomic_write(path, lambda f: np.savez_compressed(
+            f, meta=np.array(json.dumps(self.meta)), **self.arrays))
         return path
 
     @classmethod
@@ -340,8 +365,19 @@ class FeatureCards:
                         zip(a["out_neg_tok"][layer, feature], a["out_neg_val"][layer, feature])],
                 "top": self._examples("top", layer, feature, T),
                 "smp": self._examples("smp", layer, feature, T)}
-        card["label"] = label or self.auto_label(card)
+        card["auto"] = self.auto_label(card)
+        card["label"] = label or card["auto"]
+        said = self.meta.get("explanations", {}).get(f"{layer}_{feature}")
+        if said is not None:
+            card["self"] = said  # what the model said of it (viewer.explain)
         return card
+
+    def clerp(self, layer: int, feature: int, label: str = "") -> str:
+        """The feature's label in a graph JSON: the researcher's, else the automatic one, with
+        the model's own explanation when there is one."""
+        card = self.card(layer, feature, label)
+        said = card.get("self")
+        return card["label"] + (f" | self: {said}" if said and not label else "")
 
     @functools.cached_property
     def _vocab(self) -> dict[int, str]:
@@ -432,9 +468,47 @@ def build(config: FeaturesConfig, progress: bool = False) -> tuple[FeatureCards,
     ctx = open_contexts(config.data, model.tokenizer, config.context_length, seed=config.seed,
                         text_field=config.text_field)
     n = min(config.n_contexts, len(ctx)) if isinstance(ctx, LocalContexts) else config.n_contexts
+    if config.explain_layer >= model.cfg.n_layers:
+        raise ConfigError(f"--explain-layer {config.explain_layer}: the model has "
+                          f"{model.cfg.n_layers} layers")
     cards = scan(model, tc_cfg, tc_params, ctx.take(0, n), config, progress=progress)
     cards.meta["transcoder"] = ref  # as graphs record it: resolvable from any folder
+    if config.explain:
+        from viewer.explain import explain
+
+        which = _to_explain(config, tc_cfg)
+        said = explain(model, tc_cfg, tc_params, [a for a, _ in which], [f for _, f in which],
+                       n_tokens=config.explain_tokens, scale=config.explain_scale,
+                       at_layer=config.explain_layer, prompt=config.explain_prompt,
+                       placeholder=config.explain_placeholder, progress=progress)
+        cards.meta["explanations"] = {f"{a}_{f}": s for (a, f), s in zip(which, said)}
     return cards, cards.save(out)
+
+
+def _to_explain(config: FeaturesConfig, tc_cfg: TranscoderConfig) -> list[tuple[int, int]]:
+    """(layer, feature) to explain: a graph's pruned features by influence, then random ones."""
+    out: list[tuple[int, int]] = []
+    if config.explain_graph:
+        from attribution.graph import Graph
+        from attribution.prune import prune
+        from attribution.slim import thresholds
+
+        g = Graph.load(config.explain_graph)
+        res = prune(g, *thresholds(g))
+        feats = np.nonzero(res.node_mask[g.ranges.feature])[0]
+        for i in feats[np.argsort(-res.influence[feats], kind="stable")]:
+            key = (int(g.feature_layer[i]), int(g.feature_index[i]))
+            if key not in out:
+                out.append(key)
+    rng = np.random.default_rng(config.seed)
+    total = tc_cfg.n_layers * tc_cfg.n_features
+    for flat in rng.permutation(total):
+        if len(out) >= min(config.explain_max, total):
+            break
+        key = (int(flat // tc_cfg.n_features), int(flat % tc_cfg.n_features))
+        if key not in out:
+            out.append(key)
+    return out[:config.explain_max]
 
 
 __all__ = ["CARDS_FILE", "CARDS_SCHEMA_VERSION", "FeatureCards", "FeaturesConfig", "build",
