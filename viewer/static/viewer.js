@@ -297,6 +297,9 @@
     return '<h3>Feature card</h3><div class="label" id="card-label">' + esc(featureLabel(i)) + "</div>" +
       '<p class="facts">layer ' + D.layer[i] + " · feature " + D.ref[i] + " · activation here " +
       fmt(D.act[i]) + rel + " · density " + (100 * c.d).toPrecision(2) + "%</p>" +
+      (c.self ? '<p class="facts" id="card-self" title="What the model said with this feature\'s ' +
+        'direction patched in (cltrace features --explain)">the model says: &ldquo;' +
+        esc(c.self) + "&rdquo;</p>" : "") +
       "<h3>Top output tokens</h3><div class=\"chips pos\">+ " + chips(c.pos) +
       '</div><div class="chips neg">&minus; ' + chips(c.neg) + "</div>" +
       '<h3>Top activating examples</h3><div id="card-top">' + examples(c.top, v) + "</div>" +
