@@ -152,6 +152,9 @@ class Graph:
     # probabilities.
     target_weights: Float[np.ndarray, " logit"] | None = None
     left_out: LeftOutFeatures | None = None  # partial graphs: the features not stored
+    # The tracer's pruning at its thresholds (`attribution.prune.PruneResult`), kept so that the
+    # commands after it (export, slim file) do not prune again; not saved.
+    pruned: object | None = field(default=None, repr=False, compare=False)
     schema_version: int = GRAPH_SCHEMA_VERSION
 
     def __post_init__(self):

@@ -38,7 +38,8 @@ def slim(graph: Graph, pruned: PruneResult | None = None) -> Graph:
     if graph.full_graph is not None and graph.full_graph.slim:
         return graph
     nt, et = thresholds(graph)
-    pruned = prune(graph, nt, et) if pruned is None else pruned
+    if pruned is None:  # the tracer's own pruning, made at these thresholds, if it is there
+        pruned = graph.pruned if graph.pruned is not None else prune(graph, nt, et)
     r = graph.ranges
     infl = pruned.influence
     feats = np.nonzero(pruned.node_mask[r.feature])[0]
@@ -73,7 +74,7 @@ def slim(graph: Graph, pruned: PruneResult | None = None) -> Graph:
         graph, feature_layer=graph.feature_layer[feats], feature_pos=graph.feature_pos[feats],
         feature_index=graph.feature_index[feats], activation=graph.activation[feats],
         adjacency=adjacency, influence=infl[keep], input_abs=np.asarray(sums)[keep],
-        input_error_abs=np.asarray(err_sums)[keep], full_graph=full, left_out=left)
+        input_error_abs=np.asarray(err_sums)[keep], full_graph=full, left_out=left, pruned=None)
 
 
 __all__ = ["slim", "thresholds"]

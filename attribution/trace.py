@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -55,7 +56,7 @@ import numpy as np
 from attribution import replacement as rep
 from attribution.graph import Graph, error_nodes
 from attribution.influence import influence
-from attribution.prune import score
+from attribution.prune import prune, score
 from attribution.stream import chunks, stream, use_stream
 from attribution.tiling import Sources
 from clt.configs import ConfigError, doc, to_dict
@@ -486,7 +487,11 @@ def trace_tokens(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderCon
             adjacency=adjacency, n_layers=L, bos=bos, config=to_dict(config), info=info,
             n_active_total=n_all, prompt=config.prompt, target_weights=weights, **extra)
         t1 = time.perf_counter()
-        g.scores = score(g, config.node_threshold, config.edge_threshold)
+        with progress_bar(progress) as bar, warnings.catch_warnings():
+            bar.add_task("pruning and scores", total=None)
+            warnings.simplefilter("ignore")  # the caller's own prune warns (the graph it shows)
+            g.pruned = prune(g, config.node_threshold, config.edge_threshold)
+            g.scores = score(g, config.node_threshold, config.edge_threshold, g.pruned)
         info["seconds_scores"] = round(time.perf_counter() - t1, 3)
         return g
 
@@ -590,9 +595,11 @@ def trace(config: TraceConfig, progress: bool = False) -> Graph:
         raise ConfigError("the prompt is empty: give some text to trace")
     if config.target_vector and not Path(config.target_vector).expanduser().is_file():
         raise ConfigError(f"--target-vector: no file at {config.target_vector}")
-    model = load_model(config.model)
-    # An empty transcoder means the one shipped for an embedded model, recorded by path.
-    ref, tc_cfg, tc_params = open_transcoder(config.transcoder, model.cfg)
+    with progress_bar(progress) as bar:
+        bar.add_task(f"loading {config.model} and its transcoder", total=None)
+        model = load_model(config.model)
+        # An empty transcoder means the one shipped for an embedded model, recorded by name.
+        ref, tc_cfg, tc_params = open_transcoder(config.transcoder, model.cfg)
     config = dataclasses.replace(config, transcoder=ref)
     if model.tokenizer is None:
         raise ConfigError(f"model '{config.model}' has no tokenizer: cannot encode the prompt")

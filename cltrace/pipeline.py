@@ -59,7 +59,7 @@ def _trace(args) -> int:
     graph = trace(config, progress=not args.no_progress)
     r = graph.ranges
     with console.status("pruning", spinner="dots") as status:
-        pruned = prune(graph, config.node_threshold, config.edge_threshold)
+        pruned = graph.pruned or prune(graph, config.node_threshold, config.edge_threshold)
         s = graph.scores  # the tracer's (attribution.prune.score)
         status.update(f"writing {graph_path}")
         graph.save(graph_path, full=config.save_full, pruned=pruned)
