@@ -229,10 +229,12 @@ def custom_targets(last_logits, W_U, targets: Targets, strings):
             info = [{"name": n, "kind": "token", "prob": float(q)} for n, q in zip(names, p)]
         else:
             others = strings(minus)
-            names = [f'"{a}" − "{b}"' for a, b in zip(names, others)]
+            # Shown as "Austin − Dallas" (the page quotes names); info keeps both exact tokens.
+            names = [f"{a.strip() or a} − {b.strip() or b}" for a, b in zip(names, others)]
             p, dirs = np.zeros(len(toks)), logit_direction(W_U, toks, minus)
             info = [{"name": n, "kind": "logit difference", "probs": [float(probs[a]),
                                                                       float(probs[b])],
+                     "tokens": [int(a), int(b)],
                      "logit_difference": float(logits[a] - logits[b])}
                     for n, a, b in zip(names, toks, minus)]
     n = len(toks)

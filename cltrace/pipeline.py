@@ -40,7 +40,7 @@ def _target_text(t: dict) -> str:
         return f"{t['name']!r} p={t['prob']:.4g}"
     if t["kind"] == "logit difference":
         a, b = t["probs"]
-        return f"{t['name']}: logit difference {t['logit_difference']:+.3f} (p {a:.4g} vs {b:.4g})"
+        return f"{t['name']!r}: logit difference {t['logit_difference']:+.3f} (p {a:.4g} vs {b:.4g})"
     return t["name"]
 
 

@@ -87,9 +87,10 @@ def test_difference_row_is_the_difference_of_its_token_rows(setup, x64):
     np.testing.assert_allclose(diff.adjacency[diff.ranges.logit.start, :n_src],
                                both.adjacency[lg, :n_src] - both.adjacency[lg + 1, :n_src],
                                rtol=1e-12, atol=1e-13 * np.abs(both.adjacency[lg:]).max())
-    assert diff.logit_strings == [f'"{a}" − "{b}"']
+    assert diff.logit_strings == [f"{a} − {b}"]
     t = diff.info["targets"][0]
     assert t["kind"] == "logit difference" and t["probs"][0] < t["probs"][1]
+    assert t["tokens"] == [a, b]
     assert t["logit_difference"] < 0  # rank 40 against rank 1
 
 

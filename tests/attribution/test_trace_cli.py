@@ -58,6 +58,22 @@ def test_cli_trace_writes_graph_and_json(smol_transcoder, tmp_path, capsys):
     assert all(lk["source"] in known and lk["target"] in known for lk in data["links"])
 
 
+def test_cli_trace_with_a_logit_difference_target(smol_transcoder, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["trace", "The capital of France is", "--model", "smollm2-135m", "--transcoder",
+               str(smol_transcoder), "--out", str(out), "--no-progress", "--target", " London",
+               "--minus", " Paris"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "targets: 'London − Paris': logit difference -" in text
+    g = Graph.load(out / "graph.npz")
+    assert g.custom_targets and g.logit_strings == ["London − Paris"]
+    data = json.loads((out / "graph.json").read_text())
+    logits = [n for n in data["nodes"] if n["feature_type"] == "logit"]
+    assert [n["clerp"] for n in logits] == ["Target London − Paris"]
+    assert logits[0]["is_target_logit"]
+
+
 def test_cli_streamed_trace_prints_the_full_graph(smol_transcoder, tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["trace", "The capital of France is", "--model", "smollm2-135m", "--transcoder",
@@ -79,6 +95,10 @@ def test_cli_streamed_trace_prints_the_full_graph(smol_transcoder, tmp_path, cap
     (["", "--transcoder", "X"], "the prompt is empty"),
     (["a " * 9000, "--transcoder", "T"], "context of 8192"),
     (["hello", "--transcoder", "/nonexistent/tc"], "no transcoder"),
+    (["hello", "--target", " basketballs", "--transcoder", "T"],
+     "--target ' basketballs' is 2 tokens (' basket' 'balls'), not one"),
+    (["hello", "--minus", " Paris", "--transcoder", "T"], "needs a target"),
+    (["hello", "--target-vector", "/nonexistent/v.npy", "--transcoder", "T"], "no file at"),
 ])
 def test_cli_bad_inputs(smol_transcoder, capsys, args, message):
     if args[-1] == "T":
