@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from attribution.graph import Graph, atomic_write
+from attribution.graph import Graph
 from attribution.prune import PruneResult, prune
+from clt.io import atomic_write
 
 NEURONPEDIA_SCHEMA_VERSION = 1
 NODE_FIELDS = ("node_id", "feature", "layer", "ctx_idx", "feature_type", "token_prob",

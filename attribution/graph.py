@@ -26,7 +26,6 @@ self-contained) and a `config.json` beside it, as every artifact of the project;
 from __future__ import annotations
 
 import json
-import os
 import zipfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -35,6 +34,7 @@ import numpy as np
 from jaxtyping import Float, Int
 
 from clt.configs import ConfigError, from_dict, to_dict
+from clt.io import atomic_write
 
 GRAPH_SCHEMA_VERSION = 2  # 2: sparse edges, partial (slim) graphs
 _READS = (1, 2)
@@ -314,22 +314,6 @@ class Graph:
                    left_out=LeftOutFeatures(**left) if left else None)
 
 
-def atomic_write(path: Path, write) -> None:
-    """Write `path` through a temporary file in its folder, then rename it into place: a reader
-    never sees half a file, and an interrupted write leaves the old one. `write` is text, or a
-    function given the open binary file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            if callable(write):
-                write(f)
-            else:
-                f.write(write.encode("utf-8"))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 # Edges stored in float16 are scaled by their row's largest |edge|: each is then within 2^-11
 # (float16's precision) of itself, or within 2^-25 of its row's largest |edge| when it is below
 # 2^-14 of it (float16's subnormals). `exact` keeps the adjacency's own dtype.
@@ -398,7 +382,6 @@ __all__ = [
     "LeftOutFeatures",
     "NodeRanges",
     "Scores",
-    "atomic_write",
     "error_nodes",
     "feature_name",
 ]

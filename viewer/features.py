@@ -297,7 +297,7 @@ class FeatureCards:
         return int(self.meta["n_features"])
 
     def save(self, path: str | Path) -> Path:
-        from attribution.graph import atomic_write
+        from clt.io import atomic_write
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
