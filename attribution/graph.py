@@ -158,6 +158,8 @@ class Graph:
     schema_version: int = GRAPH_SCHEMA_VERSION
 
     def __post_init__(self):
+        _check_nodes({n: getattr(self, n) for n in _ARRAYS}, self.token_strings,
+                     self.logit_strings)
         n = self.ranges.n_nodes
         if self.adjacency.shape != (n, n):
             raise ValueError(f"adjacency has shape {self.adjacency.shape}, the nodes need {(n, n)}")
@@ -291,13 +293,21 @@ class Graph:
                     raise ConfigError(f"{path}: graph schema {version!r} is not supported "
                                       f"(this version reads {list(_READS)}); re-run the trace")
                 arrays = {name: z[name] for name in _ARRAYS if name != "adjacency"}
-                # Schema 1 stored the dense adjacency.
-                arrays["adjacency"] = z["adjacency"] if version == 1 else \
-                    _unpack(z, int(meta["n_nodes"]))
+                _check_nodes(arrays, meta["token_strings"], meta["logit_strings"])
+                n = sum(len(arrays[k]) for k in ("feature_layer", "error_layer", "tokens",
+                                                 "logit_tokens"))
+                # Schema 1 stored the dense adjacency; schema 2 its edges, whose node count is
+                # checked against the node arrays before the dense matrix is allocated.
+                if version != 1 and int(meta["n_nodes"]) != n:
+                    raise ValueError(f"n_nodes {meta['n_nodes']} but the node arrays hold {n}")
+                arrays["adjacency"] = z["adjacency"] if version == 1 else _unpack(z, n)
                 arrays.update({n: z[n] for n in _OPTIONAL if n in z.files})
                 left = {f.name: z[f"left_out_{f.name}"] for f in fields(LeftOutFeatures)
                         if f"left_out_{f.name}" in z.files}
-        except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        except ConfigError:
+            raise
+        except (KeyError, ValueError, TypeError, IndexError, OSError, EOFError,
+                zipfile.BadZipFile) as e:
             raise ConfigError(f"{path} is not a cltrace graph, or is truncated "
                               f"({type(e).__name__}: {e}); re-run the trace") from None
         info = dict(meta["info"])
@@ -338,8 +348,24 @@ def _pack(adjacency: np.ndarray, exact: bool) -> dict[str, np.ndarray]:
     return out
 
 
+def _check_nodes(arrays: dict, token_strings, logit_strings) -> None:
+    """The per-node arrays of each kind have one length (a hostile or damaged file is refused
+    here, before anything is sized from them)."""
+    for names in (("feature_layer", "feature_pos", "feature_index", "activation"),
+                  ("error_layer", "error_pos"), ("logit_tokens", "logit_probs"), ("tokens",)):
+        sizes = {name: len(arrays[name]) for name in names}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"node arrays of different lengths: {sizes}")
+    if len(token_strings) != len(arrays["tokens"]) or \
+            len(logit_strings) != len(arrays["logit_tokens"]):
+        raise ValueError("token_strings / logit_strings do not match the tokens / logits")
+
+
 def _unpack(z, n: int) -> np.ndarray:
     indptr, src, vals = z["edge_indptr"], z["edge_source"], z["edge_value"]
+    if (indptr.shape != (n + 1,) or indptr[0] != 0 or np.any(np.diff(indptr) < 0)
+            or indptr[-1] != len(src) or len(src) != len(vals) or (len(src) and src.max() >= n)):
+        raise ValueError("its edge arrays do not fit its nodes")
     tgt = np.repeat(np.arange(n), np.diff(indptr))
     dtype = np.float32 if vals.dtype == np.float16 else vals.dtype
     a = np.zeros((n, n), dtype)

@@ -146,8 +146,10 @@ class TraceConfig:
                                   f"{getattr(self, name)}")
         if self.position_bucket < 0:
             raise ConfigError("TraceConfig.position_bucket must be >= 0 (0: automatic)")
-        if self.batch_memory_gb <= 0 or self.max_adjacency_gb <= 0:
-            raise ConfigError("TraceConfig memory budgets must be positive")
+        for name in ("batch_memory_gb", "max_adjacency_gb"):
+            v = getattr(self, name)
+            if not (0 < v < float("inf")):  # NaN fails this too
+                raise ConfigError(f"TraceConfig.{name} must be a positive number of GB, got {v}")
         if self.minus and not self.target:
             raise ConfigError("TraceConfig.minus needs a target: --target A --minus B attributes "
                               "the logit difference A - B")

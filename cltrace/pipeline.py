@@ -50,12 +50,24 @@ def _trace(args) -> int:
     from attribution.export import write_neuronpedia
     from attribution.prune import prune
     from attribution.trace import TraceConfig, trace
+    from clt.configs import ConfigError
+    from clt.io import check_output_file
     from viewer import write_html
     from viewer.html import resolve_cards
 
     config = from_arguments(TraceConfig, args, prompt=args.prompt)
     console = Console(stderr=True)
     graph_path, json_path = _paths(args.out)
+    if Path(args.out).suffix not in ("", ".npz") and Path(args.out).exists() \
+            and not Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out} is an existing file; give a directory or a .npz path")
+    for path, what in ((graph_path, "graph file"), (json_path, "graph JSON"),
+                       (graph_path.with_suffix(".html"), "page")):
+        check_output_file(path, what)  # before the model loads
+    if config.dtype == "float64":
+        import jax
+
+        jax.config.update("jax_enable_x64", True)  # float64 traces need it; the flag asks for it
     graph = trace(config, progress=not args.no_progress)
     r = graph.ranges
     with console.status("pruning", spinner="dots") as status:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clt.configs import add_arguments, from_arguments
+from clt.configs import ConfigError, add_arguments, from_arguments
 
 
 def register(sub) -> None:
@@ -46,26 +46,39 @@ def register(sub) -> None:
 
 
 def _view(args) -> int:
+    from clt.io import check_output_file
     from viewer.embed import ViewConfig
     from viewer.html import load_graph, read_labels, write_html
     from viewer.neuronpedia import from_neuronpedia
 
+    config = from_arguments(ViewConfig, args)  # bad flags: refused before reading anything
     src = Path(args.graph)
-    graph = from_neuronpedia(src) if src.suffix == ".json" else load_graph(src)
+    if not src.exists():
+        raise ConfigError(f"no graph at {src}")
     out = Path(args.out) if args.out else (src / "graph.html" if src.is_dir()
                                            else src.with_suffix(".html"))
-    cards = False if args.no_cards else args.cards
+    check_output_file(out, "output page")
     labels = read_labels(args.labels) if args.labels else None
-    report = write_html(graph, out, cards=cards, config=from_arguments(ViewConfig, args),
-                        labels=labels)
+    graph = (from_neuronpedia(src, config.max_json_nodes) if src.suffix == ".json"
+             else load_graph(src))
+    cards = False if args.no_cards else args.cards
+    report = write_html(graph, out, cards=cards, config=config, labels=labels)
     print(f"page: {report.summary()}")
     return 0
 
 
 def _features(args) -> int:
-    from viewer.features import FeaturesConfig, build
+    from clt.io import check_output_file
+    from viewer.features import FeaturesConfig, build, default_path
 
-    config = from_arguments(FeaturesConfig, args)
+    config = from_arguments(FeaturesConfig, args)  # every value checked: nothing loaded yet
+    # Paths before any compute: the text to scan, the cards file to write.
+    _check_data(config.data)
+    out = Path(config.out) if config.out else default_path(config.transcoder)
+    if out is not None:
+        check_output_file(out, "feature cards file")
+    if config.explain_graph and not Path(config.explain_graph).expanduser().is_file():
+        raise ConfigError(f"--explain-graph {config.explain_graph}: no such graph file")
     cards, path = build(config, progress=not args.no_progress)
     m = cards.meta
     print(f"feature cards: {path} ({path.stat().st_size / 2**20:.1f} MB): {m['n_layers']} layers "
@@ -74,18 +87,40 @@ def _features(args) -> int:
     return 0
 
 
+def _check_data(source: str) -> None:
+    """`--data` names some local text (or a streamed hf: dataset), checked before the model
+    loads (`clt.data` reads it: files, directories, globs, comma-separated)."""
+    import glob
+
+    if source.startswith("hf:"):
+        return
+    for part in (s.strip() for s in source.split(",") if s.strip()):
+        p = Path(part).expanduser()
+        if not (p.exists() or glob.glob(str(p), recursive=True)):
+            raise ConfigError(f"--data: no text found at '{part}': give .txt/.jsonl files, a "
+                              "directory, a glob, or hf:DATASET")
+
+
 def _lens(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
     from attribution.interventions import LensConfig, logit_lens
     from attribution.replacement import prompt_ids
+    from clt.io import atomic_write, check_output_file
     from clt.lm.loading import load_model
     from viewer.lens import render_lens
 
-    lc = from_arguments(LensConfig, args)
+    lc = from_arguments(LensConfig, args)  # every value checked: nothing loaded yet
+    html = check_output_file(lc.html, "--html page") if lc.html else None
     model = load_model(lc.model)
     tok = model.tokenizer
+    if tok is None:
+        raise ConfigError(f"the model {model.source} has no tokenizer; give a model directory "
+                          "with tokenizer.json or a GGUF file")
+    if lc.k > model.cfg.vocab_size:
+        raise ConfigError(f"LensConfig.k must be in 1..{model.cfg.vocab_size} (the "
+                          f"vocabulary), got {lc.k}")
     ids = prompt_ids(model, lc.prompt)
     top, probs = logit_lens(model.params, model.cfg, ids, lc.k)
     L = model.cfg.n_layers
@@ -99,9 +134,8 @@ def _lens(args) -> int:
         table.add_row(names[i], *[f"{tok.decode([int(top[i, p, 0])])!r} {probs[i, p, 0]:.2f}"
                                   for p in range(len(ids))])
     Console().print(table)
-    if lc.html:
-        Path(lc.html).parent.mkdir(parents=True, exist_ok=True)
-        Path(lc.html).write_text(render_lens(names, strings, top, probs,
-                                             lambda t: tok.decode([t]), model.cfg.name))
-        print(f"wrote {lc.html}")
+    if html is not None:
+        atomic_write(html, render_lens(names, strings, top, probs, lambda t: tok.decode([t]),
+                                       model.cfg.name))
+        print(f"wrote {html}")
     return 0

@@ -79,6 +79,9 @@ class ViewConfig:
         "At most this many suggested supernodes (groups of the first view's features; 0: "
         "none).", default=supernodes.MAX_SUGGESTIONS)
     title: str = doc("Page title; default: the prompt.", default="")
+    max_json_nodes: int = doc(
+        "A Neuronpedia graph JSON with more nodes than this is refused before any allocation "
+        "(the page is built from its dense adjacency: 16,384 nodes take 1 GiB).", default=16384)
     schema_version: int = doc("Version of this config's JSON layout.", default=1)
 
     def __post_init__(self):
@@ -98,6 +101,9 @@ class ViewConfig:
                      "suggested_supernodes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"ViewConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_json_nodes < 1:
+            raise ConfigError(f"ViewConfig.max_json_nodes must be >= 1, got "
+                              f"{self.max_json_nodes}")
 
 
 @dataclass(frozen=True)
@@ -334,7 +340,7 @@ def page_data(graph: Graph, sel: Selection, config: ViewConfig,
 
     threshold = config.node_threshold
     if threshold is None:
-        threshold = float(graph.config.get("node_threshold", 0.8))
+        threshold = float(graph.config.get("node_threshold") or 0.8)
     info = graph.summary()
     meta = {
         "schema_version": PAGE_SCHEMA_VERSION, "title": config.title or graph.prompt,

@@ -178,10 +178,11 @@ def write_html(graph: Graph, path: str | Path, cards=None, config: ViewConfig | 
 
     cards: a FeatureCards, a cards file, None (use `feature_cards.npz` next to the graph's
     transcoder when there is one) or False (none). labels: (layer, feature) -> label."""
+    from clt.io import atomic_write, check_output_file
+
+    path = check_output_file(path, "output page")
     page, report = render_html(graph, config, cards, labels)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
+    atomic_write(path, page)
     return ViewReport(path, path.stat().st_size, report["nodes_held"], report["edges_held"],
                       report["cards"], report)
 

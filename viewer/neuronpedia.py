@@ -34,6 +34,7 @@ from attribution.export import (  # the schema's one home; re-exported here
 from attribution.graph import Graph
 from clt.configs import ConfigError
 
+MAX_JSON_BYTES = 2**31  # parsing JSON takes several times its size in memory
 _LOGIT_CLERP = re.compile(r'^Output "(.*)" \(p=[^)]*\)$', re.DOTALL)
 
 
@@ -79,9 +80,16 @@ def read_json(source: str | Path | dict) -> dict:
         path = Path(source)
         if not path.exists():
             raise ConfigError(f"no graph JSON at {path}")
+        if path.is_dir():
+            raise ConfigError(f"{path} is a directory, not a graph JSON")
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise ConfigError(f"{path} is {path.stat().st_size / 2**30:.1f} GiB, larger than a "
+                              f"graph JSON this reader parses ({MAX_JSON_BYTES / 2**30:.0f} GiB)")
         text, where = path.read_text(encoding="utf-8", errors="replace"), str(path)
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise ConfigError(f"{where} is nested too deeply to be a graph JSON") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{where} is not valid JSON (truncated? {e.msg} at character "
                           f"{e.pos})") from None
@@ -91,9 +99,15 @@ def read_json(source: str | Path | dict) -> dict:
 
 
 def _check(data: dict) -> None:
-    for key in ("metadata", "nodes", "links"):
+    for key, kind in (("metadata", dict), ("nodes", list), ("links", list)):
         if key not in data:
             raise ConfigError(f"not a Neuronpedia graph JSON: no '{key}'")
+        if not isinstance(data[key], kind):
+            raise ConfigError(f"graph JSON '{key}' must be a {'list' if kind is list else 'object'}"
+                              f", got {type(data[key]).__name__}")
+    if not all(isinstance(n, dict) for n in data["nodes"]) or \
+            not all(isinstance(lk, dict) for lk in data["links"]):
+        raise ConfigError("graph JSON nodes and links must be objects")
     version = data["metadata"].get("schema_version", NEURONPEDIA_SCHEMA_VERSION)
     if version != NEURONPEDIA_SCHEMA_VERSION:
         raise ConfigError(f"graph JSON schema_version {version!r} is not supported (this "
@@ -111,10 +125,30 @@ def _int_part(node_id: str, k: int) -> int:
         raise ConfigError(f"graph JSON node id '{node_id}' is malformed") from None
 
 
-def from_neuronpedia(source: str | Path | dict) -> Graph:
-    """A `Graph` of the nodes and links of a Neuronpedia / circuit-tracer graph JSON."""
+MAX_JSON_NODES = 16384  # a dense adjacency of 16,384 nodes is 1 GiB in float32
+
+
+def from_neuronpedia(source: str | Path | dict, max_nodes: int = MAX_JSON_NODES) -> Graph:
+    """A `Graph` of the nodes and links of a Neuronpedia / circuit-tracer graph JSON. The graph
+    holds a dense adjacency, so a JSON of more than `max_nodes` nodes is refused before any
+    allocation; a JSON of any other shape than the schema's is one line, never a traceback."""
     data = read_json(source)
     _check(data)
+    n = len(data["nodes"])
+    if n > max_nodes:
+        raise ConfigError(f"graph JSON has {n:,} nodes, more than the {max_nodes:,} a page is "
+                          f"built from (its dense adjacency would take {n * n * 4 / 2**30:.1f} "
+                          "GiB); raise --max-json-nodes to read it anyway")
+    try:
+        return _from_checked(data)
+    except ConfigError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise ConfigError(f"graph JSON does not follow the schema ({type(e).__name__}: "
+                          f"{str(e)[:100]})") from None
+
+
+def _from_checked(data: dict) -> Graph:
     meta = data["metadata"]
     by_kind: dict[str, list[dict]] = {"feature": [], "error": [], "token": [], "logit": []}
     for node in data["nodes"]:
@@ -159,7 +193,7 @@ def from_neuronpedia(source: str | Path | dict) -> Graph:
         logit_probs=np.array([n.get("token_prob", 0.0) for n in logits], np.float32),
         adjacency=np.zeros((len(sources) + n_pos + len(logits),) * 2, np.float32),
         n_layers=n_layers, bos=bool(bos), prompt=meta.get("prompt", ""),
-        config={"node_threshold": meta.get("node_threshold"),
+        config={"node_threshold": float(meta.get("node_threshold") or 0.8),
                 "transcoder": (meta.get("transcoder_list") or [""])[0]},
         target_weights=(np.full(len(logits), 1.0 / len(logits), np.float32)
                         if logits and all(n.get("clerp", "").startswith("Target ")
@@ -174,5 +208,5 @@ def from_neuronpedia(source: str | Path | dict) -> Graph:
     return graph
 
 
-__all__ = ["FEATURE_TYPE", "NODE_FIELDS", "QPARAMS_FIELDS", "from_neuronpedia", "metadata",
+__all__ = ["FEATURE_TYPE", "MAX_JSON_NODES", "NODE_FIELDS", "QPARAMS_FIELDS", "from_neuronpedia", "metadata",
            "node_record", "pinned_subgraph", "read_json"]

@@ -1,0 +1,57 @@
+"""`cltrace trace` refuses bad input in one line, before loading any model, and writes nothing.
+
+Every case here is refused before the model loads (config validation, target syntax, output
+paths), so the table runs in seconds; `--dtype float64` (once an error unless the user set
+JAX_ENABLE_X64) is checked to work on a tiny model.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.bad_inputs.harness import Case, run_case
+
+P = "The capital of France is"
+BAD = [
+    Case(("trace", "",), "the prompt is empty"),
+    Case(("trace", "   ",), "the prompt is empty"),
+    *[Case(("trace", P, f"--{flag}", v), f"TraceConfig.{flag.replace('-', '_')} must be")
+      for flag in ("max-n-logits", "batch-size", "update-interval", "stream-features")
+      for v in ("0", "-3")],
+    Case(("trace", P, "--max-feature-nodes", "-1"), "max_feature_nodes must be >= 0"),
+    *[Case(("trace", P, f"--{flag}", v), f"TraceConfig.{flag.replace('-', '_')} must be in (0, 1]")
+      for flag in ("desired-logit-prob", "node-threshold", "edge-threshold")
+      for v in ("0", "1.5", "-0.2", "nan", "inf")],
+    Case(("trace", P, "--position-bucket", "-1"), "position_bucket must be >= 0"),
+    *[Case(("trace", P, f"--{flag}", v), f"TraceConfig.{flag.replace('-', '_')} must be a "
+           "positive number of GB")
+      for flag in ("batch-memory-gb", "max-adjacency-gb") for v in ("0", "-1", "nan", "inf")],
+    *[Case(("trace", P, f"--{flag}", v), "invalid choice")
+      for flag, v in (("dtype", "float16"), ("adjacency", "sparse"))],
+    *[Case(("trace", P, f"--{flag}", v), f"TraceConfig.{flag.replace('-', '_')} must be {what}")
+      for flag, v, what in (("batch-size", "abc", "an integer"), ("max-n-logits", "1.5",
+                                                                 "an integer"),
+                            ("node-threshold", "x", "a number"),
+                            ("stream-features", "1e3", "an integer"))],
+    Case(("trace", P, "--no-such-flag"), "unrecognized arguments"),
+    Case(("trace", P, "--minus", " Paris"), "minus needs a target"),
+    Case(("trace", P, "--target", " a", "--target", " a"), "a token is repeated"),
+    Case(("trace", P, "--target", ""), "an empty string is no token"),
+    Case(("trace", P, "--target", " a", "--minus", ""), "an empty string is no token"),
+    Case(("trace", P, "--target", " a", "--target-vector", "v.npy"), "not both"),
+    Case(("trace", P, "--target-vector", "v.txt"), "must be a .npy file"),
+    Case(("trace", P, "--target-vector", "{tmp}/none.npy"), "--target-vector: no file at"),
+    Case(("trace", P, "--target", " a", "--target", " b", "--target", " c", "--minus", " x",
+          "--minus", " y"), "one per target (3), got 2"),
+    Case(("trace", P, "--out", "{file}"), "is an existing file"),
+    Case(("trace", P, "--out", "{file}/run"), "Not a directory"),
+    Case(("trace", P, "--out", "{file}/g.npz"), "exists and is not a directory"),
+    Case(("trace", P, "--out", "{tmp}/npzdir.npz"), "is a directory"),
+    Case(("trace", P, "--out", "/proc/cltrace-no/run"), "cannot create"),
+]
+
+
+@pytest.mark.parametrize("case", BAD, ids=str)
+def test_trace_refuses(case, tmp_path, capsys):
+    (tmp_path / "npzdir.npz").mkdir()
+    run_case(case, tmp_path, capsys)
