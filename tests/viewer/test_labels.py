@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ class _Backend:
     """Decodes every token to U+FFFD alone (as a byte-level BPE does for a partial character);
     its pieces are GPT-2 byte-alphabet strings or SentencePiece `<0xNN>` bytes."""
 
-    pieces = {0: "Ġâ", 1: "Ģ", 2: "ľ", 3: "<0xE6>", 4: "Ċ"}
+    pieces: ClassVar[dict[int, str]] = {0: "Ġâ", 1: "Ģ", 2: "ľ", 3: "<0xE6>", 4: "Ċ"}
 
     def decode(self, ids, skip_special_tokens=False):
         return "\ufffd"
