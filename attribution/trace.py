@@ -62,7 +62,7 @@ from attribution.tiling import Sources
 from clt.configs import ConfigError, doc, to_dict
 from clt.lm.config import ModelConfig
 from clt.lm.params import LMParams
-from clt.progress import progress_bar
+from clt.progress import process_seconds, progress_bar
 from clt.transcoder import TranscoderConfig, TranscoderParams, check_model
 
 
@@ -509,6 +509,10 @@ def trace_tokens(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderCon
         logit_rows = np.concatenate([
             make(np.full(len(c), L, np.int32), np.full(len(c), T - 1, np.int32), logit_dirs[c])
             for c in chunks(np.arange(n_logit), batch)])
+        # From process start (imports, loading, compiling included): what a user waits for.
+        first = process_seconds()
+        if first is not None:
+            info["seconds_to_first_rows"] = round(first, 2)
         bar.advance(task, n_logit)
         if cap == n_all:
             selected = np.arange(n_all)

@@ -23,6 +23,15 @@ from typing import BinaryIO
 from clt.configs import ConfigError
 
 
+def cache_root() -> Path:
+    """The folder of cltrace's caches (compiled programs, converted models):
+    `$CLTRACE_CACHE_DIR`, else `$XDG_CACHE_HOME/cltrace`, else `~/.cache/cltrace`."""
+    if os.environ.get("CLTRACE_CACHE_DIR"):
+        return Path(os.environ["CLTRACE_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "cltrace"
+
+
 def atomic_write(path: str | Path, data: str | bytes | Callable[[BinaryIO], None]) -> Path:
     """Write `path` atomically (module docstring). `data`: text (UTF-8), bytes, or a function
     given the open binary file. Errors (a full disk, no permission) become one-line
@@ -78,4 +87,4 @@ def check_output_dir(path: str | Path, what: str = "output directory") -> Path:
     return path
 
 
-__all__ = ["atomic_write", "check_output_dir", "check_output_file"]
+__all__ = ["atomic_write", "cache_root", "check_output_dir", "check_output_file"]

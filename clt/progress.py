@@ -26,4 +26,19 @@ def progress_bar(enabled: bool = True, *, info: bool = False, transient: bool = 
     return Progress(*columns, disable=not enabled, transient=transient)
 
 
-__all__ = ["progress_bar"]
+def process_seconds() -> float | None:
+    """Wall seconds since this process started (Linux, from /proc), for "time to first
+    result" figures that include imports and loading; None where /proc is not there."""
+    import os
+
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+__all__ = ["process_seconds", "progress_bar"]

@@ -23,6 +23,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cltrace",
         description="Train cross-layer transcoders, trace attribution graphs, view them.")
+    cache = parser.add_mutually_exclusive_group()
+    cache.add_argument("--compile-cache", metavar="DIR", default=None,
+                       help="Folder of JAX's persistent compilation cache (default: jax/ in "
+                       "$CLTRACE_CACHE_DIR, else ~/.cache/cltrace): a second run with the same "
+                       "shapes does not compile again.")
+    cache.add_argument("--no-compile-cache", action="store_true",
+                       help="Compile every program afresh (also CLTRACE_COMPILE_CACHE=0).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for stage in STAGES:
         stage.register(sub)
@@ -31,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.no_compile_cache:
+        from cltrace.compile_cache import enable
+
+        enable(args.compile_cache)
     try:
         return int(args.run(args) or 0)
     except (ConfigError, ValueError, FileNotFoundError) as e:

@@ -98,7 +98,10 @@ def _trace(args) -> int:
     else:
         print("top logits: " + ", ".join(f"{s!r} {p:.3f}" for s, p in
                                          zip(graph.logit_strings, graph.logit_probs)))
-    console.print(f"[dim]rows in {graph.info.get('seconds_rows', 0):.1f}s[/dim]")
+    first = graph.info.get("seconds_to_first_rows")
+    console.print(f"[dim]rows in {graph.info.get('seconds_rows', 0):.1f}s"
+                  + (f"; first rows {first:.1f}s after the command started" if first else "")
+                  + "[/dim]")
     kind = "every node and edge" if config.save_full else "the pruned graph"
     print(f"graph: {graph_path} ({graph_path.stat().st_size / 2**20:.1f} MB, {kind}; + "
           f"{graph_path.parent / 'config.json'})")

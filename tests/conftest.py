@@ -6,6 +6,11 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Commands run in-process here: keep JAX's persistent compilation cache (on by default for the
+# `cltrace` command, cltrace/compile_cache.py) out of the user's home; tests/viewer/test_compile_cache.py
+# checks it in its own folder.
+os.environ.setdefault("CLTRACE_COMPILE_CACHE", "0")
+os.environ.setdefault("CLTRACE_MODEL_CACHE", "0")  # converted GGUF models (tests/clt/test_model_cache.py)
 
 import jax
 

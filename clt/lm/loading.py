@@ -144,11 +144,19 @@ def _load_cached(name_or_path: str, kind: str, path: Path, stamp: int, dtype_nam
     dtype = jnp.dtype(dtype_name)
     label = name_or_path if name_or_path in EMBEDDED else path.name
     if kind == "gguf":
-        from clt.lm.gguf_io import read_gguf
+        from clt.lm import model_cache
 
-        cfg, tensors, reader = read_gguf(path, name=label)
-        tok = tokenizer_from_gguf(reader, cfg.bos_token_id, cfg.eos_token_ids) \
-            if with_tokenizer else None
+        cached = model_cache.read(path, label, with_tokenizer)
+        if cached is not None:
+            cfg, tensors, tok = cached
+        else:
+            from clt.lm.gguf_io import read_gguf
+
+            cfg, tensors, reader = read_gguf(path, name=label)
+            tok = tokenizer_from_gguf(reader, cfg.bos_token_id, cfg.eos_token_ids)
+            model_cache.write(path, cfg, tensors, tok)  # the next process reads this
+            if not with_tokenizer:
+                tok = None
     else:
         from clt.lm.hf import canonical_tensors, config_from_hf, read_safetensors_dir
 
