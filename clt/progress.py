@@ -26,19 +26,19 @@ def progress_bar(enabled: bool = True, *, info: bool = False, transient: bool = 
     return Progress(*columns, disable=not enabled, transient=transient)
 
 
+T0_VAR = "CLTRACE_T0"  # wall time at which the `cltrace` command started (cltrace.entry)
+
+
 def process_seconds() -> float | None:
-    """Wall seconds since this process started (Linux, from /proc), for "time to first
-    result" figures that include imports and loading; None where /proc is not there."""
+    """Wall seconds since the `cltrace` command started (imports, re-exec and loading
+    included), for "time to first result" figures; None outside the command."""
     import os
+    import time
 
     try:
-        with open("/proc/self/stat") as f:
-            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
+        return time.time() - float(os.environ[T0_VAR])
+    except (KeyError, ValueError):
         return None
 
 
-__all__ = ["process_seconds", "progress_bar"]
+__all__ = ["T0_VAR", "process_seconds", "progress_bar"]

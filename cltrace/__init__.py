@@ -4,8 +4,12 @@
 def entry() -> int:
     """The `cltrace` command: restarted once with huge pages for large allocations (see
     `cltrace.hostmem`; before any heavy import), then `cltrace.cli.main`."""
+    import os
     import sys
+    import time
 
+    # When the command started, kept across the re-exec (clt.progress.process_seconds).
+    os.environ.setdefault("CLTRACE_T0", repr(time.time()))
     from cltrace.hostmem import reexec_with_huge_pages
 
     reexec_with_huge_pages("cltrace", sys.argv[1:])
