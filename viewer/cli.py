@@ -59,10 +59,14 @@ def _view(args) -> int:
                                            else src.with_suffix(".html"))
     check_output_file(out, "output page")
     labels = read_labels(args.labels) if args.labels else None
-    graph = (from_neuronpedia(src, config.max_json_nodes) if src.suffix == ".json"
-             else load_graph(src))
-    cards = False if args.no_cards else args.cards
-    report = write_html(graph, out, cards=cards, config=config, labels=labels)
+    from rich.console import Console
+
+    with Console(stderr=True).status(f"reading {src}", spinner="dots") as status:
+        graph = (from_neuronpedia(src, config.max_json_nodes) if src.suffix == ".json"
+                 else load_graph(src))
+        cards = False if args.no_cards else args.cards
+        status.update(f"writing {out}")
+        report = write_html(graph, out, cards=cards, config=config, labels=labels)
     print(f"page: {report.summary()}")
     return 0
 
