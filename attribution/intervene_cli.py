@@ -3,13 +3,18 @@
 is in `viewer.cli`).
 
     cltrace steer "PROMPT" --transcoder PATH --set 12:345@5=0 --max-new-tokens 20
-    cltrace steer "PROMPT" --vector v.npy --layer 10 --alpha 8
+    cltrace steer "PROMPT" --vector v.npy --layer 10 --alpha 0.3
     cltrace direction --positive pos.txt --negative neg.txt --layer 10 -o v.npy
+
+Every value is checked by the config dataclasses (one-line ConfigError) and every path before the
+model loads; the prompt's length is checked right after tokenising, before any generation; the
+JSON written by --out and the .npy of `direction` are written atomically (`clt.io`).
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +31,9 @@ def register(sub) -> None:
         "the change in probabilities, and both continuations side by side. Feature edits: "
         "--set L:F@POS=V, --scale L:F@POS=FACTOR, --add L:F@POS=DELTA, --zero L:F@POS; POS counts "
         "the prepended BOS as 0 (printed with the tokens), 'P+' means P and every later position "
-        "(generated ones included), 'all' or nothing means every position.")
+        "(generated ones included), 'all' or nothing means every position. Steering "
+        "(--vector / --feature-direction, --layer, --alpha) adds the direction scaled to alpha "
+        "times the mean residual norm after that block; edits and steering are separate runs.")
     add_arguments(p, SteerConfig)
     p.set_defaults(run=_steer)
 
@@ -39,16 +46,44 @@ def register(sub) -> None:
 def _prompt_ids(model, prompt: str) -> list[int]:
     from attribution.replacement import prompt_ids
 
+    if model.tokenizer is None:
+        raise ConfigError(f"the model {model.source} has no tokenizer; give a model directory "
+                          "with tokenizer.json or a GGUF file")
     return prompt_ids(model, prompt)
 
 
-def _edits(sc):
-    from attribution.interventions import parse_edit
-
-    return tuple(parse_edit(s) for s in sc.edit_specs())
-
-
 def _steer(args) -> int:
+    from attribution import interventions as iv
+    from clt.io import check_output_file
+
+    sc = from_arguments(iv.SteerConfig, args)  # values, edit specs, combinations: no model yet
+    out = check_output_file(sc.out) if sc.out else None
+    raw_vector = _read_vector(sc.vector) if sc.vector else None
+    return _run_steer(sc, out, raw_vector)
+
+
+def _read_vector(path: str) -> np.ndarray:
+    """A steering vector file, read before the model loads: a 1-d, finite, non-zero .npy."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"--vector {p}: no such file" + (" (a directory)" if p.is_dir() else ""))
+    try:
+        v = np.load(p, allow_pickle=False)
+    except (ValueError, OSError, EOFError, pickle.UnpicklingError) as e:
+        raise ConfigError(f"--vector {p} is not a readable .npy array ({type(e).__name__}); "
+                          "write it with `cltrace direction` or numpy.save") from None
+    if not isinstance(v, np.ndarray) or v.ndim != 1 or not np.issubdtype(v.dtype, np.number):
+        raise ConfigError(f"--vector {p} holds {getattr(v, 'shape', '?')} "
+                          f"{getattr(v, 'dtype', '')}; it must be one numeric vector [d_model]")
+    v = v.astype(np.float32)
+    norm = float(np.linalg.norm(v))
+    if not np.isfinite(v).all() or norm == 0:
+        raise ConfigError(f"--vector {p} is all zeros or holds non-finite values (norm {norm}); "
+                          "it has no direction to steer along")
+    return v
+
+
+def _run_steer(sc, out: Path | None, raw_vector: np.ndarray | None) -> int:
     import jax
     import jax.numpy as jnp
     from rich.console import Console
@@ -56,48 +91,57 @@ def _steer(args) -> int:
 
     from attribution import interventions as iv
     from attribution.replacement import build
+    from clt.io import atomic_write
     from clt.lm.loading import load_model
     from clt.lm.model import forward
 
-    args = from_arguments(iv.SteerConfig, args)
     console = Console()
-    model = load_model(args.model)
+    model = load_model(sc.model)
     tok = model.tokenizer
-    ids = _prompt_ids(model, args.prompt)
-    edits = _edits(args)
-    steering = args.vector is not None or args.feature_direction is not None
-    if not edits and not steering:
-        raise ConfigError("nothing to do: give feature edits (--set/--scale/--add/--zero) or a "
-                          "direction (--vector / --feature-direction with --layer)")
+    params, model_cfg = model.params, model.cfg
+    _check_model_fit(sc, model_cfg)
+    ids = _prompt_ids(model, sc.prompt)
+    P = len(ids)
+    # Checks that need the prompt's length, before any generation.
+    if sc.steering and sc.from_pos >= P:
+        raise ConfigError(f"SteerConfig.from_pos must be in 0..{P - 1} (the prompt's positions, "
+                          f"BOS = 0), got {sc.from_pos}")
+    if P + sc.max_new_tokens > model_cfg.max_position:
+        raise ConfigError(f"SteerConfig.max_new_tokens must be <= {model_cfg.max_position - P} "
+                          f"(the prompt has {P} tokens, the model's context is "
+                          f"{model_cfg.max_position}), got {sc.max_new_tokens}")
+    edits = sc.edits()
     console.print("tokens: " + " ".join(f"[dim]{i}[/dim]{s!r}" for i, s in
                                         enumerate(tok.token_strings(ids))))
-    params, model_cfg = model.params, model.cfg
 
     def original(t):
         return forward(params, model_cfg, t[None])[0][0]
 
     tc_cfg = tc_params = None
-    if edits or args.feature_direction:
+    if edits or sc.feature_direction:
         from clt.circuit_tracer_io import open_transcoder
 
-        _, tc_cfg, tc_params = open_transcoder(args.transcoder, model_cfg)
+        _, tc_cfg, tc_params = open_transcoder(sc.transcoder, model_cfg)
         for e in edits:
-            e.check(tc_cfg, len(ids))
-    if steering:
-        if args.layer is None:
-            raise ConfigError("steering needs --layer (the block after which to add the vector)")
-        if args.vector:
-            v = jnp.asarray(np.load(args.vector))
-            if v.shape != (model_cfg.d_model,):
-                raise ConfigError(f"{args.vector} holds shape {v.shape}, the model needs "
-                                  f"({model_cfg.d_model},)")
+            e.check(tc_cfg, P)
+    steering = None
+    if sc.steering:
+        if raw_vector is not None:
+            v = raw_vector
         else:
-            layer, feature = (int(x) for x in args.feature_direction.split(":"))
+            layer, feature = sc.feature_ref()
             v = iv.feature_direction(tc_cfg, tc_params, layer, feature)
+        steering = iv.steering_vector(params, model_cfg, ids, v, sc.layer, sc.alpha)
+        s = steering.summary()
+        console.print(f"steering after block {sc.layer} from position {sc.from_pos}: "
+                      f"alpha {sc.alpha:g} x reference norm {s['reference_norm']:.3g} = added "
+                      f"norm {s['added_norm']:.3g} (raw vector norm {s['raw_vector_norm']:.3g}; "
+                      "unit: mean residual norm after that block over the prompt, BOS excluded)")
+        added = jnp.asarray(steering.vector)
 
         def intervened(t):
-            return iv.steered_logits(params, model_cfg, t, v, args.layer, args.alpha, args.from_pos)
-    elif args.mode == "frozen":
+            return iv.steered_logits(params, model_cfg, t, added, sc.layer, 1.0, sc.from_pos)
+    elif sc.mode == "frozen":
         rm, acts = build(params, model_cfg, tc_cfg, tc_params, np.asarray(ids))
         frozen = iv.frozen_logits(params, model_cfg, tc_cfg, tc_params, rm, acts, edits)
 
@@ -109,11 +153,10 @@ def _steer(args) -> int:
         def intervened(t):
             return iv.free_logits(params, model_cfg, tc_cfg, tc_params, rm, edits, tokens=t)
 
-    P = len(ids)
     before = original(jnp.asarray(ids))[P - 1]
     after = intervened(jnp.asarray(ids))[P - 1]
     pb, pa = (np.asarray(jax.nn.softmax(x.astype(jnp.float32))) for x in (before, after))
-    union = list(dict.fromkeys(list(np.argsort(-pb)[:args.k]) + list(np.argsort(-pa)[:args.k])))
+    union = list(dict.fromkeys(list(np.argsort(-pb)[:sc.k]) + list(np.argsort(-pa)[:sc.k])))
     table = Table(title="next token: probability before -> after")
     for col in ("token", "before", "after", "change"):
         table.add_column(col)
@@ -121,48 +164,79 @@ def _steer(args) -> int:
         table.add_row(repr(tok.decode([int(i)])), f"{pb[i]:.4f}", f"{pa[i]:.4f}",
                       f"{pa[i] - pb[i]:+.4f}")
     console.print(table)
-    result = {"prompt": args.prompt, "tokens": tok.token_strings(ids),
-              "edits": [e.__dict__ for e in edits], "mode": args.mode,
-              "top_before": [(tok.decode([int(i)]), float(pb[i])) for i in np.argsort(-pb)[:args.k]],
-              "top_after": [(tok.decode([int(i)]), float(pa[i])) for i in np.argsort(-pa)[:args.k]]}
-    if args.mode == "free" or steering:
+    result = {"prompt": sc.prompt, "tokens": tok.token_strings(ids),
+              "edits": [e.__dict__ for e in edits], "mode": "steer" if steering else sc.mode,
+              "steering": None if steering is None else {
+                  **steering.summary(), "from_pos": sc.from_pos, "vector": sc.vector,
+                  "feature_direction": sc.feature_direction},
+              "top_before": [(tok.decode([int(i)]), float(pb[i])) for i in np.argsort(-pb)[:sc.k]],
+              "top_after": [(tok.decode([int(i)]), float(pa[i])) for i in np.argsort(-pa)[:sc.k]]}
+    if sc.mode == "free" or steering:
         eos = tuple(model_cfg.eos_token_ids)
-        gen_a = iv.greedy_continue(original, ids, args.max_new_tokens, eos)
-        gen_b = iv.greedy_continue(intervened, ids, args.max_new_tokens, eos)
+        gen_a = iv.greedy_continue(original, ids, sc.max_new_tokens, eos)
+        gen_b = iv.greedy_continue(intervened, ids, sc.max_new_tokens, eos)
         side = Table(title="continuations")
         side.add_column("original")
         side.add_column("intervened")
         side.add_row(tok.decode(gen_a), tok.decode(gen_b))
         console.print(side)
         result.update(original=tok.decode(gen_a), intervened=tok.decode(gen_b))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2, default=str))
-        print(f"wrote {args.out}")
+    else:
+        console.print("frozen mode: next token only (no continuation is generated)")
+    if out is not None:
+        atomic_write(out, json.dumps(result, indent=2, default=str))
+        print(f"wrote {out}")
     return 0
 
 
-def _read_prompts(path: str) -> list[str]:
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p} does not exist")
-    lines = [x.strip() for x in p.read_text().splitlines() if x.strip()]
+def _check_model_fit(sc, model_cfg) -> None:
+    """Checks that need the model's config (not its prompt): layer and k ranges."""
+    if sc.layer is not None and not 0 <= sc.layer < model_cfg.n_layers:
+        raise ConfigError(f"SteerConfig.layer must be in 0..{model_cfg.n_layers - 1} (the "
+                          f"model's blocks), got {sc.layer}")
+    if sc.k > model_cfg.vocab_size:
+        raise ConfigError(f"SteerConfig.k must be in 1..{model_cfg.vocab_size} (the "
+                          f"vocabulary), got {sc.k}")
+
+
+def _read_prompts(path: str, flag: str) -> list[str]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"{flag} {p}: " + ("a directory, not a text file" if p.is_dir()
+                                            else "no such file"))
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{flag} {p} is not readable UTF-8 text ({type(e).__name__})") from None
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
     if not lines:
-        raise ConfigError(f"{p} holds no prompts (one per line)")
+        raise ConfigError(f"{flag} {p} holds no prompts (one per line)")
     return lines
 
 
 def _direction(args) -> int:
     from attribution.interventions import DirectionConfig, diff_of_means
+    from clt.io import atomic_write, check_output_file
     from clt.lm.loading import load_model
 
-    args = from_arguments(DirectionConfig, args)
-    model = load_model(args.model)
-    pos = [_prompt_ids(model, s) for s in _read_prompts(args.positive)]
-    neg = [_prompt_ids(model, s) for s in _read_prompts(args.negative)]
-    v = np.asarray(diff_of_means(model.params, model.cfg, pos, neg, args.layer, args.position))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    np.save(args.out, v)
-    print(f"wrote {args.out}: difference of means after block {args.layer} "
-          f"({len(pos)} vs {len(neg)} prompts), norm {np.linalg.norm(v):.3f}")
+    dc = from_arguments(DirectionConfig, args)
+    out = check_output_file(dc.out)
+    positive = _read_prompts(dc.positive, "--positive")
+    negative = _read_prompts(dc.negative, "--negative")
+    model = load_model(dc.model)
+    if dc.layer >= model.cfg.n_layers:
+        raise ConfigError(f"DirectionConfig.layer must be in 0..{model.cfg.n_layers - 1} (the "
+                          f"model's blocks), got {dc.layer}")
+    pos = [_prompt_ids(model, s) for s in positive]
+    neg = [_prompt_ids(model, s) for s in negative]
+    v = np.asarray(diff_of_means(model.params, model.cfg, pos, neg, dc.layer, dc.position),
+                   np.float32)
+    norm = float(np.linalg.norm(v))
+    if not np.isfinite(v).all() or norm == 0:
+        raise ConfigError(f"the two prompt sets give the same mean residual after block "
+                          f"{dc.layer} (difference norm {norm}): no direction; nothing written")
+    atomic_write(out, lambda f: np.save(f, v))
+    print(f"wrote {out}: difference of means after block {dc.layer} ({len(pos)} vs "
+          f"{len(neg)} prompts), norm {norm:.3f} (`cltrace steer --vector` uses only its "
+          "direction; --alpha sets the size)")
     return 0

@@ -14,14 +14,18 @@ with interventions"; Templeton et al. 2024 for clamping). Two modes:
   positions beyond the prompt (generation) there is no recorded error: there the MLP output is the
   model's own MLP plus the decoder writes of the edits (edited minus unedited features).
 
-Steering adds alpha * v to the residual stream after a layer's block, v a feature's decoder
+Steering adds a vector to the residual stream after a layer's block, along a feature's decoder
 direction or a difference of mean residuals between two prompt sets (the "function vector" /
-refusal-direction method, Todd et al. 2024, Arditi et al. 2024).
+refusal-direction method, Todd et al. 2024, Arditi et al. 2024). `cltrace steer --alpha` has a
+unit (`STEER_UNIT`, `steering_vector`): the direction is normalised and scaled to alpha times the
+prompt's mean residual norm after that block, so alpha = 0.5 is the same relative push at any
+layer and for any vector, whatever its raw norm.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -78,27 +82,91 @@ class FeatureEdit:
         return jnp.where(sel, new, col)
 
 
-_EDIT = re.compile(r"^\s*(\d+):(\d+)(?:@(all|\d+\+?|\d+:))?\s*([=*+])\s*([-+0-9.eE]+)\s*$")
+# A number as Python writes it (no nan / inf: an edit's value must be finite).
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_WHERE = r"(?:@(all|\d+[+:]?))?"
+_EDIT = re.compile(rf"^\s*(\d+):(\d+){_WHERE}\s*([=*+])\s*({_NUMBER})\s*$")
+_FLAG_EDIT = re.compile(rf"^\s*(\d+):(\d+){_WHERE}\s*=\s*({_NUMBER})\s*$")
+_FLAG_ZERO = re.compile(rf"^\s*(\d+):(\d+){_WHERE}\s*$")
+_OPS = {"=": "set", "*": "scale", "+": "add"}
+_SYNTAX = "POS: a position (BOS = 0), P+ for P and every later one, or all; omitted = all"
+_FLAG_SYNTAX = {"set": "LAYER:FEATURE[@POS]=VALUE", "scale": "LAYER:FEATURE[@POS]=FACTOR",
+                "add": "LAYER:FEATURE[@POS]=DELTA", "zero": "LAYER:FEATURE[@POS]"}
 
 
-def parse_edit(spec: str) -> FeatureEdit:
-    """`L:F@POS=V` (set), `L:F@POS*V` (scale), `L:F@POS+V` (add). POS is a position (BOS = 0),
-    `P+` or `P:` for P and every later position (generation included), or `all`; omitted = all."""
-    m = _EDIT.match(spec)
+def parse_edit(spec: str, flag: Literal["set", "scale", "add", "zero"] | None = None
+               ) -> FeatureEdit:
+    """One feature edit. With no `flag`: `L:F@POS=V` (set), `L:F@POS*V` (scale), `L:F@POS+V`
+    (add). With the `cltrace steer` flag that carries it: `--set/--scale/--add L:F@POS=V`, or
+    `--zero L:F@POS`. POS is a position (BOS = 0), `P+` or `P:` for P and every later position
+    (generation included), or `all`; omitted = all. V is a finite number. Anything else (e.g.
+    `3:5@1==2`) is refused with the accepted syntax, never read another way."""
+    if not isinstance(spec, str):
+        raise ConfigError(f"intervention {spec!r} must be a string like 3:5@1=2")
+    if flag is None:
+        m = _EDIT.match(spec)
+        syntax = f"LAYER:FEATURE[@POS]=VALUE (or *FACTOR, +DELTA; {_SYNTAX})"
+    elif flag in _FLAG_SYNTAX:
+        m = (_FLAG_ZERO if flag == "zero" else _FLAG_EDIT).match(spec)
+        syntax = f"--{flag} {_FLAG_SYNTAX[flag]} ({_SYNTAX})"
+    else:
+        raise ConfigError(f"unknown edit kind {flag!r}; one of {list(_FLAG_SYNTAX)}")
     if not m:
-        raise ConfigError(f"cannot parse intervention '{spec}'; write LAYER:FEATURE@POS=VALUE "
-                          "(or *FACTOR, +DELTA; POS a number, P+ for P onwards, or all)")
-    layer, feature, where, sym, value = m.groups()
+        raise ConfigError(f"cannot parse intervention {spec!r}; write {syntax}")
+    if flag is None:
+        layer, feature, where, sym, value = m.groups()
+        op = _OPS[sym]
+    elif flag == "zero":
+        (layer, feature, where), op, value = m.groups(), "set", "0"
+    else:
+        (layer, feature, where, value), op = m.groups(), flag
     onwards = bool(where) and where[-1] in "+:"
     pos = None if where in (None, "all") else int(where.rstrip("+:"))
-    op = {"=": "set", "*": "scale", "+": "add"}[sym]
-    return FeatureEdit(int(layer), int(feature), pos, op, float(value), onwards)
+    v = float(value)
+    if not math.isfinite(v):  # 1e999 parses as inf
+        raise ConfigError(f"intervention {spec!r}: the value must be a finite number")
+    return FeatureEdit(int(layer), int(feature), pos, op, v, onwards)
+
+
+def edit_spec(e: FeatureEdit) -> str:
+    """The one `parse_edit` spec (no flag) that gives back `e` exactly (onwards written P:)."""
+    where = "all" if e.pos is None else f"{e.pos}{':' if e.onwards else ''}"
+    sym = {v: k for k, v in _OPS.items()}[e.op]
+    return f"{e.layer}:{e.feature}@{where}{sym}{e.value!r}"
 
 
 # --- command configs ---------------------------------------------------------------------------
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _finite(cls: str, name: str, value: float) -> None:
+    _need(math.isfinite(value), f"{cls}.{name} must be a finite number, got {value!r}")
+
+
+def _at_least(cls: str, name: str, value: int, low: int, high: int | None = None) -> None:
+    rng = f">= {low}" if high is None else f"in {low}..{high}"
+    _need(value >= low and (high is None or value <= high),
+          f"{cls}.{name} must be {rng}, got {value!r}")
+
+
+def _nonempty(cls: str, name: str, value: str | None, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    _need(isinstance(value, str) and value.strip() != "",
+          f"{cls}.{name} must be a non-empty string, got {value!r}")
+
+
+_ALPHA = 0.25  # the default steering strength, in STEER_UNIT
+_FEATURE_REF = re.compile(r"^\s*(\d+):(\d+)\s*$")
+STEER_UNIT = ("the mean norm of the residual stream after block LAYER over the prompt's "
+              "positions (BOS excluded), on the unsteered prompt")
+
+
 @dataclass(frozen=True)
 class SteerConfig:
-    """`cltrace steer`: feature edits, or a steering direction, on one prompt."""
+    """`cltrace steer`: feature edits, or a steering direction (not both), on one prompt."""
 
     prompt: str = doc("The text to run.", positional=True)
     model: str = doc("Model name or path.", default="smollm2-135m")
@@ -116,26 +184,82 @@ class SteerConfig:
         "free: downstream features and attention recompute (errors kept); frozen: patterns, "
         "norms, errors and other features fixed (direct effects, = graph edges; next token "
         "only).", default="free")
-    vector: str | None = doc("Steer with this direction (.npy [d_model]).", default=None)
+    vector: str | None = doc("Steer with this direction (.npy [d_model]; only its direction "
+                             "counts, --alpha sets the size).", default=None)
     feature_direction: str | None = doc(
         "Steer along feature F of layer L's decoder into layer L.", default=None, metavar="L:F")
-    layer: int | None = doc("Steering: after this block.", default=None)
-    alpha: float = doc("Steering strength.", default=4.0)
-    from_pos: int = doc("Steering: from this position on.", default=0)
+    layer: int | None = doc("Steering: add the direction after this block (0 = the first).",
+                            default=None)
+    alpha: float = doc(
+        "Steering strength in units of the residual's own size: the added vector is the unit "
+        "direction times alpha times " + STEER_UNIT + " (1 = as large as the residual itself; "
+        "negative steers away; about 0.1-0.4 shifts the text and keeps it coherent).",
+        default=_ALPHA)
+    from_pos: int = doc("Steering: from this prompt position on (BOS = 0; generated positions "
+                        "are always steered).", default=0)
     max_new_tokens: int = doc("Tokens to generate for the side-by-side continuations.",
                               default=20)
     k: int = doc("Top-k next tokens to show.", default=5)
     out: str | None = doc("Also write the comparison as JSON.", default=None)
 
     def __post_init__(self):
-        if self.k <= 0 or self.max_new_tokens < 0:
-            raise ConfigError("SteerConfig: --k must be positive and --max-new-tokens >= 0")
+        c = "SteerConfig"
+        # "" here; a prompt of only spaces is refused once tokenised (`prompt_ids`): a command
+        # line copied from a page may legitimately quote one (viewer.names).
+        _need(self.prompt != "", f"{c}.prompt must be a non-empty string, got ''")
+        _nonempty(c, "model", self.model)
+        _nonempty(c, "transcoder", self.transcoder, optional=True)
+        _nonempty(c, "vector", self.vector, optional=True)
+        _nonempty(c, "out", self.out, optional=True)
+        _at_least(c, "k", self.k, 1)
+        _at_least(c, "max_new_tokens", self.max_new_tokens, 0)
+        _finite(c, "alpha", self.alpha)
+        _at_least(c, "from_pos", self.from_pos, 0)
+        if self.layer is not None:
+            _at_least(c, "layer", self.layer, 0)
+        if self.feature_direction is not None:
+            _need(bool(_FEATURE_REF.match(self.feature_direction)),
+                  f"{c}.feature_direction must be LAYER:FEATURE (e.g. 12:345), got "
+                  f"{self.feature_direction!r}")
+        edits = self.edits()  # malformed edit specs are refused here, before any model loads
+        steering = self.steering
+        _need(not (self.vector is not None and self.feature_direction is not None),
+              f"{c}: give one steering direction, --vector or --feature-direction, not both")
+        _need(not (edits and steering),
+              f"{c}: feature edits (--set/--scale/--add/--zero) and steering (--vector / "
+              "--feature-direction) cannot be combined in one run; run them one at a time")
+        _need(bool(edits) or steering, "nothing to do: give feature edits (--set/--scale/--add/--zero) "
+              "or a direction (--vector / --feature-direction with --layer)")
+        if steering:
+            _need(self.layer is not None,
+                  f"{c}: steering needs --layer (the block after which to add the direction)")
+            _need(self.mode == "free", f"{c}.mode frozen applies to feature edits only; "
+                  "steering always recomputes the model (drop --mode frozen)")
+        else:
+            for name, default in (("layer", None), ("alpha", _ALPHA), ("from_pos", 0)):
+                _need(getattr(self, name) == default,
+                      f"{c}.{name} applies only to steering (--vector / --feature-direction); "
+                      "feature edits take their positions from @POS")
+
+    @property
+    def steering(self) -> bool:
+        return self.vector is not None or self.feature_direction is not None
+
+    def edits(self) -> tuple[FeatureEdit, ...]:
+        """Every edit of --set, --scale, --add and --zero, each parsed with its flag's syntax."""
+        return tuple(parse_edit(s, flag) for flag in ("set", "scale", "add", "zero")
+                     for s in getattr(self, flag))
 
     def edit_specs(self) -> tuple[str, ...]:
-        """Every edit as one `parse_edit` spec (L:F@POS=V, *FACTOR, +DELTA)."""
-        return (tuple(self.set) + tuple(s.replace("=", "*", 1) for s in self.scale)
-                + tuple(s.replace("=", "+", 1) for s in self.add)
-                + tuple(s + "=0" for s in self.zero))
+        """Every edit as one flag-free `parse_edit` spec (L:F@POS=V, *FACTOR, +DELTA)."""
+        return tuple(edit_spec(e) for e in self.edits())
+
+    def feature_ref(self) -> tuple[int, int] | None:
+        """(layer, feature) of --feature-direction."""
+        if self.feature_direction is None:
+            return None
+        layer, feature = _FEATURE_REF.match(self.feature_direction).groups()
+        return int(layer), int(feature)
 
 
 @dataclass(frozen=True)
@@ -144,11 +268,19 @@ class DirectionConfig:
 
     positive: str = doc("Text file, one prompt per line.")
     negative: str = doc("Text file, one prompt per line.")
-    layer: int = doc("Residual stream after this block.")
-    out: str = doc("Output .npy file.", short="-o")
+    layer: int = doc("Residual stream after this block (0 = the first).")
+    out: str = doc("Output .npy file (written exactly there).", short="-o")
     model: str = doc("Model name or path.", default="smollm2-135m")
     position: Literal["last", "mean"] = doc("Which positions' residuals to average.",
                                             default="last")
+
+    def __post_init__(self):
+        c = "DirectionConfig"
+        for name in ("positive", "negative", "out", "model"):
+            _nonempty(c, name, getattr(self, name))
+        _at_least(c, "layer", self.layer, 0)
+        _need(self.position in ("last", "mean"),
+              f"{c}.position must be one of ['last', 'mean'], got {self.position!r}")
 
 
 @dataclass(frozen=True)
@@ -157,13 +289,17 @@ class LensConfig:
 
     prompt: str = doc("The text to run.", positional=True)
     model: str = doc("Model name or path.", default="smollm2-135m")
-    k: int = doc("Top-k tokens per layer and position.", default=3)
+    k: int = doc("Top-k tokens per layer and position (at most the vocabulary).", default=3)
     html: str | None = doc("Also write a heatmap page here.", default=None)
-    every: int = doc("Show every n-th layer in the table.", default=1)
+    every: int = doc("Show every n-th layer in the table (the output row always).", default=1)
 
     def __post_init__(self):
-        if self.k <= 0 or self.every <= 0:
-            raise ConfigError("LensConfig: --k and --every must be positive")
+        c = "LensConfig"
+        _need(self.prompt != "", f"{c}.prompt must be a non-empty string, got ''")
+        _nonempty(c, "model", self.model)
+        _nonempty(c, "html", self.html, optional=True)
+        _at_least(c, "k", self.k, 1)
+        _at_least(c, "every", self.every, 1)
 
 
 # --- free mode -------------------------------------------------------------------------------------
@@ -235,6 +371,15 @@ def feature_direction(tc_cfg: TranscoderConfig, tc_params: TranscoderParams, lay
                                 layer if target_layer is None else target_layer)[feature]
 
 
+def _resid_after(params: LMParams, model_cfg: ModelConfig, ids,
+                 layer: int) -> Float[Array, "pos d_model"]:
+    """The residual stream after block `layer` (where `SteerHook` adds) of one prompt."""
+    if not 0 <= layer < model_cfg.n_layers:
+        raise ConfigError(f"layer {layer} out of range 0..{model_cfg.n_layers - 1}")
+    _, cap = forward(params, model_cfg, jnp.asarray([ids]), capture=("resid_pre", "resid_final"))
+    return cap.resid_pre[layer + 1, 0] if layer + 1 < model_cfg.n_layers else cap.resid_final[0]
+
+
 def mean_residual(params: LMParams, model_cfg: ModelConfig, token_lists: list[list[int]],
                   layer: int,
                   position: Literal["last", "mean"] = "last") -> Float[Array, " d_model"]:
@@ -242,13 +387,9 @@ def mean_residual(params: LMParams, model_cfg: ModelConfig, token_lists: list[li
     each prompt's tokens)."""
     if not token_lists:
         raise ConfigError("a difference of means needs at least one prompt on each side")
-    if not 0 <= layer < model_cfg.n_layers:
-        raise ConfigError(f"layer {layer} out of range 0..{model_cfg.n_layers - 1}")
     vecs = []
     for ids in token_lists:
-        _, cap = forward(params, model_cfg, jnp.asarray([ids]),
-                         capture=("resid_pre", "resid_final"))
-        r = cap.resid_pre[layer + 1, 0] if layer + 1 < model_cfg.n_layers else cap.resid_final[0]
+        r = _resid_after(params, model_cfg, ids, layer)
         vecs.append(r[-1] if position == "last" else r.mean(0))
     return jnp.stack(vecs).mean(0)
 
@@ -261,7 +402,56 @@ def diff_of_means(params, model_cfg, positive: list[list[int]], negative: list[l
             - mean_residual(params, model_cfg, negative, layer, position))
 
 
+def residual_norm(params: LMParams, model_cfg: ModelConfig, ids: list[int], layer: int) -> float:
+    """The steering unit (`STEER_UNIT`): the mean L2 norm of the residual stream after block
+    `layer` over the prompt's positions, the BOS excluded (an attention sink whose norm is often
+    many times the others'), on the unsteered prompt."""
+    r = _resid_after(params, model_cfg, ids, layer).astype(jnp.float32)
+    first = 1 if (len(ids) > 1 and model_cfg.bos_token_id is not None
+                  and ids[0] == model_cfg.bos_token_id) else 0
+    return float(jnp.linalg.norm(r[first:], axis=-1).mean())
+
+
+@dataclass(frozen=True)
+class Steering:
+    """A steering vector in the stated unit: `vector` = alpha * reference_norm * v / |v|, added
+    after block `layer`; what `cltrace steer` reports and writes."""
+
+    vector: Float[np.ndarray, " d_model"]
+    layer: int
+    alpha: float
+    reference_norm: float  # STEER_UNIT on this prompt
+    raw_norm: float  # |v| as given (ignored but for its direction)
+
+    def summary(self) -> dict:
+        return {"layer": self.layer, "alpha": self.alpha, "unit": STEER_UNIT,
+                "reference_norm": self.reference_norm, "raw_vector_norm": self.raw_norm,
+                "added_norm": float(np.linalg.norm(self.vector))}
+
+
+def steering_vector(params: LMParams, model_cfg: ModelConfig, ids: list[int], v, layer: int,
+                    alpha: float) -> Steering:
+    """`v` [d_model] turned into the vector `cltrace steer --alpha` adds: its unit direction
+    times alpha times the prompt's `residual_norm` after `layer`. The same alpha is then the
+    same relative push at every layer and for every vector (a difference of means and a decoder
+    row differ in norm by orders of magnitude)."""
+    v = np.asarray(v, np.float32)
+    if v.shape != (model_cfg.d_model,):
+        raise ConfigError(f"the steering vector has shape {v.shape}, the model needs "
+                          f"({model_cfg.d_model},)")
+    raw = float(np.linalg.norm(v))
+    if not math.isfinite(raw) or raw == 0:
+        raise ConfigError(f"the steering vector has norm {raw}: it has no direction to steer "
+                          "along (all zeros, or non-finite entries)")
+    if not math.isfinite(alpha):
+        raise ConfigError(f"alpha must be a finite number, got {alpha!r}")
+    ref = residual_norm(params, model_cfg, ids, layer)
+    return Steering((alpha * ref / raw) * v, layer, float(alpha), ref, raw)
+
+
 def steered_logits(params, model_cfg, tokens, v, layer: int, alpha: float, from_pos: int = 0):
+    """Logits [pos, vocab] with alpha * v added as given (no unit: `steering_vector` gives the v
+    of `cltrace steer`, which passes alpha = 1) after block `layer` from `from_pos` on."""
     if not 0 <= layer < model_cfg.n_layers:
         raise ConfigError(f"layer {layer} out of range 0..{model_cfg.n_layers - 1}")
     logits, _ = forward(params, model_cfg, jnp.asarray(tokens)[None],
@@ -276,6 +466,10 @@ def greedy_continue(logits_fn, prompt: list[int], max_new_tokens: int, eos: tupl
     """Continue `prompt` with `logits_fn(tokens) -> [pos, vocab]` recomputing the whole sequence
     each step (interventions change every position's computation, so no KV cache). Tokens are
     padded to a fixed length so one compilation serves every step."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ConfigError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens!r}")
     total = len(prompt) + max_new_tokens
     buf = np.zeros(total, np.int32)
     buf[:len(prompt)] = prompt
@@ -300,6 +494,8 @@ def logit_lens(params: LMParams, model_cfg: ModelConfig, tokens, k: int = 5):
     """Top-k tokens and probabilities decoded from the residual stream entering each block and
     after the last one, through the final norm (recomputed, not frozen) and the unembedding:
     (ids [layer+1, pos, k], probs [layer+1, pos, k])."""
+    if not 1 <= k <= model_cfg.vocab_size:
+        raise ConfigError(f"k must be in 1..{model_cfg.vocab_size} (the vocabulary), got {k!r}")
     _, cap = forward(params, model_cfg, jnp.asarray(tokens)[None],
                      capture=("resid_pre", "resid_final"))
     resid = jnp.concatenate([cap.resid_pre[:, 0], cap.resid_final], axis=0)  # [L+1, pos, d]
@@ -309,8 +505,8 @@ def logit_lens(params: LMParams, model_cfg: ModelConfig, tokens, k: int = 5):
 
 
 __all__ = [
-    "DirectionConfig", "FeatureEdit", "LensConfig", "SteerConfig", "SteerHook", "diff_of_means",
-    "feature_direction",
-    "free_logits", "frozen_effects", "frozen_logits", "greedy_continue", "logit_lens",
-    "mean_residual", "parse_edit", "steered_logits",
+    "STEER_UNIT", "DirectionConfig", "FeatureEdit", "LensConfig", "SteerConfig", "SteerHook",
+    "Steering", "diff_of_means", "edit_spec", "feature_direction", "free_logits",
+    "frozen_effects", "frozen_logits", "greedy_continue", "logit_lens", "mean_residual",
+    "parse_edit", "residual_norm", "steered_logits", "steering_vector",
 ]

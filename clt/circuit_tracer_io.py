@@ -64,6 +64,7 @@ import yaml
 
 from clt import transcoder as tcm
 from clt.configs import ConfigError, doc, from_dict, to_dict
+from clt.io import atomic_write, check_output_dir
 from clt.transcoder import TranscoderConfig, TranscoderParams, check_params
 
 INPUT_HOOKS = {"resid_mid": "hook_resid_mid", "mlp_in": "mlp.hook_in"}
@@ -89,44 +90,12 @@ def export_circuit_tracer(path: str | Path, cfg: TranscoderConfig, params: Trans
     if cfg.kind == "clt" and cfg.activation == "topk":
         raise ConfigError("circuit-tracer's CLT supports only relu and jumprelu; a topk CLT "
                           "cannot be exported (use jumprelu or batchtopk)")
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    path = check_output_dir(path, "export directory")
     stale = [p for p in path.iterdir() if _LAYOUT.match(p.name)]
     if stale and not overwrite:
         raise ConfigError(f"{path} already holds transcoder files ({stale[0].name}, ...); choose "
-                          "an empty directory or pass overwrite=True")
-    for p in stale:
-        p.unlink()
-    from safetensors.flax import save_file
-
-    def cast(x, keep32: bool = False):
-        return jnp.asarray(x, jnp.float32 if (dtype is None or keep32) else dtype)
-
-    jump = cfg.activation in ("jumprelu", "batchtopk")
-    th = params.threshold
-    for i in range(cfg.n_layers):
-        if cfg.kind == "plt":
-            t = {"W_enc": params.W_enc[i].T, "W_dec": params.W_dec[i][:, 0],
-                 "b_enc": params.b_enc[i], "b_dec": params.b_dec[i]}
-            if params.W_skip is not None:
-                t["W_skip"] = params.W_skip[i].T
-            if jump:
-                t[PLT_THRESHOLD] = th[i]
-            save_file({k: cast(v, k == PLT_THRESHOLD) for k, v in t.items()},
-                      str(path / f"layer_{i}.safetensors"))
-            continue
-        t = {f"W_enc_{i}": params.W_enc[i].T, f"b_enc_{i}": params.b_enc[i],
-             f"b_dec_{i}": params.b_dec[i]}
-        if params.W_skip is not None:
-            t[f"W_skip_{i}"] = params.W_skip[i]
-        if jump:
-            t[f"threshold_{i}"] = th[i]
-        save_file({k: cast(v, k.startswith("threshold")) for k, v in t.items()},
-                  str(path / f"W_enc_{i}.safetensors"))
-        w = params.W_dec[i]
-        pad = cfg.n_layers - i - w.shape[1]  # windowed CLT: zero decoders beyond the window
-        w = jnp.pad(w, ((0, 0), (0, pad), (0, 0))) if pad else w
-        save_file({f"W_dec_{i}": cast(w)}, str(path / f"W_dec_{i}.safetensors"))
+                          "an empty directory or pass --overwrite (overwrite=True)")
+    files = _export_files(cfg, params, dtype)
     meta: dict[str, Any] = {
         "model_name": model_name,
         "model_kind": "transcoder_set" if cfg.kind == "plt" else "cross_layer_transcoder",
@@ -135,8 +104,67 @@ def export_circuit_tracer(path: str | Path, cfg: TranscoderConfig, params: Trans
     if cfg.activation == "topk":
         meta.update(activation="topk", k=cfg.k)
     meta["cltrace_config"] = to_dict(cfg.replace(model_name=model_name))
-    (path / "config.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
+    _write_staged(path, files, yaml.safe_dump(meta, sort_keys=False), stale)
     return path
+
+
+def _export_files(cfg: TranscoderConfig, params: TranscoderParams, dtype) -> dict[str, dict]:
+    """{file name: {tensor name: array}} of the circuit-tracer layout (module docstring)."""
+
+    def cast(x, keep32: bool = False):
+        return jnp.asarray(x, jnp.float32 if (dtype is None or keep32) else dtype)
+
+    jump = cfg.activation in ("jumprelu", "batchtopk")
+    th = params.threshold
+    files: dict[str, dict] = {}
+    for i in range(cfg.n_layers):
+        if cfg.kind == "plt":
+            t = {"W_enc": params.W_enc[i].T, "W_dec": params.W_dec[i][:, 0],
+                 "b_enc": params.b_enc[i], "b_dec": params.b_dec[i]}
+            if params.W_skip is not None:
+                t["W_skip"] = params.W_skip[i].T
+            if jump:
+                t[PLT_THRESHOLD] = th[i]
+            files[f"layer_{i}.safetensors"] = {k: cast(v, k == PLT_THRESHOLD)
+                                               for k, v in t.items()}
+            continue
+        t = {f"W_enc_{i}": params.W_enc[i].T, f"b_enc_{i}": params.b_enc[i],
+             f"b_dec_{i}": params.b_dec[i]}
+        if params.W_skip is not None:
+            t[f"W_skip_{i}"] = params.W_skip[i]
+        if jump:
+            t[f"threshold_{i}"] = th[i]
+        files[f"W_enc_{i}.safetensors"] = {k: cast(v, k.startswith("threshold"))
+                                           for k, v in t.items()}
+        w = params.W_dec[i]
+        pad = cfg.n_layers - i - w.shape[1]  # windowed CLT: zero decoders beyond the window
+        w = jnp.pad(w, ((0, 0), (0, pad), (0, 0))) if pad else w
+        files[f"W_dec_{i}.safetensors"] = {f"W_dec_{i}": cast(w)}
+    return files
+
+
+def _write_staged(path: Path, files: dict[str, dict], config_yaml: str, stale: list[Path]) -> None:
+    """Write every file of an export into a hidden folder inside `path` first (each through
+    `clt.io.atomic_write`), then move them into place and remove stale layer files. A failed
+    write (a full disk) leaves `path` as it was: no half export, no old export half replaced."""
+    import os
+    import shutil
+
+    from safetensors.flax import save
+
+    staging = path / f".export-{os.getpid()}.tmp"
+    staging.mkdir(exist_ok=True)
+    try:
+        for name, tensors in files.items():
+            atomic_write(staging / name, save(tensors))
+        atomic_write(staging / "config.yaml", config_yaml)
+        for p in stale:
+            if p.name not in files:
+                p.unlink()
+        for name in [*files, "config.yaml"]:  # config.yaml last: it completes the export
+            os.replace(staging / name, path / name)  # a rename within one folder: atomic
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 # --- import ------------------------------------------------------------------------------------
@@ -219,6 +247,48 @@ class ExportConfig:
                                  default=None)
     dtype: Literal["float32", "float16", "bfloat16"] = doc("Stored dtype.", default="float32")
     overwrite: bool = doc("Replace existing files in --out.", default=False)
+
+    def __post_init__(self):
+        """Values, then the output directory (read, never created here), before the transcoder
+        loads: the same one-line refusals from the CLI, config files and the Python API."""
+        for name in ("transcoder", "out"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise ConfigError(f"ExportConfig.{name} must be a non-empty string, got "
+                                  f"{value!r}")
+        if self.model_name is not None and (not isinstance(self.model_name, str)
+                                            or not self.model_name.strip()):
+            raise ConfigError("ExportConfig.model_name must be a non-empty model id (or "
+                              f"omitted), got {self.model_name!r}")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ConfigError("ExportConfig.dtype must be one of ['float32', 'float16', "
+                              f"'bfloat16'], got {self.dtype!r}")
+        if not isinstance(self.overwrite, bool):
+            raise ConfigError(f"ExportConfig.overwrite must be true/false, got "
+                              f"{self.overwrite!r}")
+        _check_export_dir(Path(self.out).expanduser(), self.overwrite)
+
+
+def _check_export_dir(path: Path, overwrite: bool) -> None:
+    """`clt.io.check_output_dir`'s refusals without creating anything (the config only reads):
+    not a file, its nearest existing folder writable, no earlier export unless overwrite."""
+    import os
+
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"export directory {path} exists and is not a directory; choose "
+                          "another path")
+    if path.is_dir():
+        stale = sorted(p.name for p in path.iterdir() if _LAYOUT.match(p.name))
+        if stale and not overwrite:
+            raise ConfigError(f"{path} already holds transcoder files ({stale[0]}, ...); choose "
+                              "an empty directory or pass --overwrite (overwrite=True)")
+    up = path
+    while not up.exists():
+        up = up.parent
+    if not up.is_dir():
+        raise ConfigError(f"cannot create export directory {path}: {up} is a file")
+    if not os.access(up, os.W_OK | os.X_OK):
+        raise ConfigError(f"export directory {path}: {up} is not writable; choose another path")
 
 
 def open_transcoder(ref: str | Path | None, model_cfg=None, dtype: Any = jnp.float32
@@ -496,6 +566,13 @@ def _download(repo_id: str, subfolder: str | None, revision: str | None) -> Path
     return Path(local) / subfolder if subfolder else Path(local)
 
 
-__all__ = ["ExportConfig", "INPUT_HOOKS", "NORMALIZED_HOOK", "OUTPUT_HOOKS",
-           "export_circuit_tracer",
-           "load_circuit_tracer", "load_transcoder", "open_transcoder"]
+__all__ = [
+    "INPUT_HOOKS",
+    "NORMALIZED_HOOK",
+    "OUTPUT_HOOKS",
+    "ExportConfig",
+    "export_circuit_tracer",
+    "load_circuit_tracer",
+    "load_transcoder",
+    "open_transcoder",
+]

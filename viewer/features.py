@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import time
 import zipfile
 from dataclasses import dataclass
@@ -85,19 +86,41 @@ class FeaturesConfig:
     schema_version: int = doc("Version of this config's JSON layout.", default=1)
 
     def __post_init__(self):
-        for name in ("n_contexts", "context_length", "batch_size", "top_k", "n_samples",
-                     "window", "n_output_tokens"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"FeaturesConfig.{name} must be positive, got "
-                                  f"{getattr(self, name)}")
-        if self.explain_max < 0 or self.explain_tokens <= 0 or not self.explain_scale > 0:
-            raise ConfigError("FeaturesConfig: explain_max must be >= 0, explain_tokens > 0 and "
-                              "explain_scale > 0")
-        if self.explain_graph and not self.explain:
-            raise ConfigError("FeaturesConfig.explain_graph needs --explain")
-        if self.window > self.context_length:
-            raise ConfigError(f"FeaturesConfig.window ({self.window}) cannot exceed "
-                              f"context_length ({self.context_length})")
+        """Every field's range, before anything loads: the CLI, config files and the Python API
+        refuse the same values with the same one-line message."""
+        c = "FeaturesConfig"
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(f"{c}.{message}")
+
+        for name in ("transcoder", "data", "text_field", "explain_prompt",
+                     "explain_placeholder"):
+            value = getattr(self, name)
+            need(isinstance(value, str) and value.strip() != "",
+                 f"{name} must be a non-empty string, got {value!r}")
+        # context_length >= 2: the BOS plus at least one token of text (a context of the BOS
+        # alone holds no text, and packing text into it never ends).
+        lows = {"n_contexts": 1, "context_length": 2, "batch_size": 1, "top_k": 1,
+                "n_samples": 1, "window": 1, "n_output_tokens": 1, "explain_max": 0,
+                "explain_layer": 0, "explain_tokens": 1, "seed": 0}
+        for name, low in lows.items():
+            value = getattr(self, name)
+            need(value >= low, f"{name} must be >= {low}, got {value!r}")
+        need(self.seed < 2**32, f"seed must be in 0..{2**32 - 1}, got {self.seed}")
+        need(self.window <= self.context_length,
+             f"window must be in 1..context_length ({self.context_length}), got {self.window}")
+        tokens = self.batch_size * self.context_length  # tokens per scan step: the k candidates
+        for name in ("top_k", "n_samples"):
+            need(getattr(self, name) <= tokens,
+                 f"{name} must be in 1..batch_size x context_length ({tokens}), got "
+                 f"{getattr(self, name)}")
+        need(math.isfinite(self.explain_scale) and self.explain_scale > 0,
+             f"explain_scale must be a finite number > 0, got {self.explain_scale!r}")
+        need(not self.explain_graph or self.explain,
+             "explain_graph needs --explain")
+        need(self.schema_version == 1,
+             f"schema_version must be 1 (this version's layout), got {self.schema_version!r}")
 
 
 # --- the scan ------------------------------------------------------------------------------------

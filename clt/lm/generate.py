@@ -32,11 +32,18 @@ class GenerateConfig:
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
-            raise ConfigError("max_new_tokens must be at least 1")
-        if self.temperature < 0:
-            raise ConfigError("temperature must be >= 0")
+            raise ConfigError(f"GenerateConfig.max_new_tokens must be at least 1, got "
+                              f"{self.max_new_tokens}")
+        if not 0 <= self.temperature < float("inf"):  # NaN fails this too
+            raise ConfigError(f"GenerateConfig.temperature must be a finite number >= 0 (0: "
+                              f"greedy), got {self.temperature}")
         if self.top_k < 0:
-            raise ConfigError("top_k must be >= 0")
+            raise ConfigError(f"GenerateConfig.top_k must be >= 0 (0: all), got {self.top_k}")
+        if not 0 <= self.show_top <= 100:
+            raise ConfigError(f"GenerateConfig.show_top must be in [0, 100], got "
+                              f"{self.show_top}")
+        if not self.prompt.strip():
+            raise ConfigError("GenerateConfig.prompt is empty: give some text to continue")
 
 
 @dataclass
