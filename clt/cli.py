@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
-from clt.configs import add_arguments, from_arguments, to_dict
+from clt.configs import ConfigError, add_arguments, from_arguments, to_dict
 
 
 def register(sub) -> None:
@@ -46,6 +47,10 @@ def _generate(args) -> int:
     from clt.lm.loading import load_model
 
     gc = from_arguments(GenerateConfig, args)
+    if args.out:  # before the model loads
+        from clt.io import check_output_file
+
+        check_output_file(args.out, "--out")
     console = Console()
     with console.status(f"loading {gc.model}"):
         model = load_model(gc.model)
@@ -56,8 +61,9 @@ def _generate(args) -> int:
     console.print(f"[bold]{gc.prompt}[/bold]", end="")
     print(result.text)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({
+        from clt.io import atomic_write
+
+        atomic_write(args.out, json.dumps({
             "model": gc.model, "config": to_dict(gc),
             "prompt_ids": result.prompt_ids, "new_ids": result.new_ids,
             "completion": result.text, "first_top": result.first_top}, indent=2))
@@ -78,7 +84,8 @@ def register_training(sub) -> None:
     p.add_argument("--config", default=None, help="TOML or YAML file of TrainConfig fields.")
     add_arguments(p, TrainConfig)
     p.add_argument("--no-resume", dest="no_resume", action="store_true",
-                   help="Ignore existing checkpoints in --out and start over.")
+                   help="Start over: an earlier run in --out is first moved aside to "
+                   "<out>.replaced-<time> (named when it happens), never mixed with this one.")
     p.add_argument("--distributed", action="store_true",
                    help="Call jax.distributed.initialize() first (multi-host: run the same "
                    "command on every host; coordinator from the cluster environment or the "
@@ -124,25 +131,48 @@ def read_config_file(path: str) -> dict:
         raise ValueError(f"cannot parse {p}: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{p} must hold a table/mapping of TrainConfig fields")
-    return data.get("train", data)
+    data = data.get("train", data)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: [train] must be a table of TrainConfig fields")
+    return data
+
+
+def _check_distributed(args) -> None:
+    """The jax.distributed flags (not TrainConfig fields), before anything starts."""
+    n, i = args.num_processes, args.process_id
+    if n is not None and n < 1:
+        raise ConfigError(f"--num-processes must be at least 1, got {n}")
+    if i is not None and (i < 0 or (n is not None and i >= n)):
+        raise ConfigError(f"--process-id must be in [0, num_processes), got {i}")
+    if args.coordinator is not None:
+        host, _, port = args.coordinator.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"--coordinator must be host:port, got {args.coordinator!r}")
+    if not args.distributed and (n, i, args.coordinator) != (None, None, None):
+        raise ConfigError("--coordinator, --num-processes and --process-id need --distributed")
 
 
 def _train(args) -> int:
     import jax
 
     from clt.configs import flat_names, from_dict
-    from clt.train import TrainConfig, train
+    from clt.train import NonFiniteError, TrainConfig, train
 
+    _check_distributed(args)
+    data = read_config_file(args.config) if args.config else {}
+    names = flat_names(TrainConfig)  # fields, and the transcoder's given flat
+    data.update({k: v for k, v in vars(args).items() if k in names})
+    train_cfg = from_dict(TrainConfig, data)  # every field checked: nothing has started yet
     if args.distributed:
         kw = {k: v for k, v in (("coordinator_address", args.coordinator),
                                 ("num_processes", args.num_processes),
                                 ("process_id", args.process_id)) if v is not None}
         jax.distributed.initialize(**kw)
-    data = read_config_file(args.config) if args.config else {}
-    names = flat_names(TrainConfig)  # fields, and the transcoder's given flat
-    data.update({k: v for k, v in vars(args).items() if k in names})
-    train_cfg = from_dict(TrainConfig, data)
-    path = train(train_cfg, resume=not args.no_resume, progress=not args.no_progress)
+    try:
+        path = train(train_cfg, resume=not args.no_resume, progress=not args.no_progress)
+    except NonFiniteError as e:  # the last good state is saved; the message says where
+        print(f"cltrace train: error: {e}", file=sys.stderr)
+        return 1
     if jax.process_index() == 0:
         print(f"transcoder written to {path}  "
               f"(metrics: {Path(train_cfg.out) / 'metrics.jsonl'})")
@@ -154,31 +184,46 @@ def _eval(args) -> int:
     from rich.console import Console
 
     from clt.circuit_tracer_io import load_transcoder
-    from clt.data import open_contexts
-    from clt.evaluate import EvalConfig, evaluate
+    from clt.data import check_text_source, open_contexts
+    from clt.evaluate import EvalConfig, evaluate, training_overlap
+    from clt.io import atomic_write, check_output_file
     from clt.lm.loading import load_model
 
-    ec = from_arguments(EvalConfig, args)
+    ec = from_arguments(EvalConfig, args)  # every field checked
+    # Inputs and the output path before the model loads.
+    check_text_source(ec.data, ec.text_field, ec.encoding, ec.text_errors)
+    if ec.out and Path(ec.out).is_dir():
+        raise ConfigError(f"--out {ec.out} is a directory; give a file path")
     tc_cfg, tc_params = load_transcoder(ec.transcoder)
     model_name = ec.model or tc_cfg.model_name
     if not model_name:
         raise ValueError("the transcoder does not name its model; pass --model")
+    if ec.out:
+        check_output_file(ec.out, "--out")
     console = Console()
     with console.status(f"loading {model_name}"):
         model = load_model(model_name)
+    if ec.context_length > model.cfg.max_position:
+        raise ConfigError(f"EvalConfig.context_length {ec.context_length} exceeds the model's "
+                          f"context of {model.cfg.max_position} tokens")
+    if (warn := training_overlap(ec)) is not None:
+        print(f"cltrace: note: {warn}", file=sys.stderr)
     split = "train" if ec.split == "all" else ec.split
     holdout = 0.0 if ec.split == "all" else ec.holdout
     source = open_contexts(ec.data, model.tokenizer, ec.context_length, holdout=holdout,
-                           split=split)
+                           split=split, text_field=ec.text_field, encoding=ec.encoding,
+                           text_errors=ec.text_errors)
     n = min(ec.contexts, len(source)) if hasattr(source, "__len__") else ec.contexts
+    if n < ec.contexts:
+        print(f"cltrace: note: only {n} {ec.split} contexts of {ec.context_length} tokens in "
+              f"{ec.data}; evaluating those, not {ec.contexts}", file=sys.stderr)
     contexts = source.contexts[:n] if hasattr(source, "contexts") else source.take(0, n)
     result = evaluate(model, tc_cfg, tc_params, np.asarray(contexts), batch_size=ec.batch_size)
     console.print(result.table())
     if ec.out:
-        Path(ec.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(ec.out).write_text(json.dumps({"transcoder": ec.transcoder, "model": model_name,
-                                            "data": ec.data, "split": ec.split,
-                                            "config": to_dict(ec), **result.to_dict()}, indent=2))
+        atomic_write(ec.out, json.dumps({"transcoder": ec.transcoder, "model": model_name,
+                                         "data": ec.data, "split": ec.split,
+                                         "config": to_dict(ec), **result.to_dict()}, indent=2))
         print(f"wrote {ec.out}")
     return 0
 

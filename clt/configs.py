@@ -167,8 +167,10 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
 
 def save_config(cfg, path: str | Path, kind: str) -> None:
     """Write `cfg` as JSON with its kind and schema version, for artifacts to carry."""
+    from clt.io import atomic_write  # clt.io imports this module
+
     payload = {"kind": kind, "config": to_dict(cfg)}
-    Path(path).write_text(json.dumps(payload, indent=2))
+    atomic_write(path, json.dumps(payload, indent=2))
 
 
 def load_config(cls: type[T], path: str | Path, kind: str) -> T:

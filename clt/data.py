@@ -11,14 +11,25 @@ marks the BOS position and outlier-norm tokens invalid, shuffles the valid token
 derived from (seed, r), and serves them as batches. A data position is (round, batch in round):
 a resumed run regenerates its round (deterministic) and skips the batches already used, so it
 continues exactly where it stopped. Rounds can be cached to disk (`cache_dir`) and replayed.
+
+Nothing is read silently wrong: local files must be valid text in their encoding (UTF-8 unless
+told otherwise; `check_text_source` refuses a binary or mis-encoded file before any model is
+loaded, naming it). Cache files (tokenized contexts, activation rounds) are written atomically
+(`clt.io.atomic_write`); one that cannot be read back (a run killed by an older version) is
+discarded with a note and made again, and an activation cache made with other settings (its
+`cache.json`) is refused.
 """
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import json
 import os
+import re
+import sys
+import zipfile
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clt.configs import ConfigError
+from clt.io import atomic_write
 from clt.lm.loading import LoadedModel
 from clt.lm.model import activations
 
@@ -54,35 +66,100 @@ def _expand(source: str) -> list[Path]:
     return files
 
 
-def iter_documents(source: str, text_field: str = "text") -> Iterator[str]:
-    """Documents from local files/globs or a streamed Hugging Face dataset (`hf:...`)."""
+def _note(msg: str) -> None:
+    print(f"cltrace: note: {msg}", file=sys.stderr)
+
+
+def _not_text(path: Path, encoding: str, why: str) -> ConfigError:
+    return ConfigError(f"{path} is not {encoding} text ({why}); convert it, or set encoding "
+                       "(--encoding, e.g. latin-1) or text_errors = replace (--text-errors)")
+
+
+def _binary(path: Path, offset: int) -> ConfigError:
+    return ConfigError(f"{path} looks binary, not text (a NUL character at offset {offset}); "
+                       "give .txt / .jsonl text files (UTF-16 text: set encoding)")
+
+
+SNIFF_BYTES = 1 << 16
+
+
+def check_text_source(source: str, text_field: str = "text", encoding: str = "utf-8",
+                      errors: str = "strict") -> None:
+    """Refuse, before any model is loaded, a text source that cannot be trained on: no files,
+    only empty files, or a file whose first 64 KiB are not text in `encoding` (binary, or
+    Latin-1 read as UTF-8), or a .jsonl whose first row lacks `text_field`. (The rest of each
+    file is checked as it is read: `iter_documents`.) Streamed `hf:` sources are not checked."""
+    if source.startswith("hf:"):
+        return
+    files = _expand(source)
+    if not any(f.stat().st_size for f in files):
+        raise ConfigError(f"'{source}' holds no text: its files are empty")
+    for path in files:
+        try:
+            with path.open("rb") as f:
+                head = f.read(SNIFF_BYTES)
+        except OSError as e:
+            raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
+        try:
+            text = codecs.getincrementaldecoder(encoding)(errors).decode(head, final=False)
+        except UnicodeDecodeError as e:
+            raise _not_text(path, encoding, f"byte 0x{head[e.start]:02x} at offset {e.start}"
+                            ) from None
+        if "\x00" in text:
+            raise _binary(path, text.index("\x00"))
+        if path.suffix == ".jsonl":  # the rows the sniffed bytes hold whole
+            for n, row in enumerate(text.splitlines(keepends=True), 1):
+                if row.strip() and row.endswith("\n"):
+                    _json_text(row, path, n, text_field)
+
+
+def _json_text(line: str, path: Path, n: int, text_field: str):
+    try:
+        text = json.loads(line)[text_field]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ConfigError(f"{path}:{n}: not a JSON object with a '{text_field}' field; set "
+                          "text_field") from None
+    if text is not None and not isinstance(text, str):
+        raise ConfigError(f"{path}:{n}: '{text_field}' is not a string; set text_field")
+    return text
+
+
+def iter_documents(source: str, text_field: str = "text", encoding: str = "utf-8",
+                   errors: str = "strict") -> Iterator[str]:
+    """Documents from local files/globs or a streamed Hugging Face dataset (`hf:...`).
+
+    Local files are decoded with `encoding`; bytes not valid in it are refused (`errors`
+    "strict", naming the file and line) or replaced by U+FFFD ("replace"). A NUL character
+    (a binary file) is always refused."""
     if source.startswith("hf:"):
         yield from _hf_documents(source[3:], text_field)
         return
     for path in _expand(source):
-        if path.suffix == ".jsonl":
-            with path.open(encoding="utf-8") as f:
+        n = 0
+        try:
+            with path.open(encoding=encoding, errors=errors) as f:
+                if path.suffix == ".jsonl":
+                    for n, line in enumerate(f, 1):
+                        if not line.strip():
+                            continue
+                        text = _json_text(line, path, n, text_field)
+                        if text:
+                            yield text
+                    continue
+                doc: list[str] = []
                 for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        text = json.loads(line)[text_field]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise ConfigError(f"{path}:{n}: not a JSON object with a "
-                                          f"'{text_field}' field; set text_field") from None
-                    if text:
-                        yield text
-        else:
-            doc: list[str] = []
-            with path.open(encoding="utf-8", errors="replace") as f:
-                for line in f:
+                    if "\x00" in line:
+                        raise _binary(path, line.index("\x00"))
                     if line.strip():
                         doc.append(line)
                     elif doc:
                         yield "".join(doc).strip()
                         doc = []
-            if doc:
-                yield "".join(doc).strip()
+                if doc:
+                    yield "".join(doc).strip()
+        except UnicodeDecodeError as e:
+            raise _not_text(path, encoding, f"byte 0x{e.object[e.start]:02x} after line {n}"
+                            ) from None
 
 
 def _hf_documents(spec: str, text_field: str) -> Iterator[str]:
@@ -127,6 +204,9 @@ def pack_contexts(stream: Iterator[np.ndarray], context_length: int, bos: int | 
                   ) -> Iterator[np.ndarray]:
     """Fixed-length contexts [context_length] from a token stream, each starting with BOS."""
     body = context_length - (bos is not None)
+    if body < 1:  # no context could ever be full: the loop below would never end
+        raise ConfigError(f"context_length must be at least {2 if bos is not None else 1} "
+                          f"(BOS and one token), got {context_length}")
     buf = np.zeros(0, np.int32)
     for ids in stream:
         buf = np.concatenate([buf, ids])
@@ -141,26 +221,31 @@ class LocalContexts:
 
     def __init__(self, source: str, tokenizer, context_length: int, seed: int = 0,
                  text_field: str = "text", cache_dir: str | Path | None = None,
-                 holdout: float = 0.0, split: str = "train"):
+                 holdout: float = 0.0, split: str = "train", encoding: str = "utf-8",
+                 text_errors: str = "strict"):
         self.context_length, self.seed = context_length, seed
         bos = tokenizer.bos_token_id
         eos = tokenizer.eos_token_ids[0] if tokenizer.eos_token_ids else None
         files = _expand(source)
         key = hashlib.sha256(json.dumps(
             [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-            + [tokenizer.vocab_size, bos, eos, context_length, text_field]).encode()).hexdigest()
+            + [tokenizer.vocab_size, bos, eos, context_length, text_field, encoding,
+               text_errors]).encode()).hexdigest()
+        self.identity = {"texts": key[:16], "holdout": holdout, "split": split, "seed": seed}
         cache = Path(cache_dir or _default_cache()) / f"contexts-{key[:16]}.npy"
-        if cache.exists():
-            contexts = np.load(cache)
-        else:
-            ctx = list(pack_contexts(_token_stream(iter_documents(source, text_field), tokenizer,
-                                                   eos), context_length, bos))
+        contexts = _load_npy(cache, context_length)
+        if contexts is None:
+            docs = iter_documents(source, text_field, encoding, text_errors)
+            ctx = list(pack_contexts(_token_stream(docs, tokenizer, eos), context_length, bos))
             if not ctx:
                 raise ConfigError(f"'{source}' holds fewer than {context_length} tokens; give "
                                   "more text or a shorter context_length")
             contexts = np.stack(ctx)
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            np.save(cache, contexts)
+            try:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(cache, lambda f: np.save(f, contexts))
+            except (OSError, ConfigError) as e:  # a cache is an optimisation: go on without
+                _note(f"tokenized contexts not cached ({e})")
         n_hold = int(round(len(contexts) * holdout))
         # Held-out contexts are the last ones in file order (never seen in training).
         self.contexts = contexts[len(contexts) - n_hold:] if split == "heldout" \
@@ -190,6 +275,7 @@ class StreamingContexts:
     def __init__(self, source: str, tokenizer, context_length: int, text_field: str = "text"):
         self.source, self.tokenizer, self.text_field = source, tokenizer, text_field
         self.context_length = context_length
+        self.identity = {"source": source, "text_field": text_field}
         self._it, self._pos = None, 0
 
     def _restart(self):
@@ -215,20 +301,49 @@ class StreamingContexts:
         return np.stack(out)
 
 
+def _load_npy(path: Path, context_length: int) -> np.ndarray | None:
+    """A cached contexts array, or None when absent; an unreadable one (truncated by a kill) is
+    discarded with a note."""
+    if not path.exists():
+        return None
+    try:
+        a = np.load(path, allow_pickle=False)
+        if a.ndim == 2 and a.shape[1] == context_length and len(a):
+            return a
+        why = f"shape {a.shape}"
+    except (OSError, ValueError, EOFError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+    _note(f"discarded the unreadable cache file {path} ({why}); tokenizing again")
+    path.unlink(missing_ok=True)
+    return None
+
+
 def open_contexts(source: str, tokenizer, context_length: int, seed: int = 0,
                   text_field: str = "text", holdout: float = 0.0, split: str = "train",
-                  cache_dir: str | Path | None = None):
+                  cache_dir: str | Path | None = None, encoding: str = "utf-8",
+                  text_errors: str = "strict"):
     if tokenizer is None:
         raise ConfigError("this model has no tokenizer; give a model directory with "
                           "tokenizer.json or a GGUF file")
+    if isinstance(context_length, bool) or not isinstance(context_length, (int, np.integer)) \
+            or context_length < 2:
+        raise ConfigError(f"context_length must be an integer >= 2, got {context_length!r}")
+    if not 0 <= holdout < 1:
+        raise ConfigError(f"holdout must be in [0, 1), got {holdout!r}")
+    if split not in ("train", "heldout"):
+        raise ConfigError(f"split must be 'train' or 'heldout', got {split!r}")
+    if text_errors not in ("strict", "replace"):
+        raise ConfigError(f"text_errors must be 'strict' or 'replace', got {text_errors!r}")
     if source.startswith("hf:"):
         return StreamingContexts(source, tokenizer, context_length, text_field)
     return LocalContexts(source, tokenizer, context_length, seed, text_field, cache_dir, holdout,
-                         split)
+                         split, encoding, text_errors)
 
 
 def _default_cache() -> Path:
-    return Path(os.environ.get("CLTRACE_CACHE", Path.home() / ".cache" / "cltrace")) / "data"
+    from clt.io import cache_root
+
+    return cache_root() / "data"
 
 
 # --- activations ---------------------------------------------------------------------------------
@@ -288,6 +403,12 @@ class ActivationStream:
         self.seed, self.drop_bos, self.outlier_factor = seed, drop_bos, outlier_factor
         self.dtype = dtype
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        for name in ("batch_tokens", "round_contexts", "model_batch"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
+        if not outlier_factor >= 1:  # NaN too
+            raise ConfigError(f"outlier_factor must be >= 1 (or inf), got {outlier_factor!r}")
         T = contexts.context_length
         if T > model.cfg.max_position:
             raise ConfigError(f"context_length {T} exceeds the model's context "
@@ -296,12 +417,73 @@ class ActivationStream:
             raise ConfigError(f"a round of {round_contexts} contexts x {T} tokens is smaller than "
                               f"one batch of {batch_tokens}; raise round_contexts")
         self.tokens_generated = 0
+        if self.cache_dir is not None:
+            self._open_cache()
+
+    # --- the activation cache: round_NNNNNN.npz files and cache.json (the settings) ---------
+    def _cache_settings(self) -> dict:
+        cfg = self.model.cfg
+        return {"model": cfg.name, "source": str(self.model.source), "d_model": cfg.d_model, "vocab_size": cfg.vocab_size,
+                "n_layers": self.n_layers, "input_point": self.input_point,
+                "dtype": str(jnp.dtype(self.dtype)),
+                "context_length": self.contexts.context_length,
+                "round_contexts": self.round_contexts,
+                **getattr(self.contexts, "identity", {})}
+
+    def _open_cache(self) -> None:
+        """Check the cache directory's settings (refuse another run's activations), write them
+        if new, and remove the temporary files of writers that were killed."""
+        d = self.cache_dir
+        if d.exists() and not d.is_dir():
+            raise ConfigError(f"cache_activations {d} exists and is not a directory")
+        d.mkdir(parents=True, exist_ok=True)
+        for tmp in d.glob(".round_*.npz.*.tmp"):
+            pid = re.fullmatch(r"\.round_\d+\.npz\.(\d+)\.tmp", tmp.name)
+            if pid is None or not process_alive(int(pid.group(1))):
+                _note(f"removed {tmp}, a cache file left unfinished by a killed run")
+                tmp.unlink(missing_ok=True)
+        want = json.loads(json.dumps(self._cache_settings()))
+        manifest = d / "cache.json"
+        if manifest.exists():
+            try:
+                have = json.loads(manifest.read_text())
+            except (OSError, ValueError):
+                have = None
+            if isinstance(have, dict) and have != want:
+                diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+                raise ConfigError(f"cache_activations {d} holds activations made with other "
+                                  f"settings ({', '.join(diff)} differ); choose another "
+                                  "directory, or delete it")
+            if have == want:
+                return
+        if any(d.glob("round_*.npz")):
+            _note(f"{d} has no readable cache.json (an older cltrace wrote it): assuming its "
+                  "rounds were made with these settings")
+        atomic_write(manifest, json.dumps(want, indent=1))
+
+    def _cached_round(self, r: int):
+        """Round r's arrays from the cache, or None (absent, or unreadable: then discarded)."""
+        path = self.cache_dir / f"round_{r:06d}.npz"
+        if not path.exists():
+            return None
+        T = self.contexts.context_length
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                x, y = np.asarray(z["x"]), np.asarray(z["y"])
+            if x.shape != y.shape or x.shape[:2] != (self.round_contexts * T, self.n_layers):
+                raise ValueError(f"shape {x.shape}")
+            return jnp.asarray(x), jnp.asarray(y)
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            _note(f"discarded the unreadable activation cache file {path} ({why}); "
+                  f"generating round {r} again")
+            path.unlink(missing_ok=True)
+            return None
 
     def _round_arrays(self, r: int):
         T = self.contexts.context_length
-        if self.cache_dir is not None and (self.cache_dir / f"round_{r:06d}.npz").exists():
-            with np.load(self.cache_dir / f"round_{r:06d}.npz") as z:
-                return jnp.asarray(z["x"]), jnp.asarray(z["y"])
+        if self.cache_dir is not None and (got := self._cached_round(r)) is not None:
+            return got
         ctx = self.contexts.take(r * self.round_contexts, self.round_contexts)
         xs, ys = [], []
         for i in range(0, len(ctx), self.model_batch):
@@ -312,10 +494,10 @@ class ActivationStream:
             ys.append(y.astype(self.dtype))
         x, y = jnp.concatenate(xs), jnp.concatenate(ys)
         self.tokens_generated += ctx.size
-        if self.cache_dir is not None:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            np.savez(self.cache_dir / f"round_{r:06d}.npz", x=np.asarray(x), y=np.asarray(y),
-                     context_length=T)
+        if self.cache_dir is not None:  # atomic: a kill leaves the old file or none, never half
+            xh, yh = np.asarray(x), np.asarray(y)
+            atomic_write(self.cache_dir / f"round_{r:06d}.npz",
+                         lambda f: np.savez(f, x=xh, y=yh, context_length=T))
         return x, y
 
     def round(self, r: int):
@@ -364,6 +546,17 @@ class ActivationStream:
                 pool.shutdown(wait=True, cancel_futures=True)
 
 
+def process_alive(pid: int) -> bool:
+    """Whether a process `pid` runs on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def estimate_norms(stream: ActivationStream, rounds: int = 1):
     """Per-layer mean and scale (RMS distance to the mean, per dimension) of inputs and outputs,
     from the valid tokens of the first rounds, as `clt.transcoder.Norms`."""
@@ -387,6 +580,6 @@ def estimate_norms(stream: ActivationStream, rounds: int = 1):
 
 
 __all__ = [
-    "ActivationStream", "DataPosition", "LocalContexts", "StreamingContexts", "estimate_norms",
-    "iter_documents", "open_contexts", "pack_contexts",
+    "ActivationStream", "DataPosition", "LocalContexts", "StreamingContexts",
+    "check_text_source", "estimate_norms", "iter_documents", "open_contexts", "pack_contexts",
 ]

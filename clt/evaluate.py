@@ -21,8 +21,10 @@ merged with Chan et al.'s pairwise formula in float64), so results do not depend
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Literal
 
 import jax
@@ -34,6 +36,7 @@ from clt.configs import ConfigError, doc
 from clt.lm.loading import LoadedModel
 from clt.lm.model import forward as lm_forward
 from clt.splice import SplicedTranscoder
+from clt.train_config import check_encoding, check_range, check_text, check_types
 from clt.transcoder import (
     TranscoderConfig,
     TranscoderParams,
@@ -52,6 +55,12 @@ class EvalConfig:
     model: str | None = doc("Model (default: the one named in the transcoder's config).",
                             default=None)
     data: str = doc("Text files/globs or hf:DATASET.", default="data/corpus")
+    text_field: str = doc("Field holding the text in .jsonl / dataset rows.", default="text")
+    encoding: str = doc("Encoding of the local text files (a file that is not valid text in it "
+                        "is refused, naming the file).", default="utf-8")
+    text_errors: Literal["strict", "replace"] = doc(
+        "Bytes not valid in `encoding`: strict (refuse the file) or replace (read them as "
+        "U+FFFD).", default="strict")
     split: Literal["heldout", "train", "all"] = doc(
         "Which contexts of local text: the held-out fraction (as in training), the rest, or "
         "all.", default="heldout")
@@ -62,14 +71,34 @@ class EvalConfig:
     out: str | None = doc("Write the metrics as JSON here.", default=None)
 
     def __post_init__(self):
-        for name in ("contexts", "context_length", "batch_size"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"EvalConfig.{name} must be positive, got "
-                                  f"{getattr(self, name)}")
-        if not 0.0 <= self.holdout < 1.0:
-            raise ConfigError(f"EvalConfig.holdout must be in [0, 1), got {self.holdout}")
+        check_types(self)
+        check_text(self, "transcoder", "data", "text_field")
+        check_text(self, "model", "out", optional=True)
+        check_encoding(self)
+        for name in ("contexts", "batch_size"):
+            check_range(self, name, 1, integer=True)
+        check_range(self, "context_length", 2, integer=True)  # BOS and one token to predict
+        check_range(self, "holdout", 0, 1, hi_open=True)
         if self.split == "heldout" and self.holdout <= 0:
-            raise ConfigError("--split heldout needs --holdout > 0")
+            raise ConfigError("EvalConfig.split heldout needs holdout > 0 (--holdout)")
+
+
+def training_overlap(ec: EvalConfig) -> str | None:
+    """A warning when the held-out contexts asked for are not the ones the transcoder's training
+    held out (its info.json records its TrainConfig): other data, holdout or context length."""
+    info = Path(ec.transcoder) / "info.json"
+    if ec.split != "heldout" or not info.is_file():
+        return None
+    try:
+        tc = json.loads(info.read_text()).get("train_config") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    diff = [f"{k}={tc[k]!r}" for k in ("data", "holdout", "context_length", "text_field")
+            if k in tc and tc[k] != getattr(ec, k)]
+    if not diff:
+        return None
+    return (f"the transcoder was trained with {', '.join(diff)}: these held-out contexts may "
+            "include its training data")
 
 
 # --- per-batch sums (jit) ---------------------------------------------------------------------

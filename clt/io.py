@@ -25,9 +25,9 @@ from clt.configs import ConfigError
 
 def cache_root() -> Path:
     """The folder of cltrace's caches (compiled programs, converted models):
-    `$CLTRACE_CACHE_DIR`, else `$XDG_CACHE_HOME/cltrace`, else `~/.cache/cltrace`."""
-    if os.environ.get("CLTRACE_CACHE_DIR"):
-        return Path(os.environ["CLTRACE_CACHE_DIR"]).expanduser()
+    `$CLTRACE_CACHE`, else `$XDG_CACHE_HOME/cltrace`, else `~/.cache/cltrace`."""
+    if os.environ.get("CLTRACE_CACHE"):
+        return Path(os.environ["CLTRACE_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "cltrace"
 

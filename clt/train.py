@@ -10,14 +10,25 @@ averaged over tokens, with ||W_dec,l,i|| the norm of feature i's decoders over i
 Adam with warm-up, decay and gradient clipping. Parameters and optimizer state are sharded over
 the mesh axis 'feature', batches over 'data' (`clt.sharding`); checkpoints are orbax, resumable to
 the identical next step and restorable onto another mesh.
+
+Nothing is silently wrong or lost: settings and inputs are checked before the model loads
+(`TrainConfig.__post_init__`, `preflight`); the run directory is locked (`clt.train_run.RunLock`);
+`resume=False` moves an earlier run aside instead of mixing with it; a step whose loss, gradients
+or updated parameters are NaN/inf is refused, so only finite states are saved; a checkpoint is
+reported saved only once it is on disk; metrics, configs and the export are written atomically,
+and a full disk is one line naming what was not written.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import shutil
 import time
+import weakref
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -29,11 +40,20 @@ import optax
 
 from clt import sharding as shd
 from clt import sparse as sp
-from clt.configs import ConfigError, save_config, to_dict
+from clt.configs import ConfigError, to_dict
 from clt.data import DataPosition
+from clt.io import atomic_write, check_output_dir
 from clt.lm.params import Leaf
 from clt.train_config import TrainConfig, check_resume
-from clt.train_run import Interrupts, TrainBar, tensorboard_writer
+from clt.train_run import (
+    Interrupts,
+    MetricsLog,
+    RunLock,
+    TrainBar,
+    move_aside,
+    note,
+    tensorboard_writer,
+)
 from clt.transcoder import (
     Norms,
     TranscoderConfig,
@@ -170,11 +190,20 @@ def _train_step(state: TrainState, x, y, tc_cfg: TranscoderConfig, train_cfg: Tr
     if tc_cfg.activation == "batchtopk":
         params = _follow_batch_cut(params, metrics["batch_cut"], state.step)
     new = TrainState(params=params, opt_state=opt_state, norms=state.norms, step=state.step + 1)
-    # A non-finite loss leaves the state untouched, so the caller can stop on a good state.
-    ok = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+    # A non-finite loss or gradient, or an update that makes a parameter NaN/inf (a huge or NaN
+    # learning rate), leaves the state untouched: only finite states are kept, and saved.
+    finite_params = _all_finite(params)
+    ok = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads)) & finite_params
     new = jax.tree.map(lambda n, o: jnp.where(ok & ~metrics["overflow"], n, o), new, state)
     metrics["finite"] = ok
+    metrics["finite_params"] = finite_params
     return new, metrics
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.isfinite(a).all() for a in jax.tree.leaves(tree)
+              if jnp.issubdtype(a.dtype, jnp.floating)]
+    return jnp.stack(leaves).all() if leaves else jnp.bool_(True)
 
 
 def _follow_batch_cut(params: TranscoderParams, cut, step) -> TranscoderParams:
@@ -259,7 +288,11 @@ def place_state(state: TrainState, tc_cfg, train_cfg, mesh) -> TrainState:
 
 def export_params(tc_cfg: TranscoderConfig, state: TrainState) -> TranscoderParams:
     """Parameters acting on raw model activations (normalisation folded in)."""
-    return jax.device_get(fold_norms(tc_cfg, state.params, state.norms))
+    params = jax.device_get(fold_norms(tc_cfg, state.params, state.norms))
+    if not bool(_all_finite(params)):
+        raise NonFiniteError(f"the state at step {int(jax.device_get(state.step))} folds into "
+                             "NaN/inf parameters; not exported")
+    return params
 
 
 class Steps:
@@ -367,22 +400,114 @@ class NonFiniteError(RuntimeError):
 def _manager(out: Path, keep: int, asynchronous: bool = True):
     import orbax.checkpoint as ocp
 
+    if keep < 1:  # orbax deletes every checkpoint with max_to_keep=0
+        raise ConfigError(f"keep_checkpoints must be at least 1, got {keep}")
     return ocp.CheckpointManager(
         (out / "checkpoints").absolute(),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                              enable_async_checkpointing=asynchronous))
 
 
+# A failed save (a full disk) can raise any of these from orbax or tensorstore.
+_SAVE_ERRORS = (OSError, ValueError, RuntimeError)
+
+
+def saved_steps(directory) -> list[int]:
+    """Steps of the complete checkpoints in `directory` (orbax writes a step into a temporary
+    directory and renames it when it is whole)."""
+    d = Path(directory)
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
+def remove_partial_checkpoints(directory) -> list[Path]:
+    """Delete the temporary directories of saves that did not complete (a kill, a full disk).
+    Only the process holding the run's lock may call this."""
+    d = Path(directory)
+    partial = [p for p in d.glob("*.orbax-checkpoint-tmp*")] if d.is_dir() else []
+    for p in partial:
+        shutil.rmtree(p, ignore_errors=True)
+    return partial
+
+
+def _discard_partial_saves(directory, settle: float = 0.5, limit: float = 60.0) -> None:
+    """Remove what a failed save left, once its writers (orbax keeps writing an item's arrays
+    after another item failed) have stopped changing it."""
+    def files():
+        return {(str(f), f.stat().st_size) for p in Path(directory).glob("*.orbax-checkpoint-tmp*")
+                for f in p.rglob("*") if f.is_file()}
+
+    last, deadline = None, time.monotonic() + limit
+    while (now := files()) and now != last and time.monotonic() < deadline:
+        last = now
+        time.sleep(settle)
+    remove_partial_checkpoints(directory)
+
+
+def _save_failed(mngr, step: int | None, e: BaseException) -> ConfigError:
+    _discard_partial_saves(mngr.directory)
+    last = saved_steps(mngr.directory)
+    why = str(e).splitlines()[0] if str(e) else type(e).__name__
+    where = f"checkpoint {step}" if step is not None else "a checkpoint"
+    return ConfigError(f"cannot save {where} in {mngr.directory}: {why}; "
+                       + (f"the last saved checkpoint is {last[-1]}" if last else
+                          "no checkpoint is saved")
+                       + " (free some space and run the same command to resume)")
+
+
 def save_checkpoint(mngr, state: TrainState, pos: DataPosition, extra: dict | None = None):
+    """Start saving `state` (finite: a NaN/inf state is never saved); `wait_saved` tells
+    whether it reached the disk. A failed save is a one-line ConfigError."""
     import orbax.checkpoint as ocp
 
     step = int(jax.device_get(state.step))
+    if not bool(_all_finite(state.params)):
+        raise NonFiniteError(f"the state at step {step} holds NaN/inf parameters; not saved "
+                             f"(the last saved checkpoint is {mngr.latest_step()})")
+    wait_saved(mngr)  # an earlier background save that failed is reported as such
     if mngr.latest_step() == step:
         return step
     meta = {"data_position": pos.to_dict(), "step": step, **(extra or {})}
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                            meta=ocp.args.JsonSave(meta)), force=True)
+    try:
+        mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                meta=ocp.args.JsonSave(meta)), force=True)
+    except _SAVE_ERRORS as e:
+        raise _save_failed(mngr, step, e) from None
+    _STARTED[mngr] = step
     return step
+
+
+# The step whose save each manager started last: checked on disk once it should be there (orbax
+# may only log a failed background save).
+_STARTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def wait_saved(mngr, step: int | None = None) -> bool:
+    """Wait for the saves under way (a failed one is a ConfigError, also when orbax only logged
+    it); whether checkpoint `step` (if given) is now on disk."""
+    try:
+        mngr.wait_until_finished()
+    except _SAVE_ERRORS as e:
+        _STARTED.pop(mngr, None)
+        raise _save_failed(mngr, step, e) from None
+    started = _STARTED.pop(mngr, None)
+    if started is not None and started not in saved_steps(mngr.directory):
+        raise _save_failed(mngr, started, RuntimeError("it did not reach the disk"))
+    return step is None or step in saved_steps(mngr.directory)
+
+
+@contextmanager
+def _orbax_errors_in_one_line():
+    """orbax logs a failed background save with its traceback before raising it where we wait;
+    we report it as one line (`_save_failed`), so its traceback is dropped."""
+    def drop(record: logging.LogRecord) -> bool:
+        return not (record.exc_info and "orbax" in record.pathname)
+
+    logger = logging.getLogger("absl")
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def restore_checkpoint(mngr, tc_cfg: TranscoderConfig, train_cfg: TrainConfig, mesh,
@@ -435,35 +560,74 @@ def _summary(m: dict, step: int, rate: float) -> dict:
             "l0_per_layer": [round(float(v), 2) for v in m["l0"]], "tokens_per_s": rate}
 
 
+def preflight(train_cfg: TrainConfig) -> None:
+    """Checks of the files a run reads and writes, before any model is loaded: the text (present,
+    not empty, text in its encoding), init_from, and output paths that exist as files."""
+    from clt.data import check_text_source
+
+    check_text_source(train_cfg.data, train_cfg.text_field, train_cfg.encoding,
+                      train_cfg.text_errors)
+    if train_cfg.init_from is not None and not (Path(train_cfg.init_from) / "config.json"
+                                                ).is_file():
+        raise ConfigError(f"init_from {train_cfg.init_from} is not a cltrace transcoder: "
+                          "config.json is missing")
+    for what, path in (("out", train_cfg.out), ("cache_activations", train_cfg.cache_activations)):
+        if path is not None and Path(path).exists() and not Path(path).is_dir():
+            raise ConfigError(f"{what} {path} exists and is not a directory; choose another path")
+
+
 def train(train_cfg: TrainConfig, *, resume: bool = True, progress: bool = True,
           on_step: Callable[[int], None] | None = None, mesh=None, model=None) -> Path:
     """Train a transcoder as `train_cfg` says; returns the exported transcoder's directory.
 
-    Resumes from the run directory's latest checkpoint when there is one (and `resume`).
-    Ctrl-C or SIGTERM saves a checkpoint before stopping (at the end of the step under way: steps
-    reuse the state's memory); a NaN/inf stops with NonFiniteError after saving the last good
-    state. `on_step(step)` is called after every step (tests, custom hooks).
+    Resumes from the run directory's latest checkpoint when there is one (and `resume`); with
+    `resume=False` an earlier run in it is moved aside first (to `<out>.replaced-<time>`, named
+    in a note). The run directory is locked while training: a second process refuses, naming
+    the first. Ctrl-C or SIGTERM saves a checkpoint before stopping (at the end of the step
+    under way: steps reuse the state's memory); a NaN/inf stops with NonFiniteError after
+    saving the last good (finite) state. `on_step(step)` is called after every step.
     """
+    preflight(train_cfg)
+    out = Path(train_cfg.out)
+    lock = None
+    if jax.process_index() == 0:
+        lock = RunLock(out)  # before the directory is made: whether this run made it
+        check_output_dir(out, "run directory (out)")
+        lock.acquire()
+    try:
+        if not resume and lock is not None:
+            aside = move_aside(out)
+            if aside is not None:
+                note(f"not resuming: the previous run in {out} was moved to {aside}")
+        with _orbax_errors_in_one_line():
+            return _train(train_cfg, out, resume, progress, on_step, mesh, model)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(train_cfg: TrainConfig, out: Path, resume: bool, progress: bool, on_step, mesh,
+           model) -> Path:
     from clt.data import ActivationStream, estimate_norms, open_contexts
     from clt.lm.loading import load_model
     from clt.transcoder import check_model, save
 
     model = model or load_model(train_cfg.model)
+    if train_cfg.context_length > model.cfg.max_position:
+        raise ConfigError(f"TrainConfig.context_length {train_cfg.context_length} exceeds the "
+                          f"model's context of {model.cfg.max_position} tokens")
     tc_cfg = train_cfg.transcoder_config(model.cfg)
     check_model(tc_cfg, model.cfg)
     mesh = mesh or shd.make_mesh(train_cfg.mesh_data, train_cfg.mesh_feature)
     shd.check_divisible(tc_cfg, mesh, train_cfg.batch_tokens)
-    out = Path(train_cfg.out)
     if resume:
         check_resume(out, train_cfg, model.cfg)
     _check_init_from(tc_cfg, train_cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        save_config(train_cfg, out / "config.json", "train")
-        (out / "transcoder_config.json").write_text(tc_cfg.to_json())
+    main = jax.process_index() == 0
     contexts = open_contexts(train_cfg.data, model.tokenizer, train_cfg.context_length,
                              seed=train_cfg.seed, text_field=train_cfg.text_field,
-                             holdout=train_cfg.holdout)
+                             holdout=train_cfg.holdout, encoding=train_cfg.encoding,
+                             text_errors=train_cfg.text_errors)
     stream = ActivationStream(
         model, contexts, input_point=train_cfg.transcoder.input_point,
         batch_tokens=train_cfg.batch_tokens,
@@ -471,6 +635,11 @@ def train(train_cfg: TrainConfig, *, resume: bool = True, progress: bool = True,
         seed=train_cfg.seed,
         outlier_factor=train_cfg.outlier_factor, dtype=jnp.dtype(train_cfg.activation_dtype),
         cache_dir=train_cfg.cache_activations, n_layers=tc_cfg.n_layers)
+    if main:
+        atomic_write(out / "config.json", json.dumps({"kind": "train",
+                                                      "config": to_dict(train_cfg)}, indent=2))
+        atomic_write(out / "transcoder_config.json", tc_cfg.to_json())
+        remove_partial_checkpoints(out / "checkpoints")
     mngr = _manager(out, train_cfg.keep_checkpoints, train_cfg.async_checkpoints)
     if resume and mngr.latest_step() is not None:
         state, pos, _ = restore_checkpoint(mngr, tc_cfg, train_cfg, mesh)
@@ -483,11 +652,18 @@ def train(train_cfg: TrainConfig, *, resume: bool = True, progress: bool = True,
     step_fn = Steps(tc_cfg, train_cfg, mesh, donate=True)
     bsh = shd.batch_sharding(mesh)
     step = int(jax.device_get(state.step))
-    metrics_file = (out / "metrics.jsonl").open("a") if jax.process_index() == 0 else None
-    tb = tensorboard_writer(out) if jax.process_index() == 0 else None
+    metrics = MetricsLog(out / "metrics.jsonl", step) if main else None
+    tb = tensorboard_writer(out) if main else None
     meter, last = _Meter(time.perf_counter()), None
     bar = TrainBar(progress, train_cfg.steps, step)
     signals = Interrupts()
+
+    def resume_hint() -> str:
+        _finish_saves(mngr)
+        saved = saved_steps(mngr.directory)
+        return (f"; run the same command to resume from checkpoint {saved[-1]}" if saved else
+                "; no checkpoint is saved yet")
+
     try:
         batches = stream.batches(pos, reuse=train_cfg.data_reuse,
                                  prefetch=_prefetch(train_cfg, mesh))
@@ -496,12 +672,7 @@ def train(train_cfg: TrainConfig, *, resume: bool = True, progress: bool = True,
             with signals.step():  # the step takes `state`'s memory: no interrupt until it is back
                 state, m = step_fn(state, _to_global(x, bsh), _to_global(y, bsh))
                 if not bool(m["finite"]):  # the step left the state untouched
-                    save_checkpoint(mngr, state, pos)
-                    mngr.wait_until_finished()
-                    where = "the batch holds NaN/inf" if not bool(m["finite_batch"]) else \
-                        "the loss or gradients overflowed (lower lr or sparsity_coef)"
-                    raise NonFiniteError(f"non-finite loss at step {step + 1}: {where}; the last "
-                                         f"good state is saved as checkpoint {step} in {out}")
+                    raise _non_finite(m, step, mngr, state, pos, out)
                 pos, step = nxt, step + 1
             meter.tokens += train_cfg.batch_tokens
             last = m
@@ -509,9 +680,8 @@ def train(train_cfg: TrainConfig, *, resume: bool = True, progress: bool = True,
                 row = _summary(m, step, meter.rate())
                 row.update(sparse_capacity=m["sparse"], dense_reruns=step_fn.dense_reruns)
                 meter = _Meter(time.perf_counter())  # tokens/s over the last interval
-                if metrics_file:
-                    metrics_file.write(json.dumps(row) + "\n")
-                    metrics_file.flush()
+                if metrics is not None:
+                    metrics.write(row, resume_hint)
                 if tb is not None:
                     for k in ("loss", "mse", "nmse", "l0", "lambda", "tokens_per_s"):
                         tb.add_scalar(k, row[k], step)
@@ -523,29 +693,66 @@ def train(train_cfg: TrainConfig, *, resume: bool = True, progress: bool = True,
     except KeyboardInterrupt:
         bar.close()
         if any(a.is_deleted() for a in jax.tree.leaves(state)):  # a second signal mid-step
-            saved = mngr.latest_step()
+            saved = saved_steps(mngr.directory)
             print(f"interrupted inside step {step + 1}: nothing saved; run the same command to "
-                  f"resume from checkpoint {saved}" if saved is not None else
+                  f"resume from checkpoint {saved[-1]}" if saved else
                   f"interrupted inside step {step + 1}: no checkpoint saved")
             raise
-        save_checkpoint(mngr, state, pos)
-        mngr.wait_until_finished()
-        print(f"interrupted: checkpoint {step} saved in {out}; run the same command to resume")
+        why = ""
+        try:
+            save_checkpoint(mngr, state, pos)
+            saved = wait_saved(mngr, step)
+        except ConfigError as e:  # a full disk: said, and the interrupt goes on
+            saved, why = False, f" ({e})"
+        if saved:
+            print(f"interrupted: checkpoint {step} saved in {out}; run the same command to "
+                  "resume")
+        else:
+            print(f"interrupted: checkpoint {step} was not saved{why}{resume_hint()}")
+        raise
+    except BaseException:
+        _finish_saves(mngr)  # whatever stopped the run, the checkpoints it started complete
         raise
     finally:
         signals.restore()
-        if metrics_file:
-            metrics_file.close()
-    bar.close()
+        bar.close()
+        if metrics is not None:
+            metrics.close()
     save_checkpoint(mngr, state, pos)
-    mngr.wait_until_finished()
+    if not wait_saved(mngr, step):
+        raise _save_failed(mngr, step, RuntimeError("it did not reach the disk"))
     final = _summary(last, step, meter.rate()) if last is not None else {}
     path = out / "transcoder"
-    if jax.process_index() == 0:
+    if main:
         save(path, tc_cfg, export_params(tc_cfg, state),
              dtype=None if train_cfg.export_dtype == "float32" else train_cfg.export_dtype,
              extra={"train_config": to_dict(train_cfg), "final_metrics": final})
     return path
+
+
+def _finish_saves(mngr) -> None:
+    """Wait for the saves under way, on the way out of a run that is already failing (its own
+    error is the one reported)."""
+    try:
+        mngr.wait_until_finished()
+    except _SAVE_ERRORS:
+        pass
+
+
+def _non_finite(m: dict, step: int, mngr, state: TrainState, pos: DataPosition, out: Path
+                ) -> NonFiniteError:
+    """The error of a refused step, after saving the (untouched, finite) state before it."""
+    save_checkpoint(mngr, state, pos)
+    saved = wait_saved(mngr, step)
+    if not bool(m["finite_batch"]):
+        where = "the batch holds NaN/inf"
+    elif not bool(m["finite_params"]) and bool(jnp.isfinite(m["loss"])):
+        where = "the update made parameters NaN/inf (lower lr)"
+    else:
+        where = "the loss or gradients overflowed (lower lr or sparsity_coef)"
+    kept = (f"the last good state is saved as checkpoint {step} in {out}" if saved else
+            f"the last good state (step {step}) could not be saved")
+    return NonFiniteError(f"training stopped at step {step + 1}: {where}; {kept}")
 
 
 def _distinct_leaves(state: TrainState) -> TrainState:
@@ -566,6 +773,7 @@ def _distinct_leaves(state: TrainState) -> TrainState:
 
 __all__ = [
     "NonFiniteError", "Steps", "TrainConfig", "TrainState", "compile_step", "export_params",
-    "init_state", "kernels_for", "loss_fn", "make_optimizer", "place_state", "restore_checkpoint",
-    "save_checkpoint", "sparsity_lambda", "state_shardings", "train",
+    "init_state", "kernels_for", "loss_fn", "make_optimizer", "place_state", "preflight",
+    "remove_partial_checkpoints", "restore_checkpoint", "save_checkpoint", "saved_steps",
+    "sparsity_lambda", "state_shardings", "train", "wait_saved",
 ]

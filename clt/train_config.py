@@ -3,16 +3,121 @@ and the check that a run directory may be resumed with a given config.
 
 The transcoder to train is a nested `TranscoderConfig` (width and depth left 0: the model's);
 its fields are given flat on the command line and in config files (`clt.configs`, `flatten`).
+
+Every field is checked in `__post_init__` (type, range, finiteness, choices: `check_types`,
+`check_range`), so the command line, config files and the Python API refuse the same values with
+the same one-line message naming the field and what it may be, before any model is loaded.
 """
 
 from __future__ import annotations
 
+import codecs
+import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args, get_origin
 
 from clt.configs import ConfigError, doc, from_dict, load_config, to_dict
 from clt.transcoder import TranscoderConfig
+
+
+# --- field checks (shared with EvalConfig) --------------------------------------------------------
+@cache
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _type_ok(tp, value) -> bool:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(a, value) for a in get_args(tp))
+    if origin is Literal:
+        return value in get_args(tp)
+    if origin is tuple:
+        return isinstance(value, tuple)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True
+
+
+def _kind(tp) -> str:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_kind(a) for a in get_args(tp))
+    if origin is Literal:
+        return f"one of {list(get_args(tp))}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false",
+            type(None): "None"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def check_types(cfg) -> None:
+    """Every field of the dataclass `cfg` holds its annotated type (a Literal: one of its
+    choices), as `clt.configs.from_dict` requires of files and flags; the Python API gets the
+    same refusal."""
+    name = type(cfg).__name__
+    for f in dataclasses.fields(cfg):
+        tp, value = _hints(type(cfg))[f.name], getattr(cfg, f.name)
+        if not _type_ok(tp, value):
+            raise ConfigError(f"{name}.{f.name} must be {_kind(tp)}, got {value!r}")
+
+
+def _num(v) -> str:
+    return str(int(v)) if float(v).is_integer() and abs(v) < 1e15 else f"{v:g}"
+
+
+def check_range(cfg, field: str, lo=None, hi=None, *, lo_open: bool = False,
+                hi_open: bool = False, integer: bool = False, allow: tuple = ()) -> None:
+    """`cfg.field` is finite (floats) and within [lo, hi] (`lo_open` / `hi_open`: excluded), or
+    one of `allow` (e.g. -1 for "all", inf for "no limit"); else one ConfigError naming the
+    field and the allowed range."""
+    v = getattr(cfg, field)
+    if v in allow and not (isinstance(v, float) and math.isnan(v)):
+        return
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    ok = ok and (lo is None or (v > lo if lo_open else v >= lo))
+    ok = ok and (hi is None or (v < hi if hi_open else v <= hi))
+    if ok:
+        return
+    what = "an integer" if integer else "a finite number"
+    if lo is not None and hi is not None:
+        rng = f"{what} in {'(' if lo_open else '['}{_num(lo)}, {_num(hi)}{')' if hi_open else ']'}"
+    elif lo is not None:
+        rng = f"{what} {'>' if lo_open else '>='} {_num(lo)}"
+    elif hi is not None:
+        rng = f"{what} {'<' if hi_open else '<='} {_num(hi)}"
+    else:
+        rng = what
+    if allow:
+        rng += f" (or {' or '.join(str(a) for a in allow)})"
+    raise ConfigError(f"{type(cfg).__name__}.{field} must be {rng}, got {v!r}")
+
+
+def check_text(cfg, *fields: str, optional: bool = False) -> None:
+    """Text fields (paths, names) are not empty."""
+    for field in fields:
+        v = getattr(cfg, field)
+        if (v is None and not optional) or (v is not None and not str(v).strip()):
+            raise ConfigError(f"{type(cfg).__name__}.{field} must not be empty, got {v!r}")
+
+
+def check_encoding(cfg, field: str = "encoding") -> None:
+    try:
+        codecs.lookup(getattr(cfg, field))
+    except LookupError:
+        raise ConfigError(f"{type(cfg).__name__}.{field} must be a text encoding Python knows "
+                          f"(utf-8, latin-1, cp1252, ...), got {getattr(cfg, field)!r}") from None
 
 
 @dataclass(frozen=True)
@@ -25,6 +130,12 @@ class TrainConfig:
     data: str = doc("Text: .txt/.jsonl files, directories or globs (comma-separated), or "
                     "hf:DATASET[:CONFIG][:SPLIT] (streamed).", default="data/corpus")
     text_field: str = doc("Field holding the text in .jsonl / dataset rows.", default="text")
+    encoding: str = doc("Encoding of the local text files. A file that is not valid text in it "
+                        "(a binary file, Latin-1 read as UTF-8) is refused, naming the file.",
+                        default="utf-8")
+    text_errors: Literal["strict", "replace"] = doc(
+        "What to do with bytes that are not valid in `encoding`: strict (refuse the file) or "
+        "replace (read them as U+FFFD and train on the rest).", default="strict")
     holdout: float = doc("Fraction of local contexts held out of training (for `cltrace eval`).",
                          default=0.01)
     context_length: int = doc("Tokens per context, BOS included.", default=128)
@@ -62,7 +173,7 @@ class TrainConfig:
     beta1: float = doc("Adam beta1.", default=0.9)
     beta2: float = doc("Adam beta2.", default=0.999)
     grad_clip: float = doc("Clip gradients to this global norm (0: off).", default=1.0)
-    seed: int = doc("Seed for initialisation and data order.", default=0)
+    seed: int = doc("Seed for initialisation and data order (0 to 2^32 - 1).", default=0)
     init_from: str | None = doc(
         "Start from this transcoder's weights (a directory `cltrace train` wrote, such as a "
         "bundled one) instead of a random initialisation, with fresh optimizer state: how a "
@@ -90,7 +201,8 @@ class TrainConfig:
         "one (auto: on for GPU/TPU; on a CPU both share the same cores).", default="auto")
     model_batch: int = doc("Contexts per forward pass of the language model.", default=8)
     outlier_factor: float = doc("Drop tokens whose input norm exceeds this multiple of the "
-                                "layer's median.", default=10.0)
+                                "layer's median (at least 1; inf keeps every token).",
+                                default=10.0)
     norm_rounds: int = doc("Rounds used to estimate normalisation constants.", default=1)
     activation_dtype: Literal["float32", "bfloat16"] = doc(
         "dtype of stored activations (training math is float32).", default="float32")
@@ -103,7 +215,8 @@ class TrainConfig:
     out: str = doc("Run directory: checkpoints, metrics.jsonl, exported transcoder.",
                    default="out/train")
     checkpoint_every: int = doc("Steps between checkpoints.", default=500)
-    keep_checkpoints: int = doc("Checkpoints kept.", default=3)
+    keep_checkpoints: int = doc("Checkpoints kept (at least 1: the latest is what a run resumes "
+                                "from).", default=3)
     async_checkpoints: bool = doc("Write checkpoints in the background while training goes on.",
                                   default=True)
     log_every: int = doc("Steps between metric lines.", default=10)
@@ -112,22 +225,36 @@ class TrainConfig:
     schema_version: int = doc("Version of this config's JSON layout.", default=1)
 
     def __post_init__(self):
-        for name in ("steps", "batch_tokens", "context_length", "round_contexts",
-                     "model_batch", "checkpoint_every", "log_every", "norm_rounds", "data_reuse"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
-        if not 0 <= self.holdout < 1:
-            raise ConfigError("holdout must be in [0, 1)")
-        if not 0 < self.sparsity_ramp <= 1:
-            raise ConfigError("sparsity_ramp must be in (0, 1]")
-        if self.lr <= 0 or self.sparsity_coef < 0 or self.preact_coef < 0:
-            raise ConfigError("lr must be positive; sparsity_coef and preact_coef non-negative")
-        if self.context_length < 2:
-            raise ConfigError("context_length must be at least 2")
-        F = self.transcoder.n_features
-        if self.sparse_capacity < 0 or self.sparse_capacity > F:
-            raise ConfigError(f"sparse_capacity must be in [0, n_features={F}], "
-                              f"got {self.sparse_capacity}")
+        check_types(self)
+        check_types(self.transcoder)
+        check_text(self, "model", "data", "text_field", "out")
+        check_text(self, "init_from", "cache_activations", optional=True)
+        check_encoding(self)
+        for name in ("steps", "batch_tokens", "round_contexts", "model_batch", "checkpoint_every",
+                     "keep_checkpoints", "log_every", "norm_rounds", "data_reuse",
+                     "mesh_feature"):
+            check_range(self, name, 1, integer=True)
+        check_range(self, "context_length", 2, integer=True)
+        check_range(self, "warmup_steps", 0, integer=True)
+        check_range(self, "seed", 0, 2**32 - 1, integer=True)
+        check_range(self, "mesh_data", 1, integer=True, allow=(-1,))
+        check_range(self, "sparse_capacity", 0, self.transcoder.n_features, integer=True)
+        check_range(self, "schema_version", 1, 1, integer=True)
+        check_range(self, "holdout", 0, 1, hi_open=True)
+        check_range(self, "sparsity_ramp", 0, 1, lo_open=True)
+        check_range(self, "final_lr_fraction", 0, 1)
+        for name in ("beta1", "beta2"):
+            check_range(self, name, 0, 1, hi_open=True)
+        for name in ("lr", "sparsity_c", "threshold_init", "jumprelu_bandwidth"):
+            check_range(self, name, 0, lo_open=True)
+        for name in ("sparsity_coef", "preact_coef", "grad_clip"):
+            check_range(self, name, 0)
+        check_range(self, "outlier_factor", 1, allow=(math.inf,))
+        if self.round_contexts * (self.context_length - 1) < self.batch_tokens:
+            raise ConfigError(
+                f"TrainConfig.round_contexts x (context_length - 1) = {self.round_contexts} x "
+                f"{self.context_length - 1} tokens per round is less than one batch of "
+                f"batch_tokens={self.batch_tokens}; raise round_contexts")
 
     @classmethod
     def make(cls, **fields) -> TrainConfig:
@@ -166,4 +293,5 @@ def check_resume(out: Path, train_cfg: TrainConfig, model_cfg) -> None:
                           "same settings, or choose another --out (or --no-resume to restart)")
 
 
-__all__ = ["RESUMABLE_CHANGES", "TrainConfig", "check_resume"]
+__all__ = ["RESUMABLE_CHANGES", "TrainConfig", "check_encoding", "check_range", "check_resume",
+           "check_text", "check_types"]

@@ -465,8 +465,16 @@ def save(path: str | Path, cfg: TranscoderConfig, params: TranscoderParams,
     With `max_file_mb`, tensors are split by layer and packed into `transcoder-00001-of-0000N.
     safetensors` files of at most that size, listed in `transcoder.safetensors.index.json`
     (tensor -> file, as Hugging Face shards are): for hosts and packages that cap file sizes.
+
+    Every file is written atomically (`clt.io.atomic_write`): a kill or a full disk leaves each
+    file whole (old or new), never half written; a failure is a one-line ConfigError. Files of
+    an earlier layout (single file <-> shards) are removed once the new ones are written.
     """
+    from clt.io import atomic_write
+
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path} exists and is not a directory; choose another path")
     path.mkdir(parents=True, exist_ok=True)
     tensors = {"W_enc": params.W_enc, "b_enc": params.b_enc,
                "threshold": params.threshold, "b_dec": params.b_dec}
@@ -474,24 +482,30 @@ def save(path: str | Path, cfg: TranscoderConfig, params: TranscoderParams,
         tensors[f"W_dec.{s}"] = w
     if params.W_skip is not None:
         tensors["W_skip"] = params.W_skip
-    from safetensors.flax import save_file
+    from safetensors.flax import save as to_bytes
 
     cast = {k: jnp.asarray(v, jnp.float32 if (dtype is None or k == "threshold") else dtype)
             for k, v in tensors.items()}
-    for old in [path / "transcoder.safetensors", path / INDEX, *path.glob("transcoder-*-of-*")]:
-        old.unlink(missing_ok=True)
     if max_file_mb is None:
-        save_file(cast, str(path / "transcoder.safetensors"))
+        atomic_write(path / "transcoder.safetensors", to_bytes(cast))
+        (path / INDEX).unlink(missing_ok=True)  # the index would point a reader at old shards
+        written = {"transcoder.safetensors"}
     else:
-        _save_shards(path, cast, int(max_file_mb * 2**20))
-    (path / "config.json").write_text(cfg.to_json())
+        written = _save_shards(path, cast, int(max_file_mb * 2**20))
+    atomic_write(path / "config.json", cfg.to_json())
     if extra is not None:
-        (path / "info.json").write_text(json.dumps(extra, indent=2))
+        atomic_write(path / "info.json", json.dumps(extra, indent=2))
+    for old in [path / "transcoder.safetensors", *path.glob("transcoder-*-of-*")]:
+        if old.name not in written:
+            old.unlink(missing_ok=True)
     return path
 
 
-def _save_shards(path: Path, tensors: dict, limit: int) -> None:
-    from safetensors.flax import save_file
+def _save_shards(path: Path, tensors: dict, limit: int) -> set[str]:
+    """Write the shards and their index (each atomically); returns the names written."""
+    from safetensors.flax import save as to_bytes
+
+    from clt.io import atomic_write
 
     split: dict[str, jax.Array] = {}
     for k, v in tensors.items():  # [layer, ...] stacks are stored one layer per tensor
@@ -511,10 +525,11 @@ def _save_shards(path: Path, tensors: dict, limit: int) -> None:
         used += v.nbytes
     names = [f"transcoder-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
     for name, group in zip(names, files):
-        save_file(group, str(path / name))
+        atomic_write(path / name, to_bytes(group))
     index = {"weight_map": {k: name for name, group in zip(names, files) for k in group},
              "metadata": {"total_size": int(sum(v.nbytes for v in split.values()))}}
-    (path / INDEX).write_text(json.dumps(index, indent=1))
+    atomic_write(path / INDEX, json.dumps(index, indent=1))
+    return {*names, INDEX}
 
 
 def _load_tensors(path: Path) -> dict:

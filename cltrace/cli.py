@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache = parser.add_mutually_exclusive_group()
     cache.add_argument("--compile-cache", metavar="DIR", default=None,
                        help="Folder of JAX's persistent compilation cache (default: jax/ in "
-                       "$CLTRACE_CACHE_DIR, else ~/.cache/cltrace): a second run with the same "
+                       "$CLTRACE_CACHE, else ~/.cache/cltrace): a second run with the same "
                        "shapes does not compile again.")
     cache.add_argument("--no-compile-cache", action="store_true",
                        help="Compile every program afresh (also CLTRACE_COMPILE_CACHE=0).")

@@ -3,7 +3,7 @@
 Every command compiles the same XLA programs at every run (the model's forward, the tracer's
 row sweep for each prompt-prefix bucket, the train step): 5-60 s of a short command. With the
 cache, the second run of a command with the same shapes reads them from disk instead. The cache
-lives in `jax/` under `clt.io.cache_root()` (`$CLTRACE_CACHE_DIR`, else
+lives in `jax/` under `clt.io.cache_root()` (`$CLTRACE_CACHE`, else
 `$XDG_CACHE_HOME/cltrace`, else `~/.cache/cltrace`);
 `cltrace --no-compile-cache ...` or `CLTRACE_COMPILE_CACHE=0` turns it off, `cltrace
 --compile-cache DIR ...` moves it. Entries are keyed by the program, the JAX version and the

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +45,9 @@ class Embedded:
 
 
 def _cache_dir() -> Path:
-    d = Path(os.environ.get("CLTRACE_CACHE", Path.home() / ".cache" / "cltrace"))
+    from clt.io import cache_root
+
+    d = cache_root()
     d.mkdir(parents=True, exist_ok=True)
     return d
 

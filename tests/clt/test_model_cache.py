@@ -17,7 +17,7 @@ from clt.lm.loading import embedded_path, load_model
 @pytest.fixture
 def cache_on(tmp_path, monkeypatch):
     monkeypatch.setenv("CLTRACE_MODEL_CACHE", "1")
-    monkeypatch.setenv("CLTRACE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CLTRACE_CACHE", str(tmp_path / "cache"))
     loading._load_cached.cache_clear()
     yield tmp_path / "cache" / "models"
     loading._load_cached.cache_clear()
@@ -59,7 +59,7 @@ def test_second_load_reads_the_conversion(cache_on, tmp_path, monkeypatch):
     (cache_on / entry / "tensors.safetensors").write_bytes(b"garbage")
     loading._load_cached.cache_clear()
     monkeypatch.setenv("CLTRACE_MODEL_CACHE", "1")
-    monkeypatch.setenv("CLTRACE_CACHE_DIR", str(cache_on.parent))
+    monkeypatch.setenv("CLTRACE_CACHE", str(cache_on.parent))
     again = load_model(str(gguf))
     np.testing.assert_array_equal(np.asarray(again.params.embed), np.asarray(first.params.embed))
     assert _entries(cache_on) == [entry]

@@ -23,7 +23,7 @@ def _run(args, env):
 def test_second_run_reads_the_cache(pipeline, tmp_path):
     root = tmp_path / "cache"
     cache = root / "jax"
-    env = {**os.environ, "CLTRACE_COMPILE_CACHE": "1", "CLTRACE_CACHE_DIR": str(root),
+    env = {**os.environ, "CLTRACE_COMPILE_CACHE": "1", "CLTRACE_CACHE": str(root),
            "CLTRACE_HUGE_PAGES": "0"}
     args = ["trace", PROMPT, "--model", str(pipeline.model_dir), "--transcoder",
             str(pipeline.transcoder_dir), "--no-progress", "--out", str(tmp_path / "a")]
@@ -38,5 +38,5 @@ def test_second_run_reads_the_cache(pipeline, tmp_path):
     # Off: by flag (and the environment variable, set by tests/conftest.py for in-process runs).
     other = tmp_path / "other"
     _run(["--no-compile-cache", *args[:-1], str(tmp_path / "c")],
-         {**env, "CLTRACE_CACHE_DIR": str(other)})
+         {**env, "CLTRACE_CACHE": str(other)})
     assert not (other / "jax").exists() or not list(Path(other / "jax").iterdir())
