@@ -34,10 +34,11 @@ import numpy as np
 from jaxtyping import Float, Int
 
 from clt.configs import ConfigError, from_dict, to_dict
-from clt.io import atomic_write
+from clt.io import atomic_write, check_npz_size
 
 GRAPH_SCHEMA_VERSION = 2  # 2: sparse edges, partial (slim) graphs
 _READS = (1, 2)
+MAX_GRAPH_BYTES = 32 * 2**30  # what a graph file may hold once read (the dense 2x a 16 GB cap)
 KINDS = ("feature", "error", "token", "logit")
 
 
@@ -285,6 +286,7 @@ class Graph:
             path = path / "graph.npz"
         if not path.exists():
             raise ConfigError(f"no graph at {path}")
+        check_npz_size(path, MAX_GRAPH_BYTES, "graph file")
         try:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
@@ -300,6 +302,10 @@ class Graph:
                 # checked against the node arrays before the dense matrix is allocated.
                 if version != 1 and int(meta["n_nodes"]) != n:
                     raise ValueError(f"n_nodes {meta['n_nodes']} but the node arrays hold {n}")
+                if n * n * 4 > MAX_GRAPH_BYTES:
+                    raise ConfigError(f"{path} has {n:,} nodes: its dense adjacency would take "
+                                      f"{n * n * 4 / 2**30:.0f} GiB, more than a graph file may "
+                                      f"hold ({MAX_GRAPH_BYTES / 2**30:.0f} GiB)")
                 arrays["adjacency"] = z["adjacency"] if version == 1 else _unpack(z, n)
                 arrays.update({n: z[n] for n in _OPTIONAL if n in z.files})
                 left = {f.name: z[f"left_out_{f.name}"] for f in fields(LeftOutFeatures)

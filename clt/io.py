@@ -55,6 +55,23 @@ def atomic_write(path: str | Path, data: str | bytes | Callable[[BinaryIO], None
     return path
 
 
+def check_npz_size(path: str | Path, limit_bytes: int, what: str) -> None:
+    """Refuse an .npz whose arrays would take more than `limit_bytes` once read, before reading
+    any (an untrusted file: a small compressed file can hold a huge array). A file that is not
+    a zip is left to the reader, which says so in its own words."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            total = sum(info.file_size for info in z.infolist())
+    except (zipfile.BadZipFile, OSError):
+        return
+    if total > limit_bytes:
+        raise ConfigError(f"{path} would take {total / 2**30:.1f} GiB once read, more than the "
+                          f"{limit_bytes / 2**30:.1f} GiB a {what} may hold; it is not one this "
+                          "tool wrote, or re-write it smaller")
+
+
 def _writable_dir(d: Path, what: str) -> None:
     """Create `d` (and parents) if needed; refuse if it is a file or cannot be written."""
     if d.exists() and not d.is_dir():
@@ -87,4 +104,4 @@ def check_output_dir(path: str | Path, what: str = "output directory") -> Path:
     return path
 
 
-__all__ = ["atomic_write", "cache_root", "check_output_dir", "check_output_file"]
+__all__ = ["atomic_write", "cache_root", "check_npz_size", "check_output_dir", "check_output_file"]

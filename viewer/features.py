@@ -43,6 +43,7 @@ from viewer.explain import EXPLAIN_PROMPT
 
 CARDS_SCHEMA_VERSION = 1
 CARDS_FILE = "feature_cards.npz"
+MAX_CARDS_BYTES = 4 * 2**30  # a 2.5M-feature CLT's cards are ~1 GiB
 
 
 @dataclass(frozen=True)
@@ -336,6 +337,9 @@ class FeatureCards:
             path = path / CARDS_FILE
         if not path.exists():
             raise ConfigError(f"no feature cards at {path}: run `cltrace features`")
+        from clt.io import check_npz_size
+
+        check_npz_size(path, MAX_CARDS_BYTES, "feature-cards file")
         try:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))

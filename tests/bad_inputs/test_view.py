@@ -145,3 +145,37 @@ def test_good_inputs_still_render(tmp_path, capsys, files):
     (tmp_path / "g.json").write_text(json.dumps(GOOD_JSON))
     assert main(["view", str(tmp_path / "g.json"), "-o", str(tmp_path / "j.html")]) == 0
     assert (tmp_path / "g.html").stat().st_size > 1000 and (tmp_path / "j.html").exists()
+
+
+def test_oversized_files_are_refused_before_reading(files, tmp_path, capsys, monkeypatch):
+    """A graph or cards file that would not fit once read (a zip bomb, or a hostile node count)
+    is refused from its zip directory, before any array is read (limits lowered here)."""
+    import attribution.graph
+    import viewer.features
+
+    monkeypatch.setattr(attribution.graph, "MAX_GRAPH_BYTES", 1000)
+    run_case(Case(("view", "{files}/good.npz", "-o", "{tmp}/p.html"),
+                  "more than the 0.0 GiB a graph file may hold"), tmp_path, capsys, files=files)
+    monkeypatch.setattr(attribution.graph, "MAX_GRAPH_BYTES", 10**6)
+    many = tmp_path / "many"
+    many.mkdir()
+    with np.load(files / "good.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(str(arrays["meta"]))
+    n_extra = 2000  # 2,012 nodes: a 16 MB dense adjacency, over the lowered 1 MB
+    arrays["tokens"] = np.zeros(2 + n_extra, np.int32)
+    meta["token_strings"] = ["t"] * (2 + n_extra)
+    meta["n_nodes"] = int(meta["n_nodes"]) + n_extra
+    arrays["meta"] = np.array(json.dumps(meta))
+    arrays["edge_indptr"] = np.concatenate([arrays["edge_indptr"],
+                                            np.full(n_extra, arrays["edge_indptr"][-1])])
+    np.savez(many / "g.npz", **arrays)
+    run_case(Case(("view", str(many / "g.npz"), "-o", "{tmp}/p.html"),
+                  "2,012 nodes: its dense adjacency would take"), tmp_path, capsys)
+    monkeypatch.setattr(viewer.features, "MAX_CARDS_BYTES", 10)
+    cards = tmp_path / "cards"
+    cards.mkdir()
+    np.savez(cards / "c.npz", meta=np.array("{}"), x=np.zeros(100))
+    run_case(Case(("view", "{files}/good.npz", "-o", "{tmp}/p.html", "--cards",
+                   str(cards / "c.npz")), "a feature-cards file may hold"), tmp_path, capsys,
+             files=files)
