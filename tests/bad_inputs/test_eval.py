@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 
 from tests.bad_inputs.harness import Case, run_case
-from tests.bad_inputs.test_train import make_inputs, make_model_dir
 
 BASE = ("eval", "--transcoder", "{transcoder}", "--model", "{model}", "--data", "{corpus}",
         "--holdout", "0.1", "--context-length", "16", "--contexts", "4")
@@ -60,21 +59,6 @@ AFTER_MODEL = [
        message="EvalConfig.context_length 80 exceeds the model's context of 64 tokens"),
     _c("--model", "{tmp}/no-model", message="unknown model"),
 ]
-
-
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    return make_inputs(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_model_dir(tmp_path_factory)
-
-
-@pytest.fixture
-def caches(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("CLTRACE_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 
 @pytest.fixture(scope="module")
