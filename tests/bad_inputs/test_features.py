@@ -76,7 +76,7 @@ CHEAP = [
     Case(feats("--out", "{dir}"), "is a directory"),
     Case(feats("--out", "{file}/cards.npz"), "is not a directory"),
     Case(feats(), "no transcoder at"),  # the transcoder loads before the model
-    Case(("features", "--transcoder", "org/name", "--model", "{nomodel}"),
+    Case(("features", "--transcoder", "org/name", "--model", "{nomodel}", "--data", "{corpus}"),
          "is not a local directory: give --out"),
 ]
 
