@@ -594,30 +594,65 @@ def _greedy_rows(make, active, cap, batch, logit_rows, logit_weights, n_src, upd
     return selected, buf[n_logit:st][order]
 
 
-def trace(config: TraceConfig, progress: bool = False) -> Graph:
-    """Load the model and transcoder named in `config` and trace its prompt."""
-    from clt.circuit_tracer_io import open_transcoder
-    from clt.lm.loading import load_model
+class Tracer:
+    """A model and its transcoder, loaded once, tracing prompt after prompt (`cltrace trace
+    --prompts`): weights are read once and every compiled program of a shape already seen is
+    reused. `prepare` checks a prompt's tokens and targets without tracing (so a batch of
+    prompts is refused before the first is traced); `trace` traces it."""
 
+    def __init__(self, config: TraceConfig, progress: bool = False):
+        from clt.circuit_tracer_io import open_transcoder
+        from clt.lm.loading import load_model
+
+        with progress_bar(progress) as bar:
+            bar.add_task(f"loading {config.model} and its transcoder", total=None)
+            self.model = load_model(config.model)
+            # An empty transcoder means the one shipped for an embedded model, recorded by name.
+            self.ref, self.tc_cfg, self.tc_params = open_transcoder(config.transcoder,
+                                                                    self.model.cfg)
+        if self.model.tokenizer is None:
+            raise ConfigError(f"model '{config.model}' has no tokenizer: cannot encode the "
+                              "prompt")
+        self.model_name, self.transcoder = config.model, config.transcoder
+
+    def prepare(self, config: TraceConfig) -> tuple[TraceConfig, list[int], Targets]:
+        """(config naming the loaded transcoder, the prompt's token ids, its targets), checked:
+        the same model and transcoder, targets of one token each, the prompt within the
+        model's context."""
+        if (config.model, config.transcoder) != (self.model_name, self.transcoder):
+            raise ConfigError("Tracer.prepare: this tracer holds model "
+                              f"{self.model_name!r} and transcoder {self.transcoder!r}")
+        check_prompt(config)
+        cfg = self.model.cfg
+        targets = resolve_targets(config, self.model.tokenizer, cfg.d_model)
+        ids = self.model.tokenizer.encode(config.prompt, add_bos=False)
+        n = len(rep.prepend_bos(cfg, ids)[0])
+        if n > cfg.max_position:
+            raise ConfigError(f"the prompt has {n} tokens (BOS included) but model "
+                              f"'{cfg.name}' has a context of {cfg.max_position}; shorten it")
+        return dataclasses.replace(config, transcoder=self.ref), ids, targets
+
+    def trace(self, config: TraceConfig, progress: bool = False) -> Graph:
+        config, ids, targets = self.prepare(config)
+        tok = self.model.tokenizer
+        return trace_tokens(self.model.params, self.model.cfg, self.tc_cfg, self.tc_params, ids,
+                            config, token_strings=tok.token_strings(ids, merge=True),
+                            logit_strings=lambda t: tok.token_strings([int(i) for i in t]),
+                            targets=targets, progress=progress)
+
+
+def check_prompt(config: TraceConfig) -> None:
+    """What can be checked of a prompt's config before any model is loaded."""
     if not config.prompt.strip():
         raise ConfigError("the prompt is empty: give some text to trace")
     if config.target_vector and not Path(config.target_vector).expanduser().is_file():
         raise ConfigError(f"--target-vector: no file at {config.target_vector}")
-    with progress_bar(progress) as bar:
-        bar.add_task(f"loading {config.model} and its transcoder", total=None)
-        model = load_model(config.model)
-        # An empty transcoder means the one shipped for an embedded model, recorded by name.
-        ref, tc_cfg, tc_params = open_transcoder(config.transcoder, model.cfg)
-    config = dataclasses.replace(config, transcoder=ref)
-    if model.tokenizer is None:
-        raise ConfigError(f"model '{config.model}' has no tokenizer: cannot encode the prompt")
-    tok = model.tokenizer
-    targets = resolve_targets(config, tok, model.cfg.d_model)
-    ids = tok.encode(config.prompt, add_bos=False)
-    return trace_tokens(model.params, model.cfg, tc_cfg, tc_params, ids, config,
-                        token_strings=tok.token_strings(ids, merge=True),
-                        logit_strings=lambda t: tok.token_strings([int(i) for i in t]),
-                        targets=targets, progress=progress)
+
+
+def trace(config: TraceConfig, progress: bool = False) -> Graph:
+    """Load the model and transcoder named in `config` and trace its prompt."""
+    check_prompt(config)
+    return Tracer(config, progress).trace(config, progress)
 
 
 def load_any_transcoder(ref: str):
@@ -627,5 +662,5 @@ def load_any_transcoder(ref: str):
     return load_transcoder(ref)
 
 
-__all__ = ["Targets", "TraceConfig", "custom_targets", "load_any_transcoder", "logit_direction",
+__all__ = ["Targets", "TraceConfig", "Tracer", "check_prompt", "custom_targets", "load_any_transcoder", "logit_direction",
            "resolve_targets", "select_logits", "trace", "trace_tokens"]

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from clt.configs import add_arguments, field_help, from_arguments
@@ -13,18 +14,27 @@ def register(sub) -> None:
     from dataclasses import fields
 
     from attribution.trace import TraceConfig
+    from clt import distributed
 
     help_prompt = field_help(next(f for f in fields(TraceConfig) if f.name == "prompt"))
     p = sub.add_parser("trace", help="Attribution graph of a prompt's next token.",
-                       description="Trace PROMPT through the local replacement model of MODEL "
-                       "with TRANSCODER; write the graph (.npz + config.json) and its "
-                       "Neuronpedia JSON.")
-    p.add_argument("prompt", help=help_prompt)
+                       description="Trace PROMPT (or every prompt of --prompts FILE) through the "
+                       "local replacement model of MODEL with TRANSCODER; write the graph (.npz "
+                       "+ config.json), its Neuronpedia JSON and its page.")
+    p.add_argument("prompt", nargs="?", default=None, help=help_prompt)
     add_arguments(p, TraceConfig, skip=("prompt",))
+    p.add_argument("--prompts", metavar="FILE", default=None,
+                   help="Trace every prompt of FILE in one process (the model, transcoder and "
+                   "compiled programs loaded once): one prompt per line, or JSONL objects "
+                   "{\"prompt\", \"name\", \"target\", \"minus\", \"target_vector\"} (fields "
+                   "left out come from the flags). Writes --out/NNN-name/ per prompt and "
+                   "--out/summary.json + summary.md.")
     p.add_argument("--out", "-o", default="out/trace",
                    help="Output directory (graph.npz, config.json, graph.json), or a .npz path "
                    "(the JSON goes beside it). Default: out/trace")
     p.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    distributed.add_arguments(p, "split --prompts over the processes (each traces every n-th "
+                              "prompt; process 0 writes the summary)")
     p.set_defaults(run=_trace)
 
 
@@ -45,42 +55,84 @@ def _target_text(t: dict) -> str:
 
 
 def _trace(args) -> int:
-    from rich.console import Console
-
-    from attribution.export import write_neuronpedia
-    from attribution.prune import prune
-    from attribution.trace import TraceConfig, trace
+    from attribution.trace import TraceConfig
+    from clt import distributed
     from clt.configs import ConfigError
-    from clt.io import check_output_file
-    from viewer import write_html
-    from viewer.html import resolve_cards
 
-    config = from_arguments(TraceConfig, args, prompt=args.prompt)
-    console = Console(stderr=True)
-    graph_path, json_path = _paths(args.out)
-    if Path(args.out).suffix not in ("", ".npz") and Path(args.out).exists() \
-            and not Path(args.out).is_dir():
-        raise ConfigError(f"--out {args.out} is an existing file; give a directory or a .npz path")
-    for path, what in ((graph_path, "graph file"), (json_path, "graph JSON"),
-                       (graph_path.with_suffix(".html"), "page")):
-        check_output_file(path, what)  # before the model loads
+    distributed.check_arguments(args)
+    if (args.prompt is None) == (args.prompts is None):
+        raise ConfigError("give a PROMPT or --prompts FILE (one of the two)")
+    if args.distributed and args.prompts is None:
+        raise ConfigError("--distributed splits --prompts over processes: give --prompts FILE")
+    config = from_arguments(TraceConfig, args, prompt=args.prompt or "")
+    if args.prompts is not None:
+        return _trace_many(config, args)
+    from attribution.trace import trace
+
+    graph_path, json_path = _check_outputs(args.out)
     if config.dtype == "float64":
         import jax
 
         jax.config.update("jax_enable_x64", True)  # float64 traces need it; the flag asks for it
     graph = trace(config, progress=not args.no_progress)
+    _write(graph, config, graph_path, json_path, progress=not args.no_progress)
+    return 0
+
+
+def _check_outputs(out: str) -> tuple[Path, Path]:
+    """(graph file, JSON file) of --out, every output path checked before the model loads."""
+    from clt.configs import ConfigError
+    from clt.io import check_output_file
+
+    graph_path, json_path = _paths(out)
+    if Path(out).suffix not in ("", ".npz") and Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(f"--out {out} is an existing file; give a directory or a .npz path")
+    for path, what in ((graph_path, "graph file"), (json_path, "graph JSON"),
+                       (graph_path.with_suffix(".html"), "page")):
+        check_output_file(path, what)
+    return graph_path, json_path
+
+
+class _Cards:
+    """Feature cards per transcoder, read once (a batch of prompts shares one)."""
+
+    def __init__(self):
+        self._by_ref = {}
+
+    def __call__(self, graph):
+        from viewer.html import resolve_cards
+
+        ref = str(graph.config.get("transcoder", ""))
+        if ref not in self._by_ref:
+            self._by_ref[ref] = resolve_cards(graph, None)[0]
+        return self._by_ref[ref]
+
+
+def _write(graph, config, graph_path: Path, json_path: Path, *, cards=None, progress=True,
+           quiet: bool = False):
+    """Prune, write graph.npz (+ config.json), the Neuronpedia JSON and the page; print what
+    was written (one line under `quiet`). Returns the pruning."""
+    from rich.console import Console
+
+    from attribution.export import write_neuronpedia
+    from attribution.prune import prune
+    from viewer import write_html
+
+    console = Console(stderr=True)
     r = graph.ranges
+    cards = (cards or _Cards())(graph)
     with console.status("pruning", spinner="dots") as status:
         pruned = graph.pruned or prune(graph, config.node_threshold, config.edge_threshold)
         s = graph.scores  # the tracer's (attribution.prune.score)
         status.update(f"writing {graph_path}")
         graph.save(graph_path, full=config.save_full, pruned=pruned)
         status.update(f"writing {json_path}")
-        cards, _ = resolve_cards(graph, None)  # feature labels for the JSON's clerps
         write_neuronpedia(graph, json_path, pruned=pruned, node_threshold=config.node_threshold,
                           labels=cards.clerp if cards is not None else None)
         status.update("writing the page")
-        page = write_html(graph, graph_path.with_suffix(".html"))
+        page = write_html(graph, graph_path.with_suffix(".html"), cards=cards)
+    if quiet:
+        return pruned
     n_feat = r.feature.stop
     if graph.streamed:
         full = graph.full_graph
@@ -107,4 +159,68 @@ def _trace(args) -> int:
           f"{graph_path.parent / 'config.json'})")
     print(f"neuronpedia json: {json_path}")
     print(f"page: {page.summary()}")
+    return pruned
+
+
+def _trace_many(base, args) -> int:
+    """`--prompts FILE`: every prompt traced by one loaded tracer (or split over processes)."""
+    import time
+
+    import jax
+
+    from attribution.prompts import read_prompts
+    from attribution.trace import Tracer
+    from clt import distributed
+    from clt.configs import ConfigError
+    from clt.io import atomic_write, check_output_dir, check_output_file
+    from cltrace.batch import summary_markdown, summary_row
+
+    items = read_prompts(args.prompts, base)  # every line checked before the model loads
+    if Path(args.out).suffix == ".npz":
+        raise ConfigError("--prompts writes one folder per prompt: give --out a directory")
+    out = check_output_dir(args.out)
+    for name in ("summary.json", "summary.md"):
+        check_output_file(out / name, "summary")
+    if base.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    distributed.initialize(args)
+    rank, size = jax.process_index(), jax.process_count()
+    mine = items[rank::size]
+    progress = not args.no_progress
+    tracer = Tracer(base, progress)
+    for item in mine:  # tokens, targets and lengths of every prompt, before the first trace
+        try:
+            tracer.prepare(item.config)
+        except ConfigError as e:
+            raise ConfigError(f"{args.prompts}:{item.line}: {e}") from None
+    if size > 1:
+        print(f"process {rank} of {size}: {len(mine)} of {len(items)} prompts")
+    cards, rows = _Cards(), []
+    t_all = time.perf_counter()
+    for item in mine:
+        t0 = time.perf_counter()
+        folder = out / item.folder
+        graph = tracer.trace(item.config, progress)
+        folder.mkdir(parents=True, exist_ok=True)
+        pruned = _write(graph, item.config, folder / "graph.npz", folder / "graph.json",
+                        cards=cards, progress=progress, quiet=True)
+        row = summary_row(item, graph, pruned, cards(graph), time.perf_counter() - t0)
+        rows.append(row)
+        top = row["targets"][0]
+        print(f"[{item.index + 1}/{len(items)}] {item.name!r}: {top['name']!r} "
+              f"{top['prob']:.3f}; {row['features']} features, {row['pruned_nodes']} nodes "
+              f"pruned; replacement {row['replacement']:.3f}, completeness "
+              f"{row['completeness']:.3f} ({row['seconds']:.1f}s) -> {folder}")
+    seconds = time.perf_counter() - t_all
+    every = distributed.gather_json({"rows": rows, "seconds": seconds})
+    if rank != 0:
+        return 0
+    rows = sorted((r for part in every for r in part["rows"]), key=lambda r: r["index"])
+    summary = {"prompts_file": str(Path(args.prompts).resolve()), "model": base.model,
+               "transcoder": tracer.ref, "processes": size,
+               "seconds_tracing": [round(p["seconds"], 3) for p in every], "prompts": rows}
+    atomic_write(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False))
+    atomic_write(out / "summary.md", summary_markdown(summary))
+    print(f"summary: {out / 'summary.json'}, {out / 'summary.md'} ({len(rows)} prompts, "
+          f"{max(p['seconds'] for p in every):.1f}s of tracing)")
     return 0

@@ -7,6 +7,8 @@ JAX_ENABLE_X64) is checked to work on a tiny model.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.bad_inputs.harness import Case, run_case
@@ -51,7 +53,60 @@ BAD = [
 ]
 
 
+# --prompts FILE: every line checked before the model loads; files made by `prompt_files`.
+PROMPTS = [
+    Case(("trace", P, "--prompts", "{good}"), "give a PROMPT or --prompts FILE"),
+    Case(("trace",), "give a PROMPT or --prompts FILE"),
+    Case(("trace", P, "--distributed"), "--distributed splits --prompts over processes"),
+    Case(("trace", "--prompts", "{good}", "--num-processes", "2"), "need --distributed"),
+    Case(("trace", "--prompts", "{good}", "--distributed", "--coordinator", "nohost"),
+         "--coordinator must be host:port"),
+    Case(("trace", "--prompts", "{good}", "--distributed", "--num-processes", "2",
+          "--process-id", "2"), "--process-id must be in [0, num_processes)"),
+    Case(("trace", "--prompts", "{tmp}/none.txt"), "--prompts: no file at"),
+    Case(("trace", "--prompts", "{blank}"), "holds no prompt (only blank lines)"),
+    Case(("trace", "--prompts", "{binary}"), "looks binary"),
+    Case(("trace", "--prompts", "{latin}"), "is not UTF-8 text"),
+    Case(("trace", "--prompts", "{notjson}"), "notjson.jsonl:2: not JSON"),
+    Case(("trace", "--prompts", "{noprompt}"), 'must be an object with a "prompt" string'),
+    Case(("trace", "--prompts", "{unknown}"), "unknown field(s) ['targte']"),
+    Case(("trace", "--prompts", "{badtarget}"), '"target" must be a string or a list'),
+    Case(("trace", "--prompts", "{minusonly}"), "minusonly.jsonl:1: TraceConfig.minus needs"),
+    Case(("trace", "--prompts", "{emptyprompt}"), "emptyprompt.jsonl:2: the prompt is empty"),
+    Case(("trace", "--prompts", "{novector}"), "--target-vector: no file at"),
+    Case(("trace", "--prompts", "{good}", "--out", "{tmp}/x.npz"), "give --out a directory"),
+    Case(("trace", "--prompts", "{good}", "--out", "{file}"), "exists and is not a directory"),
+]
+
+
+@pytest.fixture(scope="module")
+def prompt_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("prompt_files")
+    files = {
+        "good.txt": "The capital of France is\n",
+        "blank.txt": "\n  \n\n",
+        "notjson.jsonl": '{"prompt": "a"}\n{prompt: b}\n',
+        "noprompt.jsonl": '{"text": "a"}\n',
+        "unknown.jsonl": '{"prompt": "a", "targte": " b"}\n',
+        "badtarget.jsonl": '{"prompt": "a", "target": 3}\n',
+        "minusonly.jsonl": '{"prompt": "a", "minus": " b"}\n',
+        "emptyprompt.jsonl": '{"prompt": "a"}\n{"prompt": "  "}\n',
+        "novector.jsonl": '{"prompt": "a", "target_vector": "missing.npy"}\n',
+    }
+    for name, text in files.items():
+        (d / name).write_text(text)
+    (d / "binary.txt").write_bytes(b"abc\x00def\n")
+    (d / "latin.txt").write_bytes("caf\u00e9\n".encode("latin-1"))
+    return {Path(n).stem: d / n for n in [*files, "binary.txt", "latin.txt"]}
+
+
 @pytest.mark.parametrize("case", BAD, ids=str)
 def test_trace_refuses(case, tmp_path, capsys):
     (tmp_path / "npzdir.npz").mkdir()
     run_case(case, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("case", PROMPTS, ids=str)
+def test_trace_prompts_refuses(case, tmp_path, capsys, prompt_files, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default --out (out/trace) must not be made either
+    run_case(case, tmp_path, capsys, **prompt_files)
