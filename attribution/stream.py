@@ -48,6 +48,19 @@ def absorb(influence, rows, node, extra, *, errors: tuple[int, int]):
     return influence, sums, a[:, errors[0]:errors[1]].sum(axis=1), jnp.count_nonzero(rows)
 
 
+DENSE_BYTES = 13  # a dense graph's adjacency (4) + |A| (4) + edge scores (4) + edge mask (1)
+
+
+def available_bytes() -> float:
+    """Memory the process could still take (psutil; unlimited where unknown)."""
+    try:
+        import psutil
+
+        return float(psutil.virtual_memory().available)
+    except (ImportError, OSError, RuntimeError):  # no psutil, or no /proc
+        return float("inf")
+
+
 def use_stream(config, n_all: int, cap: int, n_src: int, n_err: int, T: int,
                n_logit: int) -> bool:
     """Whether to stream (see TraceConfig.adjacency); refuses graphs whose stored adjacency
@@ -56,8 +69,11 @@ def use_stream(config, n_all: int, cap: int, n_src: int, n_err: int, T: int,
     n_dense = cap + n_err + T + n_logit
     # Capped: the greedy visit holds its rows over every source until the end.
     dense_gb = (n_dense**2 if not capped else (cap + n_logit) * n_src) * 4 / 2**30
+    # auto: stream past max_adjacency_gb, or when the dense graph and pruning's copies of it
+    # (attribution.plan's memory model) would not fit in the memory available now.
     stream = not capped and (config.adjacency == "stream" or (
-        config.adjacency == "auto" and dense_gb > config.max_adjacency_gb))
+        config.adjacency == "auto" and (dense_gb > config.max_adjacency_gb or
+                                        n_dense**2 * DENSE_BYTES > 0.9 * available_bytes())))
     if stream:
         n = min(config.stream_features, n_all) + n_err + T + n_logit
         gb = n**2 * 4 / 2**30

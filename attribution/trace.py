@@ -424,14 +424,58 @@ class _RowMaker:
         return self(layer, active.pos[which], vec, host, padded)
 
 
-def trace_tokens(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderConfig,
-                 tc_params: TranscoderParams, token_ids, config: TraceConfig, *,
-                 token_strings: list[str] | None = None, logit_strings=None,
-                 targets: Targets | None = None, progress: bool = False) -> Graph:
-    """The unpruned attribution graph of a tokenised prompt (the BOS is prepended here).
+@dataclass
+class TraceSetup:
+    """What the tracer knows after the forward pass and before any row: the replacement model,
+    the active features, the targets, the node counts and the row maker (`attribution.plan`
+    predicts a trace's memory and time from it)."""
 
-    `logit_strings(ids) -> list[str]` names the logit tokens (default: the ids as text);
-    `targets`: what to explain (default: the most probable next tokens)."""
+    ids: list
+    bos: bool
+    token_strings: list
+    rm: object  # attribution.replacement.LocalReplacement
+    active: object  # attribution.replacement.ActiveFeatures
+    logit_toks: np.ndarray
+    names: list
+    logit_probs: np.ndarray
+    weights: np.ndarray | None
+    logit_dirs: object
+    target_info: list | None
+    err_layer: np.ndarray
+    err_pos: np.ndarray
+    cap: int
+    streamed: bool
+    batch: int
+    make: _RowMaker
+    seconds: float
+
+    @property
+    def n_all(self) -> int:
+        return len(self.active)
+
+    @property
+    def n_err(self) -> int:
+        return len(self.err_layer)
+
+    @property
+    def n_pos(self) -> int:
+        return len(self.ids)
+
+    @property
+    def n_logit(self) -> int:
+        return len(self.logit_toks)
+
+    @property
+    def n_src(self) -> int:
+        return self.n_all + self.n_err + self.n_pos
+
+
+def setup_trace(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderConfig,
+                tc_params: TranscoderParams, token_ids, config: TraceConfig, *,
+                token_strings: list[str] | None = None, logit_strings=None,
+                targets: Targets | None = None, check_size: bool = True) -> TraceSetup:
+    """The forward pass and everything decided before the first row (see `trace_tokens`).
+    `check_size=False` (the planner): a mode over max_adjacency_gb is not refused here."""
     t0 = time.perf_counter()
     check_model(tc_cfg, model_cfg)
     ids, bos = rep.prepend_bos(model_cfg, [int(i) for i in token_ids])
@@ -465,7 +509,12 @@ def trace_tokens(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderCon
     n_all, n_err, n_logit = len(active), len(err_layer), len(logit_toks)
     n_src = n_all + n_err + T
     cap = n_all if config.max_feature_nodes is None else min(config.max_feature_nodes, n_all)
-    streamed = use_stream(config, n_all, cap, n_src, n_err, T, n_logit)
+    try:
+        streamed = use_stream(config, n_all, cap, n_src, n_err, T, n_logit)
+    except ConfigError:
+        if check_size:
+            raise
+        streamed = False
 
     dtype = jnp.dtype(config.dtype)
     if dtype == jnp.float64 and not jax.config.jax_enable_x64:
@@ -473,6 +522,29 @@ def trace_tokens(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderCon
     batch = batch_size(config, model_cfg, T)
     make = _RowMaker(params, model_cfg, tc_cfg, tc_params, rm, active, bos, batch, dtype,
                      config.position_bucket)
+    return TraceSetup(ids, bos, list(token_strings), rm, active, logit_toks, names, logit_probs,
+                      weights, logit_dirs, target_info, err_layer, err_pos, cap, streamed, batch,
+                      make, time.perf_counter() - t0)
+
+
+def trace_tokens(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderConfig,
+                 tc_params: TranscoderParams, token_ids, config: TraceConfig, *,
+                 token_strings: list[str] | None = None, logit_strings=None,
+                 targets: Targets | None = None, progress: bool = False) -> Graph:
+    """The unpruned attribution graph of a tokenised prompt (the BOS is prepended here).
+
+    `logit_strings(ids) -> list[str]` names the logit tokens (default: the ids as text);
+    `targets`: what to explain (default: the most probable next tokens)."""
+    t0 = time.perf_counter()
+    st = setup_trace(params, model_cfg, tc_cfg, tc_params, token_ids, config,
+                     token_strings=token_strings, logit_strings=logit_strings, targets=targets)
+    ids, bos, token_strings, active = st.ids, st.bos, st.token_strings, st.active
+    logit_toks, names, logit_probs, weights = st.logit_toks, st.names, st.logit_probs, st.weights
+    logit_dirs, target_info, err_layer, err_pos = (st.logit_dirs, st.target_info, st.err_layer,
+                                                   st.err_pos)
+    n_all, n_err, n_logit, n_src, T, L = (st.n_all, st.n_err, st.n_logit, st.n_src, st.n_pos,
+                                          model_cfg.n_layers)
+    cap, streamed, batch, make = st.cap, st.streamed, st.batch, st.make
     t_setup = time.perf_counter() - t0
     info = {"model": model_cfg.name, "transcoder": to_dict(tc_cfg), "batch_size": batch,
             "position_bucket": make.bucket, "adjacency": "stream" if streamed else "dense",
@@ -631,6 +703,19 @@ class Tracer:
             raise ConfigError(f"the prompt has {n} tokens (BOS included) but model "
                               f"'{cfg.name}' has a context of {cfg.max_position}; shorten it")
         return dataclasses.replace(config, transcoder=self.ref), ids, targets
+
+    def plan(self, config: TraceConfig):
+        """(the trace's setup, its `attribution.plan.ModePlan`s): the forward pass and one
+        measured batch of rows, no trace."""
+        from attribution.plan import plan_modes
+
+        config, ids, targets = self.prepare(config)
+        tok = self.model.tokenizer
+        st = setup_trace(self.model.params, self.model.cfg, self.tc_cfg, self.tc_params, ids,
+                         config, token_strings=tok.token_strings(ids, merge=True),
+                         logit_strings=lambda t: tok.token_strings([int(i) for i in t]),
+                         targets=targets, check_size=False)
+        return st, plan_modes(st, config, self.model.cfg.n_layers)
 
     def trace(self, config: TraceConfig, progress: bool = False) -> Graph:
         config, ids, targets = self.prepare(config)

@@ -32,6 +32,10 @@ def register(sub) -> None:
     p.add_argument("--out", "-o", default="out/trace",
                    help="Output directory (graph.npz, config.json, graph.json), or a .npz path "
                    "(the JSON goes beside it). Default: out/trace")
+    p.add_argument("--plan", action="store_true",
+                   help="Print the predicted peak memory, disk and time of a dense, a streamed "
+                   "and a capped trace of PROMPT on this device (after the forward pass and one "
+                   "measured batch of rows), and stop: nothing is traced or written.")
     p.add_argument("--no-progress", action="store_true", help="No progress bar.")
     distributed.add_arguments(p, "split --prompts over the processes (each traces every n-th "
                               "prompt; process 0 writes the summary)")
@@ -65,8 +69,12 @@ def _trace(args) -> int:
     if args.distributed and args.prompts is None:
         raise ConfigError("--distributed splits --prompts over processes: give --prompts FILE")
     config = from_arguments(TraceConfig, args, prompt=args.prompt or "")
+    if args.plan and args.prompts is not None:
+        raise ConfigError("--plan predicts one prompt's trace: give a PROMPT, not --prompts")
     if args.prompts is not None:
         return _trace_many(config, args)
+    if args.plan:
+        return _plan(config, args)
     from attribution.trace import trace
 
     graph_path, json_path = _check_outputs(args.out)
@@ -76,6 +84,36 @@ def _trace(args) -> int:
         jax.config.update("jax_enable_x64", True)  # float64 traces need it; the flag asks for it
     graph = trace(config, progress=not args.no_progress)
     _write(graph, config, graph_path, json_path, progress=not args.no_progress)
+    return 0
+
+
+def _plan(config, args) -> int:
+    """`--plan`: the predicted cost of each mode, as a table; nothing written."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from attribution.trace import Tracer, check_prompt
+
+    check_prompt(config)
+    if config.dtype == "float64":
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+    st, plans = Tracer(config, not args.no_progress).plan(config)
+    t = Table(title=f"plan: {st.n_pos} tokens, {st.n_all} active features, {st.n_err} error "
+              f"nodes, {st.n_logit} targets; batch {st.batch}")
+    for c in ("mode", "features kept", "rows", "batches", "compilations", "peak memory",
+              "disk (--save-full)", "time", "of which rows", ""):
+        t.add_column(c, justify="left" if c in ("mode", "") else "right")
+    for p in plans:
+        note = ("refused: " + p.refused.split(";")[0]) if p.refused else (
+            "<- this command" if p.chosen else "")
+        t.add_row(p.mode, str(p.features_kept), str(p.rows), str(p.batches),
+                  str(p.compilations), f"{p.peak_gb:.2f} GB", f"{p.disk_mb:.1f} MB",
+                  f"{p.seconds:.0f} s", f"{p.seconds_rows:.0f} s", note)
+    Console(width=160).print(t)
+    print("predicted after the forward pass and one measured batch of rows on this device "
+          "(attribution/plan.py); the default graph file holds the pruned graph only")
     return 0
 
 

@@ -1,0 +1,190 @@
+"""How much memory, disk and time a trace will take, predicted after the forward pass and before
+any row (`cltrace trace --plan`).
+
+After the forward pass the tracer knows every active feature, so it knows each mode's rows, its
+batches (each on its position prefix, its sweep stopping above its highest target layer: see
+`attribution.trace._rows`), and the size of every array it will hold. The planner then measures
+this device once:
+- one batch of rows at the longest prefix and the deepest sweep (the logit batch, made twice:
+  the first call's extra time is compilation, the second is the batch's run time);
+- one host pass over a block of float32 (abs, row sums, a matrix-vector product: what pruning,
+  influence and scores are made of), as seconds per element.
+
+Predicted time = compilation x distinct prefixes + every batch's run time, scaled from the
+measured batch by its prefix length and sweep depth (cost ~ P/T x (l+1)/L) + the host passes of
+influence, pruning and scores over the graph held (~(2 L + 12) passes over it: influence iterates
+once per layer of path length, twice: for pruning and for the scores). Predicted peak memory =
+the process's resident memory after the measured batch (model, transcoder, replacement model,
+one batch's buffers, compiled programs) + the arrays the mode holds: the dense adjacency and
+pruning's copies of it (|A|, edge scores, the kept-edge mask: `DENSE_BYTES` bytes per entry), a
+streamed trace's stored graph and its row batches, a capped trace's row buffer. Disk: the
+`--save-full` graph (every nonzero edge as float16 + int32 column; about half of a row's sources
+are upstream of it); the default slim file holds the pruned graph only and is smaller.
+
+`scripts/bench_trace.py --plan` checks predictions against measured runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from attribution.stream import DENSE_BYTES, chunks, stream_batches
+
+EDGE_FILE_BYTES = 6  # float16 value + int32 column per stored edge
+NONZERO_SHARE = 0.5  # of a row's sources, roughly those upstream of it
+
+
+@dataclass(frozen=True)
+class ModePlan:
+    """One way to trace the prompt: what it makes and holds, and what it costs."""
+
+    mode: str  # "dense", "stream", "capped"
+    features_kept: int  # feature nodes of the stored graph
+    rows: int  # rows made (targets of backward sweeps)
+    batches: int
+    compilations: int  # distinct position prefixes
+    peak_gb: float
+    disk_mb: float
+    seconds: float
+    seconds_rows: float
+    seconds_host: float
+    refused: str = ""  # why the tracer would refuse it (over max_adjacency_gb), else ""
+    chosen: bool = False  # what the given config runs
+
+
+@dataclass(frozen=True)
+class Measured:
+    """This device, measured by the planner."""
+
+    base_gb: float  # resident memory after one full batch
+    batch_seconds: float  # one full-prefix, full-depth batch, compiled
+    compile_seconds: float  # its compilation (first call minus second)
+    host_seconds_per_element: float  # one host pass over a float32 element
+
+    def batch(self, P: int, layer: int, T: int, L: int) -> float:
+        return self.batch_seconds * (P / T) * (min(layer + 1, L) / L)
+
+
+def _rss_gb() -> float:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**30
+    except ImportError:  # Linux without psutil
+        import os
+
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def measure(st, n_layers: int) -> Measured:
+    """Time one logit batch twice (compilation, then run) and a host pass; the RSS after."""
+    make = st.make
+    L, T = n_layers, st.n_pos
+    vec = st.logit_dirs[:make.batch]
+    layer = np.full(len(vec), L, np.int32)
+    pos = np.full(len(vec), T - 1, np.int32)
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        make(layer, pos, vec)
+        times.append(time.perf_counter() - t0)
+    a = np.random.default_rng(0).standard_normal((1024, 2048)).astype(np.float32)
+    w = np.ones(1024, np.float32)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        h = np.abs(a)
+        s = h.sum(axis=1)
+        (w / np.maximum(s, 1e-10)) @ h
+    per_element = (time.perf_counter() - t0) / (3 * a.size)
+    return Measured(_rss_gb(), times[1], max(times[0] - times[1], 0.0), per_element)
+
+
+def _batch_costs(st, m: Measured, L: int, batches) -> tuple[float, set]:
+    seconds, prefixes = 0.0, set()
+    for b in batches:
+        P = st.make.prefix_length(st.active.pos[b])
+        prefixes.add(P)
+        seconds += m.batch(P, int(st.active.layer[b].max()), st.n_pos, L)
+    return seconds, prefixes
+
+
+def plan_modes(st, config, n_layers: int, m: Measured | None = None) -> list[ModePlan]:
+    """Dense, streamed and capped plans for the prompt of `st` (a `TraceSetup`) under `config`
+    (its max_feature_nodes for the capped plan, else 1/8 of the active features)."""
+    from attribution.stream import use_stream
+
+    m = m or measure(st, n_layers)
+    L, T, B = n_layers, st.n_pos, st.batch
+    n_all, n_err, n_logit, n_src = st.n_all, st.n_err, st.n_logit, st.n_src
+    logit_batches = -(-n_logit // B)
+    logit_seconds = logit_batches * m.batch_seconds
+    host = m.host_seconds_per_element
+    passes = 2 * L + 12
+    out = []
+
+    def refused(cfg) -> str:
+        try:
+            use_stream(cfg, n_all, cfg.max_feature_nodes if cfg.max_feature_nodes is not None
+                       else n_all, n_src, n_err, T, n_logit)
+        except ValueError as e:
+            return str(e)
+        return ""
+
+    def add(mode, kept, rows, batches, prefixes, rows_s, held_gb, host_s, disk_nnz, cfg):
+        compile_s = m.compile_seconds * len(prefixes | {T})
+        out.append(ModePlan(
+            mode, kept, rows, batches, len(prefixes | {T}), round(m.base_gb + held_gb, 3),
+            round(disk_nnz * EDGE_FILE_BYTES / 2**20, 2),
+            round(compile_s + rows_s + logit_seconds + host_s, 2),
+            round(compile_s + rows_s + logit_seconds, 2), round(host_s, 2), refused(cfg)))
+
+    # Dense: every feature's row, in graph order.
+    feat = chunks(np.arange(n_all), B)
+    rows_s, prefixes = _batch_costs(st, m, L, feat)
+    N = n_all + n_err + T + n_logit
+    add("dense", n_all, n_all + n_logit, len(feat) + logit_batches, prefixes, rows_s,
+        N * N * DENSE_BYTES / 2**30, host * N * N * passes,
+        (n_all + n_logit) * n_src * NONZERO_SHARE,
+        dataclasses.replace(config, adjacency="dense", max_feature_nodes=None))
+
+    # Streamed: every row once, top layer first, folded; then the kept features' rows again.
+    keep = min(config.stream_features, n_all)
+    sb = stream_batches(st.active, L, B)
+    rows_s, prefixes = _batch_costs(st, m, L, sb)
+    again = rows_s * keep / max(n_all, 1)
+    S = keep + n_err + T + n_logit
+    fold_s = host * (n_all + n_logit) * n_src * 2  # |rows| and their spread, batch by batch
+    add("stream", keep, n_all + n_logit + keep, len(sb) + logit_batches + -(-keep // B),
+        prefixes, rows_s + again, (S * S * DENSE_BYTES + 3 * B * n_src * 4) / 2**30,
+        host * S * S * passes + fold_s, (keep + n_logit) * (S - n_logit) * NONZERO_SHARE,
+        dataclasses.replace(config, adjacency="stream", max_feature_nodes=None))
+
+    # Capped: the greedy visit's `cap` rows (rank by influence every update_interval batches).
+    cap = (min(config.max_feature_nodes, n_all) if config.max_feature_nodes is not None
+           else max(1, n_all // 8))
+    # The visit picks features by influence from every position, so its batches run on the
+    # whole prompt; each layer-sorted batch spans a few layers (cost: the mean layer's).
+    n_b = -(-cap // B)
+    mean_layer = float(st.active.layer.mean()) if n_all else 0.0
+    visit_rows_s = n_b * m.batch(T, int(round(mean_layer)), T, L)
+    updates = -(-n_b // config.update_interval)
+    visit_s = sum(host * (n_logit + min(cap, (u + 1) * config.update_interval * B)) * n_src
+                  * (L + 2) for u in range(updates))
+    Nc = cap + n_err + T + n_logit
+    buf = (n_logit + cap) * n_src * 4
+    add("capped", cap, cap + n_logit, n_b + logit_batches, set(), visit_rows_s,
+        (2 * buf + Nc * Nc * DENSE_BYTES) / 2**30, visit_s + host * Nc * Nc * passes,
+        (cap + n_logit) * (Nc - n_logit) * NONZERO_SHARE,
+        dataclasses.replace(config, max_feature_nodes=cap))
+
+    chosen = ("capped" if config.max_feature_nodes is not None and config.max_feature_nodes
+              < n_all else "stream" if st.streamed else "dense")
+    return [dataclasses.replace(p, chosen=p.mode == chosen) for p in out]
+
+
+__all__ = ["DENSE_BYTES", "Measured", "ModePlan", "measure", "plan_modes"]

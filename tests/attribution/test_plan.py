@@ -1,0 +1,105 @@
+"""The trace planner (`attribution.plan`, `cltrace trace --plan`): the work it counts is the
+work a trace does (rows, batches, position prefixes, counted by wrapping the tracer's row maker
+during real traces), it writes nothing, and auto mode streams when the dense graph would not fit
+in memory. Its time and memory predictions are checked against measured runs by
+`scripts/bench_plan.py` (not timed here)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from attribution.plan import Measured, plan_modes
+from attribution.trace import TraceConfig, setup_trace, trace_tokens
+from clt.lm import load_model
+from cltrace.cli import main
+from tests.attribution.helpers import random_transcoder
+
+trace_mod = importlib.import_module("attribution.trace")  # the package exports trace()
+stream_mod = importlib.import_module("attribution.stream")
+IDS = [5, 9, 3, 17, 22, 8, 40, 11, 2, 30]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dirs):
+    m = load_model(tiny_dirs("llama"))
+    cfg, p = random_transcoder(m.cfg, 16)
+    p = dataclasses.replace(p, log_threshold=jnp.full_like(p.log_threshold, np.log(0.05)))
+    return m, cfg, p
+
+
+class _Counter:
+    """Wraps `_RowMaker.__call__`: the batches a trace makes and their position prefixes."""
+
+    def __init__(self, monkeypatch):
+        self.calls, self.prefixes, self.rows = 0, set(), 0
+        real = trace_mod._RowMaker.__call__
+
+        def counted(maker, layer, pos, vec, host=True, padded=False):
+            self.calls += 1
+            self.rows += len(layer)
+            self.prefixes.add(maker.prefix_length(np.asarray(pos)))
+            return real(maker, layer, pos, vec, host, padded)
+
+        monkeypatch.setattr(trace_mod._RowMaker, "__call__", counted)
+
+
+FAKE = Measured(base_gb=1.0, batch_seconds=0.5, compile_seconds=2.0,
+                host_seconds_per_element=1e-9)
+
+
+@pytest.mark.parametrize("mode,fields", [
+    ("dense", {"adjacency": "dense"}),
+    ("stream", {"adjacency": "stream", "stream_features": 20}),
+    ("capped", {"max_feature_nodes": 24, "update_interval": 2}),
+])
+def test_plan_counts_the_work_of_the_trace(tiny, monkeypatch, mode, fields):
+    m, cfg, p = tiny
+    config = TraceConfig(prompt="x", batch_size=8, position_bucket=4, **fields)
+    st = setup_trace(m.params, m.cfg, cfg, p, IDS, config)
+    assert st.n_all > 40  # enough features for several batches per layer
+    plan = {q.mode: q for q in plan_modes(st, config, m.cfg.n_layers, FAKE)}[mode]
+    assert plan.chosen
+    counter = _Counter(monkeypatch)
+    g = trace_tokens(m.params, m.cfg, cfg, p, IDS, config)
+    assert plan.rows == counter.rows
+    assert plan.batches == counter.calls
+    assert plan.compilations == len(counter.prefixes)
+    assert plan.features_kept == g.ranges.feature.stop
+    # Time: compilation per prefix + each batch's scaled cost; memory above the base.
+    assert plan.seconds >= FAKE.compile_seconds * plan.compilations
+    assert plan.peak_gb >= FAKE.base_gb and plan.disk_mb > 0
+
+
+def test_plan_flag_prints_every_mode_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    m = load_model("smollm2-135m")
+    tc_cfg, p = random_transcoder(m.cfg, 8, max_reach=1)
+    p = dataclasses.replace(p, log_threshold=jnp.full_like(p.log_threshold, np.log(0.5)))
+    from clt.transcoder import save
+
+    save(tmp_path / "tc", tc_cfg, p)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    rc = main(["trace", "The capital of France is", "--model", "smollm2-135m", "--transcoder",
+               str(tmp_path / "tc"), "--plan", "--no-progress", "--max-adjacency-gb", "1e-6"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    for mode in ("dense", "stream", "capped"):
+        assert f"│ {mode}" in out
+    assert "refused" in out  # 1e-6 GB: the dense graph is over it, and so is the stored one
+    assert list(work.iterdir()) == []
+
+
+def test_auto_streams_when_the_dense_graph_would_not_fit(monkeypatch):
+    config = TraceConfig(prompt="x")
+    args = dict(n_all=5000, cap=5000, n_src=5300, n_err=290, T=10, n_logit=10)
+    assert not stream_mod.use_stream(config, **args)
+    n = 5000 + 290 + 10 + 10
+    monkeypatch.setattr(stream_mod, "available_bytes", lambda: n * n * 13 / 0.9 * 0.99)
+    assert stream_mod.use_stream(config, **args)
+    assert not stream_mod.use_stream(dataclasses.replace(config, adjacency="dense"), **args)
