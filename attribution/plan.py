@@ -171,7 +171,7 @@ def plan_modes(st, config, n_layers: int, m: Measured | None = None) -> list[Mod
     # whole prompt; each layer-sorted batch spans a few layers (cost: the mean layer's).
     n_b = -(-cap // B)
     mean_layer = float(st.active.layer.mean()) if n_all else 0.0
-    visit_rows_s = n_b * m.batch(T, int(round(mean_layer)), T, L)
+    visit_rows_s = n_b * m.batch(T, round(mean_layer), T, L)
     updates = -(-n_b // config.update_interval)
     visit_s = sum(host * (n_logit + min(cap, (u + 1) * config.update_interval * B)) * n_src
                   * (L + 2) for u in range(updates))

@@ -39,7 +39,7 @@ PROMPTS = [
 
 def _run(cmd: list[str], env: dict) -> float:
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
     if r.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{r.stderr[-2000:]}")
     return time.perf_counter() - t0

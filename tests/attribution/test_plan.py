@@ -97,7 +97,7 @@ def test_plan_flag_prints_every_mode_and_writes_nothing(tmp_path, monkeypatch, c
 
 def test_auto_streams_when_the_dense_graph_would_not_fit(monkeypatch):
     config = TraceConfig(prompt="x")
-    args = dict(n_all=5000, cap=5000, n_src=5300, n_err=290, T=10, n_logit=10)
+    args = {"n_all": 5000, "cap": 5000, "n_src": 5300, "n_err": 290, "T": 10, "n_logit": 10}
     assert not stream_mod.use_stream(config, **args)
     n = 5000 + 290 + 10 + 10
     monkeypatch.setattr(stream_mod, "available_bytes", lambda: n * n * 13 / 0.9 * 0.99)
