@@ -11,7 +11,8 @@ this device once:
   influence and scores are made of), as seconds per element.
 
 Predicted time = compilation x distinct prefixes + every batch's run time, scaled from the
-measured batch by its prefix length and sweep depth (cost ~ P/T x (l+1)/L) + the host passes of
+measured batch by their arithmetic (`_RowMaker.flops`: prefix length, sweep depth, the active
+slots its decoder contraction reads) + the host passes of
 influence, pruning and scores over the graph held (~(2 L + 12) passes over it: influence iterates
 once per layer of path length, twice: for pruning and for the scores). Predicted peak memory =
 the process's resident memory after the measured batch (model, transcoder, replacement model,
@@ -65,8 +66,13 @@ class Measured:
     compile_seconds: float  # its compilation (first call minus second)
     host_seconds_per_element: float  # one host pass over a float32 element
 
-    def batch(self, P: int, layer: int, T: int, L: int) -> float:
-        return self.batch_seconds * (P / T) * (min(layer + 1, L) / L)
+    full_flops: float = 0.0  # the measured batch's arithmetic (`_RowMaker.flops`)
+
+    def batch(self, make, P: int, layer: int) -> float:
+        """A batch's seconds: the measured one's, scaled by their arithmetic."""
+        if not self.full_flops:
+            return self.batch_seconds
+        return self.batch_seconds * make.flops(P, layer) / self.full_flops
 
 
 def _rss_gb() -> float:
@@ -101,7 +107,8 @@ def measure(st, n_layers: int) -> Measured:
         s = h.sum(axis=1)
         (w / np.maximum(s, 1e-10)) @ h
     per_element = (time.perf_counter() - t0) / (3 * a.size)
-    return Measured(_rss_gb(), times[1], max(times[0] - times[1], 0.0), per_element)
+    return Measured(_rss_gb(), times[1], max(times[0] - times[1], 0.0), per_element,
+                    make.flops(make.prefix_length(pos), L))
 
 
 def _batch_costs(st, m: Measured, L: int, batches) -> tuple[float, set]:
@@ -109,7 +116,7 @@ def _batch_costs(st, m: Measured, L: int, batches) -> tuple[float, set]:
     for b in batches:
         P = st.make.prefix_length(st.active.pos[b])
         prefixes.add(P)
-        seconds += m.batch(P, int(st.active.layer[b].max()), st.n_pos, L)
+        seconds += m.batch(st.make, P, int(st.active.layer[b].max()))
     return seconds, prefixes
 
 
@@ -171,7 +178,8 @@ def plan_modes(st, config, n_layers: int, m: Measured | None = None) -> list[Mod
     # whole prompt; each layer-sorted batch spans a few layers (cost: the mean layer's).
     n_b = -(-cap // B)
     mean_layer = float(st.active.layer.mean()) if n_all else 0.0
-    visit_rows_s = n_b * m.batch(T, round(mean_layer), T, L)
+    visit_rows_s = n_b * m.batch(st.make, st.make.prefix_length(np.array([T - 1])),
+                                 round(mean_layer))
     updates = -(-n_b // config.update_interval)
     visit_s = sum(host * (n_logit + min(cap, (u + 1) * config.update_interval * B)) * n_src
                   * (L + 2) for u in range(updates))

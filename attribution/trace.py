@@ -384,11 +384,35 @@ class _RowMaker:
         self.first_pos = 1 if bos else 0
         self.W_enc = tc_params.W_enc
         self.out_dtype = np.float64 if dtype == jnp.float64 else np.float32
+        self.flops_run = 0.0  # arithmetic of the batches made so far (`flops`)
+        self.batches_run = 0
 
     def prefix_length(self, pos: np.ndarray) -> int:
         """Positions the batch's sweep runs on: its last target's, rounded up to the bucket."""
         need = int(pos.max()) + 1
         return min(self.n_pos, -(-need // self.bucket) * self.bucket)
+
+    def flops(self, P: int, lmax: int) -> float:
+        """Floating-point operations of one padded batch on the prefix of P positions whose
+        highest target is at layer lmax (n_layers for a logit), counted from the shapes `_rows`
+        runs: per target, each swept block's backward through the frozen attention (O and V
+        projections, the patterns) and the transcoder's skip connection; the decoder contraction
+        over every active slot of the prefix (padding slots included) for each layer the batch
+        reads; the error and embedding contractions. Norms and elementwise work are left out."""
+        c, L, D = self.cfg, self.cfg.n_layers, self.cfg.d_model
+        hd = c.head_dim
+        block = D * c.n_heads * hd + P * c.n_heads * hd + c.n_kv_heads * hd * D
+        if self.tc_params.W_skip is not None:
+            block += D * D
+        per_target = 2 * P * block * min(lmax + 1, L)
+        over_counts, _ = self.prefix_columns(P)
+        for src, n_over in zip(self.sources, over_counts):
+            reads = min(lmax, src.layer + self.tc_cfg.n_targets(src.layer)) - src.layer
+            if reads > 0:
+                slots = P * src.index.shape[1] + n_over * src.over_index.shape[1]
+                per_target += 2 * D * slots * reads
+        per_target += 2 * L * P * D + 2 * P * D
+        return float(self.batch * per_target)
 
     def prefix_columns(self, P: int) -> tuple[tuple[int, ...], tuple]:
         """Per source layer, for the prefix of P positions: its overflow tiles (static) and its
@@ -410,6 +434,8 @@ class _RowMaker:
         vec = jnp.asarray(vec)
         vec = jnp.concatenate([vec, jnp.zeros((pad, self.cfg.d_model), vec.dtype)])
         over_counts, columns = self.prefix_columns(P)
+        self.flops_run += self.flops(P, int(layer[:n].max()))
+        self.batches_run += 1
         out = _rows(self.params, self.tc_params, self.rm, self.layout, columns,
                     jnp.asarray(layer), jnp.asarray(pos), vec, model_cfg=self.cfg,
                     tc_cfg=self.tc_cfg, src_layers=self.src_layers, src_sizes=self.src_sizes,
@@ -577,6 +603,7 @@ def trace_tokens(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderCon
             selected, adjacency, extra = stream(make, active, batch, logit_dirs, infl_weights,
                                                  n_err, T, config.stream_features, bar, task)
             info["seconds_rows"] = round(time.perf_counter() - t0 - t_setup, 3)
+            info["row_flops"], info["row_batches"] = make.flops_run, make.batches_run
             return graph(selected, adjacency, **extra)
         logit_rows = np.concatenate([
             make(np.full(len(c), L, np.int32), np.full(len(c), T - 1, np.int32), logit_dirs[c])
@@ -595,6 +622,7 @@ def trace_tokens(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderCon
                                                infl_weights, n_src, config.update_interval, bar,
                                                task)
     info["seconds_rows"] = round(time.perf_counter() - t0 - t_setup, 3)
+    info["row_flops"], info["row_batches"] = make.flops_run, make.batches_run
 
     keep_cols = np.concatenate([selected, np.arange(n_all, n_src)])
     n_feat = len(selected)

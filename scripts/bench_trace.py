@@ -28,6 +28,12 @@ Usage:
     .venv/bin/python scripts/bench_trace.py --tokens 12 --adjacency dense stream
     .venv/bin/python scripts/bench_trace.py --tokens 128 1024 --out out/bench_long.json
     .venv/bin/python scripts/bench_trace.py --tokens 128 --estimate-over 1e9   # run it through
+Arithmetic: each run case reports its rows' floating-point operations (`row_gflop`, counted from
+the shapes actually run: `attribution.trace._RowMaker.flops`), this device's float32 matmul
+rate (`peak_gflops`, best of a few 2048^3 products) and the share of it reached by the rows
+alone (`rows_of_peak`) and by the whole trace call (`trace_of_peak`; `arithmetic_seconds` is
+the time the arithmetic alone would take at the peak).
+
 Writes a rich table to the terminal and the rows as JSON (`--out`, default
 out/bench_trace.json).
 """
@@ -101,7 +107,37 @@ def run_case(kind: str, n_tokens: int, mode: str, args) -> dict:
         "stored_gb": round(graph.adjacency.nbytes / 2**30, 2),
         "seconds": round(seconds, 1), "seconds_rows": graph.info["seconds_rows"],
         "seconds_scores": graph.info["seconds_scores"],  # included in seconds
-        "batch": graph.info["batch_size"], "peak_rss_gb": round(_peak_gb(), 2)}
+        "batch": graph.info["batch_size"], "peak_rss_gb": round(_peak_gb(), 2),
+        **_arithmetic(graph.info["row_flops"], graph.info["seconds_rows"], seconds)}
+
+
+def matmul_peak() -> float:
+    """This device's float32 matmul rate (FLOP/s): the best of a few 2048^3 products, compiled
+    before timing (the "peak" the rows' rate is compared with)."""
+    import jax
+    import jax.numpy as jnp
+
+    n = 2048
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def _arithmetic(flops: float, seconds_rows: float, seconds: float) -> dict:
+    """The rows' arithmetic (`_RowMaker.flops`, counted from the shapes run), its rate, and the
+    share of this device's matmul peak reached by the rows alone and by the whole trace call."""
+    peak = matmul_peak()
+    return {"row_gflop": round(flops / 1e9, 1), "peak_gflops": round(peak / 1e9, 1),
+            "rows_gflops": round(flops / seconds_rows / 1e9, 1),
+            "rows_of_peak": round(flops / seconds_rows / peak, 3),
+            "trace_of_peak": round(flops / seconds / peak, 3),
+            "arithmetic_seconds": round(flops / peak, 1)}
 
 
 def _peak_gb() -> float:
@@ -220,7 +256,8 @@ def main() -> int:
     for n, kind, mode in cases:
         cmd = [sys.executable, __file__, "--case", f"{kind}:{n}:{mode}", *passthrough]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            proc = subprocess.run(cmd, capture_output=True, text=True,
+                                  timeout=args.timeout, check=False)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")),
                         None)
             why = (proc.stderr.strip().splitlines() or ["?"])[-1]
@@ -236,7 +273,8 @@ def main() -> int:
     table = Table(title="trace: SmolLM2-135M, random transcoders, 2048 features/layer, "
                   "full graph" + ("" if args.cap is None else f", capped at {args.cap}"))
     cols = ["transcoder", "tokens", "active_per_layer_pos", "feature_rows", "full_nodes",
-            "full_edges", "adjacency", "stored_nodes", "measured", "seconds", "peak_rss_gb"]
+            "full_edges", "adjacency", "stored_nodes", "measured", "seconds", "seconds_rows",
+            "row_gflop", "rows_of_peak", "trace_of_peak", "peak_rss_gb"]
     for c in cols:
         table.add_column(c)
     for r in rows:
