@@ -128,6 +128,13 @@ class TraceConfig:
         default=4)
     node_threshold: float = doc("Pruning: keep nodes up to this share of influence.", default=0.8)
     edge_threshold: float = doc("Pruning: keep edges up to this share of influence.", default=0.98)
+    mesh_data: int = doc(
+        "Devices along the mesh's 'data' axis: each batch of rows is split over them (-1: all "
+        "devices left). 1 x 1 traces on one device.", default=1)
+    mesh_feature: int = doc(
+        "Devices along the mesh's 'feature' axis: the transcoder's features (and the "
+        "vocabulary of the embedding and unembedding) are split over them, by the training's "
+        "logical-axis rules (clt.sharding).", default=1)
     save_full: bool = doc(
         "Store every node and edge in graph.npz; by default it holds the graph pruned at "
         "node_threshold / edge_threshold, with every node's full-graph influence and activation "
@@ -150,6 +157,13 @@ class TraceConfig:
             v = getattr(self, name)
             if not (0 < v < float("inf")):  # NaN fails this too
                 raise ConfigError(f"TraceConfig.{name} must be a positive number of GB, got {v}")
+        for name in ("mesh_data", "mesh_feature"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or (v < 1 and v != -1):
+                raise ConfigError(f"TraceConfig.{name} must be a positive number of devices or "
+                                  f"-1 (all left), got {v!r}")
+        if self.mesh_data == -1 and self.mesh_feature == -1:
+            raise ConfigError("TraceConfig: only one of mesh_data / mesh_feature may be -1")
         if self.minus and not self.target:
             raise ConfigError("TraceConfig.minus needs a target: --target A --minus B attributes "
                               "the logit difference A - B")
@@ -363,29 +377,84 @@ def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, *
 
 
 # --- the whole graph -----------------------------------------------------------------------------
+def trace_mesh(config: TraceConfig):
+    """The ('data', 'feature') mesh of config.mesh_data x mesh_feature (None for 1 x 1)."""
+    if (config.mesh_data, config.mesh_feature) == (1, 1):
+        return None
+    from clt import sharding as shd
+
+    mesh = shd.make_mesh(config.mesh_data, config.mesh_feature)
+    return mesh if mesh.size > 1 else None
+
+
+def place(mesh, tc_cfg: TranscoderConfig, params: LMParams, tc_params: TranscoderParams, rm):
+    """The tracer's arrays on a mesh: the transcoder's parameters by the training's logical-axis
+    rules (features over 'feature', `clt.sharding`), the embedding and unembedding split over
+    the vocabulary on 'feature' (Gemma's 262k rows are never whole on one device), everything
+    else replicated."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from clt import sharding as shd
+
+    f = mesh.shape["feature"]
+    if tc_cfg.n_features % f:
+        raise ConfigError(f"the transcoder's {tc_cfg.n_features} features per layer do not split "
+                          f"over the mesh's feature axis ({f}); choose --mesh-feature dividing it")
+    tc_params = jax.device_put(tc_params, shd.param_shardings(tc_cfg, mesh))
+    rep_s = NamedSharding(mesh, PartitionSpec())
+
+    def vocab(a, axis):
+        if a is None or a.shape[axis] % f:
+            return jax.device_put(a, rep_s) if a is not None else None
+        spec = [None] * a.ndim
+        spec[axis] = "feature"
+        return jax.device_put(a, NamedSharding(mesh, PartitionSpec(*spec)))
+
+    params = dataclasses.replace(
+        jax.device_put(dataclasses.replace(params, embed=None, unembed=None), rep_s),
+        embed=vocab(params.embed, 0), unembed=vocab(params.unembed, 1))
+    return params, tc_params, jax.device_put(rm, rep_s)
+
+
 class _RowMaker:
     """Pads target batches to a fixed size, runs each on the shortest position prefix that holds
     its targets (rounded up to a bucket: one compilation per bucket), returns rows."""
 
     def __init__(self, params, model_cfg, tc_cfg, tc_params, rm, active, bos, batch, dtype,
-                 bucket: int = 0):
+                 bucket: int = 0, mesh=None):
         cast = (lambda t: jax.tree.map(
             lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, t))
         self.params, self.tc_params, self.rm = cast(params), cast(tc_params), cast(rm)
+        self.mesh = mesh if mesh is not None and mesh.size > 1 else None
+        if self.mesh is not None:
+            self.params, self.tc_params, self.rm = place(self.mesh, tc_cfg, self.params,
+                                                         self.tc_params, self.rm)
+            if batch % self.mesh.shape["data"]:
+                raise ConfigError(f"batch {batch} is not a multiple of the mesh's data axis "
+                                  f"({self.mesh.shape['data']})")
         self.cfg, self.tc_cfg, self.batch = model_cfg, tc_cfg, batch
         T = self.n_pos = int(rm.tokens.shape[0])
         self.bucket = bucket if bucket > 0 else max(16, -(-T // 8))
         self.sources = [Sources.build(active, s, T) for s in range(model_cfg.n_layers)
                         if np.any(active.layer == s)]
         self.src_layers = tuple(src.layer for src in self.sources)
-        self.layout = tuple(src.device() for src in self.sources)
+        self.layout = tuple(self._put(src.device()) for src in self.sources)
         self.src_sizes = tuple(len(src.pos) for src in self.sources)
         self._columns = {}  # prefix length -> prefix_columns(prefix length)
         self.first_pos = 1 if bos else 0
-        self.W_enc = tc_params.W_enc
+        self.W_enc = self.tc_params.W_enc if self.mesh is not None else tc_params.W_enc
         self.out_dtype = np.float64 if dtype == jnp.float64 else np.float32
         self.flops_run = 0.0  # arithmetic of the batches made so far (`flops`)
         self.batches_run = 0
+
+    def _put(self, tree, spec=None):
+        """On the mesh: replicated (spec None) or laid out by `spec`; unchanged without one."""
+        if self.mesh is None:
+            return tree
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        sharding = NamedSharding(self.mesh, spec if spec is not None else PartitionSpec())
+        return jax.device_put(tree, sharding)
 
     def prefix_length(self, pos: np.ndarray) -> int:
         """Positions the batch's sweep runs on: its last target's, rounded up to the bucket."""
@@ -419,7 +488,8 @@ class _RowMaker:
         features' columns (`Sources.columns`), cached."""
         if P not in self._columns:
             cols = [src.columns(P) for src in self.sources]
-            self._columns[P] = (tuple(n for n, _ in cols), tuple(jnp.asarray(c) for _, c in cols))
+            self._columns[P] = (tuple(n for n, _ in cols),
+                                tuple(self._put(jnp.asarray(c)) for _, c in cols))
         return self._columns[P]
 
     def __call__(self, layer: np.ndarray, pos: np.ndarray, vec, host: bool = True,
@@ -436,8 +506,14 @@ class _RowMaker:
         over_counts, columns = self.prefix_columns(P)
         self.flops_run += self.flops(P, int(layer[:n].max()))
         self.batches_run += 1
+        layer, pos = jnp.asarray(layer), jnp.asarray(pos)
+        if self.mesh is not None:  # the batch's targets split over 'data'
+            from jax.sharding import PartitionSpec
+
+            layer, pos = self._put((layer, pos), PartitionSpec("data"))
+            vec = self._put(vec, PartitionSpec("data", None))
         out = _rows(self.params, self.tc_params, self.rm, self.layout, columns,
-                    jnp.asarray(layer), jnp.asarray(pos), vec, model_cfg=self.cfg,
+                    layer, pos, vec, model_cfg=self.cfg,
                     tc_cfg=self.tc_cfg, src_layers=self.src_layers, src_sizes=self.src_sizes,
                     over_counts=over_counts, first_pos=self.first_pos, n_pos=P)
         out = out if padded else out[:n]
@@ -546,8 +622,12 @@ def setup_trace(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderConf
     if dtype == jnp.float64 and not jax.config.jax_enable_x64:
         raise ConfigError("dtype float64 needs jax.config.update('jax_enable_x64', True)")
     batch = batch_size(config, model_cfg, T)
+    mesh = trace_mesh(config)
+    if mesh is not None:  # each device makes batch / data rows: a multiple of the data axis
+        d = mesh.shape["data"]
+        batch = -(-batch // d) * d
     make = _RowMaker(params, model_cfg, tc_cfg, tc_params, rm, active, bos, batch, dtype,
-                     config.position_bucket)
+                     config.position_bucket, mesh)
     return TraceSetup(ids, bos, list(token_strings), rm, active, logit_toks, names, logit_probs,
                       weights, logit_dirs, target_info, err_layer, err_pos, cap, streamed, batch,
                       make, time.perf_counter() - t0)

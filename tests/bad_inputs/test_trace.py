@@ -36,6 +36,10 @@ BAD = [
                             ("node-threshold", "x", "a number"),
                             ("stream-features", "1e3", "an integer"))],
     Case(("trace", P, "--no-such-flag"), "unrecognized arguments"),
+    *[Case(("trace", P, f"--mesh-{axis}", v), f"TraceConfig.mesh_{axis} must be a positive "
+           "number of devices or -1") for axis in ("data", "feature") for v in ("0", "-2")],
+    Case(("trace", P, "--mesh-data", "-1", "--mesh-feature", "-1"), "only one of mesh_data"),
+    Case(("trace", P, "--plan", "--prompts", "{tmp}/p.txt"), "give a PROMPT or --prompts"),
     Case(("trace", P, "--minus", " Paris"), "minus needs a target"),
     Case(("trace", P, "--target", " a", "--target", " a"), "a token is repeated"),
     Case(("trace", P, "--target", ""), "an empty string is no token"),
