@@ -1,10 +1,11 @@
-"""Commands that test a graph: `cltrace steer`, `cltrace direction` (flags generated from
-`attribution.interventions.SteerConfig` / `DirectionConfig`; `cltrace lens`, which draws a page,
-is in `viewer.cli`).
+"""Commands that test a graph: `cltrace steer`, `cltrace direction`, `cltrace probe` (flags
+generated from `attribution.interventions.SteerConfig` / `DirectionConfig` and
+`attribution.probe.ProbeConfig`; `cltrace lens`, which draws a page, is in `viewer.cli`).
 
     cltrace steer "PROMPT" --transcoder PATH --set 12:345@5=0 --max-new-tokens 20
     cltrace steer "PROMPT" --vector v.npy --layer 10 --alpha 0.3
     cltrace direction --positive pos.txt --negative neg.txt --layer 10 -o v.npy
+    cltrace probe --positive fr.txt --negative en.txt -o out/probe   (attribution.probe)
 
 Every value is checked by the config dataclasses (one-line ConfigError) and every path before the
 model loads; the prompt's length is checked right after tokenising, before any generation; the
@@ -24,6 +25,8 @@ from clt.configs import ConfigError, add_arguments, from_arguments
 
 def register(sub) -> None:
     from attribution.interventions import DirectionConfig, SteerConfig
+    from attribution.probe import ProbeConfig
+    from attribution.probe import run as run_probe
 
     p = sub.add_parser(
         "steer", help="Intervene on features (or steer with a direction) and compare outputs.",
@@ -41,6 +44,19 @@ def register(sub) -> None:
                        "sets (one prompt per line).")
     add_arguments(p, DirectionConfig)
     p.set_defaults(run=_direction)
+
+    p = sub.add_parser(
+        "probe", help="Logistic-regression probe at every layer: where is a property linearly "
+        "readable?", description="Fit one L2-regularised logistic regression per point of the "
+        "residual stream (the embeddings, then after every block) on labelled texts, one example "
+        "per line of --positive (label 1) and --negative (label 0), or per row of --data JSONL "
+        "({\"text\": ..., \"label\": 0/1}). Each example is read at its last token (--pool last) "
+        "or as the mean over its tokens, BOS left out (--pool mean). Prints train and held-out "
+        "accuracy per layer and the chance level; writes results.json, accuracy.svg, probe.npz, "
+        "config.json and directions/layerL.npy, a vector for `cltrace steer --vector ... "
+        "--layer L` (towards label 1).")
+    add_arguments(p, ProbeConfig)
+    p.set_defaults(run=run_probe)
 
 
 def _prompt_ids(model, prompt: str) -> list[int]:
@@ -199,7 +215,10 @@ def _check_model_fit(sc, model_cfg) -> None:
                           f"vocabulary), got {sc.k}")
 
 
-def _read_prompts(path: str, flag: str) -> list[str]:
+def read_lines(path: str, flag: str, what: str = "prompts") -> list[str]:
+    """The non-blank lines of a UTF-8 text file given by `flag`, stripped: one prompt (or
+    example) each; one-line errors for a missing, unreadable or empty file (before any model
+    loads). Shared by `cltrace direction` and `cltrace probe`."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(f"{flag} {p}: " + ("a directory, not a text file" if p.is_dir()
@@ -210,8 +229,22 @@ def _read_prompts(path: str, flag: str) -> list[str]:
         raise ConfigError(f"{flag} {p} is not readable UTF-8 text ({type(e).__name__})") from None
     lines = [x.strip() for x in text.splitlines() if x.strip()]
     if not lines:
-        raise ConfigError(f"{flag} {p} holds no prompts (one per line)")
+        raise ConfigError(f"{flag} {p} holds no {what} (one per line)")
     return lines
+
+
+def prompt_token_lists(model, prompts: list[str], flag: str) -> list[list[int]]:
+    """Each prompt's token ids (BOS prepended); a prompt too long for the model is named by its
+    flag and number."""
+    if model.tokenizer is None:
+        _prompt_ids(model, "x")  # the one-line "no tokenizer" error
+    out = []
+    for i, s in enumerate(prompts, 1):
+        try:
+            out.append(_prompt_ids(model, s))
+        except ConfigError as e:
+            raise ConfigError(f"{flag}: prompt {i}: {e}") from None
+    return out
 
 
 def _direction(args) -> int:
@@ -221,14 +254,14 @@ def _direction(args) -> int:
 
     dc = from_arguments(DirectionConfig, args)
     out = check_output_file(dc.out)
-    positive = _read_prompts(dc.positive, "--positive")
-    negative = _read_prompts(dc.negative, "--negative")
+    positive = read_lines(dc.positive, "--positive")
+    negative = read_lines(dc.negative, "--negative")
     model = load_model(dc.model)
     if dc.layer >= model.cfg.n_layers:
         raise ConfigError(f"DirectionConfig.layer must be in 0..{model.cfg.n_layers - 1} (the "
                           f"model's blocks), got {dc.layer}")
-    pos = [_prompt_ids(model, s) for s in positive]
-    neg = [_prompt_ids(model, s) for s in negative]
+    pos = prompt_token_lists(model, positive, "--positive")
+    neg = prompt_token_lists(model, negative, "--negative")
     v = np.asarray(diff_of_means(model.params, model.cfg, pos, neg, dc.layer, dc.position),
                    np.float32)
     norm = float(np.linalg.norm(v))

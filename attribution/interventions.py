@@ -28,12 +28,13 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 from attribution import replacement as rep
 from clt import transcoder as tcm
@@ -271,8 +272,9 @@ class DirectionConfig:
     layer: int = doc("Residual stream after this block (0 = the first).")
     out: str = doc("Output .npy file (written exactly there).", short="-o")
     model: str = doc("Model name or path.", default="smollm2-135m")
-    position: Literal["last", "mean"] = doc("Which positions' residuals to average.",
-                                            default="last")
+    position: Literal["last", "mean"] = doc(
+        "Which residual of each prompt: last = its last token; mean = the mean over its tokens, "
+        "the BOS left out.", default="last")
 
     def __post_init__(self):
         c = "DirectionConfig"
@@ -380,18 +382,77 @@ def _resid_after(params: LMParams, model_cfg: ModelConfig, ids,
     return cap.resid_pre[layer + 1, 0] if layer + 1 < model_cfg.n_layers else cap.resid_final[0]
 
 
+def _first_real(model_cfg: ModelConfig, ids: list[int]) -> int:
+    """1 when position 0 is the BOS of a longer prompt (an attention sink whose residual is the
+    same for every prompt and often many times the others' norm: left out of averages), else 0."""
+    return 1 if (len(ids) > 1 and model_cfg.bos_token_id is not None
+                 and ids[0] == model_cfg.bos_token_id) else 0
+
+
+@partial(jax.jit, static_argnames=("model_cfg", "position"))
+def _pooled_batch(params: LMParams, model_cfg: ModelConfig, tokens: Int[Array, "batch pos"],
+                  lengths: Int[Array, " batch"], first: Int[Array, " batch"],
+                  position: str) -> Float[Array, "batch stream d_model"]:
+    # Only the captures are returned, so XLA drops the unembedding (for Gemma-3 more FLOPs than
+    # the blocks). Right padding changes no real position: attention is causal.
+    real = jnp.arange(tokens.shape[1])[None] < lengths[:, None]
+    _, cap = forward(params, model_cfg, tokens, attention_mask=real,
+                     capture=("resid_pre", "resid_final"))
+    streams = jnp.concatenate([cap.resid_pre, cap.resid_final[None]], 0).astype(jnp.float32)
+    streams = jnp.moveaxis(streams, 0, 1)  # [batch, stream, pos, d_model]
+    if position == "last":
+        return jnp.take_along_axis(streams, (lengths - 1)[:, None, None, None], axis=2)[:, :, 0]
+    pos = jnp.arange(tokens.shape[1])[None]
+    w = (real & (pos >= first[:, None])).astype(jnp.float32)
+    w = w / w.sum(1, keepdims=True)
+    return jnp.einsum("bp,bspd->bsd", w, streams)
+
+
+def residual_streams(params: LMParams, model_cfg: ModelConfig, token_lists: list[list[int]],
+                     position: Literal["last", "mean"] = "last",
+                     batch_size: int = 16) -> Float[np.ndarray, "example stream d_model"]:
+    """One vector per prompt at every point of the residual stream: stream 0 is the embedding
+    (entering block 0), stream l + 1 the residual after block l (where `SteerHook(l)` adds; the
+    last one enters the final norm). `position`: the prompt's last token, or the mean over its
+    tokens with a leading BOS left out (`_first_real`). Prompts run in batches, right-padded to
+    a multiple of 16 tokens (one compilation per length bucket); the result is in prompt order."""
+    if not token_lists:
+        raise ConfigError("no prompts to read residuals from")
+    if position not in ("last", "mean"):
+        raise ConfigError(f"position must be 'last' or 'mean', got {position!r}")
+    lengths = np.array([len(t) for t in token_lists])
+    if lengths.min() < 1 or lengths.max() > model_cfg.max_position:
+        raise ConfigError(f"prompt lengths must be in 1..{model_cfg.max_position} tokens, got "
+                          f"{lengths.min()}..{lengths.max()}")
+    order = np.argsort(lengths, kind="stable")  # similar lengths share a batch and a bucket
+    out = np.zeros((len(token_lists), model_cfg.n_layers + 1, model_cfg.d_model), np.float32)
+    B = min(batch_size, len(token_lists))
+    for start in range(0, len(order), B):
+        rows = order[start:start + B]
+        rows_full = np.concatenate([rows, np.repeat(rows[:1], B - len(rows))])  # one batch shape
+        T = min(model_cfg.max_position, -(-int(lengths[rows].max()) // 16) * 16)
+        tokens = np.zeros((B, T), np.int32)
+        for i, r in enumerate(rows_full):
+            tokens[i, :lengths[r]] = token_lists[r]
+        first = np.array([_first_real(model_cfg, token_lists[r]) for r in rows_full], np.int32)
+        pooled = _pooled_batch(params, model_cfg, jnp.asarray(tokens),
+                               jnp.asarray(lengths[rows_full], jnp.int32), jnp.asarray(first),
+                               position)
+        out[rows] = np.asarray(pooled)[:len(rows)]
+    return out
+
+
 def mean_residual(params: LMParams, model_cfg: ModelConfig, token_lists: list[list[int]],
                   layer: int,
                   position: Literal["last", "mean"] = "last") -> Float[Array, " d_model"]:
-    """Mean over prompts of the residual stream after block `layer` (last token, or the mean over
-    each prompt's tokens)."""
+    """Mean over prompts of the residual stream after block `layer` (each prompt's last token,
+    or the mean over its tokens, BOS left out: `residual_streams`)."""
     if not token_lists:
         raise ConfigError("a difference of means needs at least one prompt on each side")
-    vecs = []
-    for ids in token_lists:
-        r = _resid_after(params, model_cfg, ids, layer)
-        vecs.append(r[-1] if position == "last" else r.mean(0))
-    return jnp.stack(vecs).mean(0)
+    if not 0 <= layer < model_cfg.n_layers:
+        raise ConfigError(f"layer {layer} out of range 0..{model_cfg.n_layers - 1}")
+    return jnp.asarray(residual_streams(params, model_cfg, token_lists, position)[:, layer + 1]
+                       .mean(0))
 
 
 def diff_of_means(params, model_cfg, positive: list[list[int]], negative: list[list[int]],
@@ -407,9 +468,7 @@ def residual_norm(params: LMParams, model_cfg: ModelConfig, ids: list[int], laye
     `layer` over the prompt's positions, the BOS excluded (an attention sink whose norm is often
     many times the others'), on the unsteered prompt."""
     r = _resid_after(params, model_cfg, ids, layer).astype(jnp.float32)
-    first = 1 if (len(ids) > 1 and model_cfg.bos_token_id is not None
-                  and ids[0] == model_cfg.bos_token_id) else 0
-    return float(jnp.linalg.norm(r[first:], axis=-1).mean())
+    return float(jnp.linalg.norm(r[_first_real(model_cfg, ids):], axis=-1).mean())
 
 
 @dataclass(frozen=True)
@@ -508,5 +567,5 @@ __all__ = [
     "STEER_UNIT", "DirectionConfig", "FeatureEdit", "LensConfig", "SteerConfig", "SteerHook",
     "Steering", "diff_of_means", "edit_spec", "feature_direction", "free_logits",
     "frozen_effects", "frozen_logits", "greedy_continue", "logit_lens", "mean_residual",
-    "parse_edit", "residual_norm", "steered_logits", "steering_vector",
+    "parse_edit", "residual_norm", "residual_streams", "steered_logits", "steering_vector",
 ]
