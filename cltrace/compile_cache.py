@@ -38,7 +38,7 @@ def enable(path: str | Path | None = None) -> Path | None:
 
     jax.config.update("jax_compilation_cache_dir", str(d))
     # Cache every program that took a noticeable time to compile, whatever its size.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return d
 

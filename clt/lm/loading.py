@@ -149,13 +149,14 @@ def _load_cached(name_or_path: str, kind: str, path: Path, stamp: int, dtype_nam
 
         cached = model_cache.read(path, label, with_tokenizer)
         if cached is not None:
-            cfg, tensors, tok = cached
+            cfg, params, tok = cached
         else:
             from clt.lm.gguf_io import read_gguf
 
             cfg, tensors, reader = read_gguf(path, name=label)
             tok = tokenizer_from_gguf(reader, cfg.bos_token_id, cfg.eos_token_ids)
-            model_cache.write(path, cfg, tensors, tok)  # the next process reads this
+            params = assemble(cfg, tensors.get, str(path))
+            model_cache.write(path, cfg, params, tok)  # the next process reads this
             if not with_tokenizer:
                 tok = None
     else:
@@ -169,7 +170,7 @@ def _load_cached(name_or_path: str, kind: str, path: Path, stamp: int, dtype_nam
         tensors = canonical_tensors(cfg, read_safetensors_dir(path))
         tok = tokenizer_from_dir(path, cfg.bos_token_id, cfg.eos_token_ids) \
             if with_tokenizer and (path / "tokenizer.json").exists() else None
-    params = assemble(cfg, tensors.get, str(path))
+        params = assemble(cfg, tensors.get, str(path))
     if dtype != jnp.float32:
         params = cast_params(params, dtype)
     return LoadedModel(cfg, params, tok, str(path))

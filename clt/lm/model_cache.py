@@ -5,7 +5,9 @@ reader parses every metadata field in Python (the 49k-token vocabulary alone is 
 dequantizes every tensor, and the tokenizer is rebuilt through transformers' converters. The
 first load writes what it produced, as a cltrace command needs it, to
 `<cache root>/models/<file name>-<size>-<mtime>/` (`clt.io.cache_root`): the model config
-(JSON), its canonical float32 tensors (`tensors.safetensors`) and the tokenizer
+(JSON), its parameters as the model runs them (float32, stacked over layers and transposed:
+`params.safetensors`, `clt.lm.params.flatten_params`; assembling them from the GGUF layout took
+another ~1-2 s per load) and the tokenizer
 (`tokenizer.json` plus BOS / EOS / chat template). Later loads read those (memory-mapped
 safetensors, the `tokenizers` JSON) in well under a second. The key holds the file's size and
 modification time, so an edited or replaced file is converted again; the folder is written
@@ -26,7 +28,7 @@ from clt.configs import from_dict, to_dict
 from clt.io import cache_root
 
 OFF_VAR = "CLTRACE_MODEL_CACHE"
-_VERSION = 1  # bump when what is stored, or how it is made, changes
+_VERSION = 2  # bump when what is stored, or how it is made, changes
 
 
 def entry_dir(path: Path) -> Path | None:
@@ -38,7 +40,7 @@ def entry_dir(path: Path) -> Path | None:
 
 
 def read(path: Path, name: str, with_tokenizer: bool):
-    """(config, tensors, tokenizer or None) from the cache, or None when not cached."""
+    """(config, LMParams, tokenizer or None) from the cache, or None when not cached."""
     d = entry_dir(path)
     if d is None or not (d / "done").exists():
         return None
@@ -50,7 +52,9 @@ def read(path: Path, name: str, with_tokenizer: bool):
     try:
         cfg = from_dict(ModelConfig, {**json.loads((d / "config.json").read_text()),
                                       "name": name})
-        tensors = load_file(str(d / "tensors.safetensors"))
+        from clt.lm.params import unflatten_params
+
+        params = unflatten_params(load_file(str(d / "params.safetensors")))
         tok = None
         if with_tokenizer and (d / "tokenizer.json").exists():
             from tokenizers import Tokenizer as Backend
@@ -62,10 +66,10 @@ def read(path: Path, name: str, with_tokenizer: bool):
     except Exception:  # noqa: BLE001 - damaged in any way (safetensors has its own errors)
         shutil.rmtree(d, ignore_errors=True)  # convert again
         return None
-    return cfg, tensors, tok
+    return cfg, params, tok
 
 
-def write(path: Path, cfg, tensors: dict[str, np.ndarray], tok) -> None:
+def write(path: Path, cfg, params, tok) -> None:
     """Store a conversion (best effort: a cache that cannot be written changes nothing)."""
     d = entry_dir(path)
     if d is None or (d / "done").exists():
@@ -76,8 +80,10 @@ def write(path: Path, cfg, tensors: dict[str, np.ndarray], tok) -> None:
     try:
         tmp.mkdir(parents=True, exist_ok=True)
         (tmp / "config.json").write_text(json.dumps(to_dict(cfg)))
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
-                  str(tmp / "tensors.safetensors"))
+        from clt.lm.params import flatten_params
+
+        save_file({k: np.ascontiguousarray(v) for k, v in flatten_params(params).items()},
+                  str(tmp / "params.safetensors"))
         if tok is not None:
             (tmp / "tokenizer.json").write_text(tok.backend.to_str())
             (tmp / "tokenizer_meta.json").write_text(json.dumps(

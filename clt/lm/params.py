@@ -15,6 +15,7 @@ Canonical names (per layer: prefix `layers.{i}.`):
 
 from __future__ import annotations
 
+import dataclasses
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -156,6 +157,33 @@ def assemble(cfg: ModelConfig, get: Callable[[str], Any], source: str) -> LMPara
         pos_embed=_opt_jnp(maybe("pos_embed", (cfg.max_position, D), cfg.positional == "learned")),
         unembed=unembed,
     )
+
+
+def flatten_params(params: LMParams) -> dict[str, np.ndarray]:
+    """Every array of `params` by name (`embed`, `layers.W_Q`, ...; None entries left out):
+    what `unflatten_params` reads back."""
+    out = {}
+    for f in dataclasses.fields(params):
+        v = getattr(params, f.name)
+        if f.name == "layers":
+            out.update({f"layers.{g.name}": np.asarray(getattr(v, g.name))
+                        for g in dataclasses.fields(v) if getattr(v, g.name) is not None})
+        elif v is not None:
+            out[f.name] = np.asarray(v)
+    return out
+
+
+def unflatten_params(flat: dict[str, np.ndarray]) -> LMParams:
+    """LMParams (jax arrays) from `flatten_params`'s names; unknown names are refused."""
+    known = ({f.name for f in dataclasses.fields(LMParams)} - {"layers"}) | {
+        f"layers.{g.name}" for g in dataclasses.fields(LayerParams)}
+    unknown = sorted(set(flat) - known)
+    if unknown:
+        raise WeightsError(f"unknown parameter names {unknown[:5]}")
+    layers = LayerParams(**{k.removeprefix("layers."): jnp.asarray(v) for k, v in flat.items()
+                            if k.startswith("layers.")})
+    return LMParams(layers=layers, **{k: jnp.asarray(v) for k, v in flat.items()
+                                      if not k.startswith("layers.")})
 
 
 def _opt_reshape(a, shape):

@@ -56,7 +56,7 @@ def test_second_load_reads_the_conversion(cache_on, tmp_path, monkeypatch):
     monkeypatch.undo()
 
     # A damaged entry is dropped and converted again.
-    (cache_on / entry / "tensors.safetensors").write_bytes(b"garbage")
+    (cache_on / entry / "params.safetensors").write_bytes(b"garbage")
     loading._load_cached.cache_clear()
     monkeypatch.setenv("CLTRACE_MODEL_CACHE", "1")
     monkeypatch.setenv("CLTRACE_CACHE", str(cache_on.parent))
