@@ -137,37 +137,19 @@ def read_config_file(path: str) -> dict:
     return data
 
 
-def _check_distributed(args) -> None:
-    """The jax.distributed flags (not TrainConfig fields), before anything starts."""
-    n, i = args.num_processes, args.process_id
-    if n is not None and n < 1:
-        raise ConfigError(f"--num-processes must be at least 1, got {n}")
-    if i is not None and (i < 0 or (n is not None and i >= n)):
-        raise ConfigError(f"--process-id must be in [0, num_processes), got {i}")
-    if args.coordinator is not None:
-        host, _, port = args.coordinator.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"--coordinator must be host:port, got {args.coordinator!r}")
-    if not args.distributed and (n, i, args.coordinator) != (None, None, None):
-        raise ConfigError("--coordinator, --num-processes and --process-id need --distributed")
-
-
 def _train(args) -> int:
     import jax
 
+    from clt import distributed
     from clt.configs import flat_names, from_dict
     from clt.train import NonFiniteError, TrainConfig, train
 
-    _check_distributed(args)
+    distributed.check_arguments(args)
     data = read_config_file(args.config) if args.config else {}
     names = flat_names(TrainConfig)  # fields, and the transcoder's given flat
     data.update({k: v for k, v in vars(args).items() if k in names})
     train_cfg = from_dict(TrainConfig, data)  # every field checked: nothing has started yet
-    if args.distributed:
-        kw = {k: v for k, v in (("coordinator_address", args.coordinator),
-                                ("num_processes", args.num_processes),
-                                ("process_id", args.process_id)) if v is not None}
-        jax.distributed.initialize(**kw)
+    distributed.initialize(args)  # before any JAX computation
     try:
         path = train(train_cfg, resume=not args.no_resume, progress=not args.no_progress)
     except NonFiniteError as e:  # the last good state is saved; the message says where

@@ -12,6 +12,17 @@ derived from (seed, r), and serves them as batches. A data position is (round, b
 a resumed run regenerates its round (deterministic) and skips the batches already used, so it
 continues exactly where it stopped. Rounds can be cached to disk (`cache_dir`) and replayed.
 
+Data parallelism (`shares`): with n shares, round r's contexts are cut into n contiguous blocks
+and each block is a *share*, generated, masked (outlier medians over the share) and shuffled on
+its own (key from (seed, r, share)); batch j of the round is the concatenation, in share order,
+of slice j of every share's valid tokens (batch_tokens / n each), and a round has as many
+batches as its poorest share allows. So each process of a data-parallel run generates only its
+own share (`share=i`) and supplies its own rows of the global batch, and one process given the
+same n (`share=None`) builds the same global batch: the n-process step equals that one-process
+step. (A batch that mixed tokens of every share at random, as n = 1 does, would put a varying
+number of each process's tokens in every batch: processes would have to exchange activations.)
+n = 1 is the layout of a single process, unchanged.
+
 Nothing is read silently wrong: local files must be valid text in their encoding (UTF-8 unless
 told otherwise; `check_text_source` refuses a binary or mis-encoded file before any model is
 loaded, naming it). Cache files (tokenized contexts, activation rounds) are written atomically
@@ -353,9 +364,10 @@ class DataPosition:
 
     round: int = 0
     batch: int = 0
+    shares: int = 1  # the data-parallel layout the batch index counts in (`ActivationStream`)
 
     def to_dict(self) -> dict:
-        return {"round": self.round, "batch": self.batch}
+        return {"round": self.round, "batch": self.batch, "shares": self.shares}
 
 
 @partial(jax.jit, static_argnames=("cfg", "input_point", "n_layers"))
@@ -390,35 +402,91 @@ class ActivationStream:
     """Shuffled batches of (transcoder input x, MLP output y), each [batch_tokens, layer, d_model].
 
     Arrays stay on the default device; the trainer lays each batch out over its mesh.
+
+    shares, share: the data-parallel layout (module docstring). With `shares` n > 1 a batch is n
+    slices of batch_tokens / n tokens, slice i from share i of the round. `share` None serves
+    whole batches (every share generated here); `share` i serves slice i only: the rows that
+    process i of n supplies, generating 1/n of every round. Processes that serve one share each
+    agree on every round's number of batches (an all-gather of one integer, made by the thread
+    that iterates `batches`, never the prefetching one).
     """
 
     def __init__(self, model: LoadedModel, contexts, *, input_point: str, batch_tokens: int,
                  round_contexts: int, model_batch: int = 8, seed: int = 0,
                  drop_bos: bool = True, outlier_factor: float = 10.0, dtype=jnp.float32,
-                 cache_dir: str | Path | None = None, n_layers: int | None = None):
+                 cache_dir: str | Path | None = None, n_layers: int | None = None,
+                 shares: int = 1, share: int | None = None):
         self.model, self.contexts = model, contexts
         self.n_layers = n_layers or model.cfg.n_layers
         self.input_point, self.batch_tokens = input_point, batch_tokens
         self.round_contexts, self.model_batch = round_contexts, model_batch
         self.seed, self.drop_bos, self.outlier_factor = seed, drop_bos, outlier_factor
         self.dtype = dtype
+        self.shares, self.share = shares, share
         self.cache_dir = Path(cache_dir) if cache_dir else None
-        for name in ("batch_tokens", "round_contexts", "model_batch"):
+        for name in ("batch_tokens", "round_contexts", "model_batch", "shares"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
+        if share is not None and (isinstance(share, bool) or not isinstance(
+                share, (int, np.integer)) or not 0 <= share < shares):
+            raise ConfigError(f"share must be None or in [0, {shares}), got {share!r}")
+        if self._one_of_processes() and jax.process_count() != shares:
+            raise ConfigError(f"{jax.process_count()} processes cannot serve {shares} shares: "
+                              "each process serves one")
         if not outlier_factor >= 1:  # NaN too
             raise ConfigError(f"outlier_factor must be >= 1 (or inf), got {outlier_factor!r}")
         T = contexts.context_length
         if T > model.cfg.max_position:
             raise ConfigError(f"context_length {T} exceeds the model's context "
                               f"{model.cfg.max_position}")
-        if round_contexts * (T - 1) < batch_tokens:
+        if batch_tokens % shares:
+            raise ConfigError(f"batch_tokens={batch_tokens} is not divisible by the {shares} "
+                              "data shares (processes that generate activations)")
+        if round_contexts < shares:
+            raise ConfigError(f"round_contexts={round_contexts} is fewer than the {shares} data "
+                              "shares (processes that generate activations); raise "
+                              "round_contexts")
+        if shares == 1 and round_contexts * (T - 1) < batch_tokens:
             raise ConfigError(f"a round of {round_contexts} contexts x {T} tokens is smaller than "
                               f"one batch of {batch_tokens}; raise round_contexts")
+        if shares > 1 and (round_contexts // shares) * (T - 1) < batch_tokens // shares:
+            raise ConfigError(f"a share of {round_contexts // shares} contexts x {T} tokens (a "
+                              f"round of {round_contexts} in {shares} shares) is smaller than its "
+                              f"{batch_tokens // shares} tokens of each batch; raise "
+                              "round_contexts")
         self.tokens_generated = 0
         if self.cache_dir is not None:
             self._open_cache()
+
+    # --- the data-parallel layout ---------------------------------------------------------------
+    @property
+    def local_shares(self) -> list[int]:
+        """The shares this stream generates and serves, in batch order."""
+        return list(range(self.shares)) if self.share is None else [self.share]
+
+    def share_span(self, share: int) -> tuple[int, int]:
+        """The contexts [lo, hi) of every round (offsets in it) that share `share` holds."""
+        R, n = self.round_contexts, self.shares
+        return share * R // n, (share + 1) * R // n
+
+    def share_contexts(self, r: int, share: int) -> np.ndarray:
+        """The token contexts [count, pos] of share `share` of round r."""
+        lo, hi = self.share_span(share)
+        return self.contexts.take(r * self.round_contexts + lo, hi - lo)
+
+    def _one_of_processes(self) -> bool:
+        """Whether this stream serves one share and the other processes the others."""
+        return self.share is not None and self.shares > 1 and jax.process_count() > 1
+
+    def _agree(self, n_batches: int) -> int:
+        """A round's number of batches: what the poorest share allows, over every process."""
+        if not self._one_of_processes():
+            return n_batches
+        from jax.experimental import multihost_utils
+
+        every = multihost_utils.process_allgather(np.asarray(n_batches, np.int32))
+        return int(np.min(np.asarray(every)))
 
     # --- the activation cache: round_NNNNNN.npz files and cache.json (the settings) ---------
     def _cache_settings(self) -> dict:
@@ -430,16 +498,25 @@ class ActivationStream:
                 "round_contexts": self.round_contexts,
                 **getattr(self.contexts, "identity", {})}
 
+    def _cache_name(self, r: int, share: int) -> str:
+        """round_NNNNNN.npz (one share), round_NNNNNN.shareIofN.npz (share I of N)."""
+        tail = "" if self.shares == 1 else f".share{share}of{self.shares}"
+        return f"round_{r:06d}{tail}.npz"
+
     def _open_cache(self) -> None:
         """Check the cache directory's settings (refuse another run's activations), write them
-        if new, and remove the temporary files of writers that were killed."""
+        if new, and remove the temporary files of writers that were killed (of the shares this
+        stream writes: another process's are its own to clean)."""
         d = self.cache_dir
         if d.exists() and not d.is_dir():
             raise ConfigError(f"cache_activations {d} exists and is not a directory")
         d.mkdir(parents=True, exist_ok=True)
         for tmp in d.glob(".round_*.npz.*.tmp"):
-            pid = re.fullmatch(r"\.round_\d+\.npz\.(\d+)\.tmp", tmp.name)
-            if pid is None or not process_alive(int(pid.group(1))):
+            m = re.fullmatch(r"\.round_\d+(?:\.share(\d+)of(\d+))?\.npz\.(\d+)\.tmp", tmp.name)
+            if m is not None and m.group(1) is not None and (
+                    int(m.group(2)) != self.shares or int(m.group(1)) not in self.local_shares):
+                continue
+            if m is None or not process_alive(int(m.group(3))):
                 _note(f"removed {tmp}, a cache file left unfinished by a killed run")
                 tmp.unlink(missing_ok=True)
         want = json.loads(json.dumps(self._cache_settings()))
@@ -461,16 +538,18 @@ class ActivationStream:
                   "rounds were made with these settings")
         atomic_write(manifest, json.dumps(want, indent=1))
 
-    def _cached_round(self, r: int):
-        """Round r's arrays from the cache, or None (absent, or unreadable: then discarded)."""
-        path = self.cache_dir / f"round_{r:06d}.npz"
+    def _cached_round(self, r: int, share: int):
+        """Share `share` of round r from the cache, or None (absent, or unreadable: then
+        discarded)."""
+        path = self.cache_dir / self._cache_name(r, share)
         if not path.exists():
             return None
         T = self.contexts.context_length
+        lo, hi = self.share_span(share)
         try:
             with np.load(path, allow_pickle=False) as z:
                 x, y = np.asarray(z["x"]), np.asarray(z["y"])
-            if x.shape != y.shape or x.shape[:2] != (self.round_contexts * T, self.n_layers):
+            if x.shape != y.shape or x.shape[:2] != ((hi - lo) * T, self.n_layers):
                 raise ValueError(f"shape {x.shape}")
             return jnp.asarray(x), jnp.asarray(y)
         except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
@@ -480,11 +559,11 @@ class ActivationStream:
             path.unlink(missing_ok=True)
             return None
 
-    def _round_arrays(self, r: int):
+    def _round_arrays(self, r: int, share: int):
         T = self.contexts.context_length
-        if self.cache_dir is not None and (got := self._cached_round(r)) is not None:
+        if self.cache_dir is not None and (got := self._cached_round(r, share)) is not None:
             return got
-        ctx = self.contexts.take(r * self.round_contexts, self.round_contexts)
+        ctx = self.share_contexts(r, share)
         xs, ys = [], []
         for i in range(0, len(ctx), self.model_batch):
             x, y = _capture(self.model.params, self.model.cfg,
@@ -496,54 +575,84 @@ class ActivationStream:
         self.tokens_generated += ctx.size
         if self.cache_dir is not None:  # atomic: a kill leaves the old file or none, never half
             xh, yh = np.asarray(x), np.asarray(y)
-            atomic_write(self.cache_dir / f"round_{r:06d}.npz",
+            atomic_write(self.cache_dir / self._cache_name(r, share),
                          lambda f: np.savez(f, x=xh, y=yh, context_length=T))
         return x, y
 
-    def round(self, r: int):
-        """(x, y, order, n_valid) of round r; order lists valid tokens first, shuffled."""
-        x, y = self._round_arrays(r)
+    def round(self, r: int, share: int | None = None):
+        """(x, y, order, n_valid) of share `share` of round r (default: the one this stream
+        serves; with one share, the whole round); order lists valid tokens first, shuffled."""
+        if share is None:
+            if self.share is None and self.shares > 1:
+                raise ValueError("this stream serves every share: say which")
+            share = self.share or 0
+        x, y = self._round_arrays(r, share)
         key = jax.random.fold_in(jax.random.key(self.seed), r)
+        if self.shares > 1:  # each share shuffled on its own (one share: the key of old)
+            key = jax.random.fold_in(key, share)
         order, n_valid = _valid_and_order(x, key, self.contexts.context_length, self.drop_bos,
                                           self.outlier_factor)
         return x, y, order, int(n_valid)
 
+    def _pass_order(self, r: int, p: int, share: int, order, n_valid: int):
+        """The valid tokens of a share in the order of pass p (p > 0) over round r."""
+        seed = [self.seed, r, p] if self.shares == 1 else [self.seed, r, p, share]
+        return order[np.random.default_rng(seed).permutation(n_valid)]
+
     def batches(self, start: DataPosition = DataPosition(), reuse: int = 1,
                 prefetch: bool = False
                 ) -> Iterator[tuple[DataPosition, jax.Array, jax.Array]]:
-        """Endless (position after this batch, x, y) from `start` on.
+        """Endless (position after this batch, x, y) from `start` on (x, y: this stream's
+        shares of the batch, batch_tokens * len(local_shares) / shares tokens).
 
         reuse: passes over each round (each pass in its own shuffled order; a position's batch
         index counts over all passes). prefetch: generate the next round in a background thread
         while this one is served (overlaps the model with training steps where the device
         runs them concurrently)."""
         r, b = start.round, start.batch
+        local, per = self.local_shares, self.batch_tokens // self.shares
         pool = ThreadPoolExecutor(1) if prefetch else None
         ahead: tuple[int, Future] | None = None
+
+        def generate(r: int) -> list:
+            return [self.round(r, s) for s in local]
+
         try:
             while True:
-                got = ahead[1].result() if ahead is not None and ahead[0] == r else self.round(r)
+                got = ahead[1].result() if ahead is not None and ahead[0] == r else generate(r)
                 if pool is not None:
-                    ahead = (r + 1, pool.submit(self.round, r + 1))
-                x, y, order, n_valid = got
-                n_batches = n_valid // self.batch_tokens
-                if n_batches == 0:
+                    ahead = (r + 1, pool.submit(generate, r + 1))
+                n_valid = min(g[3] for g in got)
+                n_batches = self._agree(n_valid // per)
+                if n_batches == 0 and self.shares == 1:
                     raise ConfigError(f"round {r} has only {n_valid} valid tokens for batches of "
                                       f"{self.batch_tokens}; raise round_contexts")
+                if n_batches == 0:
+                    raise ConfigError(f"round {r} has a share with fewer than {per} valid "
+                                      f"tokens, its part of each batch of {self.batch_tokens}; "
+                                      "raise round_contexts")
                 total = n_batches * reuse
-                pass_order = (0, order)
+                orders = [(0, g[2]) for g in got]
                 for i in range(b, total):
                     p, j = divmod(i, n_batches)
-                    if p != pass_order[0]:  # a later pass: the valid tokens in another order
-                        perm = np.random.default_rng([self.seed, r, p]).permutation(n_valid)
-                        pass_order = (p, order[perm])
-                    sel = pass_order[1][j * self.batch_tokens:(j + 1) * self.batch_tokens]
-                    nxt = DataPosition(r, i + 1) if i + 1 < total else DataPosition(r + 1, 0)
-                    yield nxt, x[sel], y[sel]
+                    xs, ys = [], []
+                    for k, (x, y, order, nv) in enumerate(got):
+                        if p != orders[k][0]:  # a later pass: the valid tokens in another order
+                            orders[k] = (p, self._pass_order(r, p, local[k], order, nv))
+                        sel = orders[k][1][j * per:(j + 1) * per]
+                        xs.append(x[sel])
+                        ys.append(y[sel])
+                    nxt = DataPosition(r, i + 1, self.shares) if i + 1 < total else \
+                        DataPosition(r + 1, 0, self.shares)
+                    yield nxt, _concat(xs), _concat(ys)
                 r, b = r + 1, 0
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _concat(parts: list) -> jax.Array:
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
 
 def process_alive(pid: int) -> bool:
@@ -559,17 +668,20 @@ def process_alive(pid: int) -> bool:
 
 def estimate_norms(stream: ActivationStream, rounds: int = 1):
     """Per-layer mean and scale (RMS distance to the mean, per dimension) of inputs and outputs,
-    from the valid tokens of the first rounds, as `clt.transcoder.Norms`."""
+    from the valid tokens of the first rounds, as `clt.transcoder.Norms`.
+
+    With data shares, the sums of every share of a round are added in share order; processes
+    that serve one share each all-gather their shares' sums (not their tokens), so every
+    process gets the same norms, bit for bit those of one process given the same shares."""
     from clt.transcoder import Norms
 
     sums = None
     for r in range(rounds):
-        x, y, order, n_valid = stream.round(r)
-        sel = order[:n_valid]
-        parts = []
-        for a in (x, y):
-            a = a[sel].astype(jnp.float32)
-            parts += [a.sum(0), jnp.square(a).sum(0), n_valid]
+        shares = _every_share([_norm_sums(stream.round(r, s)) for s in stream.local_shares],
+                              stream)
+        parts = shares[0]
+        for more in shares[1:]:
+            parts = [a + b for a, b in zip(parts, more)]
         sums = parts if sums is None else [s + p for s, p in zip(sums, parts)]
     out = []
     for s, sq, n in (sums[:3], sums[3:]):
@@ -577,6 +689,35 @@ def estimate_norms(stream: ActivationStream, rounds: int = 1):
         var = jnp.maximum(sq / n - jnp.square(mean), 0.0).mean(-1)  # [layer]
         out += [mean, jnp.sqrt(var) + 1e-6]
     return Norms(in_mean=out[0], in_scale=out[1], out_mean=out[2], out_scale=out[3])
+
+
+def _norm_sums(got) -> list:
+    """[sum x, sum x^2, n, sum y, sum y^2, n] over the valid tokens of one share of a round."""
+    x, y, order, n_valid = got
+    sel = order[:n_valid]
+    parts = []
+    for a in (x, y):
+        a = a[sel].astype(jnp.float32)
+        parts += [a.sum(0), jnp.square(a).sum(0), n_valid]
+    return parts
+
+
+def _every_share(local: list, stream: ActivationStream) -> list:
+    """The norm sums of every share of a round, in share order: this stream's, and where each
+    process serves one share, every process's (all-gathered)."""
+    if not stream._one_of_processes():
+        return local
+    from jax.experimental import multihost_utils
+
+    (xs, xq, n, ys, yq, _), = local
+    flat = np.concatenate([np.asarray(a, np.float32).ravel() for a in (xs, xq, ys, yq)])
+    every = np.asarray(multihost_utils.process_allgather(flat))  # [process, 4 * layer * d]
+    ids = np.asarray(multihost_utils.process_allgather(np.asarray([stream.share, n], np.int32)))
+    out: list = [None] * stream.shares
+    for row, (share, n_valid) in zip(every, ids):
+        a = [jnp.asarray(part.reshape(xs.shape)) for part in np.split(row, 4)]
+        out[int(share)] = [a[0], a[1], int(n_valid), a[2], a[3], int(n_valid)]
+    return out
 
 
 __all__ = [

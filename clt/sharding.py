@@ -2,7 +2,8 @@
 
 Transcoder parameters carry logical axes (`layer`, `d_model`, `feature`); one rules table maps
 them onto a mesh with axes ('data', 'feature'): features are split over 'feature' (parameters and
-optimizer state), tokens of a batch over 'data'. With a 1x1 mesh, or no mesh, nothing is sharded
+optimizer state), tokens of a batch over 'data'; with several processes, `data_share` says which
+rows of a batch each one supplies. With a 1x1 mesh, or no mesh, nothing is sharded
 and the same code runs on one device.
 """
 
@@ -72,6 +73,32 @@ def make_mesh(data: int = 1, feature: int = 1, devices=None) -> Mesh:
     return Mesh(np.asarray(devices[:data * feature]).reshape(data, feature), MESH_AXES)
 
 
+def data_share(mesh: Mesh) -> tuple[int, int] | None:
+    """(this process's share, the number of shares) of a batch laid out over `mesh`: one
+    process is (0, 1); several are one share each when every process's devices hold one
+    contiguous block of the 'data' axis, the same size for all (then each supplies only its
+    rows of every batch: `jax.make_array_from_process_local_data`). None when they do not (a
+    process on rows of another, or none): each process then needs whole batches."""
+    if jax.process_count() == 1:
+        return 0, 1
+    rows = np.moveaxis(mesh.devices, mesh.axis_names.index("data"), 0)
+    owners = []
+    for row in rows:
+        procs = {d.process_index for d in np.ravel(row)}
+        if len(procs) != 1:
+            return None
+        owners.append(procs.pop())
+    n = jax.process_count()
+    if len(owners) % n:
+        return None
+    k = len(owners) // n
+    blocks = [owners[i * k:(i + 1) * k] for i in range(n)]
+    order = [b[0] for b in blocks]
+    if any(len(set(b)) != 1 for b in blocks) or sorted(order) != list(range(n)):
+        return None
+    return order.index(jax.process_index()), n
+
+
 def check_divisible(cfg: TranscoderConfig, mesh: Mesh, batch_tokens: int) -> None:
     f, d = mesh.shape["feature"], mesh.shape["data"]
     if cfg.n_features % f:
@@ -82,5 +109,5 @@ def check_divisible(cfg: TranscoderConfig, mesh: Mesh, batch_tokens: int) -> Non
                           f"({d})")
 
 
-__all__ = ["MESH_AXES", "RULES", "batch_sharding", "check_divisible", "logical_axes",
-           "make_mesh", "param_shardings", "replicated", "spec"]
+__all__ = ["MESH_AXES", "RULES", "batch_sharding", "check_divisible", "data_share",
+           "logical_axes", "make_mesh", "param_shardings", "replicated", "spec"]

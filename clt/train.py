@@ -8,8 +8,9 @@ weights on export):
       + mu * sum_{l,i} relu(threshold_l,i - z_l,i) * ||W_dec,l,i||   pre-activation (dead features)
 averaged over tokens, with ||W_dec,l,i|| the norm of feature i's decoders over its target layers.
 Adam with warm-up, decay and gradient clipping. Parameters and optimizer state are sharded over
-the mesh axis 'feature', batches over 'data' (`clt.sharding`); checkpoints are orbax, resumable to
-the identical next step and restorable onto another mesh.
+the mesh axis 'feature', batches over 'data' (`clt.sharding`); with several processes whose
+devices split 'data', each generates only its own rows of every batch (`clt.data`, shares).
+Checkpoints are orbax, resumable to the identical next step and restorable onto another mesh.
 
 Nothing is silently wrong or lost: settings and inputs are checked before the model loads
 (`TrainConfig.__post_init__`, `preflight`); the run directory is locked (`clt.train_run.RunLock`);
@@ -287,8 +288,14 @@ def place_state(state: TrainState, tc_cfg, train_cfg, mesh) -> TrainState:
 
 
 def export_params(tc_cfg: TranscoderConfig, state: TrainState) -> TranscoderParams:
-    """Parameters acting on raw model activations (normalisation folded in)."""
-    params = jax.device_get(fold_norms(tc_cfg, state.params, state.norms))
+    """Parameters acting on raw model activations (normalisation folded in), on the host. With
+    several processes every one calls it: the parameters are gathered from all of them."""
+    params = fold_norms(tc_cfg, state.params, state.norms)
+    if jax.process_count() > 1:  # features sharded over processes: no process holds them all
+        from jax.experimental import multihost_utils
+
+        params = multihost_utils.process_allgather(params, tiled=True)
+    params = jax.device_get(params)
     if not bool(_all_finite(params)):
         raise NonFiniteError(f"the state at step {int(jax.device_get(state.step))} folds into "
                              "NaN/inf parameters; not exported")
@@ -544,11 +551,41 @@ class _Meter:
         return self.tokens / max(time.perf_counter() - self.t0, 1e-9)
 
 
-def _to_global(a: jax.Array, sharding):
+def _to_global(a: jax.Array, sharding, shares: int = 1):
+    """The global batch on `sharding` from this process's `a`: the whole batch (one process, or
+    processes that each built it), or its rows of `shares` equal ones
+    (`clt.sharding.data_share`)."""
     if jax.process_count() == 1:
         return jax.device_put(a, sharding)
+    if shares > 1:
+        return jax.make_array_from_process_local_data(sharding, a,
+                                                      (a.shape[0] * shares, *a.shape[1:]))
     host = np.asarray(a)  # every process built the same global batch
     return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def _data_layout(mesh) -> tuple[int, int | None]:
+    """(shares, share) of the activation stream: each process generates its own rows of every
+    batch where the mesh's 'data' axis splits over processes, else (1, None): whole batches."""
+    got = shd.data_share(mesh)
+    return (1, None) if got is None or got[1] == 1 else (got[1], got[0])
+
+
+def _say_layout(stream) -> None:
+    """Every process's log says which contexts of each round it generates."""
+    n, R = jax.process_count(), stream.round_contexts
+    if n == 1:
+        return
+    if stream.share is None:
+        note(f"activations: process {jax.process_index()} of {n} generates all {R} contexts "
+             "of each round: the mesh's 'data' axis does not give each process its own rows "
+             "of a batch")
+        return
+    lo, hi = stream.share_span(stream.share)
+    note(f"activations: process {jax.process_index()} of {n} generates {hi - lo} of {R} "
+         f"contexts per round (contexts {lo}-{hi - 1}: share {stream.share}, "
+         f"{stream.batch_tokens // stream.shares} of every batch's {stream.batch_tokens} "
+         "tokens)")
 
 
 def _summary(m: dict, step: int, rate: float) -> dict:
@@ -628,13 +665,16 @@ def _train(train_cfg: TrainConfig, out: Path, resume: bool, progress: bool, on_s
                              seed=train_cfg.seed, text_field=train_cfg.text_field,
                              holdout=train_cfg.holdout, encoding=train_cfg.encoding,
                              text_errors=train_cfg.text_errors)
+    shares, share = _data_layout(mesh)
     stream = ActivationStream(
         model, contexts, input_point=train_cfg.transcoder.input_point,
         batch_tokens=train_cfg.batch_tokens,
         round_contexts=train_cfg.round_contexts, model_batch=train_cfg.model_batch,
         seed=train_cfg.seed,
         outlier_factor=train_cfg.outlier_factor, dtype=jnp.dtype(train_cfg.activation_dtype),
-        cache_dir=train_cfg.cache_activations, n_layers=tc_cfg.n_layers)
+        cache_dir=train_cfg.cache_activations, n_layers=tc_cfg.n_layers,
+        shares=shares, share=share)
+    _say_layout(stream)
     if main:
         atomic_write(out / "config.json", json.dumps({"kind": "train",
                                                       "config": to_dict(train_cfg)}, indent=2))
@@ -643,6 +683,11 @@ def _train(train_cfg: TrainConfig, out: Path, resume: bool, progress: bool, on_s
     mngr = _manager(out, train_cfg.keep_checkpoints, train_cfg.async_checkpoints)
     if resume and mngr.latest_step() is not None:
         state, pos, _ = restore_checkpoint(mngr, tc_cfg, train_cfg, mesh)
+        if pos.shares != shares and main:
+            note(f"the checkpoint's data position (round {pos.round}, batch {pos.batch}) was "
+                 f"reached with {pos.shares} data shares (processes generating activations), "
+                 f"this run has {shares}: from there on its batches hold other tokens of the "
+                 "same contexts")
     else:
         norms = estimate_norms(stream, train_cfg.norm_rounds)
         state = place_state(init_state(tc_cfg, train_cfg, norms,
@@ -670,7 +715,7 @@ def _train(train_cfg: TrainConfig, out: Path, resume: bool, progress: bool, on_s
         while step < train_cfg.steps:
             nxt, x, y = next(batches)
             with signals.step():  # the step takes `state`'s memory: no interrupt until it is back
-                state, m = step_fn(state, _to_global(x, bsh), _to_global(y, bsh))
+                state, m = step_fn(state, _to_global(x, bsh, shares), _to_global(y, bsh, shares))
                 if not bool(m["finite"]):  # the step left the state untouched
                     raise _non_finite(m, step, mngr, state, pos, out)
                 pos, step = nxt, step + 1
@@ -723,8 +768,9 @@ def _train(train_cfg: TrainConfig, out: Path, resume: bool, progress: bool, on_s
         raise _save_failed(mngr, step, RuntimeError("it did not reach the disk"))
     final = _summary(last, step, meter.rate()) if last is not None else {}
     path = out / "transcoder"
+    params = export_params(tc_cfg, state)  # in every process: gathered from all of them
     if main:
-        save(path, tc_cfg, export_params(tc_cfg, state),
+        save(path, tc_cfg, params,
              dtype=None if train_cfg.export_dtype == "float32" else train_cfg.export_dtype,
              extra={"train_config": to_dict(train_cfg), "final_metrics": final})
     return path

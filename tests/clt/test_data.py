@@ -141,3 +141,68 @@ def test_bad_stream_settings(setup):
                          round_contexts=2)
     with pytest.raises(ConfigError, match="no tokenizer"):
         open_contexts("x.txt", None, 16)
+
+
+def test_shares_split_each_round_and_serve_slices_of_every_batch(setup, tmp_path):
+    """Data-parallel layout in one process: 2 shares of a round's 6 contexts (3 each), batch j
+    = slice j of share 0's valid tokens + slice j of share 1's; a stream serving one share
+    gives that share's rows; positions resume exactly (reuse, prefetch); rounds cache per
+    share. (Two real processes: tests/clt/test_data_parallel.py.)"""
+    model, _, contexts, _ = setup
+    kw = {"input_point": "resid_mid", "batch_tokens": 30, "round_contexts": 6,
+          "cache_dir": tmp_path}
+    both = ActivationStream(model, contexts, shares=2, **kw)
+    assert [both.share_span(s) for s in (0, 1)] == [(0, 3), (3, 6)]
+    np.testing.assert_array_equal(
+        np.concatenate([both.share_contexts(1, s) for s in (0, 1)]), contexts.take(6, 6))
+    it = both.batches(reuse=2)
+    seen = [next(it) for _ in range(7)]  # 45 valid tokens a share: 3 slices of 15, 2 passes
+    assert [p for p, _, _ in seen] == [DataPosition(0, i, 2) for i in range(1, 6)] + [
+        DataPosition(1, 0, 2), DataPosition(1, 1, 2)]
+    assert sorted(p.name for p in tmp_path.glob("round_*")) == [
+        "round_000000.share0of2.npz", "round_000000.share1of2.npz",
+        "round_000001.share0of2.npz", "round_000001.share1of2.npz"]
+    for s in (0, 1):
+        x, _, order, n = both.round(0, s)
+        assert n == 3 * 15
+        rows = np.asarray(x)[np.asarray(order[:n])]
+        # Slice s of every batch of the first pass is share s's valid tokens, in its order.
+        got = np.concatenate([np.asarray(b)[15 * s:15 * (s + 1)] for _, b, _ in seen[:3]])
+        np.testing.assert_array_equal(got, rows)
+    # A stream of one share serves its rows of the same batches, from the cache.
+    one = ActivationStream(model, contexts, shares=2, share=1, **kw)
+    for want, got in zip(seen, one.batches(reuse=2)):
+        assert got[0] == want[0]
+        np.testing.assert_array_equal(got[1], np.asarray(want[1])[15:])
+    assert one.tokens_generated == 0
+    # Resuming inside the second pass, with prefetch, continues exactly.
+    again = ActivationStream(model, contexts, shares=2, **kw).batches(seen[3][0], reuse=2,
+                                                                       prefetch=True)
+    for want in seen[4:7]:
+        got = next(again)
+        assert got[0] == want[0]
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[2], want[2])
+
+
+def test_norms_over_shares_and_bad_share_settings(setup):
+    model, _, contexts, _ = setup
+    kw = {"input_point": "resid_mid", "batch_tokens": 32, "round_contexts": 6}
+    s = ActivationStream(model, contexts, shares=2, **kw)
+    norms = estimate_norms(s)
+    xv = np.concatenate([np.asarray(x, np.float64)[np.asarray(o[:n])]
+                         for x, _, o, n in (s.round(0, 0), s.round(0, 1))])
+    np.testing.assert_allclose(norms.in_mean, xv.mean(0), rtol=1e-4, atol=1e-5)
+    # A checkpoint of an older version has no shares: one share, the layout it was made with.
+    old = json.loads('{"round": 3, "batch": 1}')  # its checkpoint's data_position
+    assert DataPosition(**old) == DataPosition(3, 1, 1)
+    with pytest.raises(ConfigError, match="not divisible by the 4 data shares"):
+        ActivationStream(model, contexts, shares=4, **(kw | {"batch_tokens": 30}))
+    with pytest.raises(ConfigError, match="fewer than the 8 data shares"):
+        ActivationStream(model, contexts, shares=8, **kw)
+    with pytest.raises(ConfigError, match="share must be None or in"):
+        ActivationStream(model, contexts, shares=2, share=2, **kw)
+    with pytest.raises(ConfigError, match="a share of 1 contexts.*raise round_contexts"):
+        ActivationStream(model, contexts, shares=6, **(kw | {"batch_tokens": 96}))
+    with pytest.raises(ValueError, match="say which"):
+        s.round(0)
