@@ -86,13 +86,10 @@ def register_training(sub) -> None:
     p.add_argument("--no-resume", dest="no_resume", action="store_true",
                    help="Start over: an earlier run in --out is first moved aside to "
                    "<out>.replaced-<time> (named when it happens), never mixed with this one.")
-    p.add_argument("--distributed", action="store_true",
-                   help="Call jax.distributed.initialize() first (multi-host: run the same "
-                   "command on every host; coordinator from the cluster environment or the "
-                   "flags below).")
-    p.add_argument("--coordinator", default=None, help="host:port of process 0 (multi-host).")
-    p.add_argument("--num-processes", type=int, default=None, help="Processes in the job.")
-    p.add_argument("--process-id", type=int, default=None, help="This process's index.")
+    from clt import distributed
+
+    distributed.add_arguments(p, "train over every process's devices (each generates its "
+                              "share of the activations)")
     p.add_argument("--no-progress", dest="no_progress", action="store_true",
                    help="No progress bar (logs still go to metrics.jsonl).")
     p.set_defaults(run=_train)
