@@ -235,7 +235,8 @@ class Graph:
             name = feature_name(self.feature_layer[i], self.feature_index[i], self.feature_pos[i])
             return f"{name} ({self.token_strings[self.feature_pos[i]]!r})"
         if kind == "error":
-            return f"error L{self.error_layer[i]} @{self.error_pos[i]}"
+            what = "other neurons" if self.info.get("neurons") else "error"  # neuron graphs
+            return f"{what} L{self.error_layer[i]} @{self.error_pos[i]}"
         if kind == "token":
             return f"token {self.token_strings[i]!r} @{i}"
         if self.custom_targets:

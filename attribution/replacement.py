@@ -27,6 +27,7 @@ rest of the MLP output.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -91,7 +92,15 @@ def build(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderConfig,
     though they are left out of the graph).
     """
     tcm.check_model(tc_cfg, model_cfg)
-    tok = jnp.asarray(tokens, jnp.int32)[None]
+    return _build(params, tc_params, jnp.asarray(tokens, jnp.int32)[None], model_cfg=model_cfg,
+                  tc_cfg=tc_cfg)
+
+
+@partial(jax.jit, static_argnames=("model_cfg", "tc_cfg"))
+def _build(params: LMParams, tc_params: TranscoderParams, tok, *, model_cfg: ModelConfig,
+           tc_cfg: TranscoderConfig):
+    # One compiled program (read from the persistent compilation cache by a second command),
+    # not a hundred small dispatches.
     wanted = FREEZABLE + ("resid_mid", "mlp_in", "mlp_out")
     logits, cap = forward(params, model_cfg, tok, capture=wanted)
     # Frozen: attention patterns and normalisation scales are nonlinear functions of the residual
@@ -113,6 +122,39 @@ def build(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderConfig,
         mlp_sub=jax.lax.stop_gradient(mlp_out - skip), error=error,
         last_logits=logits[0, -1])
     return rm, acts
+
+
+def build_neurons(params: LMParams, model_cfg: ModelConfig, tokens: Int[np.ndarray, " pos"],
+                  top_k: int):
+    """`build` for a neuron graph (`attribution.neurons`): the MLPs linearised at the prompt,
+    their `top_k` largest units per layer and position as features, the rest of each MLP's
+    output in its error node. Returns (replacement, activations [pos, layer, d_mlp], factors
+    [pos, layer, d_mlp]: each unit's frozen factor, its target vector being factor *
+    W_in[:, i])."""
+    from attribution.neurons import neuron_transcoder
+
+    tc_cfg, tc_params = neuron_transcoder(params, model_cfg)
+    rm, acts, factors = _build_neurons(params, jnp.asarray(tokens, jnp.int32)[None],
+                                       model_cfg=model_cfg, top_k=top_k)
+    return rm, acts, factors, tc_cfg, tc_params
+
+
+@partial(jax.jit, static_argnames=("model_cfg", "top_k"))
+def _build_neurons(params: LMParams, tok, *, model_cfg: ModelConfig, top_k: int):
+    from attribution.neurons import build_acts
+
+    wanted = FREEZABLE + ("resid_mid", "mlp_in", "mlp_out")
+    logits, cap = forward(params, model_cfg, tok, capture=wanted)
+    acts, factors, recon = build_acts(params, model_cfg, cap, top_k)
+    mlp_out = cap.mlp_out[:, 0]
+    positions = jnp.arange(tok.shape[1])[None]
+    rm = LocalReplacement(
+        tokens=tok[0], embeds=embed(params, model_cfg, tok, positions)[0],
+        frozen=jax.lax.stop_gradient(cap.frozen_part()), inputs=cap.mlp_in[:, 0],
+        mlp_out=mlp_out, recon=jax.lax.stop_gradient(recon),
+        mlp_sub=jax.lax.stop_gradient(mlp_out), error=jax.lax.stop_gradient(mlp_out - recon),
+        last_logits=logits[0, -1])
+    return rm, acts, jax.lax.stop_gradient(factors)
 
 
 def active_features(acts: Float[Array, "pos layer feature"], skip_bos: bool) -> ActiveFeatures:
@@ -240,6 +282,7 @@ __all__ = [
     "LocalReplacement",
     "active_features",
     "build",
+    "build_neurons",
     "final_hidden",
     "linear_block",
     "linear_forward",

@@ -128,6 +128,14 @@ class TraceConfig:
         default=4)
     node_threshold: float = doc("Pruning: keep nodes up to this share of influence.", default=0.8)
     edge_threshold: float = doc("Pruning: keep edges up to this share of influence.", default=0.98)
+    neurons: bool = doc(
+        "Trace the model's own MLP neurons instead of a transcoder's features (each MLP "
+        "linearised at the prompt: its units' nonlinear factors frozen; attribution.neurons): "
+        "no transcoder needed.", default=False)
+    neuron_top_k: int = doc(
+        "With neurons: the units of each layer and position kept as nodes (the largest writes); "
+        "the rest of each MLP's output is folded into that layer and position's 'other neurons' "
+        "(error) node. 0: every unit.", default=32)
     mesh_data: int = doc(
         "Devices along the mesh's 'data' axis: each batch of rows is split over them (-1: all "
         "devices left). 1 x 1 traces on one device.", default=1)
@@ -157,6 +165,12 @@ class TraceConfig:
             v = getattr(self, name)
             if not (0 < v < float("inf")):  # NaN fails this too
                 raise ConfigError(f"TraceConfig.{name} must be a positive number of GB, got {v}")
+        if self.neuron_top_k < 0:
+            raise ConfigError(f"TraceConfig.neuron_top_k must be >= 0 (0: every unit), got "
+                              f"{self.neuron_top_k}")
+        if self.neurons and self.transcoder:
+            raise ConfigError("TraceConfig: neurons traces the model's own MLP units; give "
+                              "--neurons or --transcoder, not both")
         for name in ("mesh_data", "mesh_feature"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or (v < 1 and v != -1):
@@ -421,7 +435,7 @@ class _RowMaker:
     its targets (rounded up to a bucket: one compilation per bucket), returns rows."""
 
     def __init__(self, params, model_cfg, tc_cfg, tc_params, rm, active, bos, batch, dtype,
-                 bucket: int = 0, mesh=None):
+                 bucket: int = 0, mesh=None, target_scale=None):
         cast = (lambda t: jax.tree.map(
             lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, t))
         self.params, self.tc_params, self.rm = cast(params), cast(tc_params), cast(rm)
@@ -443,6 +457,8 @@ class _RowMaker:
         self._columns = {}  # prefix length -> prefix_columns(prefix length)
         self.first_pos = 1 if bos else 0
         self.W_enc = self.tc_params.W_enc if self.mesh is not None else tc_params.W_enc
+        # Per active feature, a factor on its encoder row (a neuron's frozen gate); None: 1.
+        self.target_scale = target_scale
         self.out_dtype = np.float64 if dtype == jnp.float64 else np.float32
         self.flops_run = 0.0  # arithmetic of the batches made so far (`flops`)
         self.batches_run = 0
@@ -523,6 +539,8 @@ class _RowMaker:
                  padded: bool = False):
         layer, index = active.layer[which], active.index[which]
         vec = self.W_enc[jnp.asarray(layer), :, jnp.asarray(index)]  # encoder rows [n, d_model]
+        if self.target_scale is not None:
+            vec = vec * jnp.asarray(self.target_scale[which], vec.dtype)[:, None]
         return self(layer, active.pos[which], vec, host, padded)
 
 
@@ -550,6 +568,7 @@ class TraceSetup:
     batch: int
     make: _RowMaker
     seconds: float
+    tc_cfg: TranscoderConfig  # the transcoder's, or the MLP neurons' (attribution.neurons)
 
     @property
     def n_all(self) -> int:
@@ -572,14 +591,15 @@ class TraceSetup:
         return self.n_all + self.n_err + self.n_pos
 
 
-def setup_trace(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderConfig,
-                tc_params: TranscoderParams, token_ids, config: TraceConfig, *,
+def setup_trace(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderConfig | None,
+                tc_params: TranscoderParams | None, token_ids, config: TraceConfig, *,
                 token_strings: list[str] | None = None, logit_strings=None,
                 targets: Targets | None = None, check_size: bool = True) -> TraceSetup:
     """The forward pass and everything decided before the first row (see `trace_tokens`).
     `check_size=False` (the planner): a mode over max_adjacency_gb is not refused here."""
     t0 = time.perf_counter()
-    check_model(tc_cfg, model_cfg)
+    if not config.neurons:
+        check_model(tc_cfg, model_cfg)
     ids, bos = rep.prepend_bos(model_cfg, [int(i) for i in token_ids])
     if len(ids) - int(bos) == 0:
         raise ConfigError("the prompt is empty: give at least one token to trace")
@@ -593,9 +613,16 @@ def setup_trace(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderConf
         token_strings = ["<bos>"] + list(token_strings)
     T, L = len(ids), model_cfg.n_layers
 
-    rm, acts = rep.build(params, model_cfg, tc_cfg, tc_params, np.asarray(ids))
+    factors = None
+    if config.neurons:  # the MLP units as features (attribution.neurons)
+        rm, acts, factors, tc_cfg, tc_params = rep.build_neurons(
+            params, model_cfg, np.asarray(ids), config.neuron_top_k)
+    else:
+        rm, acts = rep.build(params, model_cfg, tc_cfg, tc_params, np.asarray(ids))
     active = rep.active_features(acts, skip_bos=bos)
     del acts
+    if factors is not None:  # each node's frozen factor: its target vector's scale
+        factors = np.asarray(factors)[active.pos, active.layer, active.index]
     strings = logit_strings or (lambda t: [str(int(i)) for i in t])
     if targets is not None and targets.custom:
         logit_toks, names, logit_probs, weights, logit_dirs, target_info = custom_targets(
@@ -627,17 +654,18 @@ def setup_trace(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderConf
         d = mesh.shape["data"]
         batch = -(-batch // d) * d
     make = _RowMaker(params, model_cfg, tc_cfg, tc_params, rm, active, bos, batch, dtype,
-                     config.position_bucket, mesh)
+                     config.position_bucket, mesh, target_scale=factors)
     return TraceSetup(ids, bos, list(token_strings), rm, active, logit_toks, names, logit_probs,
                       weights, logit_dirs, target_info, err_layer, err_pos, cap, streamed, batch,
-                      make, time.perf_counter() - t0)
+                      make, time.perf_counter() - t0, tc_cfg)
 
 
-def trace_tokens(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderConfig,
-                 tc_params: TranscoderParams, token_ids, config: TraceConfig, *,
+def trace_tokens(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderConfig | None,
+                 tc_params: TranscoderParams | None, token_ids, config: TraceConfig, *,
                  token_strings: list[str] | None = None, logit_strings=None,
                  targets: Targets | None = None, progress: bool = False) -> Graph:
     """The unpruned attribution graph of a tokenised prompt (the BOS is prepended here).
+    Under `config.neurons` the MLP units are the features: tc_cfg and tc_params are None.
 
     `logit_strings(ids) -> list[str]` names the logit tokens (default: the ids as text);
     `targets`: what to explain (default: the most probable next tokens)."""
@@ -652,11 +680,13 @@ def trace_tokens(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderCon
                                           model_cfg.n_layers)
     cap, streamed, batch, make = st.cap, st.streamed, st.batch, st.make
     t_setup = time.perf_counter() - t0
-    info = {"model": model_cfg.name, "transcoder": to_dict(tc_cfg), "batch_size": batch,
+    info = {"model": model_cfg.name, "transcoder": to_dict(st.tc_cfg), "batch_size": batch,
             "position_bucket": make.bucket, "adjacency": "stream" if streamed else "dense",
             "seconds_setup": round(t_setup, 3)}
     if target_info is not None:
         info["targets"] = target_info
+    if config.neurons:  # its error nodes hold the units not kept: "other neurons"
+        info["neurons"] = {"top_k": config.neuron_top_k, "d_mlp": model_cfg.d_mlp}
     infl_weights = logit_probs if weights is None else weights  # each target's weight
 
     def graph(selected, adjacency, **extra):
@@ -787,9 +817,13 @@ class Tracer:
         with progress_bar(progress) as bar:
             bar.add_task(f"loading {config.model} and its transcoder", total=None)
             self.model = load_model(config.model)
-            # An empty transcoder means the one shipped for an embedded model, recorded by name.
-            self.ref, self.tc_cfg, self.tc_params = open_transcoder(config.transcoder,
-                                                                    self.model.cfg)
+            if config.neurons:  # the model's MLP units: no transcoder
+                self.ref, self.tc_cfg, self.tc_params = "", None, None
+            else:
+                # An empty transcoder means the one shipped for an embedded model, recorded by
+                # name.
+                self.ref, self.tc_cfg, self.tc_params = open_transcoder(config.transcoder,
+                                                                        self.model.cfg)
         if self.model.tokenizer is None:
             raise ConfigError(f"model '{config.model}' has no tokenizer: cannot encode the "
                               "prompt")
@@ -799,7 +833,8 @@ class Tracer:
         """(config naming the loaded transcoder, the prompt's token ids, its targets), checked:
         the same model and transcoder, targets of one token each, the prompt within the
         model's context."""
-        if (config.model, config.transcoder) != (self.model_name, self.transcoder):
+        if (config.model, config.transcoder, config.neurons) != (
+                self.model_name, self.transcoder, self.tc_cfg is None):
             raise ConfigError("Tracer.prepare: this tracer holds model "
                               f"{self.model_name!r} and transcoder {self.transcoder!r}")
         check_prompt(config)

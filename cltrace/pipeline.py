@@ -176,8 +176,10 @@ def _write(graph, config, graph_path: Path, json_path: Path, *, cards=None, prog
         full = graph.full_graph
         print(f"full graph: {full.nodes} nodes ({full.features} features), {full.edges} edges; "
               f"stored: its {n_feat} most influential features (--stream-features)")
-    print(f"nodes: {graph.n_nodes} ({n_feat} features of {graph.n_active_total} active, "
-          f"{r.error.stop - r.error.start} errors, {graph.n_pos} tokens, "
+    units = "neurons" if graph.info.get("neurons") else "features"
+    errors = "'other neurons' nodes" if graph.info.get("neurons") else "errors"
+    print(f"nodes: {graph.n_nodes} ({n_feat} {units} of {graph.n_active_total} active, "
+          f"{r.error.stop - r.error.start} {errors}, {graph.n_pos} tokens, "
           f"{len(graph.logit_tokens)} logits); edges: {graph.n_edges}")
     print(f"pruned: {int(pruned.node_mask.sum())} nodes, {int(pruned.edge_mask.sum())} edges "
           f"(node threshold {config.node_threshold}, edge threshold {config.edge_threshold})")
