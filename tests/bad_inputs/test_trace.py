@@ -39,6 +39,8 @@ BAD = [
     *[Case(("trace", P, f"--mesh-{axis}", v), f"TraceConfig.mesh_{axis} must be a positive "
            "number of devices or -1") for axis in ("data", "feature") for v in ("0", "-2")],
     Case(("trace", P, "--mesh-data", "-1", "--mesh-feature", "-1"), "only one of mesh_data"),
+    Case(("trace", P, "--neurons", "--transcoder", "{dir}"), "give --neurons or --transcoder"),
+    Case(("trace", P, "--neurons", "--neuron-top-k", "-1"), "neuron_top_k must be >= 0"),
     Case(("trace", P, "--plan", "--prompts", "{tmp}/p.txt"), "give a PROMPT or --prompts"),
     Case(("trace", P, "--minus", " Paris"), "minus needs a target"),
     Case(("trace", P, "--target", " a", "--target", " a"), "a token is repeated"),
