@@ -36,6 +36,44 @@ the time the arithmetic alone would take at the peak).
 
 Writes a rich table to the terminal and the rows as JSON (`--out`, default
 out/bench_trace.json).
+
+Comparison with circuit-tracer (issue 18): `--compare-circuit-tracer PYTHON` runs circuit-tracer
+(PyPI `circuit-tracer` 0.5.0, TransformerLens backend) on the same weights, transcoder and prompt,
+from the interpreter of a separate environment (`scripts/setup_circuit_tracer_env.sh`;
+circuit-tracer is never a dependency of cltrace) running `scripts/ct_driver.py`. Per case
+(`--tokens` x `--kinds`, `--features`, `--cap`), in folders under `--ct-work`:
+  1. prepare (untimed child): the random transcoder calibrated as above, saved with
+     `clt.transcoder.save` and exported to circuit-tracer's layout; the prompt; cltrace's logits
+     on it; once, SmolLM2-135M as a Hugging Face Llama checkpoint written from cltrace's loaded
+     weights (`write_hf_llama`) with its tokenizer;
+  2. check that the converted model's logits (transformers and TransformerLens) equal cltrace's
+     (`logits_check`: largest |difference|);
+  3. unless --no-ct-agree: each tool once more, saving its graph; the graphs are compared node by
+     node (`agreement`: edges within `--ct-tol` x the row's largest |edge|; replacement and
+     completeness scores);
+  4. `--repeats` more runs of each tool, alternating which goes first. Every run is a fresh
+     process: wall seconds from start to exit and peak RSS (the child's rusage from wait4, what
+     /usr/bin/time reports); medians; `time_ratio` / `memory_ratio` = circuit-tracer / cltrace.
+Both sides do the same work: load the model and the transcoder, trace the dense graph (every
+feature row, or `--cap` of them chosen greedily), compute its replacement and completeness
+scores. cltrace runs `trace_tokens` with `--batch-size` and JAX's compilation cache (as `cltrace`
+commands do; the agreement run fills it); circuit-tracer runs `attribute(batch_size=
+--ct-batch-size, max_feature_nodes=--cap)` and `compute_graph_scores`, with TransformerLens's
+context capped at `--ct-n-ctx` (its causal masks are n_ctx^2 per layer). circuit-tracer's
+feature hooks gather [batch, decoder rows reaching the layer, d_model] gradients, so a CLT needs a
+small batch (32 for 512 features x 11 tokens, 16 for case (c) below) to fit in memory.
+    scripts/setup_circuit_tracer_env.sh /work/ct-venv
+    CT=/work/ct-venv/bin/python
+    .venv/bin/python scripts/bench_trace.py --compare-circuit-tracer $CT --tokens 11 \
+        --kinds clt --features 512 --ct-batch-size 32                          # (a)
+    .venv/bin/python scripts/bench_trace.py --compare-circuit-tracer $CT --tokens 11 \
+        --kinds plt --features 1024                                            # (b)
+    .venv/bin/python scripts/bench_trace.py --compare-circuit-tracer $CT --tokens 64 \
+        --kinds clt --features 2048 --cap 2048 --ct-batch-size 16 --no-ct-agree --repeats 1  # (c)
+The comparison writes out/bench_compare.json unless `--out` is given, keeping the rows of other
+cases already in it (one invocation per case, as above, fills one table). The agreement runs are
+timed too (their graph-saving seconds taken out), so each tool has 1 + `--repeats` runs per case;
+`--ct-reuse` resumes a case from its prepared folder and saved graphs.
 """
 
 from __future__ import annotations
@@ -48,6 +86,7 @@ import resource
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 TEXT = ("The history of the city begins with a small settlement on the river, where traders "
@@ -60,29 +99,40 @@ def _prompt_ids(tok, n: int) -> list[int]:
     return ids[:n]
 
 
-def run_case(kind: str, n_tokens: int, mode: str, args) -> dict:
+def random_transcoder(m, ids: list[int], kind: str, n_features: int, active: float):
+    """A random CLT or PLT (`kind`) of `n_features` per layer for the loaded model `m`, its
+    JumpReLU thresholds calibrated on the prompt `ids` (BOS not included) to ~`active` active
+    features per layer and position: (config, params, number of active features)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from attribution.trace import TraceConfig, trace_tokens
     from clt import transcoder as tcm
-    from clt.lm import forward, load_model
+    from clt.lm import forward
 
-    m = load_model("smollm2-135m")
-    ids = _prompt_ids(m.tokenizer, n_tokens)
     full = [m.cfg.bos_token_id] + ids
     tc_cfg = tcm.TranscoderConfig(d_model=m.cfg.d_model, n_layers=m.cfg.n_layers,
-                                  n_features=args.features, max_reach=1 if kind == "plt" else None)
+                                  n_features=n_features, max_reach=1 if kind == "plt" else None)
     p = tcm.init_params(tc_cfg, jax.random.key(0))
     # Calibrate: per layer, the (1 - 64/F) quantile of the pre-activations on this prompt.
     _, cap = forward(m.params, m.cfg, jnp.asarray(full)[None], capture=("resid_mid",))
     pre = np.asarray(tcm.encode_pre(p, jnp.swapaxes(cap.resid_mid[:, 0], 0, 1))[1:])
-    q = 1 - args.active / args.features
+    q = 1 - active / n_features
     th = np.quantile(pre.transpose(1, 0, 2).reshape(tc_cfg.n_layers, -1), q, axis=1)
     p = dataclasses.replace(p, log_threshold=jnp.log(jnp.broadcast_to(
         jnp.asarray(np.maximum(th, 1e-6), jnp.float32)[:, None], p.log_threshold.shape)))
-    n_active = int((pre > th[None, :, None]).sum())
+    return tc_cfg, p, int((pre > th[None, :, None]).sum())
+
+
+def run_case(kind: str, n_tokens: int, mode: str, args) -> dict:
+    import jax
+
+    from attribution.trace import TraceConfig, trace_tokens
+    from clt.lm import load_model
+
+    m = load_model("smollm2-135m")
+    ids = _prompt_ids(m.tokenizer, n_tokens)
+    tc_cfg, p, n_active = random_transcoder(m, ids, kind, args.features, args.active)
     n_nodes = n_active + 31 * (n_tokens + 1) + 10
     dense_gb = n_nodes ** 2 * 4 / 2**30
     config = TraceConfig(prompt=f"{n_tokens} tokens", max_feature_nodes=args.cap,
@@ -213,6 +263,330 @@ def _estimate(m, ids, tc_cfg, p, config, args) -> dict:
             "peak_rss_gb": round(_peak_gb(), 2)}
 
 
+# --- comparison with circuit-tracer (--compare-circuit-tracer) ----------------------------------
+HF_DIR = "smollm2-135m-hf"  # no "llama" in the name: TransformerLens would then skip its config
+
+
+def write_hf_llama(m, path: Path) -> None:
+    """The loaded model `m` as a Hugging Face Llama checkpoint (config.json, model.safetensors,
+    tokenizer.json, tokenizer_config.json): the reverse of `clt.lm.hf.canonical_tensors` +
+    `clt.lm.params.assemble`. Our q/k weights are already in the rotate-half layout of HF
+    checkpoints (the GGUF loader un-permutes llama.cpp's), so no permutation is needed here;
+    the preparation step checks the result's logits against ours (`ct_driver.py --check`)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    c, lay = m.cfg, m.params.layers
+    plain = (c.norm == "rmsnorm" and c.mlp == "gated" and c.positional == "rope"
+             and not (c.qkv_bias or c.out_bias or c.mlp_bias or c.qk_norm or c.post_attn_norm
+                      or c.post_mlp_norm or c.norm_offset or c.attn_softcap or c.final_softcap)
+             and c.rope_scaling == "none" and c.embed_scale in (None, 1.0)
+             and c.attn_scale is None and c.tie_embeddings)
+    if not plain:
+        raise SystemExit(f"{c.name} is not a plain tied-embedding Llama: not converted")
+    D, H, KV, K = c.d_model, c.n_heads, c.n_kv_heads, c.head_dim
+
+    def lin(w, n_out):  # our [in, ...] layout -> torch's Linear [out, in]
+        return np.ascontiguousarray(np.asarray(w, np.float32).reshape(-1, n_out).T)
+
+    t = {"model.embed_tokens.weight": np.asarray(m.params.embed, np.float32),
+         "model.norm.weight": np.asarray(m.params.final_norm_w, np.float32)}
+    for i in range(c.n_layers):
+        p = f"model.layers.{i}."
+        t |= {p + "self_attn.q_proj.weight": lin(lay.W_Q[i], H * K),
+              p + "self_attn.k_proj.weight": lin(lay.W_K[i], KV * K),
+              p + "self_attn.v_proj.weight": lin(lay.W_V[i], KV * K),
+              p + "self_attn.o_proj.weight": lin(lay.W_O[i], D),
+              p + "mlp.gate_proj.weight": lin(lay.W_gate[i], c.d_mlp),
+              p + "mlp.up_proj.weight": lin(lay.W_in[i], c.d_mlp),
+              p + "mlp.down_proj.weight": lin(lay.W_out[i], D),
+              p + "input_layernorm.weight": np.asarray(lay.attn_norm_w[i], np.float32),
+              p + "post_attention_layernorm.weight": np.asarray(lay.mlp_norm_w[i], np.float32)}
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+              "hidden_size": D, "intermediate_size": c.d_mlp, "num_hidden_layers": c.n_layers,
+              "num_attention_heads": H, "num_key_value_heads": KV, "head_dim": K,
+              "hidden_act": "silu", "max_position_embeddings": c.max_position,
+              "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "rope_scaling": None,
+              "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": True,
+              "vocab_size": c.vocab_size, "bos_token_id": c.bos_token_id,
+              "eos_token_id": c.eos_token_ids[0], "torch_dtype": "float32"}
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(t, str(path / "model.safetensors"), metadata={"format": "pt"})
+    tok = m.tokenizer.backend
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": c.max_position,
+        "bos_token": tok.id_to_token(c.bos_token_id),
+        "eos_token": tok.id_to_token(c.eos_token_ids[0])}))
+    (path / "config.json").write_text(json.dumps(config, indent=1))  # last: completes it
+
+
+def ct_prepare(kind: str, n_tokens: int, case_dir: Path, args) -> dict:
+    """Child process: the case's random transcoder (cltrace's layout and circuit-tracer's), its
+    prompt, cltrace's logits on it, and (once, shared by the cases) the HF checkpoint."""
+    import shutil
+
+    import jax.numpy as jnp
+    import numpy as np
+
+    from clt import transcoder as tcm
+    from clt.circuit_tracer_io import export_circuit_tracer
+    from clt.lm import forward, load_model
+
+    m = load_model("smollm2-135m")
+    ids = _prompt_ids(m.tokenizer, n_tokens)
+    tc_cfg, p, n_active = random_transcoder(m, ids, kind, args.features, args.active)
+    hf = case_dir.parent / HF_DIR
+    if not (hf / "config.json").exists():
+        write_hf_llama(m, hf)
+    shutil.rmtree(case_dir, ignore_errors=True)
+    case_dir.mkdir(parents=True)
+    tcm.save(case_dir / "transcoder", tc_cfg, p)
+    export_circuit_tracer(case_dir / "circuit_tracer", tc_cfg, p, model_name=HF_DIR)
+    (case_dir / "prompt.json").write_text(json.dumps({"ids": ids}))
+    logits, _ = forward(m.params, m.cfg, jnp.asarray([m.cfg.bos_token_id] + ids)[None])
+    np.save(case_dir / "logits.npy", np.asarray(logits[0], np.float32))
+    return {"active_features": n_active, "active_per_layer_pos":
+            round(n_active / (m.cfg.n_layers * n_tokens), 1)}
+
+
+def ct_cltrace(case_dir: Path, args) -> dict:
+    """Child process: cltrace's whole run on a prepared case (what `ct_driver.py` does for
+    circuit-tracer): load the model and transcoder, trace (dense, every row unless --cap),
+    score; with --ct-save, write the graph for the agreement check."""
+    t_start = time.perf_counter()
+    import numpy as np
+
+    from attribution.trace import TraceConfig, trace_tokens
+    from clt import transcoder as tcm
+    from clt.lm import load_model
+    from cltrace.compile_cache import enable
+
+    if args.ct_compile_cache:
+        enable()  # as every `cltrace` command does
+    t0 = time.perf_counter()
+    m = load_model("smollm2-135m")
+    tc_cfg, p = tcm.load(case_dir / "transcoder")
+    ids = json.loads((case_dir / "prompt.json").read_text())["ids"]
+    t1 = time.perf_counter()
+    config = TraceConfig(prompt=f"{len(ids)} tokens", max_feature_nodes=args.cap,
+                         adjacency="dense", batch_size=args.batch_size, dtype=args.dtype)
+    g = trace_tokens(m.params, m.cfg, tc_cfg, p, ids, config, progress=False)
+    t2 = time.perf_counter()
+    if args.ct_save:  # for the agreement check; its time is taken out of the run's
+        np.savez(args.ct_save, feature_layer=g.feature_layer, feature_pos=g.feature_pos,
+                 feature_index=g.feature_index, error_layer=g.error_layer,
+                 error_pos=g.error_pos, tokens=g.tokens, logit_tokens=g.logit_tokens,
+                 logit_probs=g.logit_probs, adjacency=g.adjacency,
+                 scores=np.array([g.scores.replacement, g.scores.completeness]))
+    return {"n_active": g.n_active_total, "n_features": g.ranges.feature.stop,
+            "n_nodes": g.n_nodes, "replacement": g.scores.replacement,
+            "completeness": g.scores.completeness, "seconds_imports": round(t0 - t_start, 2),
+            "seconds_load": round(t1 - t0, 2), "seconds_trace": round(t2 - t1, 2),
+            "seconds_save": round(time.perf_counter() - t2, 2),
+            "seconds_in_process": round(time.perf_counter() - t_start, 2),
+            "batch": g.info["batch_size"], "peak_rss_gb_self": round(_peak_gb(), 2)}
+
+
+def _measured(cmd: list[str], timeout: float, env: dict | None = None) -> dict:
+    """Run `cmd` in a fresh process: its wall seconds (start to exit), its peak RSS (the child's
+    own rusage from wait4, as /usr/bin/time reports it) and its `RESULT {json}` line."""
+    import os
+    import tempfile
+
+    load = os.getloadavg()[0]  # the machine is shared: how busy it was when the run began
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+        deadline, killed = t0 + timeout, False
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if not killed and time.perf_counter() > deadline:
+                proc.kill()
+                killed = True
+            time.sleep(0.1)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+    line = next((ln for ln in stdout.splitlines() if ln.startswith("RESULT ")), None)
+    row = {"wall_seconds": round(wall, 1), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2),
+           "loadavg_at_start": round(load, 2)}
+    if line is None:
+        why = f"over {timeout:.0f} s" if killed else (stderr.strip().splitlines() or ["?"])[-1]
+        return row | {"error": f"exit {proc.returncode}: {why}"}
+    return row | json.loads(line[7:])
+
+
+def compare_graphs(ours: Path, theirs: Path, tol: float) -> dict:
+    """Map circuit-tracer's nodes onto cltrace's (features by (layer, pos, index), errors by
+    (layer, pos), tokens by position, logits by token) and compare every edge: |difference|
+    within `tol` x the row's largest |edge|. circuit-tracer also has error nodes at the BOS
+    position, which it zeroes; they are checked to carry no edge."""
+    import numpy as np
+
+    a, b = np.load(ours), np.load(theirs)
+    keys = {}
+    for kind, cols in (("f", ("feature_layer", "feature_pos", "feature_index")),
+                       ("e", ("error_layer", "error_pos"))):
+        for g, d in ((a, "a"), (b, "b")):
+            keys[kind, d] = list(zip(*(g[c].tolist() for c in cols)))
+    nb_f, nb_e = len(keys["f", "b"]), len(keys["e", "b"])
+    index_b = {("f",) + k: i for i, k in enumerate(keys["f", "b"])}
+    index_b |= {("e",) + k: nb_f + i for i, k in enumerate(keys["e", "b"])}
+    index_b |= {("t", i): nb_f + nb_e + i for i in range(len(b["tokens"]))}
+    off = nb_f + nb_e + len(b["tokens"])
+    index_b |= {("l", int(t)): off + i for i, t in enumerate(b["logit_tokens"])}
+    nodes_a = ([("f",) + k for k in keys["f", "a"]] + [("e",) + k for k in keys["e", "a"]]
+               + [("t", i) for i in range(len(a["tokens"]))]
+               + [("l", int(t)) for t in a["logit_tokens"]])
+    missing = [n for n in nodes_a if n not in index_b]
+    out = {"nodes_cltrace": len(nodes_a), "nodes_circuit_tracer": int(b["adjacency"].shape[0]),
+           "same_tokens": bool(np.array_equal(a["tokens"], b["tokens"])),
+           "same_logits": a["logit_tokens"].tolist() == b["logit_tokens"].tolist(),
+           "nodes_missing_in_circuit_tracer": len(missing)}
+    if missing:
+        return out
+    perm = np.array([index_b[n] for n in nodes_a])
+    extra = np.setdiff1d(np.arange(b["adjacency"].shape[0]), perm)
+    A, B = a["adjacency"], b["adjacency"]
+    worst, bad, extra_max = 0.0, 0, 0.0
+    for r in range(0, len(perm), 1024):  # row blocks: no second full-size copy
+        rows_a = A[r:r + 1024]
+        rows_b = B[perm[r:r + 1024]]
+        scale = np.abs(rows_a).max(axis=1, keepdims=True)
+        rel = np.abs(rows_a - rows_b[:, perm]) / np.maximum(scale, 1e-30)
+        worst = max(worst, float(rel.max()))
+        bad += int((rel > tol).any(axis=1).sum())
+        if len(extra):
+            extra_max = max(extra_max, float((np.abs(rows_b[:, extra]) /
+                                              np.maximum(scale, 1e-30)).max()))
+    sa, sb = a["scores"], b["scores"]
+    return out | {"max_edge_diff_of_row_max": worst, "rows_over_tol": bad, "tol": tol,
+                  "extra_nodes_circuit_tracer": len(extra),
+                  "extra_nodes_max_edge_of_row_max": extra_max,
+                  "logit_probs_max_diff": float(np.abs(a["logit_probs"] - b["logit_probs"]).max()),
+                  "replacement": [float(sa[0]), float(sb[0])],
+                  "completeness": [float(sa[1]), float(sb[1])],
+                  "score_max_diff": float(np.abs(sa - sb).max())}
+
+
+def _ours_cmd(case: Path, passthrough: list[str], *extra: str) -> list[str]:
+    return [sys.executable, __file__, "--ct-cltrace", str(case), *passthrough, *extra]
+
+
+def _theirs_cmd(args, case: Path, *extra: str) -> list[str]:
+    return [args.compare_circuit_tracer, str(Path(__file__).with_name("ct_driver.py")),
+            "--model", str(case.parent / HF_DIR), "--transcoder", str(case / "circuit_tracer"),
+            "--prompt", str(case / "prompt.json"), "--batch-size", str(args.ct_batch_size),
+            *(["--n-ctx", str(args.ct_n_ctx)] if args.ct_n_ctx else []),
+            *([] if args.cap is None else ["--max-feature-nodes", str(args.cap)]), *extra]
+
+
+def compare(args) -> list[dict]:
+    """--compare-circuit-tracer: every case of --tokens x --kinds (module docstring)."""
+    from cltrace.hostmem import huge_pages_env
+
+    env = huge_pages_env()  # both tools run with what `cltrace` gives itself
+    passthrough = [f"--features={args.features}", f"--active={args.active}",
+                   f"--batch-size={args.batch_size}", f"--dtype={args.dtype}",
+                   f"--ct-work={args.ct_work}"] + ([] if args.ct_compile_cache
+                                                   else ["--no-ct-compile-cache"])
+    if args.cap is not None:
+        passthrough.append(f"--cap={args.cap}")
+    return [_compare_case(args, kind, n, env, passthrough)
+            for n in args.tokens for kind in args.kinds]
+
+
+def _compare_case(args, kind: str, n: int, env, passthrough: list[str]) -> dict:
+    """Prepare (untimed), check the converted model's logits, run each tool once saving its
+    graph and compare the graphs, then `--repeats` more runs alternating which tool goes
+    first. Every run is timed; a run that saved its graph counts without its saving time."""
+    name = f"{kind}{args.features}-{n}tok" + ("" if args.cap is None else f"-cap{args.cap}")
+    case = Path(args.ct_work) / name
+    row = {"case": name, "transcoder": kind, "features_per_layer": args.features, "tokens": n,
+           "cap": args.cap, "batch_cltrace": args.batch_size,
+           "batch_circuit_tracer": args.ct_batch_size, "n_ctx_circuit_tracer": args.ct_n_ctx}
+    cmds = {"cltrace": partial(_ours_cmd, case, passthrough),
+            "circuit_tracer": partial(_theirs_cmd, args, case)}
+    prep_file = case / "prep.json"
+    if not (args.ct_reuse and prep_file.exists()):
+        prep = _measured([sys.executable, __file__, "--ct-prep", f"{kind}:{n}:{case}",
+                          *passthrough], args.timeout, env)
+        if "error" in prep:
+            return row | {"error": "prepare: " + prep["error"]}
+        prep_file.write_text(json.dumps(prep))
+    row |= {k: v for k, v in json.loads(prep_file.read_text()).items()
+            if k in ("active_features", "active_per_layer_pos")}
+    chk = _measured(cmds["circuit_tracer"]("--check", str(case / "logits.npy")), args.timeout, env)
+    row["logits_check"] = {k: chk[k] for k in ("hf_max_abs_diff", "tl_max_abs_diff",
+                                               "logit_scale", "same_argmax", "error") if k in chk}
+    print(json.dumps({"case": name, "logits_check": row["logits_check"]}), flush=True)
+    runs: dict[str, list] = {"cltrace": [], "circuit_tracer": []}
+
+    def run(tool: str, label: str, *extra: str) -> dict:
+        res = _measured(cmds[tool](*extra), args.timeout, env)
+        runs[tool].append(res | {"run": label})
+        print(json.dumps({"case": name, "tool": tool, "run": label} | res), flush=True)
+        return res
+
+    if args.ct_agree:
+        graphs = {tool: case / f"graph_{tool}.npz" for tool in runs}
+        for tool, path in graphs.items():
+            if not (args.ct_reuse and path.exists()):
+                run(tool, "agreement (graph saved)", "--ct-save" if tool == "cltrace"
+                    else "--save", str(path))
+        missing = [t for t, p in graphs.items() if not p.exists()]
+        row["agreement"] = ({"error": f"no graph from {missing}"} if missing else
+                            compare_graphs(graphs["cltrace"], graphs["circuit_tracer"],
+                                           args.ct_tol))
+        print(json.dumps({"case": name, "agreement": row["agreement"]}), flush=True)
+    for r in range(args.repeats):  # alternate which tool goes first
+        for tool in list(runs)[:: -1 if r % 2 == 0 else 1]:
+            run(tool, f"timed {r}")
+    row["runs"] = runs
+    return row | _summary(runs)
+
+
+def _summary(runs: dict[str, list]) -> dict:
+    """Medians over each tool's runs (saving time taken out) and circuit-tracer / cltrace."""
+    import statistics
+
+    out = {}
+    for tool, rs in runs.items():
+        ok = [x for x in rs if "error" not in x]
+        if ok:
+            out[f"{tool}_seconds"] = round(statistics.median(
+                x["wall_seconds"] - x.get("seconds_save", 0.0) for x in ok), 1)
+            out[f"{tool}_peak_gb"] = statistics.median(x["peak_rss_gb"] for x in ok)
+            out[f"{tool}_runs"] = len(ok)
+    if "cltrace_seconds" in out and "circuit_tracer_seconds" in out:
+        out["time_ratio"] = round(out["circuit_tracer_seconds"] / out["cltrace_seconds"], 2)
+        out["memory_ratio"] = round(out["circuit_tracer_peak_gb"] / out["cltrace_peak_gb"], 2)
+    return out
+
+
+def _compare_table(rows: list[dict]):
+    from rich.table import Table
+
+    table = Table(title="cltrace vs circuit-tracer: whole process (fresh), median of runs")
+    cols = ["case", "active_features", "cltrace_seconds", "circuit_tracer_seconds", "time_ratio",
+            "cltrace_peak_gb", "circuit_tracer_peak_gb", "memory_ratio", "agree"]
+    for c in cols:
+        table.add_column(c)
+    for r in rows:
+        ag = r.get("agreement", {})
+        agree = ("-" if not ag else ag.get("error") or
+                 f"{ag.get('rows_over_tol')} rows > tol, max {ag.get('max_edge_diff_of_row_max', 0):.1e}"
+                 f", scores {ag.get('score_max_diff', 0):.0e}")
+        table.add_row(*[agree if c == "agree" else str(r.get(c, r.get("error", "")))
+                        for c in cols])
+    return table
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, nargs="*", default=[12, 128])
@@ -234,10 +608,56 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per case")
     ap.add_argument("--out", default="out/bench_trace.json")
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # child process
+    cmp = ap.add_argument_group("comparison with circuit-tracer (module docstring)")
+    cmp.add_argument("--compare-circuit-tracer", metavar="PYTHON", default=None,
+                     help="the interpreter of circuit-tracer's environment "
+                     "(scripts/setup_circuit_tracer_env.sh), e.g. /work/ct-venv/bin/python")
+    cmp.add_argument("--ct-batch-size", type=int, default=512,
+                     help="circuit-tracer's attribute(batch_size=...) (its default: 512)")
+    cmp.add_argument("--ct-n-ctx", type=int, default=2048,
+                     help="TransformerLens context length for circuit-tracer (each layer holds an "
+                     "n_ctx^2 causal mask; SmolLM2's own 8,192 costs 2 GB more; 2,048 is the cap "
+                     "TransformerLens sets for Llama-3.x); 0: the checkpoint's")
+    cmp.add_argument("--repeats", type=int, default=3, help="timed runs of each tool per case")
+    cmp.add_argument("--ct-agree", action=argparse.BooleanOptionalAction, default=True,
+                     help="also run each tool once saving its graph, and compare the graphs")
+    cmp.add_argument("--ct-reuse", action="store_true",
+                     help="reuse a case already prepared under --ct-work and the graphs saved "
+                     "there (resume a long comparison)")
+    cmp.add_argument("--ct-tol", type=float, default=1e-5,
+                     help="edges agree within this share of their row's largest |edge|")
+    cmp.add_argument("--ct-work", default="/tmp/cltrace-ct-compare",
+                     help="folder for the HF checkpoint, transcoders, prompts and graphs")
+    cmp.add_argument("--ct-compile-cache", action=argparse.BooleanOptionalAction, default=True,
+                     help="cltrace's side uses JAX's compilation cache, as `cltrace` commands do")
+    cmp.add_argument("--ct-prep", default=None, help=argparse.SUPPRESS)  # child processes
+    cmp.add_argument("--ct-cltrace", default=None, help=argparse.SUPPRESS)
+    cmp.add_argument("--ct-save", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.case:
         kind, n, mode = args.case.split(":")
         print("RESULT " + json.dumps(run_case(kind, int(n), mode, args)), flush=True)
+        return 0
+    if args.ct_prep:
+        kind, n, case_dir = args.ct_prep.split(":", 2)
+        print("RESULT " + json.dumps(ct_prepare(kind, int(n), Path(case_dir), args)), flush=True)
+        return 0
+    if args.ct_cltrace:
+        print("RESULT " + json.dumps(ct_cltrace(Path(args.ct_cltrace), args)), flush=True)
+        return 0
+    if args.compare_circuit_tracer:
+        from rich.console import Console
+
+        rows = compare(args)
+        out = Path(args.out if args.out != ap.get_default("out") else "out/bench_compare.json")
+        if out.exists():  # keep the other cases measured earlier (one invocation per case)
+            names = {r["case"] for r in rows}
+            rows = [r for r in json.loads(out.read_text())["rows"]
+                    if r.get("case") not in names] + rows
+        Console(width=220).print(_compare_table(rows))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"machine": platform.platform(), "rows": rows}, indent=2))
+        print(f"wrote {out}")
         return 0
 
     from rich.console import Console
