@@ -847,26 +847,27 @@ class Tracer:
                               f"'{cfg.name}' has a context of {cfg.max_position}; shorten it")
         return dataclasses.replace(config, transcoder=self.ref), ids, targets
 
+    def _inputs(self, config: TraceConfig):
+        """(model params, model config, transcoder config, transcoder params, ids, config, the
+        keywords of `setup_trace` / `trace_tokens`) of a checked prompt."""
+        config, ids, targets = self.prepare(config)
+        tok = self.model.tokenizer
+        kw = {"token_strings": tok.token_strings(ids, merge=True), "targets": targets,
+              "logit_strings": lambda t: tok.token_strings([int(i) for i in t])}
+        return (self.model.params, self.model.cfg, self.tc_cfg, self.tc_params, ids, config), kw
+
     def plan(self, config: TraceConfig):
         """(the trace's setup, its `attribution.plan.ModePlan`s): the forward pass and one
         measured batch of rows, no trace."""
         from attribution.plan import plan_modes
 
-        config, ids, targets = self.prepare(config)
-        tok = self.model.tokenizer
-        st = setup_trace(self.model.params, self.model.cfg, self.tc_cfg, self.tc_params, ids,
-                         config, token_strings=tok.token_strings(ids, merge=True),
-                         logit_strings=lambda t: tok.token_strings([int(i) for i in t]),
-                         targets=targets, check_size=False)
-        return st, plan_modes(st, config, self.model.cfg.n_layers)
+        args, kw = self._inputs(config)
+        st = setup_trace(*args, **kw, check_size=False)
+        return st, plan_modes(st, args[-1], self.model.cfg.n_layers)
 
     def trace(self, config: TraceConfig, progress: bool = False) -> Graph:
-        config, ids, targets = self.prepare(config)
-        tok = self.model.tokenizer
-        return trace_tokens(self.model.params, self.model.cfg, self.tc_cfg, self.tc_params, ids,
-                            config, token_strings=tok.token_strings(ids, merge=True),
-                            logit_strings=lambda t: tok.token_strings([int(i) for i in t]),
-                            targets=targets, progress=progress)
+        args, kw = self._inputs(config)
+        return trace_tokens(*args, **kw, progress=progress)
 
 
 def check_prompt(config: TraceConfig) -> None:
