@@ -26,9 +26,11 @@ Writes out/cases/addition/report.md and results.json (copied to docs/cases/addit
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from common import Study, parser  # first: puts the repository on sys.path
@@ -369,6 +371,12 @@ def edited(s: Study, ids: list[int], edits=(), rm=None) -> np.ndarray:
     return np.asarray(iv.free_logits(m.params, m.cfg, s.tc_cfg, s.tc_params, rm, tuple(edits))[-1])
 
 
+def _release() -> None:
+    """Drop JAX's compiled programs: every distinct set of edits compiles the spliced model anew
+    (the edits are static), ~60 MB each, which a study's hundreds of ablations would pile up."""
+    jax.clear_caches()
+
+
 def zero(rows) -> list:
     """Zero edits for feature rows (node, layer, pos, index, ...) at their positions."""
     return [iv.FeatureEdit(r[1], r[3], r[2], "set", 0.0) for r in rows]
@@ -387,7 +395,9 @@ def ablate_on_prompt(s: Study, site: Site, rows, each: bool = True) -> list[dict
     out = [{"edit": "none", **read(())}]
     if each:
         out += [{"edit": f"{r[1]}:{r[3]}@{r[2]}", **read(zero([r]))} for r in rows]
-    return out + [{"edit": f"all {len(rows)}", **read(zero(rows))}]
+    out.append({"edit": f"all {len(rows)}", **read(zero(rows))})
+    _release()
+    return out
 
 
 def ablate_on_grid(s: Study, fmt: str, which: str, edits, problems: list[Problem]) -> dict:
@@ -401,6 +411,8 @@ def ablate_on_grid(s: Study, fmt: str, which: str, edits, problems: list[Problem
         rm, _ = rep.build(m.params, m.cfg, s.tc_cfg, s.tc_params, np.asarray(site.ids))
         before.append(digit_readout(edited(s, site.ids, (), rm), dt, site.digit, s.tok))
         after.append(digit_readout(edited(s, site.ids, edits, rm), dt, site.digit, s.tok))
+    _release()
+
     def mean(rows, key):
         return float(np.mean([r[key] for r in rows])) if rows else 0.0
 
@@ -408,6 +420,12 @@ def ablate_on_grid(s: Study, fmt: str, which: str, edits, problems: list[Problem
             "dmargin": mean(after, "margin") - mean(before, "margin"),
             "right_before": sum(r["margin"] > 0 for r in before),
             "right_after": sum(r["margin"] > 0 for r in after)}
+
+
+def pick(problems: list[Problem], mask: np.ndarray, n: int, seed: int) -> list[Problem]:
+    """Up to n problems where `mask` holds, in a seeded random order (the grid is sorted)."""
+    idx = np.random.default_rng(seed).permutation(np.flatnonzero(mask))[:n]
+    return [problems[i] for i in idx]
 
 
 # --- the study -------------------------------------------------------------------------------------
@@ -482,10 +500,11 @@ def study_site(s: Study, site: Site, slug: str, first_var: int) -> dict:
             "ablations": ablate_on_prompt(s, site, rows), "_rows": rows, "_site": site}
 
 
-def feature_section(s: Study, fmt: str, record: dict, ga: GridActs, n_grid: int,
-                    k_grid: int) -> None:
+def feature_section(s: Study, fmt: str, record: dict, ga: GridActs, right: dict, n_grid: int,
+                    k_grid: int, seed: int) -> None:
     """Key features of one traced digit from the first operand on: what they respond to over the
-    grid, their ablations on the prompt and, for the first k_grid, on grid problems."""
+    grid, their ablations on the prompt and, for the first k_grid, on grid problems where they
+    fire and the model has that digit right (`right[which]`: a mask over the grid)."""
     site = record["_site"]
     p = site.problem
     s.say(f"\n#### {p.a} + {p.b}, {record['which']} digit {str(record['digit'])!r}: the "
@@ -514,14 +533,14 @@ def feature_section(s: Study, fmt: str, record: dict, ga: GridActs, n_grid: int,
     lines = []
     for f, r in list(zip(record["features"], record["_rows"]))[:k_grid]:
         v = ga.site(r[2], r[1], r[3], site.n_answer)
-        fires = [q for q, x in zip(ga.problems, v) if x > 0][:n_grid]
+        fires = pick(ga.problems, (np.nan_to_num(v) > 0) & right[site.which], n_grid, seed)
         g = f["grid_ablation"] = ablate_on_grid(s, fmt, site.which, zero([r]), fires)
         lines.append(f"| {f['name']} | {f['kind']} | {g['n']} | {g['p_before']:.3f} -> "
                      f"{g['p_after']:.3f} | {g['dmargin']:+.2f} | {g['right_before']} -> "
                      f"{g['right_after']} |")
     if lines:
-        s.say(f"\nZeroed on grid problems where it fires (the first {n_grid}; at the "
-              f"{record['which']} digit of each):\n")
+        s.say(f"\nZeroed on grid problems where it fires and the model has the "
+              f"{record['which']} digit right (up to {n_grid}, drawn at random):\n")
         s.say("| feature | kind | problems | mean p(correct) | mean margin change | "
               "digit right (of n) |")
         s.say("|---|---|---|---|---|---|")
@@ -529,11 +548,12 @@ def feature_section(s: Study, fmt: str, record: dict, ga: GridActs, n_grid: int,
             s.say(line)
 
 
-def search_section(s: Study, fmt: str, ga: GridActs, n_grid: int, k: int, seed: int) -> dict:
+def search_section(s: Study, fmt: str, ga: GridActs, right: dict, n_grid: int, k: int,
+                   seed: int) -> dict:
     """Look for the paper's two kinds of features directly, without a graph: at the last prompt
     position and at the first answer digit (two-digit sums), the features whose activation the
-    sum's ones digit, or its magnitude, explains best; zero the best k together on grid problems
-    and compare with k random features that fire as often."""
+    sum's ones digit, or its magnitude, explains best; zero the best k (and 4k) together on grid
+    problems and compare with as many random features that fire often."""
     last = ga.n_prompt - 1
     found = {"last": search(ga, last, None), "tens": search(ga, last + 1, 2)}
     s.say("\n## Searching for ones-digit and magnitude features directly\n")
@@ -549,33 +569,41 @@ def search_section(s: Study, fmt: str, ga: GridActs, n_grid: int, k: int, seed: 
                 s.say(f"| {where} | {name} | {r['layer']}:{r['feature']}@{r['pos']} | "
                       f"{r['eta2_above_null']:.2f} | {r['active']:.2f} | "
                       f"{', '.join(r['top'])} |")
-    two = [p for p, n in zip(ga.problems, ga.n_answer) if n == 2][:n_grid]
     rng = np.random.default_rng(seed)
     tests = [("last", "sum // 10", "first"), ("last", "sum ones", "ones"),
              ("tens", "sum ones", "ones")]
-    s.say(f"\nThe best {k} of a grouping zeroed together on {len(two)} grid problems with "
-          f"two-digit sums, read at the digit they should matter for; control: {k} random "
-          "features at the same position firing on >= 50% of the grid.\n")
-    s.say("| features | read at | problems | mean p(correct) | mean margin change | "
+    s.say(f"\nThe best {k} (then {4 * k}) of a grouping zeroed together, read at the digit they "
+          f"should matter for, on up to {n_grid} grid problems with two-digit sums where one of "
+          "them fires and the model has that digit right (drawn at random); control: as many "
+          "random features at "
+          "the same position, among those firing on >= 50% of the grid. (At the first answer "
+          "digit the token itself is a two-digit sum's tens digit: 'sum // 10' there is the "
+          "token's identity.)\n")
+    s.say("| features zeroed | read at | problems | mean p(correct) | mean margin change | "
           "digit right (of n) |")
     s.say("|---|---|---|---|---|---|")
     out = {"found": found, "ablations": []}
-    for where, name, which in tests:
-        pos = last if where == "last" else last + 1
-        rows = search(ga, pos, None if where == "last" else 2, k=k)[name]
-        acts = ga.acts[pos][ga.valid(pos, None if where == "last" else 2)]
+    for (where, name, which), n_feat in itertools.product(tests, (k, 4 * k)):
+        pos, n_answer = (last, None) if where == "last" else (last + 1, 2)
+        rows = search(ga, pos, n_answer, k=n_feat)[name]
+        acts = ga.acts[pos][ga.valid(pos, n_answer)]
         common = np.flatnonzero(((acts > 0).mean(0) >= 0.5).ravel())
-        pick = rng.choice(common, min(k, len(common)), replace=False)
+        rand = rng.choice(common, min(n_feat, len(common)), replace=False)
         F = acts.shape[2]
+        fires = np.zeros(len(ga.problems), bool)
+        for r in rows:
+            fires |= ga.acts[pos][:, r["layer"], r["feature"]] > 0
+        problems = pick(ga.problems, (ga.n_answer == 2) & right[which] & fires, n_grid, seed)
         for label, edits in ((f"{name} @{where}", [iv.FeatureEdit(r["layer"], r["feature"], pos)
                                                     for r in rows]),
                              (f"random @{where}", [iv.FeatureEdit(int(i // F), int(i % F), pos)
-                                                   for i in pick])):
-            g = ablate_on_grid(s, fmt, which, edits, two)
+                                                   for i in rand])):
+            g = ablate_on_grid(s, fmt, which, edits, problems)
             g.update(features=[f"{e.layer}:{e.feature}@{e.pos}" for e in edits], label=label,
                      read_at=which)
             out["ablations"].append(g)
-            s.say(f"| {label}: {', '.join(g['features'])} | {which} digit | {g['n']} | "
+            shown = ", ".join(g["features"][:3]) + (", ..." if len(edits) > 3 else "")
+            s.say(f"| {label}, {len(edits)}: {shown} | {which} digit | {g['n']} | "
                   f"{g['p_before']:.3f} -> {g['p_after']:.3f} | {g['dmargin']:+.2f} | "
                   f"{g['right_before']} -> {g['right_after']} |")
     return out
@@ -600,10 +628,12 @@ def summary(s: Study, records: list[dict], searched: dict) -> dict:
           + ", ".join(f"{k} {v}" for k, v in kinds.items() if v))
     s.say(f"- zeroing those of a digit together on its prompt: mean change of p(correct) "
           f"{np.mean(drop):+.3f}; the argmax changed in {flips} of {len(records)}")
-    for g in searched["ablations"]:
-        s.say(f"- {g['label']} zeroed ({len(g['features'])}), {g['read_at']} digit: p "
+    ab = searched["ablations"]
+    for g, c in zip(ab[::2], ab[1::2]):  # each grouping's features, then its random control
+        s.say(f"- {g['label']}, {len(g['features'])} zeroed, {g['read_at']} digit: p "
               f"{g['p_before']:.3f} -> {g['p_after']:.3f}, right {g['right_before']} -> "
-              f"{g['right_after']} of {g['n']}")
+              f"{g['right_after']} of {g['n']} (random control: p {c['p_after']:.3f}, right "
+              f"{c['right_after']})")
     return out
 
 
@@ -645,16 +675,22 @@ def main() -> None:
     n_prompt = len(sites_of(s.model, pgrid[0], fmt)[0].ids)
     positions = {n_prompt - 1, n_prompt} | {r[2] for rec in records for r in rec["_rows"]}
     ga = grid_activations(s.model, s.tc_cfg, s.tc_params, pgrid, fmt, sorted(positions))
+    pres = evaluate(s.model, pgrid, fmt)
+    right = {"first": np.array([r["per_token"][0] for r in pres]),
+             "ones": np.array([r["per_token"][-1] for r in pres])}
     if records:
         s.say(f"\n## What the traced features respond to, and ablations\n\nProfile grid: "
               f"{len(pgrid)} problems (another draw from 10..99), format {fmt}. eta^2: the "
               "share of a feature's variance over the grid explained by each grouping (in "
               "brackets: its null level, what unrelated values reach on average); *kind*: the "
               "grouping that explains most beyond its null level (by >= 0.25), else mixed. "
-              "*margin*: the correct digit's logit minus the best other digit's.")
+              "*margin*: the correct digit's logit minus the best other digit's. On this grid the "
+              f"model has {right['first'].mean():.2f} of the first digits and "
+              f"{right['ones'].mean():.2f} of the ones digits right (each given the digits "
+              "before it).")
     for r in records:
-        feature_section(s, fmt, r, ga, a.grid_n, a.grid_ablate)
-    searched = search_section(s, fmt, ga, a.grid_n, a.search_k, a.seed)
+        feature_section(s, fmt, r, ga, right, a.grid_n, a.grid_ablate, a.seed)
+    searched = search_section(s, fmt, ga, right, a.grid_n, a.search_k, a.seed)
     summ = summary(s, records, searched) if records else {}
     s.write("Case study: two-number addition")
     out = {"model": a.model, "transcoder": a.transcoder, "format": fmt,
