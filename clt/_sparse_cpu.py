@@ -1,13 +1,21 @@
 """CPU kernels of the sparse decoder (`clt.sparse`), in numba, called through pure_callback.
 
-Entries are token-major: those of token n are row_ptr[n] .. row_ptr[n + 1]. Every kernel walks
-one target layer j at a time, so the decoder slice W[:, j] (n_features x d_model floats, a few MB)
-stays in cache while all tokens read their rows from it; the two threads split tokens (forward,
-value gradient) or features (weight gradient: entries are first bucketed by feature, so each
-thread owns whole rows of dW and no two threads add into the same row). One callback covers all
-source layers: source layer s writes into out[:, s:] of one [token, layer, d_model] array, and
-reads its gradient there, so no per-layer [token, n_targets, d_model] array is made or copied
-(in a CLT they add up to ~15x the output; the copies cost more than the loops).
+Entries arrive token-major: those of token n are row_ptr[n] .. row_ptr[n + 1]. The kernels are
+bound by reading decoder rows (each entry reads one 2.3 KB row per target layer), so they are
+tiled for the core's own cache (L2, ~2 MB here):
+- forward and value gradient walk one target layer j at a time and, within it, one block of
+  `FEATURE_BLOCK` features: the entries are first regrouped by (feature block, token), so the
+  block's rows of W[:, j] (~1.2 MB) stay in L2 while every token reads from them (untiled, the
+  whole slice W[:, j], 4.7 MB, came from L3 for every entry);
+- the weight gradient buckets entries by (feature, block of `TOKEN_BLOCK` tokens), so the
+  tokens' gradient rows g[block, j] stay in L2 while every feature's row of dW is summed; each
+  thread owns whole rows of dW, so no two threads add into the same row.
+Inner loops take four entries at a time (one pass over the output row for four input rows).
+Tiling changed the kernels' time on the bench case (SmolLM2 CLT, 2,048 features per layer, 1,024
+tokens, k = 64) from 2.1 + 2.0 + 1.8 s to 1.0 + 1.0 + 1.1 s (forward, value and weight
+gradients). One callback covers all source layers: source layer s writes into out[:, s:] of one
+[token, layer, d_model] array, and reads its gradient there, so no per-layer [token, n_targets,
+d_model] array is made or copied (in a CLT they add up to ~15x the output).
 """
 
 from __future__ import annotations
@@ -20,73 +28,161 @@ from numba import njit, prange
 # Every kernel is @no_type_check: the tests' jaxtyping import hook would otherwise wrap it in a
 # Python type checker, which numba cannot compile.
 
-
-@njit(parallel=True, fastmath=True, cache=True)
-@no_type_check
-def _forward(row_ptr, feat, vals, W, out, s):
-    """Adds source layer s's writes into out[:, s:s + n_targets]."""
-    n_tok = out.shape[0]
-    _, nt, D = W.shape
-    for j in range(nt):
-        for n in prange(n_tok):
-            for e in range(row_ptr[n], row_ptr[n + 1]):
-                v = vals[e]
-                f = feat[e]
-                for d in range(D):
-                    out[n, s + j, d] += v * W[f, j, d]
-
-
-@njit(parallel=True, fastmath=True, cache=True)
-@no_type_check
-def _grad_vals(row_ptr, feat, W, g, gv, s):
-    n_tok = g.shape[0]
-    _, nt, D = W.shape
-    for j in range(nt):
-        for n in prange(n_tok):
-            for e in range(row_ptr[n], row_ptr[n + 1]):
-                f = feat[e]
-                acc = np.float32(0.0)
-                for d in range(D):
-                    acc += W[f, j, d] * g[n, s + j, d]
-                gv[e] += acc
+FEATURE_BLOCK = 512  # decoder rows of one target layer kept in L2 together (x d_model x 4 bytes)
+TOKEN_BLOCK = 256  # gradient rows of one target layer kept in L2 together
 
 
 @njit(cache=True)
 @no_type_check
-def _by_feature(row_ptr, feat, n_features):
-    """Entries bucketed by feature: col_ptr [F + 1], entry ids and their tokens."""
+def _by_block(row_ptr, feat, vals, fb):
+    """Entries regrouped by (feature block, token), token order kept within a block: ptr
+    [n_blocks, n_tokens + 1] (those of block b and token n are ptr[b, n] .. ptr[b, n + 1]), the
+    original entry ids, features and values in that order."""
     n_tok = row_ptr.shape[0] - 1
-    n = row_ptr[n_tok]
-    col_ptr = np.zeros(n_features + 1, np.int64)
-    for e in range(n):
-        col_ptr[feat[e] + 1] += 1
-    for f in range(n_features):
-        col_ptr[f + 1] += col_ptr[f]
-    fill = col_ptr[:-1].copy()
-    entry = np.empty(n, np.int64)
-    token = np.empty(n, np.int64)
+    n_blocks = 0
+    for e in range(row_ptr[n_tok]):
+        n_blocks = max(n_blocks, feat[e] // fb + 1)
+    count = np.zeros((n_blocks, n_tok), np.int64)
     for t in range(n_tok):
         for e in range(row_ptr[t], row_ptr[t + 1]):
-            p = fill[feat[e]]
-            entry[p] = e
-            token[p] = t
-            fill[feat[e]] += 1
-    return col_ptr, entry, token
+            count[feat[e] // fb, t] += 1
+    ptr = np.empty((n_blocks, n_tok + 1), np.int64)
+    c = 0
+    for b in range(n_blocks):
+        for t in range(n_tok):
+            ptr[b, t] = c
+            c += count[b, t]
+        ptr[b, n_tok] = c
+    fill = ptr[:, :n_tok].copy()
+    order = np.empty(c, np.int64)
+    pfeat = np.empty(c, np.int64)
+    pval = np.empty(c, vals.dtype)
+    for t in range(n_tok):
+        for e in range(row_ptr[t], row_ptr[t + 1]):
+            b = feat[e] // fb
+            p = fill[b, t]
+            order[p], pfeat[p], pval[p] = e, feat[e], vals[e]
+            fill[b, t] += 1
+    return ptr, order, pfeat, pval
+
+
+@njit(cache=True)
+@no_type_check
+def _by_feature(row_ptr, feat, vals, n_features, tb):
+    """Entries bucketed by (feature, block of tb tokens), token order kept: ptr [n_features,
+    n_token_blocks + 1], then the entries' tokens and values in that order."""
+    n_tok = row_ptr.shape[0] - 1
+    n_tb = (n_tok + tb - 1) // tb
+    count = np.zeros((n_features, n_tb), np.int64)
+    for t in range(n_tok):
+        for e in range(row_ptr[t], row_ptr[t + 1]):
+            count[feat[e], t // tb] += 1
+    ptr = np.empty((n_features, n_tb + 1), np.int64)
+    c = 0
+    for f in range(n_features):
+        for b in range(n_tb):
+            ptr[f, b] = c
+            c += count[f, b]
+        ptr[f, n_tb] = c
+    fill = ptr[:, :n_tb].copy()
+    token = np.empty(c, np.int64)
+    pval = np.empty(c, vals.dtype)
+    for t in range(n_tok):
+        for e in range(row_ptr[t], row_ptr[t + 1]):
+            q = fill[feat[e], t // tb]
+            token[q], pval[q] = t, vals[e]
+            fill[feat[e], t // tb] += 1
+    return ptr, token, pval
 
 
 @njit(parallel=True, fastmath=True, cache=True)
 @no_type_check
-def _grad_W(col_ptr, entry, token, vals, g, gW, s):
+def _forward(ptr, pfeat, pval, W, out, s):
+    """Adds source layer s's writes into out[:, s:s + n_targets]."""
+    n_tok = ptr.shape[1] - 1
+    _, nt, D = W.shape
+    for j in range(nt):
+        for b in range(ptr.shape[0]):
+            for n in prange(n_tok):
+                p, end = ptr[b, n], ptr[b, n + 1]
+                while p + 4 <= end:
+                    f0, f1, f2, f3 = pfeat[p], pfeat[p + 1], pfeat[p + 2], pfeat[p + 3]
+                    v0, v1, v2, v3 = pval[p], pval[p + 1], pval[p + 2], pval[p + 3]
+                    for d in range(D):
+                        out[n, s + j, d] += ((v0 * W[f0, j, d] + v1 * W[f1, j, d])
+                                             + (v2 * W[f2, j, d] + v3 * W[f3, j, d]))
+                    p += 4
+                for q in range(p, end):
+                    v, f = pval[q], pfeat[q]
+                    for d in range(D):
+                        out[n, s + j, d] += v * W[f, j, d]
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+@no_type_check
+def _grad_vals(ptr, pfeat, W, g, gp, s):
+    """gp[p] += W[f_p, j] . g[n_p, s + j] over the target layers j (entries in block order)."""
+    n_tok = ptr.shape[1] - 1
+    _, nt, D = W.shape
+    for j in range(nt):
+        for b in range(ptr.shape[0]):
+            for n in prange(n_tok):
+                p, end = ptr[b, n], ptr[b, n + 1]
+                while p + 4 <= end:
+                    f0, f1, f2, f3 = pfeat[p], pfeat[p + 1], pfeat[p + 2], pfeat[p + 3]
+                    a0 = a1 = a2 = a3 = np.float32(0.0)
+                    for d in range(D):
+                        x = g[n, s + j, d]
+                        a0 += W[f0, j, d] * x
+                        a1 += W[f1, j, d] * x
+                        a2 += W[f2, j, d] * x
+                        a3 += W[f3, j, d] * x
+                    gp[p] += a0
+                    gp[p + 1] += a1
+                    gp[p + 2] += a2
+                    gp[p + 3] += a3
+                    p += 4
+                for q in range(p, end):
+                    f = pfeat[q]
+                    acc = np.float32(0.0)
+                    for d in range(D):
+                        acc += W[f, j, d] * g[n, s + j, d]
+                    gp[q] += acc
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+@no_type_check
+def _grad_W(ptr, token, pval, g, gW, s):
+    """gW[f, j] = sum over entries of feature f of v g[n, s + j] (`_by_feature` order)."""
     n_features, nt, D = gW.shape
     for j in range(nt):
         for f in prange(n_features):
             for d in range(D):  # every row is written here: `gW` comes uninitialised
                 gW[f, j, d] = 0.0
-            for p in range(col_ptr[f], col_ptr[f + 1]):
-                v = vals[entry[p]]
-                n = token[p]
-                for d in range(D):
-                    gW[f, j, d] += v * g[n, s + j, d]
+        for b in range(ptr.shape[1] - 1):
+            for f in prange(n_features):
+                q, end = ptr[f, b], ptr[f, b + 1]
+                while q + 4 <= end:
+                    n0, n1, n2, n3 = token[q], token[q + 1], token[q + 2], token[q + 3]
+                    v0, v1, v2, v3 = pval[q], pval[q + 1], pval[q + 2], pval[q + 3]
+                    for d in range(D):
+                        gW[f, j, d] += ((v0 * g[n0, s + j, d] + v1 * g[n1, s + j, d])
+                                        + (v2 * g[n2, s + j, d] + v3 * g[n3, s + j, d]))
+                    q += 4
+                for r in range(q, end):
+                    v, n = pval[r], token[r]
+                    for d in range(D):
+                        gW[f, j, d] += v * g[n, s + j, d]
+
+
+@njit(cache=True)
+@no_type_check
+def _bias_grad(ptr, pval, db):
+    for f in range(db.shape[0]):
+        acc = np.float32(0.0)
+        for q in range(ptr[f, 0], ptr[f, ptr.shape[1] - 1]):
+            acc += pval[q]
+        db[f] = acc
 
 
 @njit(parallel=True, cache=True)
@@ -150,20 +246,11 @@ def encoder_grad(dz, feat, row_ptr, x, n_features):
     dW = np.empty((L, n_features, 1, D), x.dtype)
     db = np.zeros((L, n_features), x.dtype)
     for layer in range(L):
-        col_ptr, entry, token = _by_feature(row_ptr[layer], feat[layer], n_features)
-        _grad_W(col_ptr, entry, token, dz[layer], x[layer].reshape(N, 1, D), dW[layer], 0)
-        _bias_grad(col_ptr, entry, dz[layer], db[layer])
+        ptr, token, pval = _by_feature(row_ptr[layer], feat[layer], dz[layer], n_features,
+                                       TOKEN_BLOCK)
+        _grad_W(ptr, token, pval, x[layer].reshape(N, 1, D), dW[layer], 0)
+        _bias_grad(ptr, pval, db[layer])
     return dW.reshape(L, n_features, D), db
-
-
-@njit(cache=True)
-@no_type_check
-def _bias_grad(col_ptr, entry, dz, db):
-    for f in range(db.shape[0]):
-        acc = np.float32(0.0)
-        for p in range(col_ptr[f], col_ptr[f + 1]):
-            acc += dz[entry[p]]
-        db[f] = acc
 
 
 def _np(a, dtype=None):
@@ -178,7 +265,8 @@ def forward(vals, feat, row_ptr, W):
     vals, feat, row_ptr = _np(vals, W[0].dtype), _np(feat, np.int32), _np(row_ptr, np.int64)
     out = np.zeros((row_ptr.shape[1] - 1, len(W), W[0].shape[2]), W[0].dtype)
     for s, w in enumerate(W):
-        _forward(row_ptr[s], feat[s], vals[s], w, out, s)
+        ptr, _, pfeat, pval = _by_block(row_ptr[s], feat[s], vals[s], FEATURE_BLOCK)
+        _forward(ptr, pfeat, pval, w, out, s)
     return out
 
 
@@ -190,8 +278,11 @@ def backward(vals, feat, row_ptr, W, g):
     gv = np.zeros(vals.shape, W[0].dtype)  # padding entries keep 0
     gW = []
     for s, w in enumerate(W):
-        _grad_vals(row_ptr[s], feat[s], w, g, gv[s], s)
-        col_ptr, entry, token = _by_feature(row_ptr[s], feat[s], w.shape[0])
+        ptr, order, pfeat, _ = _by_block(row_ptr[s], feat[s], vals[s], FEATURE_BLOCK)
+        gp = np.zeros(order.shape[0], w.dtype)
+        _grad_vals(ptr, pfeat, w, g, gp, s)
+        gv[s][order] = gp
+        ptr, token, pval = _by_feature(row_ptr[s], feat[s], vals[s], w.shape[0], TOKEN_BLOCK)
         gW.append(np.empty(w.shape, w.dtype))
-        _grad_W(col_ptr, entry, token, vals[s], g, gW[-1], s)
+        _grad_W(ptr, token, pval, g, gW[-1], s)
     return gv, tuple(gW)

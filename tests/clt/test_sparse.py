@@ -111,9 +111,24 @@ def _naive(vals, tok, feat, W, n_tok, g):
     return out, gv, gW
 
 
-@pytest.mark.parametrize("kernels", KERNELS)
-def test_kernels_match_naive_loops(kernels):
-    """A ragged 3-layer decoder (3, 2, 1 target layers: a CLT), every layer's entries apart."""
+_BLOCKS = [(k, None) for k in KERNELS] + [("cpu", (4, 3)), ("cpu", (1, 1))]
+
+
+def _small_blocks(monkeypatch, blocks):
+    """The cpu kernels' cache tiles made smaller than the test's sizes, so entries fall into
+    several feature blocks (forward, value gradient) and token blocks (weight gradients)."""
+    if blocks is not None:
+        from clt import _sparse_cpu
+
+        monkeypatch.setattr(_sparse_cpu, "FEATURE_BLOCK", blocks[0])
+        monkeypatch.setattr(_sparse_cpu, "TOKEN_BLOCK", blocks[1])
+
+
+@pytest.mark.parametrize("kernels,blocks", _BLOCKS)
+def test_kernels_match_naive_loops(kernels, blocks, monkeypatch):
+    """A ragged 3-layer decoder (3, 2, 1 target layers: a CLT), every layer's entries apart;
+    with the cpu kernels' cache tiles as shipped and smaller than the sizes here."""
+    _small_blocks(monkeypatch, blocks)
     rng = np.random.default_rng(0)
     L, n_tok, F, D, cap = 3, 7, 11, 5, 40
     mask = rng.random((L, n_tok, F)) < 0.3  # [layer, token, feature]
@@ -134,10 +149,11 @@ def test_kernels_match_naive_loops(kernels):
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kernels", KERNELS)
-def test_encoder_gradient_over_entries_matches_naive_loops(kernels):
+@pytest.mark.parametrize("kernels,blocks", _BLOCKS)
+def test_encoder_gradient_over_entries_matches_naive_loops(kernels, blocks, monkeypatch):
     """dW_enc and db_enc from the entries alone equal loops over the entries (float64), and
     the encoder rows of features without entries are exactly 0."""
+    _small_blocks(monkeypatch, blocks)
     rng = np.random.default_rng(2)
     L, n_tok, D, F, cap = 2, 6, 4, 9, 30
     mask = rng.random((L, n_tok, F)) < 0.3
