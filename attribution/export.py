@@ -13,6 +13,8 @@ id}_{pos}` (layer n_layers + 1 is no feature layer). User-chosen targets (`attri
 `is_target_logit`, their clerp `Target NAME`; a logit difference carries its first token's id, a
 direction -1. `feature` is the Cantor pairing of (layer,
 feature index) for features, as circuit-tracer does, so that it is unique across layers.
+A neuron graph (`attribution.neurons`) keeps the schema's feature types; its error nodes' clerp
+names them ("other neurons L3 @5", `Graph.label`) and its metadata's info says `neurons`.
 """
 
 from __future__ import annotations
@@ -60,8 +62,10 @@ def node_record(graph: Graph, node: int, cumulative: np.ndarray | None = None,
                    jsNodeId=f"{a}_{f}-0", activation=float(graph.activation[i]), clerp=label)
     elif kind == "error":
         a, p = int(graph.error_layer[i]), int(graph.error_pos[i])
+        # A neuron graph's error nodes are the units not kept: named so (feature_type stays
+        # the schema's, which readers of the JSON sort nodes by).
         rec.update(node_id=f"{a}_-1_{p}", feature=-1, layer=str(a), ctx_idx=p,
-                   jsNodeId=f"{a}_-1-{p}")
+                   jsNodeId=f"{a}_-1-{p}", clerp=graph.label(node) if graph.neurons else "")
     elif kind == "token":
         t = int(graph.tokens[i])
         rec.update(node_id=f"E_{t}_{i}", feature=i, layer="E", ctx_idx=i, jsNodeId=f"E_{t}-{i}")

@@ -220,10 +220,26 @@ class Graph:
                                 else self.target_weights)
         return w
 
+    @property
+    def neurons(self) -> bool:
+        """Whether the features are the model's own MLP neurons (`TraceConfig.neurons`,
+        `attribution.neurons`): its error nodes then hold the units not kept as nodes."""
+        return bool(self.info.get("neurons"))
+
+    @property
+    def error_name(self) -> str:
+        """What the error nodes are called: "other neurons" in a neuron graph (the rest of each
+        MLP's output: the units not kept, and the bias), else "error". The label, the graph
+        JSON and the page all use this name."""
+        return "other neurons" if self.neurons else "error"
+
     def summary(self) -> dict:
         """The graph's info with its scores (`*_score`), JSON scalars only: what its page and its
-        Neuronpedia metadata show."""
+        Neuronpedia metadata show (a neuron graph's `neurons` flattened to True and
+        `neuron_top_k`, so that a graph read back from its JSON still names its nodes)."""
         info = {k: v for k, v in self.info.items() if not isinstance(v, dict)}
+        if isinstance(self.info.get("neurons"), dict):
+            info |= {"neurons": True, "neuron_top_k": self.info["neurons"].get("top_k")}
         return info | (self.scores.to_dict() if self.scores is not None else {})
 
     def label(self, node: int) -> str:
@@ -235,8 +251,7 @@ class Graph:
             name = feature_name(self.feature_layer[i], self.feature_index[i], self.feature_pos[i])
             return f"{name} ({self.token_strings[self.feature_pos[i]]!r})"
         if kind == "error":
-            what = "other neurons" if self.info.get("neurons") else "error"  # neuron graphs
-            return f"{what} L{self.error_layer[i]} @{self.error_pos[i]}"
+            return f"{self.error_name} L{self.error_layer[i]} @{self.error_pos[i]}"
         if kind == "token":
             return f"token {self.token_strings[i]!r} @{i}"
         if self.custom_targets:

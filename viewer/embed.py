@@ -346,6 +346,7 @@ def page_data(graph: Graph, sel: Selection, config: ViewConfig,
         "schema_version": PAGE_SCHEMA_VERSION, "title": config.title or graph.prompt,
         "prompt": graph.prompt, "n_layers": graph.n_layers, "n_pos": graph.n_pos,
         "bos": graph.bos, "logit_strings": list(graph.logit_strings),
+        "error_name": graph.error_name,  # "other neurons" in a neuron graph
         "node_threshold": threshold, "config": to_dict(config), "info": info,
         "report": sel.report, "transcoder": graph.config.get("transcoder", ""),
         "model": graph.info.get("model", graph.config.get("model", "")),

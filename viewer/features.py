@@ -14,6 +14,12 @@ the decoder, as on Neuronpedia's feature pages): the feature's total write to th
 (its decoders summed over the layers it writes) through the final norm's weight (the norm's
 per-token scale does not change a ranking) and the unembedding, top positive and negative.
 
+Neurons (`neuron_cards`): with the MLP units of `attribution.neurons` in place of a transcoder,
+the cards are over each unit's activation as a neuron graph's node has it (the hidden unit, times
+a post-MLP norm's scale): top examples are its largest positive values (a gated unit is signed;
+its negative side is not shown), its density the share of tokens where it is > 0, its output
+tokens its W_out row's (the decoder of `neuron_transcoder`).
+
 Cards are stored in one compressed `.npz` (`feature_cards.npz`, next to the transcoder): arrays
 plus a JSON header with a schema version; no pickles. Windows of activations are stored as uint8
 fractions of the feature's maximum; contexts are stored once and referenced.
@@ -35,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attribution.neurons import is_neuron_config, neuron_factors, neuron_transcoder
 from clt.configs import ConfigError, doc, to_dict
 from clt.lm.model import forward
 from clt.progress import progress_bar
@@ -167,21 +174,31 @@ def _candidates(a, key_values, n: int, ctx_base, W: int, before: int):
 def _scan_step(params, tc_params, tokens, valid, state, key, ctx_base, *, cfg, tc_cfg, W: int,
                before: int, k: int, q: int, drop_first: bool):
     """Fold one batch of contexts [batch, pos] into the running statistics of every layer."""
-    _, cap = forward(params, cfg, tokens, capture=(tc_cfg.input_point,))
+    neurons = is_neuron_config(tc_cfg)
+    post = ("post_mlp_norm_scale",) if neurons and cfg.post_mlp_norm else ()
+    _, cap = forward(params, cfg, tokens, capture=(tc_cfg.input_point,) + post)
     x = getattr(cap, tc_cfg.input_point)  # [layer, batch, pos, d_model]
     B, T = tokens.shape
+    if neurons:  # the MLP's hidden units themselves: [layer, batch, pos, d_mlp]
+        x = _neuron_acts(params, cfg, x, cap.post_mlp_norm_scale if post else None)
     mask = valid[:, None].astype(x.dtype) * jnp.ones((1, T), x.dtype)
     if drop_first:  # the BOS position is an attention sink, not text: its activations mislead
         mask = mask.at[:, 0].set(0)
 
     def one_layer(_, xs):  # a scan over layers: compiled once, whatever the depth
         x_l, W_enc, b_enc, log_th, old, layer = xs
-        z = x_l @ W_enc.astype(x.dtype) + b_enc
-        one = dataclasses.replace(tc_params, log_threshold=log_th[None])
-        a = activate(tc_cfg, one, z[..., None, :])[..., 0, :].astype(jnp.float32)
+        if neurons:
+            a = x_l.astype(jnp.float32)
+        else:
+            z = x_l @ W_enc.astype(x.dtype) + b_enc
+            one = dataclasses.replace(tc_params, log_threshold=log_th[None])
+            a = activate(tc_cfg, one, z[..., None, :])[..., 0, :].astype(jnp.float32)
         a = a * mask[..., None]
         flat = a.reshape(B * T, -1).T  # [feature, tokens]
-        vals, top = _candidates(a, flat, k, ctx_base, W, before)
+        # Masked tokens (padding, BOS) never rank: a signed activation (a neuron's) would rank
+        # their zeros above its negative values, and padding points past the contexts.
+        key_top = jnp.where(mask.reshape(1, B * T) > 0, flat, -jnp.inf)
+        vals, top = _candidates(a, key_top, k, ctx_base, W, before)
         merged = _merge({"act": old["top_act"], "ctx": old["top_ctx"], "pos": old["top_pos"],
                          "win": old["top_win"]}, {**top, "act": vals}, "act", k)
         prio = jnp.where(flat > 0, jax.random.uniform(jax.random.fold_in(key, layer), flat.shape),
@@ -198,6 +215,16 @@ def _scan_step(params, tc_params, tokens, valid, state, key, ctx_base, *, cfg, t
     xs = (x, tc_params.W_enc, tc_params.b_enc, tc_params.log_threshold, state,
           jnp.arange(tc_cfg.n_layers))
     return jax.lax.scan(one_layer, None, xs)[1]
+
+
+def _neuron_acts(params, cfg, mlp_in, post_scale):
+    """Every MLP unit's activation as a neuron graph's node has it (`attribution.neurons`: the
+    hidden unit, times a post-MLP norm's scale), [layer, batch, pos, d_mlp], from the MLP input
+    [layer, batch, pos, d_model]."""
+    L, B, T, D = mlp_in.shape
+    flat = None if post_scale is None else post_scale.reshape(L, B * T)
+    acts, _ = neuron_factors(params, cfg, mlp_in.reshape(L, B * T, D), flat)  # [B*T, L, M]
+    return jnp.moveaxis(acts.reshape(B, T, L, -1), 2, 0)
 
 
 @partial(jax.jit, static_argnames=("n", "layernorm"))
@@ -262,6 +289,15 @@ def scan(model, tc_cfg: TranscoderConfig, tc_params: TranscoderParams, contexts:
                                 config.n_output_tokens)
     n_tokens = N * (T - int(drop_first))
     return _assemble(state, outputs, contexts, model, tc_cfg, config, n_tokens, before, seconds)
+
+
+def neuron_cards(model, contexts: np.ndarray, config: FeaturesConfig,
+                 progress: bool = False) -> FeatureCards:
+    """Cards of the model's own MLP neurons (the features of a neuron graph, `cltrace trace
+    --neurons`), [layer, unit] as a transcoder's [layer, feature]; `config.transcoder` is only
+    recorded."""
+    tc_cfg, tc_params = neuron_transcoder(model.params, model.cfg)
+    return scan(model, tc_cfg, tc_params, contexts, config, progress=progress)
 
 
 def _assemble(state, outputs, contexts, model, tc_cfg, config, n_tokens, before, seconds):
@@ -539,4 +575,4 @@ def _to_explain(config: FeaturesConfig, tc_cfg: TranscoderConfig) -> list[tuple[
 
 
 __all__ = ["CARDS_FILE", "CARDS_SCHEMA_VERSION", "FeatureCards", "FeaturesConfig", "build",
-           "cards_for", "default_path", "scan", "top_output_tokens"]
+           "cards_for", "default_path", "neuron_cards", "scan", "top_output_tokens"]

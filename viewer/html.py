@@ -164,7 +164,8 @@ def render_html(graph: Graph, config: ViewConfig | None = None, cards=None,
         css=Markup(_static("viewer.css")), vis_js=Markup(vis_network_js()),
         # One script: the viewer, then its panels (which register with it before it starts).
         app_js=Markup(_static("viewer.js") + "\n" + _static("panels.js")), options=Markup(json.dumps(vis_options())),
-        graph_blob=_blob(data), cards_blob=card_blob)
+        graph_blob=_blob(data), cards_blob=card_blob, error_name=graph.error_name,
+        errors_label=graph.error_name if graph.neurons else "errors")
     return page, {**sel.report, "cards": n_cards}
 
 

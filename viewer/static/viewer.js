@@ -65,11 +65,13 @@
   const tokAt = (i) => JSON.stringify(tokText(S.D.tokens[S.D.pos[i]]));
   // A target may be a custom one (a logit difference, a direction) with no probability.
   const prob = (i) => (S.D.p[i] > 0 ? " p=" + S.D.p[i].toFixed(3) : "");
+  // Error nodes' name: "other neurons" in a neuron graph (Graph.error_name), else "error".
+  const errName = () => S.D.meta.error_name || "error";
   function name(i) {
     // Features: LAYER:FEATURE@POS, the name `cltrace steer` reads (viewer/names.py).
     const D = S.D, k = D.kind[i];
     if (k === FEATURE) return D.name[i] + " " + (featureLabel(i) || tokAt(i));
-    if (k === ERROR) return "error " + D.layer[i] + "@" + D.pos[i] + " " + tokAt(i);
+    if (k === ERROR) return errName() + " " + D.layer[i] + "@" + D.pos[i] + " " + tokAt(i);
     if (k === TOKEN) return "token @" + D.pos[i] + " " + tokAt(i);
     return "output " + JSON.stringify(S.logitText[i]) + prob(i);
   }
@@ -77,7 +79,7 @@
     // In a path: the token or output string, a feature's canonical name, an error's place.
     const D = S.D, k = D.kind[i];
     if (k === FEATURE) return D.name[i];
-    if (k === ERROR) return "err " + D.layer[i] + "@" + D.pos[i];
+    if (k === ERROR) return (errName() === "error" ? "err" : errName()) + " " + D.layer[i] + "@" + D.pos[i];
     if (k === TOKEN) return tokAt(i) + "@" + D.pos[i];
     return JSON.stringify(S.logitText[i]);
   }
@@ -313,7 +315,7 @@
       return;
     }
     const k = D.kind[i];
-    const facts = [["feature", "error node", "token", "logit"][k], D.id[i]];
+    const facts = [["feature", errName() + " node", "token", "logit"][k], D.id[i]];
     if (k <= ERROR) facts.push("layer " + D.layer[i], "influence " + (100 * D.infl[i]).toFixed(2) +
       "%", "cumulative " + D.cum[i].toFixed(3));
     if (k === FEATURE) facts.push("activation " + fmt(D.act[i]));
