@@ -87,6 +87,9 @@ def export_circuit_tracer(path: str | Path, cfg: TranscoderConfig, params: Trans
     if not model_name:
         raise ConfigError("export_circuit_tracer needs the model's name: pass model_name=... "
                           "(its Hugging Face id) or set TranscoderConfig.model_name")
+    if cfg.is_sae:
+        raise ConfigError("an SAE (output_point == input_point) has no circuit-tracer layout: "
+                          "circuit-tracer reads transcoders that write MLP outputs")
     if cfg.kind == "clt" and cfg.activation == "topk":
         raise ConfigError("circuit-tracer's CLT supports only relu and jumprelu; a topk CLT "
                           "cannot be exported (use jumprelu or batchtopk)")

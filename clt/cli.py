@@ -77,8 +77,10 @@ def register_training(sub) -> None:
     from clt.train import TrainConfig
 
     p = sub.add_parser(
-        "train", help="Train a cross-layer (or per-layer) transcoder on a model's activations.",
-        description="Train a transcoder. Settings come from --config (TOML or YAML with the "
+        "train", help="Train a cross-layer (or per-layer) transcoder, or a residual-stream SAE "
+        "(--kind sae), on a model's activations.",
+        description="Train a transcoder (or with --kind sae a sparse autoencoder on the residual "
+        "stream before every layer's MLP). Settings come from --config (TOML or YAML with the "
         "fields below), then from flags, which override the file. Every field is documented "
         "below. Re-running the same command resumes from the run directory's last checkpoint.")
     p.add_argument("--config", default=None, help="TOML or YAML file of TrainConfig fields.")
@@ -174,6 +176,10 @@ def _eval(args) -> int:
     if ec.out and Path(ec.out).is_dir():
         raise ConfigError(f"--out {ec.out} is a directory; give a file path")
     tc_cfg, tc_params = load_transcoder(ec.transcoder)
+    if ec.splice_layers:  # out of range, or a CLT: refused before the model loads
+        from clt.splice import SplicedTranscoder
+
+        SplicedTranscoder(tc_cfg, layers=tuple(ec.splice_layers))
     model_name = ec.model or tc_cfg.model_name
     if not model_name:
         raise ValueError("the transcoder does not name its model; pass --model")
@@ -197,7 +203,8 @@ def _eval(args) -> int:
         print(f"cltrace: note: only {n} {ec.split} contexts of {ec.context_length} tokens in "
               f"{ec.data}; evaluating those, not {ec.contexts}", file=sys.stderr)
     contexts = source.contexts[:n] if hasattr(source, "contexts") else source.take(0, n)
-    result = evaluate(model, tc_cfg, tc_params, np.asarray(contexts), batch_size=ec.batch_size)
+    result = evaluate(model, tc_cfg, tc_params, np.asarray(contexts), batch_size=ec.batch_size,
+                      splice_layers=ec.splice_layers)
     console.print(result.table())
     if ec.out:
         atomic_write(ec.out, json.dumps({"transcoder": ec.transcoder, "model": model_name,

@@ -370,15 +370,15 @@ class DataPosition:
         return {"round": self.round, "batch": self.batch, "shares": self.shares}
 
 
-@partial(jax.jit, static_argnames=("cfg", "input_point", "n_layers"))
-def _capture(params, cfg, tokens, input_point, n_layers):
+@partial(jax.jit, static_argnames=("cfg", "input_point", "n_layers", "output_point"))
+def _capture(params, cfg, tokens, input_point, n_layers, output_point="mlp_out"):
     # Only the blocks the transcoder reads: no final norm, no unembedding.
-    cap = activations(params, cfg, tokens, (input_point, "mlp_out"), n_layers)
-    x = getattr(cap, input_point)
+    cap = activations(params, cfg, tokens, (input_point, output_point), n_layers)
+    x, y = getattr(cap, input_point), getattr(cap, output_point)
     # [layer, b, pos, d] -> [b * pos, layer, d]: one training example per token.
     L, B, T, D = x.shape
     return (jnp.moveaxis(x, 0, 2).reshape(B * T, L, D),
-            jnp.moveaxis(cap.mlp_out, 0, 2).reshape(B * T, L, D))
+            jnp.moveaxis(y, 0, 2).reshape(B * T, L, D))
 
 
 @partial(jax.jit, static_argnames=("context_length", "drop_first"))
@@ -399,7 +399,8 @@ def _valid_and_order(x, key, context_length: int, drop_first: bool, outlier_fact
 
 
 class ActivationStream:
-    """Shuffled batches of (transcoder input x, MLP output y), each [batch_tokens, layer, d_model].
+    """Shuffled batches of (transcoder input x, MLP output y), each [batch_tokens, layer, d_model]
+    (`output_point`: what y is; an SAE's y is its input, `output_point` = `input_point`).
 
     Arrays stay on the default device; the trainer lays each batch out over its mesh.
 
@@ -415,10 +416,11 @@ class ActivationStream:
                  round_contexts: int, model_batch: int = 8, seed: int = 0,
                  drop_bos: bool = True, outlier_factor: float = 10.0, dtype=jnp.float32,
                  cache_dir: str | Path | None = None, n_layers: int | None = None,
-                 shares: int = 1, share: int | None = None):
+                 shares: int = 1, share: int | None = None, output_point: str = "mlp_out"):
         self.model, self.contexts = model, contexts
         self.n_layers = n_layers or model.cfg.n_layers
         self.input_point, self.batch_tokens = input_point, batch_tokens
+        self.output_point = output_point
         self.round_contexts, self.model_batch = round_contexts, model_batch
         self.seed, self.drop_bos, self.outlier_factor = seed, drop_bos, outlier_factor
         self.dtype = dtype
@@ -493,6 +495,9 @@ class ActivationStream:
         cfg = self.model.cfg
         return {"model": cfg.name, "source": str(self.model.source), "d_model": cfg.d_model, "vocab_size": cfg.vocab_size,
                 "n_layers": self.n_layers, "input_point": self.input_point,
+                # only when not the MLP output: caches written before SAEs stay valid
+                **({} if self.output_point == "mlp_out" else
+                   {"output_point": self.output_point}),
                 "dtype": str(jnp.dtype(self.dtype)),
                 "context_length": self.contexts.context_length,
                 "round_contexts": self.round_contexts,
@@ -568,7 +573,7 @@ class ActivationStream:
         for i in range(0, len(ctx), self.model_batch):
             x, y = _capture(self.model.params, self.model.cfg,
                             jnp.asarray(ctx[i:i + self.model_batch]), self.input_point,
-                            self.n_layers)
+                            self.n_layers, self.output_point)
             xs.append(x.astype(self.dtype))
             ys.append(y.astype(self.dtype))
         x, y = jnp.concatenate(xs), jnp.concatenate(ys)

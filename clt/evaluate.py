@@ -11,7 +11,11 @@ input and MLP output from one clean forward pass):
 
 The spliced replacement model replaces every MLP by the transcoder, reading the spliced model's
 own activations, so errors compound through the layers as in "Circuit Tracing" (Ameisen et al.,
-2025, section on the replacement model). It is compared with the original model on next-token
+2025, section on the replacement model). A sparse autoencoder on the residual stream (`kind`
+sae) is evaluated the same way: NMSE of its reconstruction of the residual stream it reads, and
+the spliced model with that residual stream replaced by the reconstruction (`clt.splice`).
+`splice_layers` splices only some layers of a per-layer dictionary (one, for an SAE's usual
+per-layer KL). It is compared with the original model on next-token
 predictions: KL(original || spliced), top-1 agreement, cross-entropy of both and their difference.
 
 Sums over tokens are accumulated exactly across batches (means and centred sums of squares are
@@ -68,10 +72,17 @@ class EvalConfig:
     contexts: int = doc("Contexts to evaluate.", default=64)
     context_length: int = doc("Tokens per context.", default=128)
     batch_size: int = doc("Contexts per batch.", default=8)
+    splice_layers: tuple[int, ...] = doc(
+        "Layers the spliced model replaces (a PLT's MLPs, an SAE's residual streams; the rest "
+        "stay the model's own); empty: every layer. A CLT is spliced whole.", default=())
     out: str | None = doc("Write the metrics as JSON here.", default=None)
 
     def __post_init__(self):
         check_types(self)
+        for layer in self.splice_layers:
+            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+                raise ConfigError(f"EvalConfig.splice_layers must be layer indices >= 0, got "
+                                  f"{list(self.splice_layers)}")
         check_text(self, "transcoder", "data", "text_field")
         check_text(self, "model", "out", optional=True)
         check_encoding(self)
@@ -102,14 +113,17 @@ def training_overlap(ec: EvalConfig) -> str | None:
 
 
 # --- per-batch sums (jit) ---------------------------------------------------------------------
-@partial(jax.jit, static_argnames=("cfg", "tc_cfg"))
+@partial(jax.jit, static_argnames=("cfg", "tc_cfg", "layers"))
 def _batch_sums(params, cfg, tc_params: TranscoderParams, tc_cfg: TranscoderConfig,
-                tokens: Int[Array, "batch pos"], rows: Float[Array, " batch"], drop_bos):
+                tokens: Int[Array, "batch pos"], rows: Float[Array, " batch"], drop_bos,
+                layers: tuple[int, ...] | None = None):
     """Sums over one batch's tokens (rows with weight 0 are padding) of every metric's terms."""
-    logits, cap = lm_forward(params, cfg, tokens, capture=(tc_cfg.input_point, "mlp_out"))
-    spliced, _ = lm_forward(params, cfg, tokens, mlp_hook=SplicedTranscoder(tc_cfg),
+    logits, cap = lm_forward(params, cfg, tokens,
+                             capture=(tc_cfg.input_point, tc_cfg.output_point))
+    spliced, _ = lm_forward(params, cfg, tokens,
+                            mlp_hook=SplicedTranscoder(tc_cfg, layers=layers),
                             hook_params=tc_params)
-    x, y = getattr(cap, tc_cfg.input_point), cap.mlp_out
+    x, y = getattr(cap, tc_cfg.input_point), getattr(cap, tc_cfg.output_point)
     B, T = tokens.shape
     # drop_bos: the attention-sink position has outlier norms that would dominate the statistics.
     w = rows[:, None] * jnp.where(drop_bos & (jnp.arange(T) == 0), 0.0, 1.0)
@@ -183,6 +197,7 @@ class EvalResult:
     delta_ce: float  # ce_spliced - ce_original
     n_tokens: int  # tokens in the activation statistics (BOS dropped if asked)
     n_predictions: int  # next-token predictions in KL / top-1 / CE
+    spliced_layers: list[int] | None = None  # the layers spliced (None: all)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -194,8 +209,10 @@ class EvalResult:
         def row(values):
             return " ".join(f"{v:.3g}" for v in values)
 
+        where = "" if self.spliced_layers is None else \
+            f", layers {', '.join(map(str, self.spliced_layers))} spliced"
         table = Table(title=f"Transcoder evaluation ({self.n_tokens} tokens, "
-                            f"{self.n_predictions} predictions)")
+                            f"{self.n_predictions} predictions{where})")
         table.add_column("metric")
         table.add_column("value", overflow="fold")
         for name, value in (
@@ -214,7 +231,7 @@ class EvalResult:
         return table
 
 
-def _result(t: _Totals, dense_threshold: float) -> EvalResult:
+def _result(t: _Totals, dense_threshold: float, layers=None) -> EvalResult:
     n, s = t.n, t.scalars
     # A layer whose MLP output is constant has no variance to explain: NMSE is then undefined.
     nmse = [float(e / v) if v > 0 else float("nan") for e, v in zip(t.sq_err, t.m2)]
@@ -228,22 +245,27 @@ def _result(t: _Totals, dense_threshold: float) -> EvalResult:
         dense_fraction=float(np.mean(t.active > dense_threshold * n)),
         kl=float(s["kl"] / npred), top1_agreement=float(s["agree"] / npred),
         ce_original=float(ce_o), ce_spliced=float(ce_s), delta_ce=float(ce_s - ce_o),
-        n_tokens=int(n), n_predictions=int(npred))
+        n_tokens=int(n), n_predictions=int(npred),
+        spliced_layers=None if layers is None else list(layers))
 
 
 def evaluate(model: LoadedModel, tc_cfg: TranscoderConfig, tc_params: TranscoderParams,
              contexts: np.ndarray, batch_size: int = 8, drop_bos: bool = True,
-             dense_threshold: float = 0.1, progress: bool = True) -> EvalResult:
-    """Evaluate a transcoder on `contexts` ([n, T] token ids of held-out text).
+             dense_threshold: float = 0.1, progress: bool = True,
+             splice_layers: tuple[int, ...] | None = None) -> EvalResult:
+    """Evaluate a transcoder (or SAE) on `contexts` ([n, T] token ids of held-out text).
 
     drop_bos: leave position 0 (BOS, an attention sink with outlier activations) out of NMSE,
       L0, dead and dense statistics. The spliced model still runs on it, and KL / top-1 / CE
       cover every next-token prediction (positions 0..T-2 predicting 1..T-1).
     dense_threshold: a feature is dense when active on more than this fraction of tokens.
+    splice_layers: splice only these layers (a PLT or SAE; None or empty: all).
     The last batch is padded (padding rows carry weight 0), so one compilation serves all.
     """
     check_model(tc_cfg, model.cfg)
     check_params(tc_cfg, tc_params)
+    layers = tuple(sorted(set(splice_layers))) if splice_layers else None
+    SplicedTranscoder(tc_cfg, layers=layers)  # refuses bad layers before any compute
     contexts = np.asarray(contexts)
     if contexts.ndim != 2 or not np.issubdtype(contexts.dtype, np.integer):
         raise ValueError(f"contexts must be an [n, T] integer array of token ids, got shape "
@@ -268,10 +290,10 @@ def evaluate(model: LoadedModel, tc_cfg: TranscoderConfig, tc_params: Transcoder
             pad = np.repeat(chunk[:1], batch_size - len(chunk), axis=0)
             tokens = jnp.asarray(np.concatenate([chunk, pad]), jnp.int32)
             sums = _batch_sums(model.params, model.cfg, tc_params, tc_cfg, tokens,
-                               jnp.asarray(rows), jnp.asarray(drop_bos))
+                               jnp.asarray(rows), jnp.asarray(drop_bos), layers)
             totals.add(jax.device_get(sums))
             bar.advance(task)
-    return _result(totals, dense_threshold)
+    return _result(totals, dense_threshold, layers)
 
 
 __all__ = ["EvalConfig", "EvalResult", "SplicedTranscoder", "evaluate"]

@@ -18,6 +18,15 @@ layers wait in the hook's state). Two options:
 hook_params: the `TranscoderParams` alone without errors; with errors the tuple (params, MLP
 outputs at the prompt [layer, 1, P, d_model], reconstructions at the prompt [layer, 1, P,
 d_model], absolute positions of the sequence run [pos]).
+
+A sparse autoencoder (`TranscoderConfig.is_sae`: it reconstructs the residual stream before the
+MLP that it reads) is spliced by replacing that residual stream x with its reconstruction r: the
+block then adds r - x and the model's own MLP of r (`TrueMLP.of_resid`), so everything after it
+reads r. With `errors` its error x - recon(x) is kept as computed on the run itself (an SAE has
+no prompt to freeze it at, and needs none: its layers are independent), so only edits change
+anything: r = x + (edited recon - recon), exactly the edited features' change in activation
+times their decoder rows; hook_params are then the params alone. `layers` splices only those
+layers (the model's own MLP, or residual, elsewhere): for a per-layer dictionary (PLT, SAE).
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from dataclasses import dataclass
 
 import jax.numpy as jnp
 
+from clt.configs import ConfigError
 from clt.lm.model import MLPHook
 from clt.transcoder import TranscoderConfig, init_pending, layer_step
 
@@ -46,14 +56,32 @@ class SplicedTranscoder(MLPHook):
     cfg: TranscoderConfig
     errors: bool = False
     edits: tuple = ()
+    layers: tuple[int, ...] | None = None  # spliced layers (None: all); per-layer kinds only
+
+    def __post_init__(self):
+        if self.layers is None:
+            return
+        if self.cfg.max_reach != 1:
+            raise ConfigError(f"splicing only some layers needs a per-layer dictionary (PLT or "
+                              f"SAE); this {self.cfg.kind.upper()}'s features write to later "
+                              "layers: splice all of them")
+        bad = [layer for layer in self.layers if not 0 <= layer < self.cfg.n_layers]
+        if bad:
+            raise ConfigError(f"spliced layers {bad} out of range 0..{self.cfg.n_layers - 1}")
+
+    def _params(self, hook_params):
+        return hook_params[0] if self.errors and not self.cfg.is_sae else hook_params
 
     def init(self, hook_params, x):
-        tc = hook_params[0] if self.errors else hook_params
-        pending = init_pending(self.cfg, tc, x)
+        pending = init_pending(self.cfg, self._params(hook_params), x)
         # With edits, also the pending writes of the unedited features (generation needs both).
         return (pending, pending) if self.edits else pending
 
     def apply(self, hook_params, layer, resid_mid, mlp_in, state, true_mlp):
+        if self.layers is not None and layer not in self.layers:
+            return true_mlp(mlp_in), state
+        if self.cfg.is_sae:
+            return self._apply_sae(hook_params, layer, resid_mid, mlp_in, state, true_mlp)
         x = self.cfg.read(resid_mid, mlp_in)
         if self.errors:
             tc, mlp_out, recon_prompt, positions = hook_params
@@ -76,6 +104,26 @@ class SplicedTranscoder(MLPHook):
                 beyond = beyond + (recon - unedited)[..., P:, :]
             at_prompt = jnp.concatenate([at_prompt, beyond], axis=-2)
         return at_prompt.astype(x.dtype), ((edited, plain) if self.edits else edited)
+
+    def _apply_sae(self, tc, layer, x, mlp_in, state, true_mlp):
+        """The residual stream x before this layer's MLP replaced by r (module docstring)."""
+        if self.errors and not any(e.layer == layer for e in self.edits):
+            return true_mlp(mlp_in), state  # r = x exactly: nothing edited here
+        edit = None
+        if self.edits:
+            positions = jnp.arange(x.shape[-2])
+
+            def edit(acts):
+                return edit_acts(acts, layer, self.edits, positions)
+        edited, plain = state if self.edits else (state, None)
+        _, recon, edited = layer_step(self.cfg, tc, layer, x, edited, edit)
+        if self.errors:
+            _, unedited, plain = layer_step(self.cfg, tc, layer, x, plain)
+            r = x + (recon - unedited).astype(x.dtype)
+        else:
+            r = recon.astype(x.dtype)
+        out = (r - x) + true_mlp.of_resid(r)
+        return out.astype(x.dtype), ((edited, plain) if self.edits else edited)
 
 
 __all__ = ["SplicedTranscoder", "edit_acts"]

@@ -259,7 +259,7 @@ def _check_init_from(tc_cfg: TranscoderConfig, train_cfg: TrainConfig) -> None:
                           "config.json is missing")
     old = TranscoderConfig.from_json(path.read_text())
     fields = ("d_model", "n_layers", "n_features", "max_reach", "activation", "skip",
-              "input_point")
+              "input_point", "output_point")
     diff = [f for f in fields if getattr(old, f) != getattr(tc_cfg, f)]
     if diff:
         raise ConfigError(f"init_from {train_cfg.init_from} has a different {', '.join(diff)} "
@@ -667,7 +667,7 @@ def _train(train_cfg: TrainConfig, out: Path, resume: bool, progress: bool, on_s
                              text_errors=train_cfg.text_errors)
     shares, share = _data_layout(mesh)
     stream = ActivationStream(
-        model, contexts, input_point=train_cfg.transcoder.input_point,
+        model, contexts, input_point=tc_cfg.input_point, output_point=tc_cfg.output_point,
         batch_tokens=train_cfg.batch_tokens,
         round_contexts=train_cfg.round_contexts, model_batch=train_cfg.model_batch,
         seed=train_cfg.seed,

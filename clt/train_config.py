@@ -140,6 +140,12 @@ class TrainConfig:
                          default=0.01)
     context_length: int = doc("Tokens per context, BOS included.", default=128)
     # --- transcoder architecture ---
+    kind: Literal["transcoder", "sae"] = doc(
+        "What to train: a transcoder (features read the residual stream or the MLP input and "
+        "write MLP outputs; --max-reach 1 a PLT, unset a CLT), or a sparse autoencoder on the "
+        "residual stream before every layer's MLP (input point = output point = resid_mid, one "
+        "dictionary per layer: the transcoder's max_reach 1 and no skip are implied).",
+        default="transcoder")
     transcoder: TranscoderConfig = doc(
         "The transcoder to train (its width and depth are the model's). Its fields are given "
         "flat: flags --n-features, --max-reach, --activation, --k, --skip, --input-point, and "
@@ -250,11 +256,29 @@ class TrainConfig:
         for name in ("sparsity_coef", "preact_coef", "grad_clip"):
             check_range(self, name, 0)
         check_range(self, "outlier_factor", 1, allow=(math.inf,))
+        self._check_kind()
         if self.round_contexts * (self.context_length - 1) < self.batch_tokens:
             raise ConfigError(
                 f"TrainConfig.round_contexts x (context_length - 1) = {self.round_contexts} x "
                 f"{self.context_length - 1} tokens per round is less than one batch of "
                 f"batch_tokens={self.batch_tokens}; raise round_contexts")
+
+    def _check_kind(self) -> None:
+        t, c = self.transcoder, "TrainConfig"
+        if self.kind == "transcoder":
+            if t.output_point != "mlp_out":
+                raise ConfigError(f"{c}: transcoder.output_point={t.output_point!r} makes an SAE; "
+                                  "say kind = 'sae' (--kind sae) instead")
+            return
+        if t.input_point != "resid_mid":
+            raise ConfigError(f"{c}: kind sae reads and reconstructs the residual stream "
+                              f"(input_point resid_mid), got input_point={t.input_point!r}; "
+                              "drop --input-point or train a transcoder")
+        if t.max_reach not in (None, 1) or t.skip:
+            raise ConfigError(f"{c}: kind sae has one dictionary per layer and no skip; drop "
+                              f"--max-reach {t.max_reach} / --skip (got max_reach="
+                              f"{t.max_reach}, skip={t.skip})")
+        self.architecture()  # the TranscoderConfig's own checks
 
     @classmethod
     def make(cls, **fields) -> TrainConfig:
@@ -263,7 +287,17 @@ class TrainConfig:
         return from_dict(cls, fields)
 
     def transcoder_config(self, model_cfg) -> TranscoderConfig:
-        return self.transcoder.for_model(model_cfg)
+        """The dictionary this run trains on `model_cfg`'s model: `transcoder`, made an SAE by
+        `kind` (the one place `kind` turns into architecture)."""
+        return self.architecture().for_model(model_cfg)
+
+    def architecture(self) -> TranscoderConfig:
+        """`transcoder` with what `kind` implies (an SAE reconstructs the residual stream it
+        reads, one dictionary per layer)."""
+        if self.kind == "sae":
+            return self.transcoder.replace(output_point=self.transcoder.input_point,
+                                           max_reach=1)
+        return self.transcoder
 
 
 # Fields that may change between a run and its resumption (everything else must match).

@@ -32,6 +32,7 @@ from clt.configs import ConfigError, doc, from_dict, to_dict
 
 Activation = Literal["jumprelu", "relu", "topk", "batchtopk"]
 InputPoint = Literal["resid_mid", "mlp_in"]
+OutputPoint = Literal["mlp_out", "resid_mid"]
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,10 @@ class TranscoderConfig:
     input_point: InputPoint = doc(
         "Where features read: 'resid_mid' (residual stream before the MLP's norm) or 'mlp_in' "
         "(the MLP's normalised input).", default="resid_mid")
-    output_point: Literal["mlp_out"] = doc(
-        "What the decoders reconstruct: the MLP output as added to the residual stream.",
-        default="mlp_out")
+    output_point: OutputPoint = doc(
+        "What the decoders reconstruct: 'mlp_out' (the MLP output as added to the residual "
+        "stream: a transcoder) or 'resid_mid' (the residual stream the features read: a sparse "
+        "autoencoder, input point = output point).", default="mlp_out")
     model_name: str = doc("The model this transcoder was trained on (informational).",
                           default="")
     schema_version: int = doc("Version of this config's JSON layout.", default=1)
@@ -76,10 +78,27 @@ class TranscoderConfig:
                               f"got {self.max_reach}")
         if self.activation in ("topk", "batchtopk") and self.k > self.n_features:
             raise ConfigError(f"k={self.k} exceeds n_features={self.n_features}")
+        if self.output_point != "mlp_out":
+            # A sparse autoencoder: one dictionary per layer reconstructing what it reads.
+            if self.input_point != self.output_point:
+                raise ConfigError(
+                    f"an SAE reconstructs what it reads: input_point must equal output_point "
+                    f"({self.output_point!r}), got input_point={self.input_point!r}")
+            if self.max_reach != 1 or self.skip:
+                raise ConfigError(
+                    "an SAE (output_point == input_point) has one dictionary per layer and no "
+                    f"skip: max_reach must be 1 and skip false, got max_reach={self.max_reach}, "
+                    f"skip={self.skip}")
+
+    @property
+    def is_sae(self) -> bool:
+        """A sparse autoencoder: the decoders reconstruct the activation the features read (the
+        residual stream), so splicing it in replaces that activation, not an MLP."""
+        return self.output_point == self.input_point
 
     @property
     def kind(self) -> str:
-        return "plt" if self.max_reach == 1 else "clt"
+        return "sae" if self.is_sae else "plt" if self.max_reach == 1 else "clt"
 
     def for_model(self, model_cfg) -> TranscoderConfig:
         """This architecture on `model_cfg`'s model: its width, depth and name."""

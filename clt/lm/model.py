@@ -312,6 +312,25 @@ def _mlp_added(lp: LayerParams, cfg: ModelConfig, h):
     return m
 
 
+@dataclass(frozen=True)
+class TrueMLP:
+    """The model's own MLP of one layer as added to the residual, for `MLPHook.apply`: called
+    on the MLP's normalised input h, or `of_resid(x)` on a residual stream x (the MLP's norm
+    applied first, with its frozen scale if any): for hooks that replace the residual stream
+    before the MLP, such as a spliced sparse autoencoder."""
+
+    lp: LayerParams
+    cfg: ModelConfig
+    norm_scale: jax.Array | None = None  # frozen mlp_norm_scale of this layer, if any
+
+    def __call__(self, h):
+        return _mlp_added(self.lp, self.cfg, h)
+
+    def of_resid(self, x):
+        h, _ = norm(x, self.lp.mlp_norm_w, self.lp.mlp_norm_b, self.cfg, self.norm_scale)
+        return self(h)
+
+
 def _run_layers_unrolled(params, cfg, x, positions, mask_full, mask_slide, frozen, asked,
                          hook, hook_params):
     """The layers in a Python loop (static layer index), for MLP hooks whose state or weights
@@ -327,9 +346,9 @@ def _run_layers_unrolled(params, cfg, x, positions, mask_full, mask_slide, froze
         mask = mask_slide if is_sliding else mask_full
         box = {}
 
-        def mlp_fn(resid_mid, mlp_in, i=i, lp=lp, box=box):
+        def mlp_fn(resid_mid, mlp_in, i=i, lp=lp, box=box, fr=fr):
             out, box["state"] = hook.apply(hook_params, i, resid_mid, mlp_in, state,
-                                           partial(_mlp_added, lp, cfg))
+                                           TrueMLP(lp, cfg, fr.get("mlp_norm_scale")))
             return out
 
         x, caps, _ = block(lp, cfg, x, cos, sin, mask, fr, asked, mlp_fn=mlp_fn)
@@ -436,7 +455,8 @@ class MLPHook:
     (e.g. a CLT's pending writes to later layers) and `apply(hook_params, layer, resid_mid,
     mlp_in, state, true_mlp)` returns (what is added to the residual, new state); `true_mlp(h)`
     is the model's own MLP of that layer as added to the residual (after any post-norm), for
-    hooks that keep some of it.
+    hooks that keep some of it (`TrueMLP`; `true_mlp.of_resid(r)` runs it on a residual r, for
+    hooks that replace the residual stream x by r: they return r - x + true_mlp.of_resid(r)).
     """
 
     def init(self, hook_params, x):

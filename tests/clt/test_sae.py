@@ -1,0 +1,239 @@
+"""Residual-stream sparse autoencoders (`cltrace train --kind sae`): a TranscoderConfig whose
+output point is its input point, trained, sharded, resumed and evaluated by the transcoder code.
+
+References and tolerances (float32, `highest` matmul precision from conftest):
+- a perfect SAE (features +x and -x under ReLU, decoders +I and -I: recon(x) = x exactly) spliced
+  in gives the original logits (atol 1e-4), NMSE ~ 0, KL ~ 0, top-1 agreement 1;
+- the splice replaces the residual stream before layer l's MLP: an SAE whose reconstruction is
+  x + c at layer l only against an independent computation (x + c run through layer l's MLP by
+  the model's building blocks, then the remaining blocks as a truncated model; atol 1e-4);
+- training lowers NMSE (measured ~0.94 -> ~0.10 in 150 steps on the tiny model), a 2 x 4 mesh of
+  8 simulated devices equals one device (relative 1e-5, as for transcoders), and SIGKILL then
+  resume gives the uninterrupted run's parameters (atol 1e-6).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clt import sharding as shd
+from clt.configs import ConfigError, to_dict
+from clt.evaluate import EvalConfig, evaluate
+from clt.lm import LoadedModel, forward
+from clt.lm.model import mlp, norm
+from clt.splice import SplicedTranscoder
+from clt.train import TrainConfig, compile_step, init_state, place_state, train
+from clt.transcoder import Norms, TranscoderConfig, TranscoderParams, load
+from tests.clt.tiny_train import tiny_model, write_corpus
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "c.txt")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def _sae_cfg(model, **kw) -> TranscoderConfig:
+    return TranscoderConfig(d_model=model.cfg.d_model, n_layers=model.cfg.n_layers,
+                            n_features=2 * model.cfg.d_model, max_reach=1,
+                            input_point="resid_mid", output_point="resid_mid", **kw)
+
+
+def _perfect_sae(model, activation="relu") -> tuple[TranscoderConfig, TranscoderParams]:
+    """recon(x) = relu(x) - relu(-x) = x: features e_i and -e_i, decoders back."""
+    L, D = model.cfg.n_layers, model.cfg.d_model
+    cfg = _sae_cfg(model, activation=activation)
+    eye = jnp.eye(D)
+    W_enc = jnp.broadcast_to(jnp.concatenate([eye, -eye], 1), (L, D, 2 * D))
+    W_dec = tuple(jnp.concatenate([eye, -eye], 0)[:, None, :] for _ in range(L))
+    return cfg, TranscoderParams(W_enc=W_enc, b_enc=jnp.zeros((L, 2 * D)),
+                                 log_threshold=jnp.full((L, 2 * D), -30.0), W_dec=W_dec,
+                                 b_dec=jnp.zeros((L, D)))
+
+
+def _tokens(n=4, T=12, seed=0):
+    toks = np.random.default_rng(seed).integers(3, 60, size=(n, T))
+    toks[:, 0] = 1
+    return toks
+
+
+# --- configuration -------------------------------------------------------------------------------
+def test_kind_sae_is_a_configuration_of_the_transcoder():
+    tc = TrainConfig.make(kind="sae", n_features=64)
+    arch = tc.architecture()
+    assert (arch.input_point, arch.output_point, arch.max_reach, arch.skip) == \
+        ("resid_mid", "resid_mid", 1, False)
+    assert arch.is_sae and arch.kind == "sae"
+    assert TrainConfig.make(n_features=64, max_reach=1).architecture().kind == "plt"
+    with pytest.raises(ConfigError, match="kind sae reads and reconstructs the residual"):
+        TrainConfig.make(kind="sae", input_point="mlp_in")
+    with pytest.raises(ConfigError, match="one dictionary per layer and no skip"):
+        TrainConfig.make(kind="sae", max_reach=3)
+    with pytest.raises(ConfigError, match="one dictionary per layer and no skip"):
+        TrainConfig.make(kind="sae", skip=True)
+    with pytest.raises(ConfigError, match="an SAE reconstructs what it reads"):
+        TranscoderConfig(d_model=4, n_layers=2, n_features=8, max_reach=1, input_point="mlp_in",
+                         output_point="resid_mid")
+    # The saved config round-trips (resume compares it).
+    assert TrainConfig.make(**to_dict(tc)) == tc
+
+
+# --- splice and evaluation ------------------------------------------------------------------------
+def test_perfect_sae_spliced_is_the_model(model):
+    cfg, params = _perfect_sae(model)
+    toks = jnp.asarray(_tokens())
+    ref, _ = forward(model.params, model.cfg, toks)
+    got, _ = forward(model.params, model.cfg, toks, mlp_hook=SplicedTranscoder(cfg),
+                     hook_params=params)
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+    r = evaluate(model, cfg, params, _tokens(6), batch_size=4, progress=False)
+    assert max(r.nmse_per_layer) < 1e-8, r.nmse_per_layer
+    assert abs(r.kl) < 1e-6 and r.top1_agreement == 1.0 and abs(r.delta_ce) < 1e-5
+    assert r.l0_total > 0  # features do fire: the reconstruction is theirs, not a bias
+
+
+def _truncated(model: LoadedModel, first: int):
+    """The model's blocks first.. alone (their residual input given as input_embeds)."""
+    cfg = model.cfg.replace(n_layers=model.cfg.n_layers - first)
+    layers = jax.tree.map(lambda a: a[first:], model.params.layers)
+    return dataclasses.replace(model.params, layers=layers), cfg
+
+
+@pytest.mark.parametrize("splice", ["all", "one"])
+def test_sae_splice_replaces_the_residual_before_that_layers_mlp(model, splice):
+    """Reconstruction x + c at layer 1 (exact elsewhere) against a hand computation."""
+    cfg, params = _perfect_sae(model)
+    c = jax.random.normal(jax.random.key(1), (model.cfg.d_model,))
+    params = dataclasses.replace(params, b_dec=params.b_dec.at[1].set(c))
+    toks = jnp.asarray(_tokens(2))
+    layers = None if splice == "all" else (1,)
+    got, _ = forward(model.params, model.cfg, toks, mlp_hook=SplicedTranscoder(cfg, layers=layers),
+                     hook_params=params)
+    # Independent: resid_mid of layer 1 from the model, + c, layer 1's MLP by the building blocks,
+    # then blocks 2.. as a model of their own.
+    _, cap = forward(model.params, model.cfg, toks, capture=("resid_mid",))
+    lp = jax.tree.map(lambda a: a[1], model.params.layers)
+    r = cap.resid_mid[1] + c
+    h, _ = norm(r, lp.mlp_norm_w, lp.mlp_norm_b, model.cfg)
+    resid_next = r + mlp(lp, model.cfg, h)
+    tparams, tcfg = _truncated(model, 2)
+    ref, _ = forward(tparams, tcfg, toks, input_embeds=resid_next)
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+    unspliced, _ = forward(model.params, model.cfg, toks)
+    assert float(jnp.abs(unspliced - ref).max()) > 1e-2  # the shift matters
+
+
+def test_eval_splice_layers_and_refusals(model):
+    cfg, params = _perfect_sae(model)
+    params = dataclasses.replace(params, b_dec=params.b_dec.at[1].set(0.5))
+    toks = _tokens(4)
+    at0 = evaluate(model, cfg, params, toks, progress=False, splice_layers=(0,))
+    at1 = evaluate(model, cfg, params, toks, progress=False, splice_layers=(1,))
+    assert at0.kl < 1e-6 and at1.kl > 1e-4 and at1.spliced_layers == [1]
+    assert at0.nmse_per_layer[1] == at1.nmse_per_layer[1] > 0  # NMSE covers every layer
+    with pytest.raises(ConfigError, match="out of range 0..2"):
+        evaluate(model, cfg, params, toks, progress=False, splice_layers=(3,))
+    clt = TranscoderConfig(d_model=cfg.d_model, n_layers=cfg.n_layers, n_features=8)
+    with pytest.raises(ConfigError, match="needs a per-layer dictionary"):
+        SplicedTranscoder(clt, layers=(0,))
+    with pytest.raises(ConfigError, match="splice_layers must be layer indices"):
+        EvalConfig(transcoder="x", splice_layers=(-1,))
+
+
+# --- training -------------------------------------------------------------------------------------
+def _tc(corpus, out, **kw) -> TrainConfig:
+    base = {"model": "tiny", "data": str(corpus), "context_length": 32, "n_features": 64,
+            "steps": 150, "batch_tokens": 256, "round_contexts": 32, "lr": 3e-3,
+            "warmup_steps": 10, "out": str(out), "checkpoint_every": 50, "log_every": 10,
+            "sparsity_coef": 1e-3, "mesh_data": 1, "async_checkpoints": False, "kind": "sae"}
+    base.update(kw)
+    return TrainConfig.make(**base)
+
+
+def _metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sae_training_lowers_nmse(corpus, model, tmp_path):
+    path = train(_tc(corpus, tmp_path / "run"), model=model, progress=False)
+    rows = _metrics(tmp_path / "run")
+    first, last = rows[0]["nmse"], rows[-1]["nmse"]
+    # Measured: ~0.94 at step 10, ~0.10 at step 150 (float32, CPU).
+    assert last < 0.3 * first and last < 0.2, (first, last)
+    cfg, params = load(path)
+    assert cfg.is_sae and cfg.n_features == 64
+    # The exported SAE (norms folded) reconstructs the residual stream it reads: eval agrees.
+    toks = _tokens(4, 32)
+    r = evaluate(model, cfg, params, toks, progress=False)
+    assert r.nmse_mean < 0.3, r.nmse_per_layer
+
+
+def test_sae_sharded_step_equals_unsharded():
+    """Mesh data=2 x feature=4 over 8 simulated CPU devices vs one device, two steps; y = x."""
+    assert len(jax.devices()) >= 8, "tests/conftest.py sets 8 host devices"
+    tc = TrainConfig.make(kind="sae", n_features=64, batch_tokens=32, lr=1e-2, warmup_steps=0)
+    cfg = tc.architecture().replace(d_model=8, n_layers=3)
+    x = jax.random.normal(jax.random.key(3), (32, 3, 8))
+    state = init_state(cfg, tc, Norms.identity(3, 8))
+    results = []
+    for data, feature in ((1, 1), (2, 4)):
+        mesh = shd.make_mesh(data, feature)
+        step = compile_step(cfg, tc, mesh)
+        s = place_state(state, cfg, tc, mesh)
+        for _ in range(2):
+            s, m = step(s, x, x)
+        results.append((s, m))
+    (one, m1), (eight, m8) = results
+    assert len({str(sh.index) for sh in eight.params.W_enc.addressable_shards}) == 4
+    for a, b in zip(jax.tree.leaves(eight.params), jax.tree.leaves(one.params)):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.max(np.abs(a - b)) <= 1e-5 * max(np.max(np.abs(b)), 1e-30)
+    np.testing.assert_allclose(m8["nmse"], m1["nmse"], rtol=1e-5)
+
+
+KILL_DRIVER = """
+import json, os, signal, sys
+from clt.train import TrainConfig, train
+from tests.clt.tiny_train import tiny_model
+cfg = TrainConfig.make(**json.loads(sys.argv[1]))
+kill_at = int(sys.argv[2])
+def on_step(step):
+    if step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+train(cfg, model=tiny_model(), progress=False, on_step=on_step)
+"""
+
+
+def test_sae_sigkill_then_resume_matches_uninterrupted_run(corpus, model, tmp_path):
+    kw = {"steps": 24, "checkpoint_every": 8, "log_every": 4, "batch_tokens": 128,
+          "round_contexts": 8}
+    ref = train(_tc(corpus, tmp_path / "ref", **kw), model=model, progress=False)
+    driver = tmp_path / "kill.py"
+    driver.write_text(KILL_DRIVER)
+    tc = _tc(corpus, tmp_path / "killed", **kw)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(driver), json.dumps(to_dict(tc)), "13"], env=env,
+                          cwd=ROOT, capture_output=True, timeout=300, check=False)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    resumed = train(tc, model=model, progress=False)
+    cfg, a = load(resumed)
+    _, b = load(ref)
+    assert cfg.is_sae
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
