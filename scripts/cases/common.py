@@ -58,12 +58,18 @@ class Study:
         self.lines: list[str] = []
 
     # --- tracing ---------------------------------------------------------------------------
-    def trace(self, prompt: str, slug: str):
+    def trace(self, prompt: str, slug: str, neurons: int | None = None, cards=None, **config):
+        """Trace with the study's transcoder, or with the model's own MLP neurons when `neurons`
+        is given (that many units per layer and position as nodes: `TraceConfig.neuron_top_k`);
+        `config`: further TraceConfig fields; `cards`: the page's feature cards (default: those
+        next to the transcoder). Returns (graph, scores, page)."""
         ids = self.tok.encode(prompt, add_bos=False)
+        what = ({"transcoder": self.args.transcoder} if neurons is None
+                else {"neurons": True, "neuron_top_k": neurons})
         config = TraceConfig(prompt=prompt, model=self.args.model,
-                             transcoder=self.args.transcoder,
-                             max_feature_nodes=self.args.max_feature_nodes)
-        graph = trace_tokens(self.model.params, self.model.cfg, self.tc_cfg, self.tc_params, ids,
+                             max_feature_nodes=self.args.max_feature_nodes, **what, **config)
+        tc = (self.tc_cfg, self.tc_params) if neurons is None else (None, None)
+        graph = trace_tokens(self.model.params, self.model.cfg, *tc, ids,
                              config, token_strings=self.tok.token_strings(ids, merge=True),
                              logit_strings=lambda t: self.tok.token_strings([int(i) for i in t]))
         s = graph.scores  # computed by the tracer (attribution.prune.score)
@@ -73,7 +79,7 @@ class Study:
         try:
             from viewer import write_html
 
-            write_html(graph, page)
+            write_html(graph, page, cards=cards)
         except Exception as e:  # the viewer is optional for the numbers of a study
             page = None
             self.say(f"(no HTML page: {type(e).__name__}: {e})")
