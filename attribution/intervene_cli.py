@@ -3,6 +3,7 @@ generated from `attribution.interventions.SteerConfig` / `DirectionConfig` and
 `attribution.probe.ProbeConfig`; `cltrace lens`, which draws a page, is in `viewer.cli`).
 
     cltrace steer "PROMPT" --transcoder PATH --set 12:345@5=0 --max-new-tokens 20
+    cltrace steer "PROMPT" --transcoder SAE_DIR --set 6:12=10x   (10 x its card's max activation)
     cltrace steer "PROMPT" --vector v.npy --layer 10 --alpha 0.3
     cltrace direction --positive pos.txt --negative neg.txt --layer 10 -o v.npy
     cltrace probe --positive fr.txt --negative en.txt -o out/probe   (attribution.probe)
@@ -74,6 +75,8 @@ def _steer(args) -> int:
 
     sc = from_arguments(iv.SteerConfig, args)  # values, edit specs, combinations: no model yet
     out = check_output_file(sc.out) if sc.out else None
+    if sc.cards and not Path(sc.cards).expanduser().exists():
+        raise ConfigError(f"--cards {sc.cards}: no such file; build it with `cltrace features`")
     raw_vector = _read_vector(sc.vector) if sc.vector else None
     return _run_steer(sc, out, raw_vector)
 
@@ -135,11 +138,15 @@ def _run_steer(sc, out: Path | None, raw_vector: np.ndarray | None) -> int:
 
     tc_cfg = tc_params = None
     if edits or sc.feature_direction:
+        from attribution.replacement import check_transcoder
         from clt.circuit_tracer_io import open_transcoder
 
-        _, tc_cfg, tc_params = open_transcoder(sc.transcoder, model_cfg)
+        ref, tc_cfg, tc_params = open_transcoder(sc.transcoder, model_cfg)
         for e in edits:
             e.check(tc_cfg, P)
+        if edits and sc.mode == "frozen":
+            check_transcoder(tc_cfg)  # an SAE has no local replacement model to freeze
+        edits = _resolve_multiples(sc, ref, tc_cfg, edits)
     steering = None
     if sc.steering:
         if raw_vector is not None:
@@ -164,7 +171,9 @@ def _run_steer(sc, out: Path | None, raw_vector: np.ndarray | None) -> int:
         def intervened(t):
             return frozen
     else:
-        rm, _ = build(params, model_cfg, tc_cfg, tc_params, np.asarray(ids))
+        # An SAE is spliced with its error recomputed on the run: no replacement to build.
+        rm = None if tc_cfg.is_sae else build(params, model_cfg, tc_cfg, tc_params,
+                                              np.asarray(ids))[0]
 
         def intervened(t):
             return iv.free_logits(params, model_cfg, tc_cfg, tc_params, rm, edits, tokens=t)
@@ -203,6 +212,28 @@ def _run_steer(sc, out: Path | None, raw_vector: np.ndarray | None) -> int:
         atomic_write(out, json.dumps(result, indent=2, default=str))
         print(f"wrote {out}")
     return 0
+
+
+def _resolve_multiples(sc, ref: str, tc_cfg, edits: tuple) -> tuple:
+    """Edit values written Nx made absolute from the features' cards (maximum activation)."""
+    if not any(e.of_max for e in edits):
+        return edits
+    from attribution.interventions import resolve_multiples
+
+    # The cards file is stage 3's artifact; its reader is the one place that format is known.
+    from viewer.features import FeatureCards, default_path
+
+    path = Path(sc.cards).expanduser() if sc.cards else default_path(ref)
+    if path is None:
+        raise ConfigError(f"values written Nx need the features' cards: transcoder '{ref}' is "
+                          "not a local directory; pass --cards FILE (`cltrace features`)")
+    try:
+        cards = FeatureCards.load(path)
+    except ConfigError as e:
+        raise ConfigError(f"values written Nx need each feature's maximum activation from its "
+                          f"card: {e} (or pass --cards FILE)") from None
+    cards.check(tc_cfg.n_layers, tc_cfg.n_features, "transcoder")
+    return resolve_multiples(edits, cards.arrays["top_act"][..., 0], f"cards {path}")
 
 
 def _check_model_fit(sc, model_cfg) -> None:

@@ -14,6 +14,13 @@ with interventions"; Templeton et al. 2024 for clamping). Two modes:
   positions beyond the prompt (generation) there is no recorded error: there the MLP output is the
   model's own MLP plus the decoder writes of the edits (edited minus unedited features).
 
+With a residual-stream SAE (`TranscoderConfig.is_sae`) in place of a transcoder, edits run in
+free mode only: the SAE is spliced at the edited layers with its error recomputed on the run
+(`clt.splice`), so the residual stream before that layer's MLP changes by exactly (new - old
+activation) x the feature's decoder row, and everything downstream recomputes. An edit's value
+may be a multiple of the feature's maximum activation on its feature card (`--set L:F=10x`, the
+"clamp a feature to 10x its maximum" experiment of Templeton et al. 2024; `resolve_multiples`).
+
 Steering adds a vector to the residual stream after a layer's block, along a feature's decoder
 direction or a difference of mean residuals between two prompt sets (the "function vector" /
 refusal-direction method, Todd et al. 2024, Arditi et al. 2024). `cltrace steer --alpha` has a
@@ -60,6 +67,7 @@ class FeatureEdit:
     op: Op = "set"
     value: float = 0.0
     onwards: bool = False
+    of_max: bool = False  # value is a multiple of the feature's maximum activation (its card)
 
     def check(self, tc_cfg: TranscoderConfig, n_pos: int | None = None) -> None:
         if not 0 <= self.layer < tc_cfg.n_layers:
@@ -74,6 +82,9 @@ class FeatureEdit:
 
     def apply(self, col, positions):
         """The edited activations of this feature, col [..., pos], at `positions` [pos]."""
+        if self.of_max:
+            raise ConfigError(f"edit {edit_spec(self)} is a multiple of the feature's maximum "
+                              "activation: resolve it from its card first (resolve_multiples)")
         if self.pos is None:
             sel = jnp.ones(positions.shape, bool)
         else:
@@ -86,13 +97,13 @@ class FeatureEdit:
 # A number as Python writes it (no nan / inf: an edit's value must be finite).
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _WHERE = r"(?:@(all|\d+[+:]?))?"
-_EDIT = re.compile(rf"^\s*(\d+):(\d+){_WHERE}\s*([=*+])\s*({_NUMBER})\s*$")
-_FLAG_EDIT = re.compile(rf"^\s*(\d+):(\d+){_WHERE}\s*=\s*({_NUMBER})\s*$")
+_EDIT = re.compile(rf"^\s*(\d+):(\d+){_WHERE}\s*([=*+])\s*({_NUMBER})(x?)\s*$")
+_FLAG_EDIT = re.compile(rf"^\s*(\d+):(\d+){_WHERE}\s*=\s*({_NUMBER})(x?)\s*$")
 _FLAG_ZERO = re.compile(rf"^\s*(\d+):(\d+){_WHERE}\s*$")
 _OPS = {"=": "set", "*": "scale", "+": "add"}
 _SYNTAX = "POS: a position (BOS = 0), P+ for P and every later one, or all; omitted = all"
-_FLAG_SYNTAX = {"set": "LAYER:FEATURE[@POS]=VALUE", "scale": "LAYER:FEATURE[@POS]=FACTOR",
-                "add": "LAYER:FEATURE[@POS]=DELTA", "zero": "LAYER:FEATURE[@POS]"}
+_FLAG_SYNTAX = {"set": "LAYER:FEATURE[@POS]=VALUE[x]", "scale": "LAYER:FEATURE[@POS]=FACTOR",
+                "add": "LAYER:FEATURE[@POS]=DELTA[x]", "zero": "LAYER:FEATURE[@POS]"}
 
 
 def parse_edit(spec: str, flag: Literal["set", "scale", "add", "zero"] | None = None
@@ -100,13 +111,15 @@ def parse_edit(spec: str, flag: Literal["set", "scale", "add", "zero"] | None = 
     """One feature edit. With no `flag`: `L:F@POS=V` (set), `L:F@POS*V` (scale), `L:F@POS+V`
     (add). With the `cltrace steer` flag that carries it: `--set/--scale/--add L:F@POS=V`, or
     `--zero L:F@POS`. POS is a position (BOS = 0), `P+` or `P:` for P and every later position
-    (generation included), or `all`; omitted = all. V is a finite number. Anything else (e.g.
-    `3:5@1==2`) is refused with the accepted syntax, never read another way."""
+    (generation included), or `all`; omitted = all. V is a finite number; `Nx` (set and add)
+    means N times the feature's maximum activation on its card (`resolve_multiples`). Anything
+    else (e.g. `3:5@1==2`) is refused with the accepted syntax, never read another way."""
     if not isinstance(spec, str):
         raise ConfigError(f"intervention {spec!r} must be a string like 3:5@1=2")
     if flag is None:
         m = _EDIT.match(spec)
-        syntax = f"LAYER:FEATURE[@POS]=VALUE (or *FACTOR, +DELTA; {_SYNTAX})"
+        syntax = (f"LAYER:FEATURE[@POS]=VALUE (or *FACTOR, +DELTA; VALUE or DELTA Nx: N times "
+                  f"the feature's max activation; {_SYNTAX})")
     elif flag in _FLAG_SYNTAX:
         m = (_FLAG_ZERO if flag == "zero" else _FLAG_EDIT).match(spec)
         syntax = f"--{flag} {_FLAG_SYNTAX[flag]} ({_SYNTAX})"
@@ -114,26 +127,53 @@ def parse_edit(spec: str, flag: Literal["set", "scale", "add", "zero"] | None = 
         raise ConfigError(f"unknown edit kind {flag!r}; one of {list(_FLAG_SYNTAX)}")
     if not m:
         raise ConfigError(f"cannot parse intervention {spec!r}; write {syntax}")
+    multiple = ""
     if flag is None:
-        layer, feature, where, sym, value = m.groups()
+        layer, feature, where, sym, value, multiple = m.groups()
         op = _OPS[sym]
     elif flag == "zero":
         (layer, feature, where), op, value = m.groups(), "set", "0"
     else:
-        (layer, feature, where, value), op = m.groups(), flag
+        (layer, feature, where, value, multiple), op = m.groups(), flag
+    if multiple and op == "scale":
+        raise ConfigError(f"intervention {spec!r}: a scale factor is already relative; Nx (N "
+                          "times the feature's max activation) applies to set and add values")
     onwards = bool(where) and where[-1] in "+:"
     pos = None if where in (None, "all") else int(where.rstrip("+:"))
     v = float(value)
     if not math.isfinite(v):  # 1e999 parses as inf
         raise ConfigError(f"intervention {spec!r}: the value must be a finite number")
-    return FeatureEdit(int(layer), int(feature), pos, op, v, onwards)
+    return FeatureEdit(int(layer), int(feature), pos, op, v, onwards, bool(multiple))
 
 
 def edit_spec(e: FeatureEdit) -> str:
     """The one `parse_edit` spec (no flag) that gives back `e` exactly (onwards written P:)."""
     where = "all" if e.pos is None else f"{e.pos}{':' if e.onwards else ''}"
     sym = {v: k for k, v in _OPS.items()}[e.op]
-    return f"{e.layer}:{e.feature}@{where}{sym}{e.value!r}"
+    return f"{e.layer}:{e.feature}@{where}{sym}{e.value!r}{'x' if e.of_max else ''}"
+
+
+def resolve_multiples(edits: tuple[FeatureEdit, ...], max_activation, source: str = "cards"
+                      ) -> tuple[FeatureEdit, ...]:
+    """Edits whose value is a multiple of the feature's maximum activation (`Nx`) made absolute:
+    value = N x max_activation[layer, feature] (an array [layer, feature], e.g. the top
+    activation of every feature's card). One-line errors for a feature the maxima do not cover
+    or that never fired in them (a maximum of 0 scales to nothing)."""
+    out = []
+    for e in edits:
+        if not e.of_max:
+            out.append(e)
+            continue
+        L, F = np.shape(max_activation)
+        if not (0 <= e.layer < L and 0 <= e.feature < F):
+            raise ConfigError(f"edit {edit_spec(e)}: the {source} cover {L} layers x {F} "
+                              f"features; no maximum for feature {e.layer}:{e.feature}")
+        m = float(max_activation[e.layer][e.feature])
+        if not (math.isfinite(m) and m > 0):
+            raise ConfigError(f"edit {edit_spec(e)}: feature {e.layer}:{e.feature} never fired "
+                              f"in the {source}' scan (maximum {m}); give an absolute value")
+        out.append(dataclasses.replace(e, value=e.value * m, of_max=False))
+    return tuple(out)
 
 
 # --- command configs ---------------------------------------------------------------------------
@@ -173,14 +213,18 @@ class SteerConfig:
     model: str = doc("Model name or path.", default="smollm2-135m")
     transcoder: str | None = doc(
         "Transcoder for feature edits (default: the one bundled for the model).", default=None)
-    set: tuple[str, ...] = doc("Set a feature's activation (repeatable).", default=(),
-                               repeat=True, metavar="L:F@POS=V")
+    set: tuple[str, ...] = doc(
+        "Set a feature's activation (repeatable); V may be Nx: N times the feature's maximum "
+        "activation on its card (--cards).", default=(), repeat=True, metavar="L:F@POS=V")
     scale: tuple[str, ...] = doc("Scale a feature's activation (repeatable).", default=(),
                                  repeat=True, metavar="L:F@POS=V")
-    add: tuple[str, ...] = doc("Add to a feature's activation (repeatable).", default=(),
-                               repeat=True, metavar="L:F@POS=V")
+    add: tuple[str, ...] = doc("Add to a feature's activation (repeatable; V may be Nx, as for "
+                               "--set).", default=(), repeat=True, metavar="L:F@POS=V")
     zero: tuple[str, ...] = doc("Zero a feature's activation (repeatable).", default=(),
                                 repeat=True, metavar="L:F@POS")
+    cards: str | None = doc(
+        "Feature cards (`cltrace features`) giving each feature's maximum activation, for "
+        "values written Nx (default: feature_cards.npz beside the transcoder).", default=None)
     mode: Literal["free", "frozen"] = doc(
         "free: downstream features and attention recompute (errors kept); frozen: patterns, "
         "norms, errors and other features fixed (direct effects, = graph edges; next token "
@@ -211,6 +255,7 @@ class SteerConfig:
         _nonempty(c, "model", self.model)
         _nonempty(c, "transcoder", self.transcoder, optional=True)
         _nonempty(c, "vector", self.vector, optional=True)
+        _nonempty(c, "cards", self.cards, optional=True)
         _nonempty(c, "out", self.out, optional=True)
         _at_least(c, "k", self.k, 1)
         _at_least(c, "max_new_tokens", self.max_new_tokens, 0)
@@ -306,17 +351,20 @@ class LensConfig:
 
 # --- free mode -------------------------------------------------------------------------------------
 def free_logits(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderConfig,
-                tc_params: TranscoderParams, rm: rep.LocalReplacement,
+                tc_params: TranscoderParams, rm: rep.LocalReplacement | None,
                 edits: tuple[FeatureEdit, ...], tokens=None) -> Float[Array, "pos vocab"]:
     """Logits of the free-mode intervened model on `tokens` (default: the prompt of `rm`; longer
-    token sequences start with that prompt)."""
+    token sequences start with that prompt). An SAE needs no replacement model (`rm` None)."""
     tokens = rm.tokens if tokens is None else jnp.asarray(tokens, jnp.int32)
     for e in edits:
         e.check(tc_cfg)
-    # The transcoder spliced in, features live and edited, errors frozen at the prompt and the
-    # model's own MLP beyond it (generation).
     hook = SplicedTranscoder(tc_cfg, errors=True, edits=tuple(edits))
-    hp = (tc_params, rm.mlp_out[:, None], rm.recon[:, None], jnp.arange(tokens.shape[0]))
+    if tc_cfg.is_sae:  # the SAE's error is recomputed on the run: no prompt record (rm unused)
+        hp = tc_params
+    else:
+        # The transcoder spliced in, features live and edited, errors frozen at the prompt and
+        # the model's own MLP beyond it (generation).
+        hp = (tc_params, rm.mlp_out[:, None], rm.recon[:, None], jnp.arange(tokens.shape[0]))
     logits, _ = forward(params, model_cfg, tokens[None], mlp_hook=hook, hook_params=hp)
     return logits[0]
 
@@ -567,5 +615,6 @@ __all__ = [
     "STEER_UNIT", "DirectionConfig", "FeatureEdit", "LensConfig", "SteerConfig", "SteerHook",
     "Steering", "diff_of_means", "edit_spec", "feature_direction", "free_logits",
     "frozen_effects", "frozen_logits", "greedy_continue", "logit_lens", "mean_residual",
-    "parse_edit", "residual_norm", "residual_streams", "steered_logits", "steering_vector",
+    "parse_edit", "residual_norm", "residual_streams", "resolve_multiples", "steered_logits",
+    "steering_vector",
 ]

@@ -35,6 +35,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from clt import transcoder as tcm
+from clt.configs import ConfigError
 from clt.lm.config import ModelConfig
 from clt.lm.model import FREEZABLE, Capture, block, embed, forward, norm
 from clt.lm.params import LMParams
@@ -92,8 +93,19 @@ def build(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderConfig,
     though they are left out of the graph).
     """
     tcm.check_model(tc_cfg, model_cfg)
+    check_transcoder(tc_cfg)
     return _build(params, tc_params, jnp.asarray(tokens, jnp.int32)[None], model_cfg=model_cfg,
                   tc_cfg=tc_cfg)
+
+
+def check_transcoder(tc_cfg: TranscoderConfig) -> None:
+    """Refuse an SAE where a local replacement model is needed (graphs, frozen-mode edits): its
+    features reconstruct the residual stream, they do not stand in for the MLPs."""
+    if tc_cfg.is_sae:
+        raise ConfigError("this is a residual-stream SAE (output_point == input_point): "
+                          "attribution graphs and frozen-mode edits need a transcoder, whose "
+                          "features replace the MLPs; an SAE works with eval, features and "
+                          "steer (free mode, --feature-direction)")
 
 
 @partial(jax.jit, static_argnames=("model_cfg", "tc_cfg"))

@@ -824,6 +824,7 @@ class Tracer:
                 # name.
                 self.ref, self.tc_cfg, self.tc_params = open_transcoder(config.transcoder,
                                                                         self.model.cfg)
+                rep.check_transcoder(self.tc_cfg)  # an SAE: refused before any trace
         if self.model.tokenizer is None:
             raise ConfigError(f"model '{config.model}' has no tokenizer: cannot encode the "
                               "prompt")

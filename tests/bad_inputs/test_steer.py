@@ -9,6 +9,8 @@ model with a tokenizer and a transcoder.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -31,6 +33,8 @@ def files(tmp_path_factory):
     m = load_model(str(d / "tiny"))
     cfg, params = random_transcoder(m.cfg, 16)
     save(d / "tc", cfg, params)
+    sae = cfg.replace(max_reach=1, output_point="resid_mid")
+    save(d / "sae", sae, dataclasses.replace(params, W_dec=tuple(w[:, :1] for w in params.W_dec)))
     D = m.cfg.d_model
     np.save(d / "v.npy", np.ones(D, np.float32))
     np.save(d / "zeros.npy", np.zeros(D, np.float32))
@@ -41,7 +45,7 @@ def files(tmp_path_factory):
     (d / "pos.txt").write_text("w1 w2\nw3 w4 w5\n")
     (d / "neg.txt").write_text("w9 w8\n")
     (d / "empty.txt").write_text("\n  \n")
-    return {"tiny": d / "tiny", "tc": d / "tc", "nomodel": d / "no_such_model",
+    return {"tiny": d / "tiny", "tc": d / "tc", "sae": d / "sae", "nomodel": d / "no_such_model",
             **{name: d / f"{name}.npy" for name in ("v", "zeros", "nan", "v2d", "short", "text")},
             "pos": d / "pos.txt", "neg": d / "neg.txt", "empty": d / "empty.txt"}
 
@@ -74,6 +78,9 @@ CHEAP = [
     Case(steer("--zero", "3"), "cannot parse"),
     Case(steer("--zero", ""), "cannot parse"),
     Case(steer("--set", "3:5@all+=1"), "cannot parse"),
+    Case(steer("--scale", "3:5=2x"), "Nx (N times the feature's max activation) applies to set"),
+    Case(steer("--set", "3:5=x"), "cannot parse"),
+    Case(steer("--set", "3:5=10x", "--cards", "{tmp}/missing.npz"), "--cards"),
     # Edits and steering together: refused, never one of them dropped.
     Case(vec("--zero", "3:5@1"), "cannot be combined"),
     Case(steer("--set", "1:2=1", "--feature-direction", "1:2", "--layer", "1"),
@@ -157,6 +164,10 @@ MODEL = [
     Case(tiny_steer("--set", "7:1=2"), "layer 7 out of range"),
     Case(tiny_steer("--vector", "{short}", "--layer", "1"), "the model needs (64,)"),
     Case(tiny_steer("--feature-direction", "1:99", "--layer", "1"), "feature 99 does not exist"),
+    # Nx values need the feature's card; an SAE has no replacement model to freeze.
+    Case(tiny_steer("--set", "1:2=10x"), "values written Nx need each feature's maximum"),
+    Case(("steer", "w1 w2", "--model", "{tiny}", "--transcoder", "{sae}", "--zero", "1:1",
+          "--mode", "frozen"), "frozen-mode edits need a transcoder"),
     Case(("steer", "w1", "--model", "{tiny}", "--transcoder", "{tmp}/none", "--zero", "1:1"),
          "no transcoder at"),
     Case(("steer", "  ", "--model", "{tiny}", "--transcoder", "{tc}", "--zero", "1:1"),

@@ -62,11 +62,17 @@ PRE_MODEL = [
     _c("--max-reach", "0", message="TranscoderConfig.max_reach must be positive"),
     _c("--activation", "topk", "--k", "64", message="k=64 exceeds n_features=32"),
     _c("--n-features", "many", message="n_features must be an integer"),
+    # --- an SAE reads and reconstructs the residual stream, one dictionary per layer ---
+    _c("--kind", "sae", "--input-point", "mlp_in",
+       message="kind sae reads and reconstructs the residual stream"),
+    _c("--kind", "sae", "--max-reach", "2", message="kind sae has one dictionary per layer"),
+    _c("--kind", "sae", "--skip", message="kind sae has one dictionary per layer and no skip"),
     # --- choices (argparse refuses them) ---
     *[_c(f"--{flag}", v, message="invalid choice")
       for flag, v in (("activation", "gelu"), ("sparse", "maybe"), ("decay", "step"),
                       ("text-errors", "ignore"), ("export-dtype", "int8"),
-                      ("input-point", "mlp_out"), ("decoder-norm", "max"))],
+                      ("input-point", "mlp_out"), ("decoder-norm", "max"),
+                      ("kind", "autoencoder"))],
     _c("--no-such-flag", message="unrecognized arguments"),
     # --- cross-field, text fields, encodings ---
     _c("--batch-tokens", "1000", message="raise round_contexts"),
