@@ -2,10 +2,9 @@
 (`cltrace trace --neurons`) and with the transcoder, side by side (SmolLM2-135M and its bundled
 transcoder by default).
 
-"Circuit Tracing" (Ameisen et al., 2025) measures its transcoder features against the model's
-neurons: a graph over neurons needs more nodes for the same share of the influence, and its nodes
-are harder to read. Here both graphs of each prompt are traced with the same node / edge
-thresholds and the same cap on feature nodes (`--max-feature-nodes`), and compared on:
+"Circuit Tracing" (Ameisen et al., 2025) measures its transcoder features against a baseline of
+the model's own neurons. Here both graphs of each prompt are traced with the same node / edge
+thresholds (and the same cap on feature nodes, when one is given), and compared on:
 
 * nodes after pruning: the feature and error nodes (a neuron graph's error nodes are its "other
   neurons", the units not kept) that `attribution.prune.prune` keeps at `--node-threshold` /
@@ -24,6 +23,8 @@ thresholds and the same cap on feature nodes (`--max-feature-nodes`), and compar
   prompt is among its top examples' tokens; the cards' automatic labels are listed for a reader to
   judge.
 
+Graphs are full by default (`--max-feature-nodes N` caps both: circuit-tracer's greedy choice of
+the N most influential features, which changes N80 and the scores).
 Neurons per layer and position (`--neuron-top-k`): by default as many as the transcoder graph of
 that prompt has active features per layer and position (rounded, at least 1), so both graphs start
 from about as many candidate nodes; the rest of each MLP is folded into its "other neurons" node.
@@ -234,8 +235,10 @@ def write_report(study: Study, results: list[dict], summary: dict, n_contexts: i
     share = f"{a.share:.0%}"
     source = " (from `scripts/bench_prompts.py`)" if not a.prompt else ""
     say(f"{len(results)} prompt{'s' * (len(results) != 1)}{source}, each traced twice with "
-        f"node_threshold {a.node_threshold}, edge_threshold {a.edge_threshold} and at most "
-        f"{a.max_feature_nodes} feature nodes: once with the transcoder, once with the model's "
+        f"node_threshold {a.node_threshold}, edge_threshold {a.edge_threshold} and "
+        + (f"at most {a.max_feature_nodes} feature nodes" if a.max_feature_nodes is not None
+           else "every active feature or unit kept (no cap)")
+        + ": once with the transcoder, once with the model's "
         "MLP neurons (`--neurons`; "
         + (f"{a.neuron_top_k} units" if a.neuron_top_k is not None else
            "as many units as the transcoder graph has active features")
@@ -311,7 +314,9 @@ def main(argv=None) -> Path:
     ap.add_argument("--detail", type=int, default=3, help="Prompts whose top nodes are listed.")
     ap.add_argument("--docs", action="store_true",
                     help="Copy the report and results to docs/cases/.")
-    ap.set_defaults(top=10, max_feature_nodes=2000)
+    # Full graphs by default (no cap on feature nodes): a cap keeps the most influential
+    # features only, which changes N80 and the scores of both graphs.
+    ap.set_defaults(top=10, max_feature_nodes=None)
     s = Study(NAME, ap.parse_args(argv))
     a = s.args
     prompts = a.prompt or default_prompts()[:a.prompts]
