@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -214,26 +215,28 @@ def _run_steer(sc, out: Path | None, raw_vector: np.ndarray | None) -> int:
     return 0
 
 
+# Feature cards are stage 3's artifact (`viewer.features`), whose reader registers here on import
+# (`viewer` imports `attribution`, never the reverse): (transcoder ref, --cards path or None,
+# n_layers, n_features) -> (each feature's maximum activation [layer, feature], source name).
+CardMaxima = Callable[[str, "str | None", int, int], "tuple[np.ndarray, str]"]
+_card_maxima: CardMaxima | None = None
+
+
+def register_card_maxima(reader: CardMaxima) -> None:
+    global _card_maxima
+    _card_maxima = reader
+
+
 def _resolve_multiples(sc, ref: str, tc_cfg, edits: tuple) -> tuple:
     """Edit values written Nx made absolute from the features' cards (maximum activation)."""
     if not any(e.of_max for e in edits):
         return edits
     from attribution.interventions import resolve_multiples
 
-    # The cards file is stage 3's artifact; its reader is the one place that format is known.
-    from viewer.features import FeatureCards, default_path
-
-    path = Path(sc.cards).expanduser() if sc.cards else default_path(ref)
-    if path is None:
-        raise ConfigError(f"values written Nx need the features' cards: transcoder '{ref}' is "
-                          "not a local directory; pass --cards FILE (`cltrace features`)")
-    try:
-        cards = FeatureCards.load(path)
-    except ConfigError as e:
-        raise ConfigError(f"values written Nx need each feature's maximum activation from its "
-                          f"card: {e} (or pass --cards FILE)") from None
-    cards.check(tc_cfg.n_layers, tc_cfg.n_features, "transcoder")
-    return resolve_multiples(edits, cards.arrays["top_act"][..., 0], f"cards {path}")
+    if _card_maxima is None:  # only when this module runs without the `cltrace` command
+        raise ConfigError("values written Nx need the feature cards' reader: run `cltrace steer`")
+    maxima, source = _card_maxima(ref, sc.cards, tc_cfg.n_layers, tc_cfg.n_features)
+    return resolve_multiples(edits, maxima, source)
 
 
 def _check_model_fit(sc, model_cfg) -> None:

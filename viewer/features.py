@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attribution.intervene_cli import register_card_maxima
 from attribution.neurons import is_neuron_config, neuron_factors, neuron_transcoder
 from clt.configs import ConfigError, doc, to_dict
 from clt.lm.model import forward
@@ -509,6 +510,26 @@ def default_path(transcoder: str) -> Path | None:
     except ConfigError:
         return None
     return p / CARDS_FILE if p.is_dir() else None
+
+
+def card_maxima(ref: str, cards: str | None, n_layers: int, n_features: int
+                ) -> tuple[np.ndarray, str]:
+    """Each feature's maximum activation [layer, feature] from its card, for `cltrace steer`'s
+    values written Nx: the cards at `cards`, else those beside the transcoder `ref`."""
+    path = Path(cards).expanduser() if cards else default_path(ref)
+    if path is None:
+        raise ConfigError(f"values written Nx need the features' cards: transcoder '{ref}' is "
+                          "not a local directory; pass --cards FILE (`cltrace features`)")
+    try:
+        loaded = FeatureCards.load(path)
+    except ConfigError as e:
+        raise ConfigError(f"values written Nx need each feature's maximum activation from its "
+                          f"card: {e} (or pass --cards FILE)") from None
+    loaded.check(n_layers, n_features, "transcoder")
+    return loaded.arrays["top_act"][..., 0], f"cards {path}"
+
+
+register_card_maxima(card_maxima)
 
 
 def build(config: FeaturesConfig, progress: bool = False) -> tuple[FeatureCards, Path]:
