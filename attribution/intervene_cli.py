@@ -138,7 +138,13 @@ def _run_steer(sc, out: Path | None, raw_vector: np.ndarray | None) -> int:
         return forward(params, model_cfg, t[None])[0][0]
 
     tc_cfg = tc_params = None
-    if edits or sc.feature_direction:
+    if sc.neurons:
+        from attribution.neurons import neuron_transcoder
+
+        tc_cfg = neuron_transcoder(params, model_cfg)[0]  # layers x units, for the edits' checks
+        for e in edits:
+            e.check(tc_cfg, P)
+    elif edits or sc.feature_direction:
         from attribution.replacement import check_transcoder
         from clt.circuit_tracer_io import open_transcoder
 
@@ -165,6 +171,9 @@ def _run_steer(sc, out: Path | None, raw_vector: np.ndarray | None) -> int:
 
         def intervened(t):
             return iv.steered_logits(params, model_cfg, t, added, sc.layer, 1.0, sc.from_pos)
+    elif sc.neurons:
+        def intervened(t):
+            return iv.neuron_edit_logits(params, model_cfg, edits, t)
     elif sc.mode == "frozen":
         rm, acts = build(params, model_cfg, tc_cfg, tc_params, np.asarray(ids))
         frozen = iv.frozen_logits(params, model_cfg, tc_cfg, tc_params, rm, acts, edits)

@@ -222,6 +222,10 @@ class SteerConfig:
                                "--set).", default=(), repeat=True, metavar="L:F@POS=V")
     zero: tuple[str, ...] = doc("Zero a feature's activation (repeatable).", default=(),
                                 repeat=True, metavar="L:F@POS")
+    neurons: bool = doc(
+        "Edit the model's own MLP neurons instead of transcoder features: L:F is layer L's "
+        "hidden unit F (as `cltrace trace --neurons` names nodes), its activation before the "
+        "down-projection; free mode, no transcoder.", default=False)
     cards: str | None = doc(
         "Feature cards (`cltrace features`) giving each feature's maximum activation, for "
         "values written Nx (default: feature_cards.npz beside the transcoder).", default=None)
@@ -276,6 +280,15 @@ class SteerConfig:
               "--feature-direction) cannot be combined in one run; run them one at a time")
         _need(bool(edits) or steering, "nothing to do: give feature edits (--set/--scale/--add/--zero) "
               "or a direction (--vector / --feature-direction with --layer)")
+        if self.neurons:
+            _need(bool(edits), f"{c}.neurons applies to edits (--set/--scale/--add/--zero); "
+                  "steering directions do not read neurons")
+            _need(self.transcoder is None, f"{c}: --neurons edits the model's own MLP units; "
+                  "drop --transcoder")
+            _need(self.mode == "free", f"{c}: --neurons edits run in free mode (drop --mode "
+                  "frozen; a neuron graph's edges are the frozen effects)")
+            _need(not any(e.of_max for e in edits), f"{c}: values written Nx read a "
+                  "transcoder's feature cards; give neuron edits absolute values")
         if steering:
             _need(self.layer is not None,
                   f"{c}: steering needs --layer (the block after which to add the direction)")
@@ -366,6 +379,37 @@ def free_logits(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderConf
         # the model's own MLP beyond it (generation).
         hp = (tc_params, rm.mlp_out[:, None], rm.recon[:, None], jnp.arange(tokens.shape[0]))
     logits, _ = forward(params, model_cfg, tokens[None], mlp_hook=hook, hook_params=hp)
+    return logits[0]
+
+
+@dataclass(frozen=True)
+class NeuronEditHook(MLPHook):
+    """Free-mode edits of the model's own MLP neurons (`cltrace steer --neurons`): edit
+    (layer, unit) changes that unit's hidden activation (act(gate) * up, or act(up) in a
+    non-gated MLP) before the down-projection; everything after it, a post-MLP norm included,
+    is recomputed. No hook_params."""
+
+    edits: tuple[FeatureEdit, ...]
+
+    def apply(self, hook_params, layer, resid_mid, mlp_in, state, true_mlp):
+        mine = [e for e in self.edits if e.layer == layer]
+        if not mine:
+            return true_mlp(mlp_in), state
+        positions = jnp.arange(mlp_in.shape[-2])
+
+        def edit(hidden):  # [batch, pos, d_mlp]
+            for e in mine:
+                hidden = hidden.at[..., e.feature].set(e.apply(hidden[..., e.feature], positions))
+            return hidden
+
+        return true_mlp(mlp_in, edit), state
+
+
+def neuron_edit_logits(params: LMParams, model_cfg: ModelConfig,
+                       edits: tuple[FeatureEdit, ...], tokens) -> Float[Array, "pos vocab"]:
+    """Logits of the model with its MLP neurons edited (`NeuronEditHook`) on `tokens`."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    logits, _ = forward(params, model_cfg, tokens[None], mlp_hook=NeuronEditHook(tuple(edits)))
     return logits[0]
 
 
@@ -612,9 +656,28 @@ def logit_lens(params: LMParams, model_cfg: ModelConfig, tokens, k: int = 5):
 
 
 __all__ = [
-    "STEER_UNIT", "DirectionConfig", "FeatureEdit", "LensConfig", "SteerConfig", "SteerHook",
-    "Steering", "diff_of_means", "edit_spec", "feature_direction", "free_logits",
-    "frozen_effects", "frozen_logits", "greedy_continue", "logit_lens", "mean_residual",
-    "parse_edit", "residual_norm", "residual_streams", "resolve_multiples", "steered_logits",
+    "STEER_UNIT",
+    "DirectionConfig",
+    "FeatureEdit",
+    "LensConfig",
+    "NeuronEditHook",
+    "SteerConfig",
+    "SteerHook",
+    "Steering",
+    "diff_of_means",
+    "edit_spec",
+    "feature_direction",
+    "free_logits",
+    "frozen_effects",
+    "frozen_logits",
+    "greedy_continue",
+    "logit_lens",
+    "mean_residual",
+    "neuron_edit_logits",
+    "parse_edit",
+    "residual_norm",
+    "residual_streams",
+    "resolve_multiples",
+    "steered_logits",
     "steering_vector",
 ]

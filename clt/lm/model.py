@@ -119,8 +119,10 @@ def activation(name: str, x):
     return jax.nn.relu(x)
 
 
-def mlp(lp: LayerParams, cfg: ModelConfig, h: Float[Array, "*b d_model"]) -> Float[Array, "*b d_model"]:
-    """The MLP of one layer (`lp` holds that layer's weights, no layer axis)."""
+def mlp(lp: LayerParams, cfg: ModelConfig, h: Float[Array, "*b d_model"], edit_hidden=None
+        ) -> Float[Array, "*b d_model"]:
+    """The MLP of one layer (`lp` holds that layer's weights, no layer axis). `edit_hidden`, if
+    given, changes the hidden units [*b, d_mlp] before the down-projection (neuron edits)."""
     up = h @ lp.W_in
     if lp.b_in is not None:
         up = up + lp.b_in
@@ -128,6 +130,8 @@ def mlp(lp: LayerParams, cfg: ModelConfig, h: Float[Array, "*b d_model"]) -> Flo
         hidden = activation(cfg.activation, h @ lp.W_gate) * up
     else:
         hidden = activation(cfg.activation, up)
+    if edit_hidden is not None:
+        hidden = edit_hidden(hidden)
     out = hidden @ lp.W_out
     return out if lp.b_out is None else out + lp.b_out
 
@@ -304,9 +308,9 @@ def _run_layers(params, cfg, x, positions, mask_full, mask_slide, frozen, asked,
     return x, caps, new_cache
 
 
-def _mlp_added(lp: LayerParams, cfg: ModelConfig, h):
+def _mlp_added(lp: LayerParams, cfg: ModelConfig, h, edit_hidden=None):
     """The model's own MLP output as added to the residual (after Gemma's post-norm)."""
-    m = mlp(lp, cfg, h)
+    m = mlp(lp, cfg, h, edit_hidden)
     if cfg.post_mlp_norm:
         m, _ = norm(m, lp.post_mlp_norm_w, None, cfg)
     return m
@@ -323,8 +327,8 @@ class TrueMLP:
     cfg: ModelConfig
     norm_scale: jax.Array | None = None  # frozen mlp_norm_scale of this layer, if any
 
-    def __call__(self, h):
-        return _mlp_added(self.lp, self.cfg, h)
+    def __call__(self, h, edit_hidden=None):
+        return _mlp_added(self.lp, self.cfg, h, edit_hidden)
 
     def of_resid(self, x):
         h, _ = norm(x, self.lp.mlp_norm_w, self.lp.mlp_norm_b, self.cfg, self.norm_scale)
