@@ -34,36 +34,49 @@ TOKEN_BLOCK = 256  # gradient rows of one target layer kept in L2 together
 
 @njit(cache=True)
 @no_type_check
+def _bucket(major, minor, n_major, n_minor):
+    """The entries (token-major) sorted stably by the key (major, minor): ptr [n_major,
+    n_minor + 1] (bucket (a, b) is ptr[a, b] .. ptr[a, b + 1]) and the entry ids in that order."""
+    count = np.zeros((n_major, n_minor), np.int64)
+    for e in range(major.shape[0]):
+        count[major[e], minor[e]] += 1
+    ptr = np.empty((n_major, n_minor + 1), np.int64)
+    c = 0
+    for a in range(n_major):
+        for b in range(n_minor):
+            ptr[a, b] = c
+            c += count[a, b]
+        ptr[a, n_minor] = c
+    fill = ptr[:, :n_minor].copy()
+    order = np.empty(c, np.int64)
+    for e in range(major.shape[0]):
+        order[fill[major[e], minor[e]]] = e
+        fill[major[e], minor[e]] += 1
+    return ptr, order
+
+
+@njit(cache=True)
+@no_type_check
+def _tokens(row_ptr):
+    """The token of every entry (entries of token n: row_ptr[n] .. row_ptr[n + 1])."""
+    n_tok = row_ptr.shape[0] - 1
+    tok = np.empty(row_ptr[n_tok], np.int64)
+    for t in range(n_tok):
+        tok[row_ptr[t]:row_ptr[t + 1]] = t
+    return tok
+
+
+@njit(cache=True)
+@no_type_check
 def _by_block(row_ptr, feat, vals, fb):
     """Entries regrouped by (feature block, token), token order kept within a block: ptr
     [n_blocks, n_tokens + 1] (those of block b and token n are ptr[b, n] .. ptr[b, n + 1]), the
     original entry ids, features and values in that order."""
-    n_tok = row_ptr.shape[0] - 1
-    n_blocks = 0
-    for e in range(row_ptr[n_tok]):
-        n_blocks = max(n_blocks, feat[e] // fb + 1)
-    count = np.zeros((n_blocks, n_tok), np.int64)
-    for t in range(n_tok):
-        for e in range(row_ptr[t], row_ptr[t + 1]):
-            count[feat[e] // fb, t] += 1
-    ptr = np.empty((n_blocks, n_tok + 1), np.int64)
-    c = 0
-    for b in range(n_blocks):
-        for t in range(n_tok):
-            ptr[b, t] = c
-            c += count[b, t]
-        ptr[b, n_tok] = c
-    fill = ptr[:, :n_tok].copy()
-    order = np.empty(c, np.int64)
-    pfeat = np.empty(c, np.int64)
-    pval = np.empty(c, vals.dtype)
-    for t in range(n_tok):
-        for e in range(row_ptr[t], row_ptr[t + 1]):
-            b = feat[e] // fb
-            p = fill[b, t]
-            order[p], pfeat[p], pval[p] = e, feat[e], vals[e]
-            fill[b, t] += 1
-    return ptr, order, pfeat, pval
+    tok = _tokens(row_ptr)
+    f = feat[:tok.shape[0]].astype(np.int64)
+    n_blocks = f.max() // fb + 1 if f.shape[0] else 0
+    ptr, order = _bucket(f // fb, tok, n_blocks, row_ptr.shape[0] - 1)
+    return ptr, order, f[order], vals[order]
 
 
 @njit(cache=True)
@@ -71,28 +84,10 @@ def _by_block(row_ptr, feat, vals, fb):
 def _by_feature(row_ptr, feat, vals, n_features, tb):
     """Entries bucketed by (feature, block of tb tokens), token order kept: ptr [n_features,
     n_token_blocks + 1], then the entries' tokens and values in that order."""
-    n_tok = row_ptr.shape[0] - 1
-    n_tb = (n_tok + tb - 1) // tb
-    count = np.zeros((n_features, n_tb), np.int64)
-    for t in range(n_tok):
-        for e in range(row_ptr[t], row_ptr[t + 1]):
-            count[feat[e], t // tb] += 1
-    ptr = np.empty((n_features, n_tb + 1), np.int64)
-    c = 0
-    for f in range(n_features):
-        for b in range(n_tb):
-            ptr[f, b] = c
-            c += count[f, b]
-        ptr[f, n_tb] = c
-    fill = ptr[:, :n_tb].copy()
-    token = np.empty(c, np.int64)
-    pval = np.empty(c, vals.dtype)
-    for t in range(n_tok):
-        for e in range(row_ptr[t], row_ptr[t + 1]):
-            q = fill[feat[e], t // tb]
-            token[q], pval[q] = t, vals[e]
-            fill[feat[e], t // tb] += 1
-    return ptr, token, pval
+    tok = _tokens(row_ptr)
+    n_tb = (row_ptr.shape[0] - 1 + tb - 1) // tb
+    ptr, order = _bucket(feat[:tok.shape[0]].astype(np.int64), tok // tb, n_features, n_tb)
+    return ptr, tok[order], vals[order]
 
 
 @njit(parallel=True, fastmath=True, cache=True)
