@@ -34,6 +34,8 @@ from clt.lm.model import mlp, norm
 from clt.splice import SplicedTranscoder
 from clt.train import TrainConfig, compile_step, init_state, place_state, train
 from clt.transcoder import Norms, TranscoderConfig, TranscoderParams, load
+from tests.clt.test_train import _metrics
+from tests.clt.test_train import _tc as _train_tc
 from tests.clt.tiny_train import tiny_model, write_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -158,16 +160,8 @@ def test_eval_splice_layers_and_refusals(model):
 
 # --- training -------------------------------------------------------------------------------------
 def _tc(corpus, out, **kw) -> TrainConfig:
-    base = {"model": "tiny", "data": str(corpus), "context_length": 32, "n_features": 64,
-            "steps": 150, "batch_tokens": 256, "round_contexts": 32, "lr": 3e-3,
-            "warmup_steps": 10, "out": str(out), "checkpoint_every": 50, "log_every": 10,
-            "sparsity_coef": 1e-3, "mesh_data": 1, "async_checkpoints": False, "kind": "sae"}
-    base.update(kw)
-    return TrainConfig.make(**base)
-
-
-def _metrics(out) -> list[dict]:
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    """The transcoder tests' tiny training run, as an SAE."""
+    return _train_tc(corpus, out, **{"kind": "sae", **kw})
 
 
 def test_sae_training_lowers_nmse(corpus, model, tmp_path):
