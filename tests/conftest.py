@@ -16,3 +16,15 @@ import jax
 
 # Reference comparisons need true float32 matmuls (TPU/GPU default to lower precision).
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops JAX's compiled programs after each test module. One pytest process compiles
+    thousands of programs; kept all run long, a full-suite run here once crashed inside XLA's
+    compiler (segfault) near its end, while the same test passed alone."""
+    yield
+    jax.clear_caches()
