@@ -19,10 +19,14 @@ import json
 import pickle
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from clt.configs import ConfigError, add_arguments, from_arguments
+
+if TYPE_CHECKING:
+    from clt.transcoder import TranscoderConfig
 
 
 def register(sub) -> None:
@@ -226,8 +230,8 @@ def _run_steer(sc, out: Path | None, raw_vector: np.ndarray | None) -> int:
 
 # Feature cards are stage 3's artifact (`viewer.features`), whose reader registers here on import
 # (`viewer` imports `attribution`, never the reverse): (transcoder ref, --cards path or None,
-# n_layers, n_features) -> (each feature's maximum activation [layer, feature], source name).
-CardMaxima = Callable[[str, "str | None", int, int], "tuple[np.ndarray, str]"]
+# its TranscoderConfig) -> (each feature's maximum activation [dictionary, feature], source name).
+CardMaxima = Callable[[str, "str | None", "TranscoderConfig"], "tuple[np.ndarray, str]"]
 _card_maxima: CardMaxima | None = None
 
 
@@ -244,8 +248,8 @@ def _resolve_multiples(sc, ref: str, tc_cfg, edits: tuple) -> tuple:
 
     if _card_maxima is None:  # only when this module runs without the `cltrace` command
         raise ConfigError("values written Nx need the feature cards' reader: run `cltrace steer`")
-    maxima, source = _card_maxima(ref, sc.cards, tc_cfg.n_layers, tc_cfg.n_features)
-    return resolve_multiples(edits, maxima, source)
+    maxima, source = _card_maxima(ref, sc.cards, tc_cfg)
+    return resolve_multiples(edits, maxima, source, tc_cfg)
 
 
 def _check_model_fit(sc, model_cfg) -> None:

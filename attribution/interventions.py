@@ -70,9 +70,7 @@ class FeatureEdit:
     of_max: bool = False  # value is a multiple of the feature's maximum activation (its card)
 
     def check(self, tc_cfg: TranscoderConfig, n_pos: int | None = None) -> None:
-        if not 0 <= self.layer < tc_cfg.n_layers:
-            raise ConfigError(f"layer {self.layer} out of range: the transcoder has layers "
-                              f"0..{tc_cfg.n_layers - 1}")
+        tc_cfg.layer_index(self.layer)  # a model layer the dictionaries cover
         if not 0 <= self.feature < tc_cfg.n_features:
             raise ConfigError(f"feature {self.feature} does not exist: layer {self.layer} has "
                               f"features 0..{tc_cfg.n_features - 1}")
@@ -153,22 +151,24 @@ def edit_spec(e: FeatureEdit) -> str:
     return f"{e.layer}:{e.feature}@{where}{sym}{e.value!r}{'x' if e.of_max else ''}"
 
 
-def resolve_multiples(edits: tuple[FeatureEdit, ...], max_activation, source: str = "cards"
-                      ) -> tuple[FeatureEdit, ...]:
+def resolve_multiples(edits: tuple[FeatureEdit, ...], max_activation, source: str = "cards",
+                      tc_cfg: TranscoderConfig | None = None) -> tuple[FeatureEdit, ...]:
     """Edits whose value is a multiple of the feature's maximum activation (`Nx`) made absolute:
     value = N x max_activation[layer, feature] (an array [layer, feature], e.g. the top
-    activation of every feature's card). One-line errors for a feature the maxima do not cover
-    or that never fired in them (a maximum of 0 scales to nothing)."""
+    activation of every feature's card; with `tc_cfg`, its rows are that transcoder's
+    dictionaries and an edit's model layer is found among them). One-line errors for a feature
+    the maxima do not cover or that never fired in them (a maximum of 0 scales to nothing)."""
     out = []
     for e in edits:
         if not e.of_max:
             out.append(e)
             continue
         L, F = np.shape(max_activation)
-        if not (0 <= e.layer < L and 0 <= e.feature < F):
+        row = e.layer if tc_cfg is None else tc_cfg.layer_index(e.layer)
+        if not (0 <= row < L and 0 <= e.feature < F):
             raise ConfigError(f"edit {edit_spec(e)}: the {source} cover {L} layers x {F} "
                               f"features; no maximum for feature {e.layer}:{e.feature}")
-        m = float(max_activation[e.layer][e.feature])
+        m = float(max_activation[row][e.feature])
         if not (math.isfinite(m) and m > 0):
             raise ConfigError(f"edit {edit_spec(e)}: feature {e.layer}:{e.feature} never fired "
                               f"in the {source}' scan (maximum {m}); give an absolute value")
@@ -459,10 +459,12 @@ class SteerHook(MLPHook):
 
 def feature_direction(tc_cfg: TranscoderConfig, tc_params: TranscoderParams, layer: int,
                       feature: int, target_layer: int | None = None) -> Float[Array, " d_model"]:
-    """A feature's decoder row into `target_layer` (default: its own layer)."""
+    """A feature's decoder row into `target_layer` (default: its own layer); model layers (an
+    SAE's on some layers: ones it covers)."""
     FeatureEdit(layer, feature, None).check(tc_cfg)
-    return tcm.decoder_to_layer(tc_cfg, tc_params, layer,
-                                layer if target_layer is None else target_layer)[feature]
+    s = tc_cfg.layer_index(layer)
+    t = s if target_layer is None else tc_cfg.layer_index(target_layer)
+    return tcm.decoder_to_layer(tc_cfg, tc_params, s, t)[feature]
 
 
 def _resid_after(params: LMParams, model_cfg: ModelConfig, ids,

@@ -370,11 +370,14 @@ class DataPosition:
         return {"round": self.round, "batch": self.batch, "shares": self.shares}
 
 
-@partial(jax.jit, static_argnames=("cfg", "input_point", "n_layers", "output_point"))
-def _capture(params, cfg, tokens, input_point, n_layers, output_point="mlp_out"):
-    # Only the blocks the transcoder reads: no final norm, no unembedding.
-    cap = activations(params, cfg, tokens, (input_point, output_point), n_layers)
+@partial(jax.jit, static_argnames=("cfg", "input_point", "layers", "output_point"))
+def _capture(params, cfg, tokens, input_point, layers: tuple[int, ...], output_point="mlp_out"):
+    # Only the blocks up to the last layer the transcoder reads: no later block, no final norm,
+    # no unembedding.
+    cap = activations(params, cfg, tokens, (input_point, output_point), layers[-1] + 1)
     x, y = getattr(cap, input_point), getattr(cap, output_point)
+    if layers != tuple(range(len(layers))):  # some layers only (an SAE's `layers`)
+        x, y = x[jnp.asarray(layers)], y[jnp.asarray(layers)]
     # [layer, b, pos, d] -> [b * pos, layer, d]: one training example per token.
     L, B, T, D = x.shape
     return (jnp.moveaxis(x, 0, 2).reshape(B * T, L, D),
@@ -416,9 +419,20 @@ class ActivationStream:
                  round_contexts: int, model_batch: int = 8, seed: int = 0,
                  drop_bos: bool = True, outlier_factor: float = 10.0, dtype=jnp.float32,
                  cache_dir: str | Path | None = None, n_layers: int | None = None,
-                 shares: int = 1, share: int | None = None, output_point: str = "mlp_out"):
+                 shares: int = 1, share: int | None = None, output_point: str = "mlp_out",
+                 layers: tuple[int, ...] | None = None):
         self.model, self.contexts = model, contexts
-        self.n_layers = n_layers or model.cfg.n_layers
+        # The model layers captured, in order: `layers` (an SAE's, `TranscoderConfig.
+        # model_layers`), else the first n_layers (default all); x[:, l] is model layer
+        # layers[l]. The model runs only up to the last of them.
+        from clt.transcoder import check_layers
+
+        self.layers = tuple(layers) if layers else tuple(range(n_layers or model.cfg.n_layers))
+        self.n_layers = len(self.layers)
+        check_layers("layers", self.layers)
+        if self.layers[-1] >= model.cfg.n_layers:
+            raise ConfigError(f"layers {list(self.layers)}: the model has layers 0.."
+                              f"{model.cfg.n_layers - 1}")
         self.input_point, self.batch_tokens = input_point, batch_tokens
         self.output_point = output_point
         self.round_contexts, self.model_batch = round_contexts, model_batch
@@ -495,6 +509,9 @@ class ActivationStream:
         cfg = self.model.cfg
         return {"model": cfg.name, "source": str(self.model.source), "d_model": cfg.d_model, "vocab_size": cfg.vocab_size,
                 "n_layers": self.n_layers, "input_point": self.input_point,
+                # only when not the first n_layers: caches written before SAE layers stay valid
+                **({} if self.layers == tuple(range(self.n_layers)) else
+                   {"layers": list(self.layers)}),
                 # only when not the MLP output: caches written before SAEs stay valid
                 **({} if self.output_point == "mlp_out" else
                    {"output_point": self.output_point}),
@@ -573,7 +590,7 @@ class ActivationStream:
         for i in range(0, len(ctx), self.model_batch):
             x, y = _capture(self.model.params, self.model.cfg,
                             jnp.asarray(ctx[i:i + self.model_batch]), self.input_point,
-                            self.n_layers, self.output_point)
+                            self.layers, self.output_point)
             xs.append(x.astype(self.dtype))
             ys.append(y.astype(self.dtype))
         x, y = jnp.concatenate(xs), jnp.concatenate(ys)

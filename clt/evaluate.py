@@ -15,7 +15,10 @@ own activations, so errors compound through the layers as in "Circuit Tracing" (
 sae) is evaluated the same way: NMSE of its reconstruction of the residual stream it reads, and
 the spliced model with that residual stream replaced by the reconstruction (`clt.splice`).
 `splice_layers` splices only some layers of a per-layer dictionary (one, for an SAE's usual
-per-layer KL). It is compared with the original model on next-token
+per-layer KL). An SAE on some layers only (`TranscoderConfig.layers`) is measured at those:
+per-layer metrics are listed in the order of its dictionaries (`EvalResult.layers` names their
+model layers), and its spliced model replaces those residual streams (or the ones of
+`splice_layers`, model layers it covers). The spliced model is compared with the original model on next-token
 predictions: KL(original || spliced), top-1 agreement, cross-entropy of both and their difference.
 
 Sums over tokens are accumulated exactly across batches (means and centred sums of squares are
@@ -74,7 +77,8 @@ class EvalConfig:
     batch_size: int = doc("Contexts per batch.", default=8)
     splice_layers: tuple[int, ...] = doc(
         "Layers the spliced model replaces (a PLT's MLPs, an SAE's residual streams; the rest "
-        "stay the model's own); empty: every layer. A CLT is spliced whole.", default=())
+        "stay the model's own); empty: every layer (an SAE's: every layer it covers). Model "
+        "layers, which an SAE must cover. A CLT is spliced whole.", default=())
     out: str | None = doc("Write the metrics as JSON here.", default=None)
 
     def __post_init__(self):
@@ -130,8 +134,8 @@ def _batch_sums(params, cfg, tc_params: TranscoderParams, tc_cfg: TranscoderConf
     n = w.sum()
     pending = init_pending(tc_cfg, tc_params, x[0])
     sq_err, mean, m2, active = [], [], [], []
-    for layer in range(tc_cfg.n_layers):
-        acts, recon, pending = layer_step(tc_cfg, tc_params, layer, x[layer], pending)
+    for index, layer in enumerate(tc_cfg.model_layers):  # dictionary index, model layer
+        acts, recon, pending = layer_step(tc_cfg, tc_params, index, x[layer], pending)
         yl = y[layer].astype(jnp.float32)
         sq_err.append(jnp.sum(w * jnp.sum(jnp.square(recon - yl), -1)))
         mu = jnp.sum(w[..., None] * yl, (0, 1)) / jnp.maximum(n, 1.0)
@@ -197,7 +201,8 @@ class EvalResult:
     delta_ce: float  # ce_spliced - ce_original
     n_tokens: int  # tokens in the activation statistics (BOS dropped if asked)
     n_predictions: int  # next-token predictions in KL / top-1 / CE
-    spliced_layers: list[int] | None = None  # the layers spliced (None: all)
+    spliced_layers: list[int] | None = None  # the layers spliced (None: all it covers)
+    layers: list[int] | None = None  # model layers of the per-layer lists (None: 0..L-1)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -211,15 +216,16 @@ class EvalResult:
 
         where = "" if self.spliced_layers is None else \
             f", layers {', '.join(map(str, self.spliced_layers))} spliced"
+        at = "" if self.layers is None else f" (layers {', '.join(map(str, self.layers))})"
         table = Table(title=f"Transcoder evaluation ({self.n_tokens} tokens, "
                             f"{self.n_predictions} predictions{where})")
         table.add_column("metric")
         table.add_column("value", overflow="fold")
         for name, value in (
                 ("NMSE (mean over layers)", f"{self.nmse_mean:.4f}"),
-                ("NMSE per layer", row(self.nmse_per_layer)),
+                ("NMSE per layer" + at, row(self.nmse_per_layer)),
                 ("L0 (total over layers)", f"{self.l0_total:.1f}"),
-                ("L0 per layer", row(self.l0_per_layer)),
+                ("L0 per layer" + at, row(self.l0_per_layer)),
                 ("dead features", f"{self.dead_fraction:.2%}"),
                 ("dense features", f"{self.dense_fraction:.2%}"),
                 ("KL(original || spliced)", f"{self.kl:.4f}"),
@@ -231,7 +237,7 @@ class EvalResult:
         return table
 
 
-def _result(t: _Totals, dense_threshold: float, layers=None) -> EvalResult:
+def _result(t: _Totals, dense_threshold: float, layers=None, covered=None) -> EvalResult:
     n, s = t.n, t.scalars
     # A layer whose MLP output is constant has no variance to explain: NMSE is then undefined.
     nmse = [float(e / v) if v > 0 else float("nan") for e, v in zip(t.sq_err, t.m2)]
@@ -246,7 +252,8 @@ def _result(t: _Totals, dense_threshold: float, layers=None) -> EvalResult:
         kl=float(s["kl"] / npred), top1_agreement=float(s["agree"] / npred),
         ce_original=float(ce_o), ce_spliced=float(ce_s), delta_ce=float(ce_s - ce_o),
         n_tokens=int(n), n_predictions=int(npred),
-        spliced_layers=None if layers is None else list(layers))
+        spliced_layers=None if layers is None else list(layers),
+        layers=None if covered is None else list(covered))
 
 
 def evaluate(model: LoadedModel, tc_cfg: TranscoderConfig, tc_params: TranscoderParams,
@@ -259,7 +266,7 @@ def evaluate(model: LoadedModel, tc_cfg: TranscoderConfig, tc_params: Transcoder
       L0, dead and dense statistics. The spliced model still runs on it, and KL / top-1 / CE
       cover every next-token prediction (positions 0..T-2 predicting 1..T-1).
     dense_threshold: a feature is dense when active on more than this fraction of tokens.
-    splice_layers: splice only these layers (a PLT or SAE; None or empty: all).
+    splice_layers: splice only these model layers (a PLT or SAE; None or empty: all it covers).
     The last batch is padded (padding rows carry weight 0), so one compilation serves all.
     """
     check_model(tc_cfg, model.cfg)
@@ -293,7 +300,7 @@ def evaluate(model: LoadedModel, tc_cfg: TranscoderConfig, tc_params: Transcoder
                                jnp.asarray(rows), jnp.asarray(drop_bos), layers)
             totals.add(jax.device_get(sums))
             bar.advance(task)
-    return _result(totals, dense_threshold, layers)
+    return _result(totals, dense_threshold, layers, tc_cfg.layers or None)
 
 
 __all__ = ["EvalConfig", "EvalResult", "SplicedTranscoder", "evaluate"]

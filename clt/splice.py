@@ -27,6 +27,10 @@ no prompt to freeze it at, and needs none: its layers are independent), so only 
 anything: r = x + (edited recon - recon), exactly the edited features' change in activation
 times their decoder rows; hook_params are then the params alone. `layers` splices only those
 layers (the model's own MLP, or residual, elsewhere): for a per-layer dictionary (PLT, SAE).
+
+Layers are the model's throughout (`layers`, the edits' `layer`, the hook's `layer`); an SAE
+that covers only some (`TranscoderConfig.layers`) is spliced at those, its dictionary found by
+`TranscoderConfig.layer_index`, and leaves the others alone.
 """
 
 from __future__ import annotations
@@ -65,7 +69,10 @@ class SplicedTranscoder(MLPHook):
             raise ConfigError(f"splicing only some layers needs a per-layer dictionary (PLT or "
                               f"SAE); this {self.cfg.kind.upper()}'s features write to later "
                               "layers: splice all of them")
-        bad = [layer for layer in self.layers if not 0 <= layer < self.cfg.n_layers]
+        bad = [layer for layer in self.layers if layer not in self.cfg.model_layers]
+        if bad and self.cfg.layers:
+            raise ConfigError(f"spliced layers {bad} are not covered: this SAE has dictionaries "
+                              f"at model layers {', '.join(map(str, self.cfg.layers))} only")
         if bad:
             raise ConfigError(f"spliced layers {bad} out of range 0..{self.cfg.n_layers - 1}")
 
@@ -78,7 +85,8 @@ class SplicedTranscoder(MLPHook):
         return (pending, pending) if self.edits else pending
 
     def apply(self, hook_params, layer, resid_mid, mlp_in, state, true_mlp):
-        if self.layers is not None and layer not in self.layers:
+        if (self.layers is not None and layer not in self.layers) or \
+                layer not in self.cfg.model_layers:
             return true_mlp(mlp_in), state
         if self.cfg.is_sae:
             return self._apply_sae(hook_params, layer, resid_mid, mlp_in, state, true_mlp)
@@ -106,7 +114,8 @@ class SplicedTranscoder(MLPHook):
         return at_prompt.astype(x.dtype), ((edited, plain) if self.edits else edited)
 
     def _apply_sae(self, tc, layer, x, mlp_in, state, true_mlp):
-        """The residual stream x before this layer's MLP replaced by r (module docstring)."""
+        """The residual stream x before model layer `layer`'s MLP replaced by r (module
+        docstring)."""
         if self.errors and not any(e.layer == layer for e in self.edits):
             return true_mlp(mlp_in), state  # r = x exactly: nothing edited here
         edit = None
@@ -116,9 +125,10 @@ class SplicedTranscoder(MLPHook):
             def edit(acts):
                 return edit_acts(acts, layer, self.edits, positions)
         edited, plain = state if self.edits else (state, None)
-        _, recon, edited = layer_step(self.cfg, tc, layer, x, edited, edit)
+        index = self.cfg.layer_index(layer)  # its dictionary
+        _, recon, edited = layer_step(self.cfg, tc, index, x, edited, edit)
         if self.errors:
-            _, unedited, plain = layer_step(self.cfg, tc, layer, x, plain)
+            _, unedited, plain = layer_step(self.cfg, tc, index, x, plain)
             r = x + (recon - unedited).astype(x.dtype)
         else:
             r = recon.astype(x.dtype)

@@ -259,7 +259,7 @@ def _check_init_from(tc_cfg: TranscoderConfig, train_cfg: TrainConfig) -> None:
                           "config.json is missing")
     old = TranscoderConfig.from_json(path.read_text())
     fields = ("d_model", "n_layers", "n_features", "max_reach", "activation", "skip",
-              "input_point", "output_point")
+              "input_point", "output_point", "layers")
     diff = [f for f in fields if getattr(old, f) != getattr(tc_cfg, f)]
     if diff:
         raise ConfigError(f"init_from {train_cfg.init_from} has a different {', '.join(diff)} "
@@ -672,7 +672,7 @@ def _train(train_cfg: TrainConfig, out: Path, resume: bool, progress: bool, on_s
         round_contexts=train_cfg.round_contexts, model_batch=train_cfg.model_batch,
         seed=train_cfg.seed,
         outlier_factor=train_cfg.outlier_factor, dtype=jnp.dtype(train_cfg.activation_dtype),
-        cache_dir=train_cfg.cache_activations, n_layers=tc_cfg.n_layers,
+        cache_dir=train_cfg.cache_activations, layers=tc_cfg.model_layers,
         shares=shares, share=share)
     _say_layout(stream)
     if main:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Literal, get_args, get_origin
 
 from clt.configs import ConfigError, doc, from_dict, load_config, to_dict
-from clt.transcoder import TranscoderConfig
+from clt.transcoder import TranscoderConfig, check_layers
 
 
 # --- field checks (shared with EvalConfig) --------------------------------------------------------
@@ -143,9 +143,14 @@ class TrainConfig:
     kind: Literal["transcoder", "sae"] = doc(
         "What to train: a transcoder (features read the residual stream or the MLP input and "
         "write MLP outputs; --max-reach 1 a PLT, unset a CLT), or a sparse autoencoder on the "
-        "residual stream before every layer's MLP (input point = output point = resid_mid, one "
-        "dictionary per layer: the transcoder's max_reach 1 and no skip are implied).",
+        "residual stream before every layer's MLP, or those of --layers (input point = output "
+        "point = resid_mid, one dictionary per layer: the transcoder's max_reach 1 and no skip "
+        "are implied).",
         default="transcoder")
+    layers: tuple[int, ...] = doc(
+        "Kind sae: the model layers to train dictionaries at, increasing (e.g. --layers 3 7; "
+        "the model runs only up to the last of them). Empty: every layer. A transcoder covers "
+        "every layer.", default=())
     transcoder: TranscoderConfig = doc(
         "The transcoder to train (its width and depth are the model's). Its fields are given "
         "flat: flags --n-features, --max-reach, --activation, --k, --skip, --input-point, and "
@@ -265,6 +270,14 @@ class TrainConfig:
 
     def _check_kind(self) -> None:
         t, c = self.transcoder, "TrainConfig"
+        if self.layers:
+            check_layers(f"{c}.layers", self.layers)
+        if t.layers:
+            raise ConfigError(f"{c}: give an SAE's layers as {c}.layers (--layers), not inside "
+                              "the transcoder table")
+        if self.kind == "transcoder" and self.layers:
+            raise ConfigError(f"{c}.layers is for --kind sae; a transcoder covers every layer "
+                              "(drop --layers)")
         if self.kind == "transcoder":
             if t.output_point != "mlp_out":
                 raise ConfigError(f"{c}: transcoder.output_point={t.output_point!r} makes an SAE; "
@@ -289,6 +302,10 @@ class TrainConfig:
     def transcoder_config(self, model_cfg) -> TranscoderConfig:
         """The dictionary this run trains on `model_cfg`'s model: `transcoder`, made an SAE by
         `kind` (the one place `kind` turns into architecture)."""
+        if self.layers and self.layers[-1] >= model_cfg.n_layers:
+            raise ConfigError(f"TrainConfig.layers {list(self.layers)}: model "
+                              f"'{model_cfg.name}' has layers 0..{model_cfg.n_layers - 1}; "
+                              "choose layers below it")
         return self.architecture().for_model(model_cfg)
 
     def architecture(self) -> TranscoderConfig:
@@ -296,7 +313,7 @@ class TrainConfig:
         reads, one dictionary per layer)."""
         if self.kind == "sae":
             return self.transcoder.replace(output_point=self.transcoder.input_point,
-                                           max_reach=1)
+                                           max_reach=1, layers=self.layers)
         return self.transcoder
 
 

@@ -16,6 +16,7 @@ activations; training works in a normalised space and folds the constants in (`f
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import typing
 from dataclasses import dataclass
@@ -41,8 +42,9 @@ class TranscoderConfig:
 
     d_model: int = doc("Width of the model's residual stream (input and output width); 0 in a "
                        "training config: the model's (`for_model`).", default=0)
-    n_layers: int = doc("Number of model layers the transcoder covers (all of them); 0 in a "
-                        "training config: the model's.", default=0)
+    n_layers: int = doc("Number of layers of dictionaries: the model's layers (all of them), or "
+                        "an SAE's `layers` when it covers only some; 0 in a training config: "
+                        "the model's.", default=0)
     n_features: int = doc("Features per layer.", default=2048)
     max_reach: int | None = doc(
         "How many layers a feature writes to, starting at its own: 1 is a per-layer transcoder "
@@ -63,6 +65,10 @@ class TranscoderConfig:
         "autoencoder, input point = output point).", default="mlp_out")
     model_name: str = doc("The model this transcoder was trained on (informational).",
                           default="")
+    layers: tuple[int, ...] = doc(
+        "The model layers an SAE's dictionaries cover, increasing: dictionary l reads and "
+        "rebuilds the residual stream before model layer layers[l]'s MLP. Empty: every layer, "
+        "dictionary l at model layer l (a transcoder always).", default=())
     schema_version: int = doc("Version of this config's JSON layout.", default=1)
 
     def __post_init__(self):
@@ -89,6 +95,18 @@ class TranscoderConfig:
                     "an SAE (output_point == input_point) has one dictionary per layer and no "
                     f"skip: max_reach must be 1 and skip false, got max_reach={self.max_reach}, "
                     f"skip={self.skip}")
+        if not isinstance(self.layers, tuple):
+            raise ConfigError(f"TranscoderConfig.layers must be a tuple of model layer indices, "
+                              f"got {self.layers!r}")
+        if self.layers:
+            check_layers("TranscoderConfig.layers", self.layers)
+            if not self.is_sae:
+                raise ConfigError("TranscoderConfig.layers is for an SAE (output_point == "
+                                  "input_point); a transcoder covers every layer")
+            if self.n_layers not in (0, len(self.layers)):
+                raise ConfigError(f"TranscoderConfig.n_layers must be len(layers) = "
+                                  f"{len(self.layers)} (one dictionary per layer listed), got "
+                                  f"{self.n_layers}")
 
     @property
     def is_sae(self) -> bool:
@@ -101,9 +119,32 @@ class TranscoderConfig:
         return "sae" if self.is_sae else "plt" if self.max_reach == 1 else "clt"
 
     def for_model(self, model_cfg) -> TranscoderConfig:
-        """This architecture on `model_cfg`'s model: its width, depth and name."""
-        return dataclasses.replace(self, d_model=model_cfg.d_model, n_layers=model_cfg.n_layers,
+        """This architecture on `model_cfg`'s model: its width, depth (or the number of its
+        `layers`) and name."""
+        return dataclasses.replace(self, d_model=model_cfg.d_model,
+                                   n_layers=len(self.layers) or model_cfg.n_layers,
                                    model_name=model_cfg.name)
+
+    # The map between dictionary indices (the params' layer axis) and model layers lives here
+    # and only here: `model_layers` one way, `layer_index` the other.
+    @property
+    def model_layers(self) -> tuple[int, ...]:
+        """The model layer of every dictionary: model_layers[l] is where dictionary l reads
+        (and, for an SAE, rebuilds)."""
+        return self.layers or tuple(range(self.n_layers))
+
+    def layer_index(self, layer: int) -> int:
+        """The dictionary index of model layer `layer`; a one-line ConfigError when no
+        dictionary covers it."""
+        if not self.layers:
+            if not 0 <= layer < self.n_layers:
+                raise ConfigError(f"layer {layer} out of range: the transcoder has layers "
+                                  f"0..{self.n_layers - 1}")
+            return layer
+        if layer not in self.layers:
+            raise ConfigError(f"layer {layer} is not covered: this SAE has dictionaries at "
+                              f"model layers {', '.join(map(str, self.layers))} only")
+        return self.layers.index(layer)
 
     def read(self, resid_mid, mlp_in):
         """What the features read, of the two activations they may read (`input_point`): the
@@ -214,8 +255,25 @@ def check_params(cfg: TranscoderConfig, params: TranscoderParams, source: str = 
         raise ConfigError(f"{source}: W_skip presence disagrees with the config (skip={cfg.skip})")
 
 
+def check_layers(name: str, layers: tuple[int, ...]) -> None:
+    """`layers` names model layers, each once, in increasing order (one-line ConfigError naming
+    the field `name`)."""
+    ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in layers)
+    if not ok or any(b <= a for a, b in itertools.pairwise(layers)):
+        raise ConfigError(f"{name} must be model layer indices >= 0, each once, in increasing "
+                          f"order (e.g. 3 7), got {list(layers)}")
+
+
 def check_model(cfg: TranscoderConfig, model_cfg) -> None:
     """Refuse a transcoder built for a different model, with a message naming the mismatch."""
+    if cfg.layers:  # an SAE on some layers: they must exist in this model
+        if cfg.d_model != model_cfg.d_model or cfg.layers[-1] >= model_cfg.n_layers:
+            raise ConfigError(
+                f"transcoder/model mismatch: the SAE has d_model={cfg.d_model} and covers "
+                f"model layers {', '.join(map(str, cfg.layers))} but model '{model_cfg.name}' "
+                f"has d_model={model_cfg.d_model}, layers 0..{model_cfg.n_layers - 1}; use an "
+                "SAE trained for this model")
+        return
     if cfg.d_model != model_cfg.d_model or cfg.n_layers != model_cfg.n_layers:
         raise ConfigError(
             f"transcoder/model mismatch: transcoder has d_model={cfg.d_model}, "
@@ -603,7 +661,8 @@ def load(path: str | Path, dtype=jnp.float32) -> tuple[TranscoderConfig, Transco
 __all__ = [
     "Norms", "TranscoderConfig", "TranscoderParams", "activate", "add_bias_and_skip",
     "batchtopk_mask", "kth_largest",
-    "check_model", "check_params", "decode", "decoder_norms", "decoder_to_layer", "decoder_writes",
+    "check_layers", "check_model", "check_params", "decode", "decoder_norms", "decoder_to_layer",
+    "decoder_writes",
     "encode",
     "encode_pre", "fold_norms", "forward", "init_params", "init_pending", "jumprelu",
     "layer_step", "load", "param_shapes", "unfold_norms",

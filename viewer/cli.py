@@ -85,7 +85,9 @@ def _features(args) -> int:
         raise ConfigError(f"--explain-graph {config.explain_graph}: no such graph file")
     cards, path = build(config, progress=not args.no_progress)
     m = cards.meta
-    print(f"feature cards: {path} ({path.stat().st_size / 2**20:.1f} MB): {m['n_layers']} layers "
+    where = f"{m['n_layers']} layers" if list(cards.layers) == list(range(cards.n_layers)) \
+        else f"layers {', '.join(map(str, cards.layers))}"
+    print(f"feature cards: {path} ({path.stat().st_size / 2**20:.1f} MB): {where} "
           f"x {m['n_features']} features from {m['n_tokens']} tokens in {m['n_contexts']} "
           f"contexts ({m['seconds']:.1f}s)")
     return 0

@@ -60,10 +60,11 @@ def _next_tokens(params, tokens, n, hook_params, *, cfg, hook):
 
 
 def directions(tc_cfg: TranscoderConfig, tc_params: TranscoderParams, layers, features):
-    """Unit-normed total decoder writes of the given features: [n, d_model] float32."""
+    """Unit-normed total decoder writes of the given features (model layers): [n, d_model]
+    float32."""
     out = []
     for s, f in zip(layers, features):
-        d = np.asarray(tc_params.W_dec[int(s)][int(f)], np.float32).sum(axis=0)
+        d = np.asarray(tc_params.W_dec[tc_cfg.layer_index(int(s))][int(f)], np.float32).sum(0)
         out.append(d / max(float(np.linalg.norm(d)), 1e-12))
     return np.stack(out) if out else np.zeros((0, tc_cfg.d_model), np.float32)
 

@@ -21,7 +21,10 @@ its negative side is not shown), its density the share of tokens where it is > 0
 tokens its W_out row's (the decoder of `neuron_transcoder`).
 
 Cards are stored in one compressed `.npz` (`feature_cards.npz`, next to the transcoder): arrays
-plus a JSON header with a schema version; no pickles. Windows of activations are stored as uint8
+plus a JSON header with a schema version; no pickles. Arrays are [dictionary, feature, ...]; a
+card is asked for by model layer (`FeatureCards.card(layer, feature)`), which for an SAE on some
+layers only (`TranscoderConfig.layers`, recorded in the header) is found by its
+`TranscoderConfig.layer_index`. Windows of activations are stored as uint8
 fractions of the feature's maximum; contexts are stored once and referenced.
 """
 
@@ -179,6 +182,8 @@ def _scan_step(params, tc_params, tokens, valid, state, key, ctx_base, *, cfg, t
     post = ("post_mlp_norm_scale",) if neurons and cfg.post_mlp_norm else ()
     _, cap = forward(params, cfg, tokens, capture=(tc_cfg.input_point,) + post)
     x = getattr(cap, tc_cfg.input_point)  # [layer, batch, pos, d_model]
+    if tc_cfg.layers:  # an SAE on some layers: theirs, in the order of its dictionaries
+        x = x[jnp.asarray(tc_cfg.layers)]
     B, T = tokens.shape
     if neurons:  # the MLP's hidden units themselves: [layer, batch, pos, d_mlp]
         x = _neuron_acts(params, cfg, x, cap.post_mlp_norm_scale if post else None)
@@ -213,8 +218,10 @@ def _scan_step(params, tc_params, tokens, valid, state, key, ctx_base, *, cfg, t
         new["count"] = old["count"] + (flat > 0).sum(axis=1, dtype=jnp.int32)
         return None, {name: new[name] for name in old}
 
+    # Each layer's samples drawn with a key of its model layer: an SAE on some layers samples
+    # as the all-layer one does there.
     xs = (x, tc_params.W_enc, tc_params.b_enc, tc_params.log_threshold, state,
-          jnp.arange(tc_cfg.n_layers))
+          jnp.asarray(tc_cfg.model_layers))
     return jax.lax.scan(one_layer, None, xs)[1]
 
 
@@ -333,7 +340,8 @@ def _assemble(state, outputs, contexts, model, tc_cfg, config, n_tokens, before,
     strings = tok.token_strings(ids) if tok is not None else [str(i) for i in ids]
     arrays["vocab_ids"] = ids.astype(np.int32)
     meta = {"kind": "feature_cards", "schema_version": CARDS_SCHEMA_VERSION,
-            "n_layers": tc_cfg.n_layers, "n_features": tc_cfg.n_features,
+            "n_layers": tc_cfg.n_layers, "layers": list(tc_cfg.model_layers),
+            "n_features": tc_cfg.n_features,
             "d_model": tc_cfg.d_model, "model": model.cfg.name, "config": to_dict(config),
             "transcoder_config": to_dict(tc_cfg), "n_tokens": int(n_tokens),
             "n_contexts": len(contexts), "window_before": before,
@@ -356,6 +364,26 @@ class FeatureCards:
     @property
     def n_features(self) -> int:
         return int(self.meta["n_features"])
+
+    @functools.cached_property
+    def transcoder_config(self) -> TranscoderConfig:
+        """The config of the transcoder the cards are for (its model layers: `row`)."""
+        from clt.configs import from_dict
+
+        got = self.meta.get("transcoder_config")
+        if not isinstance(got, dict):  # not recorded: every layer of a transcoder
+            return TranscoderConfig(d_model=int(self.meta.get("d_model", 1)),
+                                    n_layers=self.n_layers, n_features=self.n_features)
+        return from_dict(TranscoderConfig, got)
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The model layer of every row of the arrays."""
+        return self.transcoder_config.model_layers
+
+    def row(self, layer: int) -> int:
+        """The arrays' row of model layer `layer` (one-line ConfigError if not covered)."""
+        return self.transcoder_config.layer_index(layer)
 
     def save(self, path: str | Path) -> Path:
         from clt.io import atomic_write
@@ -392,15 +420,22 @@ class FeatureCards:
                               "re-run `cltrace features`")
         return cls(meta, arrays)
 
-    def check(self, n_layers: int, n_features: int | None, source: str = "graph") -> None:
-        """Refuse cards of another transcoder shape (feature indices would mean other features)."""
+    def check(self, n_layers: int, n_features: int | None, source: str = "graph",
+              layers: tuple[int, ...] | None = None) -> None:
+        """Refuse cards of another transcoder shape (feature indices would mean other features);
+        `layers`: the model layers the transcoder's dictionaries cover, when known."""
         if n_layers != self.n_layers or (n_features is not None and n_features
                                          != self.n_features):
             raise ConfigError(f"feature cards are for {self.n_layers} layers x "
                               f"{self.n_features} features but the {source} has {n_layers} "
                               f"layers x {n_features} features; build cards for its transcoder")
+        if layers is not None and tuple(layers) != self.layers:
+            raise ConfigError(f"feature cards are for model layers "
+                              f"{', '.join(map(str, self.layers))} but the {source} covers "
+                              f"{', '.join(map(str, layers))}; build cards for its transcoder")
 
     def _examples(self, p: str, layer: int, feature: int, T: int) -> list:
+        """Examples of feature `feature` of array row `layer`."""
         a = self.arrays
         W = a[f"{p}_win"].shape[-1]
         before = int(self.meta["window_before"])
@@ -418,17 +453,19 @@ class FeatureCards:
     def card(self, layer: int, feature: int, label: str = "") -> dict:
         """One feature's card for the page: label, density, max activation, output tokens
         [[id, value], ...], top and sampled examples [[act, token ids, uint8 acts, index of
-        the activating token], ...]. Token ids resolve through `vocab()`."""
+        the activating token], ...]. Token ids resolve through `vocab()`. `layer` is a model
+        layer (`row`)."""
         a = self.arrays
         T = a["contexts"].shape[1] if len(a["contexts"]) else 0
-        card = {"d": round(float(a["density"][layer, feature]), 6),
-                "max": round(float(a["top_act"][layer, feature, 0]), 4),
+        r = self.row(layer)
+        card = {"d": round(float(a["density"][r, feature]), 6),
+                "max": round(float(a["top_act"][r, feature, 0]), 4),
                 "pos": [[int(t), round(float(v), 3)] for t, v in
-                        zip(a["out_pos_tok"][layer, feature], a["out_pos_val"][layer, feature])],
+                        zip(a["out_pos_tok"][r, feature], a["out_pos_val"][r, feature])],
                 "neg": [[int(t), round(float(v), 3)] for t, v in
-                        zip(a["out_neg_tok"][layer, feature], a["out_neg_val"][layer, feature])],
-                "top": self._examples("top", layer, feature, T),
-                "smp": self._examples("smp", layer, feature, T)}
+                        zip(a["out_neg_tok"][r, feature], a["out_neg_val"][r, feature])],
+                "top": self._examples("top", r, feature, T),
+                "smp": self._examples("smp", r, feature, T)}
         card["auto"] = self.auto_label(card)
         card["label"] = label or card["auto"]
         said = self.meta.get("explanations", {}).get(f"{layer}_{feature}")
@@ -512,10 +549,11 @@ def default_path(transcoder: str) -> Path | None:
     return p / CARDS_FILE if p.is_dir() else None
 
 
-def card_maxima(ref: str, cards: str | None, n_layers: int, n_features: int
+def card_maxima(ref: str, cards: str | None, tc_cfg: TranscoderConfig
                 ) -> tuple[np.ndarray, str]:
-    """Each feature's maximum activation [layer, feature] from its card, for `cltrace steer`'s
-    values written Nx: the cards at `cards`, else those beside the transcoder `ref`."""
+    """Each feature's maximum activation [dictionary, feature] from its card, for `cltrace
+    steer`'s values written Nx: the cards at `cards`, else those beside the transcoder `ref`
+    (`tc_cfg`: its config; the cards must be of its shape and model layers)."""
     path = Path(cards).expanduser() if cards else default_path(ref)
     if path is None:
         raise ConfigError(f"values written Nx need the features' cards: transcoder '{ref}' is "
@@ -525,7 +563,7 @@ def card_maxima(ref: str, cards: str | None, n_layers: int, n_features: int
     except ConfigError as e:
         raise ConfigError(f"values written Nx need each feature's maximum activation from its "
                           f"card: {e} (or pass --cards FILE)") from None
-    loaded.check(n_layers, n_features, "transcoder")
+    loaded.check(tc_cfg.n_layers, tc_cfg.n_features, "transcoder", tc_cfg.model_layers)
     return loaded.arrays["top_act"][..., 0], f"cards {path}"
 
 
@@ -570,7 +608,8 @@ def build(config: FeaturesConfig, progress: bool = False) -> tuple[FeatureCards,
 
 
 def _to_explain(config: FeaturesConfig, tc_cfg: TranscoderConfig) -> list[tuple[int, int]]:
-    """(layer, feature) to explain: a graph's pruned features by influence, then random ones."""
+    """(model layer, feature) to explain: a graph's pruned features by influence, then random
+    ones."""
     out: list[tuple[int, int]] = []
     if config.explain_graph:
         from attribution.graph import Graph
@@ -589,7 +628,7 @@ def _to_explain(config: FeaturesConfig, tc_cfg: TranscoderConfig) -> list[tuple[
     for flat in rng.permutation(total):
         if len(out) >= min(config.explain_max, total):
             break
-        key = (int(flat // tc_cfg.n_features), int(flat % tc_cfg.n_features))
+        key = (tc_cfg.model_layers[flat // tc_cfg.n_features], int(flat % tc_cfg.n_features))
         if key not in out:
             out.append(key)
     return out[:config.explain_max]

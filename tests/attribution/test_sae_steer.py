@@ -9,6 +9,9 @@ References (float32, `highest` matmul precision from conftest; atol 1e-4 on logi
 - `--feature-direction L:F` with an SAE steers along W_dec[L][F]: alpha x that row added to the
   residual after block L, against the truncated model run on the shifted residual.
 - `--set L:F=10x`: the value is 10 x the feature's maximum activation on its card, end to end.
+- An SAE on model layers 0 and 2 only: edits, directions, Nx values and feature cards at a model
+  layer equal those of the all-layer SAE with the same dictionaries at that layer (logits atol
+  1e-6; cards identical); layer 1 is refused in one line.
 """
 
 from __future__ import annotations
@@ -164,4 +167,92 @@ def test_steer_set_10x_the_card_maximum_end_to_end(tiny, tmp_path, capsys):
     p = np.asarray(jax.nn.softmax(logits))
     best = int(np.argmax(p))
     assert r["top_after"][0][1] == pytest.approx(float(p[best]), abs=1e-5)
+    capsys.readouterr()
+
+
+# --- an SAE on some layers: edits, directions and cards address model layers ----------------------
+SOME = (0, 2)  # model layers of the 3-layer tiny Gemma-2; layer 1 is not covered
+UNCOVERED = "layer 1 is not covered: this SAE has dictionaries at model layers 0, 2 only"
+
+
+@pytest.fixture(scope="module")
+def some(tiny):
+    """The fixture's SAE cut down to layers 0 and 2 (its dictionaries 0 and 1): the reference
+    for each is the all-layer SAE at the same model layer."""
+    from tests.clt.test_sae import _restricted
+
+    _, _, cfg, params = tiny
+    return _restricted(cfg, params, SOME)
+
+
+def test_sae_on_some_layers_edits_and_directions_address_model_layers(tiny, some):
+    _, m, cfg, params = tiny
+    sub, sp = some
+    toks = _tokens(m)
+    edits = (iv.FeatureEdit(2, 5, None, "set", 4.0), iv.FeatureEdit(0, 3, 2, "add", 1.5))
+    got = iv.free_logits(m.params, m.cfg, sub, sp, None, edits, tokens=toks)
+    ref = iv.free_logits(m.params, m.cfg, cfg, params, None, edits, tokens=toks)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
+    plain, _ = forward(m.params, m.cfg, toks[None])
+    assert float(jnp.abs(plain[0] - got).max()) > 1e-3  # the edits matter
+    np.testing.assert_array_equal(iv.feature_direction(sub, sp, 2, 5), params.W_dec[2][5, 0])
+    # Nx values: the maxima's rows are the SAE's dictionaries.
+    maxima = np.arange(2 * 16, dtype=np.float64).reshape(2, 16) + 1.0
+    e = iv.FeatureEdit(2, 3, None, "set", 10.0, of_max=True)
+    assert iv.resolve_multiples((e,), maxima, tc_cfg=sub)[0].value == 10.0 * maxima[1, 3]
+    for refused in (lambda: iv.FeatureEdit(1, 0, None).check(sub),
+                    lambda: iv.feature_direction(sub, sp, 1, 0),
+                    lambda: iv.free_logits(m.params, m.cfg, sub, sp, None,
+                                           (iv.FeatureEdit(1, 0, None, "set", 1.0),), toks)):
+        with pytest.raises(ConfigError, match=UNCOVERED):
+            refused()
+
+
+def test_cards_of_an_sae_on_some_layers_are_by_model_layer(tiny, some, tmp_path, capsys):
+    from clt.data import open_contexts
+    from tests.clt.test_sae import _restricted
+    from viewer.explain import directions
+    from viewer.features import CARDS_FILE, FeatureCards, FeaturesConfig, card_maxima, scan
+
+    d, m, cfg, params = tiny
+    sub, sp = some
+    corpus = write_corpus(tmp_path / "c.txt", n_docs=30)
+    ctx = open_contexts(str(corpus), m.tokenizer, 16, cache_dir=tmp_path).take(0, 8)
+    config = FeaturesConfig(transcoder="x", n_contexts=8, context_length=16, batch_size=8,
+                            top_k=2, n_samples=1, window=4, n_output_tokens=2)
+    full = scan(m, cfg, params, ctx, config)
+    part = scan(m, sub, sp, ctx, config)
+    assert part.layers == SOME and part.meta["layers"] == [0, 2] and part.n_layers == 2
+    for layer in SOME:
+        for f in range(16):
+            assert part.card(layer, f) == full.card(layer, f), (layer, f)
+    with pytest.raises(ConfigError, match=UNCOVERED):
+        part.card(1, 0)
+    save(tmp_path / "sae", sub, sp)
+    path = part.save(tmp_path / "sae" / CARDS_FILE)
+    assert FeatureCards.load(path).card(2, 7) == part.card(2, 7)
+    maxima, _ = card_maxima(str(tmp_path / "sae"), None, sub)
+    np.testing.assert_array_equal(maxima, full.arrays["top_act"][[0, 2], :, 0])
+    full.save(tmp_path / "full.npz")
+    with pytest.raises(ConfigError, match="cards are for 3 layers x 16 features but the "
+                       "transcoder has 2 layers"):
+        card_maxima("x", str(tmp_path / "full.npz"), sub)
+    other, op = _restricted(cfg, params, (0, 1))
+    scan(m, other, op, ctx, config).save(tmp_path / "other.npz")
+    with pytest.raises(ConfigError, match="cards are for model layers 0, 1 but the transcoder "
+                       "covers 0, 2"):
+        card_maxima("x", str(tmp_path / "other.npz"), sub)
+    # Self-explanations read the directions of model layers too.
+    np.testing.assert_array_equal(directions(sub, sp, [2, 0], [5, 1]),
+                                  directions(cfg, params, [2, 0], [5, 1]))
+    # End to end: --set 2:F=10x is 10 x the card's maximum of model layer 2's feature F.
+    f = int(np.argmax(part.arrays["top_act"][1, :, 0]))
+    top = float(part.arrays["top_act"][1, f, 0])
+    assert top > 0
+    out = tmp_path / "r.json"
+    assert main(["steer", "w1 w2 w3", "--model", str(d), "--transcoder", str(tmp_path / "sae"),
+                 "--set", f"2:{f}=10x", "--max-new-tokens", "1", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["edits"][0]["layer"] == 2
+    assert r["edits"][0]["value"] == pytest.approx(10 * top, rel=1e-6)
     capsys.readouterr()

@@ -52,6 +52,10 @@ PRE_MODEL = [
     _c("--transcoder", "{file}", message="is a file"),
     _c("--transcoder", "{dir}", message="holds no transcoder"),
     _c("--no-such-flag", message="unrecognized arguments"),
+    # An SAE on layers 0 and 2 splices only layers it covers.
+    Case(("eval", "--transcoder", "{sae}", "--model", "{model}", "--data", "{corpus}",
+          "--splice-layers", "1"), "spliced layers [1] are not covered: this SAE has "
+         "dictionaries at model layers 0, 2 only"),
 ]
 
 AFTER_MODEL = [
@@ -73,15 +77,29 @@ def transcoder(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def sae(tmp_path_factory):
+    """An SAE on model layers 0 and 2."""
+    import jax
+
+    from clt.transcoder import TranscoderConfig, init_params, save
+
+    cfg = TranscoderConfig(d_model=64, n_layers=2, n_features=16, model_name="tiny", max_reach=1,
+                           output_point="resid_mid", layers=(0, 2))
+    d = tmp_path_factory.mktemp("sae") / "sae"
+    save(d, cfg, init_params(cfg, jax.random.key(0)))
+    return d
+
+
 @pytest.mark.parametrize("case", PRE_MODEL, ids=str)
 def test_eval_refuses_before_loading_the_model(
-        case, tmp_path, capsys, inputs, transcoder, caches, monkeypatch):
+        case, tmp_path, capsys, inputs, transcoder, sae, caches, monkeypatch):
     def no_model(*a, **k):
         raise AssertionError("the model was loaded before the input was refused")
 
     monkeypatch.setattr("clt.lm.loading.load_model", no_model)
     run_case(case, tmp_path, capsys, model="tiny-model-never-loaded", transcoder=transcoder,
-             **inputs)
+             sae=sae, **inputs)
 
 
 @pytest.mark.parametrize("case", AFTER_MODEL, ids=str)

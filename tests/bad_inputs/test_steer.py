@@ -35,6 +35,12 @@ def files(tmp_path_factory):
     save(d / "tc", cfg, params)
     sae = cfg.replace(max_reach=1, output_point="resid_mid")
     save(d / "sae", sae, dataclasses.replace(params, W_dec=tuple(w[:, :1] for w in params.W_dec)))
+    keep = (0, 2)  # an SAE on model layers 0 and 2
+    idx = np.asarray(keep)
+    save(d / "sae02", sae.replace(n_layers=2, layers=keep), dataclasses.replace(
+        params, W_enc=params.W_enc[idx], b_enc=params.b_enc[idx],
+        log_threshold=params.log_threshold[idx], b_dec=params.b_dec[idx],
+        W_dec=tuple(params.W_dec[i][:, :1] for i in keep)))
     D = m.cfg.d_model
     np.save(d / "v.npy", np.ones(D, np.float32))
     np.save(d / "zeros.npy", np.zeros(D, np.float32))
@@ -45,7 +51,8 @@ def files(tmp_path_factory):
     (d / "pos.txt").write_text("w1 w2\nw3 w4 w5\n")
     (d / "neg.txt").write_text("w9 w8\n")
     (d / "empty.txt").write_text("\n  \n")
-    return {"tiny": d / "tiny", "tc": d / "tc", "sae": d / "sae", "nomodel": d / "no_such_model",
+    return {"tiny": d / "tiny", "tc": d / "tc", "sae": d / "sae", "sae02": d / "sae02",
+            "nomodel": d / "no_such_model",
             **{name: d / f"{name}.npy" for name in ("v", "zeros", "nan", "v2d", "short", "text")},
             "pos": d / "pos.txt", "neg": d / "neg.txt", "empty": d / "empty.txt"}
 
@@ -168,6 +175,11 @@ MODEL = [
     Case(tiny_steer("--set", "1:2=10x"), "values written Nx need each feature's maximum"),
     Case(("steer", "w1 w2", "--model", "{tiny}", "--transcoder", "{sae}", "--zero", "1:1",
           "--mode", "frozen"), "frozen-mode edits need a transcoder"),
+    # An SAE on model layers 0 and 2: edits and directions name layers it covers.
+    *[Case(("steer", "w1 w2", "--model", "{tiny}", "--transcoder", "{sae02}", *args),
+           "layer 1 is not covered: this SAE has dictionaries at model layers 0, 2 only")
+      for args in (("--set", "1:1=2"), ("--zero", "1:3@1"), ("--set", "1:2=10x"),
+                   ("--feature-direction", "1:1", "--layer", "1"))],
     Case(("steer", "w1", "--model", "{tiny}", "--transcoder", "{tmp}/none", "--zero", "1:1"),
          "no transcoder at"),
     Case(("steer", "  ", "--model", "{tiny}", "--transcoder", "{tc}", "--zero", "1:1"),

@@ -67,6 +67,12 @@ PRE_MODEL = [
        message="kind sae reads and reconstructs the residual stream"),
     _c("--kind", "sae", "--max-reach", "2", message="kind sae has one dictionary per layer"),
     _c("--kind", "sae", "--skip", message="kind sae has one dictionary per layer and no skip"),
+    # --- --layers: an SAE's, model layers each once in increasing order ---
+    _c("--layers", "1", message="TrainConfig.layers is for --kind sae; a transcoder covers every "
+       "layer (drop --layers)"),
+    *[_c("--kind", "sae", "--layers", *v, message="TrainConfig.layers must be model layer indices "
+         ">= 0, each once, in increasing order") for v in (("2", "1"), ("1", "1"), ("-1",))],
+    _c("--kind", "sae", "--layers", "1,2", message="TrainConfig.layers must be an integer"),
     # --- choices (argparse refuses them) ---
     *[_c(f"--{flag}", v, message="invalid choice")
       for flag, v in (("activation", "gelu"), ("sparse", "maybe"), ("decay", "step"),
@@ -125,6 +131,8 @@ AFTER_MODEL = [  # refused once the model is known (the lock and run directory a
     _c("--context-length", "80",
        message="TrainConfig.context_length 80 exceeds the model's context of 64 tokens"),
     _c("--model", "{tmp}/no-model", message="unknown model"),
+    _c("--kind", "sae", "--layers", "0", "3",
+       message="has layers 0..2; choose layers below it"),
 ]
 
 
