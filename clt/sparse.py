@@ -19,8 +19,8 @@ live in a fixed capacity per layer; a batch whose support overflows it is report
 (`Active.count`) and the trainer runs that batch densely.
 
 Two kernel sets compute these products: `xla` (gathers and segment sums; any device, any
-mesh: what GPUs and TPUs use) and `cpu` (numba loops called through `jax.pure_callback`, single
-device: XLA's CPU gathers run at memory speed, ~2 GB/s here, slower than the dense matmul they
+mesh: what GPUs and TPUs use) and `cpu` (numba loops run inside XLA as FFI handlers, or through
+`jax.pure_callback`; single device: XLA's CPU gathers run at memory speed, ~2 GB/s here, slower than the dense matmul they
 replace, while the numba loops keep each decoder slice in cache; see scripts/bench_train.py).
 """
 
@@ -249,7 +249,10 @@ class _Xla:
 
 
 class _Cpu:
-    """numba loops over the entries (see `clt._sparse_cpu`), through pure_callback."""
+    """numba loops over the entries (see `clt._sparse_cpu`). The decoder's forward and backward
+    run inside XLA as FFI handlers (`clt._sparse_ffi`: no copies of the decoder or its gradient)
+    where this jax takes them and the decoder is float32; everything else, and those otherwise,
+    through pure_callback."""
 
     @staticmethod
     def select(support, capacity: int) -> Active:
@@ -284,16 +287,20 @@ class _Cpu:
 
     @staticmethod
     def forward(vals, tok, feat, row_ptr, W, n_tokens):
-        from clt import _sparse_cpu
+        from clt import _sparse_cpu, _sparse_ffi
 
+        if W[0].dtype == jnp.float32 and _sparse_ffi.available():
+            return _sparse_ffi.forward(vals, feat, row_ptr, W, n_tokens)
         shape = jax.ShapeDtypeStruct((n_tokens, len(W), W[0].shape[-1]), W[0].dtype)
         return jax.pure_callback(_sparse_cpu.forward, shape, vals, feat, row_ptr, W,
                                  vmap_method="sequential")
 
     @staticmethod
     def backward(vals, tok, feat, row_ptr, W, g):
-        from clt import _sparse_cpu
+        from clt import _sparse_cpu, _sparse_ffi
 
+        if W[0].dtype == jnp.float32 and _sparse_ffi.available():
+            return _sparse_ffi.backward(vals, feat, row_ptr, W, g)
         shapes = (jax.ShapeDtypeStruct(vals.shape, W[0].dtype),
                   tuple(jax.ShapeDtypeStruct(w.shape, w.dtype) for w in W))
         return jax.pure_callback(_sparse_cpu.backward, shapes, vals, feat, row_ptr, W, g,

@@ -111,24 +111,63 @@ def _naive(vals, tok, feat, W, n_tok, g):
     return out, gv, gW
 
 
-_BLOCKS = [(k, None) for k in KERNELS] + [("cpu", (4, 3)), ("cpu", (1, 1))]
+# (kernels, cache tiles): "cpu" runs the decoder in XLA FFI handlers (`clt._sparse_ffi`, the
+# tiles compiled in), "cpu-callback" through jax.pure_callback, where the tiles can be shrunk.
+_BLOCKS = [(k, None) for k in KERNELS] + [("cpu-callback", None), ("cpu-callback", (4, 3)),
+                                          ("cpu-callback", (1, 1))]
 
 
-def _small_blocks(monkeypatch, blocks):
+def _small_blocks(monkeypatch, blocks, kernels="cpu"):
     """The cpu kernels' cache tiles made smaller than the test's sizes, so entries fall into
-    several feature blocks (forward, value gradient) and token blocks (weight gradients)."""
-    if blocks is not None:
-        from clt import _sparse_cpu
+    several feature blocks (forward, value gradient) and token blocks (weight gradients).
+    kernels "cpu-callback": the cpu kernels through pure_callback (FFI handlers off). Returns
+    the kernel set's name in `clt.sparse`."""
+    from clt import _sparse_cpu, _sparse_ffi
 
+    if kernels == "cpu-callback":
+        monkeypatch.setattr(_sparse_ffi, "available", lambda: False)
+    if blocks is not None:
         monkeypatch.setattr(_sparse_cpu, "FEATURE_BLOCK", blocks[0])
         monkeypatch.setattr(_sparse_cpu, "TOKEN_BLOCK", blocks[1])
+    return kernels.removesuffix("-callback")
+
+
+def test_ffi_handlers_are_used_and_equal_the_callback_kernels():
+    """The decoder's FFI handlers are registered here and give the numpy kernels' results bit
+    for bit, on a case spanning several feature blocks (2 x FEATURE_BLOCK features) and token
+    blocks (TOKEN_BLOCK + 45 tokens), with padding entries; and both equal float64 loops."""
+    from clt import _sparse_cpu, _sparse_ffi
+
+    assert _sparse_ffi.available(), "jax refused the FFI handlers (see the warning)"
+    rng = np.random.default_rng(1)
+    L, n_tok, D, k = 3, _sparse_cpu.TOKEN_BLOCK + 45, 6, 7
+    F = 2 * _sparse_cpu.FEATURE_BLOCK
+    mask = np.zeros((L, n_tok, F), bool)
+    for s in range(L):
+        for t in range(n_tok):
+            mask[s, t, rng.choice(F, rng.integers(0, k + 1), replace=False)] = True
+    act = sp.select(jnp.asarray(mask), capacity=n_tok * k + 9, kernels="cpu")
+    vals = jnp.asarray(rng.standard_normal(act.tok.shape), jnp.float32) * act.valid
+    W = tuple(jnp.asarray(rng.standard_normal((F, L - s, D)), jnp.float32) for s in range(L))
+    g = rng.standard_normal((n_tok, L, D)).astype(np.float32)
+    out = jax.jit(_sparse_ffi.forward, static_argnums=4)(vals, act.feat, act.row_ptr, W, n_tok)
+    gv, gW = jax.jit(_sparse_ffi.backward)(vals, act.feat, act.row_ptr, W, jnp.asarray(g))
+    args = [np.asarray(a) for a in (vals, act.feat, act.row_ptr)]
+    W_np = tuple(np.asarray(w) for w in W)
+    ref_out = _sparse_cpu.forward(*args, W_np)
+    ref_gv, ref_gW = _sparse_cpu.backward(*args, W_np, g)
+    for got, want in zip((out, gv, *gW), (ref_out, ref_gv, *ref_gW)):
+        np.testing.assert_array_equal(np.asarray(got), want)
+    naive = _naive(args[0], np.asarray(act.tok), args[1], list(W_np), n_tok, g)
+    for got, want in zip((out, gv, *gW), (naive[0], naive[1], *naive[2])):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kernels,blocks", _BLOCKS)
 def test_kernels_match_naive_loops(kernels, blocks, monkeypatch):
     """A ragged 3-layer decoder (3, 2, 1 target layers: a CLT), every layer's entries apart;
     with the cpu kernels' cache tiles as shipped and smaller than the sizes here."""
-    _small_blocks(monkeypatch, blocks)
+    kernels = _small_blocks(monkeypatch, blocks, kernels)
     rng = np.random.default_rng(0)
     L, n_tok, F, D, cap = 3, 7, 11, 5, 40
     mask = rng.random((L, n_tok, F)) < 0.3  # [layer, token, feature]
@@ -153,7 +192,7 @@ def test_kernels_match_naive_loops(kernels, blocks, monkeypatch):
 def test_encoder_gradient_over_entries_matches_naive_loops(kernels, blocks, monkeypatch):
     """dW_enc and db_enc from the entries alone equal loops over the entries (float64), and
     the encoder rows of features without entries are exactly 0."""
-    _small_blocks(monkeypatch, blocks)
+    kernels = _small_blocks(monkeypatch, blocks, kernels)
     rng = np.random.default_rng(2)
     L, n_tok, D, F, cap = 2, 6, 4, 9, 30
     mask = rng.random((L, n_tok, F)) < 0.3

@@ -1,0 +1,249 @@
+"""The sparse decoder's CPU kernels (`clt._sparse_cpu`) as XLA FFI handlers: XLA hands them its
+own buffers, so nothing is copied in or out.
+
+Through `jax.pure_callback` a sparse CLT step spent more time moving data than computing: the
+decoder (2.3 GB for SmolLM2 at 2,048 features per layer) went to the forward and backward
+callbacks and its 2.3 GB gradient came back, ~5-6 s of a ~17 s step around ~4 s of kernels
+(jax 0.10.2, `jax.profiler`). Here each kernel is a numba `cfunc` with XLA's typed FFI signature
+(`XLA_FFI_Error* handler(XLA_FFI_CallFrame*)`, xla/ffi/api/c_api.h), registered with
+`jax.ffi.register_ffi_target` and called with `jax.ffi.ffi_call`. The handler reads the call
+frame's argument and result buffers (address, rank, extents) and runs the same njit kernels on
+them in place. At registration XLA asks the handler for its metadata (the API version it was
+built against): it answers with XLA's own version, read from the call frame.
+
+The byte offsets below are those of the C API's structs on a 64-bit platform:
+  XLA_FFI_CallFrame: struct_size, extension_start, api, ctx, stage (+pad), args (5 words: struct_size,
+    extension_start, size, types, args), rets (5 words), attrs (6 words), future
+  XLA_FFI_Buffer: struct_size, extension_start, dtype (+pad), data, rank, dims
+  XLA_FFI_Extension_Base: struct_size, type (+pad), next; metadata extension: + metadata pointer
+  XLA_FFI_Metadata: struct_size, api_version (struct_size, extension_start, major, minor), traits
+`available()` registers them and checks them once per process against the numpy kernels (else
+`clt.sparse` keeps pure_callback).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from typing import no_type_check
+
+import numpy as np
+from numba import carray, cfunc, njit, types
+from numba.extending import intrinsic
+
+from clt import _sparse_cpu as K
+
+_METADATA = 1  # XLA_FFI_Extension_Metadata
+_ARGS, _RETS = 9, 14  # words of the call frame holding args.args and rets.rets (void**)
+
+
+def _pointer(ty):
+    @intrinsic
+    def cast(typingctx, addr):  # an int64 address as a typed pointer
+        sig = ty(addr)
+
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(ty))
+
+        return sig, codegen
+
+    return cast
+
+
+_i64 = _pointer(types.CPointer(types.int64))
+_i32 = _pointer(types.CPointer(types.int32))
+_f32 = _pointer(types.CPointer(types.float32))
+
+
+@njit(inline="always")
+@no_type_check
+def _word(addr, k):
+    return carray(_i64(addr), (k + 1,))[k]
+
+
+@njit(inline="always")
+@no_type_check
+def _buffer(frame, which, i):
+    """(data address, dims address) of argument or result buffer i."""
+    b = _word(_word(frame, which), i)  # XLA_FFI_Buffer*
+    return _word(b, 3), _word(b, 5)
+
+
+@njit(inline="always")
+@no_type_check
+def _metadata(frame):
+    """Answers XLA's metadata query (registration): 1 if the frame was one, else 0."""
+    ext = _word(frame, 1)
+    if ext == 0:
+        return 0
+    if carray(_i32(ext + 8), (1,))[0] == _METADATA:
+        meta = _word(ext, 3)
+        xla_version = carray(_i32(_word(frame, 2) + 32), (2,))  # api->api_version.major/minor
+        ours = carray(_i32(meta + 24), (2,))
+        ours[0] = xla_version[0]
+        ours[1] = xla_version[1]
+        carray(_i32(meta + 32), (1,))[0] = 0  # no traits
+    return 1
+
+
+@njit(inline="always")
+@no_type_check
+def _entries(frame):
+    """vals, feat [L, C] and row_ptr [L, N + 1] (arguments 0-2), with L, C, N."""
+    d, dims = _buffer(frame, _ARGS, 0)
+    L, C = _word(dims, 0), _word(dims, 1)
+    vals = carray(_f32(d), (L, C))
+    d, _ = _buffer(frame, _ARGS, 1)
+    feat = carray(_i32(d), (L, C))
+    d, dims = _buffer(frame, _ARGS, 2)
+    row_ptr = carray(_i32(d), (L, _word(dims, 1)))
+    return vals, feat, row_ptr, L, C, _word(dims, 1) - 1
+
+
+@njit(inline="always")
+@no_type_check
+def _decoder(frame, which, i):
+    d, dims = _buffer(frame, which, i)
+    return carray(_f32(d), (_word(dims, 0), _word(dims, 1), _word(dims, 2)))
+
+
+@cfunc(types.int64(types.int64))
+@no_type_check
+def _forward_handler(frame):
+    """Arguments vals, feat, row_ptr, W_dec[0..L-1]; result out [N, L, D] (`forward`)."""
+    if _metadata(frame):
+        return 0
+    vals, feat, row_ptr, L, _, _ = _entries(frame)
+    d, dims = _buffer(frame, _RETS, 0)
+    N, D = _word(dims, 0), _word(dims, 2)
+    out = carray(_f32(d), (N, L, D))
+    out[:] = 0.0
+    for s in range(L):
+        w = _decoder(frame, _ARGS, 3 + s)
+        ptr, _, pfeat, pval = K._by_block(row_ptr[s].astype(np.int64), feat[s], vals[s],
+                                          K.FEATURE_BLOCK)
+        K._forward(ptr, pfeat, pval, w, out, s)
+    return 0
+
+
+@cfunc(types.int64(types.int64))
+@no_type_check
+def _backward_handler(frame):
+    """Arguments vals, feat, row_ptr, W_dec[0..L-1], g [N, L, D]; results d vals [L, C], then
+    d W_dec[0..L-1] (`backward`)."""
+    if _metadata(frame):
+        return 0
+    vals, feat, row_ptr, L, C, N = _entries(frame)
+    d, dims = _buffer(frame, _ARGS, 3 + L)
+    g = carray(_f32(d), (N, L, _word(dims, 2)))
+    d, _ = _buffer(frame, _RETS, 0)
+    gv = carray(_f32(d), (L, C))
+    gv[:] = 0.0  # padding entries keep 0
+    for s in range(L):
+        w = _decoder(frame, _ARGS, 3 + s)
+        rp = row_ptr[s].astype(np.int64)
+        ptr, order, pfeat, _ = K._by_block(rp, feat[s], vals[s], K.FEATURE_BLOCK)
+        gp = np.zeros(order.shape[0], np.float32)
+        K._grad_vals(ptr, pfeat, w, g, gp, s)
+        for p in range(order.shape[0]):
+            gv[s, order[p]] = gp[p]
+        ptr, token, pval = K._by_feature(rp, feat[s], vals[s], w.shape[0], K.TOKEN_BLOCK)
+        K._grad_W(ptr, token, pval, g, _decoder(frame, _RETS, 1 + s), s)
+    return 0
+
+
+FORWARD, BACKWARD = "cltrace_sparse_forward", "cltrace_sparse_backward"
+_state: dict[str, bool] = {}
+
+
+def available() -> bool:
+    """Whether the handlers are registered and give the numpy kernels' results here (checked
+    once per process, bit for bit, on a small case with several feature and token blocks).
+    False (and `clt.sparse` keeps `jax.pure_callback`) if this jax has no `jax.ffi`, refuses
+    the handlers, or $CLTRACE_SPARSE_FFI is 0 (for side-by-side measurements)."""
+    import os
+
+    if os.environ.get("CLTRACE_SPARSE_FFI", "1") == "0":
+        return False
+    if "ok" not in _state:
+        _state["ok"] = False
+        try:
+            import jax
+
+            new = ctypes.pythonapi.PyCapsule_New
+            new.restype = ctypes.py_object
+            new.argtypes = (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)
+            for name, fn in ((FORWARD, _forward_handler), (BACKWARD, _backward_handler)):
+                jax.ffi.register_ffi_target(name, new(fn.address, None, None), platform="cpu")
+        except (AttributeError, RuntimeError, TypeError, ValueError):  # no jax.ffi; refused
+            return False
+        # In a thread of its own: available() is usually first called while a step is being
+        # traced, and the test must run eagerly (JAX's trace state is per thread).
+        done: list[bool] = []
+        t = threading.Thread(target=lambda: done.append(_self_test()))
+        t.start()
+        t.join()
+        _state["ok"] = bool(done and done[0])
+    return _state["ok"]
+
+
+def forward(vals, feat, row_ptr, W, n_tokens: int):
+    """`clt._sparse_cpu.forward` inside XLA: vals float32 [L, C], feat and row_ptr int32, W the
+    float32 decoders; returns [n_tokens, L, d_model]."""
+    import jax
+    import jax.numpy as jnp
+
+    out = jax.ShapeDtypeStruct((n_tokens, len(W), W[0].shape[-1]), jnp.float32)
+    return jax.ffi.ffi_call(FORWARD, out, vmap_method="sequential")(
+        vals.astype(jnp.float32), feat.astype(jnp.int32), row_ptr.astype(jnp.int32), *W)
+
+
+def backward(vals, feat, row_ptr, W, g):
+    """`clt._sparse_cpu.backward` inside XLA: (d vals [L, C], tuple of d W_dec[s])."""
+    import jax
+    import jax.numpy as jnp
+
+    outs = (jax.ShapeDtypeStruct(vals.shape, jnp.float32),) + tuple(
+        jax.ShapeDtypeStruct(w.shape, jnp.float32) for w in W)
+    r = jax.ffi.ffi_call(BACKWARD, outs, vmap_method="sequential")(
+        vals.astype(jnp.float32), feat.astype(jnp.int32), row_ptr.astype(jnp.int32), *W,
+        g.astype(jnp.float32))
+    return r[0], tuple(r[1:])
+
+
+def _self_test() -> bool:
+    """The handlers against the numpy kernels on a small random case (3 source layers, 700
+    features: two feature blocks; 300 tokens: two token blocks; padding entries), bit for bit."""
+    import warnings
+
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    L, N, F, D, k = 3, 300, 700, 8, 5
+    W = tuple(rng.standard_normal((F, L - s, D)).astype(np.float32) for s in range(L))
+    C = N * k + 7
+    feat = np.zeros((L, C), np.int32)
+    vals = np.zeros((L, C), np.float32)
+    for s in range(L):
+        feat[s, :N * k] = np.sort(np.stack([rng.choice(F, k, replace=False)
+                                            for _ in range(N)]), 1).ravel()
+        vals[s, :N * k] = rng.random(N * k)
+    row_ptr = np.tile(np.arange(N + 1, dtype=np.int32) * k, (L, 1))
+    g = rng.standard_normal((N, L, D)).astype(np.float32)
+    try:
+        Wj = tuple(map(jnp.asarray, W))
+        out = jax.jit(forward, static_argnums=4)(vals, feat, row_ptr, Wj, N)
+        gv, gW = jax.jit(backward)(vals, feat, row_ptr, Wj, g)
+        ref_out = K.forward(vals, feat, row_ptr, W)
+        ref_gv, ref_gW = K.backward(vals, feat, row_ptr, W, g)
+        ok = (np.array_equal(np.asarray(out), ref_out) and np.array_equal(np.asarray(gv), ref_gv)
+              and all(np.array_equal(np.asarray(a), b) for a, b in zip(gW, ref_gW)))
+    except Exception as e:  # noqa: BLE001 - any failure means: keep the callbacks
+        ok, why = False, f"{type(e).__name__}: {e}"
+    else:
+        why = "results differ from the numpy kernels"
+    if not ok:
+        warnings.warn(f"the sparse step's XLA FFI kernels are not usable with this jax ({why}); "
+                      "using jax.pure_callback (slower)", RuntimeWarning, stacklevel=2)
+    return ok
