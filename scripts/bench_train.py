@@ -82,8 +82,18 @@ def _train_config(args, kind: str, step: str, out: str, steps: int):
         batch_tokens=args.batch_tokens, context_length=args.context_length,
         round_contexts=args.round_contexts, model_batch=args.model_batch, steps=steps,
         warmup_steps=1, holdout=0.0, out=out, checkpoint_every=10**6, log_every=steps // 2,
-        sparse="on" if step == "sparse" else "off", sparse_kernels=args.kernels,
+        sparse="on" if step.startswith("sparse") else "off", sparse_kernels=args.kernels,
         sparsity_coef=args.sparsity_coef, async_checkpoints=False)
+
+
+def _cpu_calls(mode) -> str | None:
+    """How the sparse step's numba kernels were called: "ffi" (inside XLA, `clt._sparse_ffi`)
+    or "callback" (jax.pure_callback; `--modes sparse-callback` forces it); None otherwise."""
+    if not (isinstance(mode, tuple) and mode[1] == "cpu"):
+        return None
+    from clt import _sparse_ffi
+
+    return "ffi" if _sparse_ffi.available() else "callback"
 
 
 def run_case(kind: str, step: str, args) -> dict:
@@ -144,7 +154,7 @@ def run_case(kind: str, step: str, args) -> dict:
     step_s = (time.perf_counter() - t) / args.steps
     row.update(step_s=step_s, train_step_tok_s=tc.batch_tokens / step_s,
                sparse_capacity=m["sparse"], dense_reruns=steps.dense_reruns,
-               l0_per_layer=float(jnp.mean(m["l0"])))
+               l0_per_layer=float(jnp.mean(m["l0"])), cpu_kernel_calls=_cpu_calls(steps.mode()))
     flops = transcoder_flops_per_token(cfg)
     row["dense_gflop_per_token"] = flops / 1e9
     row["step_tflop_s_dense_equivalent"] = flops * row["train_step_tok_s"] / 1e12
@@ -162,7 +172,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--kinds", default="clt,plt")
-    ap.add_argument("--modes", default="sparse,dense")
+    ap.add_argument("--modes", default="sparse,sparse-callback,dense",
+                    help="steps to time: sparse, sparse-callback (its CPU kernels through "
+                    "jax.pure_callback), dense")
     ap.add_argument("--features", type=int, default=2048)
     ap.add_argument("--activation", default="batchtopk")
     ap.add_argument("--k", type=int, default=64)
@@ -201,7 +213,9 @@ def main() -> None:
         for step in args.modes.split(","):
             print(f"case {kind} {step} ...", flush=True)
             cmd = [sys.executable, __file__, *sys.argv[1:], "--case", f"{kind}:{step}"]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+            # sparse-callback: the sparse step with its CPU kernels through jax.pure_callback.
+            case_env = {**env, "CLTRACE_SPARSE_FFI": "0"} if step == "sparse-callback" else env
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=case_env)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("CASE ")), None)
             if proc.returncode != 0 or line is None:
                 tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -217,6 +231,9 @@ def main() -> None:
         if "sparse" in got and "dense" in got:
             ratios[kind] = {k: got["sparse"][k] / got["dense"][k]
                             for k in ("train_step_tok_s", "loop_tok_s")}
+            if "sparse-callback" in got:
+                ratios[kind]["callback_train_step_tok_s"] = (
+                    got["sparse-callback"]["train_step_tok_s"] / got["dense"]["train_step_tok_s"])
     from rich.console import Console
     from rich.table import Table
 
@@ -224,7 +241,7 @@ def main() -> None:
                         f"{args.activation} k={args.k}; f32 matmul peak {peak / 1e12:.2f} TFLOP/s")
     cols = ["kind", "step", "batch_tokens", "step_s", "train_step_tok_s", "loop_tok_s",
             "generation_bound_tok_s", "activation_gen_tok_s", "full_forward_tok_s", "sparse_capacity", "l0_per_layer",
-            "step_tflop_s_dense_equivalent"]
+            "step_tflop_s_dense_equivalent", "cpu_kernel_calls"]
     for c in cols:
         table.add_column(c)
     for r in rows:
