@@ -31,7 +31,6 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -336,24 +335,6 @@ def accuracy_svg(names: list[str], train: list[float], heldout: list[float], cha
     return "\n".join(out) + "\n"
 
 
-def _check_out_dir(path: str) -> Path:
-    """`clt.io.check_output_dir`'s refusals without creating anything, so that a run refused
-    later (a text too long for the model) leaves nothing behind; the folder is made when the
-    results are written."""
-    p = Path(path).expanduser()
-    if p.exists() and not p.is_dir():
-        raise ConfigError(f"output directory {p} exists and is not a directory; choose another "
-                          "path")
-    up = p
-    while not up.exists():
-        up = up.parent
-    if not up.is_dir():
-        raise ConfigError(f"cannot create output directory {p}: {up} is not a directory")
-    if not os.access(up, os.W_OK | os.X_OK):
-        raise ConfigError(f"output directory {p}: {up} is not writable; choose another path")
-    return p
-
-
 def write_outputs(out: Path, cfg: ProbeConfig, fit: ProbeFit, names: list[str],
                   labels: np.ndarray, heldout: np.ndarray, model_name: str) -> dict:
     """results.json, accuracy.svg, probe.npz, directions/<stream>.npy and config.json."""
@@ -407,11 +388,12 @@ def run(args) -> int:
     from attribution.intervene_cli import prompt_token_lists
     from attribution.interventions import residual_streams
     from clt.configs import from_arguments
+    from clt.io import check_output_dir
     from clt.lm.loading import load_model
 
     cfg = from_arguments(ProbeConfig, args)
     texts, labels, flags = read_examples(cfg)  # 1. before the model loads
-    out = _check_out_dir(cfg.out)
+    out = check_output_dir(cfg.out, create=False)
     heldout = heldout_split(labels, cfg.heldout, cfg.seed)  # 2.
     model = load_model(cfg.model)
     ids = []  # 3.

@@ -273,25 +273,16 @@ class ExportConfig:
 
 
 def _check_export_dir(path: Path, overwrite: bool) -> None:
-    """`clt.io.check_output_dir`'s refusals without creating anything (the config only reads):
-    not a file, its nearest existing folder writable, no earlier export unless overwrite."""
-    import os
+    """`clt.io.check_output_dir`'s refusals without creating anything (the config only reads),
+    and no earlier export unless overwrite."""
+    from clt.io import check_output_dir
 
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"export directory {path} exists and is not a directory; choose "
-                          "another path")
+    check_output_dir(path, "export directory", create=False)
     if path.is_dir():
         stale = sorted(p.name for p in path.iterdir() if _LAYOUT.match(p.name))
         if stale and not overwrite:
             raise ConfigError(f"{path} already holds transcoder files ({stale[0]}, ...); choose "
                               "an empty directory or pass --overwrite (overwrite=True)")
-    up = path
-    while not up.exists():
-        up = up.parent
-    if not up.is_dir():
-        raise ConfigError(f"cannot create export directory {path}: {up} is a file")
-    if not os.access(up, os.W_OK | os.X_OK):
-        raise ConfigError(f"export directory {path}: {up} is not writable; choose another path")
 
 
 def open_transcoder(ref: str | Path | None, model_cfg=None, dtype: Any = jnp.float32

@@ -96,11 +96,26 @@ def check_output_file(path: str | Path, what: str = "output file") -> Path:
     return path
 
 
-def check_output_dir(path: str | Path, what: str = "output directory") -> Path:
+def check_output_dir(path: str | Path, what: str = "output directory",
+                     create: bool = True) -> Path:
     """The output directory `path`, checked before any compute: not an existing file, created,
-    writable."""
+    writable. create=False: the same refusals without creating anything (its nearest existing
+    folder must be a writable directory), so that a run refused later leaves nothing behind;
+    the folder is made when the results are written."""
     path = Path(path).expanduser()
-    _writable_dir(path, what)
+    if create:
+        _writable_dir(path, what)
+        return path
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {path} exists and is not a directory; choose another path")
+    up = path
+    while not up.exists():
+        up = up.parent
+    if not up.is_dir():
+        raise ConfigError(f"cannot create {what} {path}: {up} is a file, which is not a "
+                          "directory")
+    if not os.access(up, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path}: {up} is not writable; choose another path")
     return path
 
 
