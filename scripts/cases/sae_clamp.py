@@ -230,6 +230,7 @@ def main(argv=None) -> Path:
     t0 = time.time()
     ns = argparse.Namespace(model=args.model, transcoder=args.sae, out=args.out)
     study = Study(NAME, ns)
+    study.args.transcoder = args.sae  # the report names the SAE as given (not an absolute path)
     if not study.tc_cfg.is_sae:
         raise SystemExit(f"--sae {args.sae} is a {study.tc_cfg.kind.upper()}, not an SAE")
     sae_dir = Path(args.sae)
