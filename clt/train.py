@@ -156,7 +156,8 @@ def loss_fn(params: TranscoderParams, tc_cfg: TranscoderConfig, train_cfg: Train
 
 
 # --- optimizer and step ----------------------------------------------------------------------------
-def make_optimizer(train_cfg: TrainConfig) -> optax.GradientTransformation:
+def learning_rate(train_cfg: TrainConfig) -> optax.Schedule:
+    """Adam's step size at each step: linear warmup, then cosine, linear or constant."""
     decay_steps = max(1, train_cfg.steps - train_cfg.warmup_steps)
     end = train_cfg.lr * train_cfg.final_lr_fraction
     if train_cfg.decay == "cosine":
@@ -166,12 +167,57 @@ def make_optimizer(train_cfg: TrainConfig) -> optax.GradientTransformation:
         after = optax.linear_schedule(train_cfg.lr, end, decay_steps)
     else:
         after = optax.constant_schedule(train_cfg.lr)
-    sched = optax.join_schedules(
+    return optax.join_schedules(
         [optax.linear_schedule(0.0, train_cfg.lr, max(1, train_cfg.warmup_steps)), after],
         [train_cfg.warmup_steps])
+
+
+def make_optimizer(train_cfg: TrainConfig) -> optax.GradientTransformation:
+    """optax's clip-by-global-norm + Adam: the optimizer state's layout (init, shardings,
+    checkpoints) and the reference that `adam_update`, the step's own update, is tested against."""
     parts = [optax.clip_by_global_norm(train_cfg.grad_clip)] if train_cfg.grad_clip > 0 else []
-    parts.append(optax.adam(sched, b1=train_cfg.beta1, b2=train_cfg.beta2))
+    parts.append(optax.adam(learning_rate(train_cfg), b1=train_cfg.beta1, b2=train_cfg.beta2))
     return optax.chain(*parts)
+
+
+def adam_update(params, grads, opt_state, train_cfg: TrainConfig, ok):
+    """`make_optimizer`'s update and `optax.apply_updates` in one elementwise pass per tensor.
+
+    optax runs clip, moments, bias correction, step size and apply as separate sweeps (4.4 s on a
+    CLT's 580M parameters on 2 CPU cores, against 0.8 s fused). When `ok` is false (or the
+    gradient norm or the step size is not finite) nothing changes: the moments keep their values
+    (decay 1, gradient 0), the step size is 0 and the counts stay, so no select over the state
+    is needed. Returns (params, opt_state, applied, step size)."""
+    adam, sched = opt_state[-1]
+    g_norm = optax.global_norm(grads)
+    count = adam.count + 1  # optax's count after this update (bias correction)
+    lr = learning_rate(train_cfg)(sched.count)
+    ok = ok & jnp.isfinite(g_norm) & jnp.isfinite(lr)
+    scale = jnp.float32(1.0)
+    if train_cfg.grad_clip > 0:
+        scale = jnp.where(ok & (g_norm >= train_cfg.grad_clip),
+                          train_cfg.grad_clip / jnp.maximum(g_norm, 1e-30), 1.0)
+    b1 = jnp.where(ok, jnp.float32(train_cfg.beta1), 1.0)
+    b2 = jnp.where(ok, jnp.float32(train_cfg.beta2), 1.0)
+    c1 = 1.0 - jnp.float32(train_cfg.beta1) ** count.astype(jnp.float32)
+    c2 = 1.0 - jnp.float32(train_cfg.beta2) ** count.astype(jnp.float32)
+    step = jnp.where(ok, lr, 0.0)
+
+    def one(p, g, m, v):
+        g = jnp.where(ok, g.astype(jnp.float32), 0.0) * scale
+        m = (1.0 - b1) * g + b1 * m
+        v = (1.0 - b2) * (g * g) + b2 * v
+        new = p - step * ((m / c1) / (jnp.sqrt(v / c2) + 1e-8))
+        return new.astype(p.dtype), m, v
+
+    tdef = jax.tree.structure(params)
+    out = [one(*t) for t in zip(jax.tree.leaves(params), jax.tree.leaves(grads),
+                                 jax.tree.leaves(adam.mu), jax.tree.leaves(adam.nu))]
+    new_p, mu, nu = (jax.tree.unflatten(tdef, [o[i] for o in out]) for i in range(3))
+    inc = ok.astype(adam.count.dtype)
+    last = (adam._replace(count=adam.count + inc, mu=mu, nu=nu),
+            sched._replace(count=sched.count + inc))
+    return new_p, opt_state[:-1] + (last,), ok, lr
 
 
 def _train_step(state: TrainState, x, y, tc_cfg: TranscoderConfig, train_cfg: TrainConfig,
@@ -179,25 +225,23 @@ def _train_step(state: TrainState, x, y, tc_cfg: TranscoderConfig, train_cfg: Tr
     """One Adam step on raw activations x, y [batch, layer, d_model] (normalised here). A sparse
     step whose support overflowed its capacity leaves the state untouched (metrics['overflow'])
     for the caller to run the batch densely."""
-    tx = make_optimizer(train_cfg)
     lam = sparsity_lambda(train_cfg, state.step)
     nm = state.norms
     x = (x.astype(jnp.float32) - nm.in_mean) / nm.in_scale[:, None]
     y = (y.astype(jnp.float32) - nm.out_mean) / nm.out_scale[:, None]
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, tc_cfg, train_cfg, x, y, lam, mode, kernels)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    # A non-finite loss, gradient or step size, or an overflowed sparse support, leaves the state
+    # untouched (checked before the update: no select over the state). A finite update of finite
+    # parameters stays finite (Adam moves each by at most ~lr/sqrt(1-beta2), lr <= 10).
+    params, opt_state, ok, lr = adam_update(state.params, grads, state.opt_state, train_cfg,
+                                        jnp.isfinite(loss) & ~metrics["overflow"])
     if tc_cfg.activation == "batchtopk":
-        params = _follow_batch_cut(params, metrics["batch_cut"], state.step)
-    new = TrainState(params=params, opt_state=opt_state, norms=state.norms, step=state.step + 1)
-    # A non-finite loss or gradient, or an update that makes a parameter NaN/inf (a huge or NaN
-    # learning rate), leaves the state untouched: only finite states are kept, and saved.
-    finite_params = _all_finite(params)
-    ok = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads)) & finite_params
-    new = jax.tree.map(lambda n, o: jnp.where(ok & ~metrics["overflow"], n, o), new, state)
-    metrics["finite"] = ok
-    metrics["finite_params"] = finite_params
+        params = _follow_batch_cut(params, metrics["batch_cut"], state.step, ok)
+    new = TrainState(params=params, opt_state=opt_state, norms=state.norms,
+                     step=state.step + ok.astype(state.step.dtype))
+    metrics["finite"] = ok | metrics["overflow"]
+    metrics["lr"] = lr
     return new, metrics
 
 
@@ -207,14 +251,15 @@ def _all_finite(tree) -> jax.Array:
     return jnp.stack(leaves).all() if leaves else jnp.bool_(True)
 
 
-def _follow_batch_cut(params: TranscoderParams, cut, step) -> TranscoderParams:
+def _follow_batch_cut(params: TranscoderParams, cut, step, ok) -> TranscoderParams:
     """BatchTopK's inference threshold: a running mean (then a 1% moving average) of each
     layer's batch cut, the smallest kept pre-activation (Bussmann et al. 2024). The threshold
     gets no gradient in training, so Adam leaves it alone."""
     rate = jnp.maximum(0.01, 1.0 / (step.astype(jnp.float32) + 1.0))
     th = jnp.exp(params.log_threshold)
     th = th + rate * (jnp.maximum(cut, 1e-6)[:, None] - th)
-    return dataclasses.replace(params, log_threshold=jnp.log(th))
+    return dataclasses.replace(params, log_threshold=jnp.where(ok, jnp.log(th),
+                                                               params.log_threshold))
 
 
 def state_shardings(tc_cfg: TranscoderConfig, train_cfg: TrainConfig, mesh) -> TrainState:
@@ -792,8 +837,8 @@ def _non_finite(m: dict, step: int, mngr, state: TrainState, pos: DataPosition, 
     saved = wait_saved(mngr, step)
     if not bool(m["finite_batch"]):
         where = "the batch holds NaN/inf"
-    elif not bool(m["finite_params"]) and bool(jnp.isfinite(m["loss"])):
-        where = "the update made parameters NaN/inf (lower lr)"
+    elif not bool(jnp.isfinite(m["lr"])):
+        where = "the learning rate is NaN/inf"
     else:
         where = "the loss or gradients overflowed (lower lr or sparsity_coef)"
     kept = (f"the last good state is saved as checkpoint {step} in {out}" if saved else
@@ -819,7 +864,8 @@ def _distinct_leaves(state: TrainState) -> TrainState:
 
 __all__ = [
     "NonFiniteError", "Steps", "TrainConfig", "TrainState", "compile_step", "export_params",
-    "init_state", "kernels_for", "loss_fn", "make_optimizer", "place_state", "preflight",
+    "adam_update", "init_state", "kernels_for", "learning_rate", "loss_fn",
+    "make_optimizer", "place_state", "preflight",
     "remove_partial_checkpoints", "restore_checkpoint", "save_checkpoint", "saved_steps",
     "sparsity_lambda", "state_shardings", "train", "wait_saved",
 ]

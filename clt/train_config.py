@@ -256,7 +256,8 @@ class TrainConfig:
         check_range(self, "final_lr_fraction", 0, 1)
         for name in ("beta1", "beta2"):
             check_range(self, name, 0, 1, hi_open=True)
-        for name in ("lr", "sparsity_c", "threshold_init", "jumprelu_bandwidth"):
+        check_range(self, "lr", 0, 10, lo_open=True)  # Adam moves a weight by ~lr per step
+        for name in ("sparsity_c", "threshold_init", "jumprelu_bandwidth"):
             check_range(self, name, 0, lo_open=True)
         for name in ("sparsity_coef", "preact_coef", "grad_clip"):
             check_range(self, name, 0)

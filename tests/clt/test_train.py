@@ -326,3 +326,39 @@ def test_init_from_continues_an_exported_transcoder(corpus, model, tmp_path):
     with pytest.raises(ConfigError, match="n_features"):
         train(_tc(corpus, tmp_path / "c", n_features=32, init_from=str(first)), model=model,
               progress=False)
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 0.05, 100.0])
+def test_fused_adam_equals_optax(grad_clip):
+    """The step's one-pass Adam (adam_update) against optax's clip + adam + apply_updates, the
+    reference it replaces, over 6 steps through warmup and cosine decay (clipping active at 0.05,
+    inactive at 100, off at 0); a refused update (ok false) changes no bit of the state."""
+    import optax
+
+    from clt.train import adam_update, make_optimizer
+
+    tc = TrainConfig.make(model="tiny", data="unused", n_features=8, batch_tokens=8, lr=3e-2,
+                          warmup_steps=2, steps=6, grad_clip=grad_clip, beta1=0.8, beta2=0.99)
+    rng = np.random.default_rng(0)
+    params = {"a": jax.numpy.asarray(rng.normal(size=(3, 5)), jax.numpy.float32),
+              "b": (jax.numpy.asarray(rng.normal(size=(7,)), jax.numpy.float32),)}
+    tx = make_optimizer(tc)
+    ref_p, ref_s = params, tx.init(params)
+    p, s = params, tx.init(params)
+    step = jax.jit(lambda p, g, s, ok: adam_update(p, g, s, tc, ok))
+    for i in range(6):
+        grads = jax.tree.map(lambda a: jax.numpy.asarray(rng.normal(size=a.shape) * 0.1,
+                                                         jax.numpy.float32), params)
+        upd, ref_s = tx.update(grads, ref_s, ref_p)
+        ref_p = optax.apply_updates(ref_p, upd)
+        p, s, ok, lr = step(p, grads, s, jax.numpy.bool_(True))
+        assert bool(ok)
+        for got, want in zip(jax.tree.leaves((p, s)), jax.tree.leaves((ref_p, ref_s))):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-6, atol=1e-7)
+        assert jax.tree.structure(s) == jax.tree.structure(ref_s)  # checkpoint layout kept
+    bad = jax.tree.map(lambda a: a * np.nan, grads)
+    for g, flag in ((grads, False), (bad, True)):
+        p2, s2, ok, _ = step(p, g, s, jax.numpy.bool_(flag))
+        assert not bool(ok)
+        for got, want in zip(jax.tree.leaves((p2, s2)), jax.tree.leaves((p, s))):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
