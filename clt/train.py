@@ -156,6 +156,9 @@ def loss_fn(params: TranscoderParams, tc_cfg: TranscoderConfig, train_cfg: Train
 
 
 # --- optimizer and step ----------------------------------------------------------------------------
+ADAM_EPS = 1e-8  # optax's default, written out: adam_update and make_optimizer share it
+
+
 def learning_rate(train_cfg: TrainConfig) -> optax.Schedule:
     """Adam's step size at each step: linear warmup, then cosine, linear or constant."""
     decay_steps = max(1, train_cfg.steps - train_cfg.warmup_steps)
@@ -176,7 +179,8 @@ def make_optimizer(train_cfg: TrainConfig) -> optax.GradientTransformation:
     """optax's clip-by-global-norm + Adam: the optimizer state's layout (init, shardings,
     checkpoints) and the reference that `adam_update`, the step's own update, is tested against."""
     parts = [optax.clip_by_global_norm(train_cfg.grad_clip)] if train_cfg.grad_clip > 0 else []
-    parts.append(optax.adam(learning_rate(train_cfg), b1=train_cfg.beta1, b2=train_cfg.beta2))
+    parts.append(optax.adam(learning_rate(train_cfg), b1=train_cfg.beta1, b2=train_cfg.beta2,
+                            eps=ADAM_EPS))
     return optax.chain(*parts)
 
 
@@ -207,7 +211,7 @@ def adam_update(params, grads, opt_state, train_cfg: TrainConfig, ok):
         g = jnp.where(ok, g.astype(jnp.float32), 0.0) * scale
         m = (1.0 - b1) * g + b1 * m
         v = (1.0 - b2) * (g * g) + b2 * v
-        new = p - step * ((m / c1) / (jnp.sqrt(v / c2) + 1e-8))
+        new = p - step * ((m / c1) / (jnp.sqrt(v / c2) + ADAM_EPS))
         return new.astype(p.dtype), m, v
 
     tdef = jax.tree.structure(params)
