@@ -351,7 +351,7 @@ def test_fused_adam_equals_optax(grad_clip):
                                                          jax.numpy.float32), params)
         upd, ref_s = tx.update(grads, ref_s, ref_p)
         ref_p = optax.apply_updates(ref_p, upd)
-        p, s, ok, lr = step(p, grads, s, jax.numpy.bool_(True))
+        p, s, ok, _ = step(p, grads, s, jax.numpy.bool_(True))
         assert bool(ok)
         for got, want in zip(jax.tree.leaves((p, s)), jax.tree.leaves((ref_p, ref_s))):
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-6, atol=1e-7)
