@@ -150,12 +150,14 @@ def _grad_vals(ptr, pfeat, W, g, gp, s):
 def _grad_W(ptr, token, pval, g, gW, s):
     """gW[f, j] = sum over entries of feature f of v g[n, s + j] (`_by_feature` order)."""
     n_features, nt, D = gW.shape
+    if ptr.shape[1] == 1:  # no tokens: no block to zero the rows in
+        gW[:] = 0.0
     for j in range(nt):
-        for f in prange(n_features):
-            for d in range(D):  # every row is written here: `gW` comes uninitialised
-                gW[f, j, d] = 0.0
         for b in range(ptr.shape[1] - 1):
             for f in prange(n_features):
+                if b == 0:  # every row is zeroed here, just before its first sums (in cache):
+                    for d in range(D):  # `gW` comes uninitialised
+                        gW[f, j, d] = 0.0
                 q, end = ptr[f, b], ptr[f, b + 1]
                 while q + 4 <= end:
                     n0, n1, n2, n3 = token[q], token[q + 1], token[q + 2], token[q + 3]
