@@ -31,7 +31,7 @@ NUMBER = "a finite number"
 INT = "an integer"
 PRE_MODEL = [
     # --- numbers: ranges, NaN, inf, wrong types ---
-    *_range("lr", ("nan", "inf", "-inf", "0", "-1e-3"), f"{NUMBER} > 0"),
+    *_range("lr", ("nan", "inf", "-inf", "0", "-1e-3", "100"), f"{NUMBER} in (0, 10]"),
     *_range("final-lr-fraction", ("-1", "1.5", "nan"), f"{NUMBER} in [0, 1]"),
     *_range("beta1", ("2", "1", "-0.1", "nan"), f"{NUMBER} in [0, 1)"),
     *_range("beta2", ("1", "-1", "inf"), f"{NUMBER} in [0, 1)"),
@@ -110,7 +110,8 @@ PRE_MODEL = [
     # --- config files ---
     Case(("train", "--config", "{tmp}/missing.toml"), "does not exist"),
     Case(("train", "--config", "{cfg_syntax}"), "cannot parse"),
-    Case(("train", "--config", "{cfg_nan}"), "TrainConfig.lr must be a finite number > 0, got nan"),
+    Case(("train", "--config", "{cfg_nan}"),
+         "TrainConfig.lr must be a finite number in (0, 10], got nan"),
     Case(("train", "--config", "{cfg_beta}"),
          "TrainConfig.beta1 must be a finite number in [0, 1)"),
     Case(("train", "--config", "{cfg_type}"), "TrainConfig.steps must be an integer, got 'ten'"),
