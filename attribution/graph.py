@@ -212,6 +212,11 @@ class Graph:
         """Whether the logit nodes are targets the user chose (`TraceConfig.target`)."""
         return self.target_weights is not None
 
+    def node_levels(self) -> np.ndarray:
+        """[node] each node's level (`node_levels`): what lets influence take one pass."""
+        return node_levels(self.feature_layer, self.error_layer, self.n_pos,
+                           len(self.logit_tokens), self.n_layers)
+
     def logit_weights(self) -> np.ndarray:
         """[node] zeros except each target's weight in influence on the logit nodes: its
         probability (the most probable tokens), or the weight of a user-chosen target."""
@@ -413,6 +418,16 @@ def feature_name(layer: int | np.integer, feature: int | np.integer,
     return f"{int(layer)}:{int(feature)}@{int(pos)}"
 
 
+def node_levels(feature_layer: np.ndarray, error_layer: np.ndarray, n_tokens: int,
+                n_logits: int, n_layers: int) -> np.ndarray:
+    """[node] a level per node, in graph order, such that every edge goes from a lower level to a
+    higher one: a feature or error node its layer (a feature reads the residual stream before its
+    layer's MLP, where only lower layers have written), a token -1, a target n_layers. Edges
+    within a layer would break this; `attribution.influence.influence` checks it as it goes."""
+    return np.concatenate([np.asarray(feature_layer, np.int64), np.asarray(error_layer, np.int64),
+                           np.full(n_tokens, -1), np.full(n_logits, n_layers)])
+
+
 def error_nodes(n_layers: int, n_pos: int, bos: bool) -> tuple[np.ndarray, np.ndarray]:
     """(layer, pos) of the error nodes in graph order: layer-major, the BOS position left out."""
     first = 1 if bos else 0
@@ -432,4 +447,5 @@ __all__ = [
     "Scores",
     "error_nodes",
     "feature_name",
+    "node_levels",
 ]

@@ -7,11 +7,16 @@ with circuit-tracer's semantics (`graph.py`: `normalize_matrix`, `compute_influe
 * Â is |A| with each row (a target's incoming edges) divided by its sum; rows that sum to ~0 stay
   ~0 (`CLAMP`). `spread` applies it: weights on targets -> the share each source receives.
 * A node's influence is w @ (Â + Â² + ...), w the logit probabilities on the logit nodes: the
-  total weight of every path from the node to the logits (`influence`, iterated until the paths of
-  the acyclic graph run out). The streamed tracer folds the same `spread` one batch at a time in
-  topological order, which needs one pass (`attribution.stream`).
+  total weight of every path from the node to the logits (`influence`). Given each node's level
+  (its layer: every edge points from a lower level to a higher one) it takes one pass over the
+  rows, top level first, each row weighted by its target's influence (final by then) plus its
+  logit weight; a row that breaks the order sends it back to iterating w Â^k until the paths of
+  the acyclic graph run out. The streamed tracer folds the same `spread` the same way, one batch
+  at a time as rows are made (`attribution.stream`).
 * An edge's score is its share of the target's input times the target's influence plus its logit
   weight (`edge_scores`); pruning and the page keep the edges with the largest scores.
+* `MaskedRows` is a pruned adjacency (entries zeroed by masks) read chunk by chunk, so pruning
+  and the pruned graph's scores never copy the whole dense adjacency.
 * Replacement score: the share of the tokens' plus errors' influence that belongs to tokens.
   Completeness score: the influence- (plus logit-) weighted mean over nodes of the share of each
   node's input that does not come from error nodes (`graph_scores_from`).
@@ -26,6 +31,34 @@ from jaxtyping import Float
 
 CLAMP = 1e-10  # row sums below this count as this (circuit-tracer's clamp)
 _WHOLE_BYTES = 1 << 30  # |A| held in one copy up to this size, else taken chunk by chunk
+_CHUNK_BYTES = 64 << 20  # rows taken at a time when not held whole
+
+
+class MaskedRows:
+    """An adjacency with entries zeroed where `keep` ([row, column] bool) is False, and in rows
+    and columns where `row_mask` / `col_mask` ([row] / [column] bool) are False: a pruned graph
+    read without copying the whole. Indexing (`m[rows]`, `m[rows, columns]`, rows a slice or an
+    index array) returns a fresh array; `influence`, `row_sums` and pruning take it in place of
+    an array."""
+
+    def __init__(self, adjacency: np.ndarray, keep: np.ndarray | None = None,
+                 row_mask: np.ndarray | None = None, col_mask: np.ndarray | None = None):
+        self.adjacency, self.keep, self.row_mask, self.col_mask = (adjacency, keep, row_mask,
+                                                                   col_mask)
+        self.shape, self.dtype, self.ndim = adjacency.shape, adjacency.dtype, adjacency.ndim
+        self.itemsize, self.nbytes = adjacency.itemsize, adjacency.nbytes
+
+    def __len__(self) -> int:
+        return len(self.adjacency)
+
+    def __getitem__(self, key) -> np.ndarray:
+        r, c = key if isinstance(key, tuple) else (key, slice(None))
+        cond = True if self.keep is None else self.keep[r, c]
+        if self.row_mask is not None:
+            cond = cond & self.row_mask[r][:, None]
+        if self.col_mask is not None:
+            cond = cond & self.col_mask[c][None, :]
+        return np.where(cond, self.adjacency[r, c], self.dtype.type(0))
 
 
 def normalize_rows(adjacency: Float[np.ndarray, "target source"]
@@ -45,7 +78,7 @@ def spread(weights, abs_rows, sums=None, xp=np):
     return (weights / xp.maximum(sums, CLAMP)).astype(abs_rows.dtype) @ abs_rows
 
 
-def row_sums(rows: Float[np.ndarray, "row source"], columns: slice = slice(None),
+def row_sums(rows: Float[np.ndarray, "row source"] | MaskedRows, columns: slice = slice(None),
              index: np.ndarray | None = None, chunk: int = 1024) -> Float[np.ndarray, " n"]:
     """Sum of |A| of each row (over `columns`; of rows[index] only, when given), in float64,
     chunk by chunk (rows may be long)."""
@@ -56,20 +89,61 @@ def row_sums(rows: Float[np.ndarray, "row source"], columns: slice = slice(None)
                            for i in range(0, len(index), chunk)])
 
 
-def influence(rows: Float[np.ndarray, "row source"], weights: Float[np.ndarray, " node"],
-              row_nodes: np.ndarray | None = None, *, max_iter: int = 1000
-              ) -> Float[np.ndarray, " node"]:
+def row_chunk(rows) -> int:
+    """Rows taken at a time: ~_CHUNK_BYTES of them."""
+    width = rows.shape[1] if rows.ndim == 2 else 0
+    return max(1, _CHUNK_BYTES // max(1, width * rows.itemsize))
+
+
+def _by_level(rows, weights: np.ndarray, row_nodes: np.ndarray, levels: np.ndarray
+              ) -> np.ndarray | None:
+    """`influence` in one pass (module docstring): row groups by level, top level first, each
+    row weighted by its target's weight plus its influence, final by then since every row that
+    feeds it is at a higher level. None when a row sends weight to a node at its own level or
+    above (the levels do not order the graph)."""
+    width = rows.shape[1]
+    row_level = np.asarray(levels)[row_nodes]
+    col_level = np.asarray(levels)[:width]
+    total = np.zeros(len(weights), np.float64)
+    chunk = row_chunk(rows)
+    for level in np.unique(row_level)[::-1]:
+        idx = np.nonzero(row_level == level)[0]
+        up = col_level >= level
+        x_all = weights[row_nodes[idx]] + total[row_nodes[idx]]
+        idx, x_all = idx[x_all != 0], x_all[x_all != 0]  # rows with no weight give nothing
+        for i in range(0, len(idx), chunk):
+            c, x = idx[i:i + chunk], x_all[i:i + chunk]
+            contiguous = c[-1] - c[0] + 1 == len(c)
+            a = np.abs(rows[c[0]:c[-1] + 1] if contiguous else rows[c])
+            part = spread(x, a, a.sum(axis=1, dtype=np.float64))
+            if part[up].any():
+                return None
+            total[:width] += part
+    return total
+
+
+def influence(rows: Float[np.ndarray, "row source"] | MaskedRows, weights: Float[np.ndarray, " node"],
+              row_nodes: np.ndarray | None = None, *, levels: np.ndarray | None = None,
+              max_iter: int = 1000) -> Float[np.ndarray, " node"]:
     """Every node's influence, weights @ (Â + Â² + ...), from the rows known: rows[i] holds the
     incoming edges of node row_nodes[i] over the first rows.shape[1] nodes (default: the square
-    adjacency, row i is node i). `weights` has one entry per node (the logit probabilities on the
-    logit nodes). Rows not given count as having no inputs (the greedy visit's partial graph).
-    Holds |A| once when it is small, else takes it chunk by chunk, never copying all rows."""
+    adjacency, row i is node i). `rows` may be a `MaskedRows`. `weights` has one entry per node
+    (the logit probabilities on the logit nodes). Rows not given count as having no inputs (the
+    greedy visit's partial graph). With `levels` (each node's level, e.g.
+    `attribution.graph.node_levels`) it takes one pass, when they order the graph; else (or
+    without them) it iterates, holding |A| once when it is small, else taking it chunk by chunk,
+    never copying all rows."""
     n = len(weights)
     row_nodes = np.arange(len(rows)) if row_nodes is None else np.asarray(row_nodes)
+    weights = np.asarray(weights, np.float64)
+    if levels is not None and len(rows) and rows.ndim == 2:
+        total = _by_level(rows, weights, row_nodes, levels)
+        if total is not None:
+            return total
     width = rows.shape[1] if rows.ndim == 2 else 0
     whole = rows.nbytes <= _WHOLE_BYTES
-    chunk = max(len(rows), 1) if whole else max(1, (64 << 20) // max(1, width * rows.itemsize))
-    held = np.abs(rows) if whole else None
+    chunk = max(len(rows), 1) if whole else row_chunk(rows)
+    held = np.abs(rows[:len(rows)]) if whole else None
     sums = held.sum(axis=1, dtype=np.float64) if whole else row_sums(rows, chunk=chunk)
     current = np.asarray(weights, np.float64)
     total = np.zeros(n, np.float64)
@@ -123,5 +197,5 @@ def cumulative_share(infl: Float[np.ndarray, " node"], total: float | None = Non
     return cum, cum - infl / total
 
 
-__all__ = ["CLAMP", "cumulative_share", "edge_scores", "graph_scores_from", "influence",
-           "normalize_rows", "row_sums", "spread"]
+__all__ = ["CLAMP", "MaskedRows", "cumulative_share", "edge_scores", "graph_scores_from", "influence",
+           "normalize_rows", "row_chunk", "row_sums", "spread"]

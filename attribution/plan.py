@@ -36,6 +36,7 @@ import numpy as np
 from attribution.stream import DENSE_BYTES, chunks, stream_batches
 
 EDGE_FILE_BYTES = 6  # float16 value + int32 column per stored edge
+HOST_PASSES = 8  # host passes over the held graph: influence, pruning and scores (docstring)
 NONZERO_SHARE = 0.5  # of a row's sources, roughly those upstream of it
 
 
@@ -131,7 +132,7 @@ def plan_modes(st, config, n_layers: int, m: Measured | None = None) -> list[Mod
     logit_batches = -(-n_logit // B)
     logit_seconds = logit_batches * m.batch_seconds
     host = m.host_seconds_per_element
-    passes = 2 * L + 12
+    passes = HOST_PASSES
     out = []
 
     def refused(cfg) -> str:
@@ -182,7 +183,7 @@ def plan_modes(st, config, n_layers: int, m: Measured | None = None) -> list[Mod
                                  round(mean_layer))
     updates = -(-n_b // config.update_interval)
     visit_s = sum(host * (n_logit + min(cap, (u + 1) * config.update_interval * B)) * n_src
-                  * (L + 2) for u in range(updates))
+                  for u in range(updates))
     Nc = cap + n_err + T + n_logit
     buf = (n_logit + cap) * n_src * 4
     add("capped", cap, cap + n_logit, n_b + logit_batches, set(), visit_rows_s,
@@ -195,4 +196,4 @@ def plan_modes(st, config, n_layers: int, m: Measured | None = None) -> list[Mod
     return [dataclasses.replace(p, chosen=p.mode == chosen) for p in out]
 
 
-__all__ = ["DENSE_BYTES", "Measured", "ModePlan", "measure", "plan_modes"]
+__all__ = ["DENSE_BYTES", "HOST_PASSES", "Measured", "ModePlan", "measure", "plan_modes"]

@@ -29,11 +29,13 @@ import numpy as np
 
 from attribution.graph import Graph, Scores
 from attribution.influence import (
+    MaskedRows,
     cumulative_share,
     edge_scores,
     graph_scores_from,
     influence,
     normalize_rows,
+    row_chunk,
     row_sums,
 )
 
@@ -44,17 +46,70 @@ def node_influence(graph: Graph, adjacency: np.ndarray | None = None) -> np.ndar
     if adjacency is None and graph.streamed:
         return graph.influence.astype(np.float64)
     a = graph.adjacency if adjacency is None else adjacency
-    return influence(a, graph.logit_weights())
+    return influence(a, graph.logit_weights(), levels=graph.node_levels())
 
 
-def find_threshold(scores: np.ndarray, fraction: float, total: float | None = None) -> float:
+_BUCKET_SHIFT = 16  # float32 scores bucketed by their top 16 bits: sign, exponent, 7 of mantissa
+
+
+def kept_edges(rows, target_weight: np.ndarray, fraction: float) -> np.ndarray:
+    """[row, column] bool: the nonzero entries of `rows` (an array or a `MaskedRows`) whose edge
+    score (`edge_scores` with each row's `target_weight`) is at least `find_threshold` of all
+    the positive scores at `fraction`. Two passes over row chunks, never holding every score:
+    the first sums the scores per bucket of float32 values (ordered as their bits), which names
+    the bucket holding the threshold; the second keeps the edges of higher buckets and collects
+    that bucket's scores, whose sorted cumulative share (after the higher buckets' mass) gives
+    the threshold. Scores below it lie in lower buckets."""
+    chunk = max(1, row_chunk(rows) // 4)  # a score's float32, bucket and float64 copies
+    weight = np.asarray(target_weight)
+    live = np.nonzero(weight > 0)[0]  # rows whose target has no weight score 0 throughout
+    parts = [live[i:i + chunk] for i in range(0, len(live), chunk)]
+
+    def scored(c):
+        return edge_scores(rows[c[0]:c[-1] + 1] if c[-1] - c[0] + 1 == len(c) else rows[c],
+                           weight[c])
+
+    n_buckets = 1 << (32 - _BUCKET_SHIFT)
+    mass = np.zeros(n_buckets, np.float64)
+    for c in parts:
+        pos = scored(c)
+        pos = pos[pos > 0]
+        mass += np.bincount(pos.astype(np.float32).view(np.uint32) >> _BUCKET_SHIFT,
+                            weights=pos, minlength=n_buckets)
+    total = mass.sum()
+    mask = np.zeros(rows.shape, bool)
+    if total <= 0:  # no positive score: the threshold is 0, every edge scoring 0 is kept
+        for i in range(0, len(rows), chunk):
+            mask[i:i + chunk] = (rows[i:i + chunk] != 0) & (weight[i:i + chunk, None] >= 0)
+        return mask
+    at_least = np.cumsum(mass[::-1])[::-1]  # mass of each bucket and those above it
+    reached = np.nonzero((at_least / total >= fraction) & (mass > 0))[0]
+    b = int(reached.max()) if reached.size else int(np.nonzero(mass)[0].min())
+    where, values = [], []
+    for c in parts:
+        s = scored(c)
+        bucket = s.astype(np.float32).view(np.uint32) >> _BUCKET_SHIFT
+        mask[c] = (bucket > b) & (s > 0)
+        i, j = np.nonzero((bucket == b) & (s > 0))
+        where.append((c[i], j))
+        values.append(s[i, j])
+    values = np.concatenate(values)
+    above = float(at_least[b + 1]) if b + 1 < n_buckets else 0.0
+    mask[tuple(np.concatenate(w) for w in zip(*where))] = values >= find_threshold(
+        values, fraction, total, above)
+    return mask
+
+
+def find_threshold(scores: np.ndarray, fraction: float, total: float | None = None,
+                   above: float = 0.0) -> float:
     """The smallest score among the top scores whose cumulative share reaches `fraction` (shares
-    of `total` when given: scores of items not listed, all below these, count in it)."""
+    of `total` when given: scores of items not listed, all below these, count in it; `above`:
+    the sum of scores not listed that are all above these)."""
     s = np.sort(np.asarray(scores, np.float64).ravel())[::-1]
     total = s.sum() if total is None else max(float(total), s.sum())
     if s.size == 0 or total <= 0:
         return 0.0
-    cum = np.cumsum(s) / total
+    cum = (above + np.cumsum(s)) / total
     i = min(int(np.searchsorted(cum, fraction)), s.size - 1)
     return float(s[i])
 
@@ -68,7 +123,7 @@ class PruneResult:
 
     def adjacency(self, graph: Graph) -> np.ndarray:
         """The pruned adjacency: kept edges only."""
-        return np.where(self.edge_mask, graph.adjacency, 0.0).astype(graph.adjacency.dtype)
+        return np.where(self.edge_mask, graph.adjacency, graph.adjacency.dtype.type(0))
 
 
 def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> PruneResult:
@@ -102,22 +157,28 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
     node_mask = infl >= cut
     node_mask[r.token.start:] = True  # tokens and logits, always
 
-    pruned = graph.adjacency.copy()
-    pruned[~node_mask] = 0
-    pruned[:, ~node_mask] = 0
-    scores = edge_scores(pruned, influence(pruned, weights) + weights)
-    nonzero = scores[scores > 0]
-    edge_mask = (scores >= find_threshold(nonzero, edge_threshold)) & (pruned != 0)
+    # The graph with the nodes dropped (their rows and columns zeroed), read chunk by chunk.
+    kept = MaskedRows(graph.adjacency, row_mask=node_mask, col_mask=node_mask)
+    edge_mask = kept_edges(kept, influence(kept, weights, levels=graph.node_levels()) + weights,
+                           edge_threshold)
 
-    sources_end = r.token.start  # features and errors: must keep an outgoing edge
+    # Then drop sources (features, errors) left with no outgoing edge and features left with no
+    # incoming one, until nothing changes; every edge lies among the nodes kept so far, so this
+    # runs on their block of the mask.
+    nodes = np.nonzero(node_mask)[0]
+    block = edge_mask[np.ix_(nodes, nodes)]
+    alive = np.ones(len(nodes), bool)
+    source, feature = nodes < r.token.start, nodes < r.feature.stop
     while True:
-        before = node_mask.copy()
-        edge_mask[~node_mask] = False
-        edge_mask[:, ~node_mask] = False
-        node_mask[:sources_end] &= edge_mask[:, :sources_end].any(axis=0)
-        node_mask[r.feature] &= edge_mask[r.feature].any(axis=1)
-        if np.array_equal(before, node_mask):
+        before = alive.copy()
+        block[~alive] = False
+        block[:, ~alive] = False
+        alive &= ~source | block.any(axis=0)
+        alive &= ~feature | block.any(axis=1)
+        if np.array_equal(before, alive):
             break
+    node_mask[nodes] = alive
+    edge_mask[np.ix_(nodes, nodes)] = block
 
     return PruneResult(node_mask, edge_mask, cumulative_share(infl, total)[0], infl)
 
@@ -132,17 +193,24 @@ def _stored(graph: Graph, infl: np.ndarray, total: float) -> PruneResult:
     return PruneResult(node_mask, edge_mask, cumulative_share(infl, total)[0], infl)
 
 
-def graph_scores(graph: Graph, adjacency: np.ndarray | None = None) -> tuple[float, float]:
+def graph_scores(graph: Graph, adjacency=None, infl: np.ndarray | None = None
+                 ) -> tuple[float, float]:
     """(replacement score, completeness score) of the graph, or of `adjacency` over its nodes
-    (a pruned adjacency, for the scores of the pruned graph). A streamed graph's own scores are
-    its full graph's, computed while tracing."""
+    (a pruned adjacency, an array or a `MaskedRows`, for the scores of the pruned graph).
+    `infl`: its nodes' influence, when already known. A streamed graph's own scores are its
+    full graph's, computed while tracing."""
     if adjacency is None and graph.streamed:
         return graph.full_graph.replacement_score, graph.full_graph.completeness_score
     r = graph.ranges
     a = graph.adjacency if adjacency is None else adjacency
     weights = graph.logit_weights()
-    return graph_scores_from(influence(a, weights), weights, row_sums(a), row_sums(a, r.error),
-                             r.token, r.error)
+    if infl is None:
+        infl = influence(a, weights, levels=graph.node_levels())
+    # Input sums weigh in as (influence + weight): rows without either need none.
+    live = np.nonzero(np.asarray(infl) + weights)[0]
+    sums, err_sums = np.zeros(graph.n_nodes), np.zeros(graph.n_nodes)
+    sums[live], err_sums[live] = row_sums(a, index=live), row_sums(a, r.error, index=live)
+    return graph_scores_from(infl, weights, sums, err_sums, r.token, r.error)
 
 
 def score(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98,
@@ -154,10 +222,11 @@ def score(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pruned = prune(graph, node_threshold, edge_threshold)
-    rep, comp = graph_scores(graph)
-    rep_p, comp_p = graph_scores(graph, pruned.adjacency(graph))
+    rep, comp = graph_scores(graph, infl=None if graph.streamed else pruned.influence)
+    rep_p, comp_p = graph_scores(graph, MaskedRows(graph.adjacency, keep=pruned.edge_mask))
     return Scores(rep, comp, rep_p, comp_p)
 
 
-__all__ = ["PruneResult", "find_threshold", "graph_scores", "influence", "node_influence",
+__all__ = ["PruneResult", "find_threshold", "graph_scores", "influence", "kept_edges",
+           "node_influence",
            "normalize_rows", "prune", "score"]

@@ -48,7 +48,9 @@ def absorb(influence, rows, node, extra, *, errors: tuple[int, int]):
     return influence, sums, a[:, errors[0]:errors[1]].sum(axis=1), jnp.count_nonzero(rows)
 
 
-DENSE_BYTES = 13  # a dense graph's adjacency (4) + |A| (4) + edge scores (4) + edge mask (1)
+# A dense graph's bytes per entry: the adjacency (4) and pruning's kept-edge mask (1; pruning
+# and scores read the adjacency chunk by chunk, `attribution.prune`).
+DENSE_BYTES = 5
 
 
 def available_bytes() -> float:
@@ -69,7 +71,7 @@ def use_stream(config, n_all: int, cap: int, n_src: int, n_err: int, T: int,
     n_dense = cap + n_err + T + n_logit
     # Capped: the greedy visit holds its rows over every source until the end.
     dense_gb = (n_dense**2 if not capped else (cap + n_logit) * n_src) * 4 / 2**30
-    # auto: stream past max_adjacency_gb, or when the dense graph and pruning's copies of it
+    # auto: stream past max_adjacency_gb, or when the dense graph and pruning's mask of it
     # (attribution.plan's memory model) would not fit in the memory available now.
     stream = not capped and (config.adjacency == "stream" or (
         config.adjacency == "auto" and (dense_gb > config.max_adjacency_gb or

@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attribution import replacement as rep
-from attribution.graph import Graph, error_nodes
+from attribution.graph import Graph, error_nodes, node_levels
 from attribution.influence import influence
 from attribution.prune import prune, score
 from attribution.stream import chunks, stream, use_stream
@@ -728,9 +728,10 @@ def trace_tokens(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderCon
             feat_rows = _all_rows(make, active, batch, n_src, n_src + n_logit, bar, task,
                                   config.offload)
         else:
-            selected, feat_rows = _greedy_rows(make, active, cap, batch, logit_rows,
-                                               infl_weights, n_src, config.update_interval, bar,
-                                               task)
+            selected, feat_rows = _greedy_rows(
+                make, active, cap, batch, logit_rows, infl_weights,
+                node_levels(active.layer, err_layer, T, n_logit, L), config.update_interval, bar,
+                task)
     info["seconds_rows"] = round(time.perf_counter() - t0 - t_setup, 3)
     info["row_flops"], info["row_batches"] = make.flops_run, make.batches_run
 
@@ -771,12 +772,14 @@ def _all_rows(make, active, batch, n_src, N, bar, task, offload):
     return adjacency
 
 
-def _greedy_rows(make, active, cap, batch, logit_rows, logit_weights, n_src, update_interval,
+def _greedy_rows(make, active, cap, batch, logit_rows, logit_weights, levels, update_interval,
                  bar, task):
     """circuit-tracer's greedy visit: rank unvisited features by their influence estimated from
-    the rows made so far, make the rows of the next `update_interval` batches, repeat."""
+    the rows made so far, make the rows of the next `update_interval` batches, repeat. `levels`:
+    every node's (`node_levels`), for influence's one pass."""
     n_all, n_logit = len(active), len(logit_rows)
-    n_nodes = n_src + n_logit
+    n_nodes = len(levels)
+    n_src = n_nodes - n_logit
     logit_nodes = np.arange(n_src, n_nodes)
     buf = np.zeros((n_logit + cap, n_src), make.out_dtype)
     buf[:n_logit] = logit_rows
@@ -787,7 +790,7 @@ def _greedy_rows(make, active, cap, batch, logit_rows, logit_weights, n_src, upd
     visited = np.zeros(n_all, bool)
     st = n_logit
     while st - n_logit < cap:
-        infl = influence(buf[:st], weights, row_nodes[:st])
+        infl = influence(buf[:st], weights, row_nodes[:st], levels=levels)
         rank = np.argsort(-infl[:n_all], kind="stable")
         pending = rank[~visited[rank]][:min(update_interval * batch, cap - (st - n_logit))]
         # Sorting the queue by layer keeps each batch's sweep short (see _rows).

@@ -1,4 +1,5 @@
-"""Pruning and scores on a hand-built 12-node graph, influence computed by hand."""
+"""Pruning and scores on a hand-built 12-node graph, influence computed by hand; the chunked,
+one-pass pruning against the copy-and-sort one it replaced on random trace-shaped graphs."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import pytest
 
 from attribution import influence as influence_module
 from attribution.graph import Graph
-from attribution.prune import find_threshold, graph_scores, influence, prune
+from attribution.influence import MaskedRows, edge_scores
+from attribution.prune import find_threshold, graph_scores, influence, kept_edges, prune, score
 
 
 def hand_graph() -> Graph:
@@ -134,3 +136,108 @@ def test_scores_by_hand():
 def test_thresholds_validated():
     with pytest.raises(ValueError, match="node_threshold"):
         prune(hand_graph(), node_threshold=1.5)
+
+
+def _old_prune_edges(A: np.ndarray, node_mask: np.ndarray, weights: np.ndarray,
+                     fraction: float) -> np.ndarray:
+    """The edge mask as pruning made it before `kept_edges`: the node-pruned adjacency copied
+    whole, every edge score held, all positive scores sorted (`find_threshold`)."""
+    pruned = A.copy()
+    pruned[~node_mask] = 0
+    pruned[:, ~node_mask] = 0
+    scores = edge_scores(pruned, influence(pruned, weights) + weights)
+    return (scores >= find_threshold(scores[scores > 0], fraction)) & (pruned != 0)
+
+
+def layered_graph(seed: int, n_layers: int = 5, per_layer: int = 40, T: int = 6,
+                  n_logit: int = 3, dtype=np.float32) -> Graph:
+    """A random graph shaped like a trace's: features at layer l take edges from features and
+    errors of lower layers and from tokens; logits from everything but logits; about half the
+    allowed entries nonzero, with magnitudes over several decades (many bucket boundaries)."""
+    rng = np.random.default_rng(seed)
+    f_layer = np.repeat(np.arange(n_layers), per_layer).astype(np.int32)
+    e_layer = np.repeat(np.arange(n_layers), T - 1).astype(np.int32)
+    levels = np.concatenate([f_layer, e_layer, np.full(T, -1), np.full(n_logit, n_layers)])
+    N = len(levels)
+    allowed = levels[:, None] > levels[None, :]
+    allowed[len(f_layer):len(f_layer) + len(e_layer) + T] = False  # errors, tokens: no inputs
+    A = (rng.standard_normal((N, N)) * 10.0 ** rng.uniform(-4, 1, (N, N))).astype(dtype)
+    A *= allowed & (rng.random((N, N)) < 0.5)
+    probs = rng.dirichlet(np.ones(n_logit)).astype(np.float32)
+    nf = len(f_layer)
+    return Graph(
+        tokens=np.arange(T, dtype=np.int32), token_strings=[str(i) for i in range(T)],
+        feature_layer=f_layer, feature_pos=rng.integers(0, T, nf).astype(np.int32),
+        feature_index=np.arange(nf, dtype=np.int32), activation=np.ones(nf, np.float32),
+        error_layer=e_layer, error_pos=np.tile(np.arange(1, T), n_layers).astype(np.int32),
+        logit_tokens=np.arange(n_logit, dtype=np.int32), logit_strings=["a", "b", "c"][:n_logit],
+        logit_probs=probs, adjacency=A, n_layers=n_layers, bos=True)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_influence_one_pass_equals_iteration(seed, monkeypatch):
+    """Influence by levels (one pass) = the iterated series, on the whole graph, on masked rows
+    and on a partial graph's rows; a graph the levels do not order (an edge within a layer)
+    falls back to iterating, same numbers."""
+    g = layered_graph(seed, dtype=np.float64)
+    w, lv = g.logit_weights(), g.node_levels()
+    want = influence(g.adjacency, w)
+    np.testing.assert_allclose(influence(g.adjacency, w, levels=lv), want, rtol=1e-10)
+    monkeypatch.setattr(influence_module, "_CHUNK_BYTES", 8 * 37 * g.n_nodes)  # ragged chunks
+    np.testing.assert_allclose(influence(g.adjacency, w, levels=lv), want, rtol=1e-10)
+    keep = np.random.default_rng(seed).random(g.n_nodes) < 0.7
+    masked = MaskedRows(g.adjacency, row_mask=keep, col_mask=keep)
+    copy = g.adjacency * keep[:, None] * keep[None, :]
+    np.testing.assert_array_equal(masked[3:50], copy[3:50])
+    np.testing.assert_array_equal(masked[np.array([5, 2, 9]), 4:30], copy[[5, 2, 9], 4:30])
+    np.testing.assert_allclose(influence(masked, w, levels=lv), influence(copy, w), rtol=1e-10)
+    # Rows of some nodes only, in shuffled order (the greedy visit's partial graph).
+    r = g.ranges
+    order = np.random.default_rng(seed).permutation(np.r_[r.logit, 0:r.feature.stop:2])
+    np.testing.assert_allclose(influence(g.adjacency[order], w, order, levels=lv),
+                               influence(g.adjacency[order], w, order), rtol=1e-10)
+    # An edge inside layer 2: the one pass would miss its paths; iterating does not.
+    bad = g.adjacency.copy()
+    f2 = np.nonzero(g.feature_layer == 2)[0]
+    bad[f2[1], f2[0]] = 5.0
+    np.testing.assert_allclose(influence(bad, w, levels=lv), influence(bad, w), rtol=1e-10)
+    assert not np.allclose(influence(bad, w), want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 0.9, 0.98, 0.999, 1.0])
+def test_kept_edges_equals_sorting_every_score(fraction, dtype, monkeypatch):
+    """kept_edges (bucketed, chunk by chunk) keeps exactly the edges that sorting every score
+    keeps, over several chunks; prune's edge mask is the old copy-based one."""
+    monkeypatch.setattr(influence_module, "_CHUNK_BYTES", 4 * 23 * 300)
+    for seed in range(3):
+        g = layered_graph(seed, dtype=dtype)
+        w = g.logit_weights()
+        node_mask = np.random.default_rng(seed).random(g.n_nodes) < 0.6
+        node_mask[g.ranges.token.start:] = True
+        want = _old_prune_edges(g.adjacency, node_mask, w, fraction)
+        kept = MaskedRows(g.adjacency, row_mask=node_mask, col_mask=node_mask)
+        got = kept_edges(kept, influence(kept, w, levels=g.node_levels()) + w, fraction)
+        assert (got != want).sum() == 0, (seed, (got != want).sum(), want.sum())
+    # No positive score (every target weight 0): every edge kept, as find_threshold's 0 does.
+    np.testing.assert_array_equal(kept_edges(g.adjacency, np.zeros(g.n_nodes), 0.5),
+                                  g.adjacency != 0)
+
+
+def test_prune_equals_copying_prune():
+    """prune (masked rows, one-pass influence, bucketed threshold) = the copy-based pruning it
+    replaced, on random trace-shaped graphs; the pruned scores match the copied adjacency's."""
+    for seed in range(3):
+        g = layered_graph(seed)
+        res = prune(g, 0.8, 0.98)
+        infl = influence(g.adjacency, g.logit_weights())  # float32 rows: rounding differs
+        np.testing.assert_allclose(res.influence, infl, rtol=1e-6)
+        node_mask = res.influence >= find_threshold(res.influence, 0.8)
+        node_mask[g.ranges.token.start:] = True
+        edge_mask = _old_prune_edges(g.adjacency, node_mask, g.logit_weights(), 0.98)
+        edge_mask[~res.node_mask] = False  # what the consistency loop then drops
+        edge_mask[:, ~res.node_mask] = False
+        np.testing.assert_array_equal(res.edge_mask, edge_mask)
+        s = score(g, 0.8, 0.98, res)
+        np.testing.assert_allclose([s.pruned_replacement, s.pruned_completeness],
+                                   graph_scores(g, res.adjacency(g)), rtol=1e-9)
