@@ -12,27 +12,32 @@ this device once:
 
 Predicted time = compilation x distinct prefixes + every batch's run time, scaled from the
 measured batch by their arithmetic (`_RowMaker.flops`: prefix length, sweep depth, the active
-slots its decoder contraction reads) + the host passes of
-influence, pruning and scores over the graph held (~(2 L + 12) passes over it: influence iterates
-once per layer of path length, twice: for pruning and for the scores). Predicted peak memory =
-the process's resident memory after the measured batch (model, transcoder, replacement model,
-one batch's buffers, compiled programs) + the arrays the mode holds: the dense adjacency and
-pruning's copies of it (|A|, edge scores, the kept-edge mask: `DENSE_BYTES` bytes per entry), a
-streamed trace's stored graph and its row batches, a capped trace's row buffer. Disk: the
+slots its decoder contraction reads) + the host passes of influence, pruning and scores over the
+graph held (`HOST_PASSES`: influence takes one pass, in layer order; pruning's edge scores two;
+row sums and the pruned graph the rest). A capped trace's greedy visit adds one pass over its
+rows so far at every influence update; its batches are replayed on the visit's first ranking
+(the features' influence through the measured targets' rows), each group of `update_interval`
+batches sorted by layer and position as the visit sorts them. Predicted peak memory = the
+process's resident memory after the measured batch (model, transcoder, replacement model, one
+batch's buffers, compiled programs) + the arrays the mode holds: the dense adjacency and
+pruning's kept-edge mask (`DENSE_BYTES` bytes per entry; pruning reads the adjacency chunk by
+chunk), a streamed trace's stored graph and its row batches, a capped trace's row buffer. Disk: the
 `--save-full` graph (every nonzero edge as float16 + int32 column; about half of a row's sources
 are upstream of it); the default slim file holds the pruned graph only and is smaller.
 
-`scripts/bench_trace.py --plan` checks predictions against measured runs.
+`scripts/bench_plan.py` checks predictions against measured runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from attribution.graph import node_levels
+from attribution.influence import influence
 from attribution.stream import DENSE_BYTES, chunks, stream_batches
 
 EDGE_FILE_BYTES = 6  # float16 value + int32 column per stored edge
@@ -68,6 +73,8 @@ class Measured:
     host_seconds_per_element: float  # one host pass over a float32 element
 
     full_flops: float = 0.0  # the measured batch's arithmetic (`_RowMaker.flops`)
+    # The measured batch's rows (the first targets' rows, host): the greedy visit's first ranking.
+    logit_rows: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def batch(self, make, P: int, layer: int) -> float:
         """A batch's seconds: the measured one's, scaled by their arithmetic."""
@@ -98,7 +105,7 @@ def measure(st, n_layers: int) -> Measured:
     times = []
     for _ in range(2):
         t0 = time.perf_counter()
-        make(layer, pos, vec)
+        rows = make(layer, pos, vec)
         times.append(time.perf_counter() - t0)
     a = np.random.default_rng(0).standard_normal((1024, 2048)).astype(np.float32)
     w = np.ones(1024, np.float32)
@@ -109,7 +116,27 @@ def measure(st, n_layers: int) -> Measured:
         (w / np.maximum(s, 1e-10)) @ h
     per_element = (time.perf_counter() - t0) / (3 * a.size)
     return Measured(_rss_gb(), times[1], max(times[0] - times[1], 0.0), per_element,
-                    make.flops(make.prefix_length(pos), L))
+                    make.flops(make.prefix_length(pos), L), np.asarray(rows))
+
+
+def _visit_batches(st, m: Measured, n_layers: int, cap: int, group: int) -> list | None:
+    """The greedy visit's batches replayed on a proxy ranking: the influence of the features
+    from the measured targets' rows, which is the visit's own first ranking (later ones also
+    count the rows made since). As the visit does, each `group` (update_interval x batch) of
+    the ranking is sorted by layer and position, then cut into batches. None without rows."""
+    if m.logit_rows is None or not st.n_all:
+        return None
+    k, n_src = len(m.logit_rows), st.n_src
+    levels = node_levels(st.active.layer, st.err_layer, st.n_pos, st.n_logit, n_layers)
+    weights = np.zeros(n_src + st.n_logit)
+    weights[n_src:] = st.logit_probs if st.weights is None else st.weights
+    infl = influence(m.logit_rows, weights, n_src + np.arange(k), levels=levels)
+    rank = np.argsort(-infl[:st.n_all], kind="stable")[:cap]
+    out = []
+    for g in range(0, len(rank), group):
+        grp = rank[g:g + group]
+        out += chunks(grp[np.lexsort((st.active.pos[grp], st.active.layer[grp]))], st.batch)
+    return out
 
 
 def _batch_costs(st, m: Measured, L: int, batches) -> tuple[float, set]:
@@ -175,18 +202,22 @@ def plan_modes(st, config, n_layers: int, m: Measured | None = None) -> list[Mod
     # Capped: the greedy visit's `cap` rows (rank by influence every update_interval batches).
     cap = (min(config.max_feature_nodes, n_all) if config.max_feature_nodes is not None
            else max(1, n_all // 8))
-    # The visit picks features by influence from every position, so its batches run on the
-    # whole prompt; each layer-sorted batch spans a few layers (cost: the mean layer's).
     n_b = -(-cap // B)
-    mean_layer = float(st.active.layer.mean()) if n_all else 0.0
-    visit_rows_s = n_b * m.batch(st.make, st.make.prefix_length(np.array([T - 1])),
-                                 round(mean_layer))
+    visit = _visit_batches(st, m, L, cap, config.update_interval * B)
+    if visit is not None:
+        visit_rows_s, visit_prefixes = _batch_costs(st, m, L, visit)
+        n_b = len(visit)
+    else:  # no measured rows: every batch on the whole prompt, at the mean layer
+        mean_layer = float(st.active.layer.mean()) if n_all else 0.0
+        visit_rows_s = n_b * m.batch(st.make, st.make.prefix_length(np.array([T - 1])),
+                                     round(mean_layer))
+        visit_prefixes = set()
     updates = -(-n_b // config.update_interval)
     visit_s = sum(host * (n_logit + min(cap, (u + 1) * config.update_interval * B)) * n_src
                   for u in range(updates))
     Nc = cap + n_err + T + n_logit
     buf = (n_logit + cap) * n_src * 4
-    add("capped", cap, cap + n_logit, n_b + logit_batches, set(), visit_rows_s,
+    add("capped", cap, cap + n_logit, n_b + logit_batches, visit_prefixes, visit_rows_s,
         (2 * buf + Nc * Nc * DENSE_BYTES) / 2**30, visit_s + host * Nc * Nc * passes,
         (cap + n_logit) * (Nc - n_logit) * NONZERO_SHARE,
         dataclasses.replace(config, max_feature_nodes=cap))

@@ -100,6 +100,38 @@ def test_auto_streams_when_the_dense_graph_would_not_fit(monkeypatch):
     args = {"n_all": 5000, "cap": 5000, "n_src": 5300, "n_err": 290, "T": 10, "n_logit": 10}
     assert not stream_mod.use_stream(config, **args)
     n = 5000 + 290 + 10 + 10
-    monkeypatch.setattr(stream_mod, "available_bytes", lambda: n * n * 13 / 0.9 * 0.99)
+    monkeypatch.setattr(stream_mod, "available_bytes",
+                        lambda: n * n * stream_mod.DENSE_BYTES / 0.9 * 0.99)
     assert stream_mod.use_stream(config, **args)
     assert not stream_mod.use_stream(dataclasses.replace(config, adjacency="dense"), **args)
+
+
+def test_capped_plan_replays_the_visits_first_batches(tiny, monkeypatch):
+    """With the measured targets' rows (a real `measure`), the capped plan's batches are the
+    greedy visit's: its first update_interval batches are the trace's own (same layers and
+    positions, in order), and it counts every row and batch the trace makes."""
+    from attribution.plan import _visit_batches, measure
+
+    m, cfg, p = tiny
+    config = TraceConfig(prompt="x", batch_size=8, position_bucket=4, max_feature_nodes=40,
+                         update_interval=2, max_n_logits=5)  # one batch holds every target
+    st = setup_trace(m.params, m.cfg, cfg, p, IDS, config)
+    measured = measure(st, m.cfg.n_layers)
+    assert measured.logit_rows is not None and measured.logit_rows.shape[1] == st.n_src
+    plan = {q.mode: q for q in plan_modes(st, config, m.cfg.n_layers, measured)}["capped"]
+    seen = []
+    real = trace_mod._RowMaker.__call__
+
+    def recorded(maker, layer, pos, vec, host=True, padded=False):
+        seen.append((np.asarray(layer).copy(), np.asarray(pos).copy()))
+        return real(maker, layer, pos, vec, host, padded)
+
+    monkeypatch.setattr(trace_mod._RowMaker, "__call__", recorded)
+    trace_tokens(m.params, m.cfg, cfg, p, IDS, config)
+    visit = _visit_batches(st, measured, m.cfg.n_layers, 40, 16)
+    n_logit_batches = -(-st.n_logit // 8)
+    assert plan.batches == len(seen) == len(visit) + n_logit_batches
+    assert plan.rows == sum(len(layer) for layer, _ in seen)
+    for b, (layer, pos) in zip(visit[:2], seen[n_logit_batches:n_logit_batches + 2]):
+        np.testing.assert_array_equal(st.active.layer[b], layer)
+        np.testing.assert_array_equal(st.active.pos[b], pos)
