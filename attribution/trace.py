@@ -518,7 +518,8 @@ class _RowMaker:
         layer = np.concatenate([layer, np.zeros(pad, np.int32)]).astype(np.int32)
         pos = np.concatenate([pos, np.zeros(pad, np.int32)]).astype(np.int32)
         vec = jnp.asarray(vec)
-        vec = jnp.concatenate([vec, jnp.zeros((pad, self.cfg.d_model), vec.dtype)])
+        if len(vec) < self.batch:  # (`features` passes its vectors padded already)
+            vec = jnp.concatenate([vec, jnp.zeros((pad, self.cfg.d_model), vec.dtype)])
         over_counts, columns = self.prefix_columns(P)
         self.flops_run += self.flops(P, int(layer[:n].max()))
         self.batches_run += 1
@@ -532,16 +533,22 @@ class _RowMaker:
                     layer, pos, vec, model_cfg=self.cfg,
                     tc_cfg=self.tc_cfg, src_layers=self.src_layers, src_sizes=self.src_sizes,
                     over_counts=over_counts, first_pos=self.first_pos, n_pos=P)
-        out = out if padded else out[:n]
-        return np.asarray(jax.device_get(out)) if host else out
+        if host:  # cut on the host: a slice on the device compiles once per batch size
+            out = np.asarray(jax.device_get(out))
+        return out if padded else out[:n]
 
     def features(self, active: rep.ActiveFeatures, which: np.ndarray, host: bool = True,
                  padded: bool = False):
-        layer, index = active.layer[which], active.index[which]
-        vec = self.W_enc[jnp.asarray(layer), :, jnp.asarray(index)]  # encoder rows [n, d_model]
-        if self.target_scale is not None:
-            vec = vec * jnp.asarray(self.target_scale[which], vec.dtype)[:, None]
-        return self(layer, active.pos[which], vec, host, padded)
+        # Encoder rows [batch, d_model] gathered for the batch padded with feature 0, the padding
+        # zeroed: every batch's gather has one shape (an eager op compiles once per shape).
+        n, which = len(which), np.asarray(which)
+        full = np.concatenate([which, np.zeros(self.batch - n, which.dtype)])
+        ts = self.target_scale
+        scale = np.zeros(self.batch, np.float32 if ts is None else np.asarray(ts).dtype)
+        scale[:n] = 1.0 if ts is None else ts[which]
+        vec = self.W_enc[jnp.asarray(active.layer[full]), :, jnp.asarray(active.index[full])]
+        vec = vec * jnp.asarray(scale, vec.dtype)[:, None]
+        return self(active.layer[which], active.pos[which], vec, host, padded)
 
 
 @dataclass
