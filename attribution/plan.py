@@ -38,7 +38,7 @@ import numpy as np
 
 from attribution.graph import node_levels
 from attribution.influence import influence
-from attribution.stream import DENSE_BYTES, chunks, stream_batches
+from attribution.stream import DENSE_BYTES, chunks, stream_batches, visit_batches
 
 EDGE_FILE_BYTES = 6  # float16 value + int32 column per stored edge
 HOST_PASSES = 8  # host passes over the held graph: influence, pruning and scores (docstring)
@@ -132,11 +132,8 @@ def _visit_batches(st, m: Measured, n_layers: int, cap: int, group: int) -> list
     weights[n_src:] = st.logit_probs if st.weights is None else st.weights
     infl = influence(m.logit_rows, weights, n_src + np.arange(k), levels=levels)
     rank = np.argsort(-infl[:st.n_all], kind="stable")[:cap]
-    out = []
-    for g in range(0, len(rank), group):
-        grp = rank[g:g + group]
-        out += chunks(grp[np.lexsort((st.active.pos[grp], st.active.layer[grp]))], st.batch)
-    return out
+    return [c for g in range(0, len(rank), group)
+            for c in visit_batches(st.active, rank[g:g + group], st.batch)]
 
 
 def _batch_costs(st, m: Measured, L: int, batches) -> tuple[float, set]:

@@ -35,6 +35,13 @@ def stream_batches(active: ActiveFeatures, n_layers: int, batch: int) -> list[np
             for c in chunks(np.nonzero(active.layer == layer)[0], batch)]
 
 
+def visit_batches(active: ActiveFeatures, pending: np.ndarray, batch: int) -> list[np.ndarray]:
+    """The batches of one group of a greedy visit (`attribution.trace._greedy_rows`): the
+    features sorted by layer (each batch's sweep stays short) and by position within a layer
+    (its position prefix too), then cut; the planner replays it (`attribution.plan`)."""
+    return chunks(pending[np.lexsort((active.pos[pending], active.layer[pending]))], batch)
+
+
 @partial(jax.jit, static_argnames=("errors",))
 def absorb(influence, rows, node, extra, *, errors: tuple[int, int]):
     """Fold a batch of rows into the influence of their sources (`spread`), each row weighted by
@@ -170,4 +177,4 @@ def stream(make, active, batch, logit_dirs, logit_weights, n_err, T, n_keep, bar
     return selected, adjacency, extra
 
 
-__all__ = ["absorb", "chunks", "stream", "stream_batches", "use_stream"]
+__all__ = ["absorb", "chunks", "stream", "stream_batches", "use_stream", "visit_batches"]

@@ -57,7 +57,7 @@ from attribution import replacement as rep
 from attribution.graph import Graph, error_nodes, node_levels
 from attribution.influence import influence
 from attribution.prune import prune, score
-from attribution.stream import chunks, stream, use_stream
+from attribution.stream import chunks, stream, use_stream, visit_batches
 from attribution.tiling import Sources
 from clt.configs import ConfigError, doc, to_dict
 from clt.lm.config import ModelConfig
@@ -800,10 +800,7 @@ def _greedy_rows(make, active, cap, batch, logit_rows, logit_weights, levels, up
         infl = influence(buf[:st], weights, row_nodes[:st], levels=levels)
         rank = np.argsort(-infl[:n_all], kind="stable")
         pending = rank[~visited[rank]][:min(update_interval * batch, cap - (st - n_logit))]
-        # Sorting the queue by layer keeps each batch's sweep short (see _rows).
-        # (and by position within a layer, its prefix: see _RowMaker).
-        pending = pending[np.lexsort((active.pos[pending], active.layer[pending]))]
-        for c in chunks(pending, batch):
+        for c in visit_batches(active, pending, batch):
             buf[st:st + len(c)] = make.features(active, c)
             row_nodes[st:st + len(c)] = c
             visited[c] = True
