@@ -31,7 +31,9 @@ from jaxtyping import Float
 
 CLAMP = 1e-10  # row sums below this count as this (circuit-tracer's clamp)
 _WHOLE_BYTES = 1 << 30  # |A| held in one copy up to this size, else taken chunk by chunk
-_CHUNK_BYTES = 64 << 20  # rows taken at a time when not held whole
+# Rows taken at a time when not held whole: a chunk and its few temporaries (|A|, a mask, a
+# where) sit beside the whole adjacency at the end of a trace, so they are kept small.
+_CHUNK_BYTES = 16 << 20
 
 
 class MaskedRows:
@@ -79,10 +81,11 @@ def spread(weights, abs_rows, sums=None, xp=np):
 
 
 def row_sums(rows: Float[np.ndarray, "row source"] | MaskedRows, columns: slice = slice(None),
-             index: np.ndarray | None = None, chunk: int = 1024) -> Float[np.ndarray, " n"]:
+             index: np.ndarray | None = None, chunk: int | None = None) -> Float[np.ndarray, " n"]:
     """Sum of |A| of each row (over `columns`; of rows[index] only, when given), in float64,
-    chunk by chunk (rows may be long)."""
+    `chunk` rows at a time (default `row_chunk`: rows may be long)."""
     index = np.arange(len(rows)) if index is None else np.asarray(index)
+    chunk = row_chunk(rows) if chunk is None else chunk
     if not len(index):
         return np.zeros(0)
     return np.concatenate([np.abs(rows[index[i:i + chunk], columns]).sum(axis=1, dtype=np.float64)

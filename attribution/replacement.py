@@ -26,6 +26,7 @@ rest of the MLP output.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 
@@ -237,6 +238,35 @@ def final_hidden(rm: LocalReplacement, params: LMParams, model_cfg: ModelConfig,
     """The final norm with its frozen scale: the vector logit directions are read from."""
     h, _ = norm(x, params.final_norm_w, params.final_norm_b, model_cfg, rm.frozen.final_norm_scale)
     return h
+
+
+# The weights `linear_block` and `final_hidden` never read: the MLPs (their slot takes the
+# substitution), the embedding and unembedding (the embeddings are in rm.embeds, the logit
+# directions are computed before the sweep).
+_UNSWEPT_LAYER = ("W_in", "W_gate", "W_out", "b_in", "b_out", "post_mlp_norm_w")
+_UNSWEPT = ("embed", "pos_embed", "unembed")
+
+
+def sweep_params(params: LMParams) -> LMParams:
+    """The model weights the linear sweep reads (`linear_block`, `final_hidden`); the rest None.
+    A row maker holding only these lets the other ~80% of a model's weights go once the
+    forward pass is done (`release_unswept`)."""
+    layers = dataclasses.replace(params.layers, **dict.fromkeys(_UNSWEPT_LAYER))
+    return dataclasses.replace(params, layers=layers, **dict.fromkeys(_UNSWEPT))
+
+
+def release_unswept(params: LMParams, *keep) -> int:
+    """Free the device buffers of `params`' weights that the sweep never reads (`sweep_params`),
+    leaving alone any array also held in the pytrees `keep`. The caller's `params` cannot run a
+    forward pass afterwards: for a model used once (a single `cltrace trace`). Returns bytes
+    freed."""
+    kept = {id(a) for a in jax.tree.leaves((sweep_params(params), keep))}
+    freed = 0
+    for a in jax.tree.leaves(params):
+        if isinstance(a, jax.Array) and id(a) not in kept and not a.is_deleted():
+            freed += a.nbytes
+            a.delete()
+    return freed
 
 
 def linear_forward(rm: LocalReplacement, params: LMParams, model_cfg: ModelConfig,

@@ -438,7 +438,10 @@ class _RowMaker:
                  bucket: int = 0, mesh=None, target_scale=None):
         cast = (lambda t: jax.tree.map(
             lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, t))
-        self.params, self.tc_params, self.rm = cast(params), cast(tc_params), cast(rm)
+        # Only the weights the sweep reads: the rest (MLPs, embeddings) can go after the forward
+        # pass (`rep.release_unswept`).
+        self.params = cast(rep.sweep_params(params))
+        self.tc_params, self.rm = cast(tc_params), cast(rm)
         self.mesh = mesh if mesh is not None and mesh.size > 1 else None
         if self.mesh is not None:
             self.params, self.tc_params, self.rm = place(self.mesh, tc_cfg, self.params,
@@ -670,15 +673,20 @@ def setup_trace(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderConf
 def trace_tokens(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderConfig | None,
                  tc_params: TranscoderParams | None, token_ids, config: TraceConfig, *,
                  token_strings: list[str] | None = None, logit_strings=None,
-                 targets: Targets | None = None, progress: bool = False) -> Graph:
+                 targets: Targets | None = None, progress: bool = False,
+                 release_model: bool = False) -> Graph:
     """The unpruned attribution graph of a tokenised prompt (the BOS is prepended here).
     Under `config.neurons` the MLP units are the features: tc_cfg and tc_params are None.
 
     `logit_strings(ids) -> list[str]` names the logit tokens (default: the ids as text);
-    `targets`: what to explain (default: the most probable next tokens)."""
+    `targets`: what to explain (default: the most probable next tokens). `release_model`: once
+    the forward pass is done, free the model weights no row reads (its MLPs and embeddings,
+    `rep.release_unswept`), for a caller done with the model: it cannot run again."""
     t0 = time.perf_counter()
     st = setup_trace(params, model_cfg, tc_cfg, tc_params, token_ids, config,
                      token_strings=token_strings, logit_strings=logit_strings, targets=targets)
+    if release_model and not config.neurons:  # neuron rows read the MLPs' own weights
+        rep.release_unswept(params, st.make.params, st.make.tc_params)
     ids, bos, token_strings, active = st.ids, st.bos, st.token_strings, st.active
     logit_toks, names, logit_probs, weights = st.logit_toks, st.names, st.logit_probs, st.weights
     logit_dirs, target_info, err_layer, err_pos = (st.logit_dirs, st.target_info, st.err_layer,
@@ -836,6 +844,7 @@ class Tracer:
             raise ConfigError(f"model '{config.model}' has no tokenizer: cannot encode the "
                               "prompt")
         self.model_name, self.transcoder = config.model, config.transcoder
+        self.released = False
 
     def prepare(self, config: TraceConfig) -> tuple[TraceConfig, list[int], Targets]:
         """(config naming the loaded transcoder, the prompt's token ids, its targets), checked:
@@ -858,6 +867,8 @@ class Tracer:
     def _inputs(self, config: TraceConfig):
         """(model params, model config, transcoder config, transcoder params, ids, config, the
         keywords of `setup_trace` / `trace_tokens`) of a checked prompt."""
+        if self.released:
+            raise RuntimeError("this Tracer traced its last prompt (trace(..., last=True))")
         config, ids, targets = self.prepare(config)
         tok = self.model.tokenizer
         kw = {"token_strings": tok.token_strings(ids, merge=True), "targets": targets,
@@ -873,9 +884,12 @@ class Tracer:
         st = setup_trace(*args, **kw, check_size=False)
         return st, plan_modes(st, args[-1], self.model.cfg.n_layers)
 
-    def trace(self, config: TraceConfig, progress: bool = False) -> Graph:
+    def trace(self, config: TraceConfig, progress: bool = False, last: bool = False) -> Graph:
+        """`last`: no prompt follows, so the weights no row reads are freed after the forward
+        pass (a lower peak); the tracer cannot trace again."""
         args, kw = self._inputs(config)
-        return trace_tokens(*args, **kw, progress=progress)
+        self.released = last
+        return trace_tokens(*args, **kw, progress=progress, release_model=last)
 
 
 def check_prompt(config: TraceConfig) -> None:
@@ -889,7 +903,7 @@ def check_prompt(config: TraceConfig) -> None:
 def trace(config: TraceConfig, progress: bool = False) -> Graph:
     """Load the model and transcoder named in `config` and trace its prompt."""
     check_prompt(config)
-    return Tracer(config, progress).trace(config, progress)
+    return Tracer(config, progress).trace(config, progress, last=True)
 
 
 def load_any_transcoder(ref: str):

@@ -371,7 +371,8 @@ def ct_cltrace(case_dir: Path, args) -> dict:
     t1 = time.perf_counter()
     config = TraceConfig(prompt=f"{len(ids)} tokens", max_feature_nodes=args.cap,
                          adjacency="dense", batch_size=args.batch_size, dtype=args.dtype)
-    g = trace_tokens(m.params, m.cfg, tc_cfg, p, ids, config, progress=False)
+    # As a single `cltrace trace` does: the weights no row reads are freed after the forward pass.
+    g = trace_tokens(m.params, m.cfg, tc_cfg, p, ids, config, progress=False, release_model=True)
     t2 = time.perf_counter()
     if args.ct_save:  # for the agreement check; its time is taken out of the run's
         np.savez(args.ct_save, feature_layer=g.feature_layer, feature_pos=g.feature_pos,

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 
 from clt.configs import ConfigError
@@ -131,12 +132,19 @@ def load_model(name_or_path: str, dtype=jnp.float32, with_tokenizer: bool = True
     """Config, parameters (in `dtype`) and tokenizer of a model, from wherever it lives.
 
     The last two models loaded stay in memory (keyed by file and modification time): reloading
-    one, as notebooks and test suites do, costs nothing. Parameters are immutable jax arrays.
+    one, as notebooks and test suites do, costs nothing. Parameters are immutable jax arrays;
+    a kept model some of whose arrays were freed (a single trace frees the weights its rows do
+    not read: `attribution.replacement.release_unswept`) is loaded again.
     """
     kind, path = resolve(name_or_path)
     stamp = max((p.stat().st_mtime_ns for p in ([path] if path.is_file() else path.iterdir())),
                 default=0)
-    return _load_cached(name_or_path, kind, path, stamp, jnp.dtype(dtype).name, with_tokenizer)
+    key = (name_or_path, kind, path, stamp, jnp.dtype(dtype).name, with_tokenizer)
+    model = _load_cached(*key)
+    if any(isinstance(a, jax.Array) and a.is_deleted() for a in jax.tree.leaves(model.params)):
+        _load_cached.cache_clear()  # lru_cache cannot drop one entry; it holds two at most
+        model = _load_cached(*key)
+    return model
 
 
 @functools.lru_cache(maxsize=2)

@@ -182,3 +182,26 @@ def test_graph_save_load_roundtrip_and_version(tmp_path):
     np.savez(tmp_path / "old.npz", **z)
     with pytest.raises(ConfigError, match="schema 99"):
         Graph.load(tmp_path / "old.npz")
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+def test_a_last_trace_frees_the_weights_no_row_reads(tiny_dirs, family):
+    """`release_model` (a single `cltrace trace`) frees the MLPs and embeddings once the
+    forward pass is done; the graph is the one traced with the model kept, edge for edge, and
+    `load_model` then gives a whole model again (it was kept in its in-process cache)."""
+    m = load_model(tiny_dirs(family))
+    cfg, p = random_transcoder(m.cfg, 16, skip=True)
+    config = TraceConfig(prompt="x", batch_size=8)
+    kept = trace_tokens(m.params, m.cfg, cfg, p, [5, 9, 3, 7], config)
+    freed = trace_tokens(m.params, m.cfg, cfg, p, [5, 9, 3, 7], config, release_model=True)
+    np.testing.assert_array_equal(freed.adjacency, kept.adjacency)
+    assert freed.scores == kept.scores
+    layers = m.params.layers
+    assert layers.W_in.is_deleted() and layers.W_out.is_deleted() and m.params.embed.is_deleted()
+    assert not (layers.W_V.is_deleted() or layers.W_O.is_deleted() or layers.mlp_norm_w.is_deleted()
+                or m.params.final_norm_w.is_deleted())
+    again = load_model(tiny_dirs(family))
+    assert again is not m and not again.params.layers.W_in.is_deleted()
+    np.testing.assert_array_equal(
+        trace_tokens(again.params, again.cfg, cfg, p, [5, 9, 3, 7], config).adjacency,
+        kept.adjacency)
