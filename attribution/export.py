@@ -135,7 +135,7 @@ def to_neuronpedia(graph: Graph, pruned: PruneResult | None = None, slug: str = 
 
     nodes = [node_record(graph, int(n), pruned.cumulative_scores, clerp(int(n)))
              for n in np.nonzero(pruned.node_mask)[0]]
-    tgt, src = np.nonzero(pruned.edge_mask)
+    tgt, src = pruned.edges()
     # Weights to 6 significant digits (float32 edges hold ~7): a third of the file's size.
     links = [{"source": ids[s], "target": ids[t], "weight": float(f"{graph.adjacency[t, s]:.6g}")}
              for t, s in zip(tgt, src)]

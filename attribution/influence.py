@@ -39,23 +39,40 @@ _CHUNK_BYTES = 16 << 20
 class MaskedRows:
     """An adjacency with entries zeroed where `keep` ([row, column] bool) is False, and in rows
     and columns where `row_mask` / `col_mask` ([row] / [column] bool) are False: a pruned graph
-    read without copying the whole. Indexing (`m[rows]`, `m[rows, columns]`, rows a slice or an
-    index array) returns a fresh array; `influence`, `row_sums` and pruning take it in place of
-    an array."""
+    read without copying the whole. With `keep_nodes` (ascending node ids), `keep` covers those
+    rows and columns only ([len(keep_nodes)] square; entries elsewhere are zeroed), as a pruned
+    graph holds its edges (`attribution.prune.PruneResult`). Indexing (`m[rows]`,
+    `m[rows, columns]`, rows a slice or an index array, columns a slice) returns a fresh array;
+    `influence`, `row_sums` and pruning take it in place of an array."""
 
     def __init__(self, adjacency: np.ndarray, keep: np.ndarray | None = None,
-                 row_mask: np.ndarray | None = None, col_mask: np.ndarray | None = None):
+                 row_mask: np.ndarray | None = None, col_mask: np.ndarray | None = None,
+                 keep_nodes: np.ndarray | None = None):
         self.adjacency, self.keep, self.row_mask, self.col_mask = (adjacency, keep, row_mask,
                                                                    col_mask)
         self.shape, self.dtype, self.ndim = adjacency.shape, adjacency.dtype, adjacency.ndim
         self.itemsize, self.nbytes = adjacency.itemsize, adjacency.nbytes
+        self.slot = None  # node -> its row/column of `keep` (-1: none), under keep_nodes
+        if keep_nodes is not None:
+            self.slot = np.full(max(self.shape), -1)
+            self.slot[np.asarray(keep_nodes)] = np.arange(len(keep_nodes))
 
     def __len__(self) -> int:
         return len(self.adjacency)
 
+    def _kept(self, r, c) -> np.ndarray:
+        """`keep` over rows r and columns c of the whole adjacency (under keep_nodes)."""
+        rs = self.slot[:self.shape[0]][r]
+        cs = self.slot[:self.shape[1]][c]
+        out = np.zeros((len(rs), len(cs)), bool)
+        ok_r, ok_c = rs >= 0, cs >= 0
+        out[np.ix_(ok_r, ok_c)] = self.keep[np.ix_(rs[ok_r], cs[ok_c])]
+        return out
+
     def __getitem__(self, key) -> np.ndarray:
         r, c = key if isinstance(key, tuple) else (key, slice(None))
-        cond = True if self.keep is None else self.keep[r, c]
+        cond = (True if self.keep is None else self.keep[r, c] if self.slot is None
+                else self._kept(r, c))
         if self.row_mask is not None:
             cond = cond & self.row_mask[r][:, None]
         if self.col_mask is not None:

@@ -52,17 +52,29 @@ def node_influence(graph: Graph, adjacency: np.ndarray | None = None) -> np.ndar
 _BUCKET_SHIFT = 16  # float32 scores bucketed by their top 16 bits: sign, exponent, 7 of mantissa
 
 
-def kept_edges(rows, target_weight: np.ndarray, fraction: float) -> np.ndarray:
+def kept_edges(rows, target_weight: np.ndarray, fraction: float,
+               among: np.ndarray | None = None) -> np.ndarray:
     """[row, column] bool: the nonzero entries of `rows` (an array or a `MaskedRows`) whose edge
     score (`edge_scores` with each row's `target_weight`) is at least `find_threshold` of all
-    the positive scores at `fraction`. Two passes over row chunks, never holding every score:
+    the positive scores at `fraction`. With `among` (sorted node ids holding every nonzero row
+    and column of `rows`, e.g. the nodes a pruning keeps), the mask covers those rows and
+    columns only: [len(among), len(among)], a full graph's N x N never made (fresh large arrays
+    get 2 MB pages, so even a sparsely written N x N mask is resident nearly whole). Two passes
+    over row chunks, never holding every score:
     the first sums the scores per bucket of float32 values (ordered as their bits), which names
     the bucket holding the threshold; the second keeps the edges of higher buckets and collects
     that bucket's scores, whose sorted cumulative share (after the higher buckets' mass) gives
     the threshold. Scores below it lie in lower buckets."""
     chunk = max(1, row_chunk(rows) // 4)  # a score's float32, bucket and float64 copies
     weight = np.asarray(target_weight)
+    n_rows, n_cols = rows.shape
+    if among is not None and n_rows != n_cols:
+        raise ValueError("kept_edges(among=...) takes a square adjacency")
+    at = np.arange(max(n_rows, n_cols)) if among is None else np.asarray(among)
+    slot = np.full(max(n_rows, n_cols), -1)  # row/column -> mask index (-1: not in the mask)
+    slot[at] = np.arange(len(at))
     live = np.nonzero(weight > 0)[0]  # rows whose target has no weight score 0 throughout
+    live = live[slot[live] >= 0]  # (rows outside `among` hold no edge)
     parts = [live[i:i + chunk] for i in range(0, len(live), chunk)]
 
     def scored(c):
@@ -77,10 +89,24 @@ def kept_edges(rows, target_weight: np.ndarray, fraction: float) -> np.ndarray:
         mass += np.bincount(pos.astype(np.float32).view(np.uint32) >> _BUCKET_SHIFT,
                             weights=pos, minlength=n_buckets)
     total = mass.sum()
-    mask = np.zeros(rows.shape, bool)
+    mask = np.zeros(rows.shape if among is None else (len(at), len(at)), bool)
+
+    outside = None if among is None else slot[:n_cols] < 0
+
+    def put(r, m, nonzero):  # rows r's [len(r), n_cols] mask into the (maybe smaller) mask
+        if among is None:
+            mask[r] = m
+            return
+        if nonzero[:, outside].any():
+            raise ValueError("kept_edges: an edge to a column outside `among`")
+        mask[slot[r]] = m[:, at]
+
     if total <= 0:  # no positive score: the threshold is 0, every edge scoring 0 is kept
-        for i in range(0, len(rows), chunk):
-            mask[i:i + chunk] = (rows[i:i + chunk] != 0) & (weight[i:i + chunk, None] >= 0)
+        for i in range(0, n_rows, chunk):
+            r = np.arange(i, min(i + chunk, n_rows))
+            r = r if among is None else r[slot[r] >= 0]
+            nonzero = rows[r] != 0
+            put(r, nonzero & (weight[r, None] >= 0), nonzero)
         return mask
     at_least = np.cumsum(mass[::-1])[::-1]  # mass of each bucket and those above it
     reached = np.nonzero((at_least / total >= fraction) & (mass > 0))[0]
@@ -89,9 +115,10 @@ def kept_edges(rows, target_weight: np.ndarray, fraction: float) -> np.ndarray:
     for c in parts:
         s = scored(c)
         bucket = s.astype(np.float32).view(np.uint32) >> _BUCKET_SHIFT
-        mask[c] = (bucket > b) & (s > 0)
-        i, j = np.nonzero((bucket == b) & (s > 0))
-        where.append((c[i], j))
+        positive = s > 0
+        put(c, (bucket > b) & positive, positive)
+        i, j = np.nonzero((bucket == b) & positive)
+        where.append((slot[c[i]], slot[j]))
         values.append(s[i, j])
     values = np.concatenate(values)
     above = float(at_least[b + 1]) if b + 1 < n_buckets else 0.0
@@ -116,14 +143,52 @@ def find_threshold(scores: np.ndarray, fraction: float, total: float | None = No
 
 @dataclass(frozen=True)
 class PruneResult:
+    """The nodes and edges a pruning keeps. Every kept edge joins two kept nodes, so the edges
+    are held among those only (`edge_block`): a full graph's [node, node] mask would be N^2
+    bytes, nearly all resident (fresh large arrays get 2 MB pages)."""
+
     node_mask: np.ndarray  # [node] bool, nodes kept
-    edge_mask: np.ndarray  # [node node] bool, edges kept (target, source)
+    edge_block: np.ndarray  # [kept, kept] bool, edges kept (target, source) among `kept_nodes`
     cumulative_scores: np.ndarray  # [node] cumulative influence share at each node's rank
     influence: np.ndarray  # [node] node influence in the unpruned graph
 
+    @property
+    def kept_nodes(self) -> np.ndarray:
+        """The kept nodes' ids, ascending: the rows and columns of `edge_block`."""
+        return np.nonzero(self.node_mask)[0]
+
+    @property
+    def n_edges(self) -> int:
+        return int(np.count_nonzero(self.edge_block))
+
+    def edges(self) -> tuple[np.ndarray, np.ndarray]:
+        """(target ids, source ids) of the kept edges, row by row."""
+        t, s = np.nonzero(self.edge_block)
+        kept = self.kept_nodes
+        return kept[t], kept[s]
+
+    def edges_among(self, nodes: np.ndarray) -> np.ndarray:
+        """[len(nodes), len(nodes)] bool: the kept edges among `nodes` (target, source)."""
+        slot = np.full(len(self.node_mask), -1)
+        slot[self.kept_nodes] = np.arange(len(self.edge_block))
+        at = slot[np.asarray(nodes)]
+        ok = at >= 0
+        out = np.zeros((len(at), len(at)), bool)
+        out[np.ix_(ok, ok)] = self.edge_block[np.ix_(at[ok], at[ok])]
+        return out
+
+    @property
+    def edge_mask(self) -> np.ndarray:
+        """[node, node] bool, the kept edges (target, source), made whole: N^2 bytes."""
+        return self.edges_among(np.arange(len(self.node_mask)))
+
+    def masked(self, adjacency: np.ndarray) -> MaskedRows:
+        """`adjacency` with every edge not kept zeroed, read chunk by chunk (no copy)."""
+        return MaskedRows(adjacency, keep=self.edge_block, keep_nodes=self.kept_nodes)
+
     def adjacency(self, graph: Graph) -> np.ndarray:
-        """The pruned adjacency: kept edges only."""
-        return np.where(self.edge_mask, graph.adjacency, graph.adjacency.dtype.type(0))
+        """The pruned adjacency: kept edges only (a whole [node, node] copy)."""
+        return self.masked(graph.adjacency)[:]
 
 
 def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> PruneResult:
@@ -157,16 +222,15 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
     node_mask = infl >= cut
     node_mask[r.token.start:] = True  # tokens and logits, always
 
-    # The graph with the nodes dropped (their rows and columns zeroed), read chunk by chunk.
+    # The graph with the nodes dropped (their rows and columns zeroed), read chunk by chunk;
+    # every edge left lies among the nodes kept, so the edge mask is made over those only.
     kept = MaskedRows(graph.adjacency, row_mask=node_mask, col_mask=node_mask)
-    edge_mask = kept_edges(kept, influence(kept, weights, levels=graph.node_levels()) + weights,
-                           edge_threshold)
+    nodes = np.nonzero(node_mask)[0]
+    block = kept_edges(kept, influence(kept, weights, levels=graph.node_levels()) + weights,
+                       edge_threshold, among=nodes)
 
     # Then drop sources (features, errors) left with no outgoing edge and features left with no
-    # incoming one, until nothing changes; every edge lies among the nodes kept so far, so this
-    # runs on their block of the mask.
-    nodes = np.nonzero(node_mask)[0]
-    block = edge_mask[np.ix_(nodes, nodes)]
+    # incoming one, until nothing changes.
     alive = np.ones(len(nodes), bool)
     source, feature = nodes < r.token.start, nodes < r.feature.stop
     while True:
@@ -178,9 +242,8 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
         if np.array_equal(before, alive):
             break
     node_mask[nodes] = alive
-    edge_mask[np.ix_(nodes, nodes)] = block
-
-    return PruneResult(node_mask, edge_mask, cumulative_share(infl, total)[0], infl)
+    return PruneResult(node_mask, block[np.ix_(alive, alive)], cumulative_share(infl, total)[0],
+                       infl)
 
 
 def _stored(graph: Graph, infl: np.ndarray, total: float) -> PruneResult:
@@ -190,7 +253,9 @@ def _stored(graph: Graph, infl: np.ndarray, total: float) -> PruneResult:
     edge_mask = graph.adjacency != 0
     node_mask = np.ones(graph.n_nodes, bool)
     node_mask[r.error] = edge_mask[:, r.error].any(axis=0)
-    return PruneResult(node_mask, edge_mask, cumulative_share(infl, total)[0], infl)
+    kept = np.nonzero(node_mask)[0]
+    return PruneResult(node_mask, edge_mask[np.ix_(kept, kept)],
+                       cumulative_share(infl, total)[0], infl)
 
 
 def graph_scores(graph: Graph, adjacency=None, infl: np.ndarray | None = None
@@ -223,7 +288,7 @@ def score(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
             warnings.simplefilter("ignore")
             pruned = prune(graph, node_threshold, edge_threshold)
     rep, comp = graph_scores(graph, infl=None if graph.streamed else pruned.influence)
-    rep_p, comp_p = graph_scores(graph, MaskedRows(graph.adjacency, keep=pruned.edge_mask))
+    rep_p, comp_p = graph_scores(graph, pruned.masked(graph.adjacency))
     return Scores(rep, comp, rep_p, comp_p)
 
 

@@ -44,7 +44,7 @@ def slim(graph: Graph, pruned: PruneResult | None = None) -> Graph:
     infl = pruned.influence
     feats = np.nonzero(pruned.node_mask[r.feature])[0]
     keep = np.concatenate([feats, np.arange(r.error.start, graph.n_nodes)])
-    adjacency = graph.adjacency[np.ix_(keep, keep)] * pruned.edge_mask[np.ix_(keep, keep)]
+    adjacency = graph.adjacency[np.ix_(keep, keep)] * pruned.edges_among(keep)
     if graph.streamed:
         sums, err_sums = graph.input_abs, graph.input_error_abs
     else:

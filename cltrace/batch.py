@@ -45,7 +45,7 @@ def summary_row(item, graph, pruned, cards, seconds: float) -> dict:
         "folder": item.folder, "tokens": int(graph.n_pos), "targets": targets,
         "features": int(full.features if graph.streamed else r.feature.stop),
         "nodes": int(full.nodes if graph.streamed else graph.n_nodes),
-        "pruned_nodes": int(pruned.node_mask.sum()), "pruned_edges": int(pruned.edge_mask.sum()),
+        "pruned_nodes": int(pruned.node_mask.sum()), "pruned_edges": pruned.n_edges,
         "replacement": round(float(s.replacement), 5),
         "completeness": round(float(s.completeness), 5),
         "pruned_replacement": round(float(s.pruned_replacement), 5),

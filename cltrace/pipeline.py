@@ -181,7 +181,7 @@ def _write(graph, config, graph_path: Path, json_path: Path, *, cards=None, prog
     print(f"nodes: {graph.n_nodes} ({n_feat} {units} of {graph.n_active_total} active, "
           f"{r.error.stop - r.error.start} {errors}, {graph.n_pos} tokens, "
           f"{len(graph.logit_tokens)} logits); edges: {graph.n_edges}")
-    print(f"pruned: {int(pruned.node_mask.sum())} nodes, {int(pruned.edge_mask.sum())} edges "
+    print(f"pruned: {int(pruned.node_mask.sum())} nodes, {pruned.n_edges} edges "
           f"(node threshold {config.node_threshold}, edge threshold {config.edge_threshold})")
     print(f"replacement score {s.replacement:.4f}, completeness score {s.completeness:.4f} "
           f"(unpruned); {s.pruned_replacement:.4f}, {s.pruned_completeness:.4f} (pruned)")

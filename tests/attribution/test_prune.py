@@ -241,3 +241,36 @@ def test_prune_equals_copying_prune():
         s = score(g, 0.8, 0.98, res)
         np.testing.assert_allclose([s.pruned_replacement, s.pruned_completeness],
                                    graph_scores(g, res.adjacency(g)), rtol=1e-9)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.9, 0.98])
+def test_edges_held_among_kept_nodes(fraction, monkeypatch):
+    """kept_edges(among=nodes) is the whole mask's block over those nodes (over several chunks,
+    the threshold's bucket included), and a pruning's edges read through `edge_block` (edges,
+    n_edges, edges_among, masked rows) are those of its whole [node, node] mask."""
+    monkeypatch.setattr(influence_module, "_CHUNK_BYTES", 4 * 23 * 300)
+    for seed in range(3):
+        g = layered_graph(seed)
+        w = g.logit_weights()
+        node_mask = np.random.default_rng(seed).random(g.n_nodes) < 0.6
+        node_mask[g.ranges.token.start:] = True
+        nodes = np.nonzero(node_mask)[0]
+        kept = MaskedRows(g.adjacency, row_mask=node_mask, col_mask=node_mask)
+        target = influence(kept, w, levels=g.node_levels()) + w
+        whole = kept_edges(kept, target, fraction)
+        np.testing.assert_array_equal(kept_edges(kept, target, fraction, among=nodes),
+                                      whole[np.ix_(nodes, nodes)])
+        assert not whole[~node_mask].any() and not whole[:, ~node_mask].any()
+        with pytest.raises(ValueError, match="outside"):  # an edge the nodes given do not hold
+            kept_edges(g.adjacency, target, fraction, among=nodes)
+        res = prune(g, 0.8, fraction)
+        mask = res.edge_mask
+        t, s = res.edges()
+        np.testing.assert_array_equal(np.stack([t, s]), np.stack(np.nonzero(mask)))
+        assert res.n_edges == mask.sum() and (res.n_edges > 0) == (fraction > 0)
+        some = np.sort(np.random.default_rng(seed).choice(g.n_nodes, 40, replace=False))
+        np.testing.assert_array_equal(res.edges_among(some), mask[np.ix_(some, some)])
+        m = res.masked(g.adjacency)
+        np.testing.assert_array_equal(m[:], np.where(mask, g.adjacency, 0))
+        np.testing.assert_array_equal(m[np.array([7, 3, 40]), 5:60],
+                                      np.where(mask, g.adjacency, 0)[[7, 3, 40], 5:60])
