@@ -255,18 +255,27 @@ def sweep_params(params: LMParams) -> LMParams:
     return dataclasses.replace(params, layers=layers, **dict.fromkeys(_UNSWEPT))
 
 
+def _unswept(params: LMParams, keep=()) -> list:
+    """`params`' live arrays the sweep never reads, none of them also in the pytrees `keep`."""
+    kept = {id(a) for a in jax.tree.leaves((sweep_params(params), keep))}
+    return [a for a in jax.tree.leaves(params)
+            if isinstance(a, jax.Array) and id(a) not in kept and not a.is_deleted()]
+
+
+def unswept_bytes(params: LMParams) -> int:
+    """Bytes `release_unswept` frees (the planner's prediction for a single trace)."""
+    return sum(a.nbytes for a in _unswept(params))
+
+
 def release_unswept(params: LMParams, *keep) -> int:
     """Free the device buffers of `params`' weights that the sweep never reads (`sweep_params`),
     leaving alone any array also held in the pytrees `keep`. The caller's `params` cannot run a
     forward pass afterwards: for a model used once (a single `cltrace trace`). Returns bytes
     freed."""
-    kept = {id(a) for a in jax.tree.leaves((sweep_params(params), keep))}
-    freed = 0
-    for a in jax.tree.leaves(params):
-        if isinstance(a, jax.Array) and id(a) not in kept and not a.is_deleted():
-            freed += a.nbytes
-            a.delete()
-    return freed
+    arrays = _unswept(params, keep)
+    for a in arrays:
+        a.delete()
+    return sum(a.nbytes for a in arrays)
 
 
 def linear_forward(rm: LocalReplacement, params: LMParams, model_cfg: ModelConfig,

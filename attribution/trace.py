@@ -882,7 +882,9 @@ class Tracer:
 
         args, kw = self._inputs(config)
         st = setup_trace(*args, **kw, check_size=False)
-        return st, plan_modes(st, args[-1], self.model.cfg.n_layers)
+        # The plan is of a single trace (`cltrace trace`), which frees the weights no row reads.
+        released = 0 if config.neurons else rep.unswept_bytes(self.model.params)
+        return st, plan_modes(st, args[-1], self.model.cfg.n_layers, released_gb=released / 2**30)
 
     def trace(self, config: TraceConfig, progress: bool = False, last: bool = False) -> Graph:
         """`last`: no prompt follows, so the weights no row reads are freed after the forward

@@ -47,7 +47,7 @@ if what == "plan":
     print(json.dumps(dataclasses.asdict(row)))
 else:
     t0 = time.perf_counter()
-    g = tracer.trace(config)
+    g = tracer.trace(config, last=True)  # as `cltrace trace` does: frees what no row reads
     t = time.perf_counter() - t0
     print(json.dumps({"seconds": g.info["seconds_rows"] + g.info["seconds_scores"],
                       "seconds_rows": g.info["seconds_rows"], "seconds_call": t,

@@ -13,6 +13,7 @@ import pytest
 from attribution.export import node_ids, to_neuronpedia
 from attribution.graph import Graph
 from attribution.prune import graph_scores, prune
+from attribution.replacement import unswept_bytes
 from attribution.trace import TraceConfig, trace_tokens
 from clt.configs import ConfigError
 from clt.lm import load_model
@@ -193,10 +194,14 @@ def test_a_last_trace_frees_the_weights_no_row_reads(tiny_dirs, family):
     cfg, p = random_transcoder(m.cfg, 16, skip=True)
     config = TraceConfig(prompt="x", batch_size=8)
     kept = trace_tokens(m.params, m.cfg, cfg, p, [5, 9, 3, 7], config)
+    layers = m.params.layers
+    mlp = [a for a in (layers.W_in, layers.W_gate, layers.W_out, layers.b_in, layers.b_out,
+                       layers.post_mlp_norm_w) if a is not None]
+    embeddings = [a for a in (m.params.embed, m.params.pos_embed, m.params.unembed) if a is not None]
+    assert unswept_bytes(m.params) == sum(a.nbytes for a in mlp + embeddings)  # the plan's
     freed = trace_tokens(m.params, m.cfg, cfg, p, [5, 9, 3, 7], config, release_model=True)
     np.testing.assert_array_equal(freed.adjacency, kept.adjacency)
     assert freed.scores == kept.scores
-    layers = m.params.layers
     assert layers.W_in.is_deleted() and layers.W_out.is_deleted() and m.params.embed.is_deleted()
     assert not (layers.W_V.is_deleted() or layers.W_O.is_deleted() or layers.mlp_norm_w.is_deleted()
                 or m.params.final_norm_w.is_deleted())
