@@ -32,12 +32,15 @@ def read_run(spec: str) -> tuple[str, list[tuple[float, float]]]:
 
 
 def read_heldout(spec: str) -> tuple[str, float, dict]:
-    """LABEL=TOKENS:FILE -> (label, tokens, {nmse, kl})."""
+    """LABEL=TOKENS:FILE[#NAME] -> (label, tokens, {nmse, kl}). NAME picks a transcoder of a
+    compare_transcoders.py file (default: its first)."""
     label, rest = spec.split("=", 1)
     tokens, path = rest.split(":", 1)
+    path, _, name = path.partition("#")
     data = json.loads(Path(path).read_text())
     if "transcoders" in data:  # compare_transcoders.py output
-        data = data["transcoders"][0]["eval"]
+        rows = data["transcoders"]
+        data = next(r for r in rows if r["name"] == name)["eval"] if name else rows[0]["eval"]
     elif "eval" in data:  # a bundle's info.json
         data = data["eval"]
     return label, float(tokens), {"nmse": data["nmse_mean"], "kl": data["kl"]}
