@@ -36,6 +36,18 @@ _WHOLE_BYTES = 1 << 30  # |A| held in one copy up to this size, else taken chunk
 _CHUNK_BYTES = 16 << 20
 
 
+def block_entries(block: np.ndarray, slot: np.ndarray, rows: np.ndarray, cols: np.ndarray
+                  ) -> np.ndarray:
+    """[len(rows), len(cols)] bool: a mask held over some nodes only (`block`, square over them;
+    `slot[node]` is the node's row/column in it, -1 for a node outside), read at node ids
+    `rows` x `cols`; False outside the block."""
+    rs, cs = slot[rows], slot[cols]
+    out = np.zeros((len(rs), len(cs)), bool)
+    ok_r, ok_c = rs >= 0, cs >= 0
+    out[np.ix_(ok_r, ok_c)] = block[np.ix_(rs[ok_r], cs[ok_c])]
+    return out
+
+
 class MaskedRows:
     """An adjacency with entries zeroed where `keep` ([row, column] bool) is False, and in rows
     and columns where `row_mask` / `col_mask` ([row] / [column] bool) are False: a pruned graph
@@ -60,19 +72,15 @@ class MaskedRows:
     def __len__(self) -> int:
         return len(self.adjacency)
 
-    def _kept(self, r, c) -> np.ndarray:
-        """`keep` over rows r and columns c of the whole adjacency (under keep_nodes)."""
-        rs = self.slot[:self.shape[0]][r]
-        cs = self.slot[:self.shape[1]][c]
-        out = np.zeros((len(rs), len(cs)), bool)
-        ok_r, ok_c = rs >= 0, cs >= 0
-        out[np.ix_(ok_r, ok_c)] = self.keep[np.ix_(rs[ok_r], cs[ok_c])]
-        return out
-
     def __getitem__(self, key) -> np.ndarray:
         r, c = key if isinstance(key, tuple) else (key, slice(None))
-        cond = (True if self.keep is None else self.keep[r, c] if self.slot is None
-                else self._kept(r, c))
+        if self.keep is None:
+            cond = True
+        elif self.slot is None:
+            cond = self.keep[r, c]
+        else:  # `keep` over keep_nodes, read at these rows and columns
+            cond = block_entries(self.keep, self.slot, np.arange(self.shape[0])[r],
+                                 np.arange(self.shape[1])[c])
         if self.row_mask is not None:
             cond = cond & self.row_mask[r][:, None]
         if self.col_mask is not None:

@@ -20,8 +20,9 @@ rows so far at every influence update; its batches are replayed on the visit's f
 batches sorted by layer and position as the visit sorts them. Predicted peak memory = the
 process's resident memory after the measured batch (model, transcoder, replacement model, one
 batch's buffers, compiled programs; less the model weights a single trace frees) + the arrays
-the mode holds, or the peak before the first row (loading, the forward pass) if higher: the dense adjacency and
-pruning's kept-edge mask (`DENSE_BYTES` bytes per entry; pruning reads the adjacency chunk by
+the mode holds, or the peak before the first row (loading, the forward pass) if higher. The
+arrays: the dense adjacency and pruning's kept-edge mask (`DENSE_BYTES` bytes per entry, an
+upper bound: the mask is held among the kept nodes only; pruning reads the adjacency chunk by
 chunk), a streamed trace's stored graph and its row batches, a capped trace's row buffer. Disk: the
 `--save-full` graph (every nonzero edge as float16 + int32 column; about half of a row's sources
 are upstream of it); the default slim file holds the pruned graph only and is smaller.

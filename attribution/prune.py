@@ -30,6 +30,7 @@ import numpy as np
 from attribution.graph import Graph, Scores
 from attribution.influence import (
     MaskedRows,
+    block_entries,
     cumulative_share,
     edge_scores,
     graph_scores_from,
@@ -171,11 +172,8 @@ class PruneResult:
         """[len(nodes), len(nodes)] bool: the kept edges among `nodes` (target, source)."""
         slot = np.full(len(self.node_mask), -1)
         slot[self.kept_nodes] = np.arange(len(self.edge_block))
-        at = slot[np.asarray(nodes)]
-        ok = at >= 0
-        out = np.zeros((len(at), len(at)), bool)
-        out[np.ix_(ok, ok)] = self.edge_block[np.ix_(at[ok], at[ok])]
-        return out
+        nodes = np.asarray(nodes)
+        return block_entries(self.edge_block, slot, nodes, nodes)
 
     @property
     def edge_mask(self) -> np.ndarray:
