@@ -304,18 +304,18 @@ def resolve_targets(config: TraceConfig, tokenizer, d_model: int) -> Targets:
 
 
 # --- one batch of rows ---------------------------------------------------------------------------
-@partial(jax.jit, static_argnames=("model_cfg", "tc_cfg", "src_layers", "src_sizes",
-                                   "over_counts", "first_pos", "n_pos"))
+@partial(jax.jit, static_argnames=("model_cfg", "tc_cfg", "src_layers", "over_counts",
+                                   "first_pos", "n_pos"))
 def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, *,
           model_cfg: ModelConfig, tc_cfg: TranscoderConfig, src_layers: tuple[int, ...],
-          src_sizes: tuple[int, ...], over_counts: tuple[int, ...], first_pos: int, n_pos: int):
+          over_counts: tuple[int, ...], first_pos: int, n_pos: int):
     """Rows of A for a batch of targets: [batch, features + errors + tokens] float32.
 
     tgt_layer: the target's layer (n_layers for a logit), tgt_pos its position (< n_pos),
     tgt_vec its encoder row or logit direction. The model is causal, so the sweep runs on the
     first `n_pos` positions only; sources at later positions get zeros. layout: per source
-    layer, `Sources.device()`; src_sizes: its active features; over_counts / columns: its
-    overflow tiles and its features' columns in the prefix (`Sources.columns`)."""
+    layer, `Sources.device()`; over_counts: its overflow tiles in the prefix; columns: every
+    active feature's decoder slot in the prefix's slots (`_RowMaker.prefix_columns`)."""
     B = tgt_layer.shape[0]
     T_all = rm.tokens.shape[0]
     rm = rep.prefix(rm, n_pos) if n_pos < T_all else rm
@@ -328,15 +328,22 @@ def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, *
         return jnp.zeros((B, T, D), dt).at[rows, tgt_pos].set(v)[:, None]
 
     zero = jnp.zeros((1, T, D), dt)
-    _, top_vjp = jax.vjp(lambda x: rep.final_hidden(rm, params, model_cfg, x), zero)
-    g = jax.vmap(top_vjp)(inject(L))[0]  # [B, 1, T, D] at the final residual
     lmax = jnp.max(tgt_layer)
+    f32 = jnp.promote_types(dt, jnp.float32)  # accumulate in at least float32
+
+    def top(_):
+        _, top_vjp = jax.vjp(lambda x: rep.final_hidden(rm, params, model_cfg, x), zero)
+        return jax.vmap(top_vjp)(inject(L))[0]  # [B, 1, T, D] at the final residual
+
+    # Only a batch holding a logit starts from the final residual (the others from zeros).
+    g = jax.lax.cond(lmax >= L, top, lambda _: jnp.zeros((B, 1, T, D), dt), None)
     # Block l holds the read point of layer-l targets, so the sweep runs from block lmax (the
     # last block when a logit is in the batch) down to block 0.
     n_blocks = jnp.minimum(lmax + 1, L)
+    error = rm.error.astype(dt)
 
     def step(i, carry):
-        g, G = carry
+        g, G, err = carry
         layer = n_blocks - 1 - i
         _, blk_vjp = jax.vjp(
             lambda x, m: rep.linear_block(rm, params, model_cfg, tc_cfg, tc_params, layer, x, m),
@@ -345,18 +352,21 @@ def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, *
         # matmul per position with contiguous operands (XLA's CPU batched dot is several times
         # slower with the batch axis in the middle).
         gx, gm = jax.vmap(blk_vjp, out_axes=(0, 2))((g, inject(layer)))
-        return gx, jax.lax.dynamic_update_index_in_dim(G, gm[0], layer, axis=0)
+        # The error nodes' edges while this layer's gradients are in cache.
+        e_l = jnp.einsum("tbd,td->bt", gm[0], jax.lax.dynamic_index_in_dim(error, layer, 0, False),
+                         preferred_element_type=f32)
+        return (gx, jax.lax.dynamic_update_index_in_dim(G, gm[0], layer, axis=0),
+                jax.lax.dynamic_update_index_in_dim(err, e_l, layer, axis=0))
 
     # Blocks above every target in the batch get no gradient: the sweep starts below them.
-    g, G = jax.lax.fori_loop(0, n_blocks, step, (g, jnp.zeros((L, T, B, D), dt)))
-    f32 = jnp.promote_types(dt, jnp.float32)  # accumulate in at least float32
+    g, G, err = jax.lax.fori_loop(0, n_blocks, step, (g, jnp.zeros((L, T, B, D), dt),
+                                                      jnp.zeros((L, B, T), f32)))
 
-    def pad(x, n):  # zeros for the sources beyond the prefix
-        return jnp.pad(x, ((0, 0), (0, n - x.shape[1])))
-
-    cols = []
-    for s, (idx, act, o_idx, o_act, o_pos), col, size, n_over in zip(
-            src_layers, layout, columns, src_sizes, over_counts):
+    # Every source layer's edges, one row per decoder slot ([slots, B], then a zero row for the
+    # features past the prefix), are read at the features' slots in one gather (`columns`):
+    # per-layer gathers and pads cost more than the contraction itself on low-layer batches.
+    slots = []
+    for s, (idx, act, o_idx, o_act, o_pos), n_over in zip(src_layers, layout, over_counts):
         idx, act = idx[:T], act[:T]
         o_idx, o_act, o_pos = o_idx[:n_over], o_act[:n_over], o_pos[:n_over]
         e = (jnp.zeros((T, B, idx.shape[1]), f32), jnp.zeros((n_over, B, o_idx.shape[1]), f32))
@@ -377,17 +387,19 @@ def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, *
             return main, e[1] + jnp.einsum("nbd,nkd->nbk", grad, dec, preferred_element_type=f32)
 
         # A target at layer l reads MLP slots t < l only: the loop stops below every target of
-        # the batch (a third of a CLT's decoder work, on average).
-        e = jax.lax.fori_loop(s, jnp.minimum(lmax, s + tc_cfg.n_targets(s)), contract, e)
-        flat = jnp.concatenate([jnp.swapaxes(e[0] * act[:, None], 0, 1).reshape(B, -1),
-                                jnp.swapaxes(e[1] * o_act[:, None], 0, 1).reshape(B, -1)], axis=1)
-        cols.append(pad(flat[:, col], size))
-    err = jnp.einsum("ltbd,ltd->blt", G, rm.error.astype(dt), preferred_element_type=f32)
-    err = jnp.pad(err, ((0, 0), (0, 0), (0, T_all - T)))
-    cols.append(err[:, :, first_pos:].reshape(B, -1))
-    cols.append(pad(jnp.einsum("btd,td->bt", g[:, 0], rm.embeds, preferred_element_type=f32),
-                    T_all))
-    return jnp.concatenate(cols, axis=1)
+        # the batch (a third of a CLT's decoder work, on average). The cond keeps a source layer
+        # the batch does not read from doing anything: XLA hoists a loop's invariant gathers
+        # (all of a PLT's) out of it, where they would run even for no iteration.
+        e = jax.lax.cond(s < lmax, lambda e, s=s, contract=contract: jax.lax.fori_loop(
+            s, jnp.minimum(lmax, s + tc_cfg.n_targets(s)), contract, e), lambda e: e, e)
+        slots += [jnp.swapaxes(e[0] * act[:, None], 1, 2).reshape(-1, B),
+                  jnp.swapaxes(e[1] * o_act[:, None], 1, 2).reshape(-1, B)]
+    slots.append(jnp.zeros((1, B), f32))
+    feats = jnp.concatenate(slots).at[columns].get(mode="promise_in_bounds")
+    err = jnp.pad(jnp.swapaxes(err, 1, 2), ((0, 0), (0, T_all - T), (0, 0)))  # [L, T_all, B]
+    emb = jnp.einsum("btd,td->tb", g[:, 0], rm.embeds, preferred_element_type=f32)
+    return jnp.concatenate([feats, err[:, first_pos:].reshape(-1, B),
+                            jnp.pad(emb, ((0, T_all - T), (0, 0)))]).T
 
 
 # --- the whole graph -----------------------------------------------------------------------------
@@ -456,7 +468,6 @@ class _RowMaker:
                         if np.any(active.layer == s)]
         self.src_layers = tuple(src.layer for src in self.sources)
         self.layout = tuple(self._put(src.device()) for src in self.sources)
-        self.src_sizes = tuple(len(src.pos) for src in self.sources)
         self._columns = {}  # prefix length -> prefix_columns(prefix length)
         self.first_pos = 1 if bos else 0
         self.W_enc = self.tc_params.W_enc if self.mesh is not None else tc_params.W_enc
@@ -502,13 +513,22 @@ class _RowMaker:
         per_target += 2 * L * P * D + 2 * P * D
         return float(self.batch * per_target)
 
-    def prefix_columns(self, P: int) -> tuple[tuple[int, ...], tuple]:
-        """Per source layer, for the prefix of P positions: its overflow tiles (static) and its
-        features' columns (`Sources.columns`), cached."""
+    def prefix_columns(self, P: int) -> tuple[tuple[int, ...], object]:
+        """For the prefix of P positions: per source layer, its overflow tiles (static); and for
+        every active feature, in graph order, its row in `_rows`'s slots (each source layer's
+        main rows [P, K] then its overflow tiles, layer after layer; a feature past the prefix
+        reads the zero row after them), cached."""
         if P not in self._columns:
-            cols = [src.columns(P) for src in self.sources]
+            cols, at = [], 0
+            for src in self.sources:
+                n_over, c = src.columns(P)
+                rest = np.full(len(src.pos) - len(c), -1, np.int32)  # past the prefix
+                cols.append((n_over, np.concatenate([c + at, rest])))
+                at += P * src.index.shape[1] + n_over * src.over_index.shape[1]
+            index = np.concatenate([c for _, c in cols]) if cols else np.zeros(0, np.int32)
             self._columns[P] = (tuple(n for n, _ in cols),
-                                tuple(self._put(jnp.asarray(c)) for _, c in cols))
+                                self._put(jnp.asarray(np.where(index < 0, at, index)
+                                                      .astype(np.int32))))
         return self._columns[P]
 
     def __call__(self, layer: np.ndarray, pos: np.ndarray, vec, host: bool = True,
@@ -534,7 +554,7 @@ class _RowMaker:
             vec = self._put(vec, PartitionSpec("data", None))
         out = _rows(self.params, self.tc_params, self.rm, self.layout, columns,
                     layer, pos, vec, model_cfg=self.cfg,
-                    tc_cfg=self.tc_cfg, src_layers=self.src_layers, src_sizes=self.src_sizes,
+                    tc_cfg=self.tc_cfg, src_layers=self.src_layers,
                     over_counts=over_counts, first_pos=self.first_pos, n_pos=P)
         if host:  # cut on the host: a slice on the device compiles once per batch size
             out = np.asarray(jax.device_get(out))

@@ -134,7 +134,7 @@ class Reference:
         dM = np.zeros((L, len(sources), T, D), dE.dtype)
         acts, err, e0 = np.asarray(self.acts), np.asarray(self.error), np.asarray(self.e0)
         for i, s in enumerate(sources):
-            kind = r.kind_of(s)
+            kind = r.kind_of(int(s))
             if kind == "feature":
                 layer, pos, f = (int(graph.feature_layer[s]), int(graph.feature_pos[s]),
                                  int(graph.feature_index[s]))
