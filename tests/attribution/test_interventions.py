@@ -69,7 +69,7 @@ def test_frozen_zeroing_a_feature_moves_every_target_by_minus_its_edge(tiny_dirs
 @pytest.mark.parametrize("family,reach,skip", [("llama", None, False), ("gemma3", 1, True)])
 def test_free_mode_identity_and_errors_only(tiny_dirs, family, reach, skip):
     m, tc_cfg, tc_params, ids = _setup(tiny_dirs, family, reach, skip, dtype=jnp.float32)
-    rm, acts = rep.build(m.params, m.cfg, tc_cfg, tc_params, np.asarray(ids))
+    rm, _ = rep.build(m.params, m.cfg, tc_cfg, tc_params, np.asarray(ids))
     logits, _ = forward(m.params, m.cfg, jnp.asarray([ids]))
     same = iv.free_logits(m.params, m.cfg, tc_cfg, tc_params, rm, ())
     np.testing.assert_allclose(same, logits[0], atol=1e-5)
