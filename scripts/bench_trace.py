@@ -604,7 +604,8 @@ def main() -> int:
                     help="estimate (sampled batches) cases with more feature rows than this")
     ap.add_argument("--sample", type=int, default=24, help="batches timed per estimate")
     ap.add_argument("--max-adjacency-gb", type=float, default=8.0)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=0,
+                    help="TraceConfig.batch_size (0: automatic, its default)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per case")
     ap.add_argument("--out", default="out/bench_trace.json")

@@ -210,3 +210,29 @@ def test_a_last_trace_frees_the_weights_no_row_reads(tiny_dirs, family):
     np.testing.assert_array_equal(
         trace_tokens(again.params, again.cfg, cfg, p, [5, 9, 3, 7], config).adjacency,
         kept.adjacency)
+
+
+def test_automatic_batch_size(tiny_dirs):
+    """batch_size 0: GREEDY_BATCH targets per sweep under a feature cap, FULL_BATCH for a full
+    graph, each under batch_memory_gb; a full graph's rows are the same at any batch size."""
+    from attribution.trace import FULL_BATCH, GREEDY_BATCH, batch_size
+
+    m = load_model(tiny_dirs("llama"))
+    auto = TraceConfig(prompt="x")
+    assert auto.batch_size == 0
+    assert batch_size(auto, m.cfg, 8) == FULL_BATCH
+    assert batch_size(auto, m.cfg, 8, capped=True) == GREEDY_BATCH
+    assert batch_size(dataclasses.replace(auto, batch_size=5), m.cfg, 8, capped=True) == 5
+    per_target = m.cfg.n_layers * 8 * m.cfg.d_model * 4
+    tight = dataclasses.replace(auto, batch_memory_gb=10 * per_target / 2**30)
+    assert batch_size(tight, m.cfg, 8) == 10
+    cfg, p = random_transcoder(m.cfg, 16, skip=False)
+    ids = [5, 9, 3, 7, 2, 8]
+    full = trace_tokens(m.params, m.cfg, cfg, p, ids, auto)
+    assert full.info["batch_size"] == FULL_BATCH
+    small = trace_tokens(m.params, m.cfg, cfg, p, ids, dataclasses.replace(auto, batch_size=4))
+    np.testing.assert_allclose(full.adjacency, small.adjacency, rtol=1e-5,
+                               atol=1e-6 * float(np.abs(small.adjacency).max()))
+    capped = trace_tokens(m.params, m.cfg, cfg, p, ids,
+                          dataclasses.replace(auto, max_feature_nodes=3))
+    assert capped.info["batch_size"] == GREEDY_BATCH

@@ -18,8 +18,9 @@ BAD = [
     Case(("trace", "",), "the prompt is empty"),
     Case(("trace", "   ",), "the prompt is empty"),
     *[Case(("trace", P, f"--{flag}", v), f"TraceConfig.{flag.replace('-', '_')} must be")
-      for flag in ("max-n-logits", "batch-size", "update-interval", "stream-features")
+      for flag in ("max-n-logits", "update-interval", "stream-features")
       for v in ("0", "-3")],
+    Case(("trace", P, "--batch-size", "-3"), "TraceConfig.batch_size must be >= 0 (0: automatic)"),
     Case(("trace", P, "--max-feature-nodes", "-1"), "max_feature_nodes must be >= 0"),
     *[Case(("trace", P, f"--{flag}", v), f"TraceConfig.{flag.replace('-', '_')} must be in (0, 1]")
       for flag in ("desired-logit-prob", "node-threshold", "edge-threshold")
