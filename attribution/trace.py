@@ -368,13 +368,40 @@ def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, *
     g, G, err = jax.lax.fori_loop(0, n_blocks, step, (g, jnp.zeros((L, T, B, D), dt),
                                                       jnp.zeros((L, B, T), f32)))
 
+    # The decoder contraction: each source layer's edges at its main rows and overflow tiles.
+    by_source = tc_cfg.max_reach is not None and tc_cfg.max_reach <= SOURCE_MAJOR_REACH
+    edges = (_edges_by_source if by_source else _edges_by_slot)(
+        G, tc_params, tc_cfg, layout, over_counts, src_layers, lmax, dt)
+
     # Every source layer's edges, one row per decoder slot ([slots, B], then a zero row for the
     # features past the prefix), are read at the features' slots in one gather (`columns`):
     # per-layer gathers and pads cost more than the contraction itself on low-layer batches.
     slots = []
-    for s, (idx, act, o_idx, o_act, o_pos), n_over in zip(src_layers, layout, over_counts):
-        idx, act = idx[:T], act[:T]
-        o_idx, o_act, o_pos = o_idx[:n_over], o_act[:n_over], o_pos[:n_over]
+    for (_, act, _, o_act, _), n_over, e in zip(layout, over_counts, edges):
+        act, o_act = act[:T], o_act[:n_over]
+        slots += [jnp.swapaxes(e[0] * act[:, None], 1, 2).reshape(-1, B),
+                  jnp.swapaxes(e[1] * o_act[:, None], 1, 2).reshape(-1, B)]
+    slots.append(jnp.zeros((1, B), f32))
+    feats = jnp.concatenate(slots).at[columns].get(mode="promise_in_bounds")
+    err = jnp.pad(jnp.swapaxes(err, 1, 2), ((0, 0), (0, T_all - T), (0, 0)))  # [L, T_all, B]
+    emb = jnp.einsum("btd,td->tb", g[:, 0], rm.embeds, preferred_element_type=f32)
+    return jnp.concatenate([feats, err[:, first_pos:].reshape(-1, B),
+                            jnp.pad(emb, ((0, T_all - T), (0, 0)))]).T
+
+
+# Transcoders whose features write at most this many layers contract source layer by source
+# layer (a loop over the few slots each writes), the others MLP slot by slot (`_edges_by_slot`).
+SOURCE_MAJOR_REACH = 4
+
+
+def _edges_by_source(G, tc_params, tc_cfg, layout, over_counts, src_layers, lmax, dt):
+    """Per source layer, its features' edges ([T, B, K] main rows, [tiles, B, Ko] overflow) from
+    the gradients G [L, T, B, D] at the MLP slots it writes, slot by slot."""
+    _, T, B, _ = G.shape
+    f32 = jnp.promote_types(dt, jnp.float32)
+    edges = []
+    for s, (idx, _, o_idx, _, o_pos), n_over in zip(src_layers, layout, over_counts):
+        idx, o_idx, o_pos = idx[:T], o_idx[:n_over], o_pos[:n_over]
         e = (jnp.zeros((T, B, idx.shape[1]), f32), jnp.zeros((n_over, B, o_idx.shape[1]), f32))
 
         def contract(t, e, s=s, idx=idx, o_idx=o_idx, o_pos=o_pos, n_over=n_over):
@@ -393,19 +420,51 @@ def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, *
             return main, e[1] + jnp.einsum("nbd,nkd->nbk", grad, dec, preferred_element_type=f32)
 
         # A target at layer l reads MLP slots t < l only: the loop stops below every target of
-        # the batch (a third of a CLT's decoder work, on average). The cond keeps a source layer
-        # the batch does not read from doing anything: XLA hoists a loop's invariant gathers
-        # (all of a PLT's) out of it, where they would run even for no iteration.
-        e = jax.lax.cond(s < lmax, lambda e, s=s, contract=contract: jax.lax.fori_loop(
-            s, jnp.minimum(lmax, s + tc_cfg.n_targets(s)), contract, e), lambda e: e, e)
-        slots += [jnp.swapaxes(e[0] * act[:, None], 1, 2).reshape(-1, B),
-                  jnp.swapaxes(e[1] * o_act[:, None], 1, 2).reshape(-1, B)]
-    slots.append(jnp.zeros((1, B), f32))
-    feats = jnp.concatenate(slots).at[columns].get(mode="promise_in_bounds")
-    err = jnp.pad(jnp.swapaxes(err, 1, 2), ((0, 0), (0, T_all - T), (0, 0)))  # [L, T_all, B]
-    emb = jnp.einsum("btd,td->tb", g[:, 0], rm.embeds, preferred_element_type=f32)
-    return jnp.concatenate([feats, err[:, first_pos:].reshape(-1, B),
-                            jnp.pad(emb, ((0, T_all - T), (0, 0)))]).T
+        # the batch. The cond keeps a source layer the batch does not read from doing anything:
+        # XLA hoists a loop's invariant gathers (all of a PLT's) out of it, where they would run
+        # even for no iteration.
+        edges.append(jax.lax.cond(s < lmax, lambda e, s=s, contract=contract: jax.lax.fori_loop(
+            s, jnp.minimum(lmax, s + tc_cfg.n_targets(s)), contract, e), lambda e: e, e))
+    return edges
+
+
+def _edges_by_slot(G, tc_params, tc_cfg, layout, over_counts, src_layers, lmax, dt):
+    """`_edges_by_source`'s edges, MLP slot by slot: G[t] is copied out once per slot (XLA's CPU
+    dot takes no dynamic slice, so a slice per source layer and slot copies it as many times as
+    the slot has writers: ~15 on average on a CLT), then contracted with each writer's active
+    decoder rows."""
+    L, T, B, _ = G.shape
+    f32 = jnp.promote_types(dt, jnp.float32)
+    main = [idx[:T] for idx, *_ in layout]
+    over = [(o_idx[:n], o_pos[:n]) for (_, _, o_idx, _, o_pos), n in zip(layout, over_counts)]
+
+    def slot(t, e):
+        Gt = jax.lax.dynamic_index_in_dim(G, t, 0, False)
+        out = []
+        for i, s in enumerate(src_layers):
+            def contract(ei, i=i, s=s):  # as in `_edges_by_source`
+                W = tc_params.W_dec[s]  # [features, n_targets(s), D]
+                dec = jax.lax.optimization_barrier(
+                    W.at[main[i], t - s].get(mode="promise_in_bounds").astype(dt))
+                m = ei[0] + jnp.einsum("qbd,qkd->qbk", Gt, dec, preferred_element_type=f32)
+                if not over_counts[i]:
+                    return m, ei[1]
+                o_idx, o_pos = over[i]
+                dec, grad = jax.lax.optimization_barrier((
+                    W.at[o_idx, t - s].get(mode="promise_in_bounds").astype(dt),
+                    Gt.at[o_pos].get(mode="promise_in_bounds")))
+                return m, ei[1] + jnp.einsum("nbd,nkd->nbk", grad, dec,
+                                             preferred_element_type=f32)
+
+            reads = (s <= t) & (t < s + tc_cfg.n_targets(s))
+            out.append(jax.lax.cond(reads, contract, lambda ei: ei, e[i]))
+        return tuple(out)
+
+    # Targets at layer l read MLP slots t < l only: the loop stops below every target.
+    return jax.lax.fori_loop(0, jnp.minimum(lmax, L), slot, tuple(
+        (jnp.zeros((T, B, idx.shape[1]), f32), jnp.zeros((o.shape[0], B, o.shape[1]), f32))
+        for idx, (o, _) in zip(main, over)))
+
 
 
 # --- the whole graph -----------------------------------------------------------------------------
