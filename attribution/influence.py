@@ -36,6 +36,15 @@ _WHOLE_BYTES = 1 << 30  # |A| held in one copy up to this size, else taken chunk
 _CHUNK_BYTES = 16 << 20
 
 
+def node_slots(n: int, nodes) -> np.ndarray:
+    """[n] int: each node's row/column in a mask held over `nodes` (in their order), -1 for a
+    node outside it (`block_entries`' `slot`)."""
+    nodes = np.asarray(nodes)
+    slot = np.full(n, -1)
+    slot[nodes] = np.arange(len(nodes))
+    return slot
+
+
 def block_entries(block: np.ndarray, slot: np.ndarray, rows: np.ndarray, cols: np.ndarray
                   ) -> np.ndarray:
     """[len(rows), len(cols)] bool: a mask held over some nodes only (`block`, square over them;
@@ -64,10 +73,8 @@ class MaskedRows:
                                                                    col_mask)
         self.shape, self.dtype, self.ndim = adjacency.shape, adjacency.dtype, adjacency.ndim
         self.itemsize, self.nbytes = adjacency.itemsize, adjacency.nbytes
-        self.slot = None  # node -> its row/column of `keep` (-1: none), under keep_nodes
-        if keep_nodes is not None:
-            self.slot = np.full(max(self.shape), -1)
-            self.slot[np.asarray(keep_nodes)] = np.arange(len(keep_nodes))
+        # node -> its row/column of `keep` (-1: none), under keep_nodes
+        self.slot = None if keep_nodes is None else node_slots(max(self.shape), keep_nodes)
 
     def __len__(self) -> int:
         return len(self.adjacency)
@@ -225,5 +232,6 @@ def cumulative_share(infl: Float[np.ndarray, " node"], total: float | None = Non
     return cum, cum - infl / total
 
 
-__all__ = ["CLAMP", "MaskedRows", "cumulative_share", "edge_scores", "graph_scores_from", "influence",
-           "normalize_rows", "row_chunk", "row_sums", "spread"]
+__all__ = ["CLAMP", "MaskedRows", "block_entries", "cumulative_share", "edge_scores",
+           "graph_scores_from", "influence", "node_slots", "normalize_rows", "row_chunk",
+           "row_sums", "spread"]

@@ -35,6 +35,7 @@ from attribution.influence import (
     edge_scores,
     graph_scores_from,
     influence,
+    node_slots,
     normalize_rows,
     row_chunk,
     row_sums,
@@ -72,8 +73,7 @@ def kept_edges(rows, target_weight: np.ndarray, fraction: float,
     if among is not None and n_rows != n_cols:
         raise ValueError("kept_edges(among=...) takes a square adjacency")
     at = np.arange(max(n_rows, n_cols)) if among is None else np.asarray(among)
-    slot = np.full(max(n_rows, n_cols), -1)  # row/column -> mask index (-1: not in the mask)
-    slot[at] = np.arange(len(at))
+    slot = node_slots(max(n_rows, n_cols), at)  # row/column -> mask index (-1: not in the mask)
     live = np.nonzero(weight > 0)[0]  # rows whose target has no weight score 0 throughout
     live = live[slot[live] >= 0]  # (rows outside `among` hold no edge)
     parts = [live[i:i + chunk] for i in range(0, len(live), chunk)]
@@ -170,8 +170,7 @@ class PruneResult:
 
     def edges_among(self, nodes: np.ndarray) -> np.ndarray:
         """[len(nodes), len(nodes)] bool: the kept edges among `nodes` (target, source)."""
-        slot = np.full(len(self.node_mask), -1)
-        slot[self.kept_nodes] = np.arange(len(self.edge_block))
+        slot = node_slots(len(self.node_mask), self.kept_nodes)
         nodes = np.asarray(nodes)
         return block_entries(self.edge_block, slot, nodes, nodes)
 
