@@ -143,13 +143,12 @@ def _backward_handler(frame):
     for s in range(L):
         w = _decoder(frame, _ARGS, 3 + s)
         rp = row_ptr[s].astype(np.int64)
-        ptr, order, pfeat, _ = K._by_block(rp, feat[s], vals[s], K.FEATURE_BLOCK)
+        ptr, token, pval, order = K._by_feature(rp, feat[s], vals[s], w.shape[0],
+                                                K.TOKEN_BLOCK)
         gp = np.zeros(order.shape[0], np.float32)
-        K._grad_vals(ptr, pfeat, w, g, gp, s)
+        K._grad_both(ptr, token, pval, w, g, _decoder(frame, _RETS, 1 + s), gp, s)
         for p in range(order.shape[0]):
             gv[s, order[p]] = gp[p]
-        ptr, token, pval = K._by_feature(rp, feat[s], vals[s], w.shape[0], K.TOKEN_BLOCK)
-        K._grad_W(ptr, token, pval, g, _decoder(frame, _RETS, 1 + s), s)
     return 0
 
 

@@ -11,8 +11,8 @@ process (a dense CLT step holds ~20 GB; two cases in one process ran out of memo
     norm, no unembedding) and the full forward with logits, for comparison,
   - achieved FLOP/s of the step against the dense FLOP count, and the device's matmul peak.
 Ratios (sparse / dense) are printed per kind. Both steps run as `train` runs them (the state
-donated to the step) and, by default, with glibc's malloc on transparent huge pages as the
-`cltrace` command runs (--huge-pages off to measure without).
+donated to the step) and, by default, with glibc's malloc as `cltrace train` sets it: transparent
+huge pages and a heap that keeps its pages (cltrace/hostmem.py; --huge-pages off: neither).
 
 Usage: python scripts/bench_train.py [--kinds clt,plt] [--steps 3] [--loop-steps 6]
        [--activation batchtopk] [--k 64] [--data data/corpus] [--out bench/bench_train.json]
@@ -117,6 +117,7 @@ def run_case(kind: str, step: str, args) -> dict:
                               model_batch=tc.model_batch)
     row = {"kind": kind, "step": step, "activation": tc.transcoder.activation, "k": tc.transcoder.k,
            "huge_pages": "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", ""),
+           "keep_heap": "glibc.malloc.mmap_max=0" in os.environ.get("GLIBC_TUNABLES", ""),
            "n_features": cfg.n_features, "params_M": cfg.n_params / 1e6,
            "batch_tokens": tc.batch_tokens}
     # Generation: what training runs, then the full forward with logits (same contexts).
@@ -181,8 +182,8 @@ def main() -> None:
     ap.add_argument("--sparsity-coef", type=float, default=0.0,
                     help="tanh penalty (0, as the bundle recipes train topk / batchtopk)")
     ap.add_argument("--huge-pages", choices=("on", "off"), default="on",
-                    help="run every case with glibc's malloc on transparent huge pages, as the "
-                         "cltrace command does (cltrace/hostmem.py), or without")
+                    help="run every case with glibc's malloc on transparent huge pages and a kept "
+                         "heap, as `cltrace train` does (cltrace/hostmem.py), or without")
     ap.add_argument("--kernels", default="auto", help="sparse kernels: auto, xla, cpu")
     ap.add_argument("--steps", type=int, default=3, help="timed steps of the step alone")
     ap.add_argument("--loop-steps", type=int, default=4, help="timed steps of the whole loop")
@@ -208,7 +209,7 @@ def main() -> None:
     rows = []
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     if args.huge_pages == "on":
-        env = huge_pages_env(env) or env
+        env = huge_pages_env(env, keep_heap=True) or env  # as `cltrace train` runs
     for kind in args.kinds.split(","):
         for step in args.modes.split(","):
             print(f"case {kind} {step} ...", flush=True)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from cltrace.hostmem import OFF_VAR, TUNABLE, huge_pages_env
+from cltrace.hostmem import KEEP_HEAP, OFF_VAR, TUNABLE, huge_pages_env
 
 
 def test_env_adds_the_tunable_once_and_keeps_others():
@@ -18,6 +18,16 @@ def test_env_adds_the_tunable_once_and_keeps_others():
     assert kept["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:" + TUNABLE
     assert huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None  # user's choice
     assert huge_pages_env({OFF_VAR: "0"}) is None
+
+
+def test_keep_heap_adds_its_tunables_but_not_over_the_users():
+    env = huge_pages_env({"PATH": "/bin"}, keep_heap=True)
+    if env is None:
+        pytest.skip("no glibc or transparent huge pages here: nothing to add")
+    assert env["GLIBC_TUNABLES"].split(":") == [TUNABLE, *KEEP_HEAP]
+    mine = huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}, keep_heap=True)
+    assert mine["GLIBC_TUNABLES"].split(":") == ["glibc.malloc.arena_max=4", TUNABLE,
+                                                 *KEEP_HEAP[1:]]
 
 
 def test_restart_runs_the_module_again_with_the_tunable(tmp_path):
