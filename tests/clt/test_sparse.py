@@ -261,12 +261,14 @@ def test_overflow_runs_the_batch_densely_and_grows_capacity(donate):
 
 @pytest.mark.parametrize("kernels", KERNELS)
 def test_kth_largest_equals_top_k(kernels):
-    """Both kernel sets' k-th largest (bisection on the float bits; numba's introselect), jitted
-    as the train step runs them, against lax.top_k."""
+    """Both kernel sets' k-th largest (bisection on the float bits; numba's radix select),
+    jitted as the train step runs them, against lax.top_k. The third case's values share their
+    high 16 bits, so the radix select's second pass decides them."""
     kth = sp._KERNELS[kernels].kth
     assert kernels != "xla" or kth is kth_largest
     rng = np.random.default_rng(1)
     rows = [rng.standard_normal((3, 500)), -np.abs(rng.standard_normal((2, 40))),
+            rng.uniform(1.0, 1.001, (2, 300)), -rng.uniform(1.0, 1.001, (1, 300)),
             np.array([[0.0, -0.0, 1, 1, 1, -2, 3.5, 1e-30]])]
     for x in rows:
         x = jnp.asarray(x, jnp.float32)
