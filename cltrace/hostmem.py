@@ -20,7 +20,9 @@ served from the main heap (`glibc.malloc.arena_max=1`, `mmap_max=0`) and the hea
 scripts/bench_train.py's case (SmolLM2 CLT, 2,048 features per layer, 1,024 tokens, this 2-core
 VM): the sparse step 5.3-5.4 s -> 4.0 s, the dense one 18.9 -> 15.7 s, peak RSS +0.1 GiB. The
 heap then stays at the run's peak until the process ends, which suits a training run, not an
-interactive command.
+interactive command. Tracing gains nothing from it (scripts/bench_trace.py --tokens 12 --kinds
+clt --adjacency dense, alternating: 71.2-71.6 s without, 74.2-78.1 s with), so only `cltrace
+train` keeps its heap.
 """
 
 from __future__ import annotations
