@@ -119,38 +119,12 @@ def _forward(ptr, pfeat, pval, W, out, s):
 
 @njit(parallel=True, fastmath=True, cache=True)
 @no_type_check
-def _grad_W(ptr, token, pval, g, gW, s):
-    """gW[f, j] = sum over entries of feature f of v g[n, s + j] (`_by_feature` order)."""
-    n_features, nt, D = gW.shape
-    if ptr.shape[1] == 1:  # no tokens: no block to zero the rows in
-        gW[:] = 0.0
-    for j in range(nt):
-        for b in range(ptr.shape[1] - 1):
-            for f in prange(n_features):
-                if b == 0:  # every row is zeroed here, just before its first sums (in cache):
-                    for d in range(D):  # `gW` comes uninitialised
-                        gW[f, j, d] = 0.0
-                q, end = ptr[f, b], ptr[f, b + 1]
-                while q + 4 <= end:
-                    n0, n1, n2, n3 = token[q], token[q + 1], token[q + 2], token[q + 3]
-                    v0, v1, v2, v3 = pval[q], pval[q + 1], pval[q + 2], pval[q + 3]
-                    for d in range(D):
-                        gW[f, j, d] += ((v0 * g[n0, s + j, d] + v1 * g[n1, s + j, d])
-                                        + (v2 * g[n2, s + j, d] + v3 * g[n3, s + j, d]))
-                    q += 4
-                for r in range(q, end):
-                    v, n = pval[r], token[r]
-                    for d in range(D):
-                        gW[f, j, d] += v * g[n, s + j, d]
-
-
-@njit(parallel=True, fastmath=True, cache=True)
-@no_type_check
 def _grad_both(ptr, token, pval, W, g, gW, gp, s):
-    """`_grad_W` and, in the same pass, the value gradient gp[q] += W[f, j] . g[n_q, s + j] of
-    every entry q (`_by_feature` order): the entry's gradient row, read once for both, and the
-    feature's rows of W and dW stay in L1 while its entries stream by. One thread owns a feature's
-    rows and its entries, so no two threads write the same place."""
+    """gW[f, j] = sum over entries of feature f of v g[n, s + j] and, in the same pass, the
+    value gradient gp[q] += W[f, j] . g[n_q, s + j] of every entry q (`_by_feature` order): the
+    entry's gradient row is read once for both, and the feature's rows of W and dW stay in L1
+    while its entries stream by. One thread owns a feature's rows and its entries, so no two
+    threads write the same place."""
     n_features, nt, D = gW.shape
     if ptr.shape[1] == 1:  # no tokens: no block to zero the rows in
         gW[:] = 0.0
@@ -291,10 +265,12 @@ def encoder_grad(dz, feat, row_ptr, x, n_features):
     L, N, D = x.shape
     dW = np.empty((L, n_features, 1, D), x.dtype)
     db = np.zeros((L, n_features), x.dtype)
+    no_W = np.zeros((n_features, 1, D), x.dtype)  # the kernel's value gradient is not wanted
     for layer in range(L):
         ptr, token, pval, _ = _by_feature(row_ptr[layer], feat[layer], dz[layer], n_features,
                                           TOKEN_BLOCK)
-        _grad_W(ptr, token, pval, x[layer].reshape(N, 1, D), dW[layer], 0)
+        _grad_both(ptr, token, pval, no_W, x[layer].reshape(N, 1, D), dW[layer],
+                   np.zeros(pval.shape[0], x.dtype), 0)
         _bias_grad(ptr, pval, db[layer])
     return dW.reshape(L, n_features, D), db
 
