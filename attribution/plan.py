@@ -6,13 +6,14 @@ batches (each on its position prefix, its sweep stopping above its highest targe
 `attribution.trace._rows`), and the size of every array it will hold. The planner then measures
 this device once:
 - one batch of rows at the longest prefix and the deepest sweep (the logit batch, made twice:
-  the first call's extra time is compilation, the second is the batch's run time);
+  the first call's extra time is compilation, the second is the batch's run time), and one on
+  the same prefix at layer 0 (the shallowest sweep);
 - one host pass over a block of float32 (abs, row sums, a matrix-vector product: what pruning,
   influence and scores are made of), as seconds per element.
 
-Predicted time = compilation x distinct prefixes + every batch's run time, scaled from the
-measured batch by their arithmetic (`_RowMaker.flops`: prefix length, sweep depth, the active
-slots its decoder contraction reads) + the host passes of influence, pruning and scores over the
+Predicted time = compilation x distinct prefixes + every batch's run time, on the line through
+the two measured batches' arithmetic and seconds (`_RowMaker.flops`: prefix length, sweep depth,
+the active slots its decoder contraction reads; a fixed part per batch plus one per FLOP) + the host passes of influence, pruning and scores over the
 graph held (`HOST_PASSES`: influence takes one pass, in layer order; pruning's edge scores two;
 row sums and the pruned graph the rest). A capped trace's greedy visit adds one pass over its
 rows so far at every influence update; its batches are replayed on the visit's first ranking
@@ -80,12 +81,27 @@ class Measured:
     setup_peak_gb: float = 0.0
     # The measured batch's rows (the first targets' rows, host): the greedy visit's first ranking.
     logit_rows: np.ndarray | None = field(default=None, repr=False, compare=False)
+    # A second batch on the same prefix at layer 0 (the shallowest sweep): with the full one it
+    # splits a batch's time into a fixed part and a part proportional to its arithmetic.
+    low_seconds: float = 0.0
+    low_flops: float = 0.0
 
     def batch(self, make, P: int, layer: int) -> float:
-        """A batch's seconds: the measured one's, scaled by their arithmetic."""
+        """A batch's seconds: a line through the two measured batches' (arithmetic, seconds)
+        (its fixed part clamped to [0, the full batch's time]), or the full batch's scaled by
+        arithmetic alone when only it was measured. The line: scaling by arithmetic alone
+        under-predicted the dense 6-token trace by 24% (scripts/bench_plan.py), whose many
+        shallow batches each cost more than their arithmetic says."""
         if not self.full_flops:
             return self.batch_seconds
-        return self.batch_seconds * make.flops(P, layer) / self.full_flops
+        flops = make.flops(P, layer)
+        if self.low_flops and self.full_flops > self.low_flops:
+            rate = max(self.batch_seconds - self.low_seconds, 0.0) / (
+                self.full_flops - self.low_flops)
+            fixed = min(max(self.batch_seconds - rate * self.full_flops, 0.0),
+                        self.batch_seconds)
+            return fixed + rate * flops
+        return self.batch_seconds * flops / self.full_flops
 
 
 def _rss_gb() -> float:
@@ -123,6 +139,11 @@ def measure(st, n_layers: int) -> Measured:
         t0 = time.perf_counter()
         rows = make(layer, pos, vec)
         times.append(time.perf_counter() - t0)
+    low = []  # the same prefix (compiled already) at layer 0, the best of two
+    for _ in range(2):
+        t0 = time.perf_counter()
+        make(np.zeros_like(layer), pos, vec)
+        low.append(time.perf_counter() - t0)
     a = np.random.default_rng(0).standard_normal((1024, 2048)).astype(np.float32)
     w = np.ones(1024, np.float32)
     h = np.empty_like(a)  # written once before timing: a fresh array's page faults are not a pass
@@ -135,7 +156,8 @@ def measure(st, n_layers: int) -> Measured:
         best = min(best, time.perf_counter() - t0)
     return Measured(_rss_gb(), times[1], max(times[0] - times[1], 0.0), best / a.size,
                     make.flops(make.prefix_length(pos), L), setup_peak_gb=setup_peak,
-                    logit_rows=np.asarray(rows))
+                    logit_rows=np.asarray(rows), low_seconds=min(low),
+                    low_flops=make.flops(make.prefix_length(pos), 0))
 
 
 def _visit_batches(st, m: Measured, n_layers: int, cap: int, group: int) -> list | None:

@@ -135,3 +135,26 @@ def test_capped_plan_replays_the_visits_first_batches(tiny, monkeypatch):
     for b, (layer, pos) in zip(visit[:2], seen[n_logit_batches:n_logit_batches + 2]):
         np.testing.assert_array_equal(st.active.layer[b], layer)
         np.testing.assert_array_equal(st.active.pos[b], pos)
+
+
+def test_batch_time_is_the_line_through_the_two_measured_batches():
+    """A fixed part per batch plus one per FLOP, through (low_flops, low_seconds) and
+    (full_flops, batch_seconds); scaled by arithmetic alone when only the full batch was timed."""
+
+    class Make:
+        @staticmethod
+        def flops(P, layer):
+            return float(P * (layer + 1))
+
+    two = Measured(base_gb=1.0, batch_seconds=1.0, compile_seconds=0.0,
+                   host_seconds_per_element=0.0, full_flops=100.0, low_seconds=0.3,
+                   low_flops=20.0)
+    # rate 0.7 / 80 per FLOP, fixed 1 - 100 * rate = 0.125 s
+    assert two.batch(Make, 10, 1) == pytest.approx(0.3)  # 20 FLOPs: the low batch itself
+    assert two.batch(Make, 10, 5) == pytest.approx(0.125 + 60 * 0.7 / 80)
+    assert two.batch(Make, 10, 9) == pytest.approx(1.0)
+    one = dataclasses.replace(two, low_seconds=0.0, low_flops=0.0)
+    assert one.batch(Make, 10, 5) == pytest.approx(0.6)
+    # A noisy low batch slower than the full one: no negative rate, every batch the full one's.
+    noisy = dataclasses.replace(two, low_seconds=1.5)
+    assert noisy.batch(Make, 10, 1) == pytest.approx(1.0)
