@@ -13,8 +13,8 @@ this device once:
 
 Predicted time = compilation x distinct prefixes + every batch's run time, on the line through
 the two measured batches' arithmetic and seconds (`_RowMaker.flops`: prefix length, sweep depth,
-the active slots its decoder contraction reads; a fixed part per batch plus one per FLOP) + the host passes of influence, pruning and scores over the
-graph held (`HOST_PASSES`: influence takes one pass, in layer order; pruning's edge scores two;
+the active slots its decoder contraction reads; a fixed part per batch plus one per FLOP) + the
+host passes of influence, pruning and scores over the graph held (`HOST_PASSES`: influence takes one pass, in layer order; pruning's edge scores two;
 row sums and the pruned graph the rest). A capped trace's greedy visit adds one pass over its
 rows so far at every influence update; its batches are replayed on the visit's first ranking
 (the features' influence through the measured targets' rows), each group of `update_interval`
