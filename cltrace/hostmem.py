@@ -41,10 +41,11 @@ OFF_VAR = "CLTRACE_HUGE_PAGES"
 def huge_pages_env(environ: dict | None = None, keep_heap: bool = False) -> dict | None:
     """The environment to run a process with huge pages for malloc (and, with `keep_heap`, a
     heap that keeps its pages), or None when there is nothing to add (already set, turned off,
-    not Linux/glibc, or THP is off). Tunables the environment already names are left as they are."""
+    not Linux/glibc, or THP is off). Tunables the environment already names are left as they
+    are: the huge pages set by hand (as the Makefile sets them) still get a kept heap."""
     env = dict(os.environ if environ is None else environ)
     tunables = env.get("GLIBC_TUNABLES", "")
-    if env.get(OFF_VAR) == "0" or "glibc.malloc.hugetlb" in tunables:
+    if env.get(OFF_VAR) == "0":
         return None
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return None
@@ -54,8 +55,10 @@ def huge_pages_env(environ: dict | None = None, keep_heap: bool = False) -> dict
             return None
     except OSError:
         return None
-    add = [TUNABLE] + [t for t in (KEEP_HEAP if keep_heap else ())
-                       if t.split("=")[0] not in tunables]
+    add = [t for t in (TUNABLE, *(KEEP_HEAP if keep_heap else ()))
+           if t.split("=")[0] not in tunables]
+    if not add:
+        return None
     env["GLIBC_TUNABLES"] = ":".join(([tunables] if tunables else []) + add)
     return env
 

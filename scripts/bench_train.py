@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cltrace.hostmem import huge_pages_env  # light: imports no jax
+from cltrace.hostmem import KEEP_HEAP, TUNABLE, huge_pages_env  # light: imports no jax
 
 VENDOR_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s (SXM)
 
@@ -116,8 +116,8 @@ def run_case(kind: str, step: str, args) -> dict:
                               batch_tokens=tc.batch_tokens, round_contexts=tc.round_contexts,
                               model_batch=tc.model_batch)
     row = {"kind": kind, "step": step, "activation": tc.transcoder.activation, "k": tc.transcoder.k,
-           "huge_pages": "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", ""),
-           "keep_heap": "glibc.malloc.mmap_max=0" in os.environ.get("GLIBC_TUNABLES", ""),
+           "huge_pages": TUNABLE in os.environ.get("GLIBC_TUNABLES", ""),
+           "keep_heap": all(t in os.environ.get("GLIBC_TUNABLES", "") for t in KEEP_HEAP),
            "n_features": cfg.n_features, "params_M": cfg.n_params / 1e6,
            "batch_tokens": tc.batch_tokens}
     # Generation: what training runs, then the full forward with logits (same contexts).

@@ -28,6 +28,10 @@ def test_keep_heap_adds_its_tunables_but_not_over_the_users():
     mine = huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}, keep_heap=True)
     assert mine["GLIBC_TUNABLES"].split(":") == ["glibc.malloc.arena_max=4", TUNABLE,
                                                  *KEEP_HEAP[1:]]
+    # Huge pages already on (the Makefile exports them): the kept heap is still added, once.
+    made = huge_pages_env({"GLIBC_TUNABLES": TUNABLE}, keep_heap=True)
+    assert made["GLIBC_TUNABLES"].split(":") == [TUNABLE, *KEEP_HEAP]
+    assert huge_pages_env(made, keep_heap=True) is None
 
 
 def test_restart_runs_the_module_again_with_the_tunable(tmp_path):
