@@ -33,7 +33,7 @@ from numba import njit, prange
 # Python type checker, which numba cannot compile.
 
 FEATURE_BLOCK = 512  # decoder rows of one target layer kept in L2 together (x d_model x 4 bytes)
-TOKEN_BLOCK = 256  # gradient rows of one target layer kept in L2 together
+TOKEN_BLOCK = 512  # gradient rows of one target layer kept in L2 together (256: ~10% slower)
 
 
 @njit(cache=True)
@@ -256,23 +256,49 @@ def select(support, capacity):
     return tok, feat, valid, row_ptr, count
 
 
+@njit(parallel=True, cache=True)
+@no_type_check
+def _transpose_into(src, dst):
+    """dst [D, F] = src [F, D]^T, in 64 x 64 tiles (both sides' cache lines used whole)."""
+    F, D = src.shape
+    for bd in prange((D + 63) // 64):
+        for bf in range(0, F, 64):
+            for d in range(bd * 64, min(D, bd * 64 + 64)):
+                for f in range(bf, min(F, bf + 64)):
+                    dst[d, f] = src[f, d]
+
+
+@njit(cache=True)
+@no_type_check
+def _encoder_layers(dz, feat, row_ptr, x, dW, db, tb):
+    """The encoder's gradients over the entries, into dW [layer, d_model, feature] (W_enc's own
+    layout, so nothing transposes it on the way to the update) and db [layer, feature]: each
+    layer's rows are summed feature-major, tb tokens at a time (`_grad_both`, a zero W: its value gradient is not
+    wanted) into a [feature, d_model] scratch that stays in cache, then tiled into dW."""
+    L, N, D = x.shape
+    F = dW.shape[2]
+    scratch = np.empty((F, 1, D), x.dtype)
+    no_W = np.zeros((F, 1, D), x.dtype)
+    for layer in range(L):
+        ptr, token, pval, _ = _by_feature(row_ptr[layer].astype(np.int64), feat[layer],
+                                          dz[layer], F, tb)
+        _grad_both(ptr, token, pval, no_W, x[layer].reshape(N, 1, D), scratch,
+                   np.zeros(pval.shape[0], x.dtype), 0)
+        _bias_grad(ptr, pval, db[layer])
+        _transpose_into(scratch.reshape(F, D), dW[layer])
+
+
 def encoder_grad(dz, feat, row_ptr, x, n_features):
     """Encoder gradients over the entries: dz [layer, C] (the pre-activations' cotangents), x
-    [layer, n_tokens, d_model] the inputs; returns (dW_enc^T [layer, F, d_model], db_enc
+    [layer, n_tokens, d_model] the inputs; returns (dW_enc [layer, d_model, F], db_enc
     [layer, F]). Rows of features without entries are 0."""
     x, feat, row_ptr = _np(x), _np(feat, np.int32), _np(row_ptr, np.int64)
     dz = _np(dz, x.dtype)
     L, N, D = x.shape
-    dW = np.empty((L, n_features, 1, D), x.dtype)
-    db = np.zeros((L, n_features), x.dtype)
-    no_W = np.zeros((n_features, 1, D), x.dtype)  # the kernel's value gradient is not wanted
-    for layer in range(L):
-        ptr, token, pval, _ = _by_feature(row_ptr[layer], feat[layer], dz[layer], n_features,
-                                          TOKEN_BLOCK)
-        _grad_both(ptr, token, pval, no_W, x[layer].reshape(N, 1, D), dW[layer],
-                   np.zeros(pval.shape[0], x.dtype), 0)
-        _bias_grad(ptr, pval, db[layer])
-    return dW.reshape(L, n_features, D), db
+    dW = np.empty((L, D, n_features), x.dtype)
+    db = np.empty((L, n_features), x.dtype)
+    _encoder_layers(dz, feat, row_ptr, x, dW, db, TOKEN_BLOCK)
+    return dW, db
 
 
 def _np(a, dtype=None):

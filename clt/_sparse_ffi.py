@@ -54,6 +54,7 @@ def _pointer(ty):
 _i64 = _pointer(types.CPointer(types.int64))
 _i32 = _pointer(types.CPointer(types.int32))
 _f32 = _pointer(types.CPointer(types.float32))
+_u8 = _pointer(types.CPointer(types.uint8))
 
 
 @njit(inline="always")
@@ -152,7 +153,68 @@ def _backward_handler(frame):
     return 0
 
 
+@cfunc(types.int64(types.int64))
+@no_type_check
+def _encoder_handler(frame):
+    """Arguments dz, feat [L, C], row_ptr, x [L, N, D]; results d W_enc [L, D, F], d b_enc
+    [L, F] (`encoder_grad`)."""
+    if _metadata(frame):
+        return 0
+    dz, feat, row_ptr, L, _, N = _entries(frame)
+    d, dims = _buffer(frame, _ARGS, 3)
+    x = carray(_f32(d), (L, N, _word(dims, 2)))
+    d, dims = _buffer(frame, _RETS, 0)
+    dW = carray(_f32(d), (L, _word(dims, 1), _word(dims, 2)))
+    d, _ = _buffer(frame, _RETS, 1)
+    db = carray(_f32(d), (L, dW.shape[2]))
+    K._encoder_layers(dz, feat, row_ptr, x, dW, db, K.TOKEN_BLOCK)
+    return 0
+
+
+@cfunc(types.int64(types.int64))
+@no_type_check
+def _select_handler(frame):
+    """Argument support [L, N, F] (bool, one byte each); results tok, feat [L, C], valid
+    [L, C], row_ptr [L, N + 1], count [L] (`select`)."""
+    if _metadata(frame):
+        return 0
+    d, dims = _buffer(frame, _ARGS, 0)
+    L, N, F = _word(dims, 0), _word(dims, 1), _word(dims, 2)
+    mask = carray(_u8(d), (L, N, F))
+    d, dims = _buffer(frame, _RETS, 0)
+    C = _word(dims, 1)
+    tok = carray(_i32(d), (L, C))
+    d, _ = _buffer(frame, _RETS, 1)
+    feat = carray(_i32(d), (L, C))
+    d, _ = _buffer(frame, _RETS, 2)
+    valid = carray(_f32(d), (L, C))
+    d, _ = _buffer(frame, _RETS, 3)
+    row_ptr = carray(_i32(d), (L, N + 1))
+    d, _ = _buffer(frame, _RETS, 4)
+    K._select(mask, tok, feat, valid, row_ptr, carray(_i32(d), (L,)))
+    return 0
+
+
+@cfunc(types.int64(types.int64))
+@no_type_check
+def _kth_handler(frame):
+    """Arguments x [rows, n] (float32), k (int32, one element); result the k-th largest of
+    every row [rows] (`kth_largest`)."""
+    if _metadata(frame):
+        return 0
+    d, dims = _buffer(frame, _ARGS, 0)
+    rows, n = _word(dims, 0), _word(dims, 1)
+    x = carray(_f32(d), (rows, n))
+    d, _ = _buffer(frame, _ARGS, 1)
+    k = carray(_i32(d), (1,))[0]
+    d, _ = _buffer(frame, _RETS, 0)
+    K._kth(x, k, carray(_f32(d), (rows,)))
+    return 0
+
+
 FORWARD, BACKWARD = "cltrace_sparse_forward", "cltrace_sparse_backward"
+ENCODER, SELECT = "cltrace_sparse_encoder_grad", "cltrace_sparse_select"
+KTH = "cltrace_sparse_kth"
 _state: dict[str, bool] = {}
 
 
@@ -173,7 +235,9 @@ def available() -> bool:
             new = ctypes.pythonapi.PyCapsule_New
             new.restype = ctypes.py_object
             new.argtypes = (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)
-            for name, fn in ((FORWARD, _forward_handler), (BACKWARD, _backward_handler)):
+            for name, fn in ((FORWARD, _forward_handler), (BACKWARD, _backward_handler),
+                             (ENCODER, _encoder_handler), (SELECT, _select_handler),
+                             (KTH, _kth_handler)):
                 jax.ffi.register_ffi_target(name, new(fn.address, None, None), platform="cpu")
         except (AttributeError, RuntimeError, TypeError, ValueError):  # no jax.ffi; refused
             return False
@@ -211,9 +275,43 @@ def backward(vals, feat, row_ptr, W, g):
     return r[0], tuple(r[1:])
 
 
+def encoder_grad(dz, feat, row_ptr, x_lm, n_features: int):
+    """`clt._sparse_cpu.encoder_grad` inside XLA: (d W_enc [L, D, F], d b_enc [L, F])."""
+    import jax
+    import jax.numpy as jnp
+
+    L, _, D = x_lm.shape
+    outs = (jax.ShapeDtypeStruct((L, D, n_features), jnp.float32),
+            jax.ShapeDtypeStruct((L, n_features), jnp.float32))
+    return tuple(jax.ffi.ffi_call(ENCODER, outs, vmap_method="sequential")(
+        dz.astype(jnp.float32), feat.astype(jnp.int32), row_ptr.astype(jnp.int32),
+        x_lm.astype(jnp.float32)))
+
+
+def select(support, shapes):
+    """`clt._sparse_cpu.select` inside XLA: (tok, feat, valid, row_ptr, count), of `shapes`."""
+    import jax
+    import jax.numpy as jnp
+
+    return tuple(jax.ffi.ffi_call(SELECT, shapes, vmap_method="sequential")(
+        support.astype(jnp.bool_)))
+
+
+def kth_largest(x, k: int):
+    """`clt._sparse_cpu.kth_largest` inside XLA: the k-th largest of every row of x [rows, n]
+    (float32), with no copy of x (a BatchTopK CLT's x is 250 MB)."""
+    import jax
+    import jax.numpy as jnp
+
+    out = jax.ShapeDtypeStruct(x.shape[:1], jnp.float32)
+    return jax.ffi.ffi_call(KTH, out, vmap_method="sequential")(
+        x.astype(jnp.float32), jnp.full((1,), k, jnp.int32))
+
+
 def _self_test() -> bool:
-    """The handlers against the numpy kernels on a small random case (3 source layers, 700
-    features: two feature blocks; 300 tokens: two token blocks; padding entries), bit for bit."""
+    """The handlers (decoder forward and backward, encoder gradient, selection, k-th largest)
+    against the numpy kernels on a small random case (3 source layers, 700 features: two
+    feature blocks; 300 tokens: two token blocks; padding entries), bit for bit."""
     import warnings
 
     import jax
@@ -237,8 +335,20 @@ def _self_test() -> bool:
         gv, gW = jax.jit(backward)(vals, feat, row_ptr, Wj, g)
         ref_out = K.forward(vals, feat, row_ptr, W)
         ref_gv, ref_gW = K.backward(vals, feat, row_ptr, W, g)
-        ok = (np.array_equal(np.asarray(out), ref_out) and np.array_equal(np.asarray(gv), ref_gv)
-              and all(np.array_equal(np.asarray(a), b) for a, b in zip(gW, ref_gW)))
+        x = np.moveaxis(g, 1, 0).copy()  # [L, N, D] encoder inputs
+        enc = jax.jit(encoder_grad, static_argnums=4)(vals, feat, row_ptr, x, F)
+        ref_enc = K.encoder_grad(vals, feat, row_ptr, x, F)
+        mask = rng.random((L, N, F)) < 0.01
+        ref_sel = K.select(mask, N * k)
+        sel = jax.jit(lambda m: select(m, tuple(jax.ShapeDtypeStruct(a.shape, a.dtype)
+                                                for a in ref_sel)))(mask)
+        z = rng.standard_normal((L, N * F // 7)).astype(np.float32)
+        kth = jax.jit(kth_largest, static_argnums=1)(z, 3 * k)
+        ok = (np.array_equal(np.asarray(kth), K.kth_largest(z, 3 * k))
+              and all(np.array_equal(np.asarray(a), b) for a, b in zip(sel, ref_sel))
+              and np.array_equal(np.asarray(out), ref_out) and np.array_equal(np.asarray(gv), ref_gv)
+              and all(np.array_equal(np.asarray(a), b) for a, b in zip(gW, ref_gW))
+              and all(np.array_equal(np.asarray(a), b) for a, b in zip(enc, ref_enc)))
     except Exception as e:  # noqa: BLE001 - any failure means: keep the callbacks
         ok, why = False, f"{type(e).__name__}: {e}"
     else:

@@ -155,9 +155,9 @@ def _enc_fwd(W_enc, b_enc, z_e, x_lm, tok, feat, row_ptr, kernels):
 
 def _enc_bwd(kernels, res, g):
     W_enc, b_enc, x_lm, tok, feat, row_ptr = res
-    dWt, db = _KERNELS[kernels].encoder_grad(g.astype(x_lm.dtype), tok, feat, row_ptr, x_lm,
-                                             W_enc.shape[-1])
-    dW = jnp.swapaxes(dWt, 1, 2).astype(W_enc.dtype)  # [layer, d_model, feature]
+    dW, db = _KERNELS[kernels].encoder_grad(g.astype(x_lm.dtype), tok, feat, row_ptr, x_lm,
+                                            W_enc.shape[-1])  # dW: [layer, d_model, feature]
+    dW = dW.astype(W_enc.dtype)
     # z_e and x come from values without gradient (stop_gradient; data): zero cotangents.
     return (dW, db.astype(b_enc.dtype), jnp.zeros_like(g), jnp.zeros_like(x_lm), None, None,
             None)
@@ -173,10 +173,10 @@ def _encoder_grad_xla(dz, tok, feat, row_ptr, x_lm, n_features: int):
         dz_l, tok_l, feat_l, x_l = args
         dz_l = jnp.where(tok_l < N, dz_l, 0)  # padding entries add nothing
         rows = x_l[jnp.minimum(tok_l, N - 1)] * dz_l[:, None]
-        return (jax.ops.segment_sum(rows, feat_l, n_features),
+        return (jax.ops.segment_sum(rows, feat_l, n_features).T,
                 jax.ops.segment_sum(dz_l, feat_l, n_features))
 
-    return jax.lax.map(one, (dz, tok, feat, x_lm))
+    return jax.lax.map(one, (dz, tok, feat, x_lm))  # ([layer, d_model, F], [layer, F])
 
 
 # --- the decoder over entries ----------------------------------------------------------------------
@@ -256,31 +256,37 @@ class _Cpu:
 
     @staticmethod
     def select(support, capacity: int) -> Active:
-        from clt import _sparse_cpu
+        from clt import _sparse_cpu, _sparse_ffi
 
         L, N, F = support.shape
         i32 = jnp.int32
         shapes = (jax.ShapeDtypeStruct((L, capacity), i32),) * 2 + (
             jax.ShapeDtypeStruct((L, capacity), jnp.float32),
             jax.ShapeDtypeStruct((L, N + 1), i32), jax.ShapeDtypeStruct((L,), i32))
+        if _sparse_ffi.available():
+            return Active(*_sparse_ffi.select(support, shapes))
         out = jax.pure_callback(partial(_sparse_cpu.select, capacity=capacity), shapes, support,
                                 vmap_method="sequential")
         return Active(*out)
 
     @staticmethod
     def encoder_grad(dz, tok, feat, row_ptr, x_lm, n_features: int):
-        from clt import _sparse_cpu
+        from clt import _sparse_cpu, _sparse_ffi
 
         L, _, D = x_lm.shape
-        shapes = (jax.ShapeDtypeStruct((L, n_features, D), x_lm.dtype),
+        if x_lm.dtype == jnp.float32 and _sparse_ffi.available():
+            return _sparse_ffi.encoder_grad(dz, feat, row_ptr, x_lm, n_features)
+        shapes = (jax.ShapeDtypeStruct((L, D, n_features), x_lm.dtype),
                   jax.ShapeDtypeStruct((L, n_features), x_lm.dtype))
         return jax.pure_callback(partial(_sparse_cpu.encoder_grad, n_features=n_features),
                                  shapes, dz, feat, row_ptr, x_lm, vmap_method="sequential")
 
     @staticmethod
     def kth(x, k: int):
-        from clt import _sparse_cpu
+        from clt import _sparse_cpu, _sparse_ffi
 
+        if x.dtype == jnp.float32 and x.ndim == 2 and _sparse_ffi.available():
+            return _sparse_ffi.kth_largest(x, k)
         out = jax.ShapeDtypeStruct(x.shape[:-1], jnp.float32)
         return jax.pure_callback(partial(_sparse_cpu.kth_largest, k=k), out, x,
                                  vmap_method="sequential").astype(x.dtype)

@@ -133,8 +133,8 @@ def _small_blocks(monkeypatch, blocks, kernels="cpu"):
 
 
 def test_ffi_handlers_are_used_and_equal_the_callback_kernels():
-    """The decoder's FFI handlers are registered here and give the numpy kernels' results bit
-    for bit, on a case spanning several feature blocks (2 x FEATURE_BLOCK features) and token
+    """The FFI handlers (decoder, encoder gradient) are registered here and give the numpy
+    kernels' results bit for bit, on a case spanning several feature blocks (2 x FEATURE_BLOCK features) and token
     blocks (TOKEN_BLOCK + 45 tokens), with padding entries; and both equal float64 loops."""
     from clt import _sparse_cpu, _sparse_ffi
 
@@ -147,6 +147,8 @@ def test_ffi_handlers_are_used_and_equal_the_callback_kernels():
         for t in range(n_tok):
             mask[s, t, rng.choice(F, rng.integers(0, k + 1), replace=False)] = True
     act = sp.select(jnp.asarray(mask), capacity=n_tok * k + 9, kernels="cpu")
+    for got, want in zip(jax.tree.leaves(act), _sparse_cpu.select(mask, n_tok * k + 9)):
+        np.testing.assert_array_equal(np.asarray(got), want)  # the selection's handler
     vals = jnp.asarray(rng.standard_normal(act.tok.shape), jnp.float32) * act.valid
     W = tuple(jnp.asarray(rng.standard_normal((F, L - s, D)), jnp.float32) for s in range(L))
     g = rng.standard_normal((n_tok, L, D)).astype(np.float32)
@@ -161,6 +163,24 @@ def test_ffi_handlers_are_used_and_equal_the_callback_kernels():
     naive = _naive(args[0], np.asarray(act.tok), args[1], list(W_np), n_tok, g)
     for got, want in zip((out, gv, *gW), (naive[0], naive[1], *naive[2])):
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    # The encoder's gradient over the same entries (vals standing for the cotangents dz), in
+    # W_enc's layout [L, D, F]: the handler, the numpy kernel and float64 loops.
+    x = np.moveaxis(g, 1, 0).copy()  # [L, n_tok, D]
+    dW, db = jax.jit(_sparse_ffi.encoder_grad, static_argnums=4)(vals, act.feat, act.row_ptr,
+                                                                 jnp.asarray(x), F)
+    ref_dW, ref_db = _sparse_cpu.encoder_grad(*args, x, F)
+    np.testing.assert_array_equal(np.asarray(dW), ref_dW)
+    np.testing.assert_array_equal(np.asarray(db), ref_db)
+    want_W, want_b = np.zeros((L, D, F)), np.zeros((L, F))
+    tok = np.asarray(act.tok)
+    for s in range(L):
+        for e in range(tok.shape[1]):
+            if tok[s, e] < n_tok:
+                f = args[1][s, e]
+                want_W[s, :, f] += x[s, tok[s, e]].astype(np.float64) * args[0][s, e]
+                want_b[s, f] += args[0][s, e]
+    np.testing.assert_allclose(np.asarray(dW), want_W, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(db), want_b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kernels,blocks", _BLOCKS)
