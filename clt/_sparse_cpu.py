@@ -273,8 +273,9 @@ def _transpose_into(src, dst):
 def _encoder_layers(dz, feat, row_ptr, x, dW, db, tb):
     """The encoder's gradients over the entries, into dW [layer, d_model, feature] (W_enc's own
     layout, so nothing transposes it on the way to the update) and db [layer, feature]: each
-    layer's rows are summed feature-major, tb tokens at a time (`_grad_both`, a zero W: its value gradient is not
-    wanted) into a [feature, d_model] scratch that stays in cache, then tiled into dW."""
+    layer's rows are summed feature-major, tb tokens at a time (`_grad_both`, a zero W: its
+    value gradient is not wanted) into a [feature, d_model] scratch that stays in cache, then
+    tiled into dW."""
     L, N, D = x.shape
     F = dW.shape[2]
     scratch = np.empty((F, 1, D), x.dtype)
