@@ -215,9 +215,42 @@ def _kth_handler(frame):
     return 0
 
 
+@njit(inline="always")
+@no_type_check
+def _rows(frame, which, i):
+    """Argument or result buffer i (float32, any rank >= 1) as [first extent, the rest]."""
+    b = _word(_word(frame, which), i)  # XLA_FFI_Buffer*
+    rank, dims = _word(b, 4), _word(b, 5)
+    n = 1
+    for r in range(1, rank):
+        n *= _word(dims, r)
+    return carray(_f32(_word(b, 3)), (_word(dims, 0), n))
+
+
+@cfunc(types.int64(types.int64))
+@no_type_check
+def _adam_handler(frame):
+    """Arguments c [10], then n tensors p, then their g, m, v (float32; p, g, m, v of one
+    tensor share a shape); results the n new p, then m, then v (`adam`), each the buffer of
+    its input (aliased), updated in place one tensor after another."""
+    if _metadata(frame):
+        return 0
+    n = (_word(frame, 7) - 1) // 4  # args.size
+    c = _rows(frame, _ARGS, 0)[0]
+    for t in range(n):
+        p, m = _rows(frame, _RETS, t), _rows(frame, _RETS, n + t)
+        v = _rows(frame, _RETS, 2 * n + t)
+        for src, dst in ((_rows(frame, _ARGS, 1 + t), p), (_rows(frame, _ARGS, 1 + 2 * n + t), m),
+                         (_rows(frame, _ARGS, 1 + 3 * n + t), v)):
+            if src.ctypes.data != dst.ctypes.data:  # not aliased after all: start from a copy
+                dst[:] = src
+        K._adam(p, _rows(frame, _ARGS, 1 + n + t), m, v, c)
+    return 0
+
+
 FORWARD, BACKWARD = "cltrace_sparse_forward", "cltrace_sparse_backward"
 ENCODER, SELECT = "cltrace_sparse_encoder_grad", "cltrace_sparse_select"
-KTH = "cltrace_sparse_kth"
+KTH, ADAM = "cltrace_sparse_kth", "cltrace_adam"
 _state: dict[str, bool] = {}
 
 
@@ -240,7 +273,7 @@ def available() -> bool:
             new.argtypes = (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)
             for name, fn in ((FORWARD, _forward_handler), (BACKWARD, _backward_handler),
                              (ENCODER, _encoder_handler), (SELECT, _select_handler),
-                             (KTH, _kth_handler)):
+                             (KTH, _kth_handler), (ADAM, _adam_handler)):
                 jax.ffi.register_ffi_target(name, new(fn.address, None, None), platform="cpu")
         except (AttributeError, RuntimeError, TypeError, ValueError):  # no jax.ffi; refused
             return False
@@ -311,9 +344,25 @@ def kth_largest(x, k: int):
         x.astype(jnp.float32), jnp.full((1,), k, jnp.int32))
 
 
+def adam(p, g, m, v, c):
+    """`clt._sparse_cpu.adam` inside XLA over lists of tensors p, g, m, v, in place: the new
+    p, m, v take p's, m's and v's buffers (donated by the train step, so nothing is copied).
+    One call for all tensors, so XLA does not run two at once on the cores each one uses."""
+    import jax
+
+    n = len(p)
+    outs = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in p) * 3
+    aliases = {1 + i: i for i in range(n)}
+    aliases.update({1 + 2 * n + i: n + i for i in range(n)})
+    aliases.update({1 + 3 * n + i: 2 * n + i for i in range(n)})
+    r = jax.ffi.ffi_call(ADAM, outs, vmap_method="sequential", input_output_aliases=aliases)(
+        c, *p, *g, *m, *v)
+    return list(r[:n]), list(r[n:2 * n]), list(r[2 * n:])
+
+
 def _self_test() -> bool:
-    """The handlers (decoder forward and backward, encoder gradient, selection, k-th largest)
-    against the numpy kernels on a small random case (3 source layers, 700 features: two
+    """The handlers (decoder forward and backward, encoder gradient, selection, k-th largest,
+    Adam) against the numpy kernels on a small random case (3 source layers, 700 features: two
     feature blocks; 300 tokens: two token blocks; padding entries), bit for bit."""
     import warnings
 
@@ -347,7 +396,14 @@ def _self_test() -> bool:
                                                 for a in ref_sel)))(mask)
         z = rng.standard_normal((L, N * F // 7)).astype(np.float32)
         kth = jax.jit(kth_largest, static_argnums=1)(z, 3 * k)
-        ok = (np.array_equal(np.asarray(kth), K.kth_largest(z, 3 * k))
+        c = np.array([0.1, 0.9, 1e-3, 0.999, 0.19, 2e-3, 1e-3, 0.5, 1, 1e-8], np.float32)
+        pgmv = [rng.standard_normal((5, 70001)).astype(np.float32) for _ in range(4)]
+        pgmv[3] = np.abs(pgmv[3])
+        ref_adam = K.adam(*pgmv, c)
+        got_adam = jax.jit(adam)(*([a] for a in pgmv), c)
+        ok = (all(np.array_equal(np.asarray(a[0]), b.reshape(a[0].shape))
+                  for a, b in zip(got_adam, ref_adam))
+              and np.array_equal(np.asarray(kth), K.kth_largest(z, 3 * k))
               and all(np.array_equal(np.asarray(a), b) for a, b in zip(sel, ref_sel))
               and np.array_equal(np.asarray(out), ref_out) and np.array_equal(np.asarray(gv), ref_gv)
               and all(np.array_equal(np.asarray(a), b) for a, b in zip(gW, ref_gW))

@@ -184,14 +184,17 @@ def make_optimizer(train_cfg: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(*parts)
 
 
-def adam_update(params, grads, opt_state, train_cfg: TrainConfig, ok):
+def adam_update(params, grads, opt_state, train_cfg: TrainConfig, ok, kernels: str = "xla"):
     """`make_optimizer`'s update and `optax.apply_updates` in one elementwise pass per tensor.
 
     optax runs clip, moments, bias correction, step size and apply as separate sweeps (4.4 s on a
-    CLT's 580M parameters on 2 CPU cores, against 0.8 s fused). When `ok` is false (or the
-    gradient norm or the step size is not finite) nothing changes: the moments keep their values
-    (decay 1, gradient 0), the step size is 0 and the counts stay, so no select over the state
-    is needed. Returns (params, opt_state, applied, step size)."""
+    CLT's 580M parameters on 2 CPU cores, against 0.8 s fused). XLA's CPU backend still splits
+    the rule into three loops per tensor (m, v, then p, which reads the gradient and the new
+    moments again); with `kernels` "cpu" (one CPU device) the float32 tensors are updated in
+    place by one numba pass (`clt._sparse_cpu._adam`, the same operations in the same order).
+    When `ok` is false (or the gradient norm or the step size is not finite) nothing changes:
+    the moments keep their values (decay 1, gradient 0), the step size is 0 and the counts
+    stay, so no select over the state is needed. Returns (params, opt_state, applied, step size)."""
     adam, sched = opt_state[-1]
     g_norm = optax.global_norm(grads)
     count = adam.count + 1  # optax's count after this update (bias correction)
@@ -215,13 +218,29 @@ def adam_update(params, grads, opt_state, train_cfg: TrainConfig, ok):
         return new.astype(p.dtype), m, v
 
     tdef = jax.tree.structure(params)
-    out = [one(*t) for t in zip(jax.tree.leaves(params), jax.tree.leaves(grads),
-                                 jax.tree.leaves(adam.mu), jax.tree.leaves(adam.nu))]
+    leaves = list(zip(jax.tree.leaves(params), jax.tree.leaves(grads), jax.tree.leaves(adam.mu),
+                      jax.tree.leaves(adam.nu)))
+    out = [None] * len(leaves)
+    fused = [i for i, t in enumerate(leaves) if all(a.dtype == jnp.float32 for a in t)]
+    if kernels == "cpu" and fused and _sparse_ffi().available():
+        consts = jnp.stack([1.0 - b1, b1, 1.0 - b2, b2, c1, c2, step, scale,
+                            ok.astype(jnp.float32), jnp.float32(ADAM_EPS)]).astype(jnp.float32)
+        ps, ms, vs = _sparse_ffi().adam(*([leaves[i][j] for i in fused] for j in range(4)),
+                                        consts)  # `one`, in one pass
+        for i, p, m, v in zip(fused, ps, ms, vs):
+            out[i] = (p, m, v)
+    out = [o if o is not None else one(*t) for o, t in zip(out, leaves)]
     new_p, mu, nu = (jax.tree.unflatten(tdef, [o[i] for o in out]) for i in range(3))
     inc = ok.astype(adam.count.dtype)
     last = (adam._replace(count=adam.count + inc, mu=mu, nu=nu),
             sched._replace(count=sched.count + inc))
     return new_p, opt_state[:-1] + (last,), ok, lr
+
+
+def _sparse_ffi():
+    from clt import _sparse_ffi
+
+    return _sparse_ffi
 
 
 def _train_step(state: TrainState, x, y, tc_cfg: TranscoderConfig, train_cfg: TrainConfig,
@@ -239,7 +258,8 @@ def _train_step(state: TrainState, x, y, tc_cfg: TranscoderConfig, train_cfg: Tr
     # untouched (checked before the update: no select over the state). A finite update of finite
     # parameters stays finite (Adam moves each by at most ~lr/sqrt(1-beta2), lr <= 10).
     params, opt_state, ok, lr = adam_update(state.params, grads, state.opt_state, train_cfg,
-                                        jnp.isfinite(loss) & ~metrics["overflow"])
+                                            jnp.isfinite(loss) & ~metrics["overflow"],
+                                            mode[1] if mode is not None else kernels)
     if tc_cfg.activation == "batchtopk":
         params = _follow_batch_cut(params, metrics["batch_cut"], state.step, ok)
     new = TrainState(params=params, opt_state=opt_state, norms=state.norms,

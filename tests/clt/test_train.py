@@ -328,9 +328,11 @@ def test_init_from_continues_an_exported_transcoder(corpus, model, tmp_path):
               progress=False)
 
 
+@pytest.mark.parametrize("kernels", ["xla", "cpu"])
 @pytest.mark.parametrize("grad_clip", [0.0, 0.05, 100.0])
-def test_fused_adam_equals_optax(grad_clip):
-    """The step's one-pass Adam (adam_update) against optax's clip + adam + apply_updates, the
+def test_fused_adam_equals_optax(grad_clip, kernels):
+    """The step's one-pass Adam (adam_update: XLA's loops, or with kernels "cpu" the numba
+    pass run in place as one FFI call) against optax's clip + adam + apply_updates, the
     reference it replaces, over 6 steps through warmup and cosine decay (clipping active at 0.05,
     inactive at 100, off at 0); a refused update (ok false) changes no bit of the state."""
     import optax
@@ -345,7 +347,13 @@ def test_fused_adam_equals_optax(grad_clip):
     tx = make_optimizer(tc)
     ref_p, ref_s = params, tx.init(params)
     p, s = params, tx.init(params)
-    step = jax.jit(lambda p, g, s, ok: adam_update(p, g, s, tc, ok))
+    step = jax.jit(lambda p, g, s, ok: adam_update(p, g, s, tc, ok, kernels))
+    if kernels == "cpu":  # the handler is in the program, once (not XLA's loops)
+        from clt import _sparse_ffi
+
+        assert _sparse_ffi.available()
+        text = step.lower(params, params, tx.init(params), jax.numpy.bool_(True)).as_text()
+        assert text.count(_sparse_ffi.ADAM) == 1
     for i in range(6):
         grads = jax.tree.map(lambda a: jax.numpy.asarray(rng.normal(size=a.shape) * 0.1,
                                                          jax.numpy.float32), params)
