@@ -405,7 +405,8 @@ def _self_test() -> bool:
                   for a, b in zip(got_adam, ref_adam))
               and np.array_equal(np.asarray(kth), K.kth_largest(z, 3 * k))
               and all(np.array_equal(np.asarray(a), b) for a, b in zip(sel, ref_sel))
-              and np.array_equal(np.asarray(out), ref_out) and np.array_equal(np.asarray(gv), ref_gv)
+              and np.array_equal(np.asarray(out), ref_out)
+              and np.array_equal(np.asarray(gv), ref_gv)
               and all(np.array_equal(np.asarray(a), b) for a, b in zip(gW, ref_gW))
               and all(np.array_equal(np.asarray(a), b) for a, b in zip(enc, ref_enc)))
     except Exception as e:  # noqa: BLE001 - any failure means: keep the callbacks

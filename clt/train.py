@@ -221,7 +221,8 @@ def adam_update(params, grads, opt_state, train_cfg: TrainConfig, ok, kernels: s
     leaves = list(zip(jax.tree.leaves(params), jax.tree.leaves(grads), jax.tree.leaves(adam.mu),
                       jax.tree.leaves(adam.nu)))
     out = [None] * len(leaves)
-    fused = [i for i, t in enumerate(leaves) if all(a.dtype == jnp.float32 for a in t)]
+    fused = [i for i, t in enumerate(leaves)
+             if t[0].ndim and all(a.dtype == jnp.float32 for a in t)]
     if kernels == "cpu" and fused and _sparse_ffi().available():
         consts = jnp.stack([1.0 - b1, b1, 1.0 - b2, b2, c1, c2, step, scale,
                             ok.astype(jnp.float32), jnp.float32(ADAM_EPS)]).astype(jnp.float32)

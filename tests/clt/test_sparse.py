@@ -133,9 +133,10 @@ def _small_blocks(monkeypatch, blocks, kernels="cpu"):
 
 
 def test_ffi_handlers_are_used_and_equal_the_callback_kernels():
-    """The FFI handlers (decoder, encoder gradient) are registered here and give the numpy
-    kernels' results bit for bit, on a case spanning several feature blocks (2 x FEATURE_BLOCK features) and token
-    blocks (TOKEN_BLOCK + 45 tokens), with padding entries; and both equal float64 loops."""
+    """The FFI handlers (decoder, encoder gradient, selection) are registered here and give
+    the numpy kernels' results bit for bit, on a case spanning several feature blocks (2 x
+    FEATURE_BLOCK features) and token blocks (TOKEN_BLOCK + 45 tokens), with padding entries;
+    and both equal float64 loops."""
     from clt import _sparse_cpu, _sparse_ffi
 
     assert _sparse_ffi.available(), "jax refused the FFI handlers (see the warning)"
