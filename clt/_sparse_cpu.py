@@ -317,7 +317,7 @@ def _adam(p, g, m, v, c):
 def adam(p, g, m, v, c):
     """`_adam` on numpy arrays: the new (p, m, v), the inputs untouched (the FFI handler's
     reference in its self-test)."""
-    rows = np.shape(p)[0] if np.ndim(p) else 1
+    rows = np.shape(p)[0]  # tensors of rank >= 1, as the handler takes them
     p, m, v = (np.array(a, np.float32).reshape(rows, -1) for a in (p, m, v))
     _adam(p, _np(g, np.float32).reshape(rows, -1), m, v, _np(c, np.float32))
     return p, m, v

@@ -223,25 +223,22 @@ def adam_update(params, grads, opt_state, train_cfg: TrainConfig, ok, kernels: s
     out = [None] * len(leaves)
     fused = [i for i, t in enumerate(leaves)
              if t[0].ndim and all(a.dtype == jnp.float32 for a in t)]
-    if kernels == "cpu" and fused and _sparse_ffi().available():
-        consts = jnp.stack([1.0 - b1, b1, 1.0 - b2, b2, c1, c2, step, scale,
-                            ok.astype(jnp.float32), jnp.float32(ADAM_EPS)]).astype(jnp.float32)
-        ps, ms, vs = _sparse_ffi().adam(*([leaves[i][j] for i in fused] for j in range(4)),
-                                        consts)  # `one`, in one pass
-        for i, p, m, v in zip(fused, ps, ms, vs):
-            out[i] = (p, m, v)
+    if kernels == "cpu" and fused:
+        from clt import _sparse_ffi  # compiles its handlers: only where they may run
+
+        if _sparse_ffi.available():
+            consts = jnp.stack([1.0 - b1, b1, 1.0 - b2, b2, c1, c2, step, scale,
+                                ok.astype(jnp.float32), jnp.float32(ADAM_EPS)])
+            ps, ms, vs = _sparse_ffi.adam(*([leaves[i][j] for i in fused] for j in range(4)),
+                                          consts.astype(jnp.float32))  # `one`, in one pass
+            for i, p, m, v in zip(fused, ps, ms, vs):
+                out[i] = (p, m, v)
     out = [o if o is not None else one(*t) for o, t in zip(out, leaves)]
     new_p, mu, nu = (jax.tree.unflatten(tdef, [o[i] for o in out]) for i in range(3))
     inc = ok.astype(adam.count.dtype)
     last = (adam._replace(count=adam.count + inc, mu=mu, nu=nu),
             sched._replace(count=sched.count + inc))
     return new_p, opt_state[:-1] + (last,), ok, lr
-
-
-def _sparse_ffi():
-    from clt import _sparse_ffi
-
-    return _sparse_ffi
 
 
 def _train_step(state: TrainState, x, y, tc_cfg: TranscoderConfig, train_cfg: TrainConfig,
