@@ -20,20 +20,31 @@ from attribution.replacement import ActiveFeatures
 # decoder slots whose contraction costs as much (measured on a CPU: ~40 us against ~0.75 us;
 # the 128-token benchmark's speed moves by under 8% for any value from 16 to 160).
 GATHER_SLOTS = 54
+# Overflow tile widths of `SlotTiles`: wide, so one tile holds a busy position's overflow.
+SLOT_TILE_WIDTHS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048)
 
 
-def tile_widths(counts: np.ndarray) -> tuple[int, int]:
+def tile_widths(counts: np.ndarray, widths=(16, 32, 64, 128)) -> tuple[int, int]:
     """(main width, overflow tile width) for one source layer with these active counts per
     position: the pair with the least work, main rows costing their width at every position,
-    overflow tiles their width plus the gather of their gradients."""
+    overflow tiles (of one of `widths`) their width plus the gather of their gradients."""
     top = -(-max(int(counts.max()), 1) // 16) * 16
+    km = np.arange(0, top + 1, 16)[:, None, None]
+    ko = np.asarray(widths)[None, :, None]
+    over = np.maximum(counts[None, None, :] - km, 0)
+    cost = len(counts) * km[..., 0] + np.ceil(over / ko).sum(-1) * (ko[..., 0] + GATHER_SLOTS)
+    i, j = np.unravel_index(np.argmin(cost), cost.shape)  # the first of equal costs
+    return int(km[i, 0, 0]), int(widths[j])
 
-    def cost(km, ko):
-        return len(counts) * km + int(np.ceil(np.maximum(counts - km, 0) / ko).sum()) * (
-            ko + GATHER_SLOTS)
 
-    return min(((km, ko) for km in range(0, top + 1, 16) for ko in (16, 32, 64, 128)),
-               key=lambda w: cost(*w))
+def aligned_zeros(shape, dtype, align: int = 64) -> np.ndarray:
+    """Zeros whose buffer starts on a 64-byte boundary: `jax.device_put` on a CPU then uses the
+    buffer as it is, without a copy."""
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    buf = np.empty(n + align, np.uint8)
+    buf.fill(0)  # in order: pages are faulted in sequentially (scattered first writes are slow)
+    start = (-buf.ctypes.data) % align
+    return buf[start:start + n].view(dtype).reshape(shape)
 
 
 @dataclass(frozen=True)
@@ -93,3 +104,89 @@ class Sources:
 
 
 __all__ = ["GATHER_SLOTS", "Sources", "tile_widths"]
+
+
+@dataclass(frozen=True)
+class SlotTiles:
+    """Every active feature's decoder rows laid out MLP slot by slot, for a contraction whose
+    products are wide (host numpy).
+
+    Rows of the accumulator ("acc" order) are the features sorted by (position, layer, graph
+    order). Since the layers writing a slot are contiguous, slot t's features at position q are
+    one contiguous range of acc rows; each position gets K main rows starting at its range's
+    first row (rows past the range hold zero decoder rows, so their products add zeros) and the
+    rest of the range goes to overflow tiles of Ko rows. `slots[i]` = (t, K, Ko, main_feat [pos,
+    K], main_start [pos], over_feat [tiles, Ko], over_pos [tiles], over_start [tiles]), feature
+    ids in graph order, -1 for padding."""
+
+    n_rows: int  # accumulator rows: the features plus the room the last windows spill into
+    row_of: np.ndarray  # [n] each feature's accumulator row
+    slots: tuple
+
+    @classmethod
+    def build(cls, active: ActiveFeatures, n_layers: int, writers, n_pos: int) -> SlotTiles:
+        """`writers(t)`: the range of source layers whose features write MLP slot t."""
+        n = len(active)
+        order = np.lexsort((np.arange(n), active.layer, active.pos))
+        row_of = np.empty(n, np.int64)
+        row_of[order] = np.arange(n)
+        key = active.pos[order].astype(np.int64) * n_layers + active.layer[order]
+        q = np.arange(n_pos, dtype=np.int64) * n_layers
+        slots, spill = [], 0
+        for t in range(n_layers):
+            src = writers(t)
+            a = np.searchsorted(key, q + src.start, "left")
+            b = np.searchsorted(key, q + src.stop - 1, "right")
+            counts = b - a
+            if not counts.any():
+                continue
+            K, Ko = tile_widths(counts, SLOT_TILE_WIDTHS)
+            main = np.full((n_pos, K), -1, np.int64)
+            over_feat, over_pos, over_start = [], [], []
+            for p in range(n_pos):
+                m = min(K, counts[p])
+                main[p, :m] = order[a[p]:a[p] + m]
+                for start in range(a[p] + K, b[p], Ko):
+                    tile = np.full(Ko, -1, np.int64)
+                    stop = min(start + Ko, b[p])
+                    tile[:stop - start] = order[start:stop]
+                    over_feat.append(tile), over_pos.append(p), over_start.append(start)
+            spill = max(spill, K, Ko)
+            slots.append((t, K, Ko, main, a.astype(np.int32),
+                          np.asarray(over_feat, np.int64).reshape(-1, Ko),
+                          np.asarray(over_pos, np.int32), np.asarray(over_start, np.int32)))
+        return cls(n + spill, row_of.astype(np.int32), tuple(slots))
+
+    def decoders(self, W_dec, active: ActiveFeatures, dtype) -> list:
+        """Per slot, (main [pos, K, D], overflow [tiles, Ko, D]): each feature's decoder row into
+        the slot times its activation (zero rows for padding), as numpy arrays."""
+        flat = [np.asarray(W).reshape(-1, W.shape[-1]) for W in W_dec]  # views: [feature x reach]
+        out = []
+        for t, K, Ko, main, _, over, _, _ in self.slots:
+            feats = np.concatenate([main.ravel(), over.ravel()])
+            cells = np.flatnonzero(feats >= 0)
+            cells = cells[np.argsort(active.layer[feats[cells]], kind="stable")]
+            f = feats[cells]
+            layer = active.layer[f]
+            M = aligned_zeros((len(feats), flat[0].shape[1]), dtype)
+            for s in np.unique(layer):
+                lo, hi = np.searchsorted(layer, [s, s + 1])
+                # In chunks: temporaries this small reuse the heap's pages (fresh large arrays are
+                # faulted in page by page, several times slower than the gather itself).
+                for c in range(lo, hi, 4096):
+                    g = f[c:min(c + 4096, hi)]
+                    rows = flat[s][active.index[g] * W_dec[s].shape[1] + (t - s)]
+                    rows *= active.value[g][:, None].astype(rows.dtype)
+                    M[cells[c:c + len(g)]] = rows
+            D = M.shape[1]
+            out.append((M[:main.size].reshape(*main.shape, D), M[main.size:].reshape(*over.shape, D)))
+        return out
+
+    def nbytes(self, d_model: int, dtype) -> int:
+        """Bytes of `decoders`' arrays."""
+        rows = sum(main.size + over.size for _, _, _, main, _, over, _, _ in self.slots)
+        return rows * d_model * np.dtype(dtype).itemsize
+
+    def over_counts(self, P: int) -> tuple[int, ...]:
+        """Per slot, its overflow tiles in the prefix of P positions."""
+        return tuple(int(np.searchsorted(s[6], P)) for s in self.slots)

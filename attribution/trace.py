@@ -58,7 +58,7 @@ from attribution.graph import Graph, error_nodes, node_levels
 from attribution.influence import influence
 from attribution.prune import prune, score
 from attribution.stream import chunks, stream, use_stream, visit_batches
-from attribution.tiling import Sources
+from attribution.tiling import SlotTiles, Sources
 from clt.configs import ConfigError, doc, to_dict
 from clt.lm.config import ModelConfig
 from clt.lm.params import LMParams
@@ -100,6 +100,12 @@ class TraceConfig:
         "contraction nearer the matmul peak). Reduced automatically so the per-batch gradients "
         "stay under `batch_memory_gb`.", default=0)
     batch_memory_gb: float = doc("Budget for one batch's gradients at every layer.", default=1.0)
+    decoder_rows_gb: float = doc(
+        "Memory for the active features' decoder rows laid out MLP slot by slot, made once "
+        "before the first row: the decoder contraction then runs as one wide product per slot "
+        "over all the features writing it. When they need more (long prompts, many active "
+        "features) or on a mesh, each batch gathers the rows it reads instead: slower, no extra "
+        "memory. 0 turns the layout off.", default=2.0)
     dtype: Literal["float32", "bfloat16", "float64"] = doc(
         "Compute dtype of the backward sweeps; rows are stored as float32 (float64 under "
         "float64, which needs jax_enable_x64: for reference checks).", default="float32")
@@ -171,6 +177,9 @@ class TraceConfig:
             v = getattr(self, name)
             if not (0 < v < float("inf")):  # NaN fails this too
                 raise ConfigError(f"TraceConfig.{name} must be a positive number of GB, got {v}")
+        if not (0 <= self.decoder_rows_gb < float("inf")):
+            raise ConfigError(f"TraceConfig.decoder_rows_gb must be >= 0 GB, got "
+                              f"{self.decoder_rows_gb}")
         if self.neuron_top_k < 0:
             raise ConfigError(f"TraceConfig.neuron_top_k must be >= 0 (0: every unit), got "
                               f"{self.neuron_top_k}")
@@ -311,10 +320,10 @@ def resolve_targets(config: TraceConfig, tokenizer, d_model: int) -> Targets:
 
 # --- one batch of rows ---------------------------------------------------------------------------
 @partial(jax.jit, static_argnames=("model_cfg", "tc_cfg", "src_layers", "over_counts",
-                                   "first_pos", "n_pos"))
+                                   "first_pos", "n_pos", "tiles"))
 def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, *,
           model_cfg: ModelConfig, tc_cfg: TranscoderConfig, src_layers: tuple[int, ...],
-          over_counts: tuple[int, ...], first_pos: int, n_pos: int):
+          over_counts: tuple[int, ...], first_pos: int, n_pos: int, tiles=None):
     """Rows of A for a batch of targets: [batch, features + errors + tokens] float32.
 
     tgt_layer: the target's layer (n_layers for a logit), tgt_pos its position (< n_pos),
@@ -368,21 +377,25 @@ def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, *
     g, G, err = jax.lax.fori_loop(0, n_blocks, step, (g, jnp.zeros((L, T, B, D), dt),
                                                       jnp.zeros((L, B, T), f32)))
 
-    # The decoder contraction: each source layer's edges at its main rows and overflow tiles.
-    by_source = tc_cfg.max_reach is not None and tc_cfg.max_reach <= SOURCE_MAJOR_REACH
-    edges = (_edges_by_source if by_source else _edges_by_slot)(
-        G, tc_params, tc_cfg, layout, over_counts, src_layers, lmax, dt)
+    if tiles is not None:  # the decoder contraction slot by slot, over all its writers at once
+        feats = _edges_by_tiles(G, layout, tiles, lmax).at[columns].get(mode="promise_in_bounds")
+    else:
+        # The decoder contraction: each source layer's edges at its main rows and overflow tiles.
+        by_source = tc_cfg.max_reach is not None and tc_cfg.max_reach <= SOURCE_MAJOR_REACH
+        edges = (_edges_by_source if by_source else _edges_by_slot)(
+            G, tc_params, tc_cfg, layout, over_counts, src_layers, lmax, dt)
 
-    # Every source layer's edges, one row per decoder slot ([slots, B], then a zero row for the
-    # features past the prefix), are read at the features' slots in one gather (`columns`):
-    # per-layer gathers and pads cost more than the contraction itself on low-layer batches.
-    slots = []
-    for (_, act, _, o_act, _), n_over, e in zip(layout, over_counts, edges):
-        act, o_act = act[:T], o_act[:n_over]
-        slots += [jnp.swapaxes(e[0] * act[:, None], 1, 2).reshape(-1, B),
-                  jnp.swapaxes(e[1] * o_act[:, None], 1, 2).reshape(-1, B)]
-    slots.append(jnp.zeros((1, B), f32))
-    feats = jnp.concatenate(slots).at[columns].get(mode="promise_in_bounds")
+        # Every source layer's edges, one row per decoder slot ([slots, B], then a zero row for
+        # the features past the prefix), are read at the features' slots in one gather
+        # (`columns`): per-layer gathers and pads cost more than the contraction itself on
+        # low-layer batches.
+        slots = []
+        for (_, act, _, o_act, _), n_over, e in zip(layout, over_counts, edges):
+            act, o_act = act[:T], o_act[:n_over]
+            slots += [jnp.swapaxes(e[0] * act[:, None], 1, 2).reshape(-1, B),
+                      jnp.swapaxes(e[1] * o_act[:, None], 1, 2).reshape(-1, B)]
+        slots.append(jnp.zeros((1, B), f32))
+        feats = jnp.concatenate(slots).at[columns].get(mode="promise_in_bounds")
     err = jnp.pad(jnp.swapaxes(err, 1, 2), ((0, 0), (0, T_all - T), (0, 0)))  # [L, T_all, B]
     emb = jnp.einsum("btd,td->tb", g[:, 0], rm.embeds, preferred_element_type=f32)
     return jnp.concatenate([feats, err[:, first_pos:].reshape(-1, B),
@@ -395,6 +408,39 @@ def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, *
 # by slot; a CLT's top batch 0.85 s by slot against 0.99 s by source. Windowed CLTs in between
 # were not measured.
 SOURCE_MAJOR_REACH = 4
+
+
+def _edges_by_tiles(G, layout, tiles, lmax):
+    """Every feature's edges summed over the slots it writes ([accumulator rows, B] in
+    `SlotTiles` order): per slot, one product of its gradients G[t] [P, B, D] with all its
+    writers' decoder rows at each position (times their activations, `SlotTiles.decoders`), its
+    overflow tiles with their positions' gradients, each added into the accumulator at its rows.
+    tiles: (accumulator rows, per slot (t, overflow tiles in the prefix))."""
+    _, P, B, _ = G.shape
+    n_rows, slots = tiles
+    f32 = jnp.promote_types(G.dtype, jnp.float32)
+    acc = jnp.zeros((n_rows, B), f32)
+    dn = jax.lax.ScatterDimensionNumbers(update_window_dims=(1, 2), inserted_window_dims=(),
+                                         scatter_dims_to_operand_dims=(0,))
+
+    def add(acc, start, x):  # windows [K, B] at their first rows; overlaps only add zeros
+        return jax.lax.scatter_add(acc, start[:, None], x, dn, indices_are_sorted=True,
+                                   mode="promise_in_bounds")
+
+    for (t, n_over), (Dm, Do, m_start, o_pos, o_start) in zip(slots, layout):
+        def do(acc, t=t, n_over=n_over, Dm=Dm, Do=Do, m_start=m_start, o_pos=o_pos,
+               o_start=o_start):
+            Gt = G[t]
+            Dm = Dm[:P] if Dm.shape[0] > P else Dm
+            acc = add(acc, m_start[:P], jnp.einsum("qnd,qbd->qnb", Dm, Gt,
+                                                    preferred_element_type=f32))
+            if not n_over:
+                return acc
+            grad = Gt.at[o_pos[:n_over]].get(mode="promise_in_bounds")
+            return add(acc, o_start[:n_over], jnp.einsum("nkd,nbd->nkb", Do[:n_over], grad,
+                                                         preferred_element_type=f32))
+        acc = jax.lax.cond(t < lmax, do, lambda acc: acc, acc)
+    return acc
 
 
 def _edges_by_source(G, tc_params, tc_cfg, layout, over_counts, src_layers, lmax, dt):
@@ -514,7 +560,7 @@ class _RowMaker:
     its targets (rounded up to a bucket: one compilation per bucket), returns rows."""
 
     def __init__(self, params, model_cfg, tc_cfg, tc_params, rm, active, bos, batch, dtype,
-                 bucket: int = 0, mesh=None, target_scale=None):
+                 bucket: int = 0, mesh=None, target_scale=None, decoder_rows_gb: float = 0.0):
         cast = (lambda t: jax.tree.map(
             lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, t))
         # Only the weights the sweep reads: the rest (MLPs, embeddings) can go after the forward
@@ -535,6 +581,18 @@ class _RowMaker:
                         if np.any(active.layer == s)]
         self.src_layers = tuple(src.layer for src in self.sources)
         self.layout = tuple(self._put(src.device()) for src in self.sources)
+        # One device: every slot's decoder rows gathered once (`SlotTiles`), for wide products,
+        # when they fit in decoder_rows_gb.
+        self.tiles = None
+        tiles = (SlotTiles.build(active, model_cfg.n_layers, tc_cfg.sources, T)
+                 if self.mesh is None and self.sources else None)
+        if tiles is not None and tiles.nbytes(model_cfg.d_model, dtype) <= decoder_rows_gb * 2**30:
+            self.tiles = tiles
+            mats = tiles.decoders(self.tc_params.W_dec, active, np.dtype(dtype))
+            self.layout = tuple(
+                (jax.device_put(Dm), jax.device_put(Do), jnp.asarray(s[4]), jnp.asarray(s[6]),
+                 jnp.asarray(s[7])) for (Dm, Do), s in zip(mats, self.tiles.slots))
+            self._tile_columns = jnp.asarray(self.tiles.row_of)
         self._columns = {}  # prefix length -> prefix_columns(prefix length)
         self.first_pos = 1 if bos else 0
         self.W_enc = self.tc_params.W_enc if self.mesh is not None else tc_params.W_enc
@@ -571,12 +629,17 @@ class _RowMaker:
         if self.tc_params.W_skip is not None:
             block += D * D
         per_target = 2 * P * block * min(lmax + 1, L)
-        over_counts, _ = self.prefix_columns(P)
-        for src, n_over in zip(self.sources, over_counts):
-            reads = min(lmax, src.layer + self.tc_cfg.n_targets(src.layer)) - src.layer
-            if reads > 0:
-                slots = P * src.index.shape[1] + n_over * src.over_index.shape[1]
-                per_target += 2 * D * slots * reads
+        if self.tiles is not None:  # each slot below the batch's top: its main rows and tiles
+            for (t, K, Ko, *_), n_over in zip(self.tiles.slots, self.tiles.over_counts(P)):
+                if t < lmax:
+                    per_target += 2 * D * (P * K + n_over * Ko)
+        else:
+            over_counts, _ = self.prefix_columns(P)
+            for src, n_over in zip(self.sources, over_counts):
+                reads = min(lmax, src.layer + self.tc_cfg.n_targets(src.layer)) - src.layer
+                if reads > 0:
+                    slots = P * src.index.shape[1] + n_over * src.over_index.shape[1]
+                    per_target += 2 * D * slots * reads
         per_target += 2 * L * P * D + 2 * P * D
         return float(self.batch * per_target)
 
@@ -611,6 +674,11 @@ class _RowMaker:
         if len(vec) < self.batch:  # (`features` passes its vectors padded already)
             vec = jnp.concatenate([vec, jnp.zeros((pad, self.cfg.d_model), vec.dtype)])
         over_counts, columns = self.prefix_columns(P)
+        tiles = None
+        if self.tiles is not None:
+            tiles = (self.tiles.n_rows, tuple((sl[0], n) for sl, n in zip(
+                self.tiles.slots, self.tiles.over_counts(P))))
+            columns = self._tile_columns
         self.flops_run += self.flops(P, int(layer[:n].max()))
         self.batches_run += 1
         layer, pos = jnp.asarray(layer), jnp.asarray(pos)
@@ -622,7 +690,7 @@ class _RowMaker:
         out = _rows(self.params, self.tc_params, self.rm, self.layout, columns,
                     layer, pos, vec, model_cfg=self.cfg,
                     tc_cfg=self.tc_cfg, src_layers=self.src_layers,
-                    over_counts=over_counts, first_pos=self.first_pos, n_pos=P)
+                    over_counts=over_counts, first_pos=self.first_pos, n_pos=P, tiles=tiles)
         if host:  # cut on the host: a slice on the device compiles once per batch size
             out = np.asarray(jax.device_get(out))
         return out if padded else out[:n]
@@ -751,7 +819,8 @@ def setup_trace(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderConf
         d = mesh.shape["data"]
         batch = -(-batch // d) * d
     make = _RowMaker(params, model_cfg, tc_cfg, tc_params, rm, active, bos, batch, dtype,
-                     config.position_bucket, mesh, target_scale=factors)
+                     config.position_bucket, mesh, target_scale=factors,
+                     decoder_rows_gb=config.decoder_rows_gb)
     return TraceSetup(ids, bos, list(token_strings), rm, active, logit_toks, names, logit_probs,
                       weights, logit_dirs, target_info, err_layer, err_pos, cap, streamed, batch,
                       make, time.perf_counter() - t0, tc_cfg)
@@ -784,6 +853,7 @@ def trace_tokens(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderCon
     t_setup = time.perf_counter() - t0
     info = {"model": model_cfg.name, "transcoder": to_dict(st.tc_cfg), "batch_size": batch,
             "position_bucket": make.bucket, "adjacency": "stream" if streamed else "dense",
+            "decoder_layout": "sources" if make.tiles is None else "slots",
             "seconds_setup": round(t_setup, 3)}
     if target_info is not None:
         info["targets"] = target_info

@@ -185,6 +185,68 @@ def test_position_prefixes_give_the_whole_prompts_rows(tiny_dirs, x64):
         np.testing.assert_allclose(g.adjacency, whole.adjacency, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("family,reach,skip", [("llama", None, True), ("gemma2", 2, False),
+                                               ("gpt2", 1, True)])
+def test_slot_layout_gives_the_per_source_rows(tiny_dirs, x64, family, reach, skip):
+    """The decoder rows laid out slot by slot (`SlotTiles`, the default on one device) and
+    gathered by every batch source by source (decoder_rows_gb 0): the same adjacency, on
+    position prefixes (bucket 3) and every batch layer."""
+    setup = _setup(tiny_dirs, family, reach=reach, skip=skip)
+    slots = _trace(setup, adjacency="dense")
+    sources = _trace(setup, adjacency="dense", decoder_rows_gb=0.0)
+    assert slots.info["decoder_layout"] == "slots" and sources.info["decoder_layout"] == "sources"
+    assert slots.ranges.feature.stop == sources.ranges.feature.stop > 50
+    np.testing.assert_allclose(slots.adjacency, sources.adjacency, rtol=1e-12, atol=1e-15)
+    assert slots.info["row_flops"] < sources.info["row_flops"] * 1.5
+
+
+def test_slot_layout_places_every_feature_once_per_slot():
+    """`SlotTiles`: for every MLP slot, each feature of a layer writing it is in exactly one
+    main or overflow cell, whose accumulator row is the feature's; padding cells are empty
+    and read zero decoder rows; every window lies inside the accumulator."""
+    from attribution.replacement import ActiveFeatures
+    from attribution.tiling import SlotTiles
+
+    rng = np.random.default_rng(0)
+    L, T, F, D, reach = 5, 7, 64, 3, 3
+    layer, pos = [], []
+    for s in range(L):  # uneven: one busy position per layer
+        counts = rng.integers(0, 4, T)
+        counts[s % T] = 30
+        for q, c in enumerate(counts):
+            layer += [s] * c
+            pos += [q] * c
+    layer, pos = np.asarray(layer, np.int32), np.asarray(pos, np.int32)
+    index = rng.integers(0, F, len(layer)).astype(np.int32)
+    order = np.lexsort((index, pos, layer))  # graph order: (layer, pos, index)
+    active = ActiveFeatures(layer[order], pos[order], index[order],
+                            rng.uniform(0.5, 2.0, len(layer)))
+    writers = lambda t: range(max(0, t - reach + 1), t + 1)
+    tiles = SlotTiles.build(active, L, writers, T)
+    W = [rng.normal(size=(F, min(reach, L - s), D)) for s in range(L)]
+    mats = tiles.decoders(W, active, np.float64)
+    assert any(len(sl[6]) for sl in tiles.slots)  # overflow tiles are exercised
+    for (t, K, Ko, main, m_start, over, o_pos, o_start), (Dm, Do) in zip(tiles.slots, mats):
+        cells = np.concatenate([main.ravel(), over.ravel()])
+        rows = np.concatenate([(m_start[:, None] + np.arange(K)).ravel(),
+                               (o_start[:, None] + np.arange(Ko)).ravel()])
+        cell_pos = np.concatenate([np.repeat(np.arange(T), K), np.repeat(o_pos, Ko)])
+        dec = np.concatenate([Dm.reshape(-1, D), Do.reshape(-1, D)])
+        assert rows.max() < tiles.n_rows
+        want = np.flatnonzero(np.isin(active.layer, list(writers(t))))
+        got = cells[cells >= 0]
+        assert sorted(got) == sorted(want)  # each writer's feature once
+        f = cells[cells >= 0]
+        np.testing.assert_array_equal(rows[cells >= 0], tiles.row_of[f])
+        np.testing.assert_array_equal(cell_pos[cells >= 0], active.pos[f])
+        ref = np.stack([W[s][i, t - s] * v for s, i, v in zip(active.layer[f], active.index[f],
+                                                               active.value[f])])
+        np.testing.assert_array_equal(dec[cells >= 0], ref)
+        assert np.all(dec[cells < 0] == 0)
+    # Accumulator rows: position-major, so a position prefix is a prefix of rows.
+    assert np.all(np.diff(active.pos[np.argsort(tiles.row_of)]) >= 0)
+
+
 def test_sources_layout_places_every_feature_once():
     """`Sources`: main rows of K slots per position, overflow tiles for the rest (uneven
     activity: one position holds 40 features, the others 0-3)."""
@@ -225,7 +287,7 @@ def test_decoder_layouts_give_the_same_rows(tiny_dirs, x64, monkeypatch, widths)
     tiling = importlib.import_module("attribution.tiling")
     setup = _setup(tiny_dirs, "llama", reach=None, skip=True)
     ref = _trace(setup, adjacency="dense")
-    monkeypatch.setattr(tiling, "tile_widths", lambda counts: widths)
+    monkeypatch.setattr(tiling, "tile_widths", lambda counts, *_: widths)
     g = _trace(setup, adjacency="dense")
     assert g.ranges.feature.stop == ref.ranges.feature.stop > 50
     np.testing.assert_allclose(g.adjacency, ref.adjacency, rtol=1e-12, atol=1e-15)
