@@ -100,12 +100,13 @@ class TraceConfig:
         "contraction nearer the matmul peak). Reduced automatically so the per-batch gradients "
         "stay under `batch_memory_gb`.", default=0)
     batch_memory_gb: float = doc("Budget for one batch's gradients at every layer.", default=1.0)
-    decoder_rows_gb: float = doc(
+    decoder_rows_gb: float | None = doc(
         "Memory for the active features' decoder rows laid out MLP slot by slot, made once "
         "before the first row: the decoder contraction then runs as one wide product per slot "
         "over all the features writing it. When they need more (long prompts, many active "
         "features) or on a mesh, each batch gathers the rows it reads instead: slower, no extra "
-        "memory. 0 turns the layout off.", default=2.0)
+        "memory. None: as much as the transcoder's decoder weights take (the layout at most "
+        "doubles them), and at least 0.5 GB; 0 turns the layout off.", default=None)
     dtype: Literal["float32", "bfloat16", "float64"] = doc(
         "Compute dtype of the backward sweeps; rows are stored as float32 (float64 under "
         "float64, which needs jax_enable_x64: for reference checks).", default="float32")
@@ -177,7 +178,7 @@ class TraceConfig:
             v = getattr(self, name)
             if not (0 < v < float("inf")):  # NaN fails this too
                 raise ConfigError(f"TraceConfig.{name} must be a positive number of GB, got {v}")
-        if not (0 <= self.decoder_rows_gb < float("inf")):
+        if self.decoder_rows_gb is not None and not (0 <= self.decoder_rows_gb < float("inf")):
             raise ConfigError(f"TraceConfig.decoder_rows_gb must be >= 0 GB, got "
                               f"{self.decoder_rows_gb}")
         if self.neuron_top_k < 0:
@@ -560,7 +561,8 @@ class _RowMaker:
     its targets (rounded up to a bucket: one compilation per bucket), returns rows."""
 
     def __init__(self, params, model_cfg, tc_cfg, tc_params, rm, active, bos, batch, dtype,
-                 bucket: int = 0, mesh=None, target_scale=None, decoder_rows_gb: float = 0.0):
+                 bucket: int = 0, mesh=None, target_scale=None,
+                 decoder_rows_gb: float | None = None):
         cast = (lambda t: jax.tree.map(
             lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, t))
         # Only the weights the sweep reads: the rest (MLPs, embeddings) can go after the forward
@@ -582,11 +584,14 @@ class _RowMaker:
         self.src_layers = tuple(src.layer for src in self.sources)
         self.layout = tuple(self._put(src.device()) for src in self.sources)
         # One device: every slot's decoder rows gathered once (`SlotTiles`), for wide products,
-        # when they fit in decoder_rows_gb.
+        # when they fit in decoder_rows_gb (None: the decoder weights' own size).
         self.tiles = None
         tiles = (SlotTiles.build(active, model_cfg.n_layers, tc_cfg.sources, T)
                  if self.mesh is None and self.sources else None)
-        if tiles is not None and tiles.nbytes(model_cfg.d_model, dtype) <= decoder_rows_gb * 2**30:
+        budget = (max(sum(W.size for W in tc_params.W_dec) * np.dtype(dtype).itemsize,
+                      AUTO_DECODER_ROWS_GB * 2**30)
+                  if decoder_rows_gb is None else decoder_rows_gb * 2**30)
+        if tiles is not None and tiles.nbytes(model_cfg.d_model, dtype) <= budget:
             self.tiles = tiles
             mats = tiles.decoders(self.tc_params.W_dec, active, np.dtype(dtype))
             self.layout = tuple(
@@ -917,6 +922,11 @@ def trace_tokens(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderCon
         adjacency[:n_feat, :n_feat + n_err + T] = feat_rows[:, keep_cols]
     adjacency[N - n_logit:, :n_feat + n_err + T] = logit_rows[:, keep_cols]
     return graph(selected, adjacency)
+
+
+# The least memory the automatic decoder_rows_gb allows the slot layout (GB): small layouts
+# always pay (a PLT's is about its decoder weights' size).
+AUTO_DECODER_ROWS_GB = 0.5
 
 
 # Automatic batch sizes (TraceConfig.batch_size 0): a capped graph's greedy visit, where the batch

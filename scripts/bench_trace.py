@@ -164,6 +164,10 @@ def run_case(kind: str, n_tokens: int, mode: str, args) -> dict:
         **_arithmetic(graph.info["row_flops"], graph.info["seconds_rows"], seconds)}
 
 
+def _gb_or_auto(v: str) -> float | None:
+    return None if v == "auto" else float(v)
+
+
 def matmul_peak() -> float:
     """This device's float32 matmul rate (FLOP/s): the best of a few 2048^3 products, compiled
     before timing (the "peak" the rows' rate is compared with)."""
@@ -611,9 +615,9 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=0,
                     help="TraceConfig.batch_size (0: automatic, its default)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--decoder-rows-gb", type=float, nargs="*", default=[2.0],
-                    help="TraceConfig.decoder_rows_gb; several values run each case with each "
-                         "(0: the decoder rows gathered by every batch)")
+    ap.add_argument("--decoder-rows-gb", type=_gb_or_auto, nargs="*", default=[None],
+                    help="TraceConfig.decoder_rows_gb ('auto': None); several values run each "
+                         "case with each (0: the decoder rows gathered by every batch)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per case")
     ap.add_argument("--out", default="out/bench_trace.json")
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # child process
@@ -684,7 +688,7 @@ def main() -> int:
              for mode in args.adjacency for gb in args.decoder_rows_gb]
     for n, kind, mode, gb in cases:
         cmd = [sys.executable, __file__, "--case", f"{kind}:{n}:{mode}", *passthrough,
-               "--decoder-rows-gb", str(gb)]
+               "--decoder-rows-gb", "auto" if gb is None else str(gb)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True,
                                   timeout=args.timeout, check=False)

@@ -61,10 +61,14 @@ def _check_all_edges(graph, ref):
     assert not graph.adjacency[:, r.logit].any()
 
 
+@pytest.mark.parametrize("layout", ["slots", "sources"])
 @pytest.mark.parametrize("family,reach,skip,point", CASES)
-def test_every_edge_is_an_intervention(tiny_dirs, x64, family, reach, skip, point):
+def test_every_edge_is_an_intervention(tiny_dirs, x64, family, reach, skip, point, layout):
+    """Both decoder layouts: laid out slot by slot once, or gathered by every batch."""
     params, cfg, tc_cfg, tc_params, ids = _setup(tiny_dirs, family, reach, skip, point)
-    graph = _trace(params, cfg, tc_cfg, tc_params, ids[1:])
+    graph = _trace(params, cfg, tc_cfg, tc_params, ids[1:],
+                   decoder_rows_gb=1.0 if layout == "slots" else 0.0)
+    assert graph.info["decoder_layout"] == layout
     assert graph.adjacency.dtype == np.float64
     n_feat = graph.ranges.feature.stop
     assert 10 < n_feat < 200, n_feat  # a small graph, but with features at every layer

@@ -188,11 +188,11 @@ def test_position_prefixes_give_the_whole_prompts_rows(tiny_dirs, x64):
 @pytest.mark.parametrize("family,reach,skip", [("llama", None, True), ("gemma2", 2, False),
                                                ("gpt2", 1, True)])
 def test_slot_layout_gives_the_per_source_rows(tiny_dirs, x64, family, reach, skip):
-    """The decoder rows laid out slot by slot (`SlotTiles`, the default on one device) and
-    gathered by every batch source by source (decoder_rows_gb 0): the same adjacency, on
-    position prefixes (bucket 3) and every batch layer."""
+    """The decoder rows laid out slot by slot (`SlotTiles`, on one device when they fit
+    decoder_rows_gb) and gathered by every batch source by source (decoder_rows_gb 0): the same
+    adjacency, on position prefixes (bucket 3) and every batch layer."""
     setup = _setup(tiny_dirs, family, reach=reach, skip=skip)
-    slots = _trace(setup, adjacency="dense")
+    slots = _trace(setup, adjacency="dense", decoder_rows_gb=1.0)
     sources = _trace(setup, adjacency="dense", decoder_rows_gb=0.0)
     assert slots.info["decoder_layout"] == "slots" and sources.info["decoder_layout"] == "sources"
     assert slots.ranges.feature.stop == sources.ranges.feature.stop > 50
