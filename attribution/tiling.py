@@ -4,7 +4,10 @@
 of the active features. Activity is uneven over positions (a layer's busiest position can hold 10x
 its mean), so instead of padding every position to the busiest one, each position gets K main
 slots and the rest of its features go to overflow tiles of Ko slots, whose gradients are gathered
-(`Sources`); `tile_widths` picks the (K, Ko) with the least work.
+(`Sources`); `tile_widths` picks the (K, Ko) with the least work. That layout is gathered from
+the decoder weights by every batch. `SlotTiles` lays the same rows out once per trace, MLP slot
+by slot with all the layers writing the slot side by side, so a batch makes one wide product per
+slot (used on one device when it fits `TraceConfig.decoder_rows_gb`).
 """
 
 from __future__ import annotations
@@ -103,9 +106,6 @@ class Sources:
             np.int32)
 
 
-__all__ = ["GATHER_SLOTS", "Sources", "tile_widths"]
-
-
 @dataclass(frozen=True)
 class SlotTiles:
     """Every active feature's decoder rows laid out MLP slot by slot, for a contraction whose
@@ -190,3 +190,7 @@ class SlotTiles:
     def over_counts(self, P: int) -> tuple[int, ...]:
         """Per slot, its overflow tiles in the prefix of P positions."""
         return tuple(int(np.searchsorted(s[6], P)) for s in self.slots)
+
+
+__all__ = ["GATHER_SLOTS", "SLOT_TILE_WIDTHS", "SlotTiles", "Sources", "aligned_zeros",
+           "tile_widths"]

@@ -331,7 +331,9 @@ def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, *
     tgt_vec its encoder row or logit direction. The model is causal, so the sweep runs on the
     first `n_pos` positions only; sources at later positions get zeros. layout: per source
     layer, `Sources.device()`; over_counts: its overflow tiles in the prefix; columns: every
-    active feature's decoder slot in the prefix's slots (`_RowMaker.prefix_columns`)."""
+    active feature's decoder slot in the prefix's slots (`_RowMaker.prefix_columns`). With
+    `tiles` (`_edges_by_tiles`), layout holds each MLP slot's `SlotTiles` arrays instead and
+    columns every feature's accumulator row."""
     B = tgt_layer.shape[0]
     T_all = rm.tokens.shape[0]
     rm = rep.prefix(rm, n_pos) if n_pos < T_all else rm
@@ -582,9 +584,9 @@ class _RowMaker:
         self.sources = [Sources.build(active, s, T) for s in range(model_cfg.n_layers)
                         if np.any(active.layer == s)]
         self.src_layers = tuple(src.layer for src in self.sources)
-        self.layout = tuple(self._put(src.device()) for src in self.sources)
         # One device: every slot's decoder rows gathered once (`SlotTiles`), for wide products,
-        # when they fit in decoder_rows_gb (None: the decoder weights' own size).
+        # when they fit in decoder_rows_gb (None: the decoder weights' own size, >= 0.5 GB);
+        # else each batch gathers them, source layer by source layer (`Sources`).
         self.tiles = None
         tiles = (SlotTiles.build(active, model_cfg.n_layers, tc_cfg.sources, T)
                  if self.mesh is None and self.sources else None)
@@ -598,6 +600,8 @@ class _RowMaker:
                 (jax.device_put(Dm), jax.device_put(Do), jnp.asarray(s[4]), jnp.asarray(s[6]),
                  jnp.asarray(s[7])) for (Dm, Do), s in zip(mats, self.tiles.slots))
             self._tile_columns = jnp.asarray(self.tiles.row_of)
+        else:
+            self.layout = tuple(self._put(src.device()) for src in self.sources)
         self._columns = {}  # prefix length -> prefix_columns(prefix length)
         self.first_pos = 1 if bos else 0
         self.W_enc = self.tc_params.W_enc if self.mesh is not None else tc_params.W_enc
