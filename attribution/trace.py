@@ -103,9 +103,9 @@ class TraceConfig:
     decoder_rows_gb: float | None = doc(
         "Memory for the active features' decoder rows laid out MLP slot by slot, made once "
         "before the first row: the decoder contraction then runs as one wide product per slot "
-        "over all the features writing it. When they need more (long prompts, many active "
-        "features) or on a mesh, each batch gathers the rows it reads instead: slower, no extra "
-        "memory. None: as much as the transcoder's decoder weights take (the layout at most "
+        "over all the features writing it. When they need more (many active features), on a "
+        "mesh, or for a prompt longer than position_bucket, each batch gathers the rows it reads "
+        "instead: slower, no extra memory. None: as much as the transcoder's decoder weights take (the layout at most "
         "doubles them), and at least 0.5 GB; 0 turns the layout off.", default=None)
     dtype: Literal["float32", "bfloat16", "float64"] = doc(
         "Compute dtype of the backward sweeps; rows are stored as float32 (float64 under "
@@ -433,10 +433,9 @@ def _edges_by_tiles(G, layout, tiles, lmax):
     for (t, n_over), (Dm, Do, m_start, o_pos, o_start) in zip(slots, layout):
         def do(acc, t=t, n_over=n_over, Dm=Dm, Do=Do, m_start=m_start, o_pos=o_pos,
                o_start=o_start):
-            Gt = G[t]
-            Dm = Dm[:P] if Dm.shape[0] > P else Dm
-            acc = add(acc, m_start[:P], jnp.einsum("qnd,qbd->qnb", Dm, Gt,
-                                                    preferred_element_type=f32))
+            Gt = G[t]  # the layout is used on the whole prompt only: Dm has P positions
+            acc = add(acc, m_start, jnp.einsum("qnd,qbd->qnb", Dm, Gt,
+                                               preferred_element_type=f32))
             if not n_over:
                 return acc
             grad = Gt.at[o_pos[:n_over]].get(mode="promise_in_bounds")
@@ -584,12 +583,15 @@ class _RowMaker:
         self.sources = [Sources.build(active, s, T) for s in range(model_cfg.n_layers)
                         if np.any(active.layer == s)]
         self.src_layers = tuple(src.layer for src in self.sources)
-        # One device: every slot's decoder rows gathered once (`SlotTiles`), for wide products,
-        # when they fit in decoder_rows_gb (None: the decoder weights' own size, >= 0.5 GB);
-        # else each batch gathers them, source layer by source layer (`Sources`).
+        # One device and one position prefix: every slot's decoder rows gathered once
+        # (`SlotTiles`), for wide products, when they fit in decoder_rows_gb (None: the decoder
+        # weights' own size, >= 0.5 GB); else each batch gathers them, source layer by source
+        # layer (`Sources`). With several prefixes (prompts longer than a bucket), a batch on a
+        # shorter one would copy the first positions of every slot's rows: not measured to pay,
+        # and the planner's batch times (`attribution.plan`) do not count it.
         self.tiles = None
         tiles = (SlotTiles.build(active, model_cfg.n_layers, tc_cfg.sources, T)
-                 if self.mesh is None and self.sources else None)
+                 if self.mesh is None and self.sources and T <= self.bucket else None)
         budget = (max(sum(W.size for W in tc_params.W_dec) * np.dtype(dtype).itemsize,
                       AUTO_DECODER_ROWS_GB * 2**30)
                   if decoder_rows_gb is None else decoder_rows_gb * 2**30)

@@ -66,8 +66,10 @@ def _check_all_edges(graph, ref):
 def test_every_edge_is_an_intervention(tiny_dirs, x64, family, reach, skip, point, layout):
     """Both decoder layouts: laid out slot by slot once, or gathered by every batch."""
     params, cfg, tc_cfg, tc_params, ids = _setup(tiny_dirs, family, reach, skip, point)
+    # The slot layout runs on the whole prompt only (one position prefix).
     graph = _trace(params, cfg, tc_cfg, tc_params, ids[1:],
-                   decoder_rows_gb=1.0 if layout == "slots" else 0.0)
+                   **({"decoder_rows_gb": 1.0, "position_bucket": 0} if layout == "slots"
+                      else {"decoder_rows_gb": 0.0}))
     assert graph.info["decoder_layout"] == layout
     assert graph.adjacency.dtype == np.float64
     n_feat = graph.ranges.feature.stop

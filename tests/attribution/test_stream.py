@@ -192,9 +192,12 @@ def test_slot_layout_gives_the_per_source_rows(tiny_dirs, x64, family, reach, sk
     decoder_rows_gb) and gathered by every batch source by source (decoder_rows_gb 0): the same
     adjacency, on position prefixes (bucket 3) and every batch layer."""
     setup = _setup(tiny_dirs, family, reach=reach, skip=skip)
-    slots = _trace(setup, adjacency="dense", decoder_rows_gb=1.0)
+    slots = _trace(setup, adjacency="dense", decoder_rows_gb=1.0, position_bucket=0)
     sources = _trace(setup, adjacency="dense", decoder_rows_gb=0.0)
     assert slots.info["decoder_layout"] == "slots" and sources.info["decoder_layout"] == "sources"
+    # With several position prefixes the per-batch gathers run, whatever decoder_rows_gb says.
+    assert _trace(setup, adjacency="dense", decoder_rows_gb=1.0).info["decoder_layout"] == \
+        "sources"
     assert slots.ranges.feature.stop == sources.ranges.feature.stop > 50
     np.testing.assert_allclose(slots.adjacency, sources.adjacency, rtol=1e-12, atol=1e-15)
     assert slots.info["row_flops"] < sources.info["row_flops"] * 1.5
