@@ -418,8 +418,9 @@ def _edges_by_tiles(G, layout, tiles, lmax):
     `SlotTiles` order): per slot, one product of its gradients G[t] [P, B, D] with all its
     writers' decoder rows at each position (times their activations, `SlotTiles.decoders`), its
     overflow tiles with their positions' gradients, each added into the accumulator at its rows.
-    tiles: (accumulator rows, per slot (t, overflow tiles in the prefix))."""
-    _, P, B, _ = G.shape
+    tiles: (accumulator rows, per slot (t, overflow tiles)). The layout is used on the whole
+    prompt only (one position prefix), so G has every position of the slots' rows."""
+    B = G.shape[2]
     n_rows, slots = tiles
     f32 = jnp.promote_types(G.dtype, jnp.float32)
     acc = jnp.zeros((n_rows, B), f32)
@@ -433,7 +434,7 @@ def _edges_by_tiles(G, layout, tiles, lmax):
     for (t, n_over), (Dm, Do, m_start, o_pos, o_start) in zip(slots, layout):
         def do(acc, t=t, n_over=n_over, Dm=Dm, Do=Do, m_start=m_start, o_pos=o_pos,
                o_start=o_start):
-            Gt = G[t]  # the layout is used on the whole prompt only: Dm has P positions
+            Gt = G[t]
             acc = add(acc, m_start, jnp.einsum("qnd,qbd->qnb", Dm, Gt,
                                                preferred_element_type=f32))
             if not n_over:
