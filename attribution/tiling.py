@@ -13,6 +13,7 @@ slot (used on one device when it fits `TraceConfig.decoder_rows_gb`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -106,6 +107,19 @@ class Sources:
             np.int32)
 
 
+class Slot(NamedTuple):
+    """One MLP slot of `SlotTiles`: feature ids in graph order, -1 for padding."""
+
+    t: int  # the slot (the layer whose MLP output the features write)
+    K: int  # main rows per position
+    Ko: int  # rows per overflow tile
+    main: np.ndarray  # [pos, K] the features of each position's main rows
+    main_start: np.ndarray  # [pos] int32 the accumulator row of each position's first main row
+    over: np.ndarray  # [tiles, Ko] the features of each overflow tile
+    over_pos: np.ndarray  # [tiles] int32 its position
+    over_start: np.ndarray  # [tiles] int32 the accumulator row of its first row
+
+
 @dataclass(frozen=True)
 class SlotTiles:
     """Every active feature's decoder rows laid out MLP slot by slot, for a contraction whose
@@ -115,13 +129,11 @@ class SlotTiles:
     order). Since the layers writing a slot are contiguous, slot t's features at position q are
     one contiguous range of acc rows; each position gets K main rows starting at its range's
     first row (rows past the range hold zero decoder rows, so their products add zeros) and the
-    rest of the range goes to overflow tiles of Ko rows. `slots[i]` = (t, K, Ko, main_feat [pos,
-    K], main_start [pos], over_feat [tiles, Ko], over_pos [tiles], over_start [tiles]), feature
-    ids in graph order, -1 for padding."""
+    rest of the range goes to overflow tiles of Ko rows (`Slot`)."""
 
     n_rows: int  # accumulator rows: the features plus the room the last windows spill into
     row_of: np.ndarray  # [n] each feature's accumulator row
-    slots: tuple
+    slots: tuple[Slot, ...]
 
     @classmethod
     def build(cls, active: ActiveFeatures, n_layers: int, writers, n_pos: int) -> SlotTiles:
@@ -152,9 +164,9 @@ class SlotTiles:
                     tile[:stop - start] = order[start:stop]
                     over_feat.append(tile), over_pos.append(p), over_start.append(start)
             spill = max(spill, K, Ko)
-            slots.append((t, K, Ko, main, a.astype(np.int32),
-                          np.asarray(over_feat, np.int64).reshape(-1, Ko),
-                          np.asarray(over_pos, np.int32), np.asarray(over_start, np.int32)))
+            slots.append(Slot(t, K, Ko, main, a.astype(np.int32),
+                              np.asarray(over_feat, np.int64).reshape(-1, Ko),
+                              np.asarray(over_pos, np.int32), np.asarray(over_start, np.int32)))
         return cls(n + spill, row_of.astype(np.int32), tuple(slots))
 
     def decoders(self, W_dec, active: ActiveFeatures, dtype) -> list:
@@ -162,7 +174,7 @@ class SlotTiles:
         the slot times its activation (zero rows for padding), as numpy arrays."""
         flat = [np.asarray(W).reshape(-1, W.shape[-1]) for W in W_dec]  # views: [feature x reach]
         out = []
-        for t, K, Ko, main, _, over, _, _ in self.slots:
+        for t, _, _, main, _, over, _, _ in self.slots:
             feats = np.concatenate([main.ravel(), over.ravel()])
             cells = np.flatnonzero(feats >= 0)
             cells = cells[np.argsort(active.layer[feats[cells]], kind="stable")]
@@ -184,13 +196,9 @@ class SlotTiles:
 
     def nbytes(self, d_model: int, dtype) -> int:
         """Bytes of `decoders`' arrays."""
-        rows = sum(main.size + over.size for _, _, _, main, _, over, _, _ in self.slots)
+        rows = sum(sl.main.size + sl.over.size for sl in self.slots)
         return rows * d_model * np.dtype(dtype).itemsize
 
-    def over_counts(self, P: int) -> tuple[int, ...]:
-        """Per slot, its overflow tiles in the prefix of P positions."""
-        return tuple(int(np.searchsorted(s[6], P)) for s in self.slots)
 
-
-__all__ = ["GATHER_SLOTS", "SLOT_TILE_WIDTHS", "SlotTiles", "Sources", "aligned_zeros",
+__all__ = ["GATHER_SLOTS", "SLOT_TILE_WIDTHS", "Slot", "SlotTiles", "Sources", "aligned_zeros",
            "tile_widths"]

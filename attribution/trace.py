@@ -418,8 +418,8 @@ def _edges_by_tiles(G, layout, tiles, lmax):
     `SlotTiles` order): per slot, one product of its gradients G[t] [P, B, D] with all its
     writers' decoder rows at each position (times their activations, `SlotTiles.decoders`), its
     overflow tiles with their positions' gradients, each added into the accumulator at its rows.
-    tiles: (accumulator rows, per slot (t, overflow tiles)). The layout is used on the whole
-    prompt only (one position prefix), so G has every position of the slots' rows."""
+    tiles: (accumulator rows, each slot's t). The layout is used on the whole prompt only (one
+    position prefix), so G has every position of the slots' rows."""
     B = G.shape[2]
     n_rows, slots = tiles
     f32 = jnp.promote_types(G.dtype, jnp.float32)
@@ -431,17 +431,16 @@ def _edges_by_tiles(G, layout, tiles, lmax):
         return jax.lax.scatter_add(acc, start[:, None], x, dn, indices_are_sorted=True,
                                    mode="promise_in_bounds")
 
-    for (t, n_over), (Dm, Do, m_start, o_pos, o_start) in zip(slots, layout):
-        def do(acc, t=t, n_over=n_over, Dm=Dm, Do=Do, m_start=m_start, o_pos=o_pos,
-               o_start=o_start):
+    for t, (Dm, Do, m_start, o_pos, o_start) in zip(slots, layout):
+        def do(acc, t=t, Dm=Dm, Do=Do, m_start=m_start, o_pos=o_pos, o_start=o_start):
             Gt = G[t]
             acc = add(acc, m_start, jnp.einsum("qnd,qbd->qnb", Dm, Gt,
                                                preferred_element_type=f32))
-            if not n_over:
+            if not Do.shape[0]:  # no overflow tiles
                 return acc
-            grad = Gt.at[o_pos[:n_over]].get(mode="promise_in_bounds")
-            return add(acc, o_start[:n_over], jnp.einsum("nkd,nbd->nkb", Do[:n_over], grad,
-                                                         preferred_element_type=f32))
+            grad = Gt.at[o_pos].get(mode="promise_in_bounds")
+            return add(acc, o_start, jnp.einsum("nkd,nbd->nkb", Do, grad,
+                                                preferred_element_type=f32))
         acc = jax.lax.cond(t < lmax, do, lambda acc: acc, acc)
     return acc
 
@@ -600,9 +599,11 @@ class _RowMaker:
             self.tiles = tiles
             mats = tiles.decoders(self.tc_params.W_dec, active, np.dtype(dtype))
             self.layout = tuple(
-                (jax.device_put(Dm), jax.device_put(Do), jnp.asarray(s[4]), jnp.asarray(s[6]),
-                 jnp.asarray(s[7])) for (Dm, Do), s in zip(mats, self.tiles.slots))
-            self._tile_columns = jnp.asarray(self.tiles.row_of)
+                (jax.device_put(Dm), jax.device_put(Do), jnp.asarray(sl.main_start),
+                 jnp.asarray(sl.over_pos), jnp.asarray(sl.over_start))
+                for (Dm, Do), sl in zip(mats, tiles.slots))
+            self._tile_args = (tiles.n_rows, tuple(sl.t for sl in tiles.slots))
+            self._tile_columns = jnp.asarray(tiles.row_of)
         else:
             self.layout = tuple(self._put(src.device()) for src in self.sources)
         self._columns = {}  # prefix length -> prefix_columns(prefix length)
@@ -642,9 +643,9 @@ class _RowMaker:
             block += D * D
         per_target = 2 * P * block * min(lmax + 1, L)
         if self.tiles is not None:  # each slot below the batch's top: its main rows and tiles
-            for (t, K, Ko, *_), n_over in zip(self.tiles.slots, self.tiles.over_counts(P)):
-                if t < lmax:
-                    per_target += 2 * D * (P * K + n_over * Ko)
+            for sl in self.tiles.slots:
+                if sl.t < lmax:
+                    per_target += 2 * D * (P * sl.K + len(sl.over_pos) * sl.Ko)
         else:
             over_counts, _ = self.prefix_columns(P)
             for src, n_over in zip(self.sources, over_counts):
@@ -685,12 +686,10 @@ class _RowMaker:
         vec = jnp.asarray(vec)
         if len(vec) < self.batch:  # (`features` passes its vectors padded already)
             vec = jnp.concatenate([vec, jnp.zeros((pad, self.cfg.d_model), vec.dtype)])
-        over_counts, columns = self.prefix_columns(P)
-        tiles = None
-        if self.tiles is not None:
-            tiles = (self.tiles.n_rows, tuple((sl[0], n) for sl, n in zip(
-                self.tiles.slots, self.tiles.over_counts(P))))
-            columns = self._tile_columns
+        if self.tiles is not None:  # one prefix: P is the whole prompt
+            over_counts, columns, tiles = (), self._tile_columns, self._tile_args
+        else:
+            (over_counts, columns), tiles = self.prefix_columns(P), None
         self.flops_run += self.flops(P, int(layer[:n].max()))
         self.batches_run += 1
         layer, pos = jnp.asarray(layer), jnp.asarray(pos)
