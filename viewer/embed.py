@@ -193,17 +193,19 @@ def _by_influence(sel: Selection) -> np.ndarray:
 
 
 def _top_mask(score: np.ndarray, k: int, axis: int) -> np.ndarray:
-    """True at the k largest entries of each row (axis=1) or column (axis=0)."""
+    """True where an entry is among the k largest of its row (axis=1) or column (axis=0):
+    at least its k-th largest value (entries tied with it are all kept). The k-th values come
+    from one partition of a contiguous copy, which is several times faster than ranking every
+    entry (`argpartition` over a page's ~25M scores took seconds)."""
     n = score.shape[axis]
-    mask = np.zeros(score.shape, bool)
     if k <= 0 or n == 0:
-        return mask
+        return np.zeros(score.shape, bool)
     if k >= n:
         return np.ones(score.shape, bool)
-    idx = np.argpartition(-score, k - 1, axis=axis)
-    idx = idx[:, :k] if axis == 1 else idx[:k]
-    np.put_along_axis(mask, idx, True, axis=axis)
-    return mask
+    lines = np.array(score if axis == 1 else score.T, order="C")  # a copy: partitioned in place
+    lines.partition(n - k, axis=1)
+    kth = lines[:, n - k]
+    return score >= (kth[:, None] if axis == 1 else kth[None, :])
 
 
 def _edges(graph: Graph, nodes: np.ndarray, infl: np.ndarray, sums: np.ndarray,
