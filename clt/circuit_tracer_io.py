@@ -370,12 +370,11 @@ def _detect_layout(path: Path, meta: dict[str, Any]) -> tuple[str, int]:
 
 
 def _read(file: Path) -> dict[str, Any]:
-    from safetensors import SafetensorError
-    from safetensors.flax import load_file
+    from clt.io import read_safetensors
 
     try:
-        return load_file(str(file))
-    except (SafetensorError, OSError, ValueError) as e:
+        return {k: jnp.asarray(v) for k, v in read_safetensors(file).items()}
+    except (OSError, ValueError) as e:
         raise ConfigError(f"{file} is corrupt or unreadable ({str(e).splitlines()[0]}); "
                           "re-export or re-download it") from None
 

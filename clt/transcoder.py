@@ -611,8 +611,7 @@ def _save_shards(path: Path, tensors: dict, limit: int) -> set[str]:
 
 def _load_tensors(path: Path) -> dict:
     """All tensors of a transcoder directory, single-file or sharded; layer-split stacks joined."""
-    from safetensors import SafetensorError
-    from safetensors.flax import load_file
+    from clt.io import read_safetensors
 
     if (path / INDEX).exists():
         try:
@@ -626,8 +625,8 @@ def _load_tensors(path: Path) -> dict:
         if not (path / name).exists():
             raise ConfigError(f"{path} is incomplete: {name} is missing; copy or re-export it")
         try:
-            t.update(load_file(str(path / name)))
-        except (SafetensorError, OSError, ValueError) as e:
+            t.update({k: jnp.asarray(v) for k, v in read_safetensors(path / name).items()})
+        except (OSError, ValueError) as e:
             raise ConfigError(f"{path}/{name} is corrupt ({e}); re-export it") from None
     for k in ("W_enc", "W_skip"):
         parts = sorted((int(n.split(".")[1]), n) for n in t if n.startswith(k + "."))

@@ -75,20 +75,3 @@ def test_cache_off(cache_on, monkeypatch, tmp_path):
     monkeypatch.setenv("CLTRACE_MODEL_CACHE", "0")
     load_model("smollm2-135m")
     assert _entries(cache_on) == []
-
-
-def test_mapped_tensors_equal_safetensors_own_reader(tmp_path):
-    from safetensors.numpy import load_file, save_file
-
-    from clt.lm.model_cache import _mapped_tensors
-
-    rng = np.random.default_rng(0)
-    tensors = {"a": rng.normal(size=(3, 5)).astype(np.float32), "b": np.arange(7, dtype=np.int32),
-               "c": rng.normal(size=(2, 1, 3)).astype(np.float16), "d": np.array([True, False]),
-               "e": np.zeros((0, 4), np.float32), "f": np.asarray(rng.normal(), np.float32)}
-    save_file(tensors, str(tmp_path / "t.safetensors"), metadata={"x": "y"})
-    ref, got = load_file(str(tmp_path / "t.safetensors")), _mapped_tensors(tmp_path / "t.safetensors")
-    assert sorted(got) == sorted(ref)
-    for k in ref:
-        assert got[k].dtype == ref[k].dtype and got[k].shape == ref[k].shape, k
-        np.testing.assert_array_equal(got[k], ref[k])
