@@ -121,11 +121,10 @@ def check_output_dir(path: str | Path, what: str = "output directory",
     return path
 
 
-
-
 # safetensors dtype codes -> numpy (little-endian, as the format stores them).
-_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U64": "<u8",
-                       "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
+_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4",
+                       "I16": "<i2", "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2",
+                       "U8": "u1", "BOOL": "?"}
 
 
 def read_safetensors(file: str | Path) -> dict:
@@ -133,7 +132,7 @@ def read_safetensors(file: str | Path) -> dict:
     8-byte little-endian header length, the JSON header, then the data). Nothing is read until
     used, so copying the views once into jax arrays is the only copy: `safetensors.numpy`
     reads every tensor into a fresh array first (1.5 s against 0.2 s for SmolLM2's 0.54 GB on
-    this project's 2-core VM), and `safetensors.flax` imports flax (~1.5 s) on its first call.
+    this project's 2-core VM), and `safetensors.flax` imports flax (0.5 s or more) on its first call.
     A file that is not a well-formed safetensors file raises ValueError (OSError if
     unreadable)."""
     import json
