@@ -10,11 +10,13 @@ this device once:
   best of them being the batch's run time), and one on the same prefix at layer 0 (the
   shallowest sweep), timed the same way;
 - one host pass over a block of float32 (abs, row sums, a matrix-vector product: what pruning,
-  influence and scores are made of), as seconds per element.
+  influence and scores are made of), as seconds per element;
+- one write of 64 MB of memory new to the process, as seconds per byte.
 
 Predicted time = compilation x distinct prefixes + every batch's run time, on the line through
 the two measured batches' arithmetic and seconds (`_RowMaker.flops`: prefix length, sweep depth,
 the active slots its decoder contraction reads; a fixed part per batch plus one per FLOP) + the
+first write of the arrays the mode holds (fresh memory, at the measured seconds per byte) + the
 host passes of influence, pruning and scores over the graph held (`HOST_PASSES`: influence takes one pass, in layer order; pruning's edge scores two;
 row sums and the pruned graph the rest). A capped trace's greedy visit adds one pass over its
 rows so far at every influence update; its batches are replayed on the visit's first ranking
@@ -86,6 +88,9 @@ class Measured:
     # splits a batch's time into a fixed part and a part proportional to its arithmetic.
     low_seconds: float = 0.0
     low_flops: float = 0.0
+    # Writing fresh memory, per byte (`_fresh_seconds_per_byte`): the arrays a mode holds are
+    # written once, page by page, as they fill.
+    fresh_seconds_per_byte: float = 0.0
 
     def batch(self, make, P: int, layer: int) -> float:
         """A batch's seconds: a line through the two measured batches' (arithmetic, seconds)
@@ -145,10 +150,29 @@ def _settled_seconds(run) -> float:
     return min(times)
 
 
+FRESH_BYTES = 64 * 2**20  # over glibc's mmap threshold (32 MB at most): fresh pages
+
+
+def _fresh_seconds_per_byte() -> float:
+    """Seconds per byte to write memory the process has not touched yet (the kernel maps it as
+    it is written). On a VM this varies more than anything else measured here: this project's
+    2-core VM took 6-7 s per GB for memory new to the process (0.15 s per GB for a block it had
+    just freed), so a dense 24-token graph's 9 GB adjacency and mask cost ~50 s of a 163 s trace,
+    which the planner under-predicted by 30% until it counted this. Once, not the best of a
+    few: repeating reuses the pages just freed."""
+    t0 = time.perf_counter()
+    a = np.empty(FRESH_BYTES, np.uint8)
+    a.fill(1)
+    seconds = time.perf_counter() - t0
+    del a
+    return seconds / FRESH_BYTES
+
+
 def measure(st, n_layers: int) -> Measured:
     """Time one logit batch (its first call compiles it, then `_settled_seconds`), the same
     batch at layer 0, and a host pass; the RSS after, and the peak before the batch."""
     setup_peak = _peak_gb()
+    fresh = _fresh_seconds_per_byte()
     make = st.make
     L, T = n_layers, st.n_pos
     vec = st.logit_dirs[:make.batch]
@@ -173,7 +197,8 @@ def measure(st, n_layers: int) -> Measured:
     return Measured(_rss_gb(), full, max(first - full, 0.0), best / a.size,
                     make.flops(make.prefix_length(pos), L), setup_peak_gb=setup_peak,
                     logit_rows=np.asarray(rows), low_seconds=low,
-                    low_flops=make.flops(make.prefix_length(pos), 0))
+                    low_flops=make.flops(make.prefix_length(pos), 0),
+                    fresh_seconds_per_byte=fresh)
 
 
 def _visit_batches(st, m: Measured, n_layers: int, cap: int, group: int) -> list | None:
@@ -230,12 +255,13 @@ def plan_modes(st, config, n_layers: int, m: Measured | None = None,
 
     def add(mode, kept, rows, batches, prefixes, rows_s, held_gb, host_s, disk_nnz, cfg):
         compile_s = m.compile_seconds * len(prefixes | {T})
+        # The held arrays are fresh memory, written as the rows fill them.
+        rows_s = compile_s + rows_s + logit_seconds + held_gb * 2**30 * m.fresh_seconds_per_byte
         out.append(ModePlan(
             mode, kept, rows, batches, len(prefixes | {T}),
             round(max(m.setup_peak_gb, m.base_gb + held_gb), 3),
             round(disk_nnz * EDGE_FILE_BYTES / 2**20, 2),
-            round(compile_s + rows_s + logit_seconds + host_s, 2),
-            round(compile_s + rows_s + logit_seconds, 2), round(host_s, 2), refused(cfg)))
+            round(rows_s + host_s, 2), round(rows_s, 2), round(host_s, 2), refused(cfg)))
 
     # Dense: every feature's row, in graph order.
     feat = chunks(np.arange(n_all), B)

@@ -9,7 +9,8 @@ when all of it is shipped. The page instead holds
   `ViewConfig.max_influence`, at most `max_nodes` of them. The page's pruning slider then moves
   *within* these, with the same rule as `attribution.prune` (a node shows when the nodes more
   influential than it have not yet reached the threshold);
-* edges: each held node's strongest `max_edges_per_node` incoming and outgoing edges, at most
+* edges: each held node's strongest `max_edges_per_node` incoming and outgoing edges (edges
+  tied with the last of them kept too), at most
   `max_edges` in all, ranked by the edge score of `attribution.prune` (the edge's share of its
   target's input times the target's influence), so the edges kept are those that matter for the
   output, not just the largest raw weights.
