@@ -38,7 +38,7 @@ from jaxtyping import Array, Float, Int
 from clt import transcoder as tcm
 from clt.configs import ConfigError
 from clt.lm.config import ModelConfig
-from clt.lm.model import FREEZABLE, Capture, block, embed, forward, norm
+from clt.lm.model import FREEZABLE, Capture, attn_input, attn_values, block, embed, forward, norm
 from clt.lm.params import LMParams
 from clt.splice import SplicedTranscoder
 from clt.transcoder import TranscoderConfig, TranscoderParams
@@ -212,9 +212,11 @@ def _layer_frozen(rm: LocalReplacement, layer) -> dict:
 
 def linear_block(rm: LocalReplacement, params: LMParams, model_cfg: ModelConfig,
                  tc_cfg: TranscoderConfig, tc_params: TranscoderParams, layer,
-                 x: Float[Array, "1 pos d_model"], m_sub: Float[Array, "1 pos d_model"]):
+                 x: Float[Array, "1 pos d_model"], m_sub: Float[Array, "1 pos d_model"],
+                 value_delta: Float[Array, "1 pos kv_head head_dim"] | None = None):
     """Block `layer` (may be traced) of the frozen linear model: (resid_pre, MLP substitution) ->
-    (resid_post, transcoder input at this layer). Affine in (x, m_sub)."""
+    (resid_post, transcoder input at this layer). Affine in (x, m_sub). `value_delta` is added to
+    the attention's values (a zero one: its VJP is the gradient at the values, `value_rows`)."""
     lp = jax.tree.map(lambda a: a[layer], params.layers)
     fr = _layer_frozen(rm, layer)
     skip = None if tc_params.W_skip is None else tc_params.W_skip[layer].astype(x.dtype)
@@ -229,8 +231,34 @@ def linear_block(rm: LocalReplacement, params: LMParams, model_cfg: ModelConfig,
     # Patterns are frozen, so RoPE tables and masks are never read: queries and keys are dead code.
     dummy = jnp.zeros(x.shape[:2] + (model_cfg.head_dim,), jnp.float32)
     x_next, caps, _ = block(lp, model_cfg, x, dummy, dummy, None, fr, ("resid_mid", "mlp_in"),
-                            mlp_fn=mlp_fn)
+                            mlp_fn=mlp_fn, value_delta=value_delta)
     return x_next, tc_cfg.read(caps["resid_mid"], caps["mlp_in"])
+
+
+def value_rows(rm: LocalReplacement, params: LMParams, model_cfg: ModelConfig, layer: int,
+               x: Float[Array, "n d_model"], pos: Int[Array, " n"]
+               ) -> Float[Array, "n kv_dim"]:
+    """What residual vectors x (one per row, at positions `pos`) add to block `layer`'s attention
+    values under the frozen norm scale: the linear part of `linear_block`'s path from its input to
+    the values, flattened to [n, kv_heads * head_dim].
+
+    Without a skip connection, the gradient at MLP slot t is the one at slot t + 1 plus what
+    block t + 1's attention sends back through its values (patterns are frozen, the MLPs are
+    constants), so a write x into slot t meets the gradients above it through value_rows(t + 1,
+    x) (`attribution.trace._edges_by_values`)."""
+    # The layer's weights are cut here, not in the jitted part: with the whole model as an
+    # argument a call took 5-10x longer.
+    lp = jax.tree.map(lambda a: a[layer], params.layers)
+    return _value_rows(lp, model_cfg, rm.frozen.attn_norm_scale[layer][0], x, pos)
+
+
+@partial(jax.jit, static_argnames=("model_cfg",))
+def _value_rows(lp, model_cfg: ModelConfig, scale, x, pos):
+    def affine(x, scale):
+        return attn_values(lp, attn_input(lp, model_cfg, x, scale)[0]).reshape(x.shape[0], -1)
+
+    # A zero input gives the biases alone, whatever the scale: one row of them.
+    return affine(x, scale[pos]) - affine(jnp.zeros_like(x[:1]), scale[:1])
 
 
 def final_hidden(rm: LocalReplacement, params: LMParams, model_cfg: ModelConfig,

@@ -196,8 +196,70 @@ class SlotTiles:
 
     def nbytes(self, d_model: int, dtype) -> int:
         """Bytes of `decoders`' arrays."""
-        rows = sum(sl.main.size + sl.over.size for sl in self.slots)
-        return rows * d_model * np.dtype(dtype).itemsize
+        return self.rows() * d_model * np.dtype(dtype).itemsize
+
+    def rows(self, below: int | None = None) -> int:
+        """Cells (main and overflow) of every slot, or of the slots t < below."""
+        return sum(sl.main.size + sl.over.size for sl in self.slots
+                   if below is None or sl.t < below)
+
+    def cumulative(self, W_dec, active: ActiveFeatures, dtype, value_fn, n_layers: int,
+                   chunk: int = 8192) -> list:
+        """For tiles built with every lower layer as a writer of each slot (`build` with writers
+        range(0, t + 1)): per slot t, (cumulative main [pos, K, D], overflow [tiles, Ko, D],
+        values main [pos, K, V], overflow [tiles, Ko, V]) as numpy arrays. A feature's cumulative
+        row at slot t is the sum of its decoder rows into slots t' <= t (zero past its reach)
+        times its activation; its value row is value_fn(t + 1, cumulative rows, positions) (no
+        value rows for the last slot: None, None). value_fn is called on `chunk` rows at a
+        time (the last chunk padded), so a jitted one compiles once."""
+        flat = [np.asarray(W).reshape(-1, W.shape[-1]) for W in W_dec]  # views: [feature x reach]
+        D, n = flat[0].shape[1], len(active)
+        order = np.argsort(active.layer, kind="stable")
+        bounds = np.searchsorted(active.layer[order], np.arange(n_layers + 1))
+        # Every feature's cumulative write so far, its layer's features contiguous (in `order`),
+        # and a zero row last for the padding cells.
+        C = np.zeros((n + 1, D), dtype)
+        at = np.empty(n + 1, np.int64)
+        at[order], at[-1] = np.arange(n), n
+        by_slot = {sl.t: sl for sl in self.slots}
+        out = []
+        for t in range(n_layers):
+            for s in range(t + 1):  # the writes into slot t
+                reach = W_dec[s].shape[1]
+                if t - s >= reach:
+                    continue
+                for c in range(bounds[s], bounds[s + 1], 4096):
+                    f = order[c:min(c + 4096, bounds[s + 1])]
+                    rows = flat[s][active.index[f] * reach + (t - s)]
+                    rows *= active.value[f][:, None].astype(rows.dtype)
+                    C[c:c + len(f)] += rows
+            sl = by_slot.get(t)
+            if sl is None:
+                continue
+            cells = at[np.concatenate([sl.main.ravel(), sl.over.ravel()])]  # -1 -> the zero row
+            M = aligned_zeros((len(cells), D), dtype)
+            np.take(C, cells, axis=0, out=M, mode="clip")  # in bounds; "raise" buffers out
+
+            def split(A, sl=sl):
+                return (A[:sl.main.size].reshape(*sl.main.shape, A.shape[1]),
+                        A[sl.main.size:].reshape(*sl.over.shape, A.shape[1]))
+
+            if t + 1 >= n_layers:
+                out.append((*split(M), None, None))
+                continue
+            pos = np.concatenate([np.repeat(np.arange(sl.main.shape[0]), sl.main.shape[1]),
+                                  np.repeat(sl.over_pos, sl.over.shape[1])]).astype(np.int32)
+            V = None
+            for c in range(0, len(cells), chunk):  # padding rows are zero: their values too
+                k = min(chunk, len(cells) - c)
+                x, p = np.zeros((chunk, D), dtype), np.zeros(chunk, np.int32)
+                x[:k], p[:k] = M[c:c + k], pos[c:c + k]
+                v = np.asarray(value_fn(t + 1, x, p))
+                if V is None:
+                    V = aligned_zeros((len(cells), v.shape[1]), dtype)
+                V[c:c + k] = v[:k]
+            out.append((*split(M), *split(V)))
+        return out
 
 
 __all__ = ["GATHER_SLOTS", "SLOT_TILE_WIDTHS", "Slot", "SlotTiles", "Sources", "aligned_zeros",

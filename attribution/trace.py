@@ -107,6 +107,14 @@ class TraceConfig:
         "mesh, or for a prompt longer than position_bucket, each batch gathers the rows it reads "
         "instead: slower, no extra memory. None: as much as the transcoder's decoder weights take (the layout at most "
         "doubles them), and at least 0.5 GB; 0 turns the layout off.", default=None)
+    value_contraction: Literal["auto", "on", "off"] = doc(
+        "With the slot layout, for a transcoder without a skip connection: contract each "
+        "feature's cumulative decoder write, as the next layer's attention values see it "
+        "(kv_heads x head_dim wide: a third of d_model on SmolLM2), with the gradient at those "
+        "values, instead of every decoder row with the gradient at every later layer. The same "
+        "edges (exact algebra, `_edges_by_values`) for fewer FLOPs on a cross-layer transcoder. "
+        "auto: when it counts fewer FLOPs; on: whenever it applies; off: never.",
+        default="auto")
     dtype: Literal["float32", "bfloat16", "float64"] = doc(
         "Compute dtype of the backward sweeps; rows are stored as float32 (float64 under "
         "float64, which needs jax_enable_x64: for reference checks).", default="float32")
@@ -181,6 +189,9 @@ class TraceConfig:
         if self.decoder_rows_gb is not None and not (0 <= self.decoder_rows_gb < float("inf")):
             raise ConfigError(f"TraceConfig.decoder_rows_gb must be >= 0 GB, got "
                               f"{self.decoder_rows_gb}")
+        if self.value_contraction not in ("auto", "on", "off"):
+            raise ConfigError(f"TraceConfig.value_contraction must be auto, on or off, got "
+                              f"{self.value_contraction!r}")
         if self.neuron_top_k < 0:
             raise ConfigError(f"TraceConfig.neuron_top_k must be >= 0 (0: every unit), got "
                               f"{self.neuron_top_k}")
@@ -321,10 +332,11 @@ def resolve_targets(config: TraceConfig, tokenizer, d_model: int) -> Targets:
 
 # --- one batch of rows ---------------------------------------------------------------------------
 @partial(jax.jit, static_argnames=("model_cfg", "tc_cfg", "src_layers", "over_counts",
-                                   "first_pos", "n_pos", "tiles"))
+                                   "first_pos", "n_pos", "tiles", "values"))
 def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, *,
           model_cfg: ModelConfig, tc_cfg: TranscoderConfig, src_layers: tuple[int, ...],
-          over_counts: tuple[int, ...], first_pos: int, n_pos: int, tiles=None):
+          over_counts: tuple[int, ...], first_pos: int, n_pos: int, tiles=None,
+          values: bool = False):
     """Rows of A for a batch of targets: [batch, features + errors + tokens] float32.
 
     tgt_layer: the target's layer (n_layers for a logit), tgt_pos its position (< n_pos),
@@ -333,7 +345,9 @@ def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, *
     layer, `Sources.device()`; over_counts: its overflow tiles in the prefix; columns: every
     active feature's decoder slot in the prefix's slots (`_RowMaker.prefix_columns`). With
     `tiles` (`_edges_by_tiles`), layout holds each MLP slot's `SlotTiles` arrays instead and
-    columns every feature's accumulator row."""
+    columns every feature's accumulator row; with `values` too (`_edges_by_values`), each slot's
+    cumulative and value rows, and the sweep keeps the gradients at the attention values instead
+    of those at every MLP slot."""
     B = tgt_layer.shape[0]
     T_all = rm.tokens.shape[0]
     rm = rep.prefix(rm, n_pos) if n_pos < T_all else rm
@@ -360,27 +374,41 @@ def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, *
     n_blocks = jnp.minimum(lmax + 1, L)
     error = rm.error.astype(dt)
 
+    kv = (model_cfg.n_kv_heads, model_cfg.head_dim)
+    zero_v = jnp.zeros((1, T) + kv, dt) if values else None
+
     def step(i, carry):
         g, G, err = carry
         layer = n_blocks - 1 - i
         _, blk_vjp = jax.vjp(
-            lambda x, m: rep.linear_block(rm, params, model_cfg, tc_cfg, tc_params, layer, x, m),
-            zero, zero)
+            lambda x, m, v: rep.linear_block(rm, params, model_cfg, tc_cfg, tc_params, layer, x,
+                                             m, v), zero, zero, zero_v)
         # gm comes out position-major, [1, T, B, D]: the decoder contraction below is then a
         # matmul per position with contiguous operands (XLA's CPU batched dot is several times
         # slower with the batch axis in the middle).
-        gx, gm = jax.vmap(blk_vjp, out_axes=(0, 2))((g, inject(layer)))
+        gx, gm, gv = jax.vmap(blk_vjp, out_axes=(0, 2, 2))((g, inject(layer)))
         # The error nodes' edges while this layer's gradients are in cache.
         e_l = jnp.einsum("tbd,td->bt", gm[0], jax.lax.dynamic_index_in_dim(error, layer, 0, False),
                          preferred_element_type=f32)
-        return (gx, jax.lax.dynamic_update_index_in_dim(G, gm[0], layer, axis=0),
-                jax.lax.dynamic_update_index_in_dim(err, e_l, layer, axis=0))
+        err = jax.lax.dynamic_update_index_in_dim(err, e_l, layer, axis=0)
+        if not values:
+            return gx, jax.lax.dynamic_update_index_in_dim(G, gm[0], layer, axis=0), err
+        # G = (each target's gradient at the slot below its layer, the gradients at every
+        # block's values [L, T, B, V] but at the target's own block): `_edges_by_values`.
+        below, at_values = G
+        below = below + gm[0] * (tgt_layer == layer + 1).astype(dt)[None, :, None]
+        gv = gv[0].reshape(T, B, -1) * (tgt_layer != layer).astype(dt)[None, :, None]
+        return gx, (below, jax.lax.dynamic_update_index_in_dim(at_values, gv, layer, 0)), err
 
     # Blocks above every target in the batch get no gradient: the sweep starts below them.
-    g, G, err = jax.lax.fori_loop(0, n_blocks, step, (g, jnp.zeros((L, T, B, D), dt),
-                                                      jnp.zeros((L, B, T), f32)))
+    G0 = ((jnp.zeros((T, B, D), dt), jnp.zeros((L, T, B, kv[0] * kv[1]), dt)) if values
+          else jnp.zeros((L, T, B, D), dt))
+    g, G, err = jax.lax.fori_loop(0, n_blocks, step, (g, G0, jnp.zeros((L, B, T), f32)))
 
-    if tiles is not None:  # the decoder contraction slot by slot, over all its writers at once
+    if values:
+        feats = _edges_by_values(*G, layout, tiles, tgt_layer, lmax).at[columns].get(
+            mode="promise_in_bounds")
+    elif tiles is not None:  # the decoder contraction slot by slot, over all its writers at once
         feats = _edges_by_tiles(G, layout, tiles, lmax).at[columns].get(mode="promise_in_bounds")
     else:
         # The decoder contraction: each source layer's edges at its main rows and overflow tiles.
@@ -413,6 +441,26 @@ def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, *
 SOURCE_MAJOR_REACH = 4
 
 
+def _slot_product(acc, Gt, slot_layout):
+    """acc [accumulator rows, B] plus one slot's rows (`SlotTiles` main [P, K, W] and overflow
+    [tiles, Ko, W]) times its gradients Gt [P, B, W], each window added at its first row
+    (overlapping windows only add zeros: padding rows are zero)."""
+    Dm, Do, m_start, o_pos, o_start = slot_layout
+    f32 = acc.dtype
+    dn = jax.lax.ScatterDimensionNumbers(update_window_dims=(1, 2), inserted_window_dims=(),
+                                         scatter_dims_to_operand_dims=(0,))
+
+    def add(acc, start, x):
+        return jax.lax.scatter_add(acc, start[:, None], x, dn, indices_are_sorted=True,
+                                   mode="promise_in_bounds")
+
+    acc = add(acc, m_start, jnp.einsum("qnd,qbd->qnb", Dm, Gt, preferred_element_type=f32))
+    if not Do.shape[0]:  # no overflow tiles
+        return acc
+    grad = Gt.at[o_pos].get(mode="promise_in_bounds")
+    return add(acc, o_start, jnp.einsum("nkd,nbd->nkb", Do, grad, preferred_element_type=f32))
+
+
 def _edges_by_tiles(G, layout, tiles, lmax):
     """Every feature's edges summed over the slots it writes ([accumulator rows, B] in
     `SlotTiles` order): per slot, one product of its gradients G[t] [P, B, D] with all its
@@ -420,28 +468,43 @@ def _edges_by_tiles(G, layout, tiles, lmax):
     overflow tiles with their positions' gradients, each added into the accumulator at its rows.
     tiles: (accumulator rows, each slot's t). The layout is used on the whole prompt only (one
     position prefix), so G has every position of the slots' rows."""
-    B = G.shape[2]
     n_rows, slots = tiles
-    f32 = jnp.promote_types(G.dtype, jnp.float32)
-    acc = jnp.zeros((n_rows, B), f32)
-    dn = jax.lax.ScatterDimensionNumbers(update_window_dims=(1, 2), inserted_window_dims=(),
-                                         scatter_dims_to_operand_dims=(0,))
+    acc = jnp.zeros((n_rows, G.shape[2]), jnp.promote_types(G.dtype, jnp.float32))
+    for t, lay in zip(slots, layout):
+        acc = jax.lax.cond(t < lmax, lambda acc, t=t, lay=lay: _slot_product(acc, G[t], lay),
+                           lambda acc: acc, acc)
+    return acc
 
-    def add(acc, start, x):  # windows [K, B] at their first rows; overlaps only add zeros
-        return jax.lax.scatter_add(acc, start[:, None], x, dn, indices_are_sorted=True,
-                                   mode="promise_in_bounds")
 
-    for t, (Dm, Do, m_start, o_pos, o_start) in zip(slots, layout):
-        def do(acc, t=t, Dm=Dm, Do=Do, m_start=m_start, o_pos=o_pos, o_start=o_start):
-            Gt = G[t]
-            acc = add(acc, m_start, jnp.einsum("qnd,qbd->qnb", Dm, Gt,
-                                               preferred_element_type=f32))
-            if not Do.shape[0]:  # no overflow tiles
-                return acc
-            grad = Gt.at[o_pos].get(mode="promise_in_bounds")
-            return add(acc, o_start, jnp.einsum("nkd,nbd->nkb", Do, grad,
-                                                preferred_element_type=f32))
-        acc = jax.lax.cond(t < lmax, do, lambda acc: acc, acc)
+def _edges_by_values(below, at_values, layout, tiles, tgt_layer, lmax):
+    """`_edges_by_tiles`' edges for a transcoder without a skip connection, from fewer products.
+
+    With frozen patterns and norms and the MLPs constant, the gradient of a target at MLP slot t
+    is the one at slot t + 1 plus what block t + 1 sends back through its attention values:
+    g[t] = g[t + 1] + J[t + 1]^T u[t + 1], where u[b] is the gradient at block b's values and J[b]
+    the linear map from the residual to them (`rep.value_rows`). Summed from a target's top slot
+    down (its layer l: slot l - 1, where g = g[l - 1]), a feature's edge sum_t dec[t] . g[t] over
+    the slots t it writes is
+
+        C[l - 1] . g[l - 1]  +  sum over t < l - 1 of  (J[t + 1] C[t]) . u[t + 1]
+
+    with C[t] its cumulative write (sum of its decoder rows into slots <= t, times its
+    activation). So each target needs d_model-wide products at one slot only, and kv-wide ones
+    (kv_heads x head_dim) at the others.
+
+    below [T, B, D]: each target's gradient at the slot below its layer; at_values [L, T, B, V]:
+    u at every block, zero at each target's own block (its share is in g[l - 1]). layout: per
+    slot, (its `SlotTiles.cumulative` rows, their value rows or None for the last slot)."""
+    n_rows, slots = tiles
+    f32 = jnp.promote_types(below.dtype, jnp.float32)
+    acc = jnp.zeros((n_rows, below.shape[1]), f32)
+    for t, (cum, val) in zip(slots, layout):
+        reads = tgt_layer == t + 1
+        acc = jax.lax.cond(jnp.any(reads), lambda acc, cum=cum, reads=reads: _slot_product(
+            acc, below * reads.astype(below.dtype)[None, :, None], cum), lambda acc: acc, acc)
+        if val is not None:
+            acc = jax.lax.cond(t + 1 <= lmax, lambda acc, t=t, val=val: _slot_product(
+                acc, at_values[t + 1], val), lambda acc: acc, acc)
     return acc
 
 
@@ -563,7 +626,7 @@ class _RowMaker:
 
     def __init__(self, params, model_cfg, tc_cfg, tc_params, rm, active, bos, batch, dtype,
                  bucket: int = 0, mesh=None, target_scale=None,
-                 decoder_rows_gb: float | None = None):
+                 decoder_rows_gb: float | None = None, value_contraction: str = "auto"):
         cast = (lambda t: jax.tree.map(
             lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, t))
         # Only the weights the sweep reads: the rest (MLPs, embeddings) can go after the forward
@@ -589,23 +652,51 @@ class _RowMaker:
         # layer (`Sources`). With several prefixes (prompts longer than a bucket), a batch on a
         # shorter one would copy the first positions of every slot's rows: not measured to pay,
         # and the planner's batch times (`attribution.plan`) do not count it.
-        self.tiles = None
-        tiles = (SlotTiles.build(active, model_cfg.n_layers, tc_cfg.sources, T)
-                 if self.mesh is None and self.sources and T <= self.bucket else None)
+        self.tiles, self.values = None, False
+        one = self.mesh is None and self.sources and T <= self.bucket
+        tiles = SlotTiles.build(active, model_cfg.n_layers, tc_cfg.sources, T) if one else None
         budget = (max(sum(W.size for W in tc_params.W_dec) * np.dtype(dtype).itemsize,
                       AUTO_DECODER_ROWS_GB * 2**30)
                   if decoder_rows_gb is None else decoder_rows_gb * 2**30)
-        if tiles is not None and tiles.nbytes(model_cfg.d_model, dtype) <= budget:
+        item, D = np.dtype(dtype).itemsize, model_cfg.d_model
+        V = model_cfg.n_kv_heads * model_cfg.head_dim
+        if tiles is not None and value_contraction != "off" and tc_params.W_skip is None:
+            # Every slot's cumulative rows: each feature in every slot from its layer up.
+            cum = SlotTiles.build(active, model_cfg.n_layers, lambda t: range(t + 1), T)
+            L = model_cfg.n_layers
+            # FLOPs per target of a top batch: d_model-wide at every slot against kv-wide at every
+            # slot but the last plus d_model-wide at one (its widest, the last).
+            wide = cum.rows() - cum.rows(L - 1)
+            fewer = cum.rows(L - 1) * V + wide * D < tiles.rows() * D
+            fits = (cum.rows() * D + cum.rows(L - 1) * V) * item <= budget
+            if fits and (fewer or value_contraction == "on"):
+                tiles, self.values = cum, True
+        if self.values:
+            self.tiles = tiles
+            value_fn = partial(rep.value_rows, self.rm, self.params, model_cfg)
+            mats = tiles.cumulative(self.tc_params.W_dec, active, np.dtype(dtype),
+                                    lambda b, x, p: value_fn(b, jnp.asarray(x), jnp.asarray(p)),
+                                    model_cfg.n_layers)
+            def put(a):
+                return None if a is None else jax.device_put(a)
+            self.layout = tuple(
+                ((put(Cm), put(Co), m_start, o_pos, o_start),
+                 None if Vm is None else (put(Vm), put(Vo), m_start, o_pos, o_start))
+                for (Cm, Co, Vm, Vo), (m_start, o_pos, o_start) in zip(mats, (
+                    (jnp.asarray(sl.main_start), jnp.asarray(sl.over_pos),
+                     jnp.asarray(sl.over_start)) for sl in tiles.slots)))
+        elif tiles is not None and tiles.nbytes(D, dtype) <= budget:
             self.tiles = tiles
             mats = tiles.decoders(self.tc_params.W_dec, active, np.dtype(dtype))
             self.layout = tuple(
                 (jax.device_put(Dm), jax.device_put(Do), jnp.asarray(sl.main_start),
                  jnp.asarray(sl.over_pos), jnp.asarray(sl.over_start))
                 for (Dm, Do), sl in zip(mats, tiles.slots))
-            self._tile_args = (tiles.n_rows, tuple(sl.t for sl in tiles.slots))
-            self._tile_columns = jnp.asarray(tiles.row_of)
         else:
             self.layout = tuple(self._put(src.device()) for src in self.sources)
+        if self.tiles is not None:
+            self._tile_args = (self.tiles.n_rows, tuple(sl.t for sl in self.tiles.slots))
+            self._tile_columns = jnp.asarray(self.tiles.row_of)
         self._columns = {}  # prefix length -> prefix_columns(prefix length)
         self.first_pos = 1 if bos else 0
         self.W_enc = self.tc_params.W_enc if self.mesh is not None else tc_params.W_enc
@@ -629,20 +720,29 @@ class _RowMaker:
         need = int(pos.max()) + 1
         return min(self.n_pos, -(-need // self.bucket) * self.bucket)
 
-    def flops(self, P: int, lmax: int) -> float:
+    def flops(self, P: int, lmax: int, layers=None) -> float:
         """Floating-point operations of one padded batch on the prefix of P positions whose
         highest target is at layer lmax (n_layers for a logit), counted from the shapes `_rows`
         runs: per target, each swept block's backward through the frozen attention (O and V
         projections, the patterns) and the transcoder's skip connection; the decoder contraction
         over every active slot of the prefix (padding slots included) for each layer the batch
-        reads; the error and embedding contractions. Norms and elementwise work are left out."""
+        reads (under `values`: kv-wide at the slots below lmax, d_model-wide at the slot below
+        each of the batch's target `layers`, default just lmax); the error and embedding
+        contractions. Norms and elementwise work are left out."""
         c, L, D = self.cfg, self.cfg.n_layers, self.cfg.d_model
         hd = c.head_dim
         block = D * c.n_heads * hd + P * c.n_heads * hd + c.n_kv_heads * hd * D
         if self.tc_params.W_skip is not None:
             block += D * D
         per_target = 2 * P * block * min(lmax + 1, L)
-        if self.tiles is not None:  # each slot below the batch's top: its main rows and tiles
+        if self.values:
+            V, tops = c.n_kv_heads * hd, {int(x) - 1 for x in (layers if layers is not None
+                                                                else (lmax,))}
+            for sl in self.tiles.slots:
+                cells = P * sl.K + len(sl.over_pos) * sl.Ko
+                per_target += 2 * D * cells * (sl.t in tops)
+                per_target += 2 * V * cells * (sl.t + 1 <= min(lmax, L - 1))
+        elif self.tiles is not None:  # each slot below the batch's top: its main rows and tiles
             for sl in self.tiles.slots:
                 if sl.t < lmax:
                     per_target += 2 * D * (P * sl.K + len(sl.over_pos) * sl.Ko)
@@ -690,7 +790,7 @@ class _RowMaker:
             over_counts, columns, tiles = (), self._tile_columns, self._tile_args
         else:
             (over_counts, columns), tiles = self.prefix_columns(P), None
-        self.flops_run += self.flops(P, int(layer[:n].max()))
+        self.flops_run += self.flops(P, int(layer[:n].max()), np.unique(layer[:n]))
         self.batches_run += 1
         layer, pos = jnp.asarray(layer), jnp.asarray(pos)
         if self.mesh is not None:  # the batch's targets split over 'data'
@@ -701,7 +801,8 @@ class _RowMaker:
         out = _rows(self.params, self.tc_params, self.rm, self.layout, columns,
                     layer, pos, vec, model_cfg=self.cfg,
                     tc_cfg=self.tc_cfg, src_layers=self.src_layers,
-                    over_counts=over_counts, first_pos=self.first_pos, n_pos=P, tiles=tiles)
+                    over_counts=over_counts, first_pos=self.first_pos, n_pos=P, tiles=tiles,
+                    values=self.values)
         if host:  # cut on the host: a slice on the device compiles once per batch size
             out = np.asarray(jax.device_get(out))
         return out if padded else out[:n]
@@ -831,7 +932,8 @@ def setup_trace(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderConf
         batch = -(-batch // d) * d
     make = _RowMaker(params, model_cfg, tc_cfg, tc_params, rm, active, bos, batch, dtype,
                      config.position_bucket, mesh, target_scale=factors,
-                     decoder_rows_gb=config.decoder_rows_gb)
+                     decoder_rows_gb=config.decoder_rows_gb,
+                     value_contraction=config.value_contraction)
     return TraceSetup(ids, bos, list(token_strings), rm, active, logit_toks, names, logit_probs,
                       weights, logit_dirs, target_info, err_layer, err_pos, cap, streamed, batch,
                       make, time.perf_counter() - t0, tc_cfg)
@@ -864,7 +966,8 @@ def trace_tokens(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderCon
     t_setup = time.perf_counter() - t0
     info = {"model": model_cfg.name, "transcoder": to_dict(st.tc_cfg), "batch_size": batch,
             "position_bucket": make.bucket, "adjacency": "stream" if streamed else "dense",
-            "decoder_layout": "sources" if make.tiles is None else "slots",
+            "decoder_layout": ("sources" if make.tiles is None else
+                               "values" if make.values else "slots"),
             "seconds_setup": round(t_setup, 3)}
     if target_info is not None:
         info["targets"] = target_info

@@ -183,15 +183,32 @@ def _masks(cfg: ModelConfig, q_idx, k_idx, key_mask):
     return full, full & inside[None, None]
 
 
+def attn_input(lp: LayerParams, cfg: ModelConfig, x, scale=None):
+    """The attention's normalised input (`norm` with the layer's weights); returns (h, scale)."""
+    return norm(x, lp.attn_norm_w, lp.attn_norm_b, cfg, scale)
+
+
+def attn_values(lp: LayerParams, h: Float[Array, "*b d_model"]
+                ) -> Float[Array, "*b kv_head head_dim"]:
+    """The attention's values of normalised inputs h."""
+    v = jnp.einsum("...d,dhk->...hk", h, lp.W_V)
+    return v if lp.b_V is None else v + lp.b_V
+
+
 def attention(lp: LayerParams, cfg: ModelConfig, h, cos, sin, mask, frozen: dict, caps: dict,
-              asked: tuple[str, ...], kv_cache=None, offset=None):
-    """Attention of one layer. Returns (output [b, t, d_model], new kv cache or None)."""
+              asked: tuple[str, ...], kv_cache=None, offset=None, value_delta=None):
+    """Attention of one layer. Returns (output [b, t, d_model], new kv cache or None).
+
+    `value_delta` [b, t, kv_heads, head_dim], if given, is added to the values: a zero one lets
+    a VJP read the gradient at the values (`attribution.trace`'s sweep)."""
     B, T, _ = h.shape
     q = jnp.einsum("btd,dhk->bthk", h, lp.W_Q)
     k = jnp.einsum("btd,dhk->bthk", h, lp.W_K)
-    v = jnp.einsum("btd,dhk->bthk", h, lp.W_V)
+    v = attn_values(lp, h)
     if lp.b_Q is not None:
-        q, k, v = q + lp.b_Q, k + lp.b_K, v + lp.b_V
+        q, k = q + lp.b_Q, k + lp.b_K
+    if value_delta is not None:
+        v = v + value_delta.astype(v.dtype)
     if cfg.qk_norm:
         q, qs = norm(q, lp.q_norm_w, None, cfg, frozen.get("q_norm_scale"))
         k, ks = norm(k, lp.k_norm_w, None, cfg, frozen.get("k_norm_scale"))
@@ -226,16 +243,17 @@ def attention(lp: LayerParams, cfg: ModelConfig, h, cos, sin, mask, frozen: dict
 
 
 def block(lp: LayerParams, cfg: ModelConfig, x, cos, sin, mask, frozen: dict,
-          asked: tuple[str, ...], kv_cache=None, offset=None, mlp_fn=None):
+          asked: tuple[str, ...], kv_cache=None, offset=None, mlp_fn=None, value_delta=None):
     """One transformer block. Returns (new residual, captures dict, new kv cache).
 
     `mlp_fn(resid_mid, mlp_in)`, if given, replaces the MLP (and its post-norm): it returns what
     is added to the residual stream. A `frozen["mlp_out"]` replaces both.
     """
     caps: dict = {"resid_pre": x}
-    h, s = norm(x, lp.attn_norm_w, lp.attn_norm_b, cfg, frozen.get("attn_norm_scale"))
+    h, s = attn_input(lp, cfg, x, frozen.get("attn_norm_scale"))
     caps["attn_norm_scale"] = s
-    a, new_cache = attention(lp, cfg, h, cos, sin, mask, frozen, caps, asked, kv_cache, offset)
+    a, new_cache = attention(lp, cfg, h, cos, sin, mask, frozen, caps, asked, kv_cache, offset,
+                             value_delta)
     if cfg.post_attn_norm:
         a, caps["post_attn_norm_scale"] = norm(a, lp.post_attn_norm_w, None, cfg,
                                                frozen.get("post_attn_norm_scale"))

@@ -61,16 +61,19 @@ def _check_all_edges(graph, ref):
     assert not graph.adjacency[:, r.logit].any()
 
 
-@pytest.mark.parametrize("layout", ["slots", "sources"])
+@pytest.mark.parametrize("layout", ["slots", "sources", "values"])
 @pytest.mark.parametrize("family,reach,skip,point", CASES)
 def test_every_edge_is_an_intervention(tiny_dirs, x64, family, reach, skip, point, layout):
-    """Both decoder layouts: laid out slot by slot once, or gathered by every batch."""
+    """Every decoder layout: laid out slot by slot once, gathered by every batch, or contracted
+    at the attention values (`_edges_by_values`; a transcoder with a skip connection falls back
+    to the slots)."""
     params, cfg, tc_cfg, tc_params, ids = _setup(tiny_dirs, family, reach, skip, point)
-    # The slot layout runs on the whole prompt only (one position prefix).
-    graph = _trace(params, cfg, tc_cfg, tc_params, ids[1:],
-                   **({"decoder_rows_gb": 1.0, "position_bucket": 0} if layout == "slots"
-                      else {"decoder_rows_gb": 0.0}))
-    assert graph.info["decoder_layout"] == layout
+    # The slot layouts run on the whole prompt only (one position prefix).
+    kw = ({"decoder_rows_gb": 0.0} if layout == "sources" else
+          {"decoder_rows_gb": 1.0, "position_bucket": 0,
+           "value_contraction": "on" if layout == "values" else "off"})
+    graph = _trace(params, cfg, tc_cfg, tc_params, ids[1:], **kw)
+    assert graph.info["decoder_layout"] == ("slots" if layout == "values" and skip else layout)
     assert graph.adjacency.dtype == np.float64
     n_feat = graph.ranges.feature.stop
     assert 10 < n_feat < 200, n_feat  # a small graph, but with features at every layer
