@@ -218,7 +218,7 @@ class SlotTiles:
         bounds = np.searchsorted(active.layer[order], np.arange(n_layers + 1))
         # Every feature's cumulative write so far, its layer's features contiguous (in `order`),
         # and a zero row last for the padding cells.
-        C = np.zeros((n + 1, D), dtype)
+        C = np.zeros((n + 1, D), np.promote_types(dtype, np.float32))  # sums in >= float32
         at = np.empty(n + 1, np.int64)
         at[order], at[-1] = np.arange(n), n
         by_slot = {sl.t: sl for sl in self.slots}
@@ -230,15 +230,18 @@ class SlotTiles:
                     continue
                 for c in range(bounds[s], bounds[s + 1], 4096):
                     f = order[c:min(c + 4096, bounds[s + 1])]
-                    rows = flat[s][active.index[f] * reach + (t - s)]
-                    rows *= active.value[f][:, None].astype(rows.dtype)
+                    rows = flat[s][active.index[f] * reach + (t - s)].astype(C.dtype, copy=False)
+                    rows *= active.value[f][:, None].astype(C.dtype)
                     C[c:c + len(f)] += rows
             sl = by_slot.get(t)
             if sl is None:
                 continue
             cells = at[np.concatenate([sl.main.ravel(), sl.over.ravel()])]  # -1 -> the zero row
             M = aligned_zeros((len(cells), D), dtype)
-            np.take(C, cells, axis=0, out=M, mode="clip")  # in bounds; "raise" buffers out
+            if C.dtype == M.dtype:
+                np.take(C, cells, axis=0, out=M, mode="clip")  # in bounds; "raise" buffers out
+            else:
+                M[:] = C[cells]
 
             def split(A, sl=sl):
                 return (A[:sl.main.size].reshape(*sl.main.shape, A.shape[1]),
@@ -252,8 +255,10 @@ class SlotTiles:
             V = None
             for c in range(0, len(cells), chunk):  # padding rows are zero: their values too
                 k = min(chunk, len(cells) - c)
-                x, p = np.zeros((chunk, D), dtype), np.zeros(chunk, np.int32)
-                x[:k], p[:k] = M[c:c + k], pos[c:c + k]
+                x, p = M[c:c + k], pos[c:c + k]  # views (M is aligned: no copy on the way in)
+                if k < chunk:  # the last one, padded to the chunk
+                    x = np.concatenate([x, np.zeros((chunk - k, D), dtype)])
+                    p = np.concatenate([p, np.zeros(chunk - k, np.int32)])
                 v = np.asarray(value_fn(t + 1, x, p))
                 if V is None:
                     V = aligned_zeros((len(cells), v.shape[1]), dtype)

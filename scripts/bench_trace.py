@@ -139,12 +139,14 @@ def run_case(kind: str, n_tokens: int, mode: str, args) -> dict:
                          adjacency=mode, stream_features=args.stream_features,
                          batch_size=args.batch_size, dtype=args.dtype,
                          max_adjacency_gb=args.max_adjacency_gb,
-                         decoder_rows_gb=args.decoder_rows_gb[0])
+                         decoder_rows_gb=args.decoder_rows_gb[0],
+                         value_contraction=args.value_contraction[0])
     row = {"transcoder": kind, "tokens": n_tokens, "active_features": n_active,
            "active_per_layer_pos": round(n_active / (30 * n_tokens), 1),
            "full_nodes": n_nodes, "full_dense_gb": round(dense_gb, 2), "cap": args.cap,
            "dtype": args.dtype, "device": jax.devices()[0].device_kind,
-           "decoder_rows_gb": args.decoder_rows_gb[0], "slot_layout": None}
+           "decoder_rows_gb": args.decoder_rows_gb[0], "slot_layout": None,
+           "value_contraction": args.value_contraction[0]}
     if args.cap is None and n_active > args.estimate_over:
         return row | _estimate(m, ids, tc_cfg, p, config, args)
     t0 = time.perf_counter()
@@ -160,7 +162,8 @@ def run_case(kind: str, n_tokens: int, mode: str, args) -> dict:
         "seconds": round(seconds, 1), "seconds_rows": graph.info["seconds_rows"],
         "seconds_scores": graph.info["seconds_scores"],  # included in seconds
         "batch": graph.info["batch_size"], "peak_rss_gb": round(_peak_gb(), 2),
-        "slot_layout": graph.info["decoder_layout"] == "slots",
+        "slot_layout": graph.info["decoder_layout"] in ("slots", "values"),
+        "decoder_layout": graph.info["decoder_layout"],
         **_arithmetic(graph.info["row_flops"], graph.info["seconds_rows"], seconds)}
 
 
@@ -221,7 +224,8 @@ def _estimate(m, ids, tc_cfg, p, config, args) -> dict:
     n_err = len(error_nodes(L, T, bos)[0])
     batch = batch_size(config, m.cfg, T)
     make = _RowMaker(m.params, m.cfg, tc_cfg, p, rm, active, bos, batch, jnp.float32,
-                     decoder_rows_gb=config.decoder_rows_gb)
+                     decoder_rows_gb=config.decoder_rows_gb,
+                     value_contraction=config.value_contraction)
     n_src = len(active) + n_err + T
     errors = (len(active), len(active) + n_err)
     influence = jnp.zeros(n_src, jnp.float32)
@@ -618,6 +622,11 @@ def main() -> int:
     ap.add_argument("--decoder-rows-gb", type=_gb_or_auto, nargs="*", default=[None],
                     help="TraceConfig.decoder_rows_gb ('auto': None); several values run each "
                          "case with each (0: the decoder rows gathered by every batch)")
+    ap.add_argument("--value-contraction", nargs="*", default=["auto"],
+                    choices=["auto", "on", "off"],
+                    help="TraceConfig.value_contraction; several values run each case with each "
+                         "(on / off side by side: the contraction at the attention values or at "
+                         "every MLP slot)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per case")
     ap.add_argument("--out", default="out/bench_trace.json")
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # child process
@@ -684,11 +693,13 @@ def main() -> int:
                    f"--batch-size={args.batch_size}", f"--dtype={args.dtype}"]
     if args.cap is not None:
         passthrough.append(f"--cap={args.cap}")
-    cases = [(n, kind, mode, gb) for n in args.tokens for kind in args.kinds
-             for mode in args.adjacency for gb in args.decoder_rows_gb]
-    for n, kind, mode, gb in cases:
+    cases = [(n, kind, mode, gb, vc) for n in args.tokens for kind in args.kinds
+             for mode in args.adjacency for gb in args.decoder_rows_gb
+             for vc in args.value_contraction]
+    for n, kind, mode, gb, vc in cases:
         cmd = [sys.executable, __file__, "--case", f"{kind}:{n}:{mode}", *passthrough,
-               "--decoder-rows-gb", "auto" if gb is None else str(gb)]
+               "--decoder-rows-gb", "auto" if gb is None else str(gb),
+               "--value-contraction", vc]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True,
                                   timeout=args.timeout, check=False)
@@ -707,7 +718,7 @@ def main() -> int:
     table = Table(title="trace: SmolLM2-135M, random transcoders, 2048 features/layer, "
                   "full graph" + ("" if args.cap is None else f", capped at {args.cap}"))
     cols = ["transcoder", "tokens", "active_per_layer_pos", "feature_rows", "full_nodes",
-            "full_edges", "adjacency", "slot_layout", "stored_nodes", "measured", "seconds", "seconds_rows",
+            "full_edges", "adjacency", "decoder_layout", "stored_nodes", "measured", "seconds", "seconds_rows",
             "row_gflop", "rows_of_peak", "trace_of_peak", "peak_rss_gb"]
     for c in cols:
         table.add_column(c)

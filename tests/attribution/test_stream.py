@@ -192,9 +192,15 @@ def test_slot_layout_gives_the_per_source_rows(tiny_dirs, x64, family, reach, sk
     decoder_rows_gb) and gathered by every batch source by source (decoder_rows_gb 0): the same
     adjacency, on position prefixes (bucket 3) and every batch layer."""
     setup = _setup(tiny_dirs, family, reach=reach, skip=skip)
-    slots = _trace(setup, adjacency="dense", decoder_rows_gb=1.0, position_bucket=0)
+    slots = _trace(setup, adjacency="dense", decoder_rows_gb=1.0, position_bucket=0,
+                   value_contraction="off")
     sources = _trace(setup, adjacency="dense", decoder_rows_gb=0.0)
     assert slots.info["decoder_layout"] == "slots" and sources.info["decoder_layout"] == "sources"
+    # At the attention values (`_edges_by_values`), where there is no skip connection.
+    values = _trace(setup, adjacency="dense", decoder_rows_gb=1.0, position_bucket=0,
+                    value_contraction="on")
+    assert values.info["decoder_layout"] == ("slots" if skip else "values")
+    np.testing.assert_allclose(values.adjacency, sources.adjacency, rtol=1e-12, atol=1e-15)
     # With several position prefixes the per-batch gathers run, whatever decoder_rows_gb says.
     assert _trace(setup, adjacency="dense", decoder_rows_gb=1.0).info["decoder_layout"] == \
         "sources"
@@ -248,6 +254,61 @@ def test_slot_layout_places_every_feature_once_per_slot():
         assert np.all(dec[cells < 0] == 0)
     # Accumulator rows: position-major, so a position prefix is a prefix of rows.
     assert np.all(np.diff(active.pos[np.argsort(tiles.row_of)]) >= 0)
+
+
+def test_cumulative_layout_holds_each_features_running_write():
+    """`SlotTiles.cumulative` (tiles with every lower layer writing each slot): a feature's cell
+    at slot t holds the sum of its decoder rows into slots <= t (none past its reach) times its
+    activation, and its value row value_fn(t + 1, that, its position); padding cells are zero;
+    the last slot has no value rows. Checked against a naive sum, on uneven activity with
+    overflow tiles and chunks smaller than a slot."""
+    from attribution.replacement import ActiveFeatures
+    from attribution.tiling import SlotTiles
+
+    rng = np.random.default_rng(1)
+    L, T, F, D, V, reach = 5, 6, 40, 4, 3, 2
+    layer, pos = [], []
+    for s in range(L):
+        counts = rng.integers(0, 3, T)
+        counts[(s + 2) % T] = 25
+        for q, c in enumerate(counts):
+            layer += [s] * c
+            pos += [q] * c
+    layer, pos = np.asarray(layer, np.int32), np.asarray(pos, np.int32)
+    index = rng.integers(0, F, len(layer)).astype(np.int32)
+    order = np.lexsort((index, pos, layer))
+    active = ActiveFeatures(layer[order], pos[order], index[order],
+                            rng.uniform(0.5, 2.0, len(layer)))
+    W = [rng.normal(size=(F, min(reach, L - s), D)) for s in range(L)]
+    R = rng.normal(size=(L, D, V))
+    calls = []
+
+    def value_fn(b, x, p):
+        calls.append(len(x))
+        return (x @ R[b]) * (1.0 + p)[:, None]
+
+    tiles = SlotTiles.build(active, L, lambda t: range(t + 1), T)
+    mats = tiles.cumulative(W, active, np.float64, value_fn, L, chunk=16)
+    assert set(calls) == {16} and any(len(sl.over_pos) for sl in tiles.slots)
+    for sl, (Cm, Co, Vm, Vo) in zip(tiles.slots, mats):
+        cells = np.concatenate([sl.main.ravel(), sl.over.ravel()])
+        cell_pos = np.concatenate([np.repeat(np.arange(T), sl.K), np.repeat(sl.over_pos, sl.Ko)])
+        C = np.concatenate([Cm.reshape(-1, D), Co.reshape(-1, D)])
+        assert sorted(cells[cells >= 0]) == list(np.flatnonzero(active.layer <= sl.t))
+        want = np.zeros_like(C)
+        for i in np.flatnonzero(cells >= 0):
+            f = cells[i]
+            s = active.layer[f]
+            for t in range(s, min(sl.t, s + reach - 1) + 1):
+                want[i] += W[s][active.index[f], t - s] * active.value[f]
+        np.testing.assert_allclose(C, want, rtol=1e-12, atol=1e-12)
+        if sl.t == L - 1:
+            assert Vm is None and Vo is None
+            continue
+        Vs = np.concatenate([Vm.reshape(-1, V), Vo.reshape(-1, V)])
+        np.testing.assert_allclose(Vs, value_fn(sl.t + 1, want, cell_pos), rtol=1e-12,
+                                   atol=1e-12)
+        assert np.all(Vs[cells < 0] == 0)
 
 
 def test_sources_layout_places_every_feature_once():
