@@ -203,6 +203,19 @@ class SlotTiles:
         return sum(sl.main.size + sl.over.size for sl in self.slots
                    if below is None or sl.t < below)
 
+    @staticmethod
+    def _value_matrices(value_fn, layer: int, n_pos: int, D: int, dtype, chunk: int):
+        """value_fn(layer, ., q) at each position q as a matrix [n_pos, D, V] in at least float32:
+        its value on the unit vectors (it is linear), `chunk` rows per call."""
+        out = []
+        for c in range(0, n_pos * D, chunk):
+            r = np.arange(c, min(c + chunk, n_pos * D))  # row r: position r // D, unit r % D
+            x, p = np.zeros((chunk, D), dtype), np.zeros(chunk, np.int32)
+            x[r - c, r % D], p[:len(r)] = 1, r // D
+            out.append(np.asarray(value_fn(layer, x, p))[:len(r)])
+        return np.concatenate(out).reshape(n_pos, D, -1).astype(
+            np.promote_types(dtype, np.float32))
+
     def cumulative(self, W_dec, active: ActiveFeatures, dtype, value_fn, n_layers: int,
                    chunk: int = 8192) -> list:
         """For tiles built with every lower layer as a writer of each slot (`build` with writers
@@ -210,8 +223,9 @@ class SlotTiles:
         values main [pos, K, V], overflow [tiles, Ko, V]) as numpy arrays. A feature's cumulative
         row at slot t is the sum of its decoder rows into slots t' <= t (zero past its reach)
         times its activation; its value row is value_fn(t + 1, cumulative rows, positions) (no
-        value rows for the last slot: None, None). value_fn is called on `chunk` rows at a
-        time (the last chunk padded), so a jitted one compiles once."""
+        value rows for the last slot: None, None). value_fn is linear in its rows: it is called on
+        unit vectors, `chunk` rows at a time (the last chunk padded, so a jitted one compiles
+        once), for its matrix at each position, which the rows are then multiplied by."""
         flat = [np.asarray(W).reshape(-1, W.shape[-1]) for W in W_dec]  # views: [feature x reach]
         D, n = flat[0].shape[1], len(active)
         order = np.argsort(active.layer, kind="stable")
@@ -250,19 +264,18 @@ class SlotTiles:
             if t + 1 >= n_layers:
                 out.append((*split(M), None, None))
                 continue
-            pos = np.concatenate([np.repeat(np.arange(sl.main.shape[0]), sl.main.shape[1]),
-                                  np.repeat(sl.over_pos, sl.over.shape[1])]).astype(np.int32)
-            V = None
-            for c in range(0, len(cells), chunk):  # padding rows are zero: their values too
-                k = min(chunk, len(cells) - c)
-                x, p = M[c:c + k], pos[c:c + k]  # views (M is aligned: no copy on the way in)
-                if k < chunk:  # the last one, padded to the chunk
-                    x = np.concatenate([x, np.zeros((chunk - k, D), dtype)])
-                    p = np.concatenate([p, np.zeros(chunk - k, np.int32)])
-                v = np.asarray(value_fn(t + 1, x, p))
-                if V is None:
-                    V = aligned_zeros((len(cells), v.shape[1]), dtype)
-                V[c:c + k] = v[:k]
+            J = self._value_matrices(value_fn, t + 1, sl.main.shape[0], D, dtype, chunk)
+            Cm, Co = split(M)
+            V = aligned_zeros((len(cells), J.shape[2]), dtype)
+            Vm, Vo = split(V)
+            if J.dtype == V.dtype:  # products position by position, into the layout
+                np.matmul(Cm, J, out=Vm)
+                for i, q in enumerate(sl.over_pos):
+                    np.matmul(Co[i], J[q], out=Vo[i])
+            else:  # (bfloat16: in float32, then rounded)
+                Vm[:] = np.matmul(Cm.astype(J.dtype), J)
+                for i, q in enumerate(sl.over_pos):
+                    Vo[i] = Co[i].astype(J.dtype) @ J[q]
             out.append((*split(M), *split(V)))
         return out
 
