@@ -51,6 +51,18 @@ def aligned_zeros(shape, dtype, align: int = 64) -> np.ndarray:
     return buf[start:start + n].view(dtype).reshape(shape)
 
 
+def _writes(flat: np.ndarray, reach: int, active: ActiveFeatures, f: np.ndarray, offset: int,
+            dtype=None) -> np.ndarray:
+    """What features f of one source layer write into the slot `offset` layers above theirs:
+    their decoder rows (flat: the layer's W_dec as [feature x reach, D]) times their
+    activations, in `dtype` (default the weights')."""
+    rows = flat[active.index[f] * reach + offset]
+    if dtype is not None:
+        rows = rows.astype(dtype, copy=False)
+    rows *= active.value[f][:, None].astype(rows.dtype)
+    return rows
+
+
 @dataclass(frozen=True)
 class Sources:
     """One source layer's active features laid out for the decoder contraction (host numpy).
@@ -187,9 +199,8 @@ class SlotTiles:
                 # faulted in page by page, several times slower than the gather itself).
                 for c in range(lo, hi, 4096):
                     g = f[c:min(c + 4096, hi)]
-                    rows = flat[s][active.index[g] * W_dec[s].shape[1] + (t - s)]
-                    rows *= active.value[g][:, None].astype(rows.dtype)
-                    M[cells[c:c + len(g)]] = rows
+                    M[cells[c:c + len(g)]] = _writes(flat[s], W_dec[s].shape[1], active, g,
+                                                     int(t - s))
             D = M.shape[1]
             out.append((M[:main.size].reshape(*main.shape, D), M[main.size:].reshape(*over.shape, D)))
         return out
@@ -244,9 +255,7 @@ class SlotTiles:
                     continue
                 for c in range(bounds[s], bounds[s + 1], 4096):
                     f = order[c:min(c + 4096, bounds[s + 1])]
-                    rows = flat[s][active.index[f] * reach + (t - s)].astype(C.dtype, copy=False)
-                    rows *= active.value[f][:, None].astype(C.dtype)
-                    C[c:c + len(f)] += rows
+                    C[c:c + len(f)] += _writes(flat[s], reach, active, f, t - s, C.dtype)
             sl = by_slot.get(t)
             if sl is None:
                 continue
