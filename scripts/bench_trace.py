@@ -138,6 +138,7 @@ def run_case(kind: str, n_tokens: int, mode: str, args) -> dict:
     config = TraceConfig(prompt=f"{n_tokens} tokens", max_feature_nodes=args.cap,
                          adjacency=mode, stream_features=args.stream_features,
                          batch_size=args.batch_size, dtype=args.dtype,
+                         batch_memory_gb=args.batch_memory_gb,
                          max_adjacency_gb=args.max_adjacency_gb,
                          decoder_rows_gb=args.decoder_rows_gb[0],
                          value_contraction=args.value_contraction[0])
@@ -145,6 +146,7 @@ def run_case(kind: str, n_tokens: int, mode: str, args) -> dict:
            "active_per_layer_pos": round(n_active / (30 * n_tokens), 1),
            "full_nodes": n_nodes, "full_dense_gb": round(dense_gb, 2), "cap": args.cap,
            "dtype": args.dtype, "device": jax.devices()[0].device_kind,
+           "matmul_precision": str(jax.config.jax_default_matmul_precision or "default"),
            "decoder_rows_gb": args.decoder_rows_gb[0], "slot_layout": None,
            "value_contraction": args.value_contraction[0]}
     if args.cap is None and n_active > args.estimate_over:
@@ -162,23 +164,25 @@ def run_case(kind: str, n_tokens: int, mode: str, args) -> dict:
         "seconds": round(seconds, 1), "seconds_rows": graph.info["seconds_rows"],
         "seconds_scores": graph.info["seconds_scores"],  # included in seconds
         "batch": graph.info["batch_size"], "peak_rss_gb": round(_peak_gb(), 2),
+        "device_peak_gb": _device_peak_gb(),
         "slot_layout": graph.info["decoder_layout"] in ("slots", "values"),
         "decoder_layout": graph.info["decoder_layout"],
-        **_arithmetic(graph.info["row_flops"], graph.info["seconds_rows"], seconds)}
+        **_arithmetic(graph.info["row_flops"], graph.info["seconds_rows"], seconds, args.dtype)}
 
 
 def _gb_or_auto(v: str) -> float | None:
     return None if v == "auto" else float(v)
 
 
-def matmul_peak() -> float:
-    """This device's float32 matmul rate (FLOP/s): the best of a few 2048^3 products, compiled
-    before timing (the "peak" the rows' rate is compared with)."""
+def matmul_peak(dtype: str = "float32") -> float:
+    """This device's matmul rate (FLOP/s) in `dtype` at JAX's default precision: the best of a
+    few n^3 products (n = 2048 on a CPU, 8192 on an accelerator, where 2048 is too short to
+    time), compiled before timing (the "peak" the rows' rate is compared with)."""
     import jax
     import jax.numpy as jnp
 
-    n = 2048
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    n = 2048 if jax.default_backend() == "cpu" else 8192
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
     best = float("inf")
@@ -189,15 +193,26 @@ def matmul_peak() -> float:
     return 2 * n**3 / best
 
 
-def _arithmetic(flops: float, seconds_rows: float, seconds: float) -> dict:
+def _arithmetic(flops: float, seconds_rows: float, seconds: float,
+                dtype: str = "float32") -> dict:
     """The rows' arithmetic (`_RowMaker.flops`, counted from the shapes run), its rate, and the
     share of this device's matmul peak reached by the rows alone and by the whole trace call."""
-    peak = matmul_peak()
+    peak = matmul_peak(dtype)
     return {"row_gflop": round(flops / 1e9, 1), "peak_gflops": round(peak / 1e9, 1),
             "rows_gflops": round(flops / seconds_rows / 1e9, 1),
             "rows_of_peak": round(flops / seconds_rows / peak, 3),
             "trace_of_peak": round(flops / seconds / peak, 3),
             "arithmetic_seconds": round(flops / peak, 1)}
+
+
+def _device_peak_gb() -> float | None:
+    """The accelerator's peak memory in use by this process (None on a CPU, which reports none:
+    there `peak_rss_gb` is the whole peak)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else round(peak / 2**30, 2)
 
 
 def _peak_gb() -> float:
@@ -272,7 +287,7 @@ def _estimate(m, ids, tc_cfg, p, config, args) -> dict:
             "batch": batch, "batches": n_b, "batch_seconds_mean": round(float(times.mean()), 3),
             "batch_seconds_min": round(float(times.min()), 3),
             "batch_seconds_max": round(float(times.max()), 3),
-            "peak_rss_gb": round(_peak_gb(), 2)}
+            "peak_rss_gb": round(_peak_gb(), 2), "device_peak_gb": _device_peak_gb()}
 
 
 # --- comparison with circuit-tracer (--compare-circuit-tracer) ----------------------------------
@@ -619,6 +634,8 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=0,
                     help="TraceConfig.batch_size (0: automatic, its default)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--batch-memory-gb", type=float, default=1.0,
+                    help="TraceConfig.batch_memory_gb (raise it on an accelerator)")
     ap.add_argument("--decoder-rows-gb", type=_gb_or_auto, nargs="*", default=[None],
                     help="TraceConfig.decoder_rows_gb ('auto': None); several values run each "
                          "case with each (0: the decoder rows gathered by every batch)")
@@ -690,7 +707,8 @@ def main() -> int:
                    f"--stream-features={args.stream_features}",
                    f"--estimate-over={args.estimate_over}", f"--sample={args.sample}",
                    f"--max-adjacency-gb={args.max_adjacency_gb}",
-                   f"--batch-size={args.batch_size}", f"--dtype={args.dtype}"]
+                   f"--batch-size={args.batch_size}", f"--dtype={args.dtype}",
+                   f"--batch-memory-gb={args.batch_memory_gb}"]
     if args.cap is not None:
         passthrough.append(f"--cap={args.cap}")
     cases = [(n, kind, mode, gb, vc) for n in args.tokens for kind in args.kinds
@@ -719,7 +737,8 @@ def main() -> int:
                   "full graph" + ("" if args.cap is None else f", capped at {args.cap}"))
     cols = ["transcoder", "tokens", "active_per_layer_pos", "feature_rows", "full_nodes",
             "full_edges", "adjacency", "decoder_layout", "stored_nodes", "measured", "seconds", "seconds_rows",
-            "row_gflop", "rows_of_peak", "trace_of_peak", "peak_rss_gb"]
+            "row_gflop", "rows_of_peak", "trace_of_peak", "peak_rss_gb",
+            "device_peak_gb"]
     for c in cols:
         table.add_column(c)
     for r in rows:
