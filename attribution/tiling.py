@@ -214,6 +214,12 @@ class SlotTiles:
         return sum(sl.main.size + sl.over.size for sl in self.slots
                    if below is None or sl.t < below)
 
+    def value_cells(self, n_layers: int, group: int) -> int:
+        """kv-wide cells of `cumulative`'s value rows: each value group's last slot's cells, times
+        the group's width in slots."""
+        rows = {sl.t: sl.main.size + sl.over.size for sl in self.slots}
+        return sum(rows.get(last, 0) * group for _, last in value_groups(n_layers, group))
+
     @staticmethod
     def _value_matrices(value_fn, layer: int, n_pos: int, D: int, dtype, chunk: int):
         """value_fn(layer, ., q) at each position q as a matrix [n_pos, D, V] in at least float32:
@@ -228,15 +234,19 @@ class SlotTiles:
             np.promote_types(dtype, np.float32))
 
     def cumulative(self, W_dec, active: ActiveFeatures, dtype, value_fn, n_layers: int,
-                   chunk: int = 8192) -> list:
+                   group: int = 1, chunk: int = 8192) -> list:
         """For tiles built with every lower layer as a writer of each slot (`build` with writers
         range(0, t + 1)): per slot t, (cumulative main [pos, K, D], overflow [tiles, Ko, D],
-        values main [pos, K, V], overflow [tiles, Ko, V]) as numpy arrays. A feature's cumulative
-        row at slot t is the sum of its decoder rows into slots t' <= t (zero past its reach)
-        times its activation; its value row is value_fn(t + 1, cumulative rows, positions) (no
-        value rows for the last slot: None, None). value_fn is linear in its rows: it is called on
-        unit vectors, `chunk` rows at a time (the last chunk padded, so a jitted one compiles
-        once), for its matrix at each position, which the rows are then multiplied by."""
+        values main [pos, K, group x V], overflow [tiles, Ko, group x V]) as numpy arrays. A
+        feature's cumulative row at slot t is the sum of its decoder rows into slots t' <= t
+        (zero past its reach) times its activation; its value row at t is value_fn(t + 1,
+        cumulative row, position). The value slots 0 .. n_layers - 2 go in groups of `group`
+        consecutive slots (`value_groups`); a group's value rows sit on its last slot's cells
+        (the features of every layer up to it), side by side in slot order, zero for a slot below
+        a feature's layer and for the padding columns of a short last group; the other slots
+        have none (None, None). value_fn is linear in its rows: it is called on unit vectors,
+        `chunk` rows at a time (the last chunk padded, so a jitted one compiles once), for its
+        matrix at each position, which the rows are then multiplied by."""
         flat = [np.asarray(W).reshape(-1, W.shape[-1]) for W in W_dec]  # views: [feature x reach]
         D, n = flat[0].shape[1], len(active)
         order = np.argsort(active.layer, kind="stable")
@@ -247,6 +257,15 @@ class SlotTiles:
         at = np.empty(n + 1, np.int64)
         at[order], at[-1] = np.arange(n), n
         by_slot = {sl.t: sl for sl in self.slots}
+
+        def cells_of(sl):  # -1 -> the zero row
+            return at[np.concatenate([sl.main.ravel(), sl.over.ravel()])]
+
+        def split(A, sl):
+            return (A[:sl.main.size].reshape(*sl.main.shape, A.shape[1]),
+                    A[sl.main.size:].reshape(*sl.over.shape, A.shape[1]))
+
+        values = {}  # a group's last slot -> its value rows, filled slot by slot
         out = []
         for t in range(n_layers):
             for s in range(t + 1):  # the writes into slot t
@@ -256,38 +275,39 @@ class SlotTiles:
                 for c in range(bounds[s], bounds[s + 1], 4096):
                     f = order[c:min(c + 4096, bounds[s + 1])]
                     C[c:c + len(f)] += _writes(flat[s], reach, active, f, t - s, C.dtype)
+            if t + 1 < n_layers:  # slot t's value rows, into its group's
+                first, last = value_groups(n_layers, group)[t // group]
+                home = by_slot.get(last)
+                if home is not None and t in by_slot:  # (no writer yet: zero value rows)
+                    J = self._value_matrices(value_fn, t + 1, home.main.shape[0], D, dtype, chunk)
+                    cells = cells_of(home)
+                    if last not in values:
+                        values[last] = aligned_zeros((len(cells), group * J.shape[2]), dtype)
+                    Vm, Vo = split(values[last][:, (t - first) * J.shape[2]:
+                                                (t - first + 1) * J.shape[2]], home)
+                    Cm, Co = split(C[cells], home)  # the home slot's cells, written up to t
+                    Vm[:] = np.matmul(Cm.astype(J.dtype, copy=False), J)  # position by position
+                    for i, q in enumerate(home.over_pos):
+                        Vo[i] = Co[i].astype(J.dtype, copy=False) @ J[q]
             sl = by_slot.get(t)
             if sl is None:
                 continue
-            cells = at[np.concatenate([sl.main.ravel(), sl.over.ravel()])]  # -1 -> the zero row
+            cells = cells_of(sl)
             M = aligned_zeros((len(cells), D), dtype)
             if C.dtype == M.dtype:
                 np.take(C, cells, axis=0, out=M, mode="clip")  # in bounds; "raise" buffers out
             else:
                 M[:] = C[cells]
-
-            def split(A, sl=sl):
-                return (A[:sl.main.size].reshape(*sl.main.shape, A.shape[1]),
-                        A[sl.main.size:].reshape(*sl.over.shape, A.shape[1]))
-
-            if t + 1 >= n_layers:
-                out.append((*split(M), None, None))
-                continue
-            J = self._value_matrices(value_fn, t + 1, sl.main.shape[0], D, dtype, chunk)
-            Cm, Co = split(M)
-            V = aligned_zeros((len(cells), J.shape[2]), dtype)
-            Vm, Vo = split(V)
-            if J.dtype == V.dtype:  # products position by position, into the layout
-                np.matmul(Cm, J, out=Vm)
-                for i, q in enumerate(sl.over_pos):
-                    np.matmul(Co[i], J[q], out=Vo[i])
-            else:  # (bfloat16: in float32, then rounded)
-                Vm[:] = np.matmul(Cm.astype(J.dtype), J)
-                for i, q in enumerate(sl.over_pos):
-                    Vo[i] = Co[i].astype(J.dtype) @ J[q]
-            out.append((*split(M), *split(V)))
+            V = values.pop(t, None)
+            out.append((*split(M, sl), *((None, None) if V is None else split(V, sl))))
         return out
 
 
+def value_groups(n_layers: int, group: int) -> list[tuple[int, int]]:
+    """The value slots 0 .. n_layers - 2 (each but the last MLP slot: `_edges_by_values`) in
+    groups of `group` consecutive slots: (first, last) of each."""
+    return [(a, min(a + group, n_layers - 1) - 1) for a in range(0, n_layers - 1, group)]
+
+
 __all__ = ["GATHER_SLOTS", "SLOT_TILE_WIDTHS", "Slot", "SlotTiles", "Sources", "aligned_zeros",
-           "tile_widths"]
+           "tile_widths", "value_groups"]

@@ -58,7 +58,7 @@ from attribution.graph import Graph, error_nodes, node_levels
 from attribution.influence import influence
 from attribution.prune import prune, score
 from attribution.stream import chunks, stream, use_stream, visit_batches
-from attribution.tiling import SlotTiles, Sources
+from attribution.tiling import SlotTiles, Sources, value_groups
 from clt.configs import ConfigError, doc, to_dict
 from clt.lm.config import ModelConfig
 from clt.lm.params import LMParams
@@ -332,11 +332,12 @@ def resolve_targets(config: TraceConfig, tokenizer, d_model: int) -> Targets:
 
 # --- one batch of rows ---------------------------------------------------------------------------
 @partial(jax.jit, static_argnames=("model_cfg", "tc_cfg", "src_layers", "over_counts",
-                                   "first_pos", "n_pos", "tiles", "values"))
-def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, *,
+                                   "first_pos", "n_pos", "tiles", "values"),
+         donate_argnames=("scratch",))
+def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, scratch=None, *,
           model_cfg: ModelConfig, tc_cfg: TranscoderConfig, src_layers: tuple[int, ...],
           over_counts: tuple[int, ...], first_pos: int, n_pos: int, tiles=None,
-          values: bool = False):
+          values: int = 0):
     """Rows of A for a batch of targets: [batch, features + errors + tokens] float32.
 
     tgt_layer: the target's layer (n_layers for a logit), tgt_pos its position (< n_pos),
@@ -346,8 +347,12 @@ def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, *
     active feature's decoder slot in the prefix's slots (`_RowMaker.prefix_columns`). With
     `tiles` (`_edges_by_tiles`), layout holds each MLP slot's `SlotTiles` arrays instead and
     columns every feature's accumulator row; with `values` too (`_edges_by_values`), each slot's
-    cumulative and value rows, and the sweep keeps the gradients at the attention values instead
-    of those at every MLP slot."""
+    cumulative rows and its value group's rows (`values` slots a group), and the sweep keeps the
+    gradients at the attention values, grouped the same way, instead of those at every MLP
+    slot, in `scratch` (`value_scratch`: donated, returned, passed to the next batch; no zeros
+    needed but in the group above the batch's top, which is zeroed here).
+
+    Returns (rows, scratch)."""
     B = tgt_layer.shape[0]
     T_all = rm.tokens.shape[0]
     rm = rep.prefix(rm, n_pos) if n_pos < T_all else rm
@@ -376,6 +381,7 @@ def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, *
 
     kv = (model_cfg.n_kv_heads, model_cfg.head_dim)
     zero_v = jnp.zeros((1, T) + kv, dt) if values else None
+    n_groups = -(-(L - 1) // values) if values else 0
 
     def step(i, carry):
         g, G, err = carry
@@ -385,29 +391,49 @@ def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, *
                                              m, v), zero, zero, zero_v)
         # gm comes out position-major, [1, T, B, D]: the decoder contraction below is then a
         # matmul per position with contiguous operands (XLA's CPU batched dot is several times
-        # slower with the batch axis in the middle).
-        gx, gm, gv = jax.vmap(blk_vjp, out_axes=(0, 2, 2))((g, inject(layer)))
+        # slower with the batch axis in the middle). At the values, only `below` reads it, at a
+        # target's layer: it stays batch-major, [B, 1, T, D], as the sweep makes it.
+        gx, gm, gv = jax.vmap(blk_vjp, out_axes=(0, 0 if values else 2, 2))((g, inject(layer)))
         # The error nodes' edges while this layer's gradients are in cache.
-        e_l = jnp.einsum("tbd,td->bt", gm[0], jax.lax.dynamic_index_in_dim(error, layer, 0, False),
-                         preferred_element_type=f32)
+        e_err = jax.lax.dynamic_index_in_dim(error, layer, 0, False)
+        e_l = ((gm[:, 0].astype(f32) * e_err.astype(f32)).sum(-1) if values  # (a dot would
+               # transpose gm)
+               else jnp.einsum("tbd,td->bt", gm[0], e_err, preferred_element_type=f32))
         err = jax.lax.dynamic_update_index_in_dim(err, e_l, layer, axis=0)
         if not values:
             return gx, jax.lax.dynamic_update_index_in_dim(G, gm[0], layer, axis=0), err
         # G = (each target's gradient at the slot below its layer, the gradients at every
-        # block's values [L, T, B, V] but at the target's own block): `_edges_by_values`.
+        # block's values but at the target's own block): `_edges_by_values`. Block b's values
+        # meet value slot b - 1's rows: they are kept in groups of `values` slots, [group, T, B,
+        # slot in group, V] after a leading group for block 0 (whose values meet no slot).
         below, at_values = G
-        below = below + gm[0] * (tgt_layer == layer + 1).astype(dt)[None, :, None]
-        gv = gv[0].reshape(T, B, -1) * (tgt_layer != layer).astype(dt)[None, :, None]
-        return gx, (below, jax.lax.dynamic_update_index_in_dim(at_values, gv, layer, 0)), err
+        reads = tgt_layer == layer + 1
+        below = jax.lax.cond(jnp.any(reads),
+                             lambda b: b + gm[:, 0] * reads.astype(dt)[:, None, None],
+                             lambda b: b, below)
+        gv = gv[0].reshape(T, B, 1, -1) * (tgt_layer != layer).astype(dt)[None, :, None, None]
+        at, z = layer - 1 + values, jnp.zeros((), layer.dtype)
+        at_values = jax.lax.dynamic_update_slice(at_values, gv[None],
+                                                 (at // values, z, z, at % values, z))
+        return gx, (below, at_values), err
 
     # Blocks above every target in the batch get no gradient: the sweep starts below them.
-    G0 = ((jnp.zeros((T, B, D), dt), jnp.zeros((L, T, B, kv[0] * kv[1]), dt)) if values
-          else jnp.zeros((L, T, B, D), dt))
+    if values:
+        # Every block up to the top (lmax) writes its place; the places above it that a product
+        # reads are those of its group: zeroed (lmax's own place: block lmax + 1's; a top past
+        # the last value slot zeroes the trailing spare group).
+        at = jnp.minimum(lmax + values, (n_groups + 1) * values) // values
+        scratch = jax.lax.dynamic_update_index_in_dim(
+            scratch, jnp.zeros(scratch.shape[1:], scratch.dtype), at, 0)
+        G0 = (jnp.zeros((B, T, D), dt), scratch)
+    else:
+        G0 = jnp.zeros((L, T, B, D), dt)
     g, G, err = jax.lax.fori_loop(0, n_blocks, step, (g, G0, jnp.zeros((L, B, T), f32)))
 
     if values:
-        feats = _edges_by_values(*G, layout, tiles, tgt_layer, lmax).at[columns].get(
-            mode="promise_in_bounds")
+        below = jnp.swapaxes(G[0], 0, 1)  # [T, B, D], for products position by position
+        feats = _edges_by_values(below, G[1], layout, tiles, tgt_layer, lmax, values).at[
+            columns].get(mode="promise_in_bounds")
     elif tiles is not None:  # the decoder contraction slot by slot, over all its writers at once
         feats = _edges_by_tiles(G, layout, tiles, lmax).at[columns].get(mode="promise_in_bounds")
     else:
@@ -429,8 +455,9 @@ def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, *
         feats = jnp.concatenate(slots).at[columns].get(mode="promise_in_bounds")
     err = jnp.pad(jnp.swapaxes(err, 1, 2), ((0, 0), (0, T_all - T), (0, 0)))  # [L, T_all, B]
     emb = jnp.einsum("btd,td->tb", g[:, 0], rm.embeds, preferred_element_type=f32)
-    return jnp.concatenate([feats, err[:, first_pos:].reshape(-1, B),
+    rows = jnp.concatenate([feats, err[:, first_pos:].reshape(-1, B),
                             jnp.pad(emb, ((0, T_all - T), (0, 0)))]).T
+    return rows, (G[1] if values else None)
 
 
 # Transcoders whose features write at most this many layers contract source layer by source
@@ -439,6 +466,10 @@ def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, *
 # by slot; a CLT's top batch 0.85 s by slot against 0.99 s by source. Windowed CLTs in between
 # were not measured.
 SOURCE_MAJOR_REACH = 4
+
+# Value slots per product of `_edges_by_values` (`value_groups`). Measured on the 12-token CLT
+# full graph (scripts/bench_trace.py, batch 256): see the README's decoder-contraction table.
+VALUE_GROUP = 3
 
 
 def _slot_product(acc, Gt, slot_layout):
@@ -476,7 +507,7 @@ def _edges_by_tiles(G, layout, tiles, lmax):
     return acc
 
 
-def _edges_by_values(below, at_values, layout, tiles, tgt_layer, lmax):
+def _edges_by_values(below, at_values, layout, tiles, tgt_layer, lmax, group):
     """`_edges_by_tiles`' edges for a transcoder without a skip connection, from fewer products.
 
     With frozen patterns and norms and the MLPs constant, the gradient of a target at MLP slot t
@@ -490,21 +521,27 @@ def _edges_by_values(below, at_values, layout, tiles, tgt_layer, lmax):
 
     with C[t] its cumulative write (sum of its decoder rows into slots <= t, times its
     activation). So each target needs d_model-wide products at one slot only, and kv-wide ones
-    (kv_heads x head_dim) at the others.
+    (kv_heads x head_dim) at the others; those go `group` slots at a time (`value_groups`), one
+    product of group x kv width per group: fewer, wider products and fewer adds into the
+    accumulator.
 
-    below [T, B, D]: each target's gradient at the slot below its layer; at_values [L, T, B, V]:
-    u at every block, zero at each target's own block (its share is in g[l - 1]). layout: per
-    slot, (its `SlotTiles.cumulative` rows, their value rows or None for the last slot)."""
+    below [T, B, D]: each target's gradient at the slot below its layer; at_values [1 + groups,
+    T, B, group, V]: u at every block (block b at value slot b - 1's place; the leading group
+    holds block 0's), zero at each target's own block (its share is in g[l - 1]). layout: per
+    slot, (its `SlotTiles.cumulative` rows, its group's value rows on a group's last slot, else
+    None)."""
     n_rows, slots = tiles
     f32 = jnp.promote_types(below.dtype, jnp.float32)
     acc = jnp.zeros((n_rows, below.shape[1]), f32)
+    T, B = below.shape[:2]
     for t, (cum, val) in zip(slots, layout):
         reads = tgt_layer == t + 1
         acc = jax.lax.cond(jnp.any(reads), lambda acc, cum=cum, reads=reads: _slot_product(
             acc, below * reads.astype(below.dtype)[None, :, None], cum), lambda acc: acc, acc)
-        if val is not None:
-            acc = jax.lax.cond(t + 1 <= lmax, lambda acc, t=t, val=val: _slot_product(
-                acc, at_values[t + 1], val), lambda acc: acc, acc)
+        if val is not None:  # t is the last slot of group t // group, which starts at g * group
+            g = t // group
+            acc = jax.lax.cond(g * group + 1 <= lmax, lambda acc, g=g, val=val: _slot_product(
+                acc, at_values[1 + g].reshape(T, B, -1), val), lambda acc: acc, acc)
     return acc
 
 
@@ -626,7 +663,8 @@ class _RowMaker:
 
     def __init__(self, params, model_cfg, tc_cfg, tc_params, rm, active, bos, batch, dtype,
                  bucket: int = 0, mesh=None, target_scale=None,
-                 decoder_rows_gb: float | None = None, value_contraction: str = "auto"):
+                 decoder_rows_gb: float | None = None, value_contraction: str = "auto",
+                 value_group: int = 0):
         cast = (lambda t: jax.tree.map(
             lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, t))
         # Only the weights the sweep reads: the rest (MLPs, embeddings) can go after the forward
@@ -652,7 +690,7 @@ class _RowMaker:
         # layer (`Sources`). With several prefixes (prompts longer than a bucket), a batch on a
         # shorter one would copy the first positions of every slot's rows: not measured to pay,
         # and the planner's batch times (`attribution.plan`) do not count it.
-        self.tiles, self.values = None, False
+        self.tiles, self.values = None, 0  # values: the value slots' group size (0: off)
         one = self.mesh is None and self.sources and T <= self.bucket
         tiles = SlotTiles.build(active, model_cfg.n_layers, tc_cfg.sources, T) if one else None
         budget = (max(sum(W.size for W in tc_params.W_dec) * np.dtype(dtype).itemsize,
@@ -664,19 +702,20 @@ class _RowMaker:
             # Every slot's cumulative rows: each feature in every slot from its layer up.
             cum = SlotTiles.build(active, model_cfg.n_layers, lambda t: range(t + 1), T)
             L = model_cfg.n_layers
+            group = value_group or VALUE_GROUP
             # FLOPs per target of a top batch: d_model-wide at every slot against kv-wide at every
-            # slot but the last plus d_model-wide at one (its widest, the last).
+            # value group's cells plus d_model-wide at one slot (its widest, the last).
             wide = cum.rows() - cum.rows(L - 1)
-            fewer = cum.rows(L - 1) * V + wide * D < tiles.rows() * D
-            fits = (cum.rows() * D + cum.rows(L - 1) * V) * item <= budget
+            fewer = cum.value_cells(L, group) * V + wide * D < tiles.rows() * D
+            fits = (cum.rows() * D + cum.value_cells(L, group) * V) * item <= budget
             if fits and (fewer or value_contraction == "on"):
-                tiles, self.values = cum, True
+                tiles, self.values = cum, group
         if self.values:
             self.tiles = tiles
             value_fn = partial(rep.value_rows, self.rm, self.params, model_cfg)
             mats = tiles.cumulative(self.tc_params.W_dec, active, np.dtype(dtype),
                                     lambda b, x, p: value_fn(b, jnp.asarray(x), jnp.asarray(p)),
-                                    model_cfg.n_layers)
+                                    model_cfg.n_layers, self.values)
             def put(a):
                 return None if a is None else jax.device_put(a)
             self.layout = tuple(
@@ -694,6 +733,12 @@ class _RowMaker:
                 for (Dm, Do), sl in zip(mats, tiles.slots))
         else:
             self.layout = tuple(self._put(src.device()) for src in self.sources)
+        # The sweep's gradients at the attention values (`_rows`): [leading group (block 0),
+        # value groups, trailing spare group, T, B, group, kv width], made once, then each
+        # batch's donated buffer is the next one's.
+        n_groups = len(value_groups(model_cfg.n_layers, self.values)) if self.values else 0
+        self._scratch = (jnp.zeros((n_groups + 2, T, batch, self.values, V), dtype)
+                         if self.values else None)
         if self.tiles is not None:
             self._tile_args = (self.tiles.n_rows, tuple(sl.t for sl in self.tiles.slots))
             self._tile_columns = jnp.asarray(self.tiles.row_of)
@@ -738,10 +783,12 @@ class _RowMaker:
         if self.values:
             V, tops = c.n_kv_heads * hd, {int(x) - 1 for x in (layers if layers is not None
                                                                 else (lmax,))}
+            last = {b: a for a, b in value_groups(L, self.values)}  # group: last slot -> first
             for sl in self.tiles.slots:
                 cells = P * sl.K + len(sl.over_pos) * sl.Ko
                 per_target += 2 * D * cells * (sl.t in tops)
-                per_target += 2 * V * cells * (sl.t + 1 <= min(lmax, L - 1))
+                if sl.t in last:  # its group's product: group x kv wide, if the batch reaches it
+                    per_target += 2 * V * self.values * cells * (last[sl.t] + 1 <= lmax)
         elif self.tiles is not None:  # each slot below the batch's top: its main rows and tiles
             for sl in self.tiles.slots:
                 if sl.t < lmax:
@@ -798,11 +845,11 @@ class _RowMaker:
 
             layer, pos = self._put((layer, pos), PartitionSpec("data"))
             vec = self._put(vec, PartitionSpec("data", None))
-        out = _rows(self.params, self.tc_params, self.rm, self.layout, columns,
-                    layer, pos, vec, model_cfg=self.cfg,
-                    tc_cfg=self.tc_cfg, src_layers=self.src_layers,
-                    over_counts=over_counts, first_pos=self.first_pos, n_pos=P, tiles=tiles,
-                    values=self.values)
+        out, self._scratch = _rows(
+            self.params, self.tc_params, self.rm, self.layout, columns, layer, pos, vec,
+            self._scratch, model_cfg=self.cfg, tc_cfg=self.tc_cfg, src_layers=self.src_layers,
+            over_counts=over_counts, first_pos=self.first_pos, n_pos=P, tiles=tiles,
+            values=self.values)
         if host:  # cut on the host: a slice on the device compiles once per batch size
             out = np.asarray(jax.device_get(out))
         return out if padded else out[:n]

@@ -7,6 +7,8 @@ and reads the targets from its captures: it shares no code with `attribution.tra
 
 from __future__ import annotations
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +24,7 @@ IDS = [5, 9, 22, 7, 3, 100]  # BOS (1) is prepended by the tracer
 # the normalised MLP input; the remaining combinations on llama; a windowed CLT.
 # The default suite runs one case per family; the rest are marked slow.
 _FAST = {("llama", 1, False, "resid_mid"), ("llama", None, True, "mlp_in"),
+         ("llama", None, False, "resid_mid"),  # a CLT without skip: the values layout's case
          ("gemma2", None, True, "mlp_in"), ("gemma3", 1, False, "resid_mid"),
          ("gpt2", None, True, "mlp_in"), ("gemma2", 2, True, "resid_mid")}
 CASES = [(f, 1, False, "resid_mid") for f in ("llama", "gemma2", "gemma3", "gpt2")] + \
@@ -61,12 +64,17 @@ def _check_all_edges(graph, ref):
     assert not graph.adjacency[:, r.logit].any()
 
 
-@pytest.mark.parametrize("layout", ["slots", "sources", "values"])
+@pytest.mark.parametrize("layout", ["slots", "sources", "values", "values-g1"])
 @pytest.mark.parametrize("family,reach,skip,point", CASES)
-def test_every_edge_is_an_intervention(tiny_dirs, x64, family, reach, skip, point, layout):
+def test_every_edge_is_an_intervention(tiny_dirs, x64, family, reach, skip, point, layout,
+                                       monkeypatch):
     """Every decoder layout: laid out slot by slot once, gathered by every batch, or contracted
     at the attention values (`_edges_by_values`; a transcoder with a skip connection falls back
-    to the slots)."""
+    to the slots), its value slots in groups of `VALUE_GROUP` (3: one short group on these
+    3-layer models) or one by one (values-g1)."""
+    if layout == "values-g1":
+        monkeypatch.setattr(importlib.import_module("attribution.trace"), "VALUE_GROUP", 1)
+        layout = "values"
     params, cfg, tc_cfg, tc_params, ids = _setup(tiny_dirs, family, reach, skip, point)
     # The slot layouts run on the whole prompt only (one position prefix).
     kw = ({"decoder_rows_gb": 0.0} if layout == "sources" else

@@ -256,14 +256,17 @@ def test_slot_layout_places_every_feature_once_per_slot():
     assert np.all(np.diff(active.pos[np.argsort(tiles.row_of)]) >= 0)
 
 
-def test_cumulative_layout_holds_each_features_running_write():
+@pytest.mark.parametrize("group", [1, 3])
+def test_cumulative_layout_holds_each_features_running_write(group):
     """`SlotTiles.cumulative` (tiles with every lower layer writing each slot): a feature's cell
     at slot t holds the sum of its decoder rows into slots <= t (none past its reach) times its
-    activation, and its value row value_fn(t + 1, that, its position); padding cells are zero;
-    the last slot has no value rows. Checked against a naive sum, on uneven activity with
-    overflow tiles and chunks smaller than a slot."""
+    activation; a value group's last slot holds, side by side for each slot t of the group,
+    value_fn(t + 1, that running write at t, its position) (zero below the feature's layer and
+    in a short last group's padding columns); padding cells are zero; the other slots and the
+    last have no value rows. Checked against a naive sum, on uneven activity with overflow tiles
+    and chunks smaller than a slot."""
     from attribution.replacement import ActiveFeatures
-    from attribution.tiling import SlotTiles
+    from attribution.tiling import SlotTiles, value_groups
 
     rng = np.random.default_rng(1)
     L, T, F, D, V, reach = 5, 6, 40, 4, 3, 2
@@ -287,9 +290,17 @@ def test_cumulative_layout_holds_each_features_running_write():
         calls.append(len(x))
         return (x @ R[b]) * (1.0 + p)[:, None]
 
+    def running(f, t):  # feature f's cumulative write at slot t, naively
+        s, w = active.layer[f], np.zeros(D)
+        for u in range(s, min(t, s + reach - 1) + 1):
+            w += W[s][active.index[f], u - s] * active.value[f]
+        return w
+
     tiles = SlotTiles.build(active, L, lambda t: range(t + 1), T)
-    mats = tiles.cumulative(W, active, np.float64, value_fn, L, chunk=16)
+    mats = tiles.cumulative(W, active, np.float64, value_fn, L, group=group, chunk=16)
     assert set(calls) == {16} and any(len(sl.over_pos) for sl in tiles.slots)
+    groups = {last: first for first, last in value_groups(L, group)}
+    assert sorted(groups) == ([0, 1, 2, 3] if group == 1 else [2, 3])
     for sl, (Cm, Co, Vm, Vo) in zip(tiles.slots, mats):
         cells = np.concatenate([sl.main.ravel(), sl.over.ravel()])
         cell_pos = np.concatenate([np.repeat(np.arange(T), sl.K), np.repeat(sl.over_pos, sl.Ko)])
@@ -297,17 +308,21 @@ def test_cumulative_layout_holds_each_features_running_write():
         assert sorted(cells[cells >= 0]) == list(np.flatnonzero(active.layer <= sl.t))
         want = np.zeros_like(C)
         for i in np.flatnonzero(cells >= 0):
-            f = cells[i]
-            s = active.layer[f]
-            for t in range(s, min(sl.t, s + reach - 1) + 1):
-                want[i] += W[s][active.index[f], t - s] * active.value[f]
+            want[i] = running(cells[i], sl.t)
         np.testing.assert_allclose(C, want, rtol=1e-12, atol=1e-12)
-        if sl.t == L - 1:
+        if sl.t not in groups:
             assert Vm is None and Vo is None
             continue
-        Vs = np.concatenate([Vm.reshape(-1, V), Vo.reshape(-1, V)])
-        np.testing.assert_allclose(Vs, value_fn(sl.t + 1, want, cell_pos), rtol=1e-12,
-                                   atol=1e-12)
+        Vs = np.concatenate([Vm.reshape(-1, group * V), Vo.reshape(-1, group * V)])
+        want_v = np.zeros_like(Vs)
+        for j, t in enumerate(range(groups[sl.t], groups[sl.t] + group)):
+            if t > sl.t:  # a short group's padding columns
+                continue
+            at_t = np.zeros_like(C)
+            for i in np.flatnonzero(cells >= 0):
+                at_t[i] = running(cells[i], t) if active.layer[cells[i]] <= t else 0
+            want_v[:, j * V:(j + 1) * V] = value_fn(t + 1, at_t, cell_pos)
+        np.testing.assert_allclose(Vs, want_v, rtol=1e-12, atol=1e-12)
         assert np.all(Vs[cells < 0] == 0)
 
 
