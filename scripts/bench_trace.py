@@ -163,6 +163,7 @@ def run_case(kind: str, n_tokens: int, mode: str, args) -> dict:
         "stored_gb": round(graph.adjacency.nbytes / 2**30, 2),
         "seconds": round(seconds, 1), "seconds_rows": graph.info["seconds_rows"],
         "seconds_scores": graph.info["seconds_scores"],  # included in seconds
+        "seconds_setup": graph.info["seconds_setup"],  # forward pass, layouts (in seconds)
         "batch": graph.info["batch_size"], "peak_rss_gb": round(_peak_gb(), 2),
         "device_peak_gb": _device_peak_gb(),
         "slot_layout": graph.info["decoder_layout"] in ("slots", "values"),
