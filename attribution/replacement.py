@@ -38,7 +38,8 @@ from jaxtyping import Array, Float, Int
 from clt import transcoder as tcm
 from clt.configs import ConfigError
 from clt.lm.config import ModelConfig
-from clt.lm.model import FREEZABLE, Capture, attn_input, attn_values, block, embed, forward, norm
+from clt.lm.model import (FREEZABLE, Capture, attn_input, attn_values, block, embed, forward,
+                          mlp_input, norm)
 from clt.lm.params import LMParams
 from clt.splice import SplicedTranscoder
 from clt.transcoder import TranscoderConfig, TranscoderParams
@@ -259,6 +260,28 @@ def _value_rows(lp, model_cfg: ModelConfig, scale, x, pos):
 
     # A zero input gives the biases alone, whatever the scale: one row of them.
     return affine(x, scale[pos]) - affine(jnp.zeros_like(x[:1]), scale[:1])
+
+
+def read_rows(rm: LocalReplacement, params: LMParams, model_cfg: ModelConfig,
+              tc_cfg: TranscoderConfig, layer: int, vec: Float[Array, "n d_model"],
+              pos: Int[Array, " n"]) -> Float[Array, "n d_model"]:
+    """Targets' vectors at layer `layer`'s transcoder input (one per row, at positions `pos`),
+    taken back to the residual stream before the layer's attention along the residual path only
+    (the attention held fixed): the transpose of what `linear_block` reads from its input without
+    going through the attention's values, under the frozen norm scale. The rest of a target's
+    gradient there goes through the values (`value_rows`; `attribution.trace._edges_by_values`)."""
+    lp = jax.tree.map(lambda a: a[layer], params.layers)
+    scale = rm.frozen.mlp_norm_scale[layer][0] if rm.frozen.mlp_norm_scale is not None else None
+    return _read_rows(lp, model_cfg, tc_cfg, scale, vec, pos)
+
+
+@partial(jax.jit, static_argnames=("model_cfg", "tc_cfg"))
+def _read_rows(lp, model_cfg: ModelConfig, tc_cfg: TranscoderConfig, scale, vec, pos):
+    def read(x):  # the residual (after the fixed attention) -> the transcoder input
+        return tc_cfg.read(x, mlp_input(lp, model_cfg, x, None if scale is None else scale[pos])[0])
+
+    _, back = jax.vjp(read, jnp.zeros_like(vec))
+    return back(vec)[0]
 
 
 def final_hidden(rm: LocalReplacement, params: LMParams, model_cfg: ModelConfig,

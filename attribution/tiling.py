@@ -234,19 +234,30 @@ class SlotTiles:
             np.promote_types(dtype, np.float32))
 
     def cumulative(self, W_dec, active: ActiveFeatures, dtype, value_fn, n_layers: int,
-                   group: int = 1, chunk: int = 8192) -> list:
+                   reads: np.ndarray, group: int = 1, chunk: int = 8192):
         """For tiles built with every lower layer as a writer of each slot (`build` with writers
-        range(0, t + 1)): per slot t, (cumulative main [pos, K, D], overflow [tiles, Ko, D],
-        values main [pos, K, group x V], overflow [tiles, Ko, group x V]) as numpy arrays. A
+        range(0, t + 1)): (per slot, its rows; every feature's direct edges).
+
+        Per slot t: (cumulative main [pos, K, D], overflow [tiles, Ko, D], values main [pos, K,
+        group x V], overflow [tiles, Ko, group x V]) as numpy arrays, None where absent. A
         feature's cumulative row at slot t is the sum of its decoder rows into slots t' <= t
-        (zero past its reach) times its activation; its value row at t is value_fn(t + 1,
+        (zero past its reach) times its activation; only the last slot keeps them (what a
+        target past the last layer, a logit, reads). Its value row at t is value_fn(t + 1,
         cumulative row, position). The value slots 0 .. n_layers - 2 go in groups of `group`
         consecutive slots (`value_groups`); a group's value rows sit on its last slot's cells
         (the features of every layer up to it), side by side in slot order, zero for a slot below
         a feature's layer and for the padding columns of a short last group; the other slots
-        have none (None, None). value_fn is linear in its rows: it is called on unit vectors,
-        `chunk` rows at a time (the last chunk padded, so a jitted one compiles once), for its
-        matrix at each position, which the rows are then multiplied by."""
+        have none. value_fn is linear in its rows: it is called on unit vectors, `chunk` rows at a
+        time (the last chunk padded, so a jitted one compiles once), for its matrix at each
+        position, which the rows are then multiplied by.
+
+        Direct edges: reads [n, D] holds each active feature's encoder row taken back to the
+        residual stream below its layer along the residual path (`rep.read_rows`). A feature i
+        at layer l and position p gets the products of its read with the cumulative rows at slot
+        l - 1 of the features at p below its layer: those are accumulator rows start[i] ..
+        start[i] + length[i] (position-major, layer order), the products stored from
+        offset[i] in `flat`. Returns (flat, offset int64, length int32, start int32), flat in the
+        sums' dtype (at least float32)."""
         flat = [np.asarray(W).reshape(-1, W.shape[-1]) for W in W_dec]  # views: [feature x reach]
         D, n = flat[0].shape[1], len(active)
         order = np.argsort(active.layer, kind="stable")
@@ -257,6 +268,18 @@ class SlotTiles:
         at = np.empty(n + 1, np.int64)
         at[order], at[-1] = np.arange(n), n
         by_slot = {sl.t: sl for sl in self.slots}
+        # The direct edges' layout: sources of a feature at (l, p) are the features at p below l,
+        # a run of accumulator rows from p's first.
+        by_acc = np.empty(n, np.int64)
+        by_acc[self.row_of] = np.arange(n)  # accumulator row -> feature
+        n_pos = int(active.pos.max()) + 1 if n else 0
+        key = active.pos[by_acc].astype(np.int64) * n_layers + active.layer[by_acc]
+        below_l = np.searchsorted(key, active.pos.astype(np.int64) * n_layers + active.layer)
+        start = np.searchsorted(key, active.pos.astype(np.int64) * n_layers)
+        length = (below_l - start).astype(np.int32)
+        offset = np.concatenate([[0], np.cumsum(length, dtype=np.int64)])
+        direct = np.zeros(int(offset[-1]), C.dtype)
+        reads = np.asarray(reads, C.dtype)
 
         def cells_of(sl):  # -1 -> the zero row
             return at[np.concatenate([sl.main.ravel(), sl.over.ravel()])]
@@ -275,6 +298,18 @@ class SlotTiles:
                 for c in range(bounds[s], bounds[s + 1], 4096):
                     f = order[c:min(c + 4096, bounds[s + 1])]
                     C[c:c + len(f)] += _writes(flat[s], reach, active, f, t - s, C.dtype)
+            if t + 1 < n_layers:  # the direct edges of layer t + 1's features, position by position
+                tg = order[bounds[t + 1]:bounds[t + 2]]
+                for p in range(n_pos):
+                    tp = tg[active.pos[tg] == p]
+                    if not len(tp):
+                        continue
+                    src = by_acc[start[tp[0]]:start[tp[0]] + length[tp[0]]]
+                    if not len(src):
+                        continue
+                    prod = reads[tp] @ C[at[src]].T
+                    for i, row in zip(tp, prod):
+                        direct[offset[i]:offset[i] + length[i]] = row
             if t + 1 < n_layers:  # slot t's value rows, into its group's
                 first, last = value_groups(n_layers, group)[t // group]
                 home = by_slot.get(last)
@@ -292,15 +327,19 @@ class SlotTiles:
             sl = by_slot.get(t)
             if sl is None:
                 continue
+            V = values.pop(t, None)
+            Vs = (None, None) if V is None else split(V, sl)
+            if t < n_layers - 1:
+                out.append((None, None, *Vs))
+                continue
             cells = cells_of(sl)
             M = aligned_zeros((len(cells), D), dtype)
             if C.dtype == M.dtype:
                 np.take(C, cells, axis=0, out=M, mode="clip")  # in bounds; "raise" buffers out
             else:
                 M[:] = C[cells]
-            V = values.pop(t, None)
-            out.append((*split(M, sl), *((None, None) if V is None else split(V, sl))))
-        return out
+            out.append((*split(M, sl), *Vs))
+        return out, (direct, offset[:-1], length, start.astype(np.int32))
 
 
 def value_groups(n_layers: int, group: int) -> list[tuple[int, int]]:

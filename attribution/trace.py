@@ -334,7 +334,8 @@ def resolve_targets(config: TraceConfig, tokenizer, d_model: int) -> Targets:
 @partial(jax.jit, static_argnames=("model_cfg", "tc_cfg", "src_layers", "over_counts",
                                    "first_pos", "n_pos", "tiles", "values"),
          donate_argnames=("scratch",))
-def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, scratch=None, *,
+def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, tgt_id=None,
+          direct=None, scratch=None, *,
           model_cfg: ModelConfig, tc_cfg: TranscoderConfig, src_layers: tuple[int, ...],
           over_counts: tuple[int, ...], first_pos: int, n_pos: int, tiles=None,
           values: int = 0):
@@ -402,16 +403,16 @@ def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, s
         err = jax.lax.dynamic_update_index_in_dim(err, e_l, layer, axis=0)
         if not values:
             return gx, jax.lax.dynamic_update_index_in_dim(G, gm[0], layer, axis=0), err
-        # G = (each target's gradient at the slot below its layer, the gradients at every
-        # block's values but at the target's own block): `_edges_by_values`. Block b's values
-        # meet value slot b - 1's rows: they are kept in groups of `values` slots, [group, T, B,
-        # slot in group, V] after a leading group for block 0 (whose values meet no slot).
+        # G = (a logit's gradient at the last slot, the gradients at every block's values):
+        # `_edges_by_values`. Block b's values meet value slot b - 1's rows: they are kept in
+        # groups of `values` slots, [group, T, B, slot in group, V] after a leading group for
+        # block 0 (whose values meet no slot).
         below, at_values = G
-        reads = tgt_layer == layer + 1
+        reads = (tgt_layer == L) & (layer == L - 1)
         below = jax.lax.cond(jnp.any(reads),
                              lambda b: b + gm[:, 0] * reads.astype(dt)[:, None, None],
                              lambda b: b, below)
-        gv = gv[0].reshape(T, B, 1, -1) * (tgt_layer != layer).astype(dt)[None, :, None, None]
+        gv = gv[0].reshape(T, B, 1, -1)
         at, z = layer - 1 + values, jnp.zeros((), layer.dtype)
         at_values = jax.lax.dynamic_update_slice(at_values, gv[None],
                                                  (at // values, z, z, at % values, z))
@@ -432,8 +433,8 @@ def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, s
 
     if values:
         below = jnp.swapaxes(G[0], 0, 1)  # [T, B, D], for products position by position
-        feats = _edges_by_values(below, G[1], layout, tiles, tgt_layer, lmax, values).at[
-            columns].get(mode="promise_in_bounds")
+        feats = _edges_by_values(below, G[1], layout, tiles, tgt_layer, lmax, values, direct,
+                                 tgt_id).at[columns].get(mode="promise_in_bounds")
     elif tiles is not None:  # the decoder contraction slot by slot, over all its writers at once
         feats = _edges_by_tiles(G, layout, tiles, lmax).at[columns].get(mode="promise_in_bounds")
     else:
@@ -507,42 +508,61 @@ def _edges_by_tiles(G, layout, tiles, lmax):
     return acc
 
 
-def _edges_by_values(below, at_values, layout, tiles, tgt_layer, lmax, group):
+def _edges_by_values(below, at_values, layout, tiles, tgt_layer, lmax, group, direct, tgt_id):
     """`_edges_by_tiles`' edges for a transcoder without a skip connection, from fewer products.
 
     With frozen patterns and norms and the MLPs constant, the gradient of a target at MLP slot t
     is the one at slot t + 1 plus what block t + 1 sends back through its attention values:
     g[t] = g[t + 1] + J[t + 1]^T u[t + 1], where u[b] is the gradient at block b's values and J[b]
-    the linear map from the residual to them (`rep.value_rows`). Summed from a target's top slot
-    down (its layer l: slot l - 1, where g = g[l - 1]), a feature's edge sum_t dec[t] . g[t] over
-    the slots t it writes is
+    the linear map from the residual to them (`rep.value_rows`). A target at layer l reads the
+    residual after block l's attention, so at slot l - 1 (block l's input) its gradient is its
+    read taken back along the residual path alone, r (`rep.read_rows`), at its own position,
+    plus J[l]^T u[l]. Summed over the slots t a feature writes, its edge sum_t dec[t] . g[t] is
 
-        C[l - 1] . g[l - 1]  +  sum over t < l - 1 of  (J[t + 1] C[t]) . u[t + 1]
+        [same position] C[l - 1] . r  +  sum over t <= l - 1 of  (J[t + 1] C[t]) . u[t + 1]
 
     with C[t] its cumulative write (sum of its decoder rows into slots <= t, times its
-    activation). So each target needs d_model-wide products at one slot only, and kv-wide ones
-    (kv_heads x head_dim) at the others; those go `group` slots at a time (`value_groups`), one
-    product of group x kv width per group: fewer, wider products and fewer adds into the
+    activation). The first term, the direct edge, depends on the two features alone: it is made
+    once per trace (`SlotTiles.cumulative`) and added here for a feature target. A logit (l past
+    the last layer) reads the last slot through the final norm only: its first term is
+    C[L - 1] . g[L - 1] at every position, from the last slot's cumulative rows. The second term
+    is kv-wide (kv_heads x head_dim) products, `group` slots at a time (`value_groups`): one
+    product of group x kv width per group, fewer and wider products and fewer adds into the
     accumulator.
 
-    below [T, B, D]: each target's gradient at the slot below its layer; at_values [1 + groups,
-    T, B, group, V]: u at every block (block b at value slot b - 1's place; the leading group
-    holds block 0's), zero at each target's own block (its share is in g[l - 1]). layout: per
-    slot, (its `SlotTiles.cumulative` rows, its group's value rows on a group's last slot, else
-    None)."""
-    n_rows, slots = tiles
+    below [T, B, D]: a logit's gradient at the last slot; at_values [2 + groups, T, B, group,
+    V]: u at every block (block b at value slot b - 1's place; the leading group holds block
+    0's, the trailing one is spare). layout: per slot, (its `SlotTiles.cumulative` rows on the
+    last slot, else None; its group's value rows on a group's last slot, else None). direct:
+    (flat, offset, length, start) per active feature (`SlotTiles.cumulative`); tgt_id each
+    target's feature, -1 for none. tiles: (accumulator rows, each slot's t, the longest direct
+    run)."""
+    n_rows, slots, k_max = tiles
     f32 = jnp.promote_types(below.dtype, jnp.float32)
-    acc = jnp.zeros((n_rows, below.shape[1]), f32)
     T, B = below.shape[:2]
+    acc = jnp.zeros((n_rows + k_max, B), f32)  # room for a direct run from any row
     for t, (cum, val) in zip(slots, layout):
-        reads = tgt_layer == t + 1
-        acc = jax.lax.cond(jnp.any(reads), lambda acc, cum=cum, reads=reads: _slot_product(
-            acc, below * reads.astype(below.dtype)[None, :, None], cum), lambda acc: acc, acc)
+        if cum is not None:  # the last slot: logits
+            reads = tgt_layer == t + 1
+            acc = jax.lax.cond(jnp.any(reads), lambda acc, cum=cum, reads=reads: _slot_product(
+                acc, below * reads.astype(below.dtype)[None, :, None], cum), lambda acc: acc, acc)
         if val is not None:  # t is the last slot of group t // group, which starts at g * group
             g = t // group
             acc = jax.lax.cond(g * group + 1 <= lmax, lambda acc, g=g, val=val: _slot_product(
                 acc, at_values[1 + g].reshape(T, B, -1), val), lambda acc: acc, acc)
-    return acc
+    # The direct edges of feature targets: each a run of accumulator rows in its own column.
+    flat, offset, length, start = direct
+    ok = tgt_id >= 0
+    i = jnp.where(ok, tgt_id, 0)
+    k = jnp.arange(k_max)
+    n = jnp.where(ok, length[i], 0)
+    run = jnp.where(k[None] < n[:, None],
+                    flat[jnp.minimum(offset[i][:, None] + k[None], flat.shape[0] - 1)], 0)
+    dn = jax.lax.ScatterDimensionNumbers(update_window_dims=(1,), inserted_window_dims=(1,),
+                                         scatter_dims_to_operand_dims=(0, 1))
+    at = jnp.stack([start[i], jnp.arange(B, dtype=start.dtype)], axis=1)
+    return jax.lax.scatter_add(acc, at, run.astype(f32), dn, unique_indices=True,
+                               mode="promise_in_bounds")
 
 
 def _edges_by_source(G, tc_params, tc_cfg, layout, over_counts, src_layers, lmax, dt):
@@ -704,26 +724,38 @@ class _RowMaker:
             L = model_cfg.n_layers
             group = value_group or VALUE_GROUP
             # FLOPs per target of a top batch: d_model-wide at every slot against kv-wide at every
-            # value group's cells plus d_model-wide at one slot (its widest, the last).
-            wide = cum.rows() - cum.rows(L - 1)
-            fewer = cum.value_cells(L, group) * V + wide * D < tiles.rows() * D
-            fits = (cum.rows() * D + cum.value_cells(L, group) * V) * item <= budget
+            # value group's cells. Memory: the value rows, the last slot's cumulative rows (for
+            # logits) and the direct edges (every pair of features at one position).
+            last = cum.rows() - cum.rows(L - 1)
+            counts = np.zeros((T, L), np.int64)
+            np.add.at(counts, (active.pos, active.layer), 1)
+            n_direct = int((counts * (np.cumsum(counts, 1) - counts)).sum())
+            fewer = cum.value_cells(L, group) * V < tiles.rows() * D
+            fits = ((last * D + cum.value_cells(L, group) * V) * item + n_direct * 4 <= budget
+                    and n_direct < 2**31)
             if fits and (fewer or value_contraction == "on"):
                 tiles, self.values = cum, group
         if self.values:
             self.tiles = tiles
             value_fn = partial(rep.value_rows, self.rm, self.params, model_cfg)
-            mats = tiles.cumulative(self.tc_params.W_dec, active, np.dtype(dtype),
-                                    lambda b, x, p: value_fn(b, jnp.asarray(x), jnp.asarray(p)),
-                                    model_cfg.n_layers, self.values)
+            mats, direct = tiles.cumulative(
+                self.tc_params.W_dec, active, np.dtype(dtype),
+                lambda b, x, p: value_fn(b, jnp.asarray(x), jnp.asarray(p)), model_cfg.n_layers,
+                self._reads(active, tc_cfg, target_scale), self.values)
+
             def put(a):
                 return None if a is None else jax.device_put(a)
             self.layout = tuple(
-                ((put(Cm), put(Co), m_start, o_pos, o_start),
+                (None if Cm is None else (put(Cm), put(Co), m_start, o_pos, o_start),
                  None if Vm is None else (put(Vm), put(Vo), m_start, o_pos, o_start))
                 for (Cm, Co, Vm, Vo), (m_start, o_pos, o_start) in zip(mats, (
                     (jnp.asarray(sl.main_start), jnp.asarray(sl.over_pos),
                      jnp.asarray(sl.over_start)) for sl in tiles.slots)))
+            flat, offset, length, start = direct
+            self._direct = (jax.device_put(np.concatenate([flat, np.zeros(1, flat.dtype)])),
+                            jnp.asarray(offset.astype(np.int32)), jnp.asarray(length),
+                            jnp.asarray(start))
+            self._k_max = max(1, int(length.max()) if len(length) else 1)
         elif tiles is not None and tiles.nbytes(D, dtype) <= budget:
             self.tiles = tiles
             mats = tiles.decoders(self.tc_params.W_dec, active, np.dtype(dtype))
@@ -740,7 +772,8 @@ class _RowMaker:
         self._scratch = (jnp.zeros((n_groups + 2, T, batch, self.values, V), dtype)
                          if self.values else None)
         if self.tiles is not None:
-            self._tile_args = (self.tiles.n_rows, tuple(sl.t for sl in self.tiles.slots))
+            self._tile_args = (self.tiles.n_rows, tuple(sl.t for sl in self.tiles.slots)) + (
+                (self._k_max,) if self.values else ())
             self._tile_columns = jnp.asarray(self.tiles.row_of)
         self._columns = {}  # prefix length -> prefix_columns(prefix length)
         self.first_pos = 1 if bos else 0
@@ -750,6 +783,29 @@ class _RowMaker:
         self.out_dtype = np.float64 if dtype == jnp.float64 else np.float32
         self.flops_run = 0.0  # arithmetic of the batches made so far (`flops`)
         self.batches_run = 0
+
+    def _reads(self, active: rep.ActiveFeatures, tc_cfg: TranscoderConfig, target_scale,
+               chunk: int = 1024) -> np.ndarray:
+        """Every active feature's target vector (its encoder row, times its target scale) taken
+        back to the residual below its layer along the residual path (`rep.read_rows`) [n, D],
+        `chunk` rows per call (padded: one compilation)."""
+        n, D = len(active), self.cfg.d_model
+        W = np.asarray(self.tc_params.W_enc)
+        out = np.zeros((n, D), np.promote_types(W.dtype, np.float32))
+        for layer in np.unique(active.layer):
+            f = np.flatnonzero(active.layer == layer)
+            for c in range(0, len(f), chunk):
+                g = f[c:c + chunk]
+                vec = np.zeros((chunk, D), W.dtype)
+                vec[:len(g)] = W[layer][:, active.index[g]].T
+                if target_scale is not None:
+                    vec[:len(g)] *= np.asarray(target_scale)[g][:, None]
+                pos = np.zeros(chunk, np.int32)
+                pos[:len(g)] = active.pos[g]
+                out[g] = np.asarray(rep.read_rows(self.rm, self.params, self.cfg, tc_cfg,
+                                                  int(layer), jnp.asarray(vec),
+                                                  jnp.asarray(pos)))[:len(g)]
+        return out
 
     def _put(self, tree, spec=None):
         """On the mesh: replicated (spec None) or laid out by `spec`; unchanged without one."""
@@ -771,9 +827,10 @@ class _RowMaker:
         runs: per target, each swept block's backward through the frozen attention (O and V
         projections, the patterns) and the transcoder's skip connection; the decoder contraction
         over every active slot of the prefix (padding slots included) for each layer the batch
-        reads (under `values`: kv-wide at the slots below lmax, d_model-wide at the slot below
-        each of the batch's target `layers`, default just lmax); the error and embedding
-        contractions. Norms and elementwise work are left out."""
+        reads (under `values`: kv-wide value groups up to lmax, d_model-wide at the last slot
+        when a logit is among the batch's target `layers`, default just lmax; the direct edges
+        are a gather and an add); the error and embedding contractions. Norms and elementwise
+        work are left out."""
         c, L, D = self.cfg, self.cfg.n_layers, self.cfg.d_model
         hd = c.head_dim
         block = D * c.n_heads * hd + P * c.n_heads * hd + c.n_kv_heads * hd * D
@@ -781,12 +838,12 @@ class _RowMaker:
             block += D * D
         per_target = 2 * P * block * min(lmax + 1, L)
         if self.values:
-            V, tops = c.n_kv_heads * hd, {int(x) - 1 for x in (layers if layers is not None
-                                                                else (lmax,))}
+            V = c.n_kv_heads * hd
+            logit = L in {int(x) for x in (layers if layers is not None else (lmax,))}
             last = {b: a for a, b in value_groups(L, self.values)}  # group: last slot -> first
             for sl in self.tiles.slots:
                 cells = P * sl.K + len(sl.over_pos) * sl.Ko
-                per_target += 2 * D * cells * (sl.t in tops)
+                per_target += 2 * D * cells * (logit and sl.t == L - 1)
                 if sl.t in last:  # its group's product: group x kv wide, if the batch reaches it
                     per_target += 2 * V * self.values * cells * (last[sl.t] + 1 <= lmax)
         elif self.tiles is not None:  # each slot below the batch's top: its main rows and tiles
@@ -822,11 +879,20 @@ class _RowMaker:
         return self._columns[P]
 
     def __call__(self, layer: np.ndarray, pos: np.ndarray, vec, host: bool = True,
-                 padded: bool = False):
+                 padded: bool = False, features: np.ndarray | None = None):
         """Rows of these targets ([n, sources]; [batch, sources] with the padding rows, which are
-        zero, under `padded`); on the host as numpy, or left on the device."""
+        zero, under `padded`); on the host as numpy, or left on the device. `features`: the
+        active features they are (`features`), for targets between the first and last layer when
+        the contraction is at the values (their direct edges were made beforehand)."""
         n = len(layer)
         pad = self.batch - n
+        L = self.cfg.n_layers
+        if self.values and features is None and np.any((layer > 0) & (layer < L)):
+            raise ValueError("at the values, a target inside the model must be an active "
+                             "feature: call `features`")
+        ids = np.full(self.batch, -1, np.int32)
+        if self.values and features is not None:
+            ids[:n] = features
         P = self.prefix_length(pos)
         layer = np.concatenate([layer, np.zeros(pad, np.int32)]).astype(np.int32)
         pos = np.concatenate([pos, np.zeros(pad, np.int32)]).astype(np.int32)
@@ -847,6 +913,7 @@ class _RowMaker:
             vec = self._put(vec, PartitionSpec("data", None))
         out, self._scratch = _rows(
             self.params, self.tc_params, self.rm, self.layout, columns, layer, pos, vec,
+            jnp.asarray(ids) if self.values else None, self._direct if self.values else None,
             self._scratch, model_cfg=self.cfg, tc_cfg=self.tc_cfg, src_layers=self.src_layers,
             over_counts=over_counts, first_pos=self.first_pos, n_pos=P, tiles=tiles,
             values=self.values)
@@ -865,7 +932,7 @@ class _RowMaker:
         scale[:n] = 1.0 if ts is None else ts[which]
         vec = self.W_enc[jnp.asarray(active.layer[full]), :, jnp.asarray(active.index[full])]
         vec = vec * jnp.asarray(scale, vec.dtype)[:, None]
-        return self(active.layer[which], active.pos[which], vec, host, padded)
+        return self(active.layer[which], active.pos[which], vec, host, padded, which)
 
 
 @dataclass

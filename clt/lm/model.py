@@ -188,6 +188,12 @@ def attn_input(lp: LayerParams, cfg: ModelConfig, x, scale=None):
     return norm(x, lp.attn_norm_w, lp.attn_norm_b, cfg, scale)
 
 
+def mlp_input(lp: LayerParams, cfg: ModelConfig, x, scale=None):
+    """The MLP's normalised input (`norm` of the residual after attention with the layer's
+    weights); returns (h, scale)."""
+    return norm(x, lp.mlp_norm_w, lp.mlp_norm_b, cfg, scale)
+
+
 def attn_values(lp: LayerParams, h: Float[Array, "*b d_model"]
                 ) -> Float[Array, "*b kv_head head_dim"]:
     """The attention's values of normalised inputs h."""
@@ -260,8 +266,7 @@ def block(lp: LayerParams, cfg: ModelConfig, x, cos, sin, mask, frozen: dict,
     caps["attn_out"] = a
     x = x + a
     caps["resid_mid"] = x
-    h, caps["mlp_norm_scale"] = norm(x, lp.mlp_norm_w, lp.mlp_norm_b, cfg,
-                                     frozen.get("mlp_norm_scale"))
+    h, caps["mlp_norm_scale"] = mlp_input(lp, cfg, x, frozen.get("mlp_norm_scale"))
     caps["mlp_in"] = h
     if "mlp_out" in frozen:
         m = frozen["mlp_out"].astype(x.dtype)

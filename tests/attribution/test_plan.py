@@ -39,11 +39,11 @@ class _Counter:
         self.calls, self.prefixes, self.rows = 0, set(), 0
         real = trace_mod._RowMaker.__call__
 
-        def counted(maker, layer, pos, vec, host=True, padded=False):
+        def counted(maker, layer, pos, vec, host=True, padded=False, features=None):
             self.calls += 1
             self.rows += len(layer)
             self.prefixes.add(maker.prefix_length(np.asarray(pos)))
-            return real(maker, layer, pos, vec, host, padded)
+            return real(maker, layer, pos, vec, host, padded, features)
 
         monkeypatch.setattr(trace_mod._RowMaker, "__call__", counted)
 
@@ -122,9 +122,9 @@ def test_capped_plan_replays_the_visits_first_batches(tiny, monkeypatch):
     seen = []
     real = trace_mod._RowMaker.__call__
 
-    def recorded(maker, layer, pos, vec, host=True, padded=False):
+    def recorded(maker, layer, pos, vec, host=True, padded=False, features=None):
         seen.append((np.asarray(layer).copy(), np.asarray(pos).copy()))
-        return real(maker, layer, pos, vec, host, padded)
+        return real(maker, layer, pos, vec, host, padded, features)
 
     monkeypatch.setattr(trace_mod._RowMaker, "__call__", recorded)
     trace_tokens(m.params, m.cfg, cfg, p, IDS, config)

@@ -258,13 +258,15 @@ def test_slot_layout_places_every_feature_once_per_slot():
 
 @pytest.mark.parametrize("group", [1, 3])
 def test_cumulative_layout_holds_each_features_running_write(group):
-    """`SlotTiles.cumulative` (tiles with every lower layer writing each slot): a feature's cell
-    at slot t holds the sum of its decoder rows into slots <= t (none past its reach) times its
-    activation; a value group's last slot holds, side by side for each slot t of the group,
-    value_fn(t + 1, that running write at t, its position) (zero below the feature's layer and
-    in a short last group's padding columns); padding cells are zero; the other slots and the
-    last have no value rows. Checked against a naive sum, on uneven activity with overflow tiles
-    and chunks smaller than a slot."""
+    """`SlotTiles.cumulative` (tiles with every lower layer writing each slot): a feature's
+    running write at slot t is the sum of its decoder rows into slots <= t (none past its reach)
+    times its activation; the last slot's cells hold it; a value group's last slot holds, side by
+    side for each slot t of the group, value_fn(t + 1, the running write at t, its position)
+    (zero below the feature's layer and in a short last group's padding columns); padding cells
+    are zero; the other slots have no cumulative rows, and no value rows but a group's last. The
+    direct edges of a feature at (l, p): its read times the running write at l - 1 of each
+    feature at p below l, in accumulator order. Checked against naive sums, on uneven activity
+    with overflow tiles and chunks smaller than a slot."""
     from attribution.replacement import ActiveFeatures
     from attribution.tiling import SlotTiles, value_groups
 
@@ -297,19 +299,33 @@ def test_cumulative_layout_holds_each_features_running_write(group):
         return w
 
     tiles = SlotTiles.build(active, L, lambda t: range(t + 1), T)
-    mats = tiles.cumulative(W, active, np.float64, value_fn, L, group=group, chunk=16)
+    reads = rng.normal(size=(len(layer), D))
+    mats, (flat, offset, length, start) = tiles.cumulative(W, active, np.float64, value_fn, L,
+                                                           reads, group=group, chunk=16)
+    acc_order = np.argsort(tiles.row_of)  # accumulator row -> feature
+    for i in range(len(layer)):
+        p, l = active.pos[i], active.layer[i]
+        src = acc_order[start[i]:start[i] + length[i]]
+        want = np.flatnonzero((active.pos == p) & (active.layer < l))
+        assert sorted(src) == list(want)
+        np.testing.assert_allclose(flat[offset[i]:offset[i] + length[i]],
+                                   [running(j, l - 1) @ reads[i] for j in src], rtol=1e-12,
+                                   atol=1e-12)
     assert set(calls) == {16} and any(len(sl.over_pos) for sl in tiles.slots)
     groups = {last: first for first, last in value_groups(L, group)}
     assert sorted(groups) == ([0, 1, 2, 3] if group == 1 else [2, 3])
     for sl, (Cm, Co, Vm, Vo) in zip(tiles.slots, mats):
         cells = np.concatenate([sl.main.ravel(), sl.over.ravel()])
         cell_pos = np.concatenate([np.repeat(np.arange(T), sl.K), np.repeat(sl.over_pos, sl.Ko)])
-        C = np.concatenate([Cm.reshape(-1, D), Co.reshape(-1, D)])
         assert sorted(cells[cells >= 0]) == list(np.flatnonzero(active.layer <= sl.t))
-        want = np.zeros_like(C)
+        want = np.zeros((len(cells), D))
         for i in np.flatnonzero(cells >= 0):
             want[i] = running(cells[i], sl.t)
-        np.testing.assert_allclose(C, want, rtol=1e-12, atol=1e-12)
+        if sl.t < L - 1:
+            assert Cm is None and Co is None
+        else:
+            C = np.concatenate([Cm.reshape(-1, D), Co.reshape(-1, D)])
+            np.testing.assert_allclose(C, want, rtol=1e-12, atol=1e-12)
         if sl.t not in groups:
             assert Vm is None and Vo is None
             continue
@@ -318,7 +334,7 @@ def test_cumulative_layout_holds_each_features_running_write(group):
         for j, t in enumerate(range(groups[sl.t], groups[sl.t] + group)):
             if t > sl.t:  # a short group's padding columns
                 continue
-            at_t = np.zeros_like(C)
+            at_t = np.zeros_like(want)
             for i in np.flatnonzero(cells >= 0):
                 at_t[i] = running(cells[i], t) if active.layer[cells[i]] <= t else 0
             want_v[:, j * V:(j + 1) * V] = value_fn(t + 1, at_t, cell_pos)
