@@ -25,12 +25,16 @@ IDS = [5, 9, 22, 7, 3, 100]  # BOS (1) is prepended by the tracer
 # The default suite runs one case per family; the rest are marked slow.
 _FAST = {("llama", 1, False, "resid_mid"), ("llama", None, True, "mlp_in"),
          ("llama", None, False, "resid_mid"),  # a CLT without skip: the values layout's case
+         ("gpt2", None, False, "mlp_in"),
          ("gemma2", None, True, "mlp_in"), ("gemma3", 1, False, "resid_mid"),
          ("gpt2", None, True, "mlp_in"), ("gemma2", 2, True, "resid_mid")}
 CASES = [(f, 1, False, "resid_mid") for f in ("llama", "gemma2", "gemma3", "gpt2")] + \
         [(f, None, True, "mlp_in") for f in ("llama", "gemma2", "gemma3", "gpt2")] + \
         [("llama", None, False, "resid_mid"), ("llama", 1, True, "resid_mid"),
-         ("gemma2", 2, True, "resid_mid")]
+         ("gemma2", 2, True, "resid_mid"),
+         # without a skip, reading the normalised MLP input: the values layout's residual path
+         # through the frozen norm (`rep.read_rows`)
+         ("gemma2", 1, False, "mlp_in"), ("gpt2", None, False, "mlp_in")]
 CASES = [c if c in _FAST else pytest.param(*c, marks=pytest.mark.slow) for c in CASES]
 
 
