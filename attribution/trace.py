@@ -348,10 +348,12 @@ def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, t
     active feature's decoder slot in the prefix's slots (`_RowMaker.prefix_columns`). With
     `tiles` (`_edges_by_tiles`), layout holds each MLP slot's `SlotTiles` arrays instead and
     columns every feature's accumulator row; with `values` too (`_edges_by_values`), each slot's
-    cumulative rows and its value group's rows (`values` slots a group), and the sweep keeps the
-    gradients at the attention values, grouped the same way, instead of those at every MLP
-    slot, in `scratch` (`value_scratch`: donated, returned, passed to the next batch; no zeros
-    needed but in the group above the batch's top, which is zeroed here).
+    the last slot's cumulative rows and each value group's rows (`values` slots a group), with
+    every active feature's direct edges (`direct`, added for the targets that are features,
+    `tgt_id`), and the sweep keeps the gradients at the attention values, grouped the same way,
+    instead of those at every MLP slot, in `scratch` (made by `_RowMaker`, donated, returned
+    and passed to the next batch; no zeros needed but in the group above the batch's top, which
+    is zeroed here).
 
     Returns (rows, scratch)."""
     B = tgt_layer.shape[0]
@@ -392,8 +394,8 @@ def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, t
                                              m, v), zero, zero, zero_v)
         # gm comes out position-major, [1, T, B, D]: the decoder contraction below is then a
         # matmul per position with contiguous operands (XLA's CPU batched dot is several times
-        # slower with the batch axis in the middle). At the values, only `below` reads it, at a
-        # target's layer: it stays batch-major, [B, 1, T, D], as the sweep makes it.
+        # slower with the batch axis in the middle). At the values, only a logit's `below` reads
+        # it, at the last slot: it stays batch-major, [B, 1, T, D], as the sweep makes it.
         gx, gm, gv = jax.vmap(blk_vjp, out_axes=(0, 0 if values else 2, 2))((g, inject(layer)))
         # The error nodes' edges while this layer's gradients are in cache.
         e_err = jax.lax.dynamic_index_in_dim(error, layer, 0, False)

@@ -128,13 +128,19 @@ def test_completeness_identity(tiny_dirs, x64, family, reach, skip, point):
     np.testing.assert_allclose(incoming[f:] + bias[f:], want, rtol=1e-9, atol=1e-12)
 
 
-def test_float32_graph_matches_float64(tiny_dirs, x64):
-    params, cfg, tc_cfg, tc_params, ids = _setup(tiny_dirs, "llama", None, True, "resid_mid")
-    g64 = _trace(params, cfg, tc_cfg, tc_params, ids[1:])
+@pytest.mark.parametrize("skip", [True, False])
+def test_float32_graph_matches_float64(tiny_dirs, x64, skip):
+    """float32 and bfloat16 against float64; without a skip, contracted at the values."""
+    params, cfg, tc_cfg, tc_params, ids = _setup(tiny_dirs, "llama", None, skip, "resid_mid")
+    kw = {} if skip else {"value_contraction": "on", "decoder_rows_gb": 1.0, "position_bucket": 0}
+    g64 = _trace(params, cfg, tc_cfg, tc_params, ids[1:], **kw)
     p32 = jax.tree.map(lambda a: a.astype(jnp.float32), params)
     t32 = jax.tree.map(lambda a: a.astype(jnp.float32), tc_params)
-    g32 = trace_tokens(p32, cfg, tc_cfg, t32, ids[1:], TraceConfig(prompt="t"))
-    gbf = trace_tokens(p32, cfg, tc_cfg, t32, ids[1:], TraceConfig(prompt="t", dtype="bfloat16"))
+    g32 = trace_tokens(p32, cfg, tc_cfg, t32, ids[1:], TraceConfig(prompt="t", **kw))
+    gbf = trace_tokens(p32, cfg, tc_cfg, t32, ids[1:], TraceConfig(prompt="t", dtype="bfloat16",
+                                                                   **kw))
+    if not skip:
+        assert {g.info["decoder_layout"] for g in (g64, g32, gbf)} == {"values"}
     scale = np.abs(g64.adjacency).max()
     assert g32.adjacency.dtype == np.float32
     np.testing.assert_allclose(g32.adjacency, g64.adjacency, atol=1e-5 * scale)
