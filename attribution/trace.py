@@ -701,6 +701,9 @@ class _RowMaker:
                 raise ConfigError(f"batch {batch} is not a multiple of the mesh's data axis "
                                   f"({self.mesh.shape['data']})")
         self.cfg, self.tc_cfg, self.batch = model_cfg, tc_cfg, batch
+        self.W_enc = self.tc_params.W_enc if self.mesh is not None else tc_params.W_enc
+        # Per active feature, a factor on its encoder row (a neuron's frozen gate); None: 1.
+        self.target_scale = target_scale
         T = self.n_pos = int(rm.tokens.shape[0])
         self.bucket = bucket if bucket > 0 else max(16, -(-T // 8))
         self.sources = [Sources.build(active, s, T) for s in range(model_cfg.n_layers)
@@ -733,7 +736,8 @@ class _RowMaker:
             np.add.at(counts, (active.pos, active.layer), 1)
             n_direct = int((counts * (np.cumsum(counts, 1) - counts)).sum())
             fewer = cum.value_cells(L, group) * V < tiles.rows() * D
-            fits = ((last * D + cum.value_cells(L, group) * V) * item + n_direct * 4 <= budget
+            sums = np.promote_types(np.dtype(dtype), np.float32).itemsize  # direct edges' dtype
+            fits = ((last * D + cum.value_cells(L, group) * V) * item + n_direct * sums <= budget
                     and n_direct < 2**31)
             if fits and (fewer or value_contraction == "on"):
                 tiles, self.values = cum, group
@@ -743,7 +747,7 @@ class _RowMaker:
             mats, direct = tiles.cumulative(
                 self.tc_params.W_dec, active, np.dtype(dtype),
                 lambda b, x, p: value_fn(b, jnp.asarray(x), jnp.asarray(p)), model_cfg.n_layers,
-                self._reads(active, tc_cfg, target_scale), self.values)
+                self._reads(active, tc_cfg), self.values)
 
             def put(a):
                 return None if a is None else jax.device_put(a)
@@ -779,35 +783,42 @@ class _RowMaker:
             self._tile_columns = jnp.asarray(self.tiles.row_of)
         self._columns = {}  # prefix length -> prefix_columns(prefix length)
         self.first_pos = 1 if bos else 0
-        self.W_enc = self.tc_params.W_enc if self.mesh is not None else tc_params.W_enc
-        # Per active feature, a factor on its encoder row (a neuron's frozen gate); None: 1.
-        self.target_scale = target_scale
         self.out_dtype = np.float64 if dtype == jnp.float64 else np.float32
         self.flops_run = 0.0  # arithmetic of the batches made so far (`flops`)
         self.batches_run = 0
 
-    def _reads(self, active: rep.ActiveFeatures, tc_cfg: TranscoderConfig, target_scale,
+    def _reads(self, active: rep.ActiveFeatures, tc_cfg: TranscoderConfig,
                chunk: int = 1024) -> np.ndarray:
-        """Every active feature's target vector (its encoder row, times its target scale) taken
-        back to the residual below its layer along the residual path (`rep.read_rows`) [n, D],
-        `chunk` rows per call (padded: one compilation)."""
-        n, D = len(active), self.cfg.d_model
-        W = np.asarray(self.tc_params.W_enc)
-        out = np.zeros((n, D), np.promote_types(W.dtype, np.float32))
+        """Every active feature's target vector (`_encoder_rows`) taken back to the residual
+        below its layer along the residual path (`rep.read_rows`) [n, D], `chunk` rows per call
+        (padded: one compilation)."""
+        out = None
         for layer in np.unique(active.layer):
             f = np.flatnonzero(active.layer == layer)
             for c in range(0, len(f), chunk):
                 g = f[c:c + chunk]
-                vec = np.zeros((chunk, D), W.dtype)
-                vec[:len(g)] = W[layer][:, active.index[g]].T
-                if target_scale is not None:
-                    vec[:len(g)] *= np.asarray(target_scale)[g][:, None]
                 pos = np.zeros(chunk, np.int32)
                 pos[:len(g)] = active.pos[g]
-                out[g] = np.asarray(rep.read_rows(self.rm, self.params, self.cfg, tc_cfg,
-                                                  int(layer), jnp.asarray(vec),
-                                                  jnp.asarray(pos)))[:len(g)]
+                r = np.asarray(rep.read_rows(self.rm, self.params, self.cfg, tc_cfg, int(layer),
+                                             self._encoder_rows(active, g, chunk),
+                                             jnp.asarray(pos)))[:len(g)]
+                if out is None:
+                    out = np.zeros((len(active), r.shape[1]), np.promote_types(r.dtype,
+                                                                               np.float32))
+                out[g] = r
         return out
+
+    def _encoder_rows(self, active: rep.ActiveFeatures, which: np.ndarray, size: int):
+        """Encoder rows [size, d_model] of the active features `which`, each times its target
+        scale, padded with feature 0's, the padding zeroed: every gather of a size has one
+        shape (an eager op compiles once per shape)."""
+        n, which = len(which), np.asarray(which)
+        full = np.concatenate([which, np.zeros(size - n, which.dtype)])
+        ts = self.target_scale
+        scale = np.zeros(size, np.float32 if ts is None else np.asarray(ts).dtype)
+        scale[:n] = 1.0 if ts is None else ts[which]
+        vec = self.W_enc[jnp.asarray(active.layer[full]), :, jnp.asarray(active.index[full])]
+        return vec * jnp.asarray(scale, vec.dtype)[:, None]
 
     def _put(self, tree, spec=None):
         """On the mesh: replicated (spec None) or laid out by `spec`; unchanged without one."""
@@ -925,15 +936,8 @@ class _RowMaker:
 
     def features(self, active: rep.ActiveFeatures, which: np.ndarray, host: bool = True,
                  padded: bool = False):
-        # Encoder rows [batch, d_model] gathered for the batch padded with feature 0, the padding
-        # zeroed: every batch's gather has one shape (an eager op compiles once per shape).
-        n, which = len(which), np.asarray(which)
-        full = np.concatenate([which, np.zeros(self.batch - n, which.dtype)])
-        ts = self.target_scale
-        scale = np.zeros(self.batch, np.float32 if ts is None else np.asarray(ts).dtype)
-        scale[:n] = 1.0 if ts is None else ts[which]
-        vec = self.W_enc[jnp.asarray(active.layer[full]), :, jnp.asarray(active.index[full])]
-        vec = vec * jnp.asarray(scale, vec.dtype)[:, None]
+        which = np.asarray(which)
+        vec = self._encoder_rows(active, which, self.batch)
         return self(active.layer[which], active.pos[which], vec, host, padded, which)
 
 
