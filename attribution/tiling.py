@@ -307,10 +307,9 @@ class SlotTiles:
                     src = by_acc[start[tp[0]]:start[tp[0]] + length[tp[0]]]
                     if not len(src):
                         continue
-                    prod = reads[tp] @ C[at[src]].T
-                    for i, row in zip(tp, prod):
-                        direct[offset[i]:offset[i] + length[i]] = row
-            if t + 1 < n_layers:  # slot t's value rows, into its group's
+                    prod = reads[tp] @ C[at[src]].T  # every run of one position: one length
+                    direct[offset[tp][:, None] + np.arange(prod.shape[1])] = prod
+                # slot t's value rows, into its group's
                 first, last = value_groups(n_layers, group)[t // group]
                 home = by_slot.get(last)
                 if home is not None and t in by_slot:  # (no writer yet: zero value rows)

@@ -384,7 +384,7 @@ def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, t
 
     kv = (model_cfg.n_kv_heads, model_cfg.head_dim)
     zero_v = jnp.zeros((1, T) + kv, dt) if values else None
-    n_groups = -(-(L - 1) // values) if values else 0
+    n_groups = scratch.shape[0] - 2 if values else 0  # `_RowMaker`: a spare group past the last
 
     def step(i, carry):
         g, G, err = carry
