@@ -110,7 +110,22 @@ class Measured:
         return self.batch_seconds * flops / self.full_flops
 
 
+def _trim_heap() -> None:
+    """Hand the C heap's free pages back to the kernel (glibc's malloc_trim), so that resident
+    memory counts live memory only: compiling a batch leaves freed heap pages resident whose
+    amount varies from process to process (one plan of the demo read 0.5 GB more than its
+    neighbours), and a trace's later arrays would reuse them anyway. Elsewhere, nothing."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _rss_gb() -> float:
+    _trim_heap()
     try:
         import psutil
 

@@ -693,6 +693,9 @@ class _RowMaker:
         # pass (`rep.release_unswept`).
         self.params = cast(rep.sweep_params(params))
         self.tc_params, self.rm = cast(tc_params), cast(rm)
+        # The decoder as given and as cast (the same arrays when the dtypes agree): what
+        # `release_decoder` frees.
+        self.W_dec_held = (*tc_params.W_dec, *self.tc_params.W_dec)
         self.mesh = mesh if mesh is not None and mesh.size > 1 else None
         if self.mesh is not None:
             self.params, self.tc_params, self.rm = place(self.mesh, tc_cfg, self.params,
@@ -819,6 +822,33 @@ class _RowMaker:
         scale[:n] = 1.0 if ts is None else ts[which]
         vec = self.W_enc[jnp.asarray(active.layer[full]), :, jnp.asarray(active.index[full])]
         return vec * jnp.asarray(scale, vec.dtype)[:, None]
+
+    def _released_decoder(self) -> dict:
+        """The decoder arrays `release_decoder` frees, by id: none while batches still gather
+        the decoder rows (no layout, or a mesh)."""
+        if self.tiles is None:
+            return {}
+        return {id(a): a for a in self.W_dec_held
+                if isinstance(a, jax.Array) and not a.is_deleted()}
+
+    def decoder_bytes(self) -> int:
+        """Bytes `release_decoder` would free (the planner's prediction for a single trace)."""
+        return sum(a.nbytes for a in self._released_decoder().values())
+
+    def release_decoder(self) -> int:
+        """Free the transcoder's decoder weights once its rows are laid out (the slot or values
+        layout, `SlotTiles`): no row reads `W_dec` then. For a transcoder used once (a single
+        `cltrace trace`): its arrays are deleted, also in the caller's pytrees, so the trace's
+        adjacency can reuse their memory. Returns bytes freed."""
+        gone = self._released_decoder()
+        if self.tiles is None:
+            return 0
+        freed = sum(a.nbytes for a in gone.values())
+        self.tc_params = dataclasses.replace(self.tc_params, W_dec=())
+        self.W_dec_held = ()
+        for a in gone.values():
+            a.delete()
+        return freed
 
     def _put(self, tree, spec=None):
         """On the mesh: replicated (spec None) or laid out by `spec`; unchanged without one."""
@@ -1070,12 +1100,14 @@ def trace_tokens(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderCon
     `logit_strings(ids) -> list[str]` names the logit tokens (default: the ids as text);
     `targets`: what to explain (default: the most probable next tokens). `release_model`: once
     the forward pass is done, free the model weights no row reads (its MLPs and embeddings,
-    `rep.release_unswept`), for a caller done with the model: it cannot run again."""
+    `rep.release_unswept`) and, once its rows are laid out, the transcoder's decoder
+    (`_RowMaker.release_decoder`), for a caller done with both: neither can run again."""
     t0 = time.perf_counter()
     st = setup_trace(params, model_cfg, tc_cfg, tc_params, token_ids, config,
                      token_strings=token_strings, logit_strings=logit_strings, targets=targets)
     if release_model and not config.neurons:  # neuron rows read the MLPs' own weights
         rep.release_unswept(params, st.make.params, st.make.tc_params)
+        st.make.release_decoder()
     ids, bos, token_strings, active = st.ids, st.bos, st.token_strings, st.active
     logit_toks, names, logit_probs, weights = st.logit_toks, st.names, st.logit_probs, st.weights
     logit_dirs, target_info, err_layer, err_pos = (st.logit_dirs, st.target_info, st.err_layer,
@@ -1288,8 +1320,10 @@ class Tracer:
 
         args, kw = self._inputs(config)
         st = setup_trace(*args, **kw, check_size=False)
-        # The plan is of a single trace (`cltrace trace`), which frees the weights no row reads.
-        released = 0 if config.neurons else rep.unswept_bytes(self.model.params)
+        # The plan is of a single trace (`cltrace trace`), which frees the weights no row reads
+        # (the model's and, once laid out, the decoder's).
+        released = 0 if config.neurons else (rep.unswept_bytes(self.model.params)
+                                              + st.make.decoder_bytes())
         return st, plan_modes(st, args[-1], self.model.cfg.n_layers, released_gb=released / 2**30)
 
     def trace(self, config: TraceConfig, progress: bool = False, last: bool = False) -> Graph:

@@ -152,7 +152,10 @@ def run_case(kind: str, n_tokens: int, mode: str, args) -> dict:
     if args.cap is None and n_active > args.estimate_over:
         return row | _estimate(m, ids, tc_cfg, p, config, args)
     t0 = time.perf_counter()
-    graph = trace_tokens(m.params, m.cfg, tc_cfg, p, ids, config, progress=False)
+    # As a single `cltrace trace` does: the model weights no row reads are freed after the
+    # forward pass, and the decoder once its rows are laid out.
+    graph = trace_tokens(m.params, m.cfg, tc_cfg, p, ids, config, progress=False,
+                         release_model=True)
     seconds = time.perf_counter() - t0
     full = graph.full_graph
     return row | {

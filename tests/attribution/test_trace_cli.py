@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -185,23 +186,33 @@ def test_graph_save_load_roundtrip_and_version(tmp_path):
         Graph.load(tmp_path / "old.npz")
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
-def test_a_last_trace_frees_the_weights_no_row_reads(tiny_dirs, family):
+@pytest.mark.parametrize("family,skip,layout", [
+    ("llama", True, "slots"), ("gemma3", True, "slots"), ("gpt2", True, "slots"),
+    ("llama", False, "values"), ("llama", True, "sources")])
+def test_a_last_trace_frees_the_weights_no_row_reads(tiny_dirs, family, skip, layout):
     """`release_model` (a single `cltrace trace`) frees the MLPs and embeddings once the
-    forward pass is done; the graph is the one traced with the model kept, edge for edge, and
-    `load_model` then gives a whole model again (it was kept in its in-process cache)."""
+    forward pass is done, and the transcoder's decoder once its rows are laid out (slots or
+    values; kept when each batch gathers them); the graph is the one traced with everything
+    kept, edge for edge, and `load_model` then gives a whole model again (it was kept in its
+    in-process cache)."""
     m = load_model(tiny_dirs(family))
-    cfg, p = random_transcoder(m.cfg, 16, skip=True)
-    config = TraceConfig(prompt="x", batch_size=8)
+    cfg, p = random_transcoder(m.cfg, 16, skip=skip)
+    config = TraceConfig(prompt="x", batch_size=8,
+                         decoder_rows_gb=0.0 if layout == "sources" else None,
+                         value_contraction="on" if layout == "values" else "off")
     kept = trace_tokens(m.params, m.cfg, cfg, p, [5, 9, 3, 7], config)
+    assert kept.info["decoder_layout"] == layout
+    once = jax.tree.map(jnp.copy, p)  # the transcoder of a single trace
     layers = m.params.layers
     mlp = [a for a in (layers.W_in, layers.W_gate, layers.W_out, layers.b_in, layers.b_out,
                        layers.post_mlp_norm_w) if a is not None]
     embeddings = [a for a in (m.params.embed, m.params.pos_embed, m.params.unembed) if a is not None]
     assert unswept_bytes(m.params) == sum(a.nbytes for a in mlp + embeddings)  # the plan's
-    freed = trace_tokens(m.params, m.cfg, cfg, p, [5, 9, 3, 7], config, release_model=True)
+    freed = trace_tokens(m.params, m.cfg, cfg, once, [5, 9, 3, 7], config, release_model=True)
     np.testing.assert_array_equal(freed.adjacency, kept.adjacency)
     assert freed.scores == kept.scores
+    assert all(W.is_deleted() == (layout != "sources") for W in once.W_dec)
+    assert not (once.W_enc.is_deleted() or any(W.is_deleted() for W in p.W_dec))
     assert layers.W_in.is_deleted() and layers.W_out.is_deleted() and m.params.embed.is_deleted()
     assert not (layers.W_V.is_deleted() or layers.W_O.is_deleted() or layers.mlp_norm_w.is_deleted()
                 or m.params.final_norm_w.is_deleted())
