@@ -44,7 +44,7 @@ import numpy as np
 
 from attribution.graph import node_levels
 from attribution.influence import influence
-from attribution.stream import DENSE_BYTES, chunks, stream_batches, visit_batches
+from attribution.stream import DENSE_BYTES, chunks, stream_batches, trim_heap, visit_batches
 
 EDGE_FILE_BYTES = 6  # float16 value + int32 column per stored edge
 HOST_PASSES = 8  # host passes over the held graph: influence, pruning and scores (docstring)
@@ -110,22 +110,8 @@ class Measured:
         return self.batch_seconds * flops / self.full_flops
 
 
-def _trim_heap() -> None:
-    """Hand the C heap's free pages back to the kernel (glibc's malloc_trim), so that resident
-    memory counts live memory only: compiling a batch leaves freed heap pages resident whose
-    amount varies from process to process (one plan of the demo read 0.5 GB more than its
-    neighbours), and a trace's later arrays would reuse them anyway. Elsewhere, nothing."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _rss_gb() -> float:
-    _trim_heap()
+    trim_heap()  # live memory, not freed heap pages (one plan read 0.5 GB more without)
     try:
         import psutil
 

@@ -57,7 +57,7 @@ from attribution import replacement as rep
 from attribution.graph import Graph, error_nodes, node_levels
 from attribution.influence import influence
 from attribution.prune import prune, score
-from attribution.stream import chunks, stream, use_stream, visit_batches
+from attribution.stream import chunks, stream, trim_heap, use_stream, visit_batches
 from attribution.tiling import SlotTiles, Sources, value_groups
 from clt.configs import ConfigError, doc, to_dict
 from clt.lm.config import ModelConfig
@@ -1108,6 +1108,7 @@ def trace_tokens(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderCon
     if release_model and not config.neurons:  # neuron rows read the MLPs' own weights
         rep.release_unswept(params, st.make.params, st.make.tc_params)
         st.make.release_decoder()
+    trim_heap()  # before the adjacency: a fresh mapping, it cannot reuse freed heap pages
     ids, bos, token_strings, active = st.ids, st.bos, st.token_strings, st.active
     logit_toks, names, logit_probs, weights = st.logit_toks, st.names, st.logit_probs, st.weights
     logit_dirs, target_info, err_layer, err_pos = (st.logit_dirs, st.target_info, st.err_layer,
