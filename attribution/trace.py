@@ -693,10 +693,11 @@ class _RowMaker:
         # pass (`rep.release_unswept`).
         self.params = cast(rep.sweep_params(params))
         self.tc_params, self.rm = cast(tc_params), cast(rm)
-        # The decoder as given and as cast (the same arrays when the dtypes agree): what
-        # `release_decoder` frees.
-        self.W_dec_held = (*tc_params.W_dec, *self.tc_params.W_dec)
         self.mesh = mesh if mesh is not None and mesh.size > 1 else None
+        # The decoder as given and as cast (the same arrays when the dtypes agree): what
+        # `release_decoder` frees. None on a mesh, whose batches read the placed copies.
+        self.W_dec_held = () if self.mesh is not None else (*tc_params.W_dec,
+                                                              *self.tc_params.W_dec)
         if self.mesh is not None:
             self.params, self.tc_params, self.rm = place(self.mesh, tc_cfg, self.params,
                                                          self.tc_params, self.rm)
