@@ -841,9 +841,9 @@ class _RowMaker:
         layout, `SlotTiles`): no row reads `W_dec` then. For a transcoder used once (a single
         `cltrace trace`): its arrays are deleted, also in the caller's pytrees, so the trace's
         adjacency can reuse their memory. Returns bytes freed."""
-        gone = self._released_decoder()
-        if self.tiles is None:
+        if self.tiles is None:  # batches gather their decoder rows: it stays
             return 0
+        gone = self._released_decoder()
         freed = sum(a.nbytes for a in gone.values())
         self.tc_params = dataclasses.replace(self.tc_params, W_dec=())
         self.W_dec_held = ()
