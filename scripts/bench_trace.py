@@ -81,6 +81,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -127,7 +128,7 @@ def random_transcoder(m, ids: list[int], kind: str, n_features: int, active: flo
 def run_case(kind: str, n_tokens: int, mode: str, args) -> dict:
     import jax
 
-    from attribution.trace import TraceConfig, trace_tokens
+    from attribution.trace import TraceConfig, matmul_precision, trace_tokens
     from clt.lm import load_model
 
     m = load_model("smollm2-135m")
@@ -141,16 +142,18 @@ def run_case(kind: str, n_tokens: int, mode: str, args) -> dict:
                          batch_memory_gb=args.batch_memory_gb,
                          max_adjacency_gb=args.max_adjacency_gb,
                          decoder_rows_gb=args.decoder_rows_gb[0],
-                         value_contraction=args.value_contraction[0])
+                         value_contraction=args.value_contraction[0],
+                         matmul_precision=args.matmul_precision)
     row = {"transcoder": kind, "tokens": n_tokens, "active_features": n_active,
            "active_per_layer_pos": round(n_active / (30 * n_tokens), 1),
            "full_nodes": n_nodes, "full_dense_gb": round(dense_gb, 2), "cap": args.cap,
            "dtype": args.dtype, "device": jax.devices()[0].device_kind,
-           "matmul_precision": str(jax.config.jax_default_matmul_precision or "default"),
+           "matmul_precision": args.matmul_precision,
            "decoder_rows_gb": args.decoder_rows_gb[0], "slot_layout": None,
            "value_contraction": args.value_contraction[0]}
     if args.cap is None and n_active > args.estimate_over:
-        return row | _estimate(m, ids, tc_cfg, p, config, args)
+        with matmul_precision(config):
+            return row | _estimate(m, ids, tc_cfg, p, config, args)
     t0 = time.perf_counter()
     # As a single `cltrace trace` does: the model weights no row reads are freed after the
     # forward pass, and the decoder once its rows are laid out.
@@ -171,15 +174,17 @@ def run_case(kind: str, n_tokens: int, mode: str, args) -> dict:
         "device_peak_gb": _device_peak_gb(),
         "slot_layout": graph.info["decoder_layout"] in ("slots", "values"),
         "decoder_layout": graph.info["decoder_layout"],
-        **_arithmetic(graph.info["row_flops"], graph.info["seconds_rows"], seconds, args.dtype)}
+        **_arithmetic(graph.info["row_flops"], graph.info["seconds_rows"], seconds, args.dtype,
+                       args.matmul_precision)}
 
 
 def _gb_or_auto(v: str) -> float | None:
     return None if v == "auto" else float(v)
 
 
-def matmul_peak(dtype: str = "float32") -> float:
-    """This device's matmul rate (FLOP/s) in `dtype` at JAX's default precision: the best of a
+def matmul_peak(dtype: str = "float32", precision: str = "highest") -> float:
+    """This device's matmul rate (FLOP/s) in `dtype` at `precision` (that of the trace's float32
+    products, `TraceConfig.matmul_precision`; the same on a CPU): the best of a
     few n^3 products (n = 2048 on a CPU, 8192 on an accelerator, where 2048 is too short to
     time), compiled before timing (the "peak" the rows' rate is compared with)."""
     import jax
@@ -188,20 +193,21 @@ def matmul_peak(dtype: str = "float32") -> float:
     n = 2048 if jax.default_backend() == "cpu" else 8192
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
     f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
+    with jax.default_matmul_precision(precision):
         f(a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            f(a).block_until_ready()
+            best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
 
 
 def _arithmetic(flops: float, seconds_rows: float, seconds: float,
-                dtype: str = "float32") -> dict:
+                dtype: str = "float32", precision: str = "highest") -> dict:
     """The rows' arithmetic (`_RowMaker.flops`, counted from the shapes run), its rate, and the
     share of this device's matmul peak reached by the rows alone and by the whole trace call."""
-    peak = matmul_peak(dtype)
+    peak = matmul_peak(dtype, precision)
     return {"row_gflop": round(flops / 1e9, 1), "peak_gflops": round(peak / 1e9, 1),
             "rows_gflops": round(flops / seconds_rows / 1e9, 1),
             "rows_of_peak": round(flops / seconds_rows / peak, 3),
@@ -638,6 +644,9 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=0,
                     help="TraceConfig.batch_size (0: automatic, its default)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--matmul-precision", default="highest", choices=["highest", "default"],
+                    help="float32 products (TraceConfig.matmul_precision): default is "
+                         "TensorFloat-32 on recent NVIDIA GPUs")
     ap.add_argument("--batch-memory-gb", type=float, default=1.0,
                     help="TraceConfig.batch_memory_gb (raise it on an accelerator)")
     ap.add_argument("--decoder-rows-gb", type=_gb_or_auto, nargs="*", default=[None],
@@ -712,6 +721,7 @@ def main() -> int:
                    f"--estimate-over={args.estimate_over}", f"--sample={args.sample}",
                    f"--max-adjacency-gb={args.max_adjacency_gb}",
                    f"--batch-size={args.batch_size}", f"--dtype={args.dtype}",
+                   f"--matmul-precision={args.matmul_precision}",
                    f"--batch-memory-gb={args.batch_memory_gb}"]
     if args.cap is not None:
         passthrough.append(f"--cap={args.cap}")
@@ -736,6 +746,7 @@ def main() -> int:
             row = {"transcoder": kind, "tokens": n, "error": f"over {args.timeout:.0f} s"}
         rows.append(row)
         print(json.dumps(row), flush=True)
+        _save(Path(args.out), rows)  # after each case: a run cut short keeps those done
 
     table = Table(title="trace: SmolLM2-135M, random transcoders, 2048 features/layer, "
                   "full graph" + ("" if args.cap is None else f", capped at {args.cap}"))
@@ -748,11 +759,16 @@ def main() -> int:
     for r in rows:
         table.add_row(*[str(r.get(c, r.get("error", ""))) for c in cols])
     Console(width=220).print(table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": platform.platform(), "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {args.out}")
     return 0
+
+
+def _save(out: Path, rows: list[dict]) -> None:
+    """The rows so far as `out`'s JSON, written whole or not at all."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps({"machine": platform.platform(), "rows": rows}, indent=2))
+    os.replace(tmp, out)
 
 
 if __name__ == "__main__":

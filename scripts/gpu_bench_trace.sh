@@ -37,6 +37,12 @@ if [ "$step" = setup ]; then
     export PYTHONPATH=$SITE:$PWD
     python3 -c "import jax; print('jax', jax.__version__, jax.devices(), 'precision:', \
 jax.config.jax_default_matmul_precision)" || exit 1
+    python3 - <<'PY' 2>&1 | tee "$OUT/setup_peaks.txt"
+import sys; sys.argv = ["x"]
+from scripts.bench_trace import matmul_peak
+for dt, pr in [("float32", "highest"), ("float32", "default"), ("bfloat16", "highest")]:
+    print(f"matmul peak {dt} {pr}: {matmul_peak(dt, pr) / 1e12:.1f} TFLOP/s")
+PY
     timeout 120 python3 -m pytest -q -x -o addopts="" -p no:cacheprovider \
         -m "not slow and not gpu" tests/attribution/test_edges.py \
         -k "llama or cap or float32" 2>&1 | tee "$OUT/setup_tests.txt" | tail -20
@@ -53,24 +59,33 @@ python3 -c "from clt.lm import load_model; m = load_model('smollm2-135m'); print
     || exit 1
 log=$OUT/bench_log.txt
 B=(python3 scripts/bench_trace.py --features 2048 --active 64)
-run() {  # run NAME SECONDS ARGS...: one bench_trace invocation, its JSON in $OUT/NAME.json
+J=/tmp/gpujson  # one JSON per case; merged after each into $OUT/gpu_bench_trace.json (the
+mkdir -p $J     # tool returns at most 8 files)
+run() {  # run NAME SECONDS ARGS...: one bench_trace invocation, its rows under NAME
     local name=$1 secs=$2
     shift 2
     echo "== $name ($(date +%T))" | tee -a "$log"
-    timeout "$((secs + 15))" "${B[@]}" --timeout "$secs" --out "$OUT/$name.json" "$@" 2>&1 \
+    timeout "$((secs + 15))" "${B[@]}" --timeout "$secs" --out "$J/$name.json" "$@" 2>&1 \
         | grep -v "^\s*$" | tee -a "$log" | grep '^{' | cut -c1-400
     pkill -f "scripts/bench_trace.py --case" 2>/dev/null  # a case left behind by the limit
+    python3 -c "import glob, json, os, sys; d = {os.path.basename(f)[:-5]: json.load(open(f)) \
+for f in sorted(glob.glob('$J/*.json'))}; json.dump(d, open('$OUT/gpu_bench_trace.json', 'w'), \
+indent=1)"
 }
-# In order of need, each case cut at its limit (the whole step fits one 8-minute call):
-# 12 tokens, full graph, dense (23k feature rows for the CLT), float32 at JAX's default precision
-run g12 130 --tokens 12 --kinds clt plt --adjacency dense --batch-size 1024 --batch-memory-gb 16
+# In order of need, one case per invocation, each cut at its limit (the whole step fits one
+# 8-minute call). float32 products in float32 (TraceConfig.matmul_precision highest) unless named.
+C=(--batch-size 1024 --batch-memory-gb 16)
+# 12 tokens, full graph, dense (23k feature rows for the CLT)
+run g12_clt 60 --tokens 12 --kinds clt --adjacency dense "${C[@]}"
 # capped at 2,048 features (circuit-tracer's greedy visit), 128 and 1,024 tokens
-run gcap 110 --tokens 128 1024 --kinds clt --cap 2048 --batch-memory-gb 16
+run gcap128 50 --tokens 128 --kinds clt --cap 2048 --batch-memory-gb 16
 # 128 tokens, full graph (246k feature rows), streamed, run to the end
-run g128 100 --tokens 128 --kinds clt --estimate-over 1e9 --batch-size 1024 --batch-memory-gb 16
+run g128 80 --tokens 128 --kinds clt --estimate-over 1e9 "${C[@]}"
+run gcap1024 60 --tokens 1024 --kinds clt --cap 2048 --batch-memory-gb 16 --max-adjacency-gb 40
 # 1,024 tokens, full graph (2M feature rows): estimated from a sample of its batches
-run g1024 70 --tokens 1024 --kinds clt --batch-memory-gb 16 --sample 8
-# 12 tokens in bfloat16
-run g12_bf16 50 --tokens 12 --kinds clt --adjacency dense --batch-size 1024 --batch-memory-gb 16 \
-    --dtype bfloat16
+run g1024 60 --tokens 1024 --kinds clt --batch-memory-gb 16 --sample 8
+# 12 tokens: TensorFloat-32 products, bfloat16, and a PLT
+run g12_tf32 40 --tokens 12 --kinds clt --adjacency dense "${C[@]}" --matmul-precision default
+run g12_bf16 40 --tokens 12 --kinds clt --adjacency dense "${C[@]}" --dtype bfloat16
+run g12_plt 40 --tokens 12 --kinds plt --adjacency dense "${C[@]}"
 ls -la "$OUT"

@@ -158,3 +158,28 @@ def test_batch_time_is_the_line_through_the_two_measured_batches():
     # A noisy low batch slower than the full one: no negative rate, every batch the full one's.
     noisy = dataclasses.replace(two, low_seconds=1.5)
     assert noisy.batch(Make, 10, 1) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("precision", ["default", "highest"])
+def test_every_program_of_a_trace_runs_at_its_matmul_precision(tiny, monkeypatch, precision):
+    """TraceConfig.matmul_precision holds for the forward pass and every batch of rows (jax's
+    own default is TensorFloat-32 on recent NVIDIA GPUs); the caller's setting is restored."""
+    import jax
+
+    m, cfg, p = tiny
+    seen = []
+    rep = importlib.import_module("attribution.replacement")
+    for owner, name in ((rep, "build"), (trace_mod._RowMaker, "__call__")):
+        real = getattr(owner, name)
+
+        def spy(*a, _real=real, **k):
+            seen.append(jax.config.jax_default_matmul_precision)
+            return _real(*a, **k)
+
+        monkeypatch.setattr(owner, name, spy)
+    before = jax.config.jax_default_matmul_precision
+    for fields in ({"adjacency": "dense"}, {"adjacency": "stream", "stream_features": 20}):
+        config = TraceConfig(prompt="x", batch_size=8, matmul_precision=precision, **fields)
+        trace_tokens(m.params, m.cfg, cfg, p, IDS, config)
+    assert len(seen) > 4 and set(seen) == {precision}
+    assert jax.config.jax_default_matmul_precision == before
