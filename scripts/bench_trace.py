@@ -114,7 +114,8 @@ def random_transcoder(m, ids: list[int], kind: str, n_features: int, active: flo
     full = [m.cfg.bos_token_id] + ids
     tc_cfg = tcm.TranscoderConfig(d_model=m.cfg.d_model, n_layers=m.cfg.n_layers,
                                   n_features=n_features, max_reach=1 if kind == "plt" else None)
-    p = tcm.init_params(tc_cfg, jax.random.key(0))
+    # One program (eagerly, each layer's decoder shape is its own compilation: 12 s on a CPU).
+    p = jax.jit(partial(tcm.init_params, tc_cfg))(jax.random.key(0))
     # Calibrate: per layer, the (1 - 64/F) quantile of the pre-activations on this prompt.
     _, cap = forward(m.params, m.cfg, jnp.asarray(full)[None], capture=("resid_mid",))
     pre = np.asarray(tcm.encode_pre(p, jnp.swapaxes(cap.resid_mid[:, 0], 0, 1))[1:])
@@ -131,9 +132,14 @@ def run_case(kind: str, n_tokens: int, mode: str, args) -> dict:
     from attribution.trace import TraceConfig, matmul_precision, trace_tokens
     from clt.lm import load_model
 
+    if args.log_compiles:  # each compilation and its seconds, on stderr
+        jax.config.update("jax_log_compiles", True)
+    _mark(f"{kind} {n_tokens} tokens on {jax.devices()[0].device_kind}")
     m = load_model("smollm2-135m")
     ids = _prompt_ids(m.tokenizer, n_tokens)
+    _mark("model loaded")
     tc_cfg, p, n_active = random_transcoder(m, ids, kind, args.features, args.active)
+    _mark(f"random {kind} made and calibrated: {n_active} active features; tracing")
     n_nodes = n_active + 31 * (n_tokens + 1) + 10
     dense_gb = n_nodes ** 2 * 4 / 2**30
     config = TraceConfig(prompt=f"{n_tokens} tokens", max_feature_nodes=args.cap,
@@ -176,6 +182,21 @@ def run_case(kind: str, n_tokens: int, mode: str, args) -> dict:
         "decoder_layout": graph.info["decoder_layout"],
         **_arithmetic(graph.info["row_flops"], graph.info["seconds_rows"], seconds, args.dtype,
                        args.matmul_precision)}
+
+
+_T0 = time.perf_counter()
+
+
+def _mark(what: str) -> None:
+    """A case's progress on stderr (a case cut at its time limit reports its last lines)."""
+    print(f"[case +{time.perf_counter() - _T0:.1f} s] {what}", file=sys.stderr, flush=True)
+
+
+def _tail(text, n: int = 12) -> list[str]:
+    """The last `n` lines of a child's stderr (bytes when cut short by a timeout)."""
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    return (text or "").strip().splitlines()[-n:]
 
 
 def _gb_or_auto(v: str) -> float | None:
@@ -256,6 +277,7 @@ def _estimate(m, ids, tc_cfg, p, config, args) -> dict:
     influence = jnp.zeros(n_src, jnp.float32)
     batches = stream_batches(active, L, batch)
     setup = time.perf_counter() - t0
+    _mark(f"estimate: set up in {setup:.1f} s, {len(batches)} batches of {batch}")
 
     def run(c):
         rows = make.features(active, c, host=False, padded=True)
@@ -273,6 +295,7 @@ def _estimate(m, ids, tc_cfg, p, config, args) -> dict:
     for c in first.values():
         run(c)
     compile_s = time.perf_counter() - t1
+    _mark(f"estimate: {len(first)} prefixes compiled in {compile_s:.1f} s")
     rng = np.random.default_rng(0)
     pick = rng.choice(len(batches), min(args.sample, len(batches)), replace=False)
     times = []
@@ -658,6 +681,9 @@ def main() -> int:
                          "(on / off side by side: the contraction at the attention values or at "
                          "every MLP slot)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per case")
+    ap.add_argument("--log-compiles", action="store_true",
+                    help="log each compilation and its seconds (jax_log_compiles) on the case's "
+                         "stderr: the tail comes back with a case cut at --timeout")
     ap.add_argument("--out", default="out/bench_trace.json")
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # child process
     cmp = ap.add_argument_group("comparison with circuit-tracer (module docstring)")
@@ -722,7 +748,8 @@ def main() -> int:
                    f"--max-adjacency-gb={args.max_adjacency_gb}",
                    f"--batch-size={args.batch_size}", f"--dtype={args.dtype}",
                    f"--matmul-precision={args.matmul_precision}",
-                   f"--batch-memory-gb={args.batch_memory_gb}"]
+                   f"--batch-memory-gb={args.batch_memory_gb}"] + (
+                       ["--log-compiles"] if args.log_compiles else [])
     if args.cap is not None:
         passthrough.append(f"--cap={args.cap}")
     cases = [(n, kind, mode, gb, vc) for n in args.tokens for kind in args.kinds
@@ -741,9 +768,11 @@ def main() -> int:
             if proc.returncode == -9:
                 why = "killed (SIGKILL: out of memory?)"
             row = json.loads(line[7:]) if line else {"transcoder": kind, "tokens": n,
-                                                     "error": why}
-        except subprocess.TimeoutExpired:
-            row = {"transcoder": kind, "tokens": n, "error": f"over {args.timeout:.0f} s"}
+                                                     "error": why,
+                                                     "stderr_tail": _tail(proc.stderr)}
+        except subprocess.TimeoutExpired as e:  # where it was when cut
+            row = {"transcoder": kind, "tokens": n, "error": f"over {args.timeout:.0f} s",
+                   "stderr_tail": _tail(e.stderr)}
         rows.append(row)
         print(json.dumps(row), flush=True)
         _save(Path(args.out), rows)  # after each case: a run cut short keeps those done

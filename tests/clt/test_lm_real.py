@@ -99,6 +99,23 @@ def test_tokenizer_needs_no_torch():
     assert out.stdout.strip() == "[504, 3575, 282, 4649, 314]"
 
 
+def test_a_transformers_without_the_gguf_converter_is_refused_with_the_fix(monkeypatch):
+    """transformers 5.17 (a GPU image's) has no convert_gguf_tokenizer: one line naming the fix,
+    not an ImportError from inside the loader."""
+    import sys
+
+    from clt.configs import ConfigError
+    from clt.lm.gguf_io import _reader
+    from clt.lm.tokenizer import tokenizer_from_gguf
+
+    for module in ("transformers.integrations.gguf.gguf_tokenizer_mapping",
+                   "transformers.integrations.ggml"):
+        monkeypatch.setitem(sys.modules, module, None)  # importing it now fails
+    with pytest.raises(ConfigError, match=r"no GGUF tokenizer converter .* "
+                                          r"pip install -U 'transformers>=5.25'"):
+        tokenizer_from_gguf(_reader(embedded_path("smollm2-135m")), 1, (2,))
+
+
 def test_tokenizer_from_hf_directory(smollm2, tmp_path):
     """A Hugging Face directory's tokenizer.json + tokenizer_config.json give the same tokenizer."""
     from clt.lm.tokenizer import tokenizer_from_dir
