@@ -100,6 +100,30 @@ def _prompt_ids(tok, n: int) -> list[int]:
     return ids[:n]
 
 
+def _model(random: bool):
+    """SmolLM2-135M as loaded (its GGUF), or with `random` its shapes and random weights: the
+    same arithmetic with no model file and no tokenizer (`--random-model`)."""
+    import jax
+
+    if not random:
+        from clt.lm import load_model
+
+        return load_model("smollm2-135m")
+    from clt.lm.config import known_config
+    from clt.lm.params import random_params
+
+    cfg = known_config("smollm2-135m")
+    params = jax.jit(partial(random_params, cfg))(jax.random.key(0))  # one compilation
+    return argparse.Namespace(cfg=cfg, params=params, tokenizer=None)
+
+
+def _random_ids(m, n: int) -> list[int]:
+    """`n` token ids drawn at random (no special ids: those below 100 on SmolLM2)."""
+    import numpy as np
+
+    return np.random.default_rng(0).integers(100, m.cfg.vocab_size, n).tolist()
+
+
 def random_transcoder(m, ids: list[int], kind: str, n_features: int, active: float):
     """A random CLT or PLT (`kind`) of `n_features` per layer for the loaded model `m`, its
     JumpReLU thresholds calibrated on the prompt `ids` (BOS not included) to ~`active` active
@@ -130,13 +154,12 @@ def run_case(kind: str, n_tokens: int, mode: str, args) -> dict:
     import jax
 
     from attribution.trace import TraceConfig, matmul_precision, trace_tokens
-    from clt.lm import load_model
 
     if args.log_compiles:  # each compilation and its seconds, on stderr
         jax.config.update("jax_log_compiles", True)
     _mark(f"{kind} {n_tokens} tokens on {jax.devices()[0].device_kind}")
-    m = load_model("smollm2-135m")
-    ids = _prompt_ids(m.tokenizer, n_tokens)
+    m = _model(args.random_model)
+    ids = _prompt_ids(m.tokenizer, n_tokens) if m.tokenizer is not None else _random_ids(m, n_tokens)
     _mark("model loaded")
     tc_cfg, p, n_active = random_transcoder(m, ids, kind, args.features, args.active)
     _mark(f"random {kind} made and calibrated: {n_active} active features; tracing")
@@ -154,6 +177,7 @@ def run_case(kind: str, n_tokens: int, mode: str, args) -> dict:
            "active_per_layer_pos": round(n_active / (30 * n_tokens), 1),
            "full_nodes": n_nodes, "full_dense_gb": round(dense_gb, 2), "cap": args.cap,
            "dtype": args.dtype, "device": jax.devices()[0].device_kind,
+           "random_model": args.random_model,
            "matmul_precision": args.matmul_precision,
            "decoder_rows_gb": args.decoder_rows_gb[0], "slot_layout": None,
            "value_contraction": args.value_contraction[0]}
@@ -192,11 +216,14 @@ def _mark(what: str) -> None:
     print(f"[case +{time.perf_counter() - _T0:.1f} s] {what}", file=sys.stderr, flush=True)
 
 
-def _tail(text, n: int = 12) -> list[str]:
-    """The last `n` lines of a child's stderr (bytes when cut short by a timeout)."""
+def _tail(text, n: int = 8) -> list[str]:
+    """A child's progress marks (`_mark`) and the last `n` other lines of its stderr (bytes
+    when cut short by a timeout)."""
     if isinstance(text, bytes):
         text = text.decode(errors="replace")
-    return (text or "").strip().splitlines()[-n:]
+    lines = (text or "").strip().splitlines()
+    return ([ln for ln in lines if ln.startswith("[case +")]
+            + [ln for ln in lines if not ln.startswith("[case +")][-n:])
 
 
 def _gb_or_auto(v: str) -> float | None:
@@ -681,6 +708,10 @@ def main() -> int:
                          "(on / off side by side: the contraction at the attention values or at "
                          "every MLP slot)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per case")
+    ap.add_argument("--random-model", action="store_true",
+                    help="SmolLM2-135M's shapes with random weights and random token ids: the "
+                         "same arithmetic with no model file or tokenizer (a GPU machine whose "
+                         "transfers cannot take the GGUF in one call)")
     ap.add_argument("--log-compiles", action="store_true",
                     help="log each compilation and its seconds (jax_log_compiles) on the case's "
                          "stderr: the tail comes back with a case cut at --timeout")
@@ -749,7 +780,8 @@ def main() -> int:
                    f"--batch-size={args.batch_size}", f"--dtype={args.dtype}",
                    f"--matmul-precision={args.matmul_precision}",
                    f"--batch-memory-gb={args.batch_memory_gb}"] + (
-                       ["--log-compiles"] if args.log_compiles else [])
+                       ["--log-compiles"] if args.log_compiles else []) + (
+                       ["--random-model"] if args.random_model else [])
     if args.cap is not None:
         passthrough.append(f"--cap={args.cap}")
     cases = [(n, kind, mode, gb, vc) for n in args.tokens for kind in args.kinds

