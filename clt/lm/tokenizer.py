@@ -185,22 +185,20 @@ _GGUF_KEYS = {
 
 
 def _gguf_converter():
-    """transformers' `convert_gguf_tokenizer(architecture, tokenizer_dict)`: where 5.x keeps it,
-    else where 4.x did; a release with neither (5.17 has only `get_gguf_tokenizer`) is refused
+    """transformers' `convert_gguf_tokenizer(architecture, tokenizer_dict)`; a release without
+    it (5.17 has only `get_gguf_tokenizer`; the module's API moves between releases) is refused
     with the fix."""
-    import importlib
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+            convert_gguf_tokenizer,
+        )
+        return convert_gguf_tokenizer
+    except ImportError:
+        import transformers
 
-    for module in ("transformers.integrations.gguf.gguf_tokenizer_mapping",
-                   "transformers.integrations.ggml"):
-        try:
-            return importlib.import_module(module).convert_gguf_tokenizer
-        except (ImportError, AttributeError):
-            continue
-    import transformers
-
-    raise ConfigError(f"transformers {transformers.__version__} has no GGUF tokenizer converter "
-                      "(convert_gguf_tokenizer), which reading a GGUF model needs: "
-                      "pip install -U 'transformers>=5.25'")
+        raise ConfigError(f"transformers {transformers.__version__} has no GGUF tokenizer "
+                          "converter (convert_gguf_tokenizer), which reading a GGUF model needs: "
+                          "pip install -U 'transformers>=5.25'") from None
 
 
 def tokenizer_from_gguf(reader, bos: int | None, eos: tuple[int, ...]) -> Tokenizer:
