@@ -81,7 +81,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import platform
 import resource
 import subprocess
@@ -764,8 +763,7 @@ def main() -> int:
             rows = [r for r in json.loads(out.read_text())["rows"]
                     if r.get("case") not in names] + rows
         Console(width=220).print(_compare_table(rows))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"machine": platform.platform(), "rows": rows}, indent=2))
+        _save(out, rows)
         print(f"wrote {out}")
         return 0
 
@@ -826,10 +824,10 @@ def main() -> int:
 
 def _save(out: Path, rows: list[dict]) -> None:
     """The rows so far as `out`'s JSON, written whole or not at all."""
+    from clt.io import atomic_write
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps({"machine": platform.platform(), "rows": rows}, indent=2))
-    os.replace(tmp, out)
+    atomic_write(out, json.dumps({"machine": platform.platform(), "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
