@@ -106,8 +106,8 @@ indent=1)"
 }
 # In order of need, one case per invocation, each cut at its limit (the whole step fits one
 # 9-minute call). float32 products in float32 (TraceConfig.matmul_precision highest) unless named.
-# Every case logs its compilations: a case cut at its limit returns its stderr's last lines (in
-# gpu_bench_trace.json) and the whole of it is in bench_log.txt. Session 18's first try gave
+# Every case logs its compilations: a case cut at its limit keeps its progress marks and its
+# stderr's last lines (the latest compilations) in gpu_bench_trace.json. Session 18's first try gave
 # every case 40-80 s and all were cut (no tail was kept then): start with generous limits.
 C=(--batch-size 1024 --batch-memory-gb 16 --log-compiles)
 # 12 tokens, full graph, dense (23k feature rows for the CLT)
