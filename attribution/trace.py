@@ -1345,19 +1345,17 @@ class Tracer:
     def plan(self, config: TraceConfig):
         """(the trace's setup, its `attribution.plan.ModePlan`s): the forward pass and one
         measured batch of rows, no trace."""
-        args, kw = self._inputs(config)
-        with matmul_precision(config):
-            return self._plan(args, kw, config)
-
-    def _plan(self, args, kw, config):
         from attribution.plan import plan_modes
 
-        st = setup_trace(*args, **kw, check_size=False)
-        # The plan is of a single trace (`cltrace trace`), which frees the weights no row reads
-        # (the model's and, once laid out, the decoder's).
-        released = 0 if config.neurons else (rep.unswept_bytes(self.model.params)
-                                              + st.make.decoder_bytes())
-        return st, plan_modes(st, args[-1], self.model.cfg.n_layers, released_gb=released / 2**30)
+        args, kw = self._inputs(config)
+        with matmul_precision(config):
+            st = setup_trace(*args, **kw, check_size=False)
+            # The plan is of a single trace (`cltrace trace`), which frees the weights no row
+            # reads (the model's and, once laid out, the decoder's).
+            released = 0 if config.neurons else (rep.unswept_bytes(self.model.params)
+                                                  + st.make.decoder_bytes())
+            return st, plan_modes(st, args[-1], self.model.cfg.n_layers,
+                                  released_gb=released / 2**30)
 
     def trace(self, config: TraceConfig, progress: bool = False, last: bool = False) -> Graph:
         """`last`: no prompt follows, so the weights no row reads are freed after the forward
