@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import json
 import platform
 import resource
@@ -215,9 +216,9 @@ def _mark(what: str) -> None:
     print(f"[case +{time.perf_counter() - _T0:.1f} s] {what}", file=sys.stderr, flush=True)
 
 
-def _tail(text, n: int = 8) -> list[str]:
+def _tail(text, n: int = 40) -> list[str]:
     """A child's progress marks (`_mark`) and the last `n` other lines of its stderr (bytes
-    when cut short by a timeout)."""
+    when cut short by a timeout; then they end with the stack dumped just before the limit)."""
     if isinstance(text, bytes):
         text = text.decode(errors="replace")
     lines = (text or "").strip().splitlines()
@@ -744,6 +745,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.case:
         kind, n, mode = args.case.split(":")
+        if args.timeout > 10:  # a case cut at its limit says where it was: every thread's stack
+            faulthandler.dump_traceback_later(args.timeout - 4)  # on stderr (`stderr_tail`)
         print("RESULT " + json.dumps(run_case(kind, int(n), mode, args)), flush=True)
         return 0
     if args.ct_prep:
@@ -777,7 +780,8 @@ def main() -> int:
                    f"--max-adjacency-gb={args.max_adjacency_gb}",
                    f"--batch-size={args.batch_size}", f"--dtype={args.dtype}",
                    f"--matmul-precision={args.matmul_precision}",
-                   f"--batch-memory-gb={args.batch_memory_gb}"] + (
+                   f"--batch-memory-gb={args.batch_memory_gb}",
+                   f"--timeout={args.timeout}"] + (
                        ["--log-compiles"] if args.log_compiles else []) + (
                        ["--random-model"] if args.random_model else [])
     if args.cap is not None:

@@ -4,7 +4,8 @@
 # same way). One step (`one`: everything below with SmolLM2's shapes, random weights and random
 # tokens, `bench_trace.py --random-model`: the same arithmetic, nothing large to carry; needs
 # only .whl; a call of `timeout_s` 600 holds it: tests ~50 s, peaks ~10 s, cases <= 560 s, the
-# last cases cut if the first use their whole limits; SKIP_TESTS=1 skips the tests) or two, run
+# last cases cut if the first use their whole limits; SKIP_TESTS=1 skips the tests, SKIP_PEAKS=1
+# the peaks, CASES and BUDGET below choose cases and bound the step's time) or two, run
 # back to back on the same machine (the real SmolLM2 weights):
 #
 #   setup: install the carried wheels (gguf, beartype: .whl/), keep the first half of the
@@ -47,7 +48,7 @@ if [ "$step" = setup ] || [ "$step" = one ]; then
     export PYTHONPATH=$SITE:$PWD
     python3 -c "import jax; print('jax', jax.__version__, jax.devices(), 'precision:', \
 jax.config.jax_default_matmul_precision)" || exit 1
-    python3 - <<'PY' 2>&1 | tee "$OUT/setup_peaks.txt"
+    [ -n "${SKIP_PEAKS:-}" ] || python3 - <<'PY' 2>&1 | tee "$OUT/setup_peaks.txt"
 import sys; sys.argv = ["x"]
 from scripts.bench_trace import matmul_peak
 for dt, pr in [("float32", "highest"), ("float32", "default"), ("bfloat16", "highest")]:
@@ -93,9 +94,16 @@ python3 -c "from clt.lm import load_model; m = load_model('smollm2-135m'); print
 fi
 J=/tmp/gpujson  # one JSON per case; merged after each into $OUT/gpu_bench_trace.json (the
 mkdir -p $J     # tool returns at most 8 files)
+# CASES="g12_clt gcap128 ...": only these (default: all); BUDGET: seconds the whole step may
+# take (default 570, a 600 s call): a case gets at most what is left, none under 30 s.
+BUDGET=${BUDGET:-570}
 run() {  # run NAME SECONDS ARGS...: one bench_trace invocation, its rows under NAME
-    local name=$1 secs=$2
+    local name=$1 secs=$2 left
     shift 2
+    case " ${CASES:-all} " in " all "|*" $name "*) ;; *) return 0 ;; esac
+    left=$((BUDGET - SECONDS - 20))
+    [ "$left" -ge 30 ] || { echo "== $name not run: $left s left of BUDGET" | tee -a "$log"; return 0; }
+    [ "$secs" -le "$left" ] || secs=$left
     echo "== $name ($(date +%T))" | tee -a "$log"
     timeout "$((secs + 15))" "${B[@]}" --timeout "$secs" --out "$J/$name.json" "$@" 2>&1 \
         | grep -v "^\s*$" | tee -a "$log" | grep '^{' | cut -c1-400
