@@ -82,6 +82,7 @@ import argparse
 import dataclasses
 import faulthandler
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -177,7 +178,7 @@ def run_case(kind: str, n_tokens: int, mode: str, args) -> dict:
            "active_per_layer_pos": round(n_active / (30 * n_tokens), 1),
            "full_nodes": n_nodes, "full_dense_gb": round(dense_gb, 2), "cap": args.cap,
            "dtype": args.dtype, "device": jax.devices()[0].device_kind,
-           "random_model": args.random_model,
+           "random_model": args.random_model, "xla_flags": os.environ.get("XLA_FLAGS"),
            "matmul_precision": args.matmul_precision,
            "decoder_rows_gb": args.decoder_rows_gb[0], "slot_layout": None,
            "value_contraction": args.value_contraction[0]}

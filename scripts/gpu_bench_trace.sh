@@ -132,4 +132,9 @@ run gcap1024 60 --tokens 1024 --kinds clt --cap 2048 --batch-memory-gb 16 --max-
 run g12_tf32 40 --tokens 12 --kinds clt --adjacency dense "${C[@]}" --matmul-precision default
 run g12_bf16 40 --tokens 12 --kinds clt --adjacency dense "${C[@]}" --dtype bfloat16
 run g12_plt 40 --tokens 12 --kinds plt --adjacency dense "${C[@]}"
+# XLA:GPU's autotuning of its gemm fusions (Triton configurations) took over 100 s to compile
+# one trace's row program (session 19): the cases above ran with XLA_FLAGS as given to the step;
+# this one lets XLA tune cuBLAS (not Triton) gemms, to see what autotuning is worth
+XLA_FLAGS=--xla_gpu_enable_triton_gemm=false run g12_clt_cublas_tuned 60 --tokens 12 --kinds clt \
+    --adjacency dense "${C[@]}"
 ls -la "$OUT"
