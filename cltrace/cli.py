@@ -38,9 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not args.no_compile_cache:
-        from cltrace.compile_cache import enable
+    from cltrace.compile_cache import enable, set_xla_flags
 
+    set_xla_flags()  # before any backend starts: no Triton gemm autotuning on a GPU
+    if not args.no_compile_cache:
         enable(args.compile_cache)
     try:
         return int(args.run(args) or 0)

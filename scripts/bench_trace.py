@@ -152,6 +152,9 @@ def random_transcoder(m, ids: list[int], kind: str, n_features: int, active: flo
 
 
 def run_case(kind: str, n_tokens: int, mode: str, args) -> dict:
+    from cltrace.compile_cache import set_xla_flags
+
+    set_xla_flags()  # as `cltrace` commands run (no Triton gemm autotuning on a GPU)
     import jax
 
     from attribution.trace import TraceConfig, matmul_precision, trace_tokens
@@ -448,10 +451,11 @@ def ct_cltrace(case_dir: Path, args) -> dict:
     from attribution.trace import TraceConfig, trace_tokens
     from clt import transcoder as tcm
     from clt.lm import load_model
-    from cltrace.compile_cache import enable
+    from cltrace.compile_cache import enable, set_xla_flags
 
+    set_xla_flags()  # as every `cltrace` command does
     if args.ct_compile_cache:
-        enable()  # as every `cltrace` command does
+        enable()  # likewise
     t0 = time.perf_counter()
     m = load_model("smollm2-135m")
     tc_cfg, p = tcm.load(case_dir / "transcoder")

@@ -115,8 +115,10 @@ indent=1)"
 # In order of need, one case per invocation, each cut at its limit (the whole step fits one
 # 9-minute call). float32 products in float32 (TraceConfig.matmul_precision highest) unless named.
 # Every case logs its compilations: a case cut at its limit keeps its progress marks and its
-# stderr's last lines (the latest compilations) in gpu_bench_trace.json. Session 18's first try gave
-# every case 40-80 s and all were cut (no tail was kept then): start with generous limits.
+# stderr's last lines (the latest compilations, then every thread's stack) in
+# gpu_bench_trace.json. Session 18 gave every case 40-80 s and all were cut; session 19's stacks
+# showed XLA compiling (Triton gemm autotuning, now off), then every case but gcap1024 (83 s)
+# fit: `SKIP_TESTS=1 SKIP_PEAKS=1 bash scripts/gpu_bench_trace.sh one` took 375 s in all.
 C=(--batch-size 1024 --batch-memory-gb 16 --log-compiles)
 # 12 tokens, full graph, dense (23k feature rows for the CLT)
 run g12_clt 120 --tokens 12 --kinds clt --adjacency dense "${C[@]}"
@@ -126,15 +128,15 @@ run gcap128 80 --tokens 128 --kinds clt --cap 2048 --batch-memory-gb 16 --log-co
 run g128 100 --tokens 128 --kinds clt --estimate-over 1e9 "${C[@]}"
 # 1,024 tokens, full graph (2M feature rows): estimated from a sample of its batches
 run g1024 80 --tokens 1024 --kinds clt --sample 8 "${C[@]}"
-run gcap1024 60 --tokens 1024 --kinds clt --cap 2048 --batch-memory-gb 16 --max-adjacency-gb 40 \
+run gcap1024 120 --tokens 1024 --kinds clt --cap 2048 --batch-memory-gb 16 --max-adjacency-gb 40 \
     --log-compiles
 # 12 tokens: TensorFloat-32 products, bfloat16, and a PLT
 run g12_tf32 40 --tokens 12 --kinds clt --adjacency dense "${C[@]}" --matmul-precision default
 run g12_bf16 40 --tokens 12 --kinds clt --adjacency dense "${C[@]}" --dtype bfloat16
 run g12_plt 40 --tokens 12 --kinds plt --adjacency dense "${C[@]}"
-# XLA:GPU's autotuning of its gemm fusions (Triton configurations) took over 100 s to compile
-# one trace's row program (session 19): the cases above ran with XLA_FLAGS as given to the step;
-# this one lets XLA tune cuBLAS (not Triton) gemms, to see what autotuning is worth
-XLA_FLAGS=--xla_gpu_enable_triton_gemm=false run g12_clt_cublas_tuned 60 --tokens 12 --kinds clt \
+# XLA:GPU's autotuning of its Triton gemm fusions took over 100 s to compile one trace's row
+# program (session 19); `cltrace` commands and these cases turn them off
+# (cltrace/compile_cache.py). This one turns them back on: the compile time they cost.
+XLA_FLAGS=--xla_gpu_enable_triton_gemm=true run g12_clt_triton 150 --tokens 12 --kinds clt \
     --adjacency dense "${C[@]}"
 ls -la "$OUT"
