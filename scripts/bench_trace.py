@@ -188,14 +188,23 @@ def run_case(kind: str, n_tokens: int, mode: str, args) -> dict:
     if args.cap is None and n_active > args.estimate_over:
         with matmul_precision(config):
             return row | _estimate(m, ids, tc_cfg, p, config, args)
+    profiled = {}
+    if args.profile:  # a first trace compiles; the second, timed, runs under jax.profiler
+        trace_tokens(m.params, m.cfg, tc_cfg, p, ids, config, progress=False)
+        _mark("first trace done (compiled); the second under jax.profiler")
+        jax.profiler.start_trace(args.profile)
     t0 = time.perf_counter()
     # As a single `cltrace trace` does: the model weights no row reads are freed after the
-    # forward pass, and the decoder once its rows are laid out.
+    # forward pass, and the decoder once its rows are laid out (not when profiling: the first
+    # trace kept them, and a program given fewer weights would compile again).
     graph = trace_tokens(m.params, m.cfg, tc_cfg, p, ids, config, progress=False,
-                         release_model=True)
+                         release_model=not args.profile)
     seconds = time.perf_counter() - t0
+    if args.profile:
+        jax.profiler.stop_trace()
+        profiled = {"warm": True, "profile": profile_summary(args.profile, seconds)}
     full = graph.full_graph
-    return row | {
+    return row | profiled | {
         "adjacency": graph.info["adjacency"], "measured": "run",
         "feature_rows": graph.n_active_total if args.cap is None else graph.ranges.feature.stop,
         "full_edges": full.edges if full is not None else graph.n_edges,
@@ -210,6 +219,53 @@ def run_case(kind: str, n_tokens: int, mode: str, args) -> dict:
         "decoder_layout": graph.info["decoder_layout"],
         **_arithmetic(graph.info["row_flops"], graph.info["seconds_rows"], seconds, args.dtype,
                        args.matmul_precision)}
+
+
+def profile_summary(folder: str, wall: float, top: int = 15) -> dict:
+    """Where a profiled trace's time went, from the `jax.profiler` trace in `folder` (its
+    newest .xplane.pb): per device stream (GPU/TPU planes), the busy seconds and the `top`
+    kernels by total time; on the host, the `top` Python functions of this project by total time
+    (nested calls counted in their callers too) and each thread's busy seconds. `wall`: the
+    traced call's seconds. Small enough to come back from a machine whose files cannot."""
+    from collections import Counter
+
+    from jax.profiler import ProfileData
+
+    files = sorted(Path(folder).rglob("*.xplane.pb"), key=lambda f: f.stat().st_mtime)
+    if not files:
+        return {"error": f"no .xplane.pb under {folder}"}
+    data = ProfileData.from_file(str(files[-1]))
+    out = {"file": str(files[-1]), "wall_s": round(wall, 3), "devices": {}, "host": {}}
+    for plane in data.planes:
+        lines = list(plane.lines)
+        if plane.name.startswith("/device:"):
+            for line in lines:
+                total, n = Counter(), 0
+                for ev in line.events:
+                    total[ev.name] += ev.duration_ns
+                    n += 1
+                if n:
+                    out["devices"][f"{plane.name} {line.name}"] = {
+                        "events": n, "busy_s": round(sum(total.values()) / 1e9, 3),
+                        "top": [[k[:160], round(v / 1e9, 4)] for k, v in total.most_common(top)]}
+        elif plane.name == "/host:CPU":
+            ours = Counter()
+            root = Path(__file__).resolve().parents[1]  # this project's modules, by file name
+            mine = {f"${f.name}:" for d in ("attribution", "clt", "cltrace", "viewer")
+                    for f in (root / d).rglob("*.py")}
+            for line in lines:
+                busy = sum(ev.duration_ns for ev in line.events
+                           if not ev.name.startswith("Threadpool"))
+                if busy:
+                    out["host"].setdefault("threads_busy_s", {})[line.name[:60]] = round(
+                        busy / 1e9, 3)
+                if line.name == "python":
+                    for ev in line.events:
+                        if ev.name[:ev.name.find(":") + 1] in mine:
+                            ours[ev.name] += ev.duration_ns
+            out["host"]["python_top"] = [[k[:160], round(v / 1e9, 4)]
+                                         for k, v in ours.most_common(3 * top)]
+    return out
 
 
 _T0 = time.perf_counter()
@@ -720,6 +776,9 @@ def main() -> int:
     ap.add_argument("--log-compiles", action="store_true",
                     help="log each compilation and its seconds (jax_log_compiles) on the case's "
                          "stderr: the tail comes back with a case cut at --timeout")
+    ap.add_argument("--profile", metavar="DIR", default=None,
+                    help="trace twice, the second under jax.profiler into DIR (timings from the "
+                         "warm second trace), and summarise where its time went (`profile`)")
     ap.add_argument("--out", default="out/bench_trace.json")
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)  # child process
     cmp = ap.add_argument_group("comparison with circuit-tracer (module docstring)")
@@ -787,6 +846,7 @@ def main() -> int:
                    f"--matmul-precision={args.matmul_precision}",
                    f"--batch-memory-gb={args.batch_memory_gb}",
                    f"--timeout={args.timeout}"] + (
+                       [f"--profile={args.profile}"] if args.profile else []) + (
                        ["--log-compiles"] if args.log_compiles else []) + (
                        ["--random-model"] if args.random_model else [])
     if args.cap is not None:

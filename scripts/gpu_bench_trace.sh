@@ -94,7 +94,8 @@ python3 -c "from clt.lm import load_model; m = load_model('smollm2-135m'); print
 fi
 J=/tmp/gpujson  # one JSON per case; merged after each into $OUT/gpu_bench_trace.json (the
 mkdir -p $J     # tool returns at most 8 files)
-# CASES="g12_clt gcap128 ...": only these (default: all); BUDGET: seconds the whole step may
+# CASES="g12_clt gcap128 ...": only these (default: all; next, the profiles:
+# CASES="g12_profile g128_profile"); BUDGET: seconds the whole step may
 # take (default 570, a 600 s call): a case gets at most what is left, none under 30 s.
 BUDGET=${BUDGET:-570}
 run() {  # run NAME SECONDS ARGS...: one bench_trace invocation, its rows under NAME
@@ -139,4 +140,17 @@ run g12_plt 40 --tokens 12 --kinds plt --adjacency dense "${C[@]}"
 # (cltrace/compile_cache.py). This one turns them back on: the compile time they cost.
 XLA_FLAGS=--xla_gpu_enable_triton_gemm=true run g12_clt_triton 150 --tokens 12 --kinds clt \
     --adjacency dense "${C[@]}"
+# Where the time goes (session 19: 12-token rows at 3% of the float32 peak, TF32 and bfloat16
+# hardly faster): each traced twice, the second under jax.profiler; the case's `profile` holds
+# each GPU stream's busy seconds and top kernels and the host's top functions, and the raw
+# trace comes back gzipped when it fits the 16 MB a returned file may have.
+run g12_profile 90 --tokens 12 --kinds clt --adjacency dense "${C[@]}" --profile /tmp/gpuprof/g12
+run g128_profile 200 --tokens 128 --kinds clt --estimate-over 1e9 "${C[@]}" \
+    --profile /tmp/gpuprof/g128
+for f in /tmp/gpuprof/*/; do
+    x=$(ls -t "$f"plugins/profile/*/*.xplane.pb 2>/dev/null | head -1)
+    [ -n "$x" ] && gzip -c "$x" > "$OUT/$(basename "$f").xplane.pb.gz" \
+        && [ "$(stat -c %s "$OUT/$(basename "$f").xplane.pb.gz")" -gt 15000000 ] \
+        && rm "$OUT/$(basename "$f").xplane.pb.gz"
+done
 ls -la "$OUT"
