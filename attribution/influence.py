@@ -26,6 +26,8 @@ Every path (dense, greedy, streamed, pruning, the page) calls these functions.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from jaxtyping import Float
 
@@ -124,18 +126,33 @@ def row_sums(rows: Float[np.ndarray, "row source"] | MaskedRows, columns: slice 
                            for i in range(0, len(index), chunk)])
 
 
+class RowSums(NamedTuple):
+    """Each row's sum of |A|, over all columns and over `error_cols`, in float64, as `influence`
+    takes them while it reads the rows (NaN for a row it did not read: one with no weight, or
+    past a pass that fell back to iterating). `graph_scores` needs both sums of the same rows:
+    filled here, the adjacency is read once instead of three times."""
+
+    all: np.ndarray  # [rows]
+    errors: np.ndarray  # [rows]
+    error_cols: slice
+
+    @classmethod
+    def empty(cls, n: int, error_cols: slice) -> RowSums:
+        return cls(np.full(n, np.nan), np.full(n, np.nan), error_cols)
+
+
 def row_chunk(rows) -> int:
     """Rows taken at a time: ~_CHUNK_BYTES of them."""
     width = rows.shape[1] if rows.ndim == 2 else 0
     return max(1, _CHUNK_BYTES // max(1, width * rows.itemsize))
 
 
-def _by_level(rows, weights: np.ndarray, row_nodes: np.ndarray, levels: np.ndarray
-              ) -> np.ndarray | None:
+def _by_level(rows, weights: np.ndarray, row_nodes: np.ndarray, levels: np.ndarray,
+              sums: RowSums | None = None) -> np.ndarray | None:
     """`influence` in one pass (module docstring): row groups by level, top level first, each
     row weighted by its target's weight plus its influence, final by then since every row that
     feeds it is at a higher level. None when a row sends weight to a node at its own level or
-    above (the levels do not order the graph)."""
+    above (the levels do not order the graph). `sums`: the rows read get theirs there."""
     width = rows.shape[1]
     row_level = np.asarray(levels)[row_nodes]
     col_level = np.asarray(levels)[:width]
@@ -150,7 +167,11 @@ def _by_level(rows, weights: np.ndarray, row_nodes: np.ndarray, levels: np.ndarr
             c, x = idx[i:i + chunk], x_all[i:i + chunk]
             contiguous = c[-1] - c[0] + 1 == len(c)
             a = np.abs(rows[c[0]:c[-1] + 1] if contiguous else rows[c])
-            part = spread(x, a, a.sum(axis=1, dtype=np.float64))
+            whole = a.sum(axis=1, dtype=np.float64)
+            if sums is not None:
+                sums.all[c] = whole
+                sums.errors[c] = a[:, sums.error_cols].sum(axis=1, dtype=np.float64)
+            part = spread(x, a, whole)
             if part[up].any():
                 return None
             total[:width] += part
@@ -159,7 +180,7 @@ def _by_level(rows, weights: np.ndarray, row_nodes: np.ndarray, levels: np.ndarr
 
 def influence(rows: Float[np.ndarray, "row source"] | MaskedRows, weights: Float[np.ndarray, " node"],
               row_nodes: np.ndarray | None = None, *, levels: np.ndarray | None = None,
-              max_iter: int = 1000) -> Float[np.ndarray, " node"]:
+              max_iter: int = 1000, sums: RowSums | None = None) -> Float[np.ndarray, " node"]:
     """Every node's influence, weights @ (Â + Â² + ...), from the rows known: rows[i] holds the
     incoming edges of node row_nodes[i] over the first rows.shape[1] nodes (default: the square
     adjacency, row i is node i). `rows` may be a `MaskedRows`. `weights` has one entry per node
@@ -167,12 +188,13 @@ def influence(rows: Float[np.ndarray, "row source"] | MaskedRows, weights: Float
     greedy visit's partial graph). With `levels` (each node's level, e.g.
     `attribution.graph.node_levels`) it takes one pass, when they order the graph; else (or
     without them) it iterates, holding |A| once when it is small, else taking it chunk by chunk,
-    never copying all rows."""
+    never copying all rows. `sums` (`RowSums`, one entry per row), when given, gets the |A| sums
+    of the rows the one pass reads."""
     n = len(weights)
     row_nodes = np.arange(len(rows)) if row_nodes is None else np.asarray(row_nodes)
     weights = np.asarray(weights, np.float64)
     if levels is not None and len(rows) and rows.ndim == 2:
-        total = _by_level(rows, weights, row_nodes, levels)
+        total = _by_level(rows, weights, row_nodes, levels, sums)
         if total is not None:
             return total
     width = rows.shape[1] if rows.ndim == 2 else 0
@@ -232,6 +254,6 @@ def cumulative_share(infl: Float[np.ndarray, " node"], total: float | None = Non
     return cum, cum - infl / total
 
 
-__all__ = ["CLAMP", "MaskedRows", "block_entries", "cumulative_share", "edge_scores",
+__all__ = ["CLAMP", "MaskedRows", "RowSums", "block_entries", "cumulative_share", "edge_scores",
            "graph_scores_from", "influence", "node_slots", "normalize_rows", "row_chunk",
            "row_sums", "spread"]

@@ -30,6 +30,7 @@ import numpy as np
 from attribution.graph import Graph, Scores
 from attribution.influence import (
     MaskedRows,
+    RowSums,
     block_entries,
     cumulative_share,
     edge_scores,
@@ -42,13 +43,15 @@ from attribution.influence import (
 )
 
 
-def node_influence(graph: Graph, adjacency: np.ndarray | None = None) -> np.ndarray:
+def node_influence(graph: Graph, adjacency: np.ndarray | None = None,
+                   sums: RowSums | None = None) -> np.ndarray:
     """Every node's influence on the logits: the full graph's, stored, for a streamed graph
-    (whose adjacency is only part of it), else computed from `adjacency` (default: the graph's)."""
+    (whose adjacency is only part of it), else computed from `adjacency` (default: the graph's;
+    `sums`: its rows' |A| sums, filled on the way, `influence`)."""
     if adjacency is None and graph.streamed:
         return graph.influence.astype(np.float64)
     a = graph.adjacency if adjacency is None else adjacency
-    return influence(a, graph.logit_weights(), levels=graph.node_levels())
+    return influence(a, graph.logit_weights(), levels=graph.node_levels(), sums=sums)
 
 
 _BUCKET_SHIFT = 16  # float32 scores bucketed by their top 16 bits: sign, exponent, 7 of mantissa
@@ -152,6 +155,8 @@ class PruneResult:
     edge_block: np.ndarray  # [kept, kept] bool, edges kept (target, source) among `kept_nodes`
     cumulative_scores: np.ndarray  # [node] cumulative influence share at each node's rank
     influence: np.ndarray  # [node] node influence in the unpruned graph
+    # The unpruned adjacency's row sums, taken with `influence` (for `score`; None: not taken)
+    sums: RowSums | None = None
 
     @property
     def kept_nodes(self) -> np.ndarray:
@@ -195,7 +200,8 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
             raise ValueError(f"{name} must be between 0 and 1, got {v}")
     r = graph.ranges
     weights = graph.logit_weights()
-    infl = node_influence(graph)
+    sums = None if graph.streamed else RowSums.empty(graph.n_nodes, r.error)
+    infl = node_influence(graph, sums=sums)
     total = graph.influence_total() if graph.streamed else float(infl.sum())
     full = graph.full_graph
     if full is not None and full.slim and (node_threshold >= full.pruned_node_threshold
@@ -240,7 +246,7 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
             break
     node_mask[nodes] = alive
     return PruneResult(node_mask, block[np.ix_(alive, alive)], cumulative_share(infl, total)[0],
-                       infl)
+                       infl, sums)
 
 
 def _stored(graph: Graph, infl: np.ndarray, total: float) -> PruneResult:
@@ -255,24 +261,33 @@ def _stored(graph: Graph, infl: np.ndarray, total: float) -> PruneResult:
                        cumulative_share(infl, total)[0], infl)
 
 
-def graph_scores(graph: Graph, adjacency=None, infl: np.ndarray | None = None
-                 ) -> tuple[float, float]:
+def graph_scores(graph: Graph, adjacency=None, infl: np.ndarray | None = None,
+                 sums: RowSums | None = None) -> tuple[float, float]:
     """(replacement score, completeness score) of the graph, or of `adjacency` over its nodes
     (a pruned adjacency, an array or a `MaskedRows`, for the scores of the pruned graph).
-    `infl`: its nodes' influence, when already known. A streamed graph's own scores are its
-    full graph's, computed while tracing."""
+    `infl`: its nodes' influence, when already known, and `sums` its rows' |A| sums taken with
+    it (`influence`), when known: rows without theirs are summed here. A streamed graph's own
+    scores are its full graph's, computed while tracing."""
     if adjacency is None and graph.streamed:
         return graph.full_graph.replacement_score, graph.full_graph.completeness_score
     r = graph.ranges
     a = graph.adjacency if adjacency is None else adjacency
     weights = graph.logit_weights()
     if infl is None:
-        infl = influence(a, weights, levels=graph.node_levels())
+        sums = RowSums.empty(len(a), r.error)
+        infl = influence(a, weights, levels=graph.node_levels(), sums=sums)
     # Input sums weigh in as (influence + weight): rows without either need none.
     live = np.nonzero(np.asarray(infl) + weights)[0]
-    sums, err_sums = np.zeros(graph.n_nodes), np.zeros(graph.n_nodes)
-    sums[live], err_sums[live] = row_sums(a, index=live), row_sums(a, r.error, index=live)
-    return graph_scores_from(infl, weights, sums, err_sums, r.token, r.error)
+    total, err_sums = np.zeros(graph.n_nodes), np.zeros(graph.n_nodes)
+    if sums is not None and sums.error_cols == r.error:
+        total[live], err_sums[live] = sums.all[live], sums.errors[live]
+        missing = live[np.isnan(total[live])]
+    else:
+        missing = live
+    if len(missing):
+        total[missing] = row_sums(a, index=missing)
+        err_sums[missing] = row_sums(a, r.error, index=missing)
+    return graph_scores_from(infl, weights, total, err_sums, r.token, r.error)
 
 
 def score(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98,
@@ -284,7 +299,8 @@ def score(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pruned = prune(graph, node_threshold, edge_threshold)
-    rep, comp = graph_scores(graph, infl=None if graph.streamed else pruned.influence)
+    rep, comp = graph_scores(graph, infl=None if graph.streamed else pruned.influence,
+                             sums=pruned.sums)
     rep_p, comp_p = graph_scores(graph, pruned.masked(graph.adjacency))
     return Scores(rep, comp, rep_p, comp_p)
 

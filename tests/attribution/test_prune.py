@@ -274,3 +274,37 @@ def test_edges_held_among_kept_nodes(fraction, monkeypatch):
         np.testing.assert_array_equal(m[:], np.where(mask, g.adjacency, 0))
         np.testing.assert_array_equal(m[np.array([7, 3, 40]), 5:60],
                                       np.where(mask, g.adjacency, 0)[[7, 3, 40], 5:60])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_row_sums_taken_with_influence_are_the_rows_sums(seed, monkeypatch):
+    """The |A| sums `influence` fills while reading rows (`RowSums`) equal a naive per-row
+    float64 sum (over several chunks, masked rows too), NaN only where no row was read; and the
+    scores made from them (prune -> score, and graph_scores of a masked adjacency) equal the
+    scores summed afresh (`graph_scores` given the influence without sums)."""
+    from attribution.influence import RowSums
+
+    monkeypatch.setattr(influence_module, "_CHUNK_BYTES", 4 * 29 * 300)
+    g = layered_graph(seed)
+    r, w, lv = g.ranges, g.logit_weights(), g.node_levels()
+    keep = np.random.default_rng(seed).random(g.n_nodes) < 0.7
+    keep[r.token.start:] = True
+    for rows, dense in [(g.adjacency, g.adjacency),
+                        (MaskedRows(g.adjacency, row_mask=keep, col_mask=keep),
+                         g.adjacency * keep[:, None] * keep[None, :])]:
+        sums = RowSums.empty(g.n_nodes, r.error)
+        infl = influence(rows, w, levels=lv, sums=sums)
+        read = ~np.isnan(sums.all)
+        live = (infl + w) != 0
+        assert read[live].all() and read.sum() < g.n_nodes  # rows with no weight: not read
+        for i in np.nonzero(read)[0]:
+            a = np.abs(dense[i].astype(np.float64))
+            assert sums.all[i] == pytest.approx(a.sum(), rel=1e-12, abs=1e-300)
+            assert sums.errors[i] == pytest.approx(a[r.error].sum(), rel=1e-12, abs=1e-300)
+        np.testing.assert_allclose(graph_scores(g, rows), graph_scores(g, rows, infl=infl),
+                                   rtol=1e-12)
+    res = prune(g, 0.8, 0.98)
+    assert res.sums is not None
+    s = score(g, 0.8, 0.98, res)
+    np.testing.assert_allclose([s.replacement, s.completeness],
+                               graph_scores(g, infl=res.influence), rtol=1e-12)
