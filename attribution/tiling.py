@@ -24,6 +24,11 @@ from attribution.replacement import ActiveFeatures
 # decoder slots whose contraction costs as much (measured on a CPU: ~40 us against ~0.75 us;
 # the 128-token benchmark's speed moves by under 8% for any value from 16 to 160).
 GATHER_SLOTS = 54
+# Bytes of unit vectors `SlotTiles.cumulative` keeps for every layer's value matrices (above,
+# it makes them again for each layer, one chunk at a time).
+KEEP_UNITS = 256 * 2**20
+# Rows of unit vectors per value_fn call (a fixed shape: one compilation for every prompt).
+VALUE_CHUNK = 8192
 # Overflow tile widths of `SlotTiles`: wide, so one tile holds a busy position's overflow.
 SLOT_TILE_WIDTHS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048)
 
@@ -221,20 +226,27 @@ class SlotTiles:
         return sum(rows.get(last, 0) * group for _, last in value_groups(n_layers, group))
 
     @staticmethod
-    def _value_matrices(value_fn, layer: int, n_pos: int, D: int, dtype, chunk: int):
-        """value_fn(layer, ., q) at each position q as a matrix [n_pos, D, V] in at least float32:
-        its value on the unit vectors (it is linear), `chunk` rows per call."""
-        out = []
+    def _unit_chunks(n_pos: int, D: int, dtype, chunk: int):
+        """The unit vectors at each position, `chunk` rows at a time (the last padded with zero
+        rows at position 0), one by one: (x [chunk, D], positions [chunk], rows used). 64-byte
+        aligned: on a CPU, JAX reads them in place."""
         for c in range(0, n_pos * D, chunk):
             r = np.arange(c, min(c + chunk, n_pos * D))  # row r: position r // D, unit r % D
-            x, p = np.zeros((chunk, D), dtype), np.zeros(chunk, np.int32)
+            x, p = aligned_zeros((chunk, D), dtype), np.zeros(chunk, np.int32)
             x[r - c, r % D], p[:len(r)] = 1, r // D
-            out.append(np.asarray(value_fn(layer, x, p))[:len(r)])
+            yield x, p, len(r)
+
+    @staticmethod
+    def _value_matrices(value_fn, layer: int, n_pos: int, D: int, dtype, units):
+        """value_fn(layer, ., q) at each position q as a matrix [n_pos, D, V] in at least float32:
+        its value on the unit vectors (it is linear), one call per chunk of `units`
+        (`_unit_chunks`)."""
+        out = [np.asarray(value_fn(layer, x, p))[:n] for x, p, n in units]
         return np.concatenate(out).reshape(n_pos, D, -1).astype(
             np.promote_types(dtype, np.float32))
 
     def cumulative(self, W_dec, active: ActiveFeatures, dtype, value_fn, n_layers: int,
-                   reads: np.ndarray, group: int = 1, chunk: int = 8192):
+                   reads: np.ndarray, group: int = 1, chunk: int | None = None):
         """For tiles built with every lower layer as a writer of each slot (`build` with writers
         range(0, t + 1)): (per slot, its rows; every feature's direct edges).
 
@@ -260,6 +272,7 @@ class SlotTiles:
         sums' dtype (at least float32)."""
         flat = [np.asarray(W).reshape(-1, W.shape[-1]) for W in W_dec]  # views: [feature x reach]
         D, n = flat[0].shape[1], len(active)
+        chunk = VALUE_CHUNK if chunk is None else chunk
         order = np.argsort(active.layer, kind="stable")
         bounds = np.searchsorted(active.layer[order], np.arange(n_layers + 1))
         # Every feature's cumulative write so far, its layer's features contiguous (in `order`),
@@ -289,6 +302,7 @@ class SlotTiles:
                     A[sl.main.size:].reshape(*sl.over.shape, A.shape[1]))
 
         values = {}  # a group's last slot -> its value rows, filled slot by slot
+        units = None  # the unit vectors value_fn is called on (`_unit_chunks`)
         out = []
         for t in range(n_layers):
             for s in range(t + 1):  # the writes into slot t
@@ -313,7 +327,14 @@ class SlotTiles:
                 first, last = value_groups(n_layers, group)[t // group]
                 home = by_slot.get(last)
                 if home is not None and t in by_slot:  # (no writer yet: zero value rows)
-                    J = self._value_matrices(value_fn, t + 1, home.main.shape[0], D, dtype, chunk)
+                    P = home.main.shape[0]
+                    if units is None:  # the same for every layer: kept when small
+                        units = self._unit_chunks(P, D, dtype, chunk)
+                        if -(-P * D // chunk) * chunk * D * np.dtype(dtype).itemsize <= KEEP_UNITS:
+                            units = list(units)
+                    J = self._value_matrices(value_fn, t + 1, P, D, dtype, units)
+                    if not isinstance(units, list):
+                        units = None  # made again, one chunk at a time, for the next layer
                     cells = cells_of(home)
                     if last not in values:
                         values[last] = aligned_zeros((len(cells), group * J.shape[2]), dtype)
@@ -347,5 +368,5 @@ def value_groups(n_layers: int, group: int) -> list[tuple[int, int]]:
     return [(a, min(a + group, n_layers - 1) - 1) for a in range(0, n_layers - 1, group)]
 
 
-__all__ = ["GATHER_SLOTS", "SLOT_TILE_WIDTHS", "Slot", "SlotTiles", "Sources", "aligned_zeros",
+__all__ = ["GATHER_SLOTS", "KEEP_UNITS", "SLOT_TILE_WIDTHS", "VALUE_CHUNK", "Slot", "SlotTiles", "Sources", "aligned_zeros",
            "tile_widths", "value_groups"]

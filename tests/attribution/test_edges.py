@@ -68,16 +68,23 @@ def _check_all_edges(graph, ref):
     assert not graph.adjacency[:, r.logit].any()
 
 
-@pytest.mark.parametrize("layout", ["slots", "sources", "values", "values-g1"])
+@pytest.mark.parametrize("layout", ["slots", "sources", "values", "values-g1", "values-chunks"])
 @pytest.mark.parametrize("family,reach,skip,point", CASES)
 def test_every_edge_is_an_intervention(tiny_dirs, x64, family, reach, skip, point, layout,
                                        monkeypatch):
     """Every decoder layout: laid out slot by slot once, gathered by every batch, or contracted
     at the attention values (`_edges_by_values`; a transcoder with a skip connection falls back
     to the slots), its value slots in groups of `VALUE_GROUP` (3: one short group on these
-    3-layer models) or one by one (values-g1)."""
+    3-layer models) or one by one (values-g1), its value matrices made from unit vectors kept
+    for every layer in one chunk (values) or made again for each layer in chunks of 7 rows, the
+    last padded (values-chunks)."""
     if layout == "values-g1":
         monkeypatch.setattr(importlib.import_module("attribution.trace"), "VALUE_GROUP", 1)
+        layout = "values"
+    if layout == "values-chunks":
+        tiling = importlib.import_module("attribution.tiling")
+        monkeypatch.setattr(tiling, "VALUE_CHUNK", 7)
+        monkeypatch.setattr(tiling, "KEEP_UNITS", 0)
         layout = "values"
     params, cfg, tc_cfg, tc_params, ids = _setup(tiny_dirs, family, reach, skip, point)
     # The slot layouts run on the whole prompt only (one position prefix).
