@@ -140,6 +140,20 @@ class RowSums(NamedTuple):
     def empty(cls, n: int, error_cols: slice) -> RowSums:
         return cls(np.full(n, np.nan), np.full(n, np.nan), error_cols)
 
+    def at(self, rows, index: np.ndarray, errors: bool = True
+           ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(sums, error sums, or None without `errors`) of rows[index] (`rows`: the rows these
+        were taken from): those taken, and the others summed here (`row_sums`)."""
+        index = np.asarray(index)
+        total = self.all[index]
+        err = self.errors[index] if errors else None
+        missing = np.isnan(total)
+        if missing.any():
+            total[missing] = row_sums(rows, index=index[missing])
+            if errors:
+                err[missing] = row_sums(rows, self.error_cols, index=index[missing])
+        return total, err
+
 
 def row_chunk(rows) -> int:
     """Rows taken at a time: ~_CHUNK_BYTES of them."""

@@ -39,7 +39,6 @@ from attribution.influence import (
     node_slots,
     normalize_rows,
     row_chunk,
-    row_sums,
 )
 
 
@@ -273,20 +272,14 @@ def graph_scores(graph: Graph, adjacency=None, infl: np.ndarray | None = None,
     r = graph.ranges
     a = graph.adjacency if adjacency is None else adjacency
     weights = graph.logit_weights()
-    if infl is None:
+    if sums is None or sums.error_cols != r.error:
         sums = RowSums.empty(len(a), r.error)
+    if infl is None:
         infl = influence(a, weights, levels=graph.node_levels(), sums=sums)
     # Input sums weigh in as (influence + weight): rows without either need none.
     live = np.nonzero(np.asarray(infl) + weights)[0]
     total, err_sums = np.zeros(graph.n_nodes), np.zeros(graph.n_nodes)
-    if sums is not None and sums.error_cols == r.error:
-        total[live], err_sums[live] = sums.all[live], sums.errors[live]
-        missing = live[np.isnan(total[live])]
-    else:
-        missing = live
-    if len(missing):
-        total[missing] = row_sums(a, index=missing)
-        err_sums[missing] = row_sums(a, r.error, index=missing)
+    total[live], err_sums[live] = sums.at(a, live)
     return graph_scores_from(infl, weights, total, err_sums, r.token, r.error)
 
 

@@ -23,7 +23,7 @@ import dataclasses
 import numpy as np
 
 from attribution.graph import FullGraph, Graph, LeftOutFeatures
-from attribution.influence import row_sums
+from attribution.influence import RowSums
 from attribution.prune import PruneResult, graph_scores, prune
 
 
@@ -46,9 +46,12 @@ def slim(graph: Graph, pruned: PruneResult | None = None) -> Graph:
     keep = np.concatenate([feats, np.arange(r.error.start, graph.n_nodes)])
     adjacency = graph.adjacency[np.ix_(keep, keep)] * pruned.edges_among(keep)
     if graph.streamed:
-        sums, err_sums = graph.input_abs, graph.input_error_abs
-    else:
-        sums, err_sums = row_sums(graph.adjacency), row_sums(graph.adjacency, r.error)
+        sums, err_sums = graph.input_abs[keep], graph.input_error_abs[keep]
+    else:  # those pruning took with the influence, the others summed here
+        known = pruned.sums
+        if known is None or known.error_cols != r.error:
+            known = RowSums.empty(graph.n_nodes, r.error)
+        sums, err_sums = known.at(graph.adjacency, keep)
 
     dropped = np.setdiff1d(np.arange(r.feature.stop), feats)
     left = LeftOutFeatures(graph.feature_layer[dropped], graph.feature_pos[dropped],
@@ -73,8 +76,8 @@ def slim(graph: Graph, pruned: PruneResult | None = None) -> Graph:
     return dataclasses.replace(
         graph, feature_layer=graph.feature_layer[feats], feature_pos=graph.feature_pos[feats],
         feature_index=graph.feature_index[feats], activation=graph.activation[feats],
-        adjacency=adjacency, influence=infl[keep], input_abs=np.asarray(sums)[keep],
-        input_error_abs=np.asarray(err_sums)[keep], full_graph=full, left_out=left, pruned=None)
+        adjacency=adjacency, influence=infl[keep], input_abs=np.asarray(sums),
+        input_error_abs=np.asarray(err_sums), full_graph=full, left_out=left, pruned=None)
 
 
 __all__ = ["slim", "thresholds"]

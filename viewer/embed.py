@@ -33,7 +33,7 @@ import numpy as np
 
 from attribution.export import metadata, node_ids, node_record
 from attribution.graph import Graph
-from attribution.influence import cumulative_share, edge_scores, row_sums
+from attribution.influence import RowSums, cumulative_share, edge_scores
 from attribution.prune import find_threshold, node_influence
 from clt.configs import ConfigError, doc, to_dict
 from viewer import supernodes
@@ -142,7 +142,8 @@ def _kinds(graph: Graph) -> np.ndarray:
 def select(graph: Graph, config: ViewConfig) -> Selection:
     """Choose the nodes and edges of the page (see the module docstring)."""
     kind = _kinds(graph)
-    infl = node_influence(graph).astype(np.float64)
+    pruned = graph.pruned  # the tracer's: its influence and row sums, already taken
+    infl = (node_influence(graph) if pruned is None else pruned.influence).astype(np.float64)
     total = graph.influence_total() if graph.streamed else None
     cum, before = cumulative_share(infl, total)  # "before" decides visibility
     sources = (kind == FEATURE) | ((kind == ERROR) & config.errors)
@@ -155,8 +156,13 @@ def select(graph: Graph, config: ViewConfig) -> Selection:
     capped = candidates[np.argsort(-infl[candidates], kind="stable")[:config.max_nodes]]
     nodes = np.sort(np.concatenate([capped, np.nonzero(kind >= TOKEN)[0]]))
 
-    sums = graph.input_abs[nodes] if graph.input_abs is not None else \
-        row_sums(graph.adjacency, index=nodes)
+    if graph.input_abs is not None:
+        sums = graph.input_abs[nodes]
+    else:
+        known = None if pruned is None else pruned.sums
+        if known is None or known.error_cols != graph.ranges.error:
+            known = RowSums.empty(graph.n_nodes, graph.ranges.error)
+        sums = known.at(graph.adjacency, nodes, errors=False)[0]
     tgt, src, w, norm, escore, edge_report = _edges(graph, nodes, infl, sums, config)
     n_feat = int((kind == FEATURE).sum())
     n_err = int((kind == ERROR).sum())

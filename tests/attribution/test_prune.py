@@ -303,6 +303,15 @@ def test_row_sums_taken_with_influence_are_the_rows_sums(seed, monkeypatch):
             assert sums.errors[i] == pytest.approx(a[r.error].sum(), rel=1e-12, abs=1e-300)
         np.testing.assert_allclose(graph_scores(g, rows), graph_scores(g, rows, infl=infl),
                                    rtol=1e-12)
+        # `at`: the rows read as taken, the others summed then; error sums on request.
+        every = np.random.default_rng(seed).permutation(g.n_nodes)
+        total, err = sums.at(rows, every)
+        np.testing.assert_allclose(total, np.abs(dense[every].astype(np.float64)).sum(axis=1),
+                                   rtol=1e-12)
+        np.testing.assert_allclose(
+            err, np.abs(dense[every][:, r.error].astype(np.float64)).sum(axis=1), rtol=1e-12)
+        assert sums.at(rows, every, errors=False)[1] is None
+        assert np.isnan(sums.all).sum() == (~read).sum()  # `at` fills no cache
     res = prune(g, 0.8, 0.98)
     assert res.sums is not None
     s = score(g, 0.8, 0.98, res)

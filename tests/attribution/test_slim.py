@@ -122,3 +122,18 @@ def test_schema_1_files_still_load(tmp_path):
     back = Graph.load(tmp_path / "v1.npz")
     np.testing.assert_array_equal(back.adjacency, g.adjacency)
     assert not back.streamed and back.ranges == g.ranges
+
+
+def test_slim_input_sums_are_the_full_graphs(dense):
+    """A slim graph's input sums (those pruning took with the influence, the rest summed then)
+    are each kept node's sums of |incoming edges| over the whole graph, and over its errors."""
+    pruned = dense.pruned
+    assert pruned is not None and pruned.sums is not None
+    r = dense.ranges
+    keep = np.concatenate([np.nonzero(pruned.node_mask[r.feature])[0],
+                           np.arange(r.error.start, dense.n_nodes)])
+    assert np.isnan(pruned.sums.all[keep]).any()  # some kept rows were not read: summed here
+    s = slim(dense)
+    a = np.abs(dense.adjacency.astype(np.float64))
+    np.testing.assert_allclose(s.input_abs, a[keep].sum(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(s.input_error_abs, a[keep][:, r.error].sum(axis=1), rtol=1e-12)

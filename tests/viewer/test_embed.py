@@ -130,3 +130,21 @@ def test_page_for_a_1024_token_prompt_stays_under_15_mb():
     assert rep["nodes_held"] == 3000 + 1024 + 10 and rep["left_out_over_node_cap"] > 0
     assert rep["edges_held"] <= 100_000 and rep["edges_left_out"] > 0
     assert rep["cards"] == rep["features_held"] > 0
+
+
+def test_select_with_the_tracers_pruning_is_select_without(graph):
+    """A page made from a graph carrying its pruning (`Graph.pruned`, as the tracer leaves it:
+    influence and row sums already taken) holds what a page made afresh holds."""
+    import dataclasses
+
+    g = dataclasses.replace(graph, adjacency=graph.adjacency.copy())
+    g.adjacency[:, g.ranges.token.start] = 0  # a token without influence: its row is not read
+    fresh = select(g, ViewConfig())
+    pruned = prune(g)
+    assert pruned.sums is not None and np.isnan(pruned.sums.all[g.ranges.token.start])
+    reused = select(dataclasses.replace(g, pruned=pruned), ViewConfig())
+    np.testing.assert_array_equal(reused.nodes, fresh.nodes)
+    np.testing.assert_array_equal(reused.influence, fresh.influence)
+    np.testing.assert_array_equal(reused.input_abs, fresh.input_abs)
+    for f in ("edge_target", "edge_source", "edge_weight", "edge_norm"):
+        np.testing.assert_array_equal(getattr(reused, f), getattr(fresh, f))
