@@ -145,7 +145,7 @@ XLA_FLAGS=--xla_gpu_enable_triton_gemm=true run g12_clt_triton 150 --tokens 12 -
 # each GPU stream's busy seconds and top kernels and the host's top functions, and the raw
 # trace comes back gzipped when it fits the 16 MB a returned file may have.
 run g12_profile 90 --tokens 12 --kinds clt --adjacency dense "${C[@]}" --profile /tmp/gpuprof/g12
-run g128_profile 200 --tokens 128 --kinds clt --estimate-over 1e9 "${C[@]}" \
+run g128_profile 240 --tokens 128 --kinds clt --estimate-over 1e9 "${C[@]}" \
     --profile /tmp/gpuprof/g128
 for f in /tmp/gpuprof/*/; do
     x=$(ls -t "$f"plugins/profile/*/*.xplane.pb 2>/dev/null | head -1)
