@@ -140,6 +140,14 @@ class RowSums(NamedTuple):
     def empty(cls, n: int, error_cols: slice) -> RowSums:
         return cls(np.full(n, np.nan), np.full(n, np.nan), error_cols)
 
+    @classmethod
+    def reuse(cls, sums: RowSums | None, n: int, error_cols: slice) -> RowSums:
+        """`sums` when taken over these n rows and error columns (e.g. a pruning's,
+        `PruneResult.sums`), else an empty one: `at` then sums every row it is asked for."""
+        if sums is None or sums.error_cols != error_cols or len(sums.all) != n:
+            return cls.empty(n, error_cols)
+        return sums
+
     def at(self, rows, index: np.ndarray, errors: bool = True
            ) -> tuple[np.ndarray, np.ndarray | None]:
         """(sums, error sums, or None without `errors`) of rows[index] (`rows`: the rows these

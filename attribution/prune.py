@@ -272,8 +272,7 @@ def graph_scores(graph: Graph, adjacency=None, infl: np.ndarray | None = None,
     r = graph.ranges
     a = graph.adjacency if adjacency is None else adjacency
     weights = graph.logit_weights()
-    if sums is None or sums.error_cols != r.error:
-        sums = RowSums.empty(len(a), r.error)
+    sums = RowSums.reuse(sums, len(a), r.error)
     if infl is None:
         infl = influence(a, weights, levels=graph.node_levels(), sums=sums)
     # Input sums weigh in as (influence + weight): rows without either need none.

@@ -48,9 +48,7 @@ def slim(graph: Graph, pruned: PruneResult | None = None) -> Graph:
     if graph.streamed:
         sums, err_sums = graph.input_abs[keep], graph.input_error_abs[keep]
     else:  # those pruning took with the influence, the others summed here
-        known = pruned.sums
-        if known is None or known.error_cols != r.error:
-            known = RowSums.empty(graph.n_nodes, r.error)
+        known = RowSums.reuse(pruned.sums, graph.n_nodes, r.error)
         sums, err_sums = known.at(graph.adjacency, keep)
 
     dropped = np.setdiff1d(np.arange(r.feature.stop), feats)

@@ -302,7 +302,7 @@ class SlotTiles:
                     A[sl.main.size:].reshape(*sl.over.shape, A.shape[1]))
 
         values = {}  # a group's last slot -> its value rows, filled slot by slot
-        units = None  # the unit vectors value_fn is called on (`_unit_chunks`)
+        kept = None  # the unit vectors value_fn is called on, kept for every layer when small
         out = []
         for t in range(n_layers):
             for s in range(t + 1):  # the writes into slot t
@@ -328,13 +328,11 @@ class SlotTiles:
                 home = by_slot.get(last)
                 if home is not None and t in by_slot:  # (no writer yet: zero value rows)
                     P = home.main.shape[0]
-                    if units is None:  # the same for every layer: kept when small
-                        units = self._unit_chunks(P, D, dtype, chunk)
-                        if -(-P * D // chunk) * chunk * D * np.dtype(dtype).itemsize <= KEEP_UNITS:
-                            units = list(units)
+                    units = kept if kept is not None else self._unit_chunks(P, D, dtype, chunk)
+                    if kept is None and (-(-P * D // chunk) * chunk * D * np.dtype(dtype).itemsize
+                                         <= KEEP_UNITS):  # else made again, chunk by chunk
+                        kept = units = list(units)
                     J = self._value_matrices(value_fn, t + 1, P, D, dtype, units)
-                    if not isinstance(units, list):
-                        units = None  # made again, one chunk at a time, for the next layer
                     cells = cells_of(home)
                     if last not in values:
                         values[last] = aligned_zeros((len(cells), group * J.shape[2]), dtype)
@@ -368,5 +366,5 @@ def value_groups(n_layers: int, group: int) -> list[tuple[int, int]]:
     return [(a, min(a + group, n_layers - 1) - 1) for a in range(0, n_layers - 1, group)]
 
 
-__all__ = ["GATHER_SLOTS", "KEEP_UNITS", "SLOT_TILE_WIDTHS", "VALUE_CHUNK", "Slot", "SlotTiles", "Sources", "aligned_zeros",
-           "tile_widths", "value_groups"]
+__all__ = ["GATHER_SLOTS", "KEEP_UNITS", "SLOT_TILE_WIDTHS", "VALUE_CHUNK", "Slot", "SlotTiles",
+           "Sources", "aligned_zeros", "tile_widths", "value_groups"]

@@ -159,9 +159,8 @@ def select(graph: Graph, config: ViewConfig) -> Selection:
     if graph.input_abs is not None:
         sums = graph.input_abs[nodes]
     else:
-        known = None if pruned is None else pruned.sums
-        if known is None or known.error_cols != graph.ranges.error:
-            known = RowSums.empty(graph.n_nodes, graph.ranges.error)
+        known = RowSums.reuse(None if pruned is None else pruned.sums, graph.n_nodes,
+                              graph.ranges.error)
         sums = known.at(graph.adjacency, nodes, errors=False)[0]
     tgt, src, w, norm, escore, edge_report = _edges(graph, nodes, infl, sums, config)
     n_feat = int((kind == FEATURE).sum())

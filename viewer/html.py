@@ -207,5 +207,5 @@ def read_labels(path: str | Path) -> dict[tuple[int, int], str]:
                           '{"layer_feature": "label"}, e.g. {"3_1207": "capital cities"}') from None
 
 
-__all__ = ["VIS_OPTIONS", "ViewReport", "load_graph", "read_labels", "render_html", "resolve_cards",
-           "vis_network_js", "vis_options", "write_html"]
+__all__ = ["VIS_OPTIONS", "ViewReport", "load_graph", "read_labels", "render_html",
+           "resolve_cards", "vis_network_js", "vis_options", "write_html"]
