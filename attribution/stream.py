@@ -28,6 +28,21 @@ def chunks(idx: np.ndarray, size: int) -> list[np.ndarray]:
     return [idx[i:i + size] for i in range(0, len(idx), size)]
 
 
+def rows_ahead(make, active: ActiveFeatures, batches):
+    """Each batch's feature rows on the host, as (batch, rows [len(batch), sources]), made one
+    batch ahead: the next batch is dispatched before this one's rows are fetched, so the device
+    (on a CPU, XLA's threads) makes it while the caller stores these. The one home of that
+    overlap (`_all_rows`, the greedy visit and the streamed graph's stored rows use it)."""
+    ahead = None
+    for c in batches:
+        rows = make.features(active, c, host=False, padded=True)
+        if ahead is not None:
+            yield ahead[0], np.asarray(jax.device_get(ahead[1]))[:len(ahead[0])]
+        ahead = (c, rows)
+    if ahead is not None:
+        yield ahead[0], np.asarray(jax.device_get(ahead[1]))[:len(ahead[0])]
+
+
 def stream_batches(active: ActiveFeatures, n_layers: int, batch: int) -> list[np.ndarray]:
     """The feature batches of a streamed trace, in order: top layer first, one layer per batch,
     by position within a layer (so each batch's position prefix is short)."""
@@ -129,11 +144,14 @@ def stream(make, active, batch, logit_dirs, logit_weights, n_err, T, n_keep, bar
     influence = jnp.zeros(n_src, make.out_dtype)
     sums = np.zeros(n_all + n_logit, np.float64)  # features, then logits
     err_sums = np.zeros(n_all + n_logit, np.float64)
-    edges = 0
     logit_rows = []
+    # Each batch's (rows it sums, sums, error sums, nonzeros), fetched at the end: the host
+    # waits for the batch before this one only, so one batch is made while the next is
+    # dispatched, and no more than two hold their rows (a long prompt's are GBs).
+    folded = []
 
     def fold(rows, nodes, extra, where):
-        nonlocal influence, edges
+        nonlocal influence
         B = rows.shape[0]
         node = np.full(B, -1, np.int32)
         node[:len(nodes)] = nodes
@@ -141,9 +159,9 @@ def stream(make, active, batch, logit_dirs, logit_weights, n_err, T, n_keep, bar
         ex[:len(extra)] = extra
         influence, s, e, nz = absorb(influence, rows, jnp.asarray(node), jnp.asarray(ex),
                                      errors=errors)
-        s, e = np.asarray(s, np.float64), np.asarray(e, np.float64)
-        sums[where], err_sums[where] = s[:len(where)], e[:len(where)]
-        edges += int(nz)
+        folded.append((where, s, e, nz))
+        if len(folded) > 1:
+            folded[-2][1].block_until_ready()
 
     for c in chunks(np.arange(n_logit), batch):
         rows = make(np.full(len(c), L, np.int32), np.full(len(c), T - 1, np.int32),
@@ -155,6 +173,11 @@ def stream(make, active, batch, logit_dirs, logit_weights, n_err, T, n_keep, bar
         fold(make.features(active, c, host=False, padded=True), c, [], c)
         bar.advance(task, len(c))
     infl = np.asarray(jax.device_get(influence), np.float64)
+    edges = 0
+    for where, s, e, nz in jax.device_get(folded):
+        sums[where] = np.asarray(s, np.float64)[:len(where)]
+        err_sums[where] = np.asarray(e, np.float64)[:len(where)]
+        edges += int(nz)
 
     # The full graph's scores, from every node's influence and input sums (errors and tokens
     # have no inputs; logits no influence).
@@ -173,9 +196,9 @@ def stream(make, active, batch, logit_dirs, logit_weights, n_err, T, n_keep, bar
     keep_cols = np.concatenate([selected, np.arange(n_all, n_src)])
     N = n_keep + n_err + T + n_logit
     adjacency = np.zeros((N, N), make.out_dtype)
-    for i in range(0, n_keep, batch):
-        c = selected[i:i + batch]
-        adjacency[i:i + len(c), :N - n_logit] = make.features(active, c)[:, keep_cols]
+    for i, (c, rows) in zip(range(0, n_keep, batch),
+                            rows_ahead(make, active, chunks(selected, batch))):
+        adjacency[i:i + len(c), :N - n_logit] = rows[:, keep_cols]
         bar.advance(task, len(c))
     adjacency[N - n_logit:, :N - n_logit] = np.concatenate(logit_rows)[:, keep_cols]
     left_out = np.setdiff1d(np.arange(n_all), selected)
@@ -194,4 +217,4 @@ def stream(make, active, batch, logit_dirs, logit_weights, n_err, T, n_keep, bar
     return selected, adjacency, extra
 
 
-__all__ = ["absorb", "chunks", "stream", "stream_batches", "use_stream", "visit_batches"]
+__all__ = ["absorb", "chunks", "rows_ahead", "stream", "stream_batches", "use_stream", "visit_batches"]

@@ -57,7 +57,7 @@ from attribution import replacement as rep
 from attribution.graph import Graph, error_nodes, node_levels
 from attribution.influence import influence
 from attribution.prune import prune, score
-from attribution.stream import chunks, stream, trim_heap, use_stream, visit_batches
+from attribution.stream import chunks, rows_ahead, stream, trim_heap, use_stream, visit_batches
 from attribution.tiling import SlotTiles, Sources, value_groups
 from clt.configs import ConfigError, doc, to_dict
 from clt.lm.config import ModelConfig
@@ -1241,16 +1241,17 @@ def _all_rows(make, active, batch, n_src, N, bar, task, offload):
     each batch's rows move to the host as they are made; without, they stay on the device until
     all are made (faster on an accelerator with room for them)."""
     adjacency = np.zeros((N, N), make.out_dtype)
-    kept = []
-    for c in chunks(np.arange(len(active)), batch):
-        r = make.features(active, c, host=offload)
-        if offload:
+    batches = chunks(np.arange(len(active)), batch)
+    if offload:  # each batch stored while the next is made
+        for c, r in rows_ahead(make, active, batches):
             adjacency[c[0]:c[-1] + 1, :n_src] = r
-        else:
-            kept.append(r)
+            bar.advance(task, len(c))
+        return adjacency
+    kept = []
+    for c in batches:
+        kept.append(make.features(active, c, host=False))
         bar.advance(task, len(c))
-    if kept:
-        adjacency[:len(active), :n_src] = np.asarray(jax.device_get(jnp.concatenate(kept)))
+    adjacency[:len(active), :n_src] = np.asarray(jax.device_get(jnp.concatenate(kept)))
     return adjacency
 
 
@@ -1275,8 +1276,8 @@ def _greedy_rows(make, active, cap, batch, logit_rows, logit_weights, levels, up
         infl = influence(buf[:st], weights, row_nodes[:st], levels=levels)
         rank = np.argsort(-infl[:n_all], kind="stable")
         pending = rank[~visited[rank]][:min(update_interval * batch, cap - (st - n_logit))]
-        for c in visit_batches(active, pending, batch):
-            buf[st:st + len(c)] = make.features(active, c)
+        for c, rows in rows_ahead(make, active, visit_batches(active, pending, batch)):
+            buf[st:st + len(c)] = rows
             row_nodes[st:st + len(c)] = c
             visited[c] = True
             st += len(c)

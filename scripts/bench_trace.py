@@ -854,12 +854,15 @@ def main() -> int:
     cases = [(n, kind, mode, gb, vc) for n in args.tokens for kind in args.kinds
              for mode in args.adjacency for gb in args.decoder_rows_gb
              for vc in args.value_contraction]
+    from cltrace.hostmem import huge_pages_env
+
+    env = huge_pages_env()  # each case's process allocates as a `cltrace` command does
     for n, kind, mode, gb, vc in cases:
         cmd = [sys.executable, __file__, "--case", f"{kind}:{n}:{mode}", *passthrough,
                "--decoder-rows-gb", "auto" if gb is None else str(gb),
                "--value-contraction", vc]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True,
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
                                   timeout=args.timeout, check=False)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")),
                         None)

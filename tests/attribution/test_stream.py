@@ -386,3 +386,44 @@ def test_decoder_layouts_give_the_same_rows(tiny_dirs, x64, monkeypatch, widths)
     g = _trace(setup, adjacency="dense")
     assert g.ranges.feature.stop == ref.ranges.feature.stop > 50
     np.testing.assert_allclose(g.adjacency, ref.adjacency, rtol=1e-12, atol=1e-15)
+
+
+def test_rows_ahead_makes_the_next_batch_before_handing_out_this_one():
+    """`rows_ahead` yields every batch's rows (cut to the batch, on the host) in order, and the
+    next batch is dispatched before a batch's rows are fetched: never more than two ahead."""
+    import jax
+
+    from attribution.replacement import ActiveFeatures
+    from attribution.stream import rows_ahead
+
+    z = np.zeros(10, np.int32)
+    active = ActiveFeatures(z, z, z, z.astype(np.float32))
+    events = []
+
+    class Rows:  # a device result: its fetch is logged
+        def __init__(self, i, a):
+            self.i, self.a = i, a
+
+        def __array__(self, dtype=None, copy=None):
+            events.append(("fetch", self.i))
+            return np.asarray(self.a, dtype)
+
+    class Make:
+        def features(self, active, c, host=True, padded=False):
+            assert not host and padded  # left on the device, padded to the batch
+            events.append(("make", int(c[0])))
+            return Rows(int(c[0]), np.concatenate([np.outer(c, [1.0, 2.0]),
+                                                   np.full((4 - len(c), 2), -1.0)]))
+
+    batches = [np.arange(0, 4), np.arange(4, 8), np.arange(8, 10)]
+    real_get = jax.device_get
+    try:
+        jax.device_get = lambda x: x  # `Rows` stands for a device array
+        got = list(rows_ahead(Make(), active, batches))
+    finally:
+        jax.device_get = real_get
+    assert [c.tolist() for c, _ in got] == [c.tolist() for c in batches]
+    for c, r in got:
+        np.testing.assert_array_equal(r, np.outer(c, [1.0, 2.0]))  # the padding cut off
+    assert events == [("make", 0), ("make", 4), ("fetch", 0), ("make", 8), ("fetch", 4),
+                      ("fetch", 8)]
