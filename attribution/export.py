@@ -137,8 +137,10 @@ def to_neuronpedia(graph: Graph, pruned: PruneResult | None = None, slug: str = 
              for n in np.nonzero(pruned.node_mask)[0]]
     tgt, src = pruned.edges()
     # Weights to 6 significant digits (float32 edges hold ~7): a third of the file's size.
-    links = [{"source": ids[s], "target": ids[t], "weight": float(f"{graph.adjacency[t, s]:.6g}")}
-             for t, s in zip(tgt, src)]
+    weights = graph.adjacency[tgt, src].astype(np.float64).tolist()  # (at once: per-entry
+    # numpy reads and casts took most of the time)
+    links = [{"source": ids[s], "target": ids[t], "weight": float(f"{w:.6g}")}
+             for t, s, w in zip(tgt.tolist(), src.tolist(), weights)]
     used = {lk["source"] for lk in links} | {lk["target"] for lk in links}
     nodes = [nd for nd in nodes if nd["node_id"] in used
              or nd["feature_type"] in ("embedding", "logit")]
