@@ -263,11 +263,11 @@ def _value_rows(lp, model_cfg: ModelConfig, scale, x, pos):
 
 
 def read_rows(rm: LocalReplacement, params: LMParams, model_cfg: ModelConfig,
-              tc_cfg: TranscoderConfig, layer: int, vec: Float[Array, "n d_model"],
+              tc_cfg: TranscoderConfig, layer, vec: Float[Array, "n d_model"],
               pos: Int[Array, " n"]) -> Float[Array, "n d_model"]:
-    """Targets' vectors at layer `layer`'s transcoder input (one per row, at positions `pos`),
-    taken back to the residual stream before the layer's attention along the residual path only
-    (the attention held fixed): the transpose of what `linear_block` reads from its input without
+    """Targets' vectors at layer `layer`'s (may be traced) transcoder input (one per row, at
+    positions `pos`), taken back to the residual stream before the layer's attention along the
+    residual path only (the attention held fixed): the transpose of what `linear_block` reads from its input without
     going through the attention's values, under the frozen norm scale. The rest of a target's
     gradient there goes through the values (`value_rows`; `attribution.trace._edges_by_values`)."""
     lp = jax.tree.map(lambda a: a[layer], params.layers)
