@@ -391,6 +391,7 @@ def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, t
     n_blocks = jnp.minimum(lmax + 1, L)
     error = rm.error.astype(dt)
 
+    no_skip = tc_params.W_skip is None  # (always so at the values)
     kv = (model_cfg.n_kv_heads, model_cfg.head_dim)
     zero_v = jnp.zeros((1, T) + kv, dt) if values else None
     n_groups = scratch.shape[0] - 2 if values else 0  # `_RowMaker`: a spare group past the last
@@ -398,13 +399,13 @@ def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, t
     def step(i, carry):
         g, G, err = carry
         layer = n_blocks - 1 - i
-        if values:
-            # No skip connection: the MLP slot's gradient is the block output's, g itself
-            # (batch-major, [B, 1, T, D]: only the error nodes and a logit's `below` read it).
-            # The targets at this layer read the residual between attention and MLP: each one's
-            # read taken back there (`rep.read_rows`, at its own position) is added to g in
-            # place, and the block's attention takes the sum back. (The generic VJP below would
-            # build a [B, T, D] injection of zeros and add it: ~5% of the rows' time.)
+        if no_skip:
+            # The MLP slot's gradient is the block output's, g itself (batch-major, [B, 1, T,
+            # D]). The targets at this layer read the residual between attention and MLP: each
+            # one's read taken back there (`rep.read_rows`, at its own position) is added to g
+            # in place, and the block's attention takes the sum back. (The generic VJP below
+            # builds a [B, T, D] injection of zeros per layer and adds it: ~5% of the rows'
+            # time.)
             gm = g
             mine = (tgt_layer == layer).astype(dt)[:, None]
             r = rep.read_rows(rm, params, model_cfg, tc_cfg, layer, tgt_vec.astype(dt) * mine,
@@ -413,18 +414,21 @@ def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, t
                 lambda x, v: rep.linear_block(rm, params, model_cfg, tc_cfg, tc_params, layer,
                                               x, zero, v)[0], zero, zero_v)
             gx, gv = jax.vmap(blk_vjp, out_axes=(0, 2))(g.at[rows, 0, tgt_pos].add(r))
-        else:
+            if not values:  # position-major, [1, T, B, D], as the generic VJP gives it below
+                gm = jnp.moveaxis(g, 0, 2)
+        else:  # a skip connection reads the residual too: the block's whole VJP
             _, blk_vjp = jax.vjp(
                 lambda x, m, v: rep.linear_block(rm, params, model_cfg, tc_cfg, tc_params,
                                                  layer, x, m, v), zero, zero, zero_v)
             # gm comes out position-major, [1, T, B, D]: the decoder contraction below is then
             # a matmul per position with contiguous operands (XLA's CPU batched dot is several
-            # times slower with the batch axis in the middle).
+            # times slower with the batch axis in the middle). At the values there is no skip.
             gx, gm, gv = jax.vmap(blk_vjp, out_axes=(0, 2, 2))((g, inject(layer)))
         # The error nodes' edges while this layer's gradients are in cache.
         e_err = jax.lax.dynamic_index_in_dim(error, layer, 0, False)
         e_l = ((gm[:, 0].astype(f32) * e_err.astype(f32)).sum(-1) if values  # (a dot would
-               # transpose gm)
+               # transpose gm; at the values gm stays batch-major: only the error nodes and a
+               # logit's `below` read it)
                else jnp.einsum("tbd,td->bt", gm[0], e_err, preferred_element_type=f32))
         err = jax.lax.dynamic_update_index_in_dim(err, e_l, layer, axis=0)
         if not values:
