@@ -193,6 +193,13 @@ def run_case(kind: str, n_tokens: int, mode: str, args) -> dict:
         trace_tokens(m.params, m.cfg, tc_cfg, p, ids, config, progress=False)
         _mark("first trace done (compiled); the second under jax.profiler")
         jax.profiler.start_trace(args.profile)
+    compiles = []  # (end, seconds) of each compilation step during the trace
+
+    def compiled(event: str, secs: float, **_):
+        if event in COMPILE_EVENTS:
+            compiles.append((time.perf_counter(), secs))
+
+    jax.monitoring.register_event_duration_secs_listener(compiled)
     t0 = time.perf_counter()
     # As a single `cltrace trace` does: the model weights no row reads are freed after the
     # forward pass, and the decoder once its rows are laid out (not when profiling: the first
@@ -200,6 +207,10 @@ def run_case(kind: str, n_tokens: int, mode: str, args) -> dict:
     graph = trace_tokens(m.params, m.cfg, tc_cfg, p, ids, config, progress=False,
                          release_model=not args.profile)
     seconds = time.perf_counter() - t0
+    rows_from = t0 + graph.info["seconds_setup"]
+    compiling = {"seconds_compiling": round(compile_seconds(compiles, t0, t0 + seconds), 3),
+                 "seconds_rows_compiling": round(compile_seconds(
+                     compiles, rows_from, rows_from + graph.info["seconds_rows"]), 3)}
     if args.profile:
         jax.profiler.stop_trace()
         profiled = {"warm": True, "profile": profile_summary(args.profile, seconds)}
@@ -216,9 +227,23 @@ def run_case(kind: str, n_tokens: int, mode: str, args) -> dict:
         "batch": graph.info["batch_size"], "peak_rss_gb": round(_peak_gb(), 2),
         "device_peak_gb": _device_peak_gb(),
         "slot_layout": graph.info["decoder_layout"] in ("slots", "values"),
-        "decoder_layout": graph.info["decoder_layout"],
+        "decoder_layout": graph.info["decoder_layout"], **compiling,
         **_arithmetic(graph.info["row_flops"], graph.info["seconds_rows"], seconds, args.dtype,
-                       args.matmul_precision)}
+                       args.matmul_precision, compiling["seconds_rows_compiling"])}
+
+
+# jax.monitoring's events for the steps of compiling a program (tracing, lowering, XLA).
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                  "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  "/jax/core/compile/backend_compile_duration")
+
+
+def compile_seconds(events: list[tuple[float, float]], start: float, stop: float) -> float:
+    """Seconds spent compiling between `start` and `stop` (perf_counter times), from events
+    (end time, seconds) of `COMPILE_EVENTS`: each counted for the part of it inside the
+    window. A case's first trace compiles its programs (a `cltrace` command with a warm
+    compilation cache loads them instead): its rows' time less this is what they cost warm."""
+    return sum(max(0.0, min(end, stop) - max(end - secs, start)) for end, secs in events)
 
 
 def profile_summary(folder: str, wall: float, top: int = 15) -> dict:
@@ -312,13 +337,18 @@ def matmul_peak(dtype: str = "float32", precision: str = "highest") -> float:
 
 
 def _arithmetic(flops: float, seconds_rows: float, seconds: float,
-                dtype: str = "float32", precision: str = "highest") -> dict:
+                dtype: str = "float32", precision: str = "highest",
+                rows_compiling: float | None = None) -> dict:
     """The rows' arithmetic (`_RowMaker.flops`, counted from the shapes run), its rate, and the
-    share of this device's matmul peak reached by the rows alone and by the whole trace call."""
+    share of this device's matmul peak reached by the rows alone and by the whole trace call;
+    with `rows_compiling` (seconds of the rows spent compiling), the rows' share without it."""
     peak = matmul_peak(dtype, precision)
+    warm = {} if rows_compiling is None else {
+        "rows_of_peak_compiled": round(flops / max(seconds_rows - rows_compiling, 1e-9) / peak,
+                                       3)}
     return {"row_gflop": round(flops / 1e9, 1), "peak_gflops": round(peak / 1e9, 1),
             "rows_gflops": round(flops / seconds_rows / 1e9, 1),
-            "rows_of_peak": round(flops / seconds_rows / peak, 3),
+            "rows_of_peak": round(flops / seconds_rows / peak, 3), **warm,
             "trace_of_peak": round(flops / seconds / peak, 3),
             "arithmetic_seconds": round(flops / peak, 1)}
 
@@ -883,7 +913,7 @@ def main() -> int:
                   "full graph" + ("" if args.cap is None else f", capped at {args.cap}"))
     cols = ["transcoder", "tokens", "active_per_layer_pos", "feature_rows", "full_nodes",
             "full_edges", "adjacency", "decoder_layout", "stored_nodes", "measured", "seconds", "seconds_rows",
-            "row_gflop", "rows_of_peak", "trace_of_peak", "peak_rss_gb",
+            "row_gflop", "rows_of_peak", "rows_of_peak_compiled", "trace_of_peak", "peak_rss_gb",
             "device_peak_gb"]
     for c in cols:
         table.add_column(c)

@@ -58,3 +58,18 @@ def test_profile_summary_totals_each_stream_and_this_projects_functions(tmp_path
 
 def test_profile_summary_without_a_profile_says_so(tmp_path):
     assert "no .xplane.pb" in profile_summary(str(tmp_path), wall=1.0)["error"]
+
+
+def test_compile_seconds_counts_the_part_inside_the_window():
+    """`compile_seconds` (the rows' time spent compiling, from jax.monitoring's events, each
+    reported at its end with its length): an event wholly inside counts whole, one straddling
+    an edge only for its part inside, one outside not at all."""
+    from scripts.bench_trace import compile_seconds
+
+    events = [(3.0, 1.0),  # 2-3: inside
+              (10.5, 1.0),  # 9.5-10.5: half inside
+              (1.5, 1.0),  # 0.5-1.5: half inside
+              (20.0, 2.0),  # 18-20: outside
+              (0.5, 0.5)]  # 0-0.5: outside
+    assert compile_seconds(events, 1.0, 10.0) == pytest.approx(1.0 + 0.5 + 0.5)
+    assert compile_seconds([], 0.0, 1.0) == 0.0
