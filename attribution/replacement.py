@@ -267,9 +267,10 @@ def read_rows(rm: LocalReplacement, params: LMParams, model_cfg: ModelConfig,
               pos: Int[Array, " n"]) -> Float[Array, "n d_model"]:
     """Targets' vectors at layer `layer`'s (may be traced) transcoder input (one per row, at
     positions `pos`), taken back to the residual stream before the layer's attention along the
-    residual path only (the attention held fixed): the transpose of what `linear_block` reads from its input without
-    going through the attention's values, under the frozen norm scale. The rest of a target's
-    gradient there goes through the values (`value_rows`; `attribution.trace._edges_by_values`)."""
+    residual path only (the attention held fixed): the transpose of what `linear_block` reads
+    from its input without going through the attention's values, under the frozen norm scale.
+    The rest of a target's gradient there goes through the values (`value_rows`;
+    `attribution.trace._edges_by_values`)."""
     lp = jax.tree.map(lambda a: a[layer], params.layers)
     scale = rm.frozen.mlp_norm_scale[layer][0] if rm.frozen.mlp_norm_scale is not None else None
     return _read_rows(lp, model_cfg, tc_cfg, scale, vec, pos)

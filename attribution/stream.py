@@ -33,14 +33,17 @@ def rows_ahead(make, active: ActiveFeatures, batches):
     batch ahead: the next batch is dispatched before this one's rows are fetched, so the device
     (on a CPU, XLA's threads) makes it while the caller stores these. The one home of that
     overlap (`_all_rows`, the greedy visit and the streamed graph's stored rows use it)."""
+    def fetched(c, rows):
+        return c, np.asarray(jax.device_get(rows))[:len(c)]
+
     ahead = None
     for c in batches:
         rows = make.features(active, c, host=False, padded=True)
         if ahead is not None:
-            yield ahead[0], np.asarray(jax.device_get(ahead[1]))[:len(ahead[0])]
+            yield fetched(*ahead)
         ahead = (c, rows)
     if ahead is not None:
-        yield ahead[0], np.asarray(jax.device_get(ahead[1]))[:len(ahead[0])]
+        yield fetched(*ahead)
 
 
 def stream_batches(active: ActiveFeatures, n_layers: int, batch: int) -> list[np.ndarray]:

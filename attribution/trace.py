@@ -1270,7 +1270,8 @@ def _all_rows(make, active, batch, n_src, N, bar, task, offload):
     for c in batches:
         kept.append(make.features(active, c, host=False))
         bar.advance(task, len(c))
-    adjacency[:len(active), :n_src] = np.asarray(jax.device_get(jnp.concatenate(kept)))
+    if kept:  # (none without active features)
+        adjacency[:len(active), :n_src] = np.asarray(jax.device_get(jnp.concatenate(kept)))
     return adjacency
 
 

@@ -178,10 +178,10 @@ def _write(graph, config, graph_path: Path, json_path: Path, *, cards=None, prog
               f"stored: its {n_feat} most influential features (--stream-features)")
     units = "neurons" if graph.info.get("neurons") else "features"
     errors = "'other neurons' nodes" if graph.info.get("neurons") else "errors"
+    # The edges as the page counted them (counting a full graph's adjacency again: 0.2 s).
     print(f"nodes: {graph.n_nodes} ({n_feat} {units} of {graph.n_active_total} active, "
           f"{r.error.stop - r.error.start} {errors}, {graph.n_pos} tokens, "
           f"{len(graph.logit_tokens)} logits); edges: {page.details['edges_in_graph']}")
-    # (the page counted them: counting a full graph's adjacency again took 0.2 s)
     print(f"pruned: {int(pruned.node_mask.sum())} nodes, {pruned.n_edges} edges "
           f"(node threshold {config.node_threshold}, edge threshold {config.edge_threshold})")
     print(f"replacement score {s.replacement:.4f}, completeness score {s.completeness:.4f} "

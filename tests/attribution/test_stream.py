@@ -427,3 +427,22 @@ def test_rows_ahead_makes_the_next_batch_before_handing_out_this_one():
         np.testing.assert_array_equal(r, np.outer(c, [1.0, 2.0]))  # the padding cut off
     assert events == [("make", 0), ("make", 4), ("fetch", 0), ("make", 8), ("fetch", 4),
                       ("fetch", 8)]
+
+
+def test_rows_kept_on_the_device_give_the_offloaded_graph(tiny_dirs, x64):
+    """`offload=False` (every batch's rows left on the device, copied once at the end) gives
+    the graph `offload=True` does (each batch stored while the next is made), and so does a
+    prompt with no active feature (no batch at all)."""
+    import dataclasses
+
+    setup = _setup(tiny_dirs)
+    on, off = _trace(setup, adjacency="dense"), _trace(setup, adjacency="dense", offload=False)
+    assert on.n_active_total > 0
+    np.testing.assert_array_equal(off.adjacency, on.adjacency)
+    params, cfg, tc_cfg, tc_params = setup
+    silent = dataclasses.replace(tc_params, b_enc=tc_params.b_enc - 1e6)  # nothing fires
+    g_on, g_off = (_trace((params, cfg, tc_cfg, silent), adjacency="dense", offload=o)
+                   for o in (True, False))
+    assert g_on.n_active_total == 0 and g_on.n_nodes == on.n_nodes - on.n_active_total
+    assert np.abs(g_on.adjacency).sum() > 0  # the errors' and tokens' edges to the logits
+    np.testing.assert_array_equal(g_off.adjacency, g_on.adjacency)
