@@ -44,7 +44,7 @@ import numpy as np
 
 from attribution.graph import node_levels
 from attribution.influence import influence
-from attribution.stream import DENSE_BYTES, chunks, stream_batches, trim_heap, visit_batches
+from attribution.stream import DENSE_BYTES, dense_batches, stream_batches, trim_heap, visit_batches
 
 EDGE_FILE_BYTES = 6  # float16 value + int32 column per stored edge
 HOST_PASSES = 8  # host passes over the held graph: influence, pruning and scores (docstring)
@@ -268,8 +268,8 @@ def plan_modes(st, config, n_layers: int, m: Measured | None = None,
             round(disk_nnz * EDGE_FILE_BYTES / 2**20, 2),
             round(rows_s + host_s, 2), round(rows_s, 2), round(host_s, 2), refused(cfg)))
 
-    # Dense: every feature's row, in graph order.
-    feat = chunks(np.arange(n_all), B)
+    # Dense: every feature's row, by position prefix, then layer.
+    feat = dense_batches(st.active, B, st.make.prefix_length)
     rows_s, prefixes = _batch_costs(st, m, L, feat)
     N = n_all + n_err + T + n_logit
     add("dense", n_all, n_all + n_logit, len(feat) + logit_batches, prefixes, rows_s,

@@ -46,6 +46,17 @@ def rows_ahead(make, active: ActiveFeatures, batches):
         yield fetched(*ahead)
 
 
+def dense_batches(active: ActiveFeatures, batch: int, prefix_length) -> list[np.ndarray]:
+    """The feature batches of a dense full graph, whose rows do not depend on the batches: the
+    features sorted by their position prefix (`prefix_length` of one position), then layer, then
+    position, then cut. So each batch's sweep runs on its own prefix, stops above its layer, and
+    a batch mixes prefixes or layers only at the seams."""
+    if not len(active):
+        return []
+    P = np.asarray([prefix_length(np.array([p])) for p in range(int(active.pos.max()) + 1)])
+    return chunks(np.lexsort((active.pos, active.layer, P[active.pos])), batch)
+
+
 def stream_batches(active: ActiveFeatures, n_layers: int, batch: int) -> list[np.ndarray]:
     """The feature batches of a streamed trace, in order: top layer first, one layer per batch,
     by position within a layer (so each batch's position prefix is short)."""
@@ -220,4 +231,5 @@ def stream(make, active, batch, logit_dirs, logit_weights, n_err, T, n_keep, bar
     return selected, adjacency, extra
 
 
-__all__ = ["absorb", "chunks", "rows_ahead", "stream", "stream_batches", "use_stream", "visit_batches"]
+__all__ = ["absorb", "chunks", "dense_batches", "rows_ahead", "stream", "stream_batches", "use_stream",
+           "visit_batches"]

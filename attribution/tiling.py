@@ -136,6 +136,10 @@ class Slot(NamedTuple):
     over_pos: np.ndarray  # [tiles] int32 its position
     over_start: np.ndarray  # [tiles] int32 the accumulator row of its first row
 
+    def cells(self, P: int) -> int:
+        """Cells (main rows and overflow tiles) at the first P positions."""
+        return P * self.K + int(np.searchsorted(self.over_pos, P)) * self.Ko
+
 
 @dataclass(frozen=True)
 class SlotTiles:
@@ -360,6 +364,27 @@ class SlotTiles:
         return out, (direct, offset[:-1], length, start.astype(np.int32))
 
 
+def position_blocks(n_pos: int, size: int) -> tuple[tuple[int, int], ...]:
+    """The prompt's positions in blocks of `size` (the last one shorter): (first, stop) of each.
+    A batch on the prefix of P positions (P a block's stop) reads the blocks below P."""
+    return tuple((a, min(a + size, n_pos)) for a in range(0, n_pos, size))
+
+
+def split_blocks(sl: Slot, main, over, blocks) -> tuple:
+    """One slot's rows (`SlotTiles.decoders` or `cumulative`: main [pos, K, W], overflow
+    [tiles, Ko, W]) cut into position blocks (`position_blocks`): per block, (its main rows, its
+    overflow tiles, the main rows' first accumulator rows (`Slot.main_start`), the tiles'
+    positions counted from the block's first, the tiles' first accumulator rows). Overflow
+    tiles are in position order, so each block's are one run of them. Views of the arrays
+    given."""
+    out = []
+    for a, b in blocks:
+        i, j = np.searchsorted(sl.over_pos, [a, b])
+        out.append((main[a:b], over[i:j], sl.main_start[a:b], sl.over_pos[i:j] - a,
+                    sl.over_start[i:j]))
+    return tuple(out)
+
+
 def value_groups(n_layers: int, group: int) -> list[tuple[int, int]]:
     """The value slots 0 .. n_layers - 2 (each but the last MLP slot: `_edges_by_values`) in
     groups of `group` consecutive slots: (first, last) of each."""
@@ -367,4 +392,5 @@ def value_groups(n_layers: int, group: int) -> list[tuple[int, int]]:
 
 
 __all__ = ["GATHER_SLOTS", "KEEP_UNITS", "SLOT_TILE_WIDTHS", "VALUE_CHUNK", "Slot", "SlotTiles",
-           "Sources", "aligned_zeros", "tile_widths", "value_groups"]
+           "Sources", "aligned_zeros", "position_blocks", "split_blocks", "tile_widths",
+           "value_groups"]

@@ -18,7 +18,8 @@ encoder row (or logit direction) is injected at its layer and position. The grad
 MLP slot are then contracted with the active features' decoder rows, the error vectors, and the
 embeddings, giving whole rows of A. Rows go to host numpy as they are made. The model is causal:
 a batch whose targets sit at positions < P runs on the first P positions only (P rounded up to
-`position_bucket`), which halves the work on average for long prompts.
+`position_bucket`), which halves the work on average for long prompts; a full graph's batches go
+by prefix, then layer (`attribution.stream.dense_batches`).
 
 Streamed (`adjacency="stream"`, automatic when the dense adjacency would not fit): the rows are
 never held. Batches go top layer first, one layer at a time; since every edge points from a lower
@@ -57,8 +58,16 @@ from attribution import replacement as rep
 from attribution.graph import Graph, error_nodes, node_levels
 from attribution.influence import influence
 from attribution.prune import prune, score
-from attribution.stream import chunks, rows_ahead, stream, trim_heap, use_stream, visit_batches
-from attribution.tiling import SlotTiles, Sources, value_groups
+from attribution.stream import (
+    chunks,
+    dense_batches,
+    rows_ahead,
+    stream,
+    trim_heap,
+    use_stream,
+    visit_batches,
+)
+from attribution.tiling import SlotTiles, Sources, position_blocks, split_blocks, value_groups
 from clt.configs import ConfigError, doc, to_dict
 from clt.lm.config import ModelConfig
 from clt.lm.params import LMParams
@@ -104,9 +113,10 @@ class TraceConfig:
         "Memory for the active features' decoder rows laid out MLP slot by slot, made once "
         "before the first row: the decoder contraction then runs as one wide product per slot "
         "over all the features writing it. When they need more (many active features), on a "
-        "mesh, or for a prompt longer than position_bucket, each batch gathers the rows it reads "
-        "instead: slower, no extra memory. None: as much as the transcoder's decoder weights take (the layout at most "
-        "doubles them), and at least 0.5 GB; 0 turns the layout off.", default=None)
+        "mesh, or for a prompt longer than 16 positions (or position_bucket), each batch gathers "
+        "the rows it reads instead: slower, no extra memory. None: as much as the transcoder's "
+        "decoder weights take (the layout at most doubles them), and at least 0.5 GB; 0 turns "
+        "the layout off.", default=None)
     value_contraction: Literal["auto", "on", "off"] = doc(
         "With the slot layout, for a transcoder without a skip connection: contract each "
         "feature's cumulative decoder write, as the next layer's attention values see it "
@@ -139,8 +149,10 @@ class TraceConfig:
     position_bucket: int = doc(
         "A batch of targets at positions < P needs the first P positions only (the model is "
         "causal): each batch runs on the shortest such prefix, P rounded up to a multiple of "
-        "this (one compilation per distinct P). 0: automatic (prompt length / 8, at least 16); "
-        "the prompt length or more: always the whole prompt.", default=0)
+        "this (one compilation per distinct P). 0: automatic: with the decoder rows laid out "
+        "(decoder_rows_gb), the prompt in up to 4 blocks, as many as each layer has batches of "
+        "features; else prompt length / 8, at least 16. The prompt length or more: always the "
+        "whole prompt.", default=0)
     offload: bool = doc(
         "Keep the dense adjacency in host memory (numpy), filling it batch by batch; otherwise it "
         "is assembled on the accelerator and copied at the end.", default=True)
@@ -355,14 +367,15 @@ def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, t
     first `n_pos` positions only; sources at later positions get zeros. layout: per source
     layer, `Sources.device()`; over_counts: its overflow tiles in the prefix; columns: every
     active feature's decoder slot in the prefix's slots (`_RowMaker.prefix_columns`). With
-    `tiles` (`_edges_by_tiles`), layout holds each MLP slot's `SlotTiles` arrays instead and
-    columns every feature's accumulator row; with `values` too (`_edges_by_values`), each slot's
-    the last slot's cumulative rows and each value group's rows (`values` slots a group), with
-    every active feature's direct edges (`direct`, added for the targets that are features,
-    `tgt_id`), and the sweep keeps the gradients at the attention values, grouped the same way,
-    instead of those at every MLP slot, in `scratch` (made by `_RowMaker`, donated, returned
-    and passed to the next batch; no zeros needed but in the group above the batch's top, which
-    is zeroed here).
+    `tiles` (`_edges_by_tiles`), layout holds each MLP slot's `SlotTiles` arrays instead, cut
+    into blocks of positions (`split_blocks`; the batch reads the blocks below n_pos, which is a
+    block's end), and columns every feature's accumulator row; with `values` too
+    (`_edges_by_values`), each slot's the last slot's cumulative rows and each value group's rows
+    (`values` slots a group), with every active feature's direct edges (`direct`, added for the
+    targets that are features, `tgt_id`), and the sweep keeps the gradients at the attention
+    values, grouped the same way, instead of those at every MLP slot, in `scratch` (one buffer
+    per position block, made by `_RowMaker`, donated, returned and passed to the next batch; no
+    zeros needed but in the group above the batch's top, which is zeroed here).
 
     Returns (rows, scratch)."""
     B = tgt_layer.shape[0]
@@ -394,7 +407,10 @@ def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, t
     no_skip = tc_params.W_skip is None  # (always so at the values)
     kv = (model_cfg.n_kv_heads, model_cfg.head_dim)
     zero_v = jnp.zeros((1, T) + kv, dt) if values else None
-    n_groups = scratch.shape[0] - 2 if values else 0  # `_RowMaker`: a spare group past the last
+    # The position blocks below the prefix (`position_blocks`): a laid-out prompt's gradients are
+    # kept block by block, as its rows are (`_RowMaker`).
+    used = tuple(b for b in tiles[2] if b[0] < T) if tiles is not None else ()
+    n_groups = scratch[0].shape[0] - 2 if values else 0  # `_RowMaker`: a spare group past the last
 
     def step(i, carry):
         g, G, err = carry
@@ -431,6 +447,9 @@ def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, t
                # logit's `below` read it)
                else jnp.einsum("tbd,td->bt", gm[0], e_err, preferred_element_type=f32))
         err = jax.lax.dynamic_update_index_in_dim(err, e_l, layer, axis=0)
+        if tiles is not None and not values:
+            return gx, tuple(jax.lax.dynamic_update_index_in_dim(Gb, gm[0, a:b], layer, axis=0)
+                             for Gb, (a, b) in zip(G, used)), err
         if not values:
             return gx, jax.lax.dynamic_update_index_in_dim(G, gm[0], layer, axis=0), err
         # G = (a logit's gradient at the last slot, the gradients at every block's values):
@@ -444,8 +463,9 @@ def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, t
                              lambda b: b, below)
         gv = gv[0].reshape(T, B, 1, -1)
         at, z = layer - 1 + values, jnp.zeros((), layer.dtype)
-        at_values = jax.lax.dynamic_update_slice(at_values, gv[None],
-                                                 (at // values, z, z, at % values, z))
+        at_values = tuple(jax.lax.dynamic_update_slice(u, gv[None, a:b],
+                                                       (at // values, z, z, at % values, z))
+                          for u, (a, b) in zip(at_values, used))
         return gx, (below, at_values), err
 
     # Blocks above every target in the batch get no gradient: the sweep starts below them.
@@ -454,9 +474,11 @@ def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, t
         # reads are those of its group: zeroed (lmax's own place: block lmax + 1's; a top past
         # the last value slot zeroes the trailing spare group).
         at = jnp.minimum(lmax + values, (n_groups + 1) * values) // values
-        scratch = jax.lax.dynamic_update_index_in_dim(
-            scratch, jnp.zeros(scratch.shape[1:], scratch.dtype), at, 0)
-        G0 = (jnp.zeros((B, T, D), dt), scratch)
+        G0 = (jnp.zeros((B, T, D), dt), tuple(
+            jax.lax.dynamic_update_index_in_dim(u, jnp.zeros(u.shape[1:], u.dtype), at, 0)
+            for u in scratch[:len(used)]))
+    elif tiles is not None:
+        G0 = tuple(jnp.zeros((L, b - a, B, D), dt) for a, b in used)
     else:
         G0 = jnp.zeros((L, T, B, D), dt)
     g, G, err = jax.lax.fori_loop(0, n_blocks, step, (g, G0, jnp.zeros((L, B, T), f32)))
@@ -488,7 +510,7 @@ def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, t
     emb = jnp.einsum("btd,td->tb", g[:, 0], rm.embeds, preferred_element_type=f32)
     rows = jnp.concatenate([feats, err[:, first_pos:].reshape(-1, B),
                             jnp.pad(emb, ((0, T_all - T), (0, 0)))]).T
-    return rows, (G[1] if values else None)
+    return rows, (G[1] + scratch[len(used):] if values else None)
 
 
 # Transcoders whose features write at most this many layers contract source layer by source
@@ -498,17 +520,35 @@ def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, t
 # were not measured.
 SOURCE_MAJOR_REACH = 4
 
+# A prompt of at most this many positions (or position_bucket) may have its active features'
+# decoder rows laid out once (`SlotTiles`); a longer one's automatic position bucket is at least
+# this.
+TILED_POSITIONS = 16
+# Most position blocks of a laid-out prompt under the automatic bucket (`tiled_bucket`).
+MAX_BLOCKS = 4
+
+
+def tiled_bucket(n_pos: int, n_active: int, n_sources: int, batch: int) -> int:
+    """The automatic position bucket of a laid-out prompt: its positions in k blocks, k the
+    batches of features each source layer has (`n_active / (n_sources x batch)`, from 1 to
+    MAX_BLOCKS). Batches go by prefix, then layer (`attribution.stream.dense_batches`): a block
+    holding less than a batch per layer would mix layers in its batches (deeper sweeps), and
+    each prefix is one more compilation."""
+    k = min(MAX_BLOCKS, max(1, n_active // max(n_sources * batch, 1)))
+    return -(-n_pos // k)
+
+
 # Value slots per product of `_edges_by_values` (`value_groups`). Measured on the 12-token CLT
 # full graph (scripts/bench_trace.py, batch 256): see the README's decoder-contraction table.
 VALUE_GROUP = 3
 
 
 def _slot_product(acc, Gt, slot_layout):
-    """acc [accumulator rows, B] plus one slot's rows (`SlotTiles` main [P, K, W] and overflow
-    [tiles, Ko, W]) times its gradients Gt [P, B, W], each window added at its first row
-    (overlapping windows only add zeros: padding rows are zero)."""
-    Dm, Do, m_start, o_pos, o_start = slot_layout
-    f32 = acc.dtype
+    """acc [accumulator rows, B] plus one slot's rows times its gradients, block by block of
+    positions (`split_blocks`): Gt holds the gradients [positions, B, W] of the blocks below the
+    batch's prefix, slot_layout every block's main rows [positions, K, W], overflow tiles
+    [tiles, Ko, W] and where they go (`split_blocks`); each window is
+    added at its first row (overlapping windows only add zeros: padding rows are zero)."""
     dn = jax.lax.ScatterDimensionNumbers(update_window_dims=(1, 2), inserted_window_dims=(),
                                          scatter_dims_to_operand_dims=(0,))
 
@@ -516,25 +556,29 @@ def _slot_product(acc, Gt, slot_layout):
         return jax.lax.scatter_add(acc, start[:, None], x, dn, indices_are_sorted=True,
                                    mode="promise_in_bounds")
 
-    acc = add(acc, m_start, jnp.einsum("qnd,qbd->qnb", Dm, Gt, preferred_element_type=f32))
-    if not Do.shape[0]:  # no overflow tiles
-        return acc
-    grad = Gt.at[o_pos].get(mode="promise_in_bounds")
-    return add(acc, o_start, jnp.einsum("nkd,nbd->nkb", Do, grad, preferred_element_type=f32))
+    for G, (Dm, Do, m_start, o_pos, o_start) in zip(Gt, slot_layout):
+        acc = add(acc, m_start, jnp.einsum("qnd,qbd->qnb", Dm, G,
+                                           preferred_element_type=acc.dtype))
+        if Do.shape[0]:  # overflow tiles
+            grad = G.at[o_pos].get(mode="promise_in_bounds")
+            acc = add(acc, o_start, jnp.einsum("nkd,nbd->nkb", Do, grad,
+                                               preferred_element_type=acc.dtype))
+    return acc
 
 
 def _edges_by_tiles(G, layout, tiles, lmax):
     """Every feature's edges summed over the slots it writes ([accumulator rows, B] in
-    `SlotTiles` order): per slot, one product of its gradients G[t] [P, B, D] with all its
-    writers' decoder rows at each position (times their activations, `SlotTiles.decoders`), its
-    overflow tiles with their positions' gradients, each added into the accumulator at its rows.
-    tiles: (accumulator rows, each slot's t). The layout is used on the whole prompt only (one
-    position prefix), so G has every position of the slots' rows."""
-    n_rows, slots = tiles
-    acc = jnp.zeros((n_rows, G.shape[2]), jnp.promote_types(G.dtype, jnp.float32))
+    `SlotTiles` order): per slot, one product of its gradients G[t] [positions, B, D] with all
+    its writers' decoder rows at each position (times their activations, `SlotTiles.decoders`),
+    its overflow tiles with their positions' gradients, each added into the accumulator at its
+    rows; block by block of positions, G holding [L, positions, B, D] for each block below the
+    batch's prefix (`_slot_product`). The features past the prefix keep zero rows. tiles:
+    (accumulator rows, each slot's t, the position blocks)."""
+    n_rows, slots, _ = tiles
+    acc = jnp.zeros((n_rows, G[0].shape[2]), jnp.promote_types(G[0].dtype, jnp.float32))
     for t, lay in zip(slots, layout):
-        acc = jax.lax.cond(t < lmax, lambda acc, t=t, lay=lay: _slot_product(acc, G[t], lay),
-                           lambda acc: acc, acc)
+        acc = jax.lax.cond(t < lmax, lambda acc, t=t, lay=lay: _slot_product(
+            acc, [Gb[t] for Gb in G], lay), lambda acc: acc, acc)
     return acc
 
 
@@ -560,26 +604,30 @@ def _edges_by_values(below, at_values, layout, tiles, tgt_layer, lmax, group, di
     product of group x kv width per group, fewer and wider products and fewer adds into the
     accumulator.
 
-    below [T, B, D]: a logit's gradient at the last slot; at_values [2 + groups, T, B, group,
-    V]: u at every block (block b at value slot b - 1's place; the leading group holds block
-    0's, the trailing one is spare). layout: per slot, (its `SlotTiles.cumulative` rows on the
-    last slot, else None; its group's value rows on a group's last slot, else None). direct:
-    (flat, offset, length, start) per active feature (`SlotTiles.cumulative`); tgt_id each
-    target's feature, -1 for none. tiles: (accumulator rows, each slot's t, the longest direct
-    run)."""
-    n_rows, slots, k_max = tiles
+    below [P, B, D]: a logit's gradient at the last slot; at_values, per position block below
+    the prefix P: [2 + groups, the block's positions, B, group, V], u at every block (block b at
+    value slot b - 1's place; the leading group holds block 0's, the trailing one is spare).
+    layout: per slot, (its `SlotTiles.cumulative` rows on the last slot, else None; its group's
+    value rows on a group's last slot, else None), each cut into the position blocks
+    (`split_blocks`). direct: (flat, offset, length, start) per active feature
+    (`SlotTiles.cumulative`); tgt_id each target's feature, -1 for none. tiles: (accumulator
+    rows, each slot's t, the position blocks, the longest direct run). The features past the
+    prefix keep zero rows."""
+    n_rows, slots, blocks, k_max = tiles
     f32 = jnp.promote_types(below.dtype, jnp.float32)
-    T, B = below.shape[:2]
+    B = below.shape[1]
     acc = jnp.zeros((n_rows + k_max, B), f32)  # room for a direct run from any row
     for t, (cum, val) in zip(slots, layout):
         if cum is not None:  # the last slot: logits
             reads = tgt_layer == t + 1
             acc = jax.lax.cond(jnp.any(reads), lambda acc, cum=cum, reads=reads: _slot_product(
-                acc, below * reads.astype(below.dtype)[None, :, None], cum), lambda acc: acc, acc)
+                acc, [below[a:b] * reads.astype(below.dtype)[None, :, None]
+                      for a, b in blocks[:len(at_values)]], cum), lambda acc: acc, acc)
         if val is not None:  # t is the last slot of group t // group, which starts at g * group
             g = t // group
             acc = jax.lax.cond(g * group + 1 <= lmax, lambda acc, g=g, val=val: _slot_product(
-                acc, at_values[1 + g].reshape(T, B, -1), val), lambda acc: acc, acc)
+                acc, [u[1 + g].reshape(u.shape[1], B, -1) for u in at_values], val),
+                lambda acc: acc, acc)
     # The direct edges of feature targets: each a run of accumulator rows in its own column.
     flat, offset, length, start = direct
     ok = tgt_id >= 0
@@ -737,18 +785,17 @@ class _RowMaker:
         # Per active feature, a factor on its encoder row (a neuron's frozen gate); None: 1.
         self.target_scale = target_scale
         T = self.n_pos = int(rm.tokens.shape[0])
-        self.bucket = bucket if bucket > 0 else max(16, -(-T // 8))
+        self.bucket = bucket if bucket > 0 else max(TILED_POSITIONS, -(-T // 8))
         self.sources = [Sources.build(active, s, T) for s in range(model_cfg.n_layers)
                         if np.any(active.layer == s)]
         self.src_layers = tuple(src.layer for src in self.sources)
-        # One device and one position prefix: every slot's decoder rows gathered once
-        # (`SlotTiles`), for wide products, when they fit in decoder_rows_gb (None: the decoder
-        # weights' own size, >= 0.5 GB); else each batch gathers them, source layer by source
-        # layer (`Sources`). With several prefixes (prompts longer than a bucket), a batch on a
-        # shorter one would copy the first positions of every slot's rows: not measured to pay,
-        # and the planner's batch times (`attribution.plan`) do not count it.
+        # On one device, for a prompt of at most TILED_POSITIONS (or position_bucket) positions:
+        # every slot's decoder rows laid out once (`SlotTiles`), for wide products, when they fit
+        # in decoder_rows_gb (None: the decoder weights' own size, >= 0.5 GB); else each batch
+        # gathers them, source layer by source layer (`Sources`). The layout is cut into blocks
+        # of positions (`position_blocks`): a batch on a prefix reads the blocks below it.
         self.tiles, self.values = None, 0  # values: the value slots' group size (0: off)
-        one = self.mesh is None and self.sources and T <= self.bucket
+        one = self.mesh is None and self.sources and T <= max(TILED_POSITIONS, bucket)
         tiles = SlotTiles.build(active, model_cfg.n_layers, tc_cfg.sources, T) if one else None
         budget = (max(sum(W.size for W in tc_params.W_dec) * np.dtype(dtype).itemsize,
                       AUTO_DECODER_ROWS_GB * 2**30)
@@ -773,6 +820,17 @@ class _RowMaker:
                     and n_direct < 2**31)
             if fits and (fewer or value_contraction == "on"):
                 tiles, self.values = cum, group
+        if not self.values and tiles is not None and tiles.nbytes(D, dtype) > budget:
+            tiles = None
+        if tiles is not None and bucket <= 0:
+            self.bucket = tiled_bucket(T, len(active), len(self.sources), batch)
+        blocks = position_blocks(T, self.bucket) if tiles is not None else ()
+
+        def put_blocks(sl, main, over):  # on the device, cut into the position blocks
+            return None if main is None else tuple(
+                tuple(jax.device_put(a) if i < 2 else jnp.asarray(a, jnp.int32)
+                      for i, a in enumerate(b)) for b in split_blocks(sl, main, over, blocks))
+
         if self.values:
             self.tiles = tiles
             value_fn = partial(rep.value_rows, self.rm, self.params, model_cfg)
@@ -780,38 +838,28 @@ class _RowMaker:
                 self.tc_params.W_dec, active, np.dtype(dtype),
                 lambda b, x, p: value_fn(b, jnp.asarray(x), jnp.asarray(p)), model_cfg.n_layers,
                 self._reads(active, tc_cfg), self.values)
-
-            def put(a):
-                return None if a is None else jax.device_put(a)
-            self.layout = tuple(
-                (None if Cm is None else (put(Cm), put(Co), m_start, o_pos, o_start),
-                 None if Vm is None else (put(Vm), put(Vo), m_start, o_pos, o_start))
-                for (Cm, Co, Vm, Vo), (m_start, o_pos, o_start) in zip(mats, (
-                    (jnp.asarray(sl.main_start), jnp.asarray(sl.over_pos),
-                     jnp.asarray(sl.over_start)) for sl in tiles.slots)))
+            self.layout = tuple((put_blocks(sl, Cm, Co), put_blocks(sl, Vm, Vo))
+                                for (Cm, Co, Vm, Vo), sl in zip(mats, tiles.slots))
             flat, offset, length, start = direct
             self._direct = (jax.device_put(np.concatenate([flat, np.zeros(1, flat.dtype)])),
                             jnp.asarray(offset.astype(np.int32)), jnp.asarray(length),
                             jnp.asarray(start))
             self._k_max = max(1, int(length.max()) if len(length) else 1)
-        elif tiles is not None and tiles.nbytes(D, dtype) <= budget:
+        elif tiles is not None:
             self.tiles = tiles
             mats = tiles.decoders(self.tc_params.W_dec, active, np.dtype(dtype))
-            self.layout = tuple(
-                (jax.device_put(Dm), jax.device_put(Do), jnp.asarray(sl.main_start),
-                 jnp.asarray(sl.over_pos), jnp.asarray(sl.over_start))
-                for (Dm, Do), sl in zip(mats, tiles.slots))
+            self.layout = tuple(put_blocks(sl, Dm, Do) for (Dm, Do), sl in zip(mats, tiles.slots))
         else:
             self.layout = tuple(self._put(src.device()) for src in self.sources)
-        # The sweep's gradients at the attention values (`_rows`): [leading group (block 0),
-        # value groups, trailing spare group, T, B, group, kv width], made once, then each
-        # batch's donated buffer is the next one's.
+        # The sweep's gradients at the attention values (`_rows`), per position block:
+        # [leading group (block 0), value groups, trailing spare group, the block's positions, B,
+        # group, kv width], made once, then each batch's donated buffers are the next one's.
         n_groups = len(value_groups(model_cfg.n_layers, self.values)) if self.values else 0
-        self._scratch = (jnp.zeros((n_groups + 2, T, batch, self.values, V), dtype)
-                         if self.values else None)
+        self._scratch = (tuple(jnp.zeros((n_groups + 2, b - a, batch, self.values, V), dtype)
+                               for a, b in blocks) if self.values else None)
         if self.tiles is not None:
-            self._tile_args = (self.tiles.n_rows, tuple(sl.t for sl in self.tiles.slots)) + (
-                (self._k_max,) if self.values else ())
+            self._tile_args = (self.tiles.n_rows, tuple(sl.t for sl in self.tiles.slots),
+                               blocks) + ((self._k_max,) if self.values else ())
             self._tile_columns = jnp.asarray(self.tiles.row_of)
         self._columns = {}  # prefix length -> prefix_columns(prefix length)
         self.first_pos = 1 if bos else 0
@@ -914,14 +962,14 @@ class _RowMaker:
             logit = L in {int(x) for x in (layers if layers is not None else (lmax,))}
             last = {b: a for a, b in value_groups(L, self.values)}  # group: last slot -> first
             for sl in self.tiles.slots:
-                cells = P * sl.K + len(sl.over_pos) * sl.Ko
+                cells = sl.cells(P)
                 per_target += 2 * D * cells * (logit and sl.t == L - 1)
                 if sl.t in last:  # its group's product: group x kv wide, if the batch reaches it
                     per_target += 2 * V * self.values * cells * (last[sl.t] + 1 <= lmax)
         elif self.tiles is not None:  # each slot below the batch's top: its main rows and tiles
             for sl in self.tiles.slots:
                 if sl.t < lmax:
-                    per_target += 2 * D * (P * sl.K + len(sl.over_pos) * sl.Ko)
+                    per_target += 2 * D * sl.cells(P)
         else:
             over_counts, _ = self.prefix_columns(P)
             for src, n_over in zip(self.sources, over_counts):
@@ -971,7 +1019,7 @@ class _RowMaker:
         vec = jnp.asarray(vec)
         if len(vec) < self.batch:  # (`features` passes its vectors padded already)
             vec = jnp.concatenate([vec, jnp.zeros((pad, self.cfg.d_model), vec.dtype)])
-        if self.tiles is not None:  # one prefix: P is the whole prompt
+        if self.tiles is not None:  # the blocks below P (`_rows`), every feature's row
             over_counts, columns, tiles = (), self._tile_columns, self._tile_args
         else:
             (over_counts, columns), tiles = self.prefix_columns(P), None
@@ -1260,10 +1308,10 @@ def _all_rows(make, active, batch, n_src, N, bar, task, offload):
     each batch's rows move to the host as they are made; without, they stay on the device until
     all are made (faster on an accelerator with room for them)."""
     adjacency = np.zeros((N, N), make.out_dtype)
-    batches = chunks(np.arange(len(active)), batch)
+    batches = dense_batches(active, batch, make.prefix_length)
     if offload:  # each batch stored while the next is made
         for c, r in rows_ahead(make, active, batches):
-            adjacency[c[0]:c[-1] + 1, :n_src] = r
+            adjacency[c, :n_src] = r
             bar.advance(task, len(c))
         return adjacency
     kept = []
@@ -1271,7 +1319,8 @@ def _all_rows(make, active, batch, n_src, N, bar, task, offload):
         kept.append(make.features(active, c, host=False))
         bar.advance(task, len(c))
     if kept:  # (none without active features)
-        adjacency[:len(active), :n_src] = np.asarray(jax.device_get(jnp.concatenate(kept)))
+        adjacency[np.concatenate(batches), :n_src] = np.asarray(
+            jax.device_get(jnp.concatenate(kept)))
     return adjacency
 
 

@@ -87,10 +87,9 @@ def test_every_edge_is_an_intervention(tiny_dirs, x64, family, reach, skip, poin
         monkeypatch.setattr(tiling, "KEEP_UNITS", 0)
         layout = "values"
     params, cfg, tc_cfg, tc_params, ids = _setup(tiny_dirs, family, reach, skip, point)
-    # The slot layouts run on the whole prompt only (one position prefix).
+    # Every layout on prefixes of 2 positions (the laid-out ones cut into blocks of 2).
     kw = ({"decoder_rows_gb": 0.0} if layout == "sources" else
-          {"decoder_rows_gb": 1.0, "position_bucket": 0,
-           "value_contraction": "on" if layout == "values" else "off"})
+          {"decoder_rows_gb": 1.0, "value_contraction": "on" if layout == "values" else "off"})
     graph = _trace(params, cfg, tc_cfg, tc_params, ids[1:], **kw)
     assert graph.info["decoder_layout"] == ("slots" if layout == "values" and skip else layout)
     assert graph.adjacency.dtype == np.float64

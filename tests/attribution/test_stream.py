@@ -17,7 +17,7 @@ import pytest
 
 from attribution.graph import Graph
 from attribution.prune import graph_scores, node_influence, normalize_rows, prune
-from attribution.trace import TraceConfig, trace_tokens
+from attribution.trace import TraceConfig, tiled_bucket, trace_tokens
 from clt.configs import ConfigError
 from clt.lm import load_model
 from tests.attribution.helpers import calibrate, random_transcoder
@@ -176,13 +176,36 @@ def test_auto_streams_when_dense_is_too_large(tiny_dirs, x64):
         _trace(setup, max_adjacency_gb=gb / 4, adjacency="stream", stream_features=30)
 
 
-def test_position_prefixes_give_the_whole_prompts_rows(tiny_dirs, x64):
-    setup = _setup(tiny_dirs, "gpt2", reach=1, skip=True)
-    whole = _trace(setup, adjacency="dense", position_bucket=0)  # one prefix: the prompt
-    assert whole.info["position_bucket"] >= len(IDS) + 1
-    for bucket in (1, 4):
-        g = _trace(setup, adjacency="dense", position_bucket=bucket)
+@pytest.mark.parametrize("family,reach,skip,layout", [
+    ("gpt2", 1, True, "slots"), ("gemma2", None, False, "values"), ("llama", 2, False, "slots"),
+    ("llama", None, True, "sources")])
+def test_position_prefixes_give_the_whole_prompts_rows(tiny_dirs, x64, family, reach, skip,
+                                                       layout):
+    """Each batch on the shortest position prefix holding its targets (a multiple of the bucket,
+    or the automatic one), against every batch on the whole prompt: the same adjacency, for the
+    decoder rows laid out slot by slot or at the values (cut into blocks of positions: a batch
+    reads the blocks below its prefix) and gathered by every batch."""
+    setup = _setup(tiny_dirs, family, reach=reach, skip=skip)
+    kw = {"adjacency": "dense", "decoder_rows_gb": 0.0 if layout == "sources" else 1.0,
+          "value_contraction": "on" if layout == "values" else "off"}
+    whole = _trace(setup, position_bucket=64, **kw)  # one prefix: the prompt
+    assert whole.info["position_bucket"] >= len(IDS)
+    assert whole.info["decoder_layout"] == layout
+    for bucket in (1, 4, 0):
+        g = _trace(setup, position_bucket=bucket, **kw)
+        assert g.info["decoder_layout"] == layout
+        T = g.ranges.token.stop - g.ranges.token.start
+        if bucket:
+            assert g.info["position_bucket"] == bucket
+        elif layout == "sources":  # automatic: the whole of a short prompt
+            assert g.info["position_bucket"] >= T
+        else:  # automatic: a prompt laid out in blocks, one per batch of each layer's features
+            assert g.info["position_bucket"] == tiled_bucket(
+                T, g.ranges.feature.stop, len(set(g.feature_layer)), 8) < T
         np.testing.assert_allclose(g.adjacency, whole.adjacency, rtol=1e-12, atol=1e-15)
+        if g.info["position_bucket"] < T:  # less arithmetic than on the whole prompt (0.81-0.93
+            # measured on these 3-layer models, the logit batch on the whole prompt)
+            assert g.info["row_flops"] < 0.95 * whole.info["row_flops"]
 
 
 @pytest.mark.parametrize("family,reach,skip", [("llama", None, True), ("gemma2", 2, False),
@@ -201,9 +224,10 @@ def test_slot_layout_gives_the_per_source_rows(tiny_dirs, x64, family, reach, sk
                     value_contraction="on")
     assert values.info["decoder_layout"] == ("slots" if skip else "values")
     np.testing.assert_allclose(values.adjacency, sources.adjacency, rtol=1e-12, atol=1e-15)
-    # With several position prefixes the per-batch gathers run, whatever decoder_rows_gb says.
-    assert _trace(setup, adjacency="dense", decoder_rows_gb=1.0).info["decoder_layout"] == \
-        "sources"
+    # On position prefixes (bucket 3), the layout is cut into blocks of positions.
+    blocks = _trace(setup, adjacency="dense", decoder_rows_gb=1.0, value_contraction="on")
+    assert blocks.info["decoder_layout"] == values.info["decoder_layout"]
+    np.testing.assert_allclose(blocks.adjacency, sources.adjacency, rtol=1e-12, atol=1e-15)
     assert slots.ranges.feature.stop == sources.ranges.feature.stop > 50
     np.testing.assert_allclose(slots.adjacency, sources.adjacency, rtol=1e-12, atol=1e-15)
     assert slots.info["row_flops"] < sources.info["row_flops"] * 1.5
