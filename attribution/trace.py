@@ -528,13 +528,13 @@ TILED_POSITIONS = 16
 MAX_BLOCKS = 4
 
 
-def tiled_bucket(n_pos: int, n_active: int, n_sources: int, batch: int) -> int:
+def tiled_bucket(n_pos: int, n_rows: int, n_sources: int, batch: int) -> int:
     """The automatic position bucket of a laid-out prompt: its positions in k blocks, k the
-    batches of features each source layer has (`n_active / (n_sources x batch)`, from 1 to
+    batches of feature rows each source layer has (`n_rows / (n_sources x batch)`, from 1 to
     MAX_BLOCKS). Batches go by prefix, then layer (`attribution.stream.dense_batches`): a block
     holding less than a batch per layer would mix layers in its batches (deeper sweeps), and
     each prefix is one more compilation."""
-    k = min(MAX_BLOCKS, max(1, n_active // max(n_sources * batch, 1)))
+    k = min(MAX_BLOCKS, max(1, n_rows // max(n_sources * batch, 1)))
     return -(-n_pos // k)
 
 
@@ -762,7 +762,7 @@ class _RowMaker:
     def __init__(self, params, model_cfg, tc_cfg, tc_params, rm, active, bos, batch, dtype,
                  bucket: int = 0, mesh=None, target_scale=None,
                  decoder_rows_gb: float | None = None, value_contraction: str = "auto",
-                 value_group: int = 0):
+                 value_group: int = 0, n_rows: int | None = None):
         cast = (lambda t: jax.tree.map(
             lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, t))
         # Only the weights the sweep reads: the rest (MLPs, embeddings) can go after the forward
@@ -823,7 +823,9 @@ class _RowMaker:
         if not self.values and tiles is not None and tiles.nbytes(D, dtype) > budget:
             tiles = None
         if tiles is not None and bucket <= 0:
-            self.bucket = tiled_bucket(T, len(active), len(self.sources), batch)
+            # (n_rows: the feature rows the trace will make, all by default; a capped one's)
+            self.bucket = tiled_bucket(T, len(active) if n_rows is None else n_rows,
+                                       len(self.sources), batch)
         blocks = position_blocks(T, self.bucket) if tiles is not None else ()
 
         def put_blocks(sl, main, over):  # on the device, cut into the position blocks
@@ -1019,27 +1021,34 @@ class _RowMaker:
         vec = jnp.asarray(vec)
         if len(vec) < self.batch:  # (`features` passes its vectors padded already)
             vec = jnp.concatenate([vec, jnp.zeros((pad, self.cfg.d_model), vec.dtype)])
+        self.flops_run += self.flops(P, int(layer[:n].max()), np.unique(layer[:n]))
+        self.batches_run += 1
+        args, static = self._inputs(P, layer, pos, vec, ids)
+        out, self._scratch = _rows(*args, **static)
+        if host:  # cut on the host: a slice on the device compiles once per batch size
+            out = np.asarray(jax.device_get(out))
+        return out if padded else out[:n]
+
+    def _inputs(self, P: int, layer: np.ndarray, pos: np.ndarray, vec, ids: np.ndarray):
+        """`_rows`' arguments and static arguments for a padded batch on the prefix of P
+        positions."""
         if self.tiles is not None:  # the blocks below P (`_rows`), every feature's row
             over_counts, columns, tiles = (), self._tile_columns, self._tile_args
         else:
             (over_counts, columns), tiles = self.prefix_columns(P), None
-        self.flops_run += self.flops(P, int(layer[:n].max()), np.unique(layer[:n]))
-        self.batches_run += 1
         layer, pos = jnp.asarray(layer), jnp.asarray(pos)
         if self.mesh is not None:  # the batch's targets split over 'data'
             from jax.sharding import PartitionSpec
 
             layer, pos = self._put((layer, pos), PartitionSpec("data"))
             vec = self._put(vec, PartitionSpec("data", None))
-        out, self._scratch = _rows(
-            self.params, self.tc_params, self.rm, self.layout, columns, layer, pos, vec,
-            jnp.asarray(ids) if self.values else None, self._direct if self.values else None,
-            self._scratch, model_cfg=self.cfg, tc_cfg=self.tc_cfg, src_layers=self.src_layers,
-            over_counts=over_counts, first_pos=self.first_pos, n_pos=P, tiles=tiles,
-            values=self.values)
-        if host:  # cut on the host: a slice on the device compiles once per batch size
-            out = np.asarray(jax.device_get(out))
-        return out if padded else out[:n]
+        args = (self.params, self.tc_params, self.rm, self.layout, columns, layer, pos, vec,
+                jnp.asarray(ids) if self.values else None,
+                self._direct if self.values else None, self._scratch)
+        return args, {"model_cfg": self.cfg, "tc_cfg": self.tc_cfg,
+                      "src_layers": self.src_layers, "over_counts": over_counts,
+                      "first_pos": self.first_pos, "n_pos": P, "tiles": tiles,
+                      "values": self.values}
 
     def features(self, active: rep.ActiveFeatures, which: np.ndarray, host: bool = True,
                  padded: bool = False):
@@ -1160,7 +1169,7 @@ def setup_trace(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderConf
     make = _RowMaker(params, model_cfg, tc_cfg, tc_params, rm, active, bos, batch, dtype,
                      config.position_bucket, mesh, target_scale=factors,
                      decoder_rows_gb=config.decoder_rows_gb,
-                     value_contraction=config.value_contraction)
+                     value_contraction=config.value_contraction, n_rows=cap)
     return TraceSetup(ids, bos, list(token_strings), rm, active, logit_toks, names, logit_probs,
                       weights, logit_dirs, target_info, err_layer, err_pos, cap, streamed, batch,
                       make, time.perf_counter() - t0, tc_cfg)
