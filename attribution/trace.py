@@ -483,12 +483,21 @@ def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, t
         G0 = jnp.zeros((L, T, B, D), dt)
     g, G, err = jax.lax.fori_loop(0, n_blocks, step, (g, G0, jnp.zeros((L, B, T), f32)))
 
-    if values:
-        below = jnp.swapaxes(G[0], 0, 1)  # [T, B, D], for products position by position
-        feats = _edges_by_values(below, G[1], layout, tiles, tgt_layer, lmax, values, direct,
-                                 tgt_id).at[columns].get(mode="promise_in_bounds")
-    elif tiles is not None:  # the decoder contraction slot by slot, over all its writers at once
-        feats = _edges_by_tiles(G, layout, tiles, lmax).at[columns].get(mode="promise_in_bounds")
+    # The error and token columns [B, errors + T_all] (zeros past the prefix).
+    err = jnp.pad(err, ((0, 0), (0, 0), (0, T_all - T)))  # [L, B, T_all]
+    emb = jnp.einsum("btd,td->bt", g[:, 0], rm.embeds, preferred_element_type=f32)
+    tail = jnp.concatenate([jnp.swapaxes(err[:, :, first_pos:], 0, 1).reshape(B, -1),
+                            jnp.pad(emb, ((0, 0), (0, T_all - T)))], axis=1)
+    if tiles is not None:
+        # The accumulator [B, rows] is target-major: each feature's column read at its row.
+        if values:
+            below = jnp.swapaxes(G[0], 0, 1)  # [T, B, D], for products position by position
+            acc = _edges_by_values(below, G[1], layout, tiles, tgt_layer, lmax, values, direct,
+                                   tgt_id)
+        else:  # the decoder contraction slot by slot, over all its writers at once
+            acc = _edges_by_tiles(G, layout, tiles, lmax)
+        return (jnp.concatenate([acc.at[:, columns].get(mode="promise_in_bounds"), tail], axis=1),
+                G[1] + scratch[len(used):] if values else None)
     else:
         # The decoder contraction: each source layer's edges at its main rows and overflow tiles.
         by_source = tc_cfg.max_reach is not None and tc_cfg.max_reach <= SOURCE_MAJOR_REACH
@@ -506,11 +515,7 @@ def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, t
                       jnp.swapaxes(e[1] * o_act[:, None], 1, 2).reshape(-1, B)]
         slots.append(jnp.zeros((1, B), f32))
         feats = jnp.concatenate(slots).at[columns].get(mode="promise_in_bounds")
-    err = jnp.pad(jnp.swapaxes(err, 1, 2), ((0, 0), (0, T_all - T), (0, 0)))  # [L, T_all, B]
-    emb = jnp.einsum("btd,td->tb", g[:, 0], rm.embeds, preferred_element_type=f32)
-    rows = jnp.concatenate([feats, err[:, first_pos:].reshape(-1, B),
-                            jnp.pad(emb, ((0, T_all - T), (0, 0)))]).T
-    return rows, (G[1] + scratch[len(used):] if values else None)
+        return jnp.concatenate([feats.T, tail], axis=1), None
 
 
 # Transcoders whose features write at most this many layers contract source layer by source
@@ -544,30 +549,30 @@ VALUE_GROUP = 3
 
 
 def _slot_product(acc, Gt, slot_layout):
-    """acc [accumulator rows, B] plus one slot's rows times its gradients, block by block of
+    """acc [B, accumulator rows] plus one slot's rows times its gradients, block by block of
     positions (`split_blocks`): Gt holds the gradients [positions, B, W] of the blocks below the
     batch's prefix, slot_layout every block's main rows [positions, K, W], overflow tiles
     [tiles, Ko, W] and where they go (`split_blocks`); each window is
     added at its first row (overlapping windows only add zeros: padding rows are zero)."""
     dn = jax.lax.ScatterDimensionNumbers(update_window_dims=(1, 2), inserted_window_dims=(),
-                                         scatter_dims_to_operand_dims=(0,))
+                                         scatter_dims_to_operand_dims=(1,))
 
-    def add(acc, start, x):
+    def add(acc, start, x):  # x [windows, B, rows]: each at columns start ..
         return jax.lax.scatter_add(acc, start[:, None], x, dn, indices_are_sorted=True,
                                    mode="promise_in_bounds")
 
     for G, (Dm, Do, m_start, o_pos, o_start) in zip(Gt, slot_layout):
-        acc = add(acc, m_start, jnp.einsum("qnd,qbd->qnb", Dm, G,
+        acc = add(acc, m_start, jnp.einsum("qnd,qbd->qbn", Dm, G,
                                            preferred_element_type=acc.dtype))
         if Do.shape[0]:  # overflow tiles
             grad = G.at[o_pos].get(mode="promise_in_bounds")
-            acc = add(acc, o_start, jnp.einsum("nkd,nbd->nkb", Do, grad,
+            acc = add(acc, o_start, jnp.einsum("nkd,nbd->nbk", Do, grad,
                                                preferred_element_type=acc.dtype))
     return acc
 
 
 def _edges_by_tiles(G, layout, tiles, lmax):
-    """Every feature's edges summed over the slots it writes ([accumulator rows, B] in
+    """Every feature's edges summed over the slots it writes ([B, accumulator rows] in
     `SlotTiles` order): per slot, one product of its gradients G[t] [positions, B, D] with all
     its writers' decoder rows at each position (times their activations, `SlotTiles.decoders`),
     its overflow tiles with their positions' gradients, each added into the accumulator at its
@@ -575,7 +580,7 @@ def _edges_by_tiles(G, layout, tiles, lmax):
     batch's prefix (`_slot_product`). The features past the prefix keep zero rows. tiles:
     (accumulator rows, each slot's t, the position blocks)."""
     n_rows, slots, _ = tiles
-    acc = jnp.zeros((n_rows, G[0].shape[2]), jnp.promote_types(G[0].dtype, jnp.float32))
+    acc = jnp.zeros((G[0].shape[2], n_rows), jnp.promote_types(G[0].dtype, jnp.float32))
     for t, lay in zip(slots, layout):
         acc = jax.lax.cond(t < lmax, lambda acc, t=t, lay=lay: _slot_product(
             acc, [Gb[t] for Gb in G], lay), lambda acc: acc, acc)
@@ -612,11 +617,11 @@ def _edges_by_values(below, at_values, layout, tiles, tgt_layer, lmax, group, di
     (`split_blocks`). direct: (flat, offset, length, start) per active feature
     (`SlotTiles.cumulative`); tgt_id each target's feature, -1 for none. tiles: (accumulator
     rows, each slot's t, the position blocks, the longest direct run). The features past the
-    prefix keep zero rows."""
+    prefix keep zero rows. Returns [B, accumulator rows + the longest direct run]."""
     n_rows, slots, blocks, k_max = tiles
     f32 = jnp.promote_types(below.dtype, jnp.float32)
     B = below.shape[1]
-    acc = jnp.zeros((n_rows + k_max, B), f32)  # room for a direct run from any row
+    acc = jnp.zeros((B, n_rows + k_max), f32)  # room for a direct run from any row
     for t, (cum, val) in zip(slots, layout):
         if cum is not None:  # the last slot: logits
             reads = tgt_layer == t + 1
@@ -636,9 +641,9 @@ def _edges_by_values(below, at_values, layout, tiles, tgt_layer, lmax, group, di
     n = jnp.where(ok, length[i], 0)
     run = jnp.where(k[None] < n[:, None],
                     flat[jnp.minimum(offset[i][:, None] + k[None], flat.shape[0] - 1)], 0)
-    dn = jax.lax.ScatterDimensionNumbers(update_window_dims=(1,), inserted_window_dims=(1,),
+    dn = jax.lax.ScatterDimensionNumbers(update_window_dims=(1,), inserted_window_dims=(0,),
                                          scatter_dims_to_operand_dims=(0, 1))
-    at = jnp.stack([start[i], jnp.arange(B, dtype=start.dtype)], axis=1)
+    at = jnp.stack([jnp.arange(B, dtype=start.dtype), start[i]], axis=1)
     return jax.lax.scatter_add(acc, at, run.astype(f32), dn, unique_indices=True,
                                mode="promise_in_bounds")
 
@@ -862,9 +867,10 @@ class _RowMaker:
         if self.tiles is not None:
             self._tile_args = (self.tiles.n_rows, tuple(sl.t for sl in self.tiles.slots),
                                blocks) + ((self._k_max,) if self.values else ())
-            self._tile_columns = jnp.asarray(self.tiles.row_of)
         self._columns = {}  # prefix length -> prefix_columns(prefix length)
         self.first_pos = 1 if bos else 0
+        if self.tiles is not None:  # every feature's accumulator row
+            self._tile_columns = jnp.asarray(self.tiles.row_of)
         self.out_dtype = np.float64 if dtype == jnp.float64 else np.float32
         self.flops_run = 0.0  # arithmetic of the batches made so far (`flops`)
         self.batches_run = 0
