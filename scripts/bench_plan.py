@@ -31,6 +31,8 @@ CASES = {  # name: (prompt, TraceConfig fields, the plan row that predicts it)
     "dense": (SHORT, {"adjacency": "dense"}, "dense"),
     "stream": (SHORT, {"adjacency": "stream", "stream_features": 1024}, "stream"),
     "capped": (SHORT, {"max_feature_nodes": 1000}, "capped"),
+    # The decoder rows laid out in blocks of 3 positions: two prefixes (6 positions with BOS).
+    "dense-blocks": (SHORT, {"adjacency": "dense", "position_bucket": 3}, "dense"),
     "dense-24": (LONGER, {"adjacency": "dense"}, "dense"),
     "capped-24": (LONGER, {"max_feature_nodes": 2048}, "capped"),
 }
