@@ -552,12 +552,12 @@ def _slot_product(acc, Gt, slot_layout):
     """acc [B, accumulator rows] plus one slot's rows times its gradients, block by block of
     positions (`split_blocks`): Gt holds the gradients [positions, B, W] of the blocks below the
     batch's prefix, slot_layout every block's main rows [positions, K, W], overflow tiles
-    [tiles, Ko, W] and where they go (`split_blocks`); each window is
-    added at its first row (overlapping windows only add zeros: padding rows are zero)."""
+    [tiles, Ko, W] and where they go (`split_blocks`). Each window's products [B, K] are added
+    at its first accumulator row (overlapping windows only add zeros: padding rows are zero)."""
     dn = jax.lax.ScatterDimensionNumbers(update_window_dims=(1, 2), inserted_window_dims=(),
                                          scatter_dims_to_operand_dims=(1,))
 
-    def add(acc, start, x):  # x [windows, B, rows]: each at columns start ..
+    def add(acc, start, x):  # x [windows, B, K]: window i at accumulator rows start[i] ..
         return jax.lax.scatter_add(acc, start[:, None], x, dn, indices_are_sorted=True,
                                    mode="promise_in_bounds")
 
