@@ -123,6 +123,17 @@ def to_neuronpedia(graph: Graph, pruned: PruneResult | None = None, slug: str = 
                    edge_threshold: float = 0.98, labels=None) -> dict:
     """The pruned graph as a Neuronpedia / circuit-tracer graph JSON dict; `labels(layer,
     feature) -> str` gives each feature's clerp (e.g. `viewer.features.FeatureCards.clerp`)."""
+    head, ids, tgt, src, weights = _parts(graph, pruned, slug, scan, node_threshold,
+                                          edge_threshold, labels)
+    links = [{"source": ids[s], "target": ids[t], "weight": w}
+             for t, s, w in zip(tgt.tolist(), src.tolist(), weights)]
+    return {**head, "links": links}
+
+
+def _parts(graph: Graph, pruned: PruneResult | None, slug: str, scan: str,
+           node_threshold: float, edge_threshold: float, labels):
+    """`to_neuronpedia`'s JSON less its links, and the links as arrays: (head {metadata,
+    qParams, nodes}, every node's id, the kept edges' targets and sources, their weights)."""
     if pruned is None:
         pruned = prune(graph, node_threshold, edge_threshold)
     ids = node_ids(graph)
@@ -133,25 +144,40 @@ def to_neuronpedia(graph: Graph, pruned: PruneResult | None = None, slug: str = 
             return ""
         return labels(int(graph.feature_layer[n]), int(graph.feature_index[n]))
 
-    nodes = [node_record(graph, int(n), pruned.cumulative_scores, clerp(int(n)))
-             for n in np.nonzero(pruned.node_mask)[0]]
     tgt, src = pruned.edges()
     # Weights to 6 significant digits (float32 edges hold ~7): a third of the file's size.
-    weights = graph.adjacency[tgt, src].astype(np.float64).tolist()  # (at once: per-entry
-    # numpy reads and casts took most of the time)
-    links = [{"source": ids[s], "target": ids[t], "weight": float(f"{w:.6g}")}
-             for t, s, w in zip(tgt.tolist(), src.tolist(), weights)]
-    used = {lk["source"] for lk in links} | {lk["target"] for lk in links}
-    nodes = [nd for nd in nodes if nd["node_id"] in used
-             or nd["feature_type"] in ("embedding", "logit")]
-    return {"metadata": metadata(graph, node_threshold, slug, scan), "qParams": qparams(),
-            "nodes": nodes, "links": links}
+    weights = [float(f"{w:.6g}") for w in graph.adjacency[tgt, src].astype(np.float64).tolist()]
+    # (at once: per-entry numpy reads and casts took most of the time)
+    # The kept nodes with an edge kept, and every embedding and logit node.
+    used = np.zeros(graph.n_nodes, bool)
+    used[tgt], used[src], used[r.token.start:] = True, True, True
+    nodes = [node_record(graph, int(n), pruned.cumulative_scores, clerp(int(n)))
+             for n in np.nonzero(pruned.node_mask & used)[0]]
+    head = {"metadata": metadata(graph, node_threshold, slug, scan), "qParams": qparams(),
+            "nodes": nodes}
+    return head, ids, tgt, src, weights
 
 
-def write_neuronpedia(graph: Graph, path: str | Path, **kw) -> Path:
+def write_neuronpedia(graph: Graph, path: str | Path, pruned: PruneResult | None = None,
+                      slug: str = "graph", scan: str = "cltrace", node_threshold: float = 0.8,
+                      edge_threshold: float = 0.98, labels=None) -> Path:
+    """Write `to_neuronpedia`'s JSON (compact) to `path`. Its links are written as text, the
+    same bytes as `json.dumps` of their dicts in half the time (0.95 -> 0.54 s for the demo's
+    550k links): a graph JSON is mostly links."""
+    head, ids, tgt, src, weights = _parts(graph, pruned, slug, scan, node_threshold,
+                                          edge_threshold, labels)
+    quoted = [json.dumps(i) for i in ids]
+    if all(np.isfinite(weights)):  # repr is json's float text, but for nan and infinities
+        links = ",".join([f'{{"source":{quoted[s]},"target":{quoted[t]},"weight":{w!r}}}'
+                          for t, s, w in zip(tgt.tolist(), src.tolist(), weights)])
+    else:
+        links = ",".join([json.dumps({"source": ids[s], "target": ids[t], "weight": w},
+                                     separators=(",", ":"))
+                          for t, s, w in zip(tgt.tolist(), src.tolist(), weights)])
+    text = json.dumps(head, separators=(",", ":"))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, json.dumps(to_neuronpedia(graph, **kw), separators=(",", ":")))
+    atomic_write(path, text[:-1] + ',"links":[' + links + "]}")
     return path
 
 

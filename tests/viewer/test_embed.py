@@ -152,16 +152,19 @@ def test_select_with_the_tracers_pruning_is_select_without(graph):
 
 @pytest.mark.parametrize("lines", [7, 256])
 def test_top_mask_is_each_lines_k_largest_with_ties(monkeypatch, lines):
-    """`_top_mask` (partitions of copies made `TOP_LINES` lines at a time, the last block short)
+    """`_top_mask` (partitions of copies made `TOP_LINES` lines at a time, the last block short;
+    columns transposed `TOP_BLOCK` rows at a time; zeros as distinct negative stand-ins)
     against a naive rank per row and per column: an entry is kept when fewer than k entries of
-    its line are larger (ties with the k-th all kept)."""
+    its line are larger (ties with the k-th all kept; k = 25 is past the nonzero entries of
+    most lines, whose zeros are then all kept)."""
     from viewer import embed
 
     monkeypatch.setattr(embed, "TOP_LINES", lines)
+    monkeypatch.setattr(embed, "TOP_BLOCK", 6)
     rng = np.random.default_rng(3)
     score = np.round(rng.random((40, 33)), 1).astype(np.float32)  # many ties
     score[rng.random(score.shape) < 0.4] = 0
-    for k in (1, 3, 10):
+    for k in (1, 3, 10, 25):
         for axis in (1, 0):
             got = embed._top_mask(score, k, axis)
             s = score if axis == 1 else score.T

@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from attribution.export import node_ids, to_neuronpedia
+from attribution.export import node_ids, to_neuronpedia, write_neuronpedia
 from attribution.influence import cumulative_share
 from attribution.prune import prune
 from clt.configs import ConfigError
@@ -56,6 +56,27 @@ def graph():
     g = random_graph(n_layers=4, n_pos=7, n_features=80, n_logits=4, seed=7, connected=True)
     g.logit_strings[1] = 'say "hi"'  # quotes inside a logit label survive the round trip
     return g
+
+
+@pytest.mark.parametrize("bad", [False, True])
+def test_written_json_is_the_dicts_json(graph, tmp_path, bad):
+    """`write_neuronpedia` writes its links as text: the file is `json.dumps` of
+    `to_neuronpedia`'s dict, byte for byte (with a non-finite weight too: json's NaN)."""
+    import dataclasses
+
+    g = graph
+    pruned = prune(g, 0.9, 0.99)
+    if bad:
+        t, s = pruned.edges()
+        adj = g.adjacency.copy()
+        adj[t[0], s[0]], adj[t[1], s[1]] = np.nan, -np.inf
+        g = dataclasses.replace(g, adjacency=adj)
+    path = write_neuronpedia(g, tmp_path / "g.json", pruned=pruned, node_threshold=0.9,
+                             edge_threshold=0.99)
+    want = json.dumps(to_neuronpedia(g, pruned, node_threshold=0.9, edge_threshold=0.99),
+                      separators=(",", ":"))
+    assert path.read_text() == want and len(json.loads(want)["links"]) == pruned.n_edges
+    assert ("NaN" in want) == bad
 
 
 def test_export_round_trips_into_our_graph(graph):
