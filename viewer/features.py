@@ -434,43 +434,64 @@ class FeatureCards:
                               f"{', '.join(map(str, self.layers))} but the {source} covers "
                               f"{', '.join(map(str, layers))}; build cards for its transcoder")
 
-    def _examples(self, p: str, layer: int, feature: int, T: int) -> list:
-        """Examples of feature `feature` of array row `layer`."""
+    def _examples(self, p: str, rows: np.ndarray, features: np.ndarray, T: int) -> list:
+        """Per feature (array row, index), its examples of kind `p` ("top" or "smp"): the
+        activating ones, in stored order. Gathered for every feature at once (as Python
+        numbers at once: per-element casts cost more)."""
         a = self.arrays
         W = a[f"{p}_win"].shape[-1]
         before = int(self.meta["window_before"])
-        acts = a[f"{p}_act"][layer, feature]
-        j = np.flatnonzero(acts > 0)  # (as Python numbers at once: per-element casts cost more)
-        pos = a[f"{p}_pos"][layer, feature, j].astype(np.int64)
+        acts = a[f"{p}_act"][rows, features]  # [n, examples]
+        i, j = np.nonzero(acts > 0)
+        pos = a[f"{p}_pos"][rows[i], features[i], j].astype(np.int64)
         start = np.minimum(np.maximum(pos - before, 0), T - W)
-        toks = a["contexts"][a[f"{p}_ctx"][layer, feature, j][:, None],
+        toks = a["contexts"][a[f"{p}_ctx"][rows[i], features[i], j][:, None],
                              start[:, None] + np.arange(W)].tolist()
-        wins = a[f"{p}_win"][layer, feature, j].tolist()
-        return [[round(act, 4), t, w, at] for act, t, w, at in zip(
-            acts[j].astype(np.float64).tolist(), toks, wins, (pos - start).tolist())]
+        wins = a[f"{p}_win"][rows[i], features[i], j].tolist()
+        flat = [[round(act, 4), t, w, at] for act, t, w, at in zip(
+            acts[i, j].astype(np.float64).tolist(), toks, wins, (pos - start).tolist())]
+        ends = np.cumsum(np.bincount(i, minlength=len(rows))).tolist()
+        return [flat[b:e] for b, e in zip([0] + ends[:-1], ends)]
 
     def card(self, layer: int, feature: int, label: str = "") -> dict:
         """One feature's card for the page: label, density, max activation, output tokens
         [[id, value], ...], top and sampled examples [[act, token ids, uint8 acts, index of
         the activating token], ...]. Token ids resolve through `vocab()`. `layer` is a model
         layer (`row`)."""
+        return self.cards([layer], [feature], [label])[0]
+
+    def cards(self, layers, features, labels=None) -> list[dict]:
+        """`card` of each (model layer, feature), `labels` (default none) theirs: read for all
+        of them at once (the 3,108 cards of the demo's page: 0.40 -> 0.25 s)."""
         a = self.arrays
         T = a["contexts"].shape[1] if len(a["contexts"]) else 0
-        r = self.row(layer)
-        card = {"d": round(float(a["density"][r, feature]), 6),
-                "max": round(float(a["top_act"][r, feature, 0]), 4),
-                "pos": [[int(t), round(float(v), 3)] for t, v in
-                        zip(a["out_pos_tok"][r, feature], a["out_pos_val"][r, feature])],
-                "neg": [[int(t), round(float(v), 3)] for t, v in
-                        zip(a["out_neg_tok"][r, feature], a["out_neg_val"][r, feature])],
-                "top": self._examples("top", r, feature, T),
-                "smp": self._examples("smp", r, feature, T)}
-        card["auto"] = self.auto_label(card)
-        card["label"] = label or card["auto"]
-        said = self.meta.get("explanations", {}).get(f"{layer}_{feature}")
-        if said is not None:
-            card["self"] = said  # what the model said of it (viewer.explain)
-        return card
+        layers = [int(x) for x in layers]
+        rows = np.array([self.row(x) for x in layers], np.int64)
+        feats = np.asarray(features, np.int64).reshape(-1)
+        labels = [""] * len(layers) if labels is None else list(labels)
+
+        def outs(kind):  # [[id, value], ...] per feature
+            toks = a[f"out_{kind}_tok"][rows, feats].tolist()
+            vals = a[f"out_{kind}_val"][rows, feats].astype(np.float64).tolist()
+            return [[[int(t), round(v, 3)] for t, v in zip(ts, vs)] for ts, vs in zip(toks, vals)]
+
+        density = a["density"][rows, feats].astype(np.float64).tolist()
+        top_act = a["top_act"][rows, feats, 0].astype(np.float64).tolist()
+        said = self.meta.get("explanations", {})
+        out = []
+        for k, card in enumerate(zip(density, top_act, outs("pos"), outs("neg"),
+                                     self._examples("top", rows, feats, T),
+                                     self._examples("smp", rows, feats, T))):
+            d, mx, pos, neg, top, smp = card
+            card = {"d": round(d, 6), "max": round(mx, 4), "pos": pos, "neg": neg, "top": top,
+                    "smp": smp}
+            card["auto"] = self.auto_label(card)
+            card["label"] = labels[k] or card["auto"]
+            own = said.get(f"{layers[k]}_{int(feats[k])}")
+            if own is not None:
+                card["self"] = own  # what the model said of it (viewer.explain)
+            out.append(card)
+        return out
 
     def clerp(self, layer: int, feature: int, label: str = "") -> str:
         """The feature's label in a graph JSON: the researcher's, else the automatic one, with
@@ -524,8 +545,10 @@ def cards_for(cards: FeatureCards, layers, features,
     {"cards": {"layer_feature": card}, "vocab": {id: string}}."""
     labels = labels or {}
     out, ids = {}, set()
-    for layer, f in sorted({(int(a), int(b)) for a, b in zip(layers, features)}):
-        c = cards.card(layer, f, labels.get((layer, f), ""))
+    pairs = sorted({(int(a), int(b)) for a, b in zip(layers, features)})
+    made = cards.cards([p[0] for p in pairs], [p[1] for p in pairs],
+                       [labels.get(p, "") for p in pairs]) if pairs else []
+    for (layer, f), c in zip(pairs, made):
         out[f"{layer}_{f}"] = c
         ids.update(t for t, _ in c["pos"] + c["neg"])
         for ex in c["top"] + c["smp"]:

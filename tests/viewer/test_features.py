@@ -74,6 +74,26 @@ def test_top_examples_and_density_match_brute_force(scanned):
             assert np.isclose(acts[:, :, layer, f], s, rtol=0, atol=6e-5).any()
 
 
+def test_cards_read_together_are_each_card(scanned):
+    """`FeatureCards.cards` reads many features at once (one gather per array): each card
+    equals the card read alone, its examples are the positive ones stored for it, in order, and
+    labels go to their own feature."""
+    _, tc_cfg, _, _, cards, _, _ = scanned
+    a = cards.arrays
+    pairs = [(layer, f) for layer in range(tc_cfg.n_layers) for f in range(tc_cfg.n_features)]
+    pairs = pairs[::-1] + [pairs[3]]  # any order, a repeat
+    labels = [f"label {k}" if k % 5 == 0 else "" for k in range(len(pairs))]
+    together = cards.cards([p[0] for p in pairs], [p[1] for p in pairs], labels)
+    assert len(together) == len(pairs)
+    for (layer, f), label, c in zip(pairs, labels, together):
+        assert c == cards.card(layer, f, label)
+        assert c["label"] == (label or c["auto"])
+        for p in ("top", "smp"):
+            acts = a[f"{p}_act"][layer, f]
+            assert [e[0] for e in c[p]] == [round(float(x), 4) for x in acts[acts > 0]]
+    assert cards.cards([], []) == []
+
+
 def test_samples_are_spread_over_the_range(scanned):
     """Random samples, not the top: over all features most samples are below the top-k."""
     _, _, _, _, cards, _, _ = scanned
