@@ -12,6 +12,7 @@ slot (used on one device when it fits `TraceConfig.decoder_rows_gb`).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -54,6 +55,12 @@ def aligned_zeros(shape, dtype, align: int = 64) -> np.ndarray:
     buf.fill(0)  # in order: pages are faulted in sequentially (scattered first writes are slow)
     start = (-buf.ctypes.data) % align
     return buf[start:start + n].view(dtype).reshape(shape)
+
+
+def _runs(values: np.ndarray) -> list[tuple[int, int]]:
+    """(first, stop) index pairs of the runs of consecutive integers in `values`."""
+    cut = np.concatenate([[0], np.flatnonzero(np.diff(values) != 1) + 1, [len(values)]])
+    return list(itertools.pairwise(cut.tolist()))
 
 
 def _writes(flat: np.ndarray, reach: int, active: ActiveFeatures, f: np.ndarray, offset: int,
@@ -277,13 +284,16 @@ class SlotTiles:
         flat = [np.asarray(W).reshape(-1, W.shape[-1]) for W in W_dec]  # views: [feature x reach]
         D, n = flat[0].shape[1], len(active)
         chunk = VALUE_CHUNK if chunk is None else chunk
-        order = np.argsort(active.layer, kind="stable")
-        bounds = np.searchsorted(active.layer[order], np.arange(n_layers + 1))
-        # Every feature's cumulative write so far, its layer's features contiguous (in `order`),
-        # and a zero row last for the padding cells.
-        C = np.zeros((n + 1, D), np.promote_types(dtype, np.float32))  # sums in >= float32
-        at = np.empty(n + 1, np.int64)
-        at[order], at[-1] = np.arange(n), n
+        # Every feature's cumulative write so far, in accumulator order: position by position,
+        # layer order within one. A slot's cells at a position, an overflow tile's, and the
+        # direct edges' sources of a feature are then runs of rows, read in place; the rows
+        # past the last feature (the windows spill into them) stay zero.
+        sums = np.promote_types(dtype, np.float32)  # sums in >= float32
+        C = np.zeros((self.n_rows, D), sums)
+        layer_of = np.argsort(active.layer, kind="stable")
+        bounds = np.searchsorted(active.layer[layer_of], np.arange(n_layers + 1))
+        by_layer = [layer_of[bounds[s]:bounds[s + 1]] for s in range(n_layers)]
+        by_layer = [f[np.argsort(self.row_of[f])] for f in by_layer]  # in accumulator order
         by_slot = {sl.t: sl for sl in self.slots}
         # The direct edges' layout: sources of a feature at (l, p) are the features at p below l,
         # a run of accumulator rows from p's first.
@@ -295,17 +305,36 @@ class SlotTiles:
         start = np.searchsorted(key, active.pos.astype(np.int64) * n_layers)
         length = (below_l - start).astype(np.int32)
         offset = np.concatenate([[0], np.cumsum(length, dtype=np.int64)])
-        direct = np.zeros(int(offset[-1]), C.dtype)
-        reads = np.asarray(reads, C.dtype)
+        direct = np.zeros(int(offset[-1]), sums)
+        reads = np.asarray(reads, sums)
 
-        def cells_of(sl):  # -1 -> the zero row
-            return at[np.concatenate([sl.main.ravel(), sl.over.ravel()])]
+        # Each layer's features in chunks, with the runs of consecutive rows of C they fill
+        # (one per position): (features, [(first row, first, last feature in the chunk)]).
+        chunks = []
+        for f in by_layer:
+            pieces = []
+            for c in range(0, len(f), 4096):
+                g = f[c:c + 4096]
+                pieces.append((g, [(int(self.row_of[g[a]]), a, b)
+                                   for a, b in _runs(self.row_of[g])]))
+            chunks.append(pieces)
+        # The first row of each position, and of each (position, layer): key's order.
+        pos_first = np.searchsorted(key, np.arange(n_pos, dtype=np.int64) * n_layers)
+
+        def cell_map(sl):  # row of C -> its flat cell in the slot (main, then overflow); -1
+            m = np.full(self.n_rows, -1, np.int64)
+            used = (sl.main >= 0).sum(1)  # a block's features fill its first cells
+            for q, (a, u) in enumerate(zip(sl.main_start, used)):
+                m[a:a + u] = q * sl.K + np.arange(u)
+            for i, (a, u) in enumerate(zip(sl.over_start, (sl.over >= 0).sum(1))):
+                m[a:a + u] = sl.main.size + i * sl.Ko + np.arange(u)
+            return m
 
         def split(A, sl):
             return (A[:sl.main.size].reshape(*sl.main.shape, A.shape[1]),
                     A[sl.main.size:].reshape(*sl.over.shape, A.shape[1]))
 
-        values = {}  # a group's last slot -> its value rows, filled slot by slot
+        values = {}  # a group's last slot -> (its value rows, filled slot by slot; cell map)
         kept = None  # the unit vectors value_fn is called on, kept for every layer when small
         out = []
         for t in range(n_layers):
@@ -313,19 +342,18 @@ class SlotTiles:
                 reach = W_dec[s].shape[1]
                 if t - s >= reach:
                     continue
-                for c in range(bounds[s], bounds[s + 1], 4096):
-                    f = order[c:min(c + 4096, bounds[s + 1])]
-                    C[c:c + len(f)] += _writes(flat[s], reach, active, f, t - s, C.dtype)
+                for f, pieces in chunks[s]:
+                    w = _writes(flat[s], reach, active, f, t - s, sums)
+                    for r, a, b in pieces:
+                        C[r:r + b - a] += w[a:b]
             if t + 1 < n_layers:  # the direct edges of layer t + 1's features, position by position
-                tg = order[bounds[t + 1]:bounds[t + 2]]
+                tg = by_layer[t + 1]
                 for p in range(n_pos):
                     tp = tg[active.pos[tg] == p]
-                    if not len(tp):
+                    if not len(tp) or not length[tp[0]]:
                         continue
-                    src = by_acc[start[tp[0]]:start[tp[0]] + length[tp[0]]]
-                    if not len(src):
-                        continue
-                    prod = reads[tp] @ C[at[src]].T  # every run of one position: one length
+                    a = start[tp[0]]
+                    prod = reads[tp] @ C[a:a + length[tp[0]]].T  # every run of one position
                     direct[offset[tp][:, None] + np.arange(prod.shape[1])] = prod
                 # slot t's value rows, into its group's
                 first, last = value_groups(n_layers, group)[t // group]
@@ -337,29 +365,32 @@ class SlotTiles:
                                          <= KEEP_UNITS):  # else made again, chunk by chunk
                         kept = units = list(units)
                     J = self._value_matrices(value_fn, t + 1, P, D, dtype, units)
-                    cells = cells_of(home)
                     if last not in values:
-                        values[last] = aligned_zeros((len(cells), group * J.shape[2]), dtype)
-                    Vm, Vo = split(values[last][:, (t - first) * J.shape[2]:
-                                                (t - first + 1) * J.shape[2]], home)
-                    Cm, Co = split(C[cells], home)  # the home slot's cells, written up to t
-                    Vm[:] = np.matmul(Cm.astype(J.dtype, copy=False), J)  # position by position
-                    for i, q in enumerate(home.over_pos):
-                        Vo[i] = Co[i].astype(J.dtype, copy=False) @ J[q]
+                        values[last] = (aligned_zeros((home.main.size + home.over.size,
+                                                       group * J.shape[2]), dtype),
+                                        cell_map(home))
+                    V, cells = values[last]
+                    V = V[:, (t - first) * J.shape[2]:(t - first + 1) * J.shape[2]]
+                    # Per position, its features of layers up to t (the first rows of its run;
+                    # the home's cells of the layers above stay zero) times J there.
+                    upto = np.searchsorted(key, np.arange(P, dtype=np.int64) * n_layers + t + 1)
+                    for q in range(P):
+                        a, b = (pos_first[q], upto[q]) if q < n_pos else (0, 0)
+                        if b > a:  # (cells in runs: main rows, then overflow tiles)
+                            Y = C[a:b].astype(J.dtype, copy=False) @ J[q]
+                            at = cells[a:b]
+                            for i, j in _runs(at):
+                                V[at[i]:at[i] + j - i] = Y[i:j]
             sl = by_slot.get(t)
             if sl is None:
                 continue
-            V = values.pop(t, None)
+            V = values.pop(t, (None,))[0]
             Vs = (None, None) if V is None else split(V, sl)
             if t < n_layers - 1:
                 out.append((None, None, *Vs))
                 continue
-            cells = cells_of(sl)
-            M = aligned_zeros((len(cells), D), dtype)
-            if C.dtype == M.dtype:
-                np.take(C, cells, axis=0, out=M, mode="clip")  # in bounds; "raise" buffers out
-            else:
-                M[:] = C[cells]
+            M = aligned_zeros((sl.main.size + sl.over.size, D), dtype)
+            M[cell_map(sl)[:n]] = C[:n]  # every feature is in the last slot's cells
             out.append((*split(M, sl), *Vs))
         return out, (direct, offset[:-1], length, start.astype(np.int32))
 
