@@ -46,7 +46,7 @@ import dataclasses
 import time
 import warnings
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Literal
 
@@ -352,9 +352,31 @@ def resolve_targets(config: TraceConfig, tokenizer, d_model: int) -> Targets:
 
 
 # --- one batch of rows ---------------------------------------------------------------------------
-@partial(jax.jit, static_argnames=("model_cfg", "tc_cfg", "src_layers", "over_counts",
-                                   "first_pos", "n_pos", "tiles", "values"),
-         donate_argnames=("scratch",))
+# XLA:CPU hands its dot fusions to YNNPACK in recent jaxlibs (0.10); the row programs run faster
+# with XLA's own dot emitter (the demo's rows 7.3-7.5 -> 6.6 s, session 22). Set per program: an
+# XLA without the option refuses it when compiling (checked once on a trivial program), and the
+# rows then compile without it; other backends ignore CPU options.
+ROW_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def accepted_options(options: dict) -> dict | None:
+    """`options` if this XLA compiles a trivial program with them, else None."""
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=options).lower(np.float32(0)).compile()
+    except (RuntimeError, TypeError, ValueError):  # XLA: no such option (or an older jax.jit)
+        return None
+    return dict(options)
+
+
+@cache
+def _row_program():
+    """`_rows` jitted, with `ROW_COMPILER_OPTIONS` where this XLA accepts them."""
+    return jax.jit(_rows, static_argnames=("model_cfg", "tc_cfg", "src_layers", "over_counts",
+                                           "first_pos", "n_pos", "tiles", "values"),
+                   donate_argnames=("scratch",),
+                   compiler_options=accepted_options(ROW_COMPILER_OPTIONS))
+
+
 def _rows(params, tc_params, rm, layout, columns, tgt_layer, tgt_pos, tgt_vec, tgt_id=None,
           direct=None, scratch=None, *,
           model_cfg: ModelConfig, tc_cfg: TranscoderConfig, src_layers: tuple[int, ...],
@@ -1030,7 +1052,7 @@ class _RowMaker:
         self.flops_run += self.flops(P, int(layer[:n].max()), np.unique(layer[:n]))
         self.batches_run += 1
         args, static = self._inputs(P, layer, pos, vec, ids)
-        out, self._scratch = _rows(*args, **static)
+        out, self._scratch = _row_program()(*args, **static)
         if host:  # cut on the host: a slice on the device compiles once per batch size
             out = np.asarray(jax.device_get(out))
         return out if padded else out[:n]

@@ -470,3 +470,24 @@ def test_rows_kept_on_the_device_give_the_offloaded_graph(tiny_dirs, x64):
     assert g_on.n_active_total == 0 and g_on.n_nodes == on.n_nodes - on.n_active_total
     assert np.abs(g_on.adjacency).sum() > 0  # the errors' and tokens' edges to the logits
     np.testing.assert_array_equal(g_off.adjacency, g_on.adjacency)
+
+
+def test_row_compiler_options_and_their_fallback(tiny_dirs, x64, monkeypatch):
+    """The row programs compile with `ROW_COMPILER_OPTIONS` (XLA:CPU's own dot emitter) where
+    this XLA accepts them; an option it does not know is refused on a trivial program once, and
+    the rows then compile without it: the same adjacency (float64, to 1e-12) either way."""
+    import importlib
+
+    trace_mod = importlib.import_module("attribution.trace")
+    setup = _setup(tiny_dirs)
+    assert trace_mod.accepted_options({"xla_no_such_option": "1"}) is None
+    trace_mod._row_program.cache_clear()
+    with_options = _trace(setup, adjacency="dense")
+    monkeypatch.setattr(trace_mod, "ROW_COMPILER_OPTIONS", {"xla_no_such_option": "1"})
+    trace_mod._row_program.cache_clear()
+    try:
+        without = _trace(setup, adjacency="dense")
+    finally:
+        trace_mod._row_program.cache_clear()
+    np.testing.assert_allclose(without.adjacency, with_options.adjacency, rtol=1e-12,
+                               atol=1e-15)
