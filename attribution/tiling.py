@@ -309,7 +309,7 @@ class SlotTiles:
         reads = np.asarray(reads, sums)
 
         # Each layer's features in chunks, with the runs of consecutive rows of C they fill
-        # (one per position): (features, [(first row, first, last feature in the chunk)]).
+        # (one per position): (features, [(its first row of C, start, stop in the chunk)]).
         chunks = []
         for f in by_layer:
             pieces = []
@@ -318,7 +318,7 @@ class SlotTiles:
                 pieces.append((g, [(int(self.row_of[g[a]]), a, b)
                                    for a, b in _runs(self.row_of[g])]))
             chunks.append(pieces)
-        # The first row of each position, and of each (position, layer): key's order.
+        # The first row of C of each position (its features of layer 0 up, `key`'s order).
         pos_first = np.searchsorted(key, np.arange(n_pos, dtype=np.int64) * n_layers)
 
         def cell_map(sl):  # row of C -> its flat cell in the slot (main, then overflow); -1
