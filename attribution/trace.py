@@ -886,13 +886,12 @@ class _RowMaker:
         n_groups = len(value_groups(model_cfg.n_layers, self.values)) if self.values else 0
         self._scratch = (tuple(jnp.zeros((n_groups + 2, b - a, batch, self.values, V), dtype)
                                for a, b in blocks) if self.values else None)
-        if self.tiles is not None:
+        if self.tiles is not None:  # (and every feature's accumulator row)
             self._tile_args = (self.tiles.n_rows, tuple(sl.t for sl in self.tiles.slots),
                                blocks) + ((self._k_max,) if self.values else ())
+            self._tile_columns = jnp.asarray(self.tiles.row_of)
         self._columns = {}  # prefix length -> prefix_columns(prefix length)
         self.first_pos = 1 if bos else 0
-        if self.tiles is not None:  # every feature's accumulator row
-            self._tile_columns = jnp.asarray(self.tiles.row_of)
         self.out_dtype = np.float64 if dtype == jnp.float64 else np.float32
         self.flops_run = 0.0  # arithmetic of the batches made so far (`flops`)
         self.batches_run = 0
