@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from jaxtyping import Float, Int
 
+from attribution.hostmem import zeros
 from clt.configs import ConfigError, from_dict, to_dict
 from clt.io import atomic_write, check_npz_size
 
@@ -404,7 +405,7 @@ def _unpack(z, n: int) -> np.ndarray:
         raise ValueError("its edge arrays do not fit its nodes")
     tgt = np.repeat(np.arange(n), np.diff(indptr))
     dtype = np.float32 if vals.dtype == np.float16 else vals.dtype
-    a = np.zeros((n, n), dtype)
+    a = zeros((n, n), dtype)
     v = vals.astype(dtype)
     if "edge_row_scale" in z.files:
         v *= z["edge_row_scale"][tgt]

@@ -43,8 +43,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from attribution.graph import node_levels
+from attribution.hostmem import trim_heap
 from attribution.influence import influence
-from attribution.stream import DENSE_BYTES, dense_batches, stream_batches, trim_heap, visit_batches
+from attribution.stream import DENSE_BYTES, dense_batches, stream_batches, visit_batches
 
 EDGE_FILE_BYTES = 6  # float16 value + int32 column per stored edge
 HOST_PASSES = 8  # host passes over the held graph: influence, pruning and scores (docstring)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attribution.graph import FullGraph, LeftOutFeatures
+from attribution.hostmem import zeros
 from attribution.influence import graph_scores_from, spread
 from attribution.replacement import ActiveFeatures
 from clt.configs import ConfigError
@@ -97,23 +98,6 @@ def available_bytes() -> float:
         return float(psutil.virtual_memory().available)
     except (ImportError, OSError, RuntimeError):  # no psutil, or no /proc
         return float("inf")
-
-
-def trim_heap() -> None:
-    """Hand the C heap's free pages back to the kernel (glibc's `malloc_trim`); elsewhere,
-    nothing. glibc serves allocations up to 32 MB (numpy's and XLA's temporaries) from its heap
-    and keeps their pages when they are freed, while a large array (the adjacency) is a fresh
-    mapping that cannot reuse them. So a trace trims once before its rows: on an 11-token CLT
-    trace, setup left ~0.5 GB of such pages resident under its 1.8 GB adjacency. The planner
-    trims before it reads resident memory, for the same reason: one plan of the demo had read
-    0.5 GB more than its neighbours."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def use_stream(config, n_all: int, cap: int, n_src: int, n_err: int, T: int,
@@ -209,7 +193,7 @@ def stream(make, active, batch, logit_dirs, logit_weights, n_err, T, n_keep, bar
     bar.update(task, total=n_logit + n_all + n_keep)
     keep_cols = np.concatenate([selected, np.arange(n_all, n_src)])
     N = n_keep + n_err + T + n_logit
-    adjacency = np.zeros((N, N), make.out_dtype)
+    adjacency = zeros((N, N), make.out_dtype)
     for i, (c, rows) in zip(range(0, n_keep, batch),
                             rows_ahead(make, active, chunks(selected, batch))):
         adjacency[i:i + len(c), :N - n_logit] = rows[:, keep_cols]

@@ -56,6 +56,7 @@ import numpy as np
 
 from attribution import replacement as rep
 from attribution.graph import Graph, error_nodes, node_levels
+from attribution.hostmem import trim_heap, zeros
 from attribution.influence import influence
 from attribution.prune import prune, score
 from attribution.stream import (
@@ -63,7 +64,6 @@ from attribution.stream import (
     dense_batches,
     rows_ahead,
     stream,
-    trim_heap,
     use_stream,
     visit_batches,
 )
@@ -1311,7 +1311,7 @@ def _trace_tokens(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderCo
     if cap == n_all:
         adjacency = feat_rows  # already [N, N], feature rows filled in place
     else:
-        adjacency = np.zeros((N, N), make.out_dtype)
+        adjacency = zeros((N, N), make.out_dtype)
         adjacency[:n_feat, :n_feat + n_err + T] = feat_rows[:, keep_cols]
     adjacency[N - n_logit:, :n_feat + n_err + T] = logit_rows[:, keep_cols]
     return graph(selected, adjacency)
@@ -1343,7 +1343,7 @@ def _all_rows(make, active, batch, n_src, N, bar, task, offload):
     """Every feature's row, in the final square adjacency [N, N] (host numpy). With `offload`,
     each batch's rows move to the host as they are made; without, they stay on the device until
     all are made (faster on an accelerator with room for them)."""
-    adjacency = np.zeros((N, N), make.out_dtype)
+    adjacency = zeros((N, N), make.out_dtype)
     batches = dense_batches(active, batch, make.prefix_length)
     if offload:  # each batch stored while the next is made
         for c, r in rows_ahead(make, active, batches):
@@ -1369,7 +1369,7 @@ def _greedy_rows(make, active, cap, batch, logit_rows, logit_weights, levels, up
     n_nodes = len(levels)
     n_src = n_nodes - n_logit
     logit_nodes = np.arange(n_src, n_nodes)
-    buf = np.zeros((n_logit + cap, n_src), make.out_dtype)
+    buf = zeros((n_logit + cap, n_src), make.out_dtype)
     buf[:n_logit] = logit_rows
     row_nodes = np.zeros(n_logit + cap, np.int64)
     row_nodes[:n_logit] = logit_nodes
