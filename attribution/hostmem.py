@@ -1,12 +1,16 @@
 """Host memory for the tracer's large numpy arrays: the one home of how they are allocated
 (`zeros`) and of handing freed heap pages back (`trim_heap`). Imports nothing heavy.
 
-A large `np.zeros` is a fresh anonymous mapping whose pages the kernel maps one fault at a time,
-as they are first written. On the 2-core VM this project is developed on, that first write is
-what a trace's full adjacency costs most: writing rows into a fresh 2.2 GB array took 9-13 s
-(4 KB pages; 8.8 s with transparent huge pages), against 0.25 s written again. The same mapping
-made with `MAP_POPULATE`, which maps every page in the `mmap` call itself, took 0.47 s, and then
-0.25 s to write. On a Linux host where a fault is cheap both ways cost about the same."""
+A large `np.zeros` is a fresh anonymous mapping whose pages the kernel maps one fault at a
+time, as they are first written: for the adjacency, while its rows are stored, one batch
+ahead of the rows being made (`attribution.stream.rows_ahead`). `zeros` maps them all in the
+`mmap` call itself (Linux's `MAP_POPULATE`). Measured on this project's 2-core VM (a KVM guest,
+where a page the guest has not used lately costs ~20 us to map, either way): the 12-token CLT
+benchmark's rows (`scripts/bench_trace.py --random-model --tokens 12 --kinds clt --adjacency
+dense`, fresh processes, old and new alternating) went 30.5 / 32.0 / 32.2 -> 27.4 / 28.3 /
+26.8 / 27.5 s, its whole trace call 37.5 / 39.8 / 38.4 -> 34.0 / 35.8 / 33.4 / 34.6 s. Alone,
+mapping 2.2 GB took 0.5-0.9 s up front where the guest's recently freed pages sufficed, 11.6 s
+in a process already holding 4 GB; writing a fresh 2.2 GB array by faults took 9-13 s."""
 
 from __future__ import annotations
 
