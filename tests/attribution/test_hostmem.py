@@ -32,11 +32,13 @@ def test_zeros_is_np_zeros(shape, dtype):
         np.testing.assert_array_equal(a, ref)
 
 
-def test_large_zeros_are_mapped_up_front_and_given_back():
+def test_large_zeros_are_mapped_up_front_and_given_back(monkeypatch):
     """A large array's pages are resident as soon as it is made (MAP_POPULATE), before any write;
     they go when the last view goes. A small one is numpy's own."""
     small = hostmem.zeros((10, 10))
     assert small.base is None  # np.zeros' own buffer
+    monkeypatch.setattr(hostmem, "POPULATE_BYTES", 64 << 20)  # from 64 MB here, not 1 GB
+    assert hostmem.zeros((1000, 1000)).base is None  # 4 MB: still numpy's
     before = _resident_kb()
     if getattr(mmap, "MAP_POPULATE", None) is None or before is None:
         a = hostmem.zeros((4096, 4096))  # 64 MB: np.zeros where nothing can map it up front
