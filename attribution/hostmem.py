@@ -21,9 +21,10 @@ import numpy as np
 # Arrays at least this large are mapped with all their pages (`zeros`); smaller ones are numpy's
 # own. Measured with the demo (`scripts/bench_startup.py --warm 3`, a 0.37 GB adjacency) mapped
 # up front: its rows 6.8-8.5 -> 5.9-7.5 s but no faster whole command (12.4-13.9 s against
-# 12.5-14.1), and the next command on this VM reached its first row later (3.0-3.8 s against
-# 1.9-2.2 s): its freed pages had been mapped 4 KB at a time, not as huge pages. The 12-token
-# cases' 2 GB adjacencies gain 10-20% of their trace call (the module docstring).
+# 12.5-14.1), and the next command on this VM reached its first row later (2.6-3.8 s against
+# 1.9-2.2 s; likely because the pages a command frees had been mapped 4 KB at a time rather than
+# as huge pages, not checked). The 12-token cases' 2 GB adjacencies gain 10-20% of their trace
+# call (the module docstring).
 POPULATE_BYTES = 1 << 30
 
 

@@ -17,11 +17,18 @@ def _resident_kb() -> int | None:
         return None
 
 
+@pytest.mark.parametrize("mapped", [False, True])  # as numpy's, or every array mapped up front
 @pytest.mark.parametrize("shape, dtype", [((3000, 700), np.float32), ((5, 7), np.float32),
                                           (2_000_000, np.float64), ((0, 4), np.float32),
                                           ((1200, 1100), np.int32)])
-def test_zeros_is_np_zeros(shape, dtype):
+def test_zeros_is_np_zeros(shape, dtype, mapped, monkeypatch):
+    if mapped:
+        monkeypatch.setattr(hostmem, "POPULATE_BYTES", 1)
     a, ref = hostmem.zeros(shape, dtype), np.zeros(shape, dtype)
+    if mapped and a.size and getattr(mmap, "MAP_POPULATE", None) is not None:
+        assert not a.flags.owndata  # the mapped path, not numpy's
+    else:
+        assert a.flags.owndata
     assert a.shape == ref.shape and a.dtype == ref.dtype
     assert a.flags.writeable and a.flags.c_contiguous
     np.testing.assert_array_equal(a, ref)
