@@ -33,6 +33,9 @@ the shapes actually run: `attribution.trace._RowMaker.flops`), this device's flo
 rate (`peak_gflops`, best of a few 2048^3 products) and the share of it reached by the rows
 alone (`rows_of_peak`) and by the whole trace call (`trace_of_peak`; `arithmetic_seconds` is
 the time the arithmetic alone would take at the peak).
+Memory: `peak_rss_gb` is the case process's peak, `trace_peak_rss_gb` the trace call's alone
+(counted from the memory held when it starts, model and transcoder included; Linux), since
+making a random transcoder peaks higher than tracing with it.
 
 Writes a rich table to the terminal and the rows as JSON (`--out`, default
 out/bench_trace.json).
@@ -81,6 +84,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import faulthandler
+import gc
 import json
 import os
 import platform
@@ -157,6 +161,7 @@ def run_case(kind: str, n_tokens: int, mode: str, args) -> dict:
     set_xla_flags()  # as `cltrace` commands run (no Triton gemm autotuning on a GPU)
     import jax
 
+    from attribution.hostmem import trim_heap
     from attribution.trace import TraceConfig, matmul_precision, trace_tokens
 
     if args.log_compiles:  # each compilation and its seconds, on stderr
@@ -200,6 +205,12 @@ def run_case(kind: str, n_tokens: int, mode: str, args) -> dict:
             compiles.append((time.perf_counter(), secs))
 
     jax.monitoring.register_event_duration_secs_listener(compiled)
+    # The harness's own peak (the random transcoder's making peaks at ~7.5 GB for the 12-token
+    # CLT case), then the trace's alone from here (`reset_peak`).
+    harness_peak = _peak_gb()
+    gc.collect()
+    trim_heap()  # (its freed pages are not the trace's)
+    peak_reset = reset_peak()
     t0 = time.perf_counter()
     # As a single `cltrace trace` does: the model weights no row reads are freed after the
     # forward pass, and the decoder once its rows are laid out (not when profiling: the first
@@ -207,6 +218,7 @@ def run_case(kind: str, n_tokens: int, mode: str, args) -> dict:
     graph = trace_tokens(m.params, m.cfg, tc_cfg, p, ids, config, progress=False,
                          release_model=not args.profile)
     seconds = time.perf_counter() - t0
+    trace_peak = round(_peak_gb(), 2) if peak_reset else None
     rows_from = t0 + graph.info["seconds_setup"]
     compiling = {"seconds_compiling": round(compile_seconds(compiles, t0, t0 + seconds), 3),
                  "seconds_rows_compiling": round(compile_seconds(
@@ -224,7 +236,8 @@ def run_case(kind: str, n_tokens: int, mode: str, args) -> dict:
         "seconds": round(seconds, 1), "seconds_rows": graph.info["seconds_rows"],
         "seconds_scores": graph.info["seconds_scores"],  # included in seconds
         "seconds_setup": graph.info["seconds_setup"],  # forward pass, layouts (in seconds)
-        "batch": graph.info["batch_size"], "peak_rss_gb": round(_peak_gb(), 2),
+        "batch": graph.info["batch_size"],
+        "peak_rss_gb": round(max(harness_peak, _peak_gb()), 2), "trace_peak_rss_gb": trace_peak,
         "device_peak_gb": _device_peak_gb(),
         "slot_layout": graph.info["decoder_layout"] in ("slots", "values"),
         "decoder_layout": graph.info["decoder_layout"], **compiling,
@@ -365,6 +378,19 @@ def _device_peak_gb() -> float | None:
 
 def _peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
+
+
+def reset_peak() -> bool:
+    """Count this process's peak resident memory again from what it holds now (Linux 4.0+:
+    "5" written to /proc/self/clear_refs resets the peak that `_peak_gb` reads), so a case's
+    `trace_peak_rss_gb` is its trace's, with the model and transcoder it holds, and not the
+    harness's making of them. False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def _estimate(m, ids, tc_cfg, p, config, args) -> dict:
@@ -914,7 +940,7 @@ def main() -> int:
     cols = ["transcoder", "tokens", "active_per_layer_pos", "feature_rows", "full_nodes",
             "full_edges", "adjacency", "decoder_layout", "stored_nodes", "measured", "seconds", "seconds_rows",
             "row_gflop", "rows_of_peak", "rows_of_peak_compiled", "trace_of_peak", "peak_rss_gb",
-            "device_peak_gb"]
+            "trace_peak_rss_gb", "device_peak_gb"]
     for c in cols:
         table.add_column(c)
     for r in rows:
