@@ -96,8 +96,8 @@ def build(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderConfig,
     """
     tcm.check_model(tc_cfg, model_cfg)
     check_transcoder(tc_cfg)
-    return _build(params, tc_params, jnp.asarray(tokens, jnp.int32)[None], model_cfg=model_cfg,
-                  tc_cfg=tc_cfg)
+    return _build(params, tc_params, jax.device_put(np.asarray(tokens, np.int32)[None]),
+                  model_cfg=model_cfg, tc_cfg=tc_cfg)
 
 
 def check_transcoder(tc_cfg: TranscoderConfig) -> None:

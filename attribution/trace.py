@@ -267,8 +267,23 @@ def logit_direction(W_U, plus, minus=None):
     mean (a centred logit, before soft-capping), or minus the columns `minus` (a difference)."""
     W = jnp.asarray(W_U)
     W = W.astype(jnp.promote_types(W.dtype, jnp.float32))
-    base = W.mean(axis=1)[None] if minus is None else W[:, jnp.asarray(minus)].T
-    return W[:, jnp.asarray(plus)].T - base
+    plus = jax.device_put(np.asarray(plus, np.int32))
+    base = (_row_mean(W)[None] if minus is None
+            else jax.device_put(np.asarray(minus, np.int32)))
+    return _minus_base(W, plus, base)
+
+
+# Two programs, where eager ops compile one each. The mean is a program of its own: fused with
+# the gather, XLA sums in another order (the directions moved by an ulp).
+_row_mean = jax.jit(partial(jnp.mean, axis=1))
+
+
+@jax.jit
+def _minus_base(W, plus, base):
+    """Columns `plus` of W minus `base`: a row [1, d] or columns (int indices) of W."""
+    if jnp.issubdtype(base.dtype, jnp.integer):
+        base = W[:, base].T
+    return W[:, plus].T - base
 
 
 def select_logits(last_logits, W_U, max_n_logits: int, desired_prob: float):
@@ -889,7 +904,7 @@ class _RowMaker:
         if self.tiles is not None:  # (and every feature's accumulator row)
             self._tile_args = (self.tiles.n_rows, tuple(sl.t for sl in self.tiles.slots),
                                blocks) + ((self._k_max,) if self.values else ())
-            self._tile_columns = jnp.asarray(self.tiles.row_of)
+            self._tile_columns = jax.device_put(self.tiles.row_of)
         self._columns = {}  # prefix length -> prefix_columns(prefix length)
         self.first_pos = 1 if bos else 0
         self.out_dtype = np.float64 if dtype == jnp.float64 else np.float32
@@ -926,8 +941,9 @@ class _RowMaker:
         ts = self.target_scale
         scale = np.zeros(size, np.float32 if ts is None else np.asarray(ts).dtype)
         scale[:n] = 1.0 if ts is None else ts[which]
-        vec = self.W_enc[jnp.asarray(active.layer[full]), :, jnp.asarray(active.index[full])]
-        return vec * jnp.asarray(scale, vec.dtype)[:, None]
+        return _scaled_rows(self.W_enc, jax.device_put(active.layer[full].astype(np.int32)),
+                            jax.device_put(active.index[full].astype(np.int32)),
+                            jax.device_put(scale))
 
     def _released_decoder(self) -> dict:
         """The decoder arrays `release_decoder` frees, by id: none while batches still gather
@@ -1045,9 +1061,10 @@ class _RowMaker:
         P = self.prefix_length(pos)
         layer = np.concatenate([layer, np.zeros(pad, np.int32)]).astype(np.int32)
         pos = np.concatenate([pos, np.zeros(pad, np.int32)]).astype(np.int32)
-        vec = jnp.asarray(vec)
-        if len(vec) < self.batch:  # (`features` passes its vectors padded already)
-            vec = jnp.concatenate([vec, jnp.zeros((pad, self.cfg.d_model), vec.dtype)])
+        if len(vec) < self.batch:  # padded on the host (`features` passes them padded already)
+            vec = np.asarray(vec)
+            vec = np.concatenate([vec, np.zeros((pad, self.cfg.d_model), vec.dtype)])
+        vec = jax.device_put(vec) if isinstance(vec, np.ndarray) else vec
         self.flops_run += self.flops(P, int(layer[:n].max()), np.unique(layer[:n]))
         self.batches_run += 1
         args, static = self._inputs(P, layer, pos, vec, ids)
@@ -1063,14 +1080,14 @@ class _RowMaker:
             over_counts, columns, tiles = (), self._tile_columns, self._tile_args
         else:
             (over_counts, columns), tiles = self.prefix_columns(P), None
-        layer, pos = jnp.asarray(layer), jnp.asarray(pos)
+        layer, pos = jax.device_put(layer), jax.device_put(pos)
         if self.mesh is not None:  # the batch's targets split over 'data'
             from jax.sharding import PartitionSpec
 
             layer, pos = self._put((layer, pos), PartitionSpec("data"))
             vec = self._put(vec, PartitionSpec("data", None))
         args = (self.params, self.tc_params, self.rm, self.layout, columns, layer, pos, vec,
-                jnp.asarray(ids) if self.values else None,
+                jax.device_put(ids) if self.values else None,
                 self._direct if self.values else None, self._scratch)
         return args, {"model_cfg": self.cfg, "tc_cfg": self.tc_cfg,
                       "src_layers": self.src_layers, "over_counts": over_counts,
@@ -1082,6 +1099,13 @@ class _RowMaker:
         which = np.asarray(which)
         vec = self._encoder_rows(active, which, self.batch)
         return self(active.layer[which], active.pos[which], vec, host, padded, which)
+
+
+@jax.jit
+def _scaled_rows(W_enc, layer, index, scale):
+    """`_RowMaker._encoder_rows`' gather and scale, one program (eager, one per op)."""
+    vec = W_enc[layer, :, index]
+    return vec * scale.astype(vec.dtype)[:, None]
 
 
 @dataclass
@@ -1174,6 +1198,7 @@ def setup_trace(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderConf
         logit_toks, logit_probs, logit_dirs = select_logits(
             rm.last_logits, params.W_U, config.max_n_logits, config.desired_logit_prob)
         names, weights, target_info = strings(logit_toks), None, None
+    logit_dirs = np.asarray(logit_dirs)  # on the host: each batch's are cut, padded and put there
     err_layer, err_pos = error_nodes(L, T, bos)
     n_all, n_err, n_logit = len(active), len(err_layer), len(logit_toks)
     n_src = n_all + n_err + T

@@ -610,7 +610,8 @@ def _save_shards(path: Path, tensors: dict, limit: int) -> set[str]:
 
 
 def _load_tensors(path: Path) -> dict:
-    """All tensors of a transcoder directory, single-file or sharded; layer-split stacks joined."""
+    """All tensors of a transcoder directory, single-file or sharded, on the host (read-only
+    views of the files); layer-split stacks joined."""
     from clt.io import read_safetensors
 
     if (path / INDEX).exists():
@@ -625,14 +626,26 @@ def _load_tensors(path: Path) -> dict:
         if not (path / name).exists():
             raise ConfigError(f"{path} is incomplete: {name} is missing; copy or re-export it")
         try:
-            t.update({k: jnp.asarray(v) for k, v in read_safetensors(path / name).items()})
+            t.update(read_safetensors(path / name))
         except (OSError, ValueError) as e:
             raise ConfigError(f"{path}/{name} is corrupt ({e}); re-export it") from None
     for k in ("W_enc", "W_skip"):
         parts = sorted((int(n.split(".")[1]), n) for n in t if n.startswith(k + "."))
         if parts and k not in t:
-            t[k] = jnp.stack([t.pop(n) for _, n in parts])
+            t[k] = np.stack([t.pop(n) for _, n in parts])
     return t
+
+
+def _on_device(a: np.ndarray, dtype) -> jax.Array:
+    """A host array on the device as `dtype`: converted on the host where that is exact (the
+    same type, or a wider float), else by XLA after the copy (as XLA rounds). Each eager
+    `jnp.asarray` or `astype` compiles a program per shape; a load that only widens compiles
+    none."""
+    a, dtype = np.asarray(a), np.dtype(dtype)
+    if a.dtype == dtype or (a.dtype.kind == dtype.kind == "f" and a.dtype.itemsize
+                            < dtype.itemsize):
+        return jax.device_put(a.astype(dtype, copy=False))
+    return jax.device_put(a).astype(dtype)
 
 
 def load(path: str | Path, dtype=jnp.float32) -> tuple[TranscoderConfig, TranscoderParams]:
@@ -646,11 +659,11 @@ def load(path: str | Path, dtype=jnp.float32) -> tuple[TranscoderConfig, Transco
     t = _load_tensors(path)
     try:
         params = TranscoderParams(
-            W_enc=t["W_enc"].astype(dtype), b_enc=t["b_enc"].astype(jnp.float32),
-            log_threshold=jnp.log(t["threshold"].astype(jnp.float32)),
-            W_dec=tuple(t[f"W_dec.{s}"].astype(dtype) for s in range(cfg.n_layers)),
-            b_dec=t["b_dec"].astype(jnp.float32),
-            W_skip=t["W_skip"].astype(dtype) if "W_skip" in t else None)
+            W_enc=_on_device(t["W_enc"], dtype), b_enc=_on_device(t["b_enc"], jnp.float32),
+            log_threshold=jnp.log(_on_device(t["threshold"], jnp.float32)),
+            W_dec=tuple(_on_device(t[f"W_dec.{s}"], dtype) for s in range(cfg.n_layers)),
+            b_dec=_on_device(t["b_dec"], jnp.float32),
+            W_skip=_on_device(t["W_skip"], dtype) if "W_skip" in t else None)
     except KeyError as e:
         raise ConfigError(f"{path} lacks tensor {e}; re-export it") from None
     check_params(cfg, params, str(path))

@@ -28,3 +28,27 @@ def _release_compiled_programs():
     compiler (segfault) near its end, while the same test passed alone."""
     yield
     jax.clear_caches()
+
+
+@pytest.fixture
+def lowered():
+    """A context manager counting the programs lowered inside it (jax.monitoring's lowering
+    events): each eager op on a new shape or type lowers one, even with the compiled program
+    cached on disk."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def count():
+        seen = []
+
+        def on(event: str, secs: float, **_):
+            if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+                seen.append(secs)
+
+        jax.monitoring.register_event_duration_secs_listener(on)
+        try:
+            yield seen
+        finally:
+            jax.monitoring.unregister_event_duration_listener(on)
+
+    return count

@@ -180,9 +180,10 @@ def unflatten_params(flat: dict[str, np.ndarray]) -> LMParams:
     unknown = sorted(set(flat) - known)
     if unknown:
         raise WeightsError(f"unknown parameter names {unknown[:5]}")
-    layers = LayerParams(**{k.removeprefix("layers."): jnp.asarray(v) for k, v in flat.items()
-                            if k.startswith("layers.")})
-    return LMParams(layers=layers, **{k: jnp.asarray(v) for k, v in flat.items()
+    # jax.device_put copies each array as it is; jnp.asarray compiles a program per shape.
+    layers = LayerParams(**{k.removeprefix("layers."): jax.device_put(v)
+                            for k, v in flat.items() if k.startswith("layers.")})
+    return LMParams(layers=layers, **{k: jax.device_put(v) for k, v in flat.items()
                                       if not k.startswith("layers.")})
 
 

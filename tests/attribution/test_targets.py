@@ -182,3 +182,23 @@ def test_resolve_targets_refuses_bad_input(tmp_path):
                      ({"target_vector": "v.txt"}, "must be a .npy")]:
         with pytest.raises(ConfigError, match=msg):
             TraceConfig(prompt="p", **bad)
+
+
+def test_logit_direction_against_float64_and_the_eager_ops():
+    """A logit's direction (its unembedding column minus the vocabulary's mean, or minus another
+    column) against a float64 sum, and bit for bit against the eager ops it replaced (two
+    programs instead of ~12; fused into one, the mean's sum changed order by an ulp)."""
+    import jax
+
+    from attribution.trace import logit_direction
+
+    # A vocabulary as wide as SmolLM2's: over a narrow one the fused sum kept its order.
+    W = np.random.default_rng(0).normal(size=(64, 49152)).astype(np.float32)
+    Wj = jax.device_put(W)
+    for plus, minus in (([5, 17, 300], None), ([4], [9]), (np.arange(10), None)):
+        got = np.asarray(logit_direction(Wj, plus, minus))
+        base = W.astype(np.float64).mean(1)[None] if minus is None else W[:, minus].T
+        np.testing.assert_allclose(got, W[:, plus].T - base, rtol=0, atol=1e-6)
+        eager = Wj[:, jnp.asarray(plus)].T - (Wj.mean(axis=1)[None] if minus is None
+                                               else Wj[:, jnp.asarray(minus)].T)
+        np.testing.assert_array_equal(got, np.asarray(eager))

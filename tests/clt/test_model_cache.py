@@ -75,3 +75,26 @@ def test_cache_off(cache_on, monkeypatch, tmp_path):
     monkeypatch.setenv("CLTRACE_MODEL_CACHE", "0")
     load_model("smollm2-135m")
     assert _entries(cache_on) == []
+
+
+def test_converted_arrays_go_to_the_device_as_they_are(lowered):
+    """`unflatten_params` (what a cached conversion is read back with) gives the same values and
+    types and lowers no program (eager `jnp.asarray` lowers one per shape: this config's shapes
+    are its own, so none is cached)."""
+    import jax
+
+    from clt.lm import ModelConfig, random_params
+    from clt.lm.params import flatten_params, unflatten_params
+
+    cfg = ModelConfig(vocab_size=67, d_model=13, n_layers=2, n_heads=2, n_kv_heads=1,
+                      head_dim=6, d_mlp=23, max_position=16, name="odd", bos_token_id=1,
+                      eos_token_ids=(2,))
+    flat = flatten_params(random_params(cfg, jax.random.key(0)))
+    with lowered() as programs:
+        back = unflatten_params(flat)
+    assert not programs
+    again = flatten_params(back)
+    assert again.keys() == flat.keys()
+    for k, v in flat.items():
+        assert again[k].dtype == v.dtype, k
+        np.testing.assert_array_equal(again[k], v, err_msg=k)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from clt.configs import ConfigError
+from clt.io import read_safetensors
 from clt.lm import ModelConfig
 from clt.transcoder import (
     Norms, TranscoderConfig, activate, batchtopk_mask, check_model, decode, decoder_norms,
@@ -150,6 +151,38 @@ def test_save_load_roundtrip_and_errors(tmp_path):
     (tmp_path / "tc" / "config.json").unlink()
     with pytest.raises(ConfigError, match="config.json is missing"):
         load(tmp_path / "tc")
+
+
+def test_load_converts_as_xla_does_and_widens_on_the_host(tmp_path, lowered):
+    """`load` gives each tensor as XLA converts the stored one (`jnp.asarray(...).astype`), bit
+    for bit, for widening and narrowing loads; a load that only widens (float32 or float16
+    files into float32) lowers no program but the threshold's log (eager ops lower one per
+    shape: shapes no other test uses, so none is cached)."""
+    cfg = TranscoderConfig(d_model=11, n_layers=3, n_features=37, skip=True)
+    p = init_params(cfg, jax.random.key(3), threshold=0.05)
+    for stored in ("float32", "float16", "bfloat16"):
+        save(tmp_path / stored, cfg, p, dtype=stored)
+        raw = read_safetensors(tmp_path / stored / "transcoder.safetensors")
+        for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+            with lowered() as programs:
+                _, q = load(tmp_path / stored, dtype=dtype)
+            if stored != "bfloat16" and dtype == jnp.float32:
+                assert len(programs) <= 1, (stored, len(programs))
+            f32 = jnp.float32
+            want = {"W_enc": _xla(raw["W_enc"], dtype), "b_enc": _xla(raw["b_enc"], f32),
+                    "b_dec": _xla(raw["b_dec"], f32), "W_skip": _xla(raw["W_skip"], dtype),
+                    "log_threshold": np.asarray(jnp.log(_xla(raw["threshold"], f32))),
+                    **{f"W_dec.{s}": _xla(raw[f"W_dec.{s}"], dtype) for s in range(cfg.n_layers)}}
+            for name, w in want.items():
+                got = (np.asarray(q.W_dec[int(name[-1])]) if name.startswith("W_dec.")
+                       else np.asarray(getattr(q, name)))
+                assert got.dtype == w.dtype, (stored, dtype, name)
+                np.testing.assert_array_equal(got, w, err_msg=f"{stored} -> {dtype}: {name}")
+
+
+def _xla(a: np.ndarray, dtype) -> np.ndarray:
+    """`a` converted to `dtype` by XLA (an eager op)."""
+    return np.asarray(jnp.asarray(a).astype(dtype))
 
 
 def test_config_validation_and_model_mismatch():
