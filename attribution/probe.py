@@ -39,7 +39,6 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jaxtyping import Array, Bool, Float, Int
 
 from clt.configs import ConfigError, doc
@@ -193,6 +192,8 @@ def fit_logistic(X: Float[Array, "example feature"], y: Float[Array, " example"]
     def loss(p):
         z = X @ p["w"] + p["b"]
         return jnp.mean(jax.nn.softplus(z) - y * z) + 0.5 * l2 * jnp.sum(p["w"] ** 2)
+
+    import optax  # here: every command's parser imports this module (~0.1 s for optax)
 
     opt = optax.lbfgs()
     value_and_grad = optax.value_and_grad_from_state(loss)

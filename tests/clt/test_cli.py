@@ -56,3 +56,17 @@ def test_generate_help_documents_every_field(capsys):
     for f in dataclasses.fields(GenerateConfig):
         if f.name not in ("prompt",):
             assert "--" + f.name.replace("_", "-") in help_text
+
+
+def test_the_parser_leaves_the_trainer_unimported():
+    """Every command's parser is built at start (`cltrace.cli.build_parser`): `train`'s from its
+    config alone, so a `cltrace trace` does not import the trainer and optax (~0.15 s)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from cltrace.cli import build_parser; build_parser(); "
+            "print(sorted({'optax', 'clt.train'} & set(sys.modules)))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       check=False, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "[]"
