@@ -9,7 +9,8 @@
   (a directory where a file goes, or the reverse), its folder cannot be created, or it is not
   writable.
 * `read_safetensors(file)`: a safetensors file's tensors as read-only numpy views of the file
-  mapped into memory, read without importing a framework.
+  mapped into memory, read without importing a framework; `to_device(view)` copies one into a
+  jax array.
 
 Every artifact of the project (graphs, pages, JSON exports, feature cards, transcoders, caches,
 metrics) is written through these.
@@ -169,5 +170,24 @@ def read_safetensors(file: str | Path) -> dict:
     return out
 
 
+def to_device(a, dtype=None):
+    """A jax array with its own copy of host array `a`, converted to `dtype` on the host first
+    (numpy's conversion: callers pass exact ones). No program is lowered (an eager
+    `jnp.asarray` lowers one per shape, ~10 ms each even with the program in the compilation
+    cache). On a CPU, `jax.device_put` adopts a 64-byte-aligned buffer instead of copying it
+    (jax 0.10, even with may_alias=False): such a buffer, unless the conversion just made it, is
+    copied, so that the result never holds a file's mapped pages (`read_safetensors`) or a
+    buffer its owner writes again."""
+    import jax
+    import numpy as np
+
+    a = np.asarray(a)
+    b = a if dtype is None else a.astype(dtype, copy=False)
+    out = jax.device_put(b)
+    if b is a and a.size and out.unsafe_buffer_pointer() == a.ctypes.data:  # adopted
+        out = jax.device_put(a.copy())
+    return out
+
+
 __all__ = ["atomic_write", "cache_root", "check_npz_size", "check_output_dir", "check_output_file",
-           "read_safetensors"]
+           "read_safetensors", "to_device"]

@@ -637,14 +637,15 @@ def _load_tensors(path: Path) -> dict:
 
 
 def _on_device(a: np.ndarray, dtype) -> jax.Array:
-    """A host array on the device as `dtype`: converted on the host where that is exact (the
-    same type, or a wider float), else by XLA after the copy (as XLA rounds). Each eager
-    `jnp.asarray` or `astype` compiles a program per shape; a load that only widens compiles
-    none."""
+    """A host array (a view of the file) on the device as `dtype`: converted on the host where
+    that is exact (the same type, or a wider float; `clt.io.to_device`, no program lowered),
+    else by XLA (as XLA rounds: one program per shape)."""
+    from clt.io import to_device
+
     a, dtype = np.asarray(a), np.dtype(dtype)
     if a.dtype == dtype or (a.dtype.kind == dtype.kind == "f" and a.dtype.itemsize
                             < dtype.itemsize):
-        return jax.device_put(a.astype(dtype, copy=False))
+        return to_device(a, dtype)
     return jax.device_put(a).astype(dtype)
 
 

@@ -180,10 +180,11 @@ def unflatten_params(flat: dict[str, np.ndarray]) -> LMParams:
     unknown = sorted(set(flat) - known)
     if unknown:
         raise WeightsError(f"unknown parameter names {unknown[:5]}")
-    # jax.device_put copies each array as it is; jnp.asarray compiles a program per shape.
-    layers = LayerParams(**{k.removeprefix("layers."): jax.device_put(v)
+    from clt.io import to_device  # (each a copy, no program lowered)
+
+    layers = LayerParams(**{k.removeprefix("layers."): to_device(v)
                             for k, v in flat.items() if k.startswith("layers.")})
-    return LMParams(layers=layers, **{k: jax.device_put(v) for k, v in flat.items()
+    return LMParams(layers=layers, **{k: to_device(v) for k, v in flat.items()
                                       if not k.startswith("layers.")})
 
 

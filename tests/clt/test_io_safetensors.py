@@ -64,3 +64,25 @@ def test_read_safetensors_malformed_files_raise_value_errors(tmp_path, content, 
     (tmp_path / "x.safetensors").write_bytes(content)
     with pytest.raises(ValueError, match=match):
         read_safetensors(tmp_path / "x.safetensors")
+
+
+def test_to_device_copies_without_a_program(lowered):
+    """`to_device` gives the same values (widened on the host when asked) in a buffer of its
+    own, at every alignment: a later write to the source does not reach it (jax.device_put
+    alone adopts 64-byte-aligned host buffers on a CPU); and it lowers no program."""
+    from clt.io import to_device
+
+    for offset in (0, 4, 16, 32):  # bytes past a 64-byte boundary
+        buf = np.zeros(4 * 1031 + 128, np.uint8)
+        start = (-buf.ctypes.data) % 64 + offset
+        src = buf[start:start + 4 * 1031].view(np.float32)
+        src[:] = np.arange(1031, dtype=np.float32) / 7
+        want = src.copy()
+        with lowered() as programs:
+            got = [to_device(src), to_device(src.astype(np.float16), np.float32)]
+        assert not programs
+        src[:] = -1  # the source written again
+        np.testing.assert_array_equal(np.asarray(got[0]), want)
+        widened = want.astype(np.float16).astype(np.float32)
+        np.testing.assert_array_equal(np.asarray(got[1]), widened)
+        assert got[0].dtype == np.float32 and got[1].dtype == np.float32
