@@ -37,6 +37,7 @@ from jaxtyping import Array, Float, Int
 
 from clt import transcoder as tcm
 from clt.configs import ConfigError
+from clt.io import to_device
 from clt.lm.config import ModelConfig
 from clt.lm.model import (FREEZABLE, Capture, attn_input, attn_values, block, embed, forward,
                           mlp_input, norm)
@@ -96,7 +97,7 @@ def build(params: LMParams, model_cfg: ModelConfig, tc_cfg: TranscoderConfig,
     """
     tcm.check_model(tc_cfg, model_cfg)
     check_transcoder(tc_cfg)
-    return _build(params, tc_params, jax.device_put(np.asarray(tokens, np.int32)[None]),
+    return _build(params, tc_params, to_device(np.asarray(tokens)[None], np.int32),
                   model_cfg=model_cfg, tc_cfg=tc_cfg)
 
 

@@ -69,6 +69,7 @@ from attribution.stream import (
 )
 from attribution.tiling import SlotTiles, Sources, position_blocks, split_blocks, value_groups
 from clt.configs import ConfigError, doc, to_dict
+from clt.io import to_device
 from clt.lm.config import ModelConfig
 from clt.lm.params import LMParams
 from clt.progress import process_seconds, progress_bar
@@ -267,23 +268,22 @@ def logit_direction(W_U, plus, minus=None):
     mean (a centred logit, before soft-capping), or minus the columns `minus` (a difference)."""
     W = jnp.asarray(W_U)
     W = W.astype(jnp.promote_types(W.dtype, jnp.float32))
-    plus = jax.device_put(np.asarray(plus, np.int32))
-    base = (_row_mean(W)[None] if minus is None
-            else jax.device_put(np.asarray(minus, np.int32)))
-    return _minus_base(W, plus, base)
+    # The callers' index arrays copied (`to_device`), and two programs, where eager ops lower
+    # one each. The mean is a program of its own: fused with the gather, XLA sums in another
+    # order (the directions moved by an ulp).
+    if minus is None:
+        return _columns_minus(W, to_device(plus, np.int32), _row_mean(W), None)
+    return _columns_minus(W, to_device(plus, np.int32), None, to_device(minus, np.int32))
 
 
-# Two programs, where eager ops compile one each. The mean is a program of its own: fused with
-# the gather, XLA sums in another order (the directions moved by an ulp).
 _row_mean = jax.jit(partial(jnp.mean, axis=1))
 
 
 @jax.jit
-def _minus_base(W, plus, base):
-    """Columns `plus` of W minus `base`: a row [1, d] or columns (int indices) of W."""
-    if jnp.issubdtype(base.dtype, jnp.integer):
-        base = W[:, base].T
-    return W[:, plus].T - base
+def _columns_minus(W, plus, mean, minus):
+    """Columns `plus` of W [n, d] minus the row `mean` [d], or (mean None) minus columns
+    `minus`."""
+    return W[:, plus].T - (mean[None] if minus is None else W[:, minus].T)
 
 
 def select_logits(last_logits, W_U, max_n_logits: int, desired_prob: float):
